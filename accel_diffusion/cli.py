@@ -1,0 +1,281 @@
+"""The ``accel-diffusion`` command: generate, models, strategies, train, eval."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import click
+
+from accel_diffusion.errors import AccelDiffusionError, InvalidRequestError
+
+
+def _fail(error: AccelDiffusionError | str) -> None:
+    click.echo(f"error: {error}", err=True)
+    sys.exit(2)
+
+
+class _CleanErrors(click.Group):
+    """Reports AccelDiffusionError as one line (field, message, allowed values), never a traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except AccelDiffusionError as exc:
+            _fail(exc)
+
+
+def _json_arg(value: str | None, field: str) -> Any:
+    """A JSON object given inline, as ``@file.json``, as a path to a .json file, or a bare name."""
+    if value is None:
+        return None
+    text = value
+    if value.startswith("@") or value.endswith(".json"):
+        path = Path(value.removeprefix("@"))
+        if not path.is_file():
+            raise InvalidRequestError(field, f"file {str(path)!r} does not exist")
+        text = path.read_text()
+    if text.lstrip().startswith("{"):
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise InvalidRequestError(field, f"is not valid JSON: {exc}") from None
+    return text
+
+
+def _registry(ctx: click.Context) -> Any:
+    from accel_diffusion.models.registry import ModelRegistry
+
+    return ModelRegistry.from_file(ctx.obj.get("models_file"))
+
+
+@click.group(cls=_CleanErrors)
+@click.option("--models", "models_file", type=click.Path(dir_okay=False), default=None,
+              help="Model registry TOML file (default: $ACCEL_DIFFUSION_MODELS, else the built-in models).")
+@click.version_option(package_name="accel-diffusion")
+@click.pass_context
+def main(ctx: click.Context, models_file: str | None) -> None:
+    """accel-diffusion: faster diffusion generation with interchangeable acceleration strategies."""
+    ctx.ensure_object(dict)
+    ctx.obj["models_file"] = models_file
+
+
+@main.command()
+@click.option("--model", "-m", default="shapes", show_default=True, help="Model id from the registry.")
+@click.option("--prompt", "-p", "prompts", multiple=True, help="Prompt (repeat for several).")
+@click.option("--prompts-file", type=click.Path(exists=True, dir_okay=False), help="One prompt per line.")
+@click.option("--negative-prompt", default=None)
+@click.option("-n", "--n", "n", default=1, show_default=True, help="Images per prompt.")
+@click.option("--seed", type=int, default=None, help="Seed of the first image; image k uses seed + k.")
+@click.option("--width", type=int, default=None)
+@click.option("--height", type=int, default=None)
+@click.option("--steps", type=int, default=None, help="Denoising steps (default: the model's).")
+@click.option("--strategy", default=None, help="Strategy as JSON, @file.json or a .json path.")
+@click.option("--sampler", default=None, help='Sampler name or JSON, e.g. ddim or {"name":"ddim","eta":0}.')
+@click.option("--schedule", default=None, help="Schedule name or JSON.")
+@click.option("--guidance", default=None, help="Guidance name or JSON.")
+@click.option("--guidance-scale", type=float, default=None,
+              help="Shorthand for --guidance '{\"name\":\"cfg\",\"scale\":S}'.")
+@click.option("--init-image", type=click.Path(dir_okay=False), default=None, help="img2img: start from this image.")
+@click.option("--strength", type=float, default=0.8, show_default=True, help="img2img: how much to change.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default="outputs", show_default=True)
+@click.option("--batch-size", type=int, default=16, show_default=True, help="Images per engine call.")
+@click.pass_context
+def generate(ctx: click.Context, model: str, prompts: tuple[str, ...], prompts_file: str | None,
+             negative_prompt: str | None, n: int, seed: int | None, width: int | None, height: int | None,
+             steps: int | None, strategy: str | None, sampler: str | None, schedule: str | None,
+             guidance: str | None, guidance_scale: float | None, init_image: str | None, strength: float,
+             out_dir: str, batch_size: int) -> None:
+    """Generate images into OUT (PNG files plus results.json)."""
+    from tqdm import tqdm
+
+    from accel_diffusion.engine import Engine, GenerationHooks
+    from accel_diffusion.strategy import GenerationRequest, Strategy, guidance_scale_strategy
+
+    all_prompts = list(prompts)
+    if prompts_file:
+        all_prompts += [line.strip() for line in Path(prompts_file).read_text().splitlines() if line.strip()]
+    if not all_prompts:
+        raise InvalidRequestError("prompt", "give at least one --prompt or a --prompts-file")
+    if batch_size < 1:
+        raise InvalidRequestError("batch_size", "must be >= 1")
+    strategy_data = _json_arg(strategy, "strategy") or {}
+    if isinstance(strategy_data, str):
+        raise InvalidRequestError("strategy", "must be a JSON object")
+    for kind, value in (("sampler", sampler), ("schedule", schedule), ("guidance", guidance)):
+        if value is not None:
+            strategy_data[kind] = _json_arg(value, f"strategy.{kind}")
+    if guidance_scale is not None:
+        strategy_data["guidance"] = guidance_scale_strategy(guidance_scale)
+    parsed_strategy = Strategy.parse(strategy_data)
+
+    # Validate every chunk before generating anything, so a bad request writes nothing.
+    base_seed = seed if seed is not None else int.from_bytes(os.urandom(4), "little") >> 1
+    jobs = [(p, k) for p in all_prompts for k in range(n)]
+    requests = []
+    for start in range(0, len(jobs), batch_size):
+        chunk = jobs[start:start + batch_size]
+        requests.append(GenerationRequest.create(
+            model=model, prompt=[p for p, _ in chunk], n=1, seed=base_seed + start,
+            negative_prompt=negative_prompt, width=width, height=height, steps=steps,
+            strategy=parsed_strategy, init_image=init_image, strength=strength,
+        ))
+    engine = Engine(_registry(ctx))
+    engine.models.spec(model)
+    results = []
+    with tqdm(total=len(jobs), desc="images", unit="img") as images_bar:
+        for request in requests:
+            with tqdm(desc="steps", unit="step", leave=False) as bar:
+                def on_step(event: Any, bar: Any = bar) -> None:
+                    bar.total = event.total
+                    bar.update(1)
+
+                results.append(engine.generate(request, GenerationHooks(on_step=on_step)))
+            images_bar.update(request.num_images)
+    out = Path(out_dir)
+    written = _write_results(out, results)
+    click.echo(f"wrote {len(written)} image(s) to {out}/ (results.json has seeds, strategy, NFE, timings)")
+
+
+def _write_results(out: Path, results: list[Any]) -> list[Path]:
+    """Write PNGs and results.json atomically (temporary file, then rename)."""
+    out.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    records = []
+    index = 0
+    for result in results:
+        for image, prompt, seed in zip(result.to_pil(), result.prompts, result.seeds):
+            path = out / f"{index:04d}_seed{seed}.png"
+            _atomic_write(path, lambda f, image=image: image.save(f, format="PNG"))
+            written.append(path)
+            records.append({"file": path.name, "prompt": prompt, "seed": seed})
+            index += 1
+    summary = {"images": records, "runs": [r.summary() for r in results]}
+    _atomic_write(out / "results.json", lambda f: f.write(json.dumps(summary, indent=2).encode()))
+    return written
+
+
+def _atomic_write(path: Path, write: Any) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_context
+def models(ctx: click.Context, as_json: bool) -> None:
+    """List the models of the registry."""
+    registry = _registry(ctx)
+    rows = []
+    for model_id in registry.ids():
+        spec = registry.spec(model_id)
+        location = spec.location()
+        rows.append({
+            "id": model_id, "source": spec.source, "location": location,
+            "available": spec.source == "hub" or Path(location).is_dir(),
+            "default_steps": spec.default_steps,
+            "default_strategy": spec.default_strategy.model_dump(exclude_none=True),
+            "description": spec.description,
+        })
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    for row in rows:
+        status = "" if row["available"] else "  [missing: train it first]"
+        click.echo(f"{row['id']}  ({row['source']}: {row['location']}){status}")
+        click.echo(f"    {row['description']}")
+        click.echo(f"    default: {row['default_steps']} steps, {json.dumps(row['default_strategy'])}")
+
+
+@main.command()
+@click.option("--kind", type=click.Choice(["sampler", "schedule", "guidance", "student", "runtime"]), default=None)
+@click.option("--json", "as_json", is_flag=True, help="Print each component's JSON Schema.")
+def strategies(kind: str | None, as_json: bool) -> None:
+    """List strategy components with their parameters."""
+    from accel_diffusion.registry import get_registry
+
+    infos = [i for i in get_registry().all() if kind is None or i.kind.value == kind]
+    if as_json:
+        click.echo(json.dumps({f"{i.kind.value}:{i.name}": i.json_schema() for i in infos}, indent=2))
+        return
+    current = None
+    for info in infos:
+        if info.kind != current:
+            current = info.kind
+            click.echo(f"{info.kind.value}:")
+        click.echo(f"  {info.name} — {info.summary}")
+        for p in info.parameters():
+            default = "required" if p["required"] else f"default {json.dumps(p['default'])}"
+            limits = ", ".join(f"{k} {v}" for k, v in p["constraints"].items())
+            click.echo(f"      {p['name']}: {p['type']} ({default}{'; ' + limits if limits else ''})")
+
+
+@main.group()
+def train() -> None:
+    """Train the built-in models."""
+
+
+@train.command("shapes")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), required=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+def train_shapes_command(out_dir: str, seed: int) -> None:
+    """Train the `shapes` text-to-image model from scratch into OUT (a StableDiffusionPipeline dir)."""
+    from accel_diffusion.models.shapes.train import train_shapes
+
+    info = train_shapes(out_dir, seed=seed)
+    click.echo(json.dumps(info, indent=2, default=str))
+
+
+@train.command("judge")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), required=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+def train_judge_command(out_dir: str, seed: int) -> None:
+    """Train the shapes judge classifier (the prompt-accuracy measuring stick) into OUT."""
+    from accel_diffusion.eval.shapes_judge import train_judge
+
+    info = train_judge(out_dir, seed=seed)
+    click.echo(json.dumps(info, indent=2, default=str))
+
+
+@main.command("eval")
+@click.option("--model", "-m", default="shapes", show_default=True)
+@click.option("--steps", type=int, default=None)
+@click.option("--strategy", default=None, help="Strategy as JSON, @file.json or a .json path.")
+@click.option("--guidance-scale", type=float, default=None)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--repeats", type=int, default=1, show_default=True,
+              help="Images per shape/colour/background combination.")
+@click.option("--batch-size", type=int, default=49, show_default=True)
+@click.option("--out", "out_file", type=click.Path(dir_okay=False), default=None, help="Write the metrics as JSON.")
+@click.pass_context
+def eval_command(ctx: click.Context, model: str, steps: int | None, strategy: str | None,
+                 guidance_scale: float | None, seed: int, repeats: int, batch_size: int, out_file: str | None) -> None:
+    """Measure a model on `shapes` prompts: prompt accuracy, Fréchet distance, saturation, NFE, time."""
+    from accel_diffusion.engine import Engine
+    from accel_diffusion.eval.shapes_benchmark import evaluate_shapes
+    from accel_diffusion.strategy import Strategy, guidance_scale_strategy
+
+    strategy_data = _json_arg(strategy, "strategy") or {}
+    if guidance_scale is not None:
+        strategy_data["guidance"] = guidance_scale_strategy(guidance_scale)
+    engine = Engine(_registry(ctx))
+    metrics = evaluate_shapes(engine, model=model, strategy=Strategy.parse(strategy_data), steps=steps,
+                              seed=seed, repeats=repeats, batch_size=batch_size)
+    text = json.dumps(metrics, indent=2)
+    if out_file:
+        Path(out_file).write_text(text + "\n")
+    click.echo(text)
+
+
+if __name__ == "__main__":
+    main()

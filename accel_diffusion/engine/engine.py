@@ -1,0 +1,278 @@
+"""``Engine.generate``: conditioning -> latents (txt2img / img2img) -> the loop -> decode -> result."""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from diffusers.utils.torch_utils import randn_tensor
+from PIL import Image
+
+from accel_diffusion.engine.hooks import NO_HOOKS, GenerationHooks, LoopCounters
+from accel_diffusion.engine.loop import denoise
+from accel_diffusion.errors import IncompatibleStrategyError, InvalidRequestError
+from accel_diffusion.guidance.base import Guidance
+from accel_diffusion.models.registry import ModelRegistry
+from accel_diffusion.registry import get_registry
+from accel_diffusion.samplers.base import Sampler
+from accel_diffusion.schedules.base import Schedule
+from accel_diffusion.strategy import GenerationRequest, Strategy
+
+if TYPE_CHECKING:
+    from accel_diffusion.models.loading import LoadedPipeline
+
+MAX_SEED = 2**63 - 1
+
+
+@dataclass
+class GenerationResult:
+    """Images as float32 (N, H, W, 3) in [0, 1], one per (prompt, i) in request order, and their cost."""
+
+    images: np.ndarray
+    prompts: list[str]
+    seeds: list[int]
+    model: str
+    strategy: Strategy
+    steps: int
+    width: int
+    height: int
+    nfe: int  # model evaluations per image; cond and uncond counted separately
+    forward_passes: int  # batched model calls
+    timings: dict[str, float]
+    attention_backend: str
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_uint8(self) -> np.ndarray:
+        return (self.images * 255).round().astype(np.uint8)
+
+    def to_pil(self) -> list[Image.Image]:
+        return [Image.fromarray(a) for a in self.to_uint8()]
+
+    def summary(self) -> dict[str, Any]:
+        """JSON-safe description (everything except the pixels)."""
+        return {
+            "model": self.model,
+            "prompts": self.prompts,
+            "seeds": self.seeds,
+            "strategy": self.strategy.model_dump(exclude_none=True),
+            "steps": self.steps,
+            "width": self.width,
+            "height": self.height,
+            "nfe": self.nfe,
+            "forward_passes": self.forward_passes,
+            "timings": {k: round(v, 6) for k, v in self.timings.items()},
+            "attention_backend": self.attention_backend,
+            **self.extra,
+        }
+
+
+@dataclass
+class PreparedStrategy:
+    strategy: Strategy
+    sampler: Sampler
+    schedule: Schedule
+    guidance: Guidance
+
+
+def prepare_strategy(model: LoadedPipeline, requested: Strategy) -> PreparedStrategy:
+    """Resolve ``requested`` over the model's default and build fresh components for one generation."""
+    strategy = requested.resolved_over(model.spec.default_strategy)
+    if strategy.student is not None or strategy.runtime is not None:
+        kind = "student" if strategy.student is not None else "runtime"
+        raise IncompatibleStrategyError(f"strategy.{kind}", f"{kind} components are not supported by generate()")
+    registry = get_registry()
+    return PreparedStrategy(
+        strategy=strategy,
+        sampler=registry.build("sampler", strategy.sampler),
+        schedule=registry.build("schedule", strategy.schedule),
+        guidance=registry.build("guidance", strategy.guidance),
+    )
+
+
+def image_seeds(seed: int | None, count: int) -> list[int]:
+    base = random.SystemRandom().randrange(0, 2**31) if seed is None else seed
+    if base + count - 1 > MAX_SEED:
+        raise InvalidRequestError("seed", f"seed + images - 1 must stay below 2**63, got {base}")
+    return [base + k for k in range(count)]
+
+
+def _image_to_tensor(image: Image.Image, width: int, height: int) -> torch.Tensor:
+    """PIL RGB -> (1, 3, H, W) in [-1, 1], resized with Lanczos when the size differs (as diffusers)."""
+    if image.size != (width, height):
+        image = image.resize((width, height), resample=Image.LANCZOS)
+    array = np.asarray(image, dtype=np.float32) / 255.0
+    return torch.from_numpy(array).permute(2, 0, 1).unsqueeze(0) * 2.0 - 1.0
+
+
+def _request_size(model: LoadedPipeline, request: GenerationRequest) -> tuple[int, int]:
+    width, height = request.width, request.height
+    if request.init_image is not None and (width is None or height is None):
+        factor = model.vae_scale_factor
+        iw, ih = request.init_image.size
+        width = width or iw - iw % factor
+        height = height or ih - ih % factor
+        if width < 8 or height < 8:
+            raise InvalidRequestError("init_image", f"is {iw}x{ih}; it must be at least 8x8 pixels")
+    default_w, default_h = model.default_size
+    width, height = width or default_w, height or default_h
+    factor = model.vae_scale_factor
+    if width % factor or height % factor:
+        raise InvalidRequestError("width", f"this model needs multiples of {factor}, got {width}x{height}")
+    return width, height
+
+
+def _sdxl_time_ids(model: LoadedPipeline, width: int, height: int) -> torch.Tensor:
+    time_ids = [height, width, 0, 0, height, width]  # original size, crop top-left, target size
+    unet = model.pipeline.unet
+    expected = unet.add_embedding.linear_1.in_features
+    projection = model.pipeline.text_encoder_2.config.projection_dim
+    if unet.config.addition_time_embed_dim * len(time_ids) + projection != expected:
+        raise IncompatibleStrategyError("model", "SDXL UNet's added embedding size does not match its text encoder")
+    return torch.tensor([time_ids], dtype=model.dtype)
+
+
+class Engine:
+    """Generates images for validated requests on models from a ``ModelRegistry``."""
+
+    def __init__(self, models: ModelRegistry | None = None) -> None:
+        self.models = models or ModelRegistry.default()
+
+    def generate(self, request: GenerationRequest, hooks: GenerationHooks = NO_HOOKS) -> GenerationResult:
+        model = self.models.get(request.model)
+        return generate(model, request, hooks)
+
+
+@torch.no_grad()
+def generate(model: LoadedPipeline, request: GenerationRequest, hooks: GenerationHooks = NO_HOOKS) -> GenerationResult:
+    """The engine's one generation path (txt2img, or img2img when ``request.init_image`` is set)."""
+    t_start = time.perf_counter()
+    if model.family not in ("sd", "sdxl"):
+        raise InvalidRequestError(
+            "model", f"{model.model_id!r} is a {model.family} model, not a text-to-image pipeline"
+        )
+    pipe = model.pipeline
+    prepared = prepare_strategy(model, request.strategy)
+    width, height = _request_size(model, request)
+    requested_steps = request.steps or model.spec.default_steps
+    scheduler = prepared.sampler.make_scheduler(model.scheduler_config, prepared.schedule.scheduler_options())
+    prepared.schedule.check_compatible(scheduler, prepared.strategy.sampler["name"])
+    num_steps = prepared.schedule.num_steps(requested_steps)
+    prepared.schedule.set_timesteps(scheduler, num_steps, model.device)
+    timesteps = scheduler.timesteps
+
+    prompts = [p for p in request.prompts for _ in range(request.n)]
+    seeds = image_seeds(request.seed, len(prompts))
+    generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+    batch = len(prompts)
+
+    t_encode = time.perf_counter()
+    time_ids = _sdxl_time_ids(model, width, height) if model.family == "sdxl" else None
+    assert model.prompt_encoder is not None
+    conditioning = model.prompt_encoder.conditioning(
+        prompts, request.negative_prompt, prepared.guidance.needs_uncond, time_ids
+    )
+    if model.family == "sd" and pipe.unet.config.time_cond_proj_dim is not None:
+        raise IncompatibleStrategyError("model", "guidance-embedding (LCM-distilled) UNets are not supported yet")
+
+    t_latents = time.perf_counter()
+    unet, vae = pipe.unet, pipe.vae
+    latent_shape = (batch, unet.config.in_channels, height // model.vae_scale_factor, width // model.vae_scale_factor)
+    if request.init_image is None:
+        latents = randn_tensor(latent_shape, generator=generators, device=model.device, dtype=model.dtype)
+        latents = latents * scheduler.init_noise_sigma
+    else:
+        init_steps = min(int(num_steps * request.strength), num_steps)
+        t_begin = max(num_steps - init_steps, 0)
+        timesteps = timesteps[t_begin * scheduler.order :]
+        if hasattr(scheduler, "set_begin_index"):
+            scheduler.set_begin_index(t_begin * scheduler.order)
+        if len(timesteps) == 0:
+            raise InvalidRequestError(
+                "strength", f"{request.strength} x {num_steps} steps leaves no denoising step; raise strength or steps"
+            )
+        image = _image_to_tensor(request.init_image, width, height).to(model.device, model.dtype)
+        posterior = vae.encode(image).latent_dist  # deterministic; each image samples it with its own seed
+        init_latents = torch.cat([posterior.sample(g) for g in generators]) * vae.config.scaling_factor
+        noise = randn_tensor(init_latents.shape, generator=generators, device=model.device, dtype=model.dtype)
+        latents = scheduler.add_noise(init_latents, noise, timesteps[:1].repeat(batch))
+
+    counters = LoopCounters()
+    after_step = None
+    if request.preview_every and hooks.on_preview is not None:
+        def after_step(index: int, total: int, t: torch.Tensor, current: torch.Tensor) -> None:
+            if (index + 1) % request.preview_every == 0 and index + 1 < total:
+                hooks.on_preview(index + 1, _decode(model, current))  # type: ignore[misc]
+
+    t_loop = time.perf_counter()
+    latents = denoise(
+        unet,
+        latents,
+        scheduler,
+        timesteps,
+        prepared.guidance,
+        conditioning,
+        step_kwargs=_step_kwargs(prepared.sampler, scheduler, generators),
+        hooks=hooks,
+        counters=counters,
+        after_step=after_step,
+    )
+    t_decode = time.perf_counter()
+    images = _decode(model, latents)
+    t_end = time.perf_counter()
+    return GenerationResult(
+        images=images,
+        prompts=prompts,
+        seeds=seeds,
+        model=model.model_id,
+        strategy=prepared.strategy,
+        steps=len(timesteps),
+        width=width,
+        height=height,
+        nfe=counters.nfe,
+        forward_passes=counters.forward_passes,
+        timings={
+            "prepare": t_encode - t_start,
+            "encode_prompt": t_latents - t_encode,
+            "prepare_latents": t_loop - t_latents,
+            "denoise": t_decode - t_loop,
+            "decode": t_end - t_decode,
+            "total": t_end - t_start,
+        },
+        attention_backend=model.attention_backend,
+        extra={"mode": "img2img" if request.init_image is not None else "txt2img"},
+    )
+
+
+def _step_kwargs(sampler: Sampler, scheduler: Any, generators: list[torch.Generator]) -> dict[str, Any]:
+    import inspect
+
+    kwargs = dict(sampler.step_kwargs())
+    if "generator" in inspect.signature(scheduler.step).parameters:
+        kwargs["generator"] = generators
+    return kwargs
+
+
+def _decode(model: LoadedPipeline, latents: torch.Tensor) -> np.ndarray:
+    vae = model.pipeline.vae
+    mean = getattr(vae.config, "latents_mean", None)
+    std = getattr(vae.config, "latents_std", None)
+    needs_upcast = vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False)
+    decode_dtype = torch.float32 if needs_upcast else vae.dtype
+    if needs_upcast:
+        vae.to(torch.float32)
+    latents = latents.to(decode_dtype)
+    if mean is not None and std is not None:
+        mean_t = torch.tensor(mean).view(1, -1, 1, 1).to(latents)
+        std_t = torch.tensor(std).view(1, -1, 1, 1).to(latents)
+        latents = latents * std_t / vae.config.scaling_factor + mean_t
+    else:
+        latents = latents / vae.config.scaling_factor
+    image = vae.decode(latents, return_dict=False)[0]
+    if needs_upcast:
+        vae.to(torch.float16)
+    image = (image / 2 + 0.5).clamp(0, 1)
+    return image.permute(0, 2, 3, 1).float().cpu().numpy()

@@ -1,0 +1,69 @@
+"""The denoising loop. It exists once; every method plugs into it as a component."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from diffusers import SchedulerMixin
+
+from accel_diffusion.engine.conditioning import Conditioning
+from accel_diffusion.engine.hooks import NO_HOOKS, GenerationHooks, LoopCounters, StepEvent
+from accel_diffusion.engine.step import StepContext
+from accel_diffusion.guidance.base import Guidance
+
+ModelFn = Callable[..., torch.Tensor]
+
+
+def call_model(model: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+    """Call a diffusers model (UNet, or any ModelMixin taking (sample, timestep)) and return its tensor."""
+    out = model(x, t, **kwargs, return_dict=False)
+    return out[0] if isinstance(out, tuple | list) else out
+
+
+@torch.no_grad()
+def denoise(
+    model: torch.nn.Module,
+    latents: torch.Tensor,
+    scheduler: SchedulerMixin,
+    timesteps: Sequence[torch.Tensor] | torch.Tensor,
+    guidance: Guidance,
+    conditioning: Conditioning,
+    *,
+    step_kwargs: dict[str, Any] | None = None,
+    hooks: GenerationHooks = NO_HOOKS,
+    counters: LoopCounters | None = None,
+    after_step: Callable[[int, int, torch.Tensor, torch.Tensor], None] | None = None,
+) -> torch.Tensor:
+    """Run ``scheduler`` over ``timesteps`` from ``latents``; returns the final latents.
+
+    Every step: the guidance picks the branches, the model sees exactly those (stacked along the
+    batch), the guidance combines them, the scheduler steps. ``counters`` accumulates NFE per image
+    (each branch counts) and forward passes; ``hooks`` gets progress and may cancel.
+    """
+    counters = counters if counters is not None else LoopCounters()
+    step_kwargs = step_kwargs or {}
+    prediction_type = scheduler.config.get("prediction_type", "epsilon")
+    total = len(timesteps)
+    start = time.perf_counter()
+    for index, t in enumerate(timesteps):
+        hooks.check_cancel(index, total)
+        step = StepContext(index, total, t, latents, scheduler, prediction_type)
+        branches = guidance.branches(step)
+        model_input = latents if len(branches) == 1 else torch.cat([latents] * len(branches))
+        model_input = scheduler.scale_model_input(model_input, t)
+        output = call_model(model, model_input, t, **conditioning.model_kwargs(branches))
+        counters.forward_passes += 1
+        counters.nfe += len(branches)
+        predictions = dict(zip(branches, output.chunk(len(branches)))) if len(branches) > 1 else {
+            branches[0]: output
+        }
+        guided = guidance.combine(predictions, step)
+        latents = scheduler.step(guided, t, latents, **step_kwargs, return_dict=False)[0]
+        if hooks.on_step is not None:
+            hooks.on_step(StepEvent(index + 1, total, float(t), time.perf_counter() - start))
+        if after_step is not None:
+            after_step(index, total, t, latents)
+    return latents

@@ -1,0 +1,48 @@
+"""What a component sees of the current denoising step."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+
+import torch
+from diffusers import SchedulerMixin
+
+
+@dataclass
+class StepContext:
+    """One step of the denoising loop: index, timestep and the (unscaled) current latents.
+
+    ``alpha`` and ``sigma`` are the VP coefficients at ``timestep`` (x_t = alpha x0 + sigma eps),
+    computed on first use from the scheduler's ``alphas_cumprod``.
+    """
+
+    index: int
+    num_steps: int
+    timestep: torch.Tensor
+    latents: torch.Tensor
+    scheduler: SchedulerMixin
+    prediction_type: str
+
+    @property
+    def progress(self) -> float:
+        """Fraction of the trajectory already done before this step, in [0, 1)."""
+        return self.index / self.num_steps
+
+    @cached_property
+    def _alpha_sigma(self) -> tuple[float, float]:
+        alphas_cumprod = self.scheduler.alphas_cumprod
+        t = float(self.timestep)
+        low = int(t)
+        high = min(low + 1, len(alphas_cumprod) - 1)
+        frac = t - low
+        a2 = float(alphas_cumprod[low]) * (1 - frac) + float(alphas_cumprod[high]) * frac
+        return a2**0.5, (1.0 - a2) ** 0.5
+
+    @property
+    def alpha(self) -> float:
+        return self._alpha_sigma[0]
+
+    @property
+    def sigma(self) -> float:
+        return self._alpha_sigma[1]

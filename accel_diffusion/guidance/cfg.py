@@ -1,0 +1,47 @@
+"""Classifier-free guidance (Ho & Salimans, 2022), with optional guidance rescale (Lin et al., 2023)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import torch
+from pydantic import Field
+
+from accel_diffusion.engine.step import StepContext
+from accel_diffusion.guidance.base import COND, UNCOND, Guidance
+from accel_diffusion.registry import register_component
+
+
+@register_component("guidance", "cfg")
+class CfgGuidance(Guidance):
+    """CFG: uncond + scale (cond - uncond); 2 model evaluations per step (1 when scale == 1).
+
+    ``rescale`` > 0 rescales the guided prediction's per-sample std towards the conditional one
+    (Lin et al. 2023, §3.4), in txt2img and img2img alike.
+    """
+
+    def __init__(
+        self,
+        scale: Annotated[float, Field(ge=0.0, le=100.0)] = 7.5,
+        rescale: Annotated[float, Field(ge=0.0, le=1.0)] = 0.0,
+    ) -> None:
+        self.scale = scale
+        self.rescale = rescale
+        self.needs_uncond = scale != 1.0
+
+    def branches(self, step: StepContext) -> tuple[str, ...]:
+        return (UNCOND, COND) if self.needs_uncond else (COND,)
+
+    def combine(self, predictions: dict[str, torch.Tensor], step: StepContext) -> torch.Tensor:
+        cond = predictions[COND]
+        if not self.needs_uncond:
+            return cond
+        uncond = predictions[UNCOND]
+        guided = uncond + self.scale * (cond - uncond)
+        if self.rescale > 0:
+            dims = list(range(1, cond.ndim))
+            std_cond = cond.std(dim=dims, keepdim=True)
+            std_guided = guided.std(dim=dims, keepdim=True)
+            rescaled = guided * (std_cond / std_guided)
+            guided = self.rescale * rescaled + (1.0 - self.rescale) * guided
+        return guided

@@ -1,0 +1,157 @@
+"""Loading a registry entry into a ``LoadedPipeline`` the engine can run.
+
+Weights are read with diffusers' ``from_pretrained``: safetensors only (``use_safetensors=True``
+refuses pickle ``.bin``/``.ckpt`` weights), no remote code, and no network access when
+``HF_HUB_OFFLINE=1`` (then only local directories and the local hub cache are read).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from diffusers import DiffusionPipeline
+
+from accel_diffusion.engine.attention import configure_attention
+from accel_diffusion.engine.conditioning import PromptEncoder
+from accel_diffusion.errors import ModelLoadError
+from accel_diffusion.models.registry import ModelSpec
+
+logger = logging.getLogger(__name__)
+
+Family = Literal["sd", "sdxl", "gmm"]
+PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
+
+
+@dataclass
+class LoadedPipeline:
+    """A loaded model: its diffusers components plus what the engine needs to drive them."""
+
+    spec: ModelSpec
+    pipeline: DiffusionPipeline
+    family: Family
+    device: torch.device
+    dtype: torch.dtype
+    attention_backend: str
+    load_seconds: float
+    prompt_encoder: PromptEncoder | None = None
+    scheduler_config: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def model_id(self) -> str:
+        return self.spec.id
+
+    @property
+    def vae_scale_factor(self) -> int:
+        vae = getattr(self.pipeline, "vae", None)
+        return 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1
+
+    @property
+    def default_size(self) -> tuple[int, int]:
+        """(width, height) used when a request gives none: the spec's, else the UNet's native size."""
+        native = int(self.pipeline.unet.config.sample_size) * self.vae_scale_factor
+        return (self.spec.default_width or native, self.spec.default_height or native)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "id": self.spec.id,
+            "family": self.family,
+            "device": str(self.device),
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "attention_backend": self.attention_backend,
+            "load_seconds": round(self.load_seconds, 3),
+        }
+
+
+def resolve_device_dtype(spec: ModelSpec) -> tuple[torch.device, torch.dtype]:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if spec.device == "auto" else torch.device(
+        spec.device
+    )
+    if spec.dtype == "auto":
+        dtype = torch.float16 if device.type == "cuda" else torch.float32
+    else:
+        dtype = getattr(torch, spec.dtype)
+    return device, dtype
+
+
+def _refuse_pickle_only(location: str) -> None:
+    """A local directory whose weights are only pickles is refused with a clear message."""
+    path = Path(location)
+    if not path.is_dir():
+        return
+    has_safetensors = any(path.rglob("*.safetensors"))
+    pickles = [p for p in path.rglob("*") if p.suffix in PICKLE_SUFFIXES]
+    if pickles and not has_safetensors:
+        raise ModelLoadError(
+            f"{location}: only pickle weights found ({pickles[0].name}); convert them to safetensors — "
+            "pickle files can execute code when loaded and are refused"
+        )
+
+
+def detect_family(pipeline: DiffusionPipeline) -> Family:
+    if hasattr(pipeline, "denoiser") and not hasattr(pipeline, "unet"):
+        return "gmm"
+    if getattr(pipeline, "text_encoder_2", None) is not None or "XL" in type(pipeline).__name__:
+        return "sdxl"
+    return "sd"
+
+
+def load_pipeline(spec: ModelSpec) -> LoadedPipeline:
+    """Load ``spec`` with ``from_pretrained`` and prepare it for the engine."""
+    device, dtype = resolve_device_dtype(spec)
+    location = spec.location()
+    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+    if spec.source != "hub" and not Path(location).is_dir():
+        raise ModelLoadError(f"model {spec.id!r}: directory {location!r} does not exist")
+    _refuse_pickle_only(location)
+    start = time.perf_counter()
+    pipeline_cls = _pipeline_class(location, spec)
+    try:
+        pipeline = pipeline_cls.from_pretrained(
+            location,
+            revision=spec.revision,
+            dtype=dtype,
+            use_safetensors=True,
+            local_files_only=offline or spec.source != "hub",
+        )
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"model {spec.id!r} could not be loaded from {location!r}: {exc}") from exc
+    pipeline.to(device)
+    family = detect_family(pipeline)
+    modules = [m for m in (getattr(pipeline, "unet", None), getattr(pipeline, "vae", None)) if m is not None]
+    backend = configure_attention(modules, device, spec.attention) if modules else "none"
+    for module in pipeline.components.values():
+        if isinstance(module, torch.nn.Module):
+            module.eval().requires_grad_(False)
+    encoder = PromptEncoder(pipeline, device, dtype) if family in ("sd", "sdxl") else None
+    loaded = LoadedPipeline(
+        spec=spec,
+        pipeline=pipeline,
+        family=family,
+        device=device,
+        dtype=dtype,
+        attention_backend=backend,
+        load_seconds=time.perf_counter() - start,
+        prompt_encoder=encoder,
+        scheduler_config=dict(pipeline.scheduler.config),
+    )
+    logger.info("loaded %s", loaded.describe())
+    return loaded
+
+
+def _pipeline_class(location: str, spec: ModelSpec) -> type[DiffusionPipeline]:
+    """The pipeline class named in ``model_index.json``: diffusers' own, or this package's oracle."""
+    index = Path(location) / "model_index.json"
+    if index.is_file():
+        class_name = json.loads(index.read_text()).get("_class_name", "")
+        if class_name == "GmmPipeline":
+            from accel_diffusion.models.gmm import GmmPipeline
+
+            return GmmPipeline
+    return DiffusionPipeline

@@ -1,0 +1,127 @@
+"""Model registry: model ids -> where the weights come from, dtype/device, and default strategy.
+
+Models are declared in a TOML file (the built-ins in ``models.toml`` by default). Loading goes
+through diffusers' ``from_pretrained`` on a local directory or a hub id + revision, safetensors only,
+never ``trust_remote_code``; with ``HF_HUB_OFFLINE=1`` nothing is fetched.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import pydantic
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from accel_diffusion.errors import InvalidRequestError, UnknownModelError
+from accel_diffusion.registry import validation_error_to_request_error
+from accel_diffusion.strategy import Strategy
+
+BUILTIN_DIR = Path(__file__).parent / "builtin"
+DEFAULT_MODELS_FILE = Path(__file__).parent / "models.toml"
+MODELS_FILE_ENV = "ACCEL_DIFFUSION_MODELS"
+
+
+class ModelSpec(BaseModel):
+    """One registry entry."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    id: str
+    source: Literal["builtin", "local", "hub"]
+    path: str | None = Field(None, description="built-in name (source=builtin) or directory (source=local)")
+    hub_id: str | None = None
+    revision: str | None = Field(None, description="hub revision (commit, tag or branch); pin it in production")
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    device: str = Field("auto", description="'auto' (CUDA when present, else CPU), 'cpu', 'cuda', 'cuda:1', ...")
+    attention: Literal["auto", "sdpa", "xformers"] = "auto"
+    description: str = ""
+    default_steps: Annotated[int, Field(ge=1, le=1000)] = 25
+    default_width: int | None = None
+    default_height: int | None = None
+    default_strategy: Strategy = Field(
+        default_factory=lambda: Strategy(sampler={"name": "dpmpp_2m"}, schedule={"name": "default"},
+                                         guidance={"name": "cfg", "scale": 7.5})
+    )
+
+    @field_validator("default_strategy", mode="before")
+    @classmethod
+    def _strategy(cls, value: Any) -> Strategy:
+        return Strategy.parse(value)
+
+    @model_validator(mode="after")
+    def _check_source(self) -> ModelSpec:
+        if self.source in ("builtin", "local") and not self.path:
+            raise ValueError(f"source={self.source!r} needs 'path'")
+        if self.source == "hub" and not self.hub_id:
+            raise ValueError("source='hub' needs 'hub_id'")
+        missing = [k for k in ("sampler", "schedule", "guidance") if getattr(self.default_strategy, k) is None]
+        if missing:
+            raise ValueError(f"default_strategy must set {', '.join(missing)}")
+        return self
+
+    def location(self) -> str:
+        """The directory or hub id that ``from_pretrained`` receives."""
+        if self.source == "builtin":
+            return str(BUILTIN_DIR / str(self.path))
+        if self.source == "local":
+            return str(Path(str(self.path)).expanduser())
+        return str(self.hub_id)
+
+
+class ModelRegistry:
+    """The declared models, and the pipelines loaded so far (each loaded once, on first use)."""
+
+    def __init__(self, specs: list[ModelSpec]) -> None:
+        self.specs = {spec.id: spec for spec in specs}
+        self._loaded: dict[str, Any] = {}
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_file(cls, path: str | Path | None = None) -> ModelRegistry:
+        """Read a TOML model file: ``[models.<id>]`` tables with ModelSpec fields."""
+        path = Path(path or os.environ.get(MODELS_FILE_ENV) or DEFAULT_MODELS_FILE)
+        try:
+            data = tomllib.loads(path.read_text())
+        except FileNotFoundError:
+            raise InvalidRequestError("models_file", f"{str(path)!r} does not exist") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise InvalidRequestError("models_file", f"{str(path)!r} is not valid TOML: {exc}") from None
+        specs = []
+        for model_id, entry in data.get("models", {}).items():
+            try:
+                specs.append(ModelSpec.model_validate({"id": model_id, **entry}))
+            except pydantic.ValidationError as exc:
+                raise validation_error_to_request_error(exc, prefix=f"models.{model_id}") from None
+        if not specs:
+            raise InvalidRequestError("models_file", f"{str(path)!r} declares no [models.<id>] tables")
+        return cls(specs)
+
+    @classmethod
+    def default(cls) -> ModelRegistry:
+        return cls.from_file(None)
+
+    def spec(self, model_id: str) -> ModelSpec:
+        try:
+            return self.specs[model_id]
+        except KeyError:
+            raise UnknownModelError("model", f"unknown model {model_id!r}", sorted(self.specs)) from None
+
+    def ids(self) -> list[str]:
+        return sorted(self.specs)
+
+    def get(self, model_id: str) -> Any:
+        """The loaded pipeline of ``model_id`` (a ``LoadedPipeline``), loading it on first use."""
+        spec = self.spec(model_id)
+        with self._lock:
+            if model_id not in self._loaded:
+                from accel_diffusion.models.loading import load_pipeline
+
+                self._loaded[model_id] = load_pipeline(spec)
+            return self._loaded[model_id]
+
+    def is_loaded(self, model_id: str) -> bool:
+        return model_id in self._loaded

@@ -1,0 +1,46 @@
+"""Sampler components: each builds a fresh diffusers scheduler for one generation."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any
+
+from diffusers import SchedulerMixin
+
+
+class Sampler(ABC):
+    """How x_t moves to x_{t-1}: a factory of per-generation scheduler instances.
+
+    A new scheduler is built for every generation, so no state (multistep history, momentum) can
+    leak between requests that run at the same time.
+    """
+
+    @abstractmethod
+    def make_scheduler(
+        self, model_scheduler_config: dict[str, Any], schedule_options: dict[str, Any]
+    ) -> SchedulerMixin:
+        """A new scheduler: the model's noise process, this sampler's solver settings, and the
+        schedule component's options (``timestep_spacing``, ``use_karras_sigmas``, ...)."""
+
+    def step_kwargs(self) -> dict[str, Any]:
+        """Extra keyword arguments for ``scheduler.step`` (e.g. DDIM's ``eta``)."""
+        return {}
+
+
+# The keys of a scheduler config that describe the *model's* training noise process. Only these are
+# carried over from the model's scheduler; solver settings come from the sampler component itself.
+NOISE_PROCESS_KEYS = (
+    "num_train_timesteps",
+    "beta_start",
+    "beta_end",
+    "beta_schedule",
+    "trained_betas",
+    "prediction_type",
+    "steps_offset",
+    "timestep_spacing",
+    "rescale_betas_zero_snr",
+)
+
+
+def noise_process_config(model_scheduler_config: dict[str, Any]) -> dict[str, Any]:
+    return {k: model_scheduler_config[k] for k in NOISE_PROCESS_KEYS if k in model_scheduler_config}

@@ -1,0 +1,42 @@
+"""Schedule components: which timesteps (and, later, which UNet blocks) a generation visits."""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import torch
+from diffusers import SchedulerMixin
+
+from accel_diffusion.errors import IncompatibleStrategyError
+
+
+class Schedule:
+    """Chooses the timesteps. The default implementation defers to the scheduler's own spacing."""
+
+    def scheduler_options(self) -> dict[str, Any]:
+        """Config overrides applied when the sampler builds its scheduler."""
+        return {}
+
+    def num_steps(self, requested_steps: int) -> int:
+        """How many steps this schedule will run for a request asking for ``requested_steps``."""
+        return requested_steps
+
+    def set_timesteps(self, scheduler: SchedulerMixin, num_steps: int, device: torch.device) -> None:
+        scheduler.set_timesteps(num_steps, device=device)
+
+    def check_compatible(self, scheduler: SchedulerMixin, sampler_name: str) -> None:
+        """Raise IncompatibleStrategyError if ``scheduler`` cannot follow this schedule."""
+
+
+def scheduler_accepts(scheduler: SchedulerMixin, method: str, argument: str) -> bool:
+    if method == "__init__":
+        return argument in inspect.signature(type(scheduler).__init__).parameters
+    return argument in inspect.signature(getattr(scheduler, method)).parameters
+
+
+def incompatible(schedule_name: str, sampler_name: str, why: str, allowed: list[str] | None = None) -> None:
+    raise IncompatibleStrategyError(
+        "strategy.schedule.name", f"schedule {schedule_name!r} cannot be used with sampler {sampler_name!r}: {why}",
+        allowed,
+    )

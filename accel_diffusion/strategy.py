@@ -1,0 +1,235 @@
+"""The two request-side types: ``Strategy`` (one component per kind) and ``GenerationRequest``.
+
+Both are validated once, at the edge (CLI, Python API, server, batch manifests); the engine trusts
+them. A ``Strategy`` may be partial: kinds left out are taken from the model's default strategy
+(``Strategy.resolved_over``). The resolved strategy is echoed back in every result.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+from pathlib import Path
+from typing import Annotated, Any
+
+import pydantic
+from PIL import Image, UnidentifiedImageError
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+
+from accel_diffusion.errors import InvalidRequestError
+from accel_diffusion.registry import ComponentKind, get_registry, validation_error_to_request_error
+
+ComponentSpec = dict[str, Any]
+
+
+class Strategy(BaseModel):
+    """A validated choice of one component per kind, each ``{"name": ..., **constructor args}``.
+
+    Fields left as ``None`` mean "the model's default" for sampler, schedule and guidance, and
+    "not used" for student and runtime.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    sampler: ComponentSpec | None = None
+    schedule: ComponentSpec | None = None
+    guidance: ComponentSpec | None = None
+    student: ComponentSpec | None = None
+    runtime: ComponentSpec | None = None
+
+    @field_validator("sampler", "schedule", "guidance", "student", "runtime", mode="before")
+    @classmethod
+    def _normalize_component(cls, value: Any, info: ValidationInfo) -> ComponentSpec | None:
+        if value is None:
+            return None
+        return get_registry().normalize(ComponentKind(info.field_name), value)
+
+    def resolved_over(self, default: Strategy) -> Strategy:
+        """This strategy with every unset sampler/schedule/guidance taken from ``default``."""
+        data = self.model_dump()
+        for kind in ("sampler", "schedule", "guidance", "student", "runtime"):
+            if data[kind] is None:
+                data[kind] = getattr(default, kind)
+        return Strategy.model_validate(data)
+
+    def to_json(self) -> str:
+        return json.dumps(self.model_dump(exclude_none=True), sort_keys=True)
+
+    @classmethod
+    def parse(cls, data: str | dict[str, Any] | Strategy | None) -> Strategy:
+        """Parse a Strategy from a JSON string, a dict, or pass one through; errors name the field."""
+        if isinstance(data, Strategy):
+            return data
+        if data is None:
+            return cls()
+        if isinstance(data, str):
+            try:
+                data = json.loads(data)
+            except json.JSONDecodeError as exc:
+                raise InvalidRequestError("strategy", f"is not valid JSON: {exc}") from None
+        if not isinstance(data, dict):
+            raise InvalidRequestError("strategy", "must be a JSON object with keys among", list(cls.model_fields))
+        try:
+            return cls.model_validate(data)
+        except pydantic.ValidationError as exc:
+            raise validation_error_to_request_error(exc, prefix="strategy", model=cls) from None
+
+
+class RequestLimits(BaseModel):
+    """Configured bounds every request is checked against (the server tightens these)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    max_width: int = 2048
+    max_height: int = 2048
+    max_pixels: int = 2048 * 2048
+    max_steps: int = 1000
+    max_images: int = 64
+    max_prompts: int = 256
+    max_prompt_chars: int = 2000
+    max_init_image_bytes: int = 32 * 1024 * 1024
+
+
+DEFAULT_LIMITS = RequestLimits()
+
+
+def _limits(info: ValidationInfo) -> RequestLimits:
+    context = info.context or {}
+    return context.get("limits", DEFAULT_LIMITS)
+
+
+class GenerationRequest(BaseModel):
+    """One generation: prompts x n images, txt2img, or img2img when ``init_image`` is given.
+
+    Image k (over prompts, then n per prompt) uses seed ``seed + k``, so a batch gives the same
+    images as single calls with those seeds.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
+
+    model: str = "shapes"
+    prompt: str | list[str]
+    negative_prompt: str | None = None
+    n: Annotated[int, Field(ge=1, description="images per prompt")] = 1
+    seed: Annotated[int, Field(ge=0, lt=2**63)] | None = None
+    width: int | None = None
+    height: int | None = None
+    steps: int | None = None
+    strategy: Strategy = Field(default_factory=Strategy)
+    init_image: Image.Image | None = None
+    strength: Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)] = 0.8
+    preview_every: Annotated[int, Field(ge=0)] = 0
+
+    @field_validator("prompt")
+    @classmethod
+    def _check_prompt(cls, value: str | list[str], info: ValidationInfo) -> str | list[str]:
+        limits = _limits(info)
+        prompts = [value] if isinstance(value, str) else value
+        if not prompts:
+            raise ValueError("must contain at least one prompt")
+        if len(prompts) > limits.max_prompts:
+            raise ValueError(f"has {len(prompts)} prompts; at most {limits.max_prompts} allowed")
+        for text in prompts:
+            if len(text) > limits.max_prompt_chars:
+                raise ValueError(f"is {len(text)} characters long; at most {limits.max_prompt_chars} allowed")
+        return value
+
+    @field_validator("negative_prompt")
+    @classmethod
+    def _check_negative_prompt(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is not None and len(value) > _limits(info).max_prompt_chars:
+            raise ValueError(f"is too long; at most {_limits(info).max_prompt_chars} characters allowed")
+        return value
+
+    @field_validator("width", "height")
+    @classmethod
+    def _check_size(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value is None:
+            return None
+        limit = _limits(info).max_width if info.field_name == "width" else _limits(info).max_height
+        if value < 8 or value > limit or value % 8:
+            raise ValueError(f"must be a multiple of 8 between 8 and {limit}, got {value}")
+        return value
+
+    @field_validator("steps")
+    @classmethod
+    def _check_steps(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value is not None and not 1 <= value <= _limits(info).max_steps:
+            raise ValueError(f"must be between 1 and {_limits(info).max_steps}, got {value}")
+        return value
+
+    @field_validator("strategy", mode="before")
+    @classmethod
+    def _parse_strategy(cls, value: Any) -> Strategy:
+        return Strategy.parse(value)
+
+    @field_validator("init_image", mode="before")
+    @classmethod
+    def _load_init_image(cls, value: Any, info: ValidationInfo) -> Image.Image | None:
+        if value is None or isinstance(value, Image.Image):
+            return value.convert("RGB") if isinstance(value, Image.Image) else None
+        max_bytes = _limits(info).max_init_image_bytes
+        try:
+            if isinstance(value, bytes | bytearray):
+                if len(value) > max_bytes:
+                    raise ValueError(f"is {len(value)} bytes; at most {max_bytes} allowed")
+                image = Image.open(io.BytesIO(value))
+            elif isinstance(value, str | Path):
+                path = Path(value)
+                if not path.is_file():
+                    raise ValueError(f"file {str(path)!r} does not exist")
+                if path.stat().st_size > max_bytes:
+                    raise ValueError(f"file is {path.stat().st_size} bytes; at most {max_bytes} allowed")
+                image = Image.open(path)
+            else:
+                raise ValueError("must be a PIL image, image bytes or a path to an image file")
+            image.load()
+        except (UnidentifiedImageError, OSError) as exc:
+            raise ValueError(f"cannot be read as an image ({exc.__class__.__name__})") from None
+        return image.convert("RGB")
+
+    @model_validator(mode="after")
+    def _check_totals(self, info: ValidationInfo) -> GenerationRequest:
+        limits = _limits(info)
+        total = len(self.prompts) * self.n
+        if total > limits.max_images:
+            raise ValueError(f"n: {len(self.prompts)} prompt(s) x n={self.n} = {total} images; "
+                             f"at most {limits.max_images} per request")
+        if self.width and self.height and self.width * self.height > limits.max_pixels:
+            raise ValueError(f"width: width x height = {self.width * self.height} pixels; at most {limits.max_pixels}")
+        return self
+
+    @property
+    def prompts(self) -> list[str]:
+        return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
+
+    @property
+    def num_images(self) -> int:
+        return len(self.prompts) * self.n
+
+    @classmethod
+    def create(cls, limits: RequestLimits | None = None, **fields: Any) -> GenerationRequest:
+        """Validate keyword fields into a request; raises InvalidRequestError naming the field."""
+        return cls.from_dict(fields, limits)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], limits: RequestLimits | None = None) -> GenerationRequest:
+        try:
+            return cls.model_validate(data, context={"limits": limits or DEFAULT_LIMITS})
+        except InvalidRequestError:
+            raise
+        except pydantic.ValidationError as exc:
+            error = validation_error_to_request_error(exc, model=cls)
+            if error.field == "request":
+                # model-level checks start with the field they are about: "n: ...", "width: ..."
+                field, _, rest = error.message.partition(": ")
+                if field in cls.model_fields and rest:
+                    raise InvalidRequestError(field, rest) from None
+            raise error from None
+
+def guidance_scale_strategy(scale: float) -> dict[str, Any]:
+    """Shorthand used by the CLI (and later the server): plain CFG with this scale."""
+    if not isinstance(scale, int | float) or math.isnan(scale) or scale < 0:
+        raise InvalidRequestError("guidance_scale", f"must be a number >= 0, got {scale!r}")
+    return {"name": "cfg", "scale": float(scale)}

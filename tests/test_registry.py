@@ -1,0 +1,110 @@
+"""Component registry: config = constructor arguments, JSON Schema, clear errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from accel_diffusion.errors import InvalidRequestError, UnknownComponentError
+from accel_diffusion.registry import ComponentRegistry, get_registry
+
+
+def test_builtin_components_registered() -> None:
+    registry = get_registry()
+    assert registry.names("sampler") == ["ddim", "deis", "dpmpp_2m", "euler", "lcm", "unipc"]
+    assert registry.names("schedule") == ["default", "karras", "timesteps"]
+    assert registry.names("guidance") == ["cfg", "none"]
+    assert registry.names("student") == [] and registry.names("runtime") == []
+
+
+def test_normalize_fills_defaults_and_round_trips_json() -> None:
+    registry = get_registry()
+    for info in registry.all():
+        params = {p["name"]: p["default"] for p in info.parameters() if not p["required"]}
+        if info.name == "timesteps":
+            params["timesteps"] = [999, 500, 1]
+        spec = registry.normalize(info.kind, {"name": info.name, **params})
+        assert spec == registry.normalize(info.kind, json.loads(json.dumps(spec)))
+        assert registry.normalize(info.kind, spec) == spec
+        built = registry.build(info.kind, spec)
+        for key, value in spec.items():
+            if key != "name":
+                assert getattr(built, key) == value, (info.name, key)
+
+
+def test_string_shorthand_and_json_schema() -> None:
+    registry = get_registry()
+    assert registry.normalize("sampler", "ddim") == {"name": "ddim", "eta": 0.0}
+    schema = registry.info("guidance", "cfg").json_schema()
+    assert schema["title"] == "guidance:cfg"
+    assert schema["properties"]["scale"]["minimum"] == 0.0
+    assert schema["properties"]["scale"]["default"] == 7.5
+    assert schema["additionalProperties"] is False
+    order = registry.info("sampler", "dpmpp_2m").json_schema()["properties"]["order"]
+    assert order["enum"] == [1, 2, 3]
+
+
+def test_unknown_name_lists_choices() -> None:
+    with pytest.raises(UnknownComponentError) as err:
+        get_registry().normalize("sampler", {"name": "dpm++"})
+    assert err.value.field == "strategy.sampler.name"
+    assert "'ddim'" in err.value.allowed and "'unipc'" in err.value.allowed
+
+
+def test_unknown_parameter_lists_valid_parameters() -> None:
+    with pytest.raises(InvalidRequestError) as err:
+        get_registry().normalize("sampler", {"name": "dpmpp_2m", "orderr": 2})
+    assert err.value.field == "strategy.sampler.orderr"
+    assert err.value.allowed == "order, lower_order_final, final_sigmas_type"
+
+
+@pytest.mark.parametrize(
+    ("spec", "field", "allowed"),
+    [
+        ({"name": "cfg", "scale": -1}, "strategy.guidance.scale", ">= 0.0 and <= 100.0"),
+        ({"name": "cfg", "scale": float("nan")}, "strategy.guidance.scale", None),
+        ({"name": "cfg", "scale": "high"}, "strategy.guidance.scale", None),
+    ],
+)
+def test_bad_parameter_values_name_the_field(spec: dict, field: str, allowed: str | None) -> None:
+    with pytest.raises(InvalidRequestError) as err:
+        get_registry().normalize("guidance", spec)
+    assert err.value.field == field
+    if allowed:
+        assert allowed in str(err.value)
+
+
+def test_literal_choices_are_listed() -> None:
+    with pytest.raises(InvalidRequestError) as err:
+        get_registry().normalize("sampler", {"name": "dpmpp_2m", "order": 5})
+    assert err.value.field == "strategy.sampler.order"
+    assert "1, 2 or 3" in str(err.value)
+
+
+def test_explicit_timesteps_must_decrease() -> None:
+    with pytest.raises(InvalidRequestError) as err:
+        get_registry().normalize("schedule", {"name": "timesteps", "timesteps": [10, 500]})
+    assert err.value.field == "strategy.schedule.timesteps"
+    assert "strictly decreasing" in err.value.message
+
+
+def test_component_without_typed_args_is_rejected() -> None:
+    registry = ComponentRegistry()
+
+    class Bad:
+        def __init__(self, *args: int) -> None: ...
+
+    with pytest.raises(TypeError):
+        registry.register("sampler", "bad")(Bad)
+
+    class Good:
+        """A test component."""
+
+        def __init__(self, k: int = 3) -> None:
+            self.k = k
+
+    registry.register("sampler", "good")(Good)
+    assert registry.build("sampler", {"name": "good", "k": 4}).k == 4
+    with pytest.raises(ValueError, match="already registered"):
+        registry.register("sampler", "good")(Good)

@@ -1,0 +1,91 @@
+"""Strategy and GenerationRequest: validation at the edge, with the field and range named."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from accel_diffusion.errors import InvalidRequestError, UnknownComponentError
+from accel_diffusion.strategy import GenerationRequest, RequestLimits, Strategy
+
+
+def test_strategy_json_round_trip_and_resolution() -> None:
+    strategy = Strategy.parse('{"sampler": {"name": "ddim", "eta": 0.5}}')
+    assert strategy.sampler == {"name": "ddim", "eta": 0.5}
+    assert Strategy.parse(strategy.to_json()) == strategy
+    default = Strategy.parse({"sampler": "dpmpp_2m", "schedule": "default", "guidance": {"name": "cfg", "scale": 5}})
+    resolved = strategy.resolved_over(default)
+    assert resolved.sampler == {"name": "ddim", "eta": 0.5}
+    assert resolved.guidance == {"name": "cfg", "scale": 5.0, "rescale": 0.0}
+    assert resolved.schedule == {"name": "default", "spacing": "model"}
+
+
+def test_strategy_rejects_unknown_kind_and_bad_json() -> None:
+    with pytest.raises(InvalidRequestError) as err:
+        Strategy.parse({"samplr": "ddim"})
+    assert err.value.field == "strategy.samplr"
+    with pytest.raises(InvalidRequestError) as err:
+        Strategy.parse("{not json")
+    assert err.value.field == "strategy"
+    with pytest.raises(UnknownComponentError) as err:
+        Strategy.parse({"student": {"name": "fdistill"}})
+    assert "no student components" in err.value.message
+
+
+@pytest.mark.parametrize(
+    ("fields", "field", "fragment"),
+    [
+        ({"width": 33}, "width", "multiple of 8 between 8 and 2048"),
+        ({"height": 4096}, "height", "multiple of 8 between 8 and 2048"),
+        ({"steps": 0}, "steps", "between 1 and 1000"),
+        ({"steps": 1001}, "steps", "between 1 and 1000"),
+        ({"n": 0}, "n", "greater than or equal to 1"),
+        ({"n": 65}, "n", "at most 64"),
+        ({"strength": 1.5}, "strength", "<= 1.0"),
+        ({"strength": -0.1}, "strength", ">= 0.0"),
+        ({"strength": float("nan")}, "strength", "finite"),
+        ({"seed": -1}, "seed", ">= 0"),
+        ({"prompt": []}, "prompt", "at least one prompt"),
+        ({"prompt": "x" * 3000}, "prompt", "at most 2000"),
+        ({"init_image": "/nonexistent/image.png"}, "init_image", "does not exist"),
+        ({"init_image": b"not an image"}, "init_image", "cannot be read as an image"),
+        ({"strategy": {"guidance": {"name": "cfg", "scale": float("nan")}}}, "strategy.guidance.scale", "finite"),
+        ({"strategy": {"guidance": {"name": "cfg", "scale": -2}}}, "strategy.guidance.scale", ">= 0.0"),
+        ({"bogus": 1}, "bogus", "unknown field"),
+    ],
+)
+def test_bad_requests_name_field_and_range(fields: dict, field: str, fragment: str) -> None:
+    data = {"prompt": "a red circle on a blue background", **fields}
+    with pytest.raises(InvalidRequestError) as err:
+        GenerationRequest.from_dict(data)
+    assert err.value.field == field
+    assert fragment in str(err.value)
+
+
+def test_limits_are_configurable() -> None:
+    limits = RequestLimits(max_width=64, max_steps=50, max_images=4)
+    with pytest.raises(InvalidRequestError, match="between 8 and 64"):
+        GenerationRequest.create(limits, prompt="a", width=128)
+    with pytest.raises(InvalidRequestError, match="between 1 and 50"):
+        GenerationRequest.create(limits, prompt="a", steps=60)
+    with pytest.raises(InvalidRequestError, match="at most 4"):
+        GenerationRequest.create(limits, prompt=["a", "b", "c"], n=2)
+    assert GenerationRequest.create(limits, prompt=["a", "b"], n=2).num_images == 4
+
+
+def test_init_image_from_bytes_path_and_pil(tmp_path: Path) -> None:
+    array = (np.arange(16 * 16 * 3) % 256).astype(np.uint8).reshape(16, 16, 3)
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    path = tmp_path / "init.png"
+    path.write_bytes(buffer.getvalue())
+    for source in (buffer.getvalue(), path, str(path), Image.fromarray(array).convert("RGBA")):
+        request = GenerationRequest.create(prompt="a", init_image=source)
+        assert np.array_equal(np.asarray(request.init_image), array)
+    limits = RequestLimits(max_init_image_bytes=10)
+    with pytest.raises(InvalidRequestError, match="at most 10 allowed"):
+        GenerationRequest.create(limits, prompt="a", init_image=buffer.getvalue())
