@@ -1,0 +1,279 @@
+"""Engine vs diffusers pipelines, side by side in one run: time ratio, pixel parity, NFE, peak memory.
+
+CPU (always): the built-in `shapes` model, 25 DPM-Solver++ steps, CFG 5, batch 1 and 4, txt2img and
+img2img (strength 0.6), the same seeds for both; calls are interleaved (ours, theirs, ours, ...) so
+both see the same machine state, and the median of the repeats is reported.
+CUDA (when a GPU is present): a randomly initialised SD-1.5-sized UNet (+ tiny text encoder and
+full-size VAE config) at 512x512 in fp16, torch SDPA vs xformers attention, images/s.
+
+    python benchmarks/engine.py --out benchmarks/results/engine_cpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np
+import torch
+from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
+from PIL import Image
+from tqdm import tqdm
+
+from accel_diffusion.engine import generate
+from accel_diffusion.models.registry import ModelRegistry
+from accel_diffusion.registry import get_registry
+from accel_diffusion.strategy import GenerationRequest
+
+PROMPTS = [
+    "a red circle on a blue background",
+    "a yellow triangle on a black background",
+    "a white cross on a green background",
+    "a purple square on an orange background",
+]
+
+
+class PeakMemory:
+    """Peak resident memory (CPU, sampled every 0.5 ms from /proc) or peak allocated CUDA memory."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.peak = 0
+        self._stop = threading.Event()
+
+    @staticmethod
+    def rss() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def __enter__(self) -> PeakMemory:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.base = torch.cuda.memory_allocated(self.device)
+        else:
+            self.base = self.peak = self.rss()
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.rss())
+            time.sleep(0.0005)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak = torch.cuda.max_memory_allocated(self.device)
+        else:
+            self._stop.set()
+            self._thread.join()
+
+    @property
+    def delta_mb(self) -> float:
+        return (self.peak - self.base) / 2**20
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _init_image() -> Image.Image:
+    yy, xx = np.mgrid[0:32, 0:32]
+    circle = ((xx - 16) ** 2 + (yy - 16) ** 2 < 64)[..., None]
+    return Image.fromarray(np.where(circle, [200, 40, 40], [40, 40, 200]).astype(np.uint8))
+
+
+def compare(model: Any, directory: str, batch: int, mode: str, steps: int, scale: float, repeats: int) -> dict:
+    """Time ours vs diffusers on identical inputs; returns medians, ratio, parity, NFE, memory."""
+    sampler = {"name": "dpmpp_2m"}
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(batch)]
+    seeds = list(range(batch))
+    init = _init_image() if mode == "img2img" else None
+    request = GenerationRequest.create(
+        model=model.model_id, prompt=prompts, seed=0, steps=steps, init_image=init, strength=0.6,
+        strategy={"sampler": sampler, "guidance": {"name": "cfg", "scale": scale}},
+    )
+    cls = StableDiffusionImg2ImgPipeline if mode == "img2img" else StableDiffusionPipeline
+    reference = cls.from_pretrained(directory, local_files_only=True, dtype=model.dtype).to(model.device)
+    reference.set_progress_bar_config(disable=True)
+    reference.scheduler = get_registry().build("sampler", sampler).make_scheduler(model.scheduler_config, {})
+    size = model.default_size
+
+    def ours() -> tuple[np.ndarray, int]:
+        result = generate(model, request)
+        return result.images, result.nfe
+
+    def theirs() -> np.ndarray:
+        generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+        kwargs = {"image": init, "strength": 0.6} if init is not None else {"height": size[1], "width": size[0]}
+        return reference(prompts, num_inference_steps=steps, guidance_scale=scale, generator=generators,
+                         output_type="np", **kwargs).images
+
+    # Count diffusers' UNet calls (batched, x2 rows for CFG) the same way we count ours.
+    rows = []
+    hook = reference.unet.register_forward_hook(lambda m, a, o: rows.append(a[0].shape[0]))
+    ours_images, nfe = ours()
+    theirs_images = theirs()
+    hook.remove()
+    theirs_nfe = sum(rows) // batch
+    for _ in range(2):  # warm-up
+        ours()
+        theirs()
+    times_ours, times_theirs = [], []
+    with PeakMemory(model.device) as mem_ours:
+        ours()
+    with PeakMemory(model.device) as mem_theirs:
+        theirs()
+    for _ in range(repeats):
+        for fn, bucket in ((ours, times_ours), (theirs, times_theirs)):
+            _sync(model.device)
+            start = time.perf_counter()
+            fn()
+            _sync(model.device)
+            bucket.append(time.perf_counter() - start)
+    t_ours, t_theirs = statistics.median(times_ours), statistics.median(times_theirs)
+    return {
+        "mode": mode,
+        "batch": batch,
+        "steps": steps,
+        "guidance_scale": scale,
+        "engine_s": t_ours,
+        "diffusers_s": t_theirs,
+        "time_ratio": t_ours / t_theirs,
+        "saved_ms_per_call": (t_theirs - t_ours) * 1000,
+        "images_per_s_engine": batch / t_ours,
+        "images_per_s_diffusers": batch / t_theirs,
+        "max_abs_pixel_diff": float(np.abs(ours_images - theirs_images).max()),
+        "nfe_engine": nfe,
+        "nfe_diffusers": theirs_nfe,
+        "peak_mem_delta_mb_engine": mem_ours.delta_mb,
+        "peak_mem_delta_mb_diffusers": mem_theirs.delta_mb,
+        "repeats": repeats,
+        "engine_s_all": times_ours,
+        "diffusers_s_all": times_theirs,
+    }
+
+
+def cuda_attention_benchmark(repeats: int) -> list[dict]:
+    """SD-1.5-sized random UNet at 512x512, fp16: SDPA vs xformers (when installed), images/s."""
+    import tempfile
+
+    from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from accel_diffusion.models.loading import load_pipeline
+    from accel_diffusion.models.registry import ModelSpec
+    from accel_diffusion.models.shapes.tokenizer import build_tokenizer
+
+    tokenizer = build_tokenizer()
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(  # SD 1.5's UNet config (860M parameters), random weights
+        sample_size=64, cross_attention_dim=768, attention_head_dim=8, block_out_channels=(320, 640, 1280, 1280),
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, layers_per_block=2,
+    )
+    vae = AutoencoderKL(  # SD's VAE config
+        block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, layers_per_block=2, sample_size=512,
+    )
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=768, intermediate_size=3072, num_hidden_layers=2,
+        num_attention_heads=12, max_position_embeddings=tokenizer.model_max_length,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    ))
+    scheduler = DPMSolverMultistepScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                                            steps_offset=1)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        pipe.save_pretrained(tmp)
+        for attention in ("sdpa", "xformers"):
+            spec = ModelSpec(id="sd15-random", source="local", path=tmp, device="cuda", dtype="float16",
+                             attention=attention, default_steps=25,
+                             default_strategy={"sampler": "dpmpp_2m", "schedule": "default",
+                                               "guidance": {"name": "cfg", "scale": 7.5}})
+            model = load_pipeline(spec)
+            if attention == "xformers" and model.attention_backend != "xformers":
+                rows.append({"attention": "xformers", "skipped": "xformers not installed"})
+                continue
+            for batch in (1, 4):
+                request = GenerationRequest.create(model="sd15-random", prompt=["a photo"] * batch, seed=0,
+                                                   steps=25, width=512, height=512)
+                generate(model, request)
+                times = []
+                for _ in range(repeats):
+                    torch.cuda.synchronize()
+                    start = time.perf_counter()
+                    generate(model, request)
+                    torch.cuda.synchronize()
+                    times.append(time.perf_counter() - start)
+                with PeakMemory(model.device) as mem:
+                    generate(model, request)
+                t = statistics.median(times)
+                rows.append({"attention": model.attention_backend, "batch": batch, "seconds": t,
+                             "images_per_s": batch / t, "peak_cuda_mem_gb": mem.peak / 2**30})
+            del model
+            torch.cuda.empty_cache()
+    return rows
+
+
+def machine() -> dict[str, Any]:
+    info = {
+        "platform": platform.platform(),
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+    }
+    try:
+        info["cpu"] = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if "model name" in line)
+    except (OSError, StopIteration):
+        pass
+    import diffusers
+
+    info["diffusers"] = diffusers.__version__
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", default="benchmarks/results/engine_cpu.json")
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--steps", type=int, default=25)
+    args = parser.parse_args()
+    registry = ModelRegistry.default()
+    model = registry.get("shapes")
+    directory = model.spec.location()
+    rows = []
+    configs = [(b, m) for m in ("txt2img", "img2img") for b in (1, 4)]
+    for batch, mode in tqdm(configs, desc="engine vs diffusers"):
+        rows.append(compare(model, directory, batch, mode, args.steps, 5.0, args.repeats))
+    result = {"benchmark": "engine", "model": "shapes", "machine": machine(), "cpu": rows}
+    if torch.cuda.is_available():
+        result["cuda"] = cuda_attention_benchmark(max(3, args.repeats // 2))
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    for row in rows:
+        print(f"{row['mode']:8s} batch {row['batch']}: engine {row['engine_s'] * 1000:7.1f} ms, "
+              f"diffusers {row['diffusers_s'] * 1000:7.1f} ms, ratio {row['time_ratio']:.3f}, "
+              f"max|diff| {row['max_abs_pixel_diff']:.2e}, NFE {row['nfe_engine']}/{row['nfe_diffusers']}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,109 @@
+"""The accel-diffusion command: generate writes images + results.json, bad input writes nothing."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from accel_diffusion.cli import main
+
+
+@pytest.fixture()
+def runner() -> CliRunner:
+    return CliRunner()
+
+
+def test_generate_writes_images_and_results(runner: CliRunner, tiny_models_file: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    result = runner.invoke(main, [
+        "--models", str(tiny_models_file), "generate", "--model", "tiny", "-p", "a red circle on a blue background",
+        "-p", "a cross", "-n", "2", "--seed", "5", "--steps", "3", "--out", str(out), "--batch-size", "3",
+        "--sampler", '{"name": "ddim", "eta": 0.0}', "--guidance-scale", "4",
+    ])
+    assert result.exit_code == 0, result.output
+    files = sorted(p.name for p in out.iterdir())
+    assert files == ["0000_seed5.png", "0001_seed6.png", "0002_seed7.png", "0003_seed8.png", "results.json"]
+    summary = json.loads((out / "results.json").read_text())
+    assert [r["seed"] for r in summary["images"]] == [5, 6, 7, 8]
+    assert [r["prompt"] for r in summary["images"]][1:3] == ["a red circle on a blue background", "a cross"]
+    run = summary["runs"][0]
+    assert run["strategy"]["guidance"] == {"name": "cfg", "scale": 4.0, "rescale": 0.0}
+    assert run["strategy"]["sampler"] == {"name": "ddim", "eta": 0.0}
+    assert run["nfe"] == 6 and run["steps"] == 3
+    assert Image.open(out / "0000_seed5.png").size == (32, 32)
+
+
+def test_generate_img2img_and_strategy_file(runner: CliRunner, tiny_models_file: Path, tmp_path: Path) -> None:
+    init = tmp_path / "init.png"
+    Image.fromarray(np.full((32, 32, 3), 128, np.uint8)).save(init)
+    strategy = tmp_path / "s.json"
+    strategy.write_text(json.dumps({"sampler": {"name": "dpmpp_2m"}, "guidance": {"name": "none"}}))
+    out = tmp_path / "out"
+    result = runner.invoke(main, [
+        "--models", str(tiny_models_file), "generate", "--model", "tiny", "-p", "a cross", "--seed", "1",
+        "--steps", "4", "--strategy", str(strategy), "--init-image", str(init), "--strength", "0.5", "--out", str(out),
+    ])
+    assert result.exit_code == 0, result.output
+    run = json.loads((out / "results.json").read_text())["runs"][0]
+    assert run["mode"] == "img2img" and run["steps"] == 2 and run["nfe"] == 2
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--width", "30"], "width: must be a multiple of 8"),
+        (["--steps", "0"], "steps: must be between 1 and 1000"),
+        (["--steps", "1001"], "steps: must be between 1 and 1000"),
+        (["-n", "0"], "n: must be at least 1, got 0"),
+        (["--guidance-scale", "nan"], "guidance_scale: must be a number >= 0"),
+        (["--guidance-scale", "-1"], "guidance_scale: must be a number >= 0"),
+        (["--strength", "2"], "strength: Input should be less than or equal to 1"),
+        (["--init-image", "/nonexistent.png"], "init_image: file '/nonexistent.png' does not exist"),
+        (["--sampler", "dpm"], "strategy.sampler.name: unknown sampler 'dpm'"),
+        (["--sampler", '{"name": "ddim", "etta": 1}'], "strategy.sampler.etta: unknown parameter"),
+        (["--model", "nope"], "model: unknown model 'nope'"),
+        (["--schedule", "karras"], "schedule 'karras' cannot be used with sampler 'ddim'"),
+    ],
+)
+def test_bad_input_is_one_clear_line_and_writes_nothing(
+    runner: CliRunner, tiny_models_file: Path, tmp_path: Path, args: list[str], message: str
+) -> None:
+    out = tmp_path / "out"
+    result = runner.invoke(main, ["--models", str(tiny_models_file), "generate", "--model", "tiny", "-p", "a cross",
+                                  "--steps", "2", "--out", str(out), *args])
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+    assert "Traceback" not in result.output
+    assert not out.exists()
+
+
+def test_unreadable_init_image(runner: CliRunner, tiny_models_file: Path, tmp_path: Path) -> None:
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"this is not a png")
+    out = tmp_path / "out"
+    result = runner.invoke(main, ["--models", str(tiny_models_file), "generate", "--model", "tiny", "-p", "a",
+                                  "--init-image", str(bad), "--out", str(out)])
+    assert result.exit_code == 2 and "init_image: cannot be read as an image" in result.output
+    assert not out.exists()
+
+
+def test_strategies_lists_components_with_parameters(runner: CliRunner) -> None:
+    result = runner.invoke(main, ["strategies"])
+    assert result.exit_code == 0
+    for fragment in ("sampler:", "  ddim — DDIM", "eta: float (default 0.0; minimum 0.0, maximum 1.0)",
+                     "guidance:", "  cfg — CFG", "scale: float (default 7.5", "schedule:", "timesteps: "):
+        assert fragment in result.output, fragment
+    schemas = json.loads(runner.invoke(main, ["strategies", "--json"]).output)
+    assert schemas["sampler:dpmpp_2m"]["properties"]["order"]["enum"] == [1, 2, 3]
+
+
+def test_models_lists_registry(runner: CliRunner, tiny_models_file: Path) -> None:
+    result = runner.invoke(main, ["models"])
+    assert result.exit_code == 0 and "shapes  (builtin:" in result.output and "gmm  (builtin:" in result.output
+    rows = json.loads(runner.invoke(main, ["--models", str(tiny_models_file), "models", "--json"]).output)
+    assert rows[0]["id"] == "tiny" and rows[0]["available"] is True
