@@ -101,8 +101,10 @@ def generate(ctx: click.Context, model: str, prompts: tuple[str, ...], prompts_f
         all_prompts += [line.strip() for line in Path(prompts_file).read_text().splitlines() if line.strip()]
     if not all_prompts:
         raise InvalidRequestError("prompt", "give at least one --prompt or a --prompts-file")
+    if n < 1:
+        raise InvalidRequestError("n", f"must be at least 1, got {n}", ">= 1")
     if batch_size < 1:
-        raise InvalidRequestError("batch_size", "must be >= 1")
+        raise InvalidRequestError("batch_size", f"must be at least 1, got {batch_size}", ">= 1")
     strategy_data = _json_arg(strategy, "strategy") or {}
     if isinstance(strategy_data, str):
         raise InvalidRequestError("strategy", "must be a JSON object")
@@ -262,7 +264,7 @@ def eval_command(ctx: click.Context, model: str, steps: int | None, strategy: st
                  guidance_scale: float | None, seed: int, repeats: int, batch_size: int, out_file: str | None) -> None:
     """Measure a model on `shapes` prompts: prompt accuracy, Fréchet distance, saturation, NFE, time."""
     from accel_diffusion.engine import Engine
-    from accel_diffusion.eval.shapes_benchmark import evaluate_shapes
+    from accel_diffusion.eval.shapes_eval import evaluate_shapes
     from accel_diffusion.strategy import Strategy, guidance_scale_strategy
 
     strategy_data = _json_arg(strategy, "strategy") or {}

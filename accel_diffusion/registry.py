@@ -72,7 +72,7 @@ class ComponentInfo:
                     "type": _type_label(field.annotation),
                     "default": None if field.is_required() else field.get_default(),
                     "required": field.is_required(),
-                    "constraints": {k: v for k, v in prop.items() if k in _CONSTRAINT_KEYS},
+                    "constraints": {k: prop[k] for k in _CONSTRAINT_KEYS if k in prop},
                     "description": field.description or "",
                 }
             )
