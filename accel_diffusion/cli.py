@@ -222,30 +222,23 @@ def strategies(kind: str | None, as_json: bool) -> None:
             click.echo(f"      {p['name']}: {p['type']} ({default}{'; ' + limits if limits else ''})")
 
 
-@main.group()
-def train() -> None:
-    """Train the built-in models."""
+# what `accel-diffusion train TARGET` runs: (module, training function)
+TRAINERS = {
+    "shapes": ("accel_diffusion.models.shapes.train", "train_shapes"),
+    "judge": ("accel_diffusion.eval.shapes_judge", "train_judge"),
+}
 
 
-@train.command("shapes")
+@main.command()
+@click.argument("target", type=click.Choice(sorted(TRAINERS)))
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), required=True)
 @click.option("--seed", type=int, default=0, show_default=True)
-def train_shapes_command(out_dir: str, seed: int) -> None:
-    """Train the `shapes` text-to-image model from scratch into OUT (a StableDiffusionPipeline dir)."""
-    from accel_diffusion.models.shapes.train import train_shapes
+def train(target: str, out_dir: str, seed: int) -> None:
+    """Train a built-in model from scratch into OUT: `shapes` (the text-to-image model) or `judge`."""
+    import importlib
 
-    info = train_shapes(out_dir, seed=seed)
-    click.echo(json.dumps(info, indent=2, default=str))
-
-
-@train.command("judge")
-@click.option("--out", "out_dir", type=click.Path(file_okay=False), required=True)
-@click.option("--seed", type=int, default=0, show_default=True)
-def train_judge_command(out_dir: str, seed: int) -> None:
-    """Train the shapes judge classifier (the prompt-accuracy measuring stick) into OUT."""
-    from accel_diffusion.eval.shapes_judge import train_judge
-
-    info = train_judge(out_dir, seed=seed)
+    module, function = TRAINERS[target]
+    info = getattr(importlib.import_module(module), function)(out_dir, seed=seed)
     click.echo(json.dumps(info, indent=2, default=str))
 
 
