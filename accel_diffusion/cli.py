@@ -257,7 +257,11 @@ def eval_command(ctx: click.Context, model: str, steps: int | None, strategy: st
                  guidance_scale: float | None, seed: int, repeats: int, batch_size: int, out_file: str | None) -> None:
     """Measure a model on `shapes` prompts: prompt accuracy, Fréchet distance, saturation, NFE, time."""
     from accel_diffusion.engine import Engine
-    from accel_diffusion.eval.shapes_eval import evaluate_shapes
+
+    try:
+        from accel_diffusion.eval.shapes_eval import evaluate_shapes
+    except ImportError as exc:
+        _fail(f"eval needs the 'eval' extra ({exc.name} is missing): pip install 'accel-diffusion[eval]'")
     from accel_diffusion.strategy import Strategy, guidance_scale_strategy
 
     strategy_data = _json_arg(strategy, "strategy") or {}

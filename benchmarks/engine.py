@@ -251,6 +251,37 @@ def machine() -> dict[str, Any]:
     return info
 
 
+def markdown(result: dict[str, Any]) -> str:
+    """The docs/benchmarks.md section for one result file."""
+    m = result["machine"]
+    lines = [
+        f"Machine: {m.get('cpu', '?')}, {m['cpu_count']} cores, torch {m['torch']} ({m['torch_threads']} threads), "
+        f"diffusers {m['diffusers']}, Python {m['python']}. Median of {result['cpu'][0]['repeats']} interleaved "
+        "repeats after 2 warm-ups; same seeds for both.",
+        "",
+        "| mode | batch | engine ms | diffusers ms | time ratio (target <= 1.0) | saved ms/call | max abs pixel diff "
+        "| NFE engine / diffusers | peak mem delta MB engine / diffusers |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in result["cpu"]:
+        lines.append(
+            f"| {r['mode']} | {r['batch']} | {r['engine_s'] * 1000:.1f} | {r['diffusers_s'] * 1000:.1f} "
+            f"| **{r['time_ratio']:.3f}** | {r['saved_ms_per_call']:.1f} | {r['max_abs_pixel_diff']:.1e} "
+            f"| {r['nfe_engine']} / {r['nfe_diffusers']} "
+            f"| {r['peak_mem_delta_mb_engine']:.1f} / {r['peak_mem_delta_mb_diffusers']:.1f} |"
+        )
+    if "cuda" in result:
+        lines += ["", f"CUDA ({m.get('gpu', '?')}), SD-1.5-sized random UNet, 512x512, fp16, 25 steps, CFG 7.5:", "",
+                  "| attention | batch | s/call | images/s | peak CUDA GB |", "|---|---|---|---|---|"]
+        for r in result["cuda"]:
+            if "skipped" in r:
+                lines.append(f"| {r['attention']} | - | - | - | skipped: {r['skipped']} |")
+            else:
+                lines.append(f"| {r['attention']} | {r['batch']} | {r['seconds']:.3f} | {r['images_per_s']:.2f} "
+                             f"| {r['peak_cuda_mem_gb']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="benchmarks/results/engine_cpu.json")
@@ -269,10 +300,7 @@ def main() -> None:
         result["cuda"] = cuda_attention_benchmark(max(3, args.repeats // 2))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    for row in rows:
-        print(f"{row['mode']:8s} batch {row['batch']}: engine {row['engine_s'] * 1000:7.1f} ms, "
-              f"diffusers {row['diffusers_s'] * 1000:7.1f} ms, ratio {row['time_ratio']:.3f}, "
-              f"max|diff| {row['max_abs_pixel_diff']:.2e}, NFE {row['nfe_engine']}/{row['nfe_diffusers']}")
+    print(markdown(result))
 
 
 if __name__ == "__main__":

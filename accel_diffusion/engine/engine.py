@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import random
 import time
 from dataclasses import dataclass, field
@@ -37,7 +38,7 @@ class GenerationResult:
     seeds: list[int]
     model: str
     strategy: Strategy
-    steps: int
+    steps: int  # denoising steps run (img2img: the last strength x steps of the schedule)
     width: int
     height: int
     nfe: int  # model evaluations per image; cond and uncond counted separately
@@ -155,6 +156,8 @@ def generate(model: LoadedPipeline, request: GenerationRequest, hooks: Generatio
             "model", f"{model.model_id!r} is a {model.family} model, not a text-to-image pipeline"
         )
     pipe = model.pipeline
+    if pipe.unet.config.time_cond_proj_dim is not None:
+        raise IncompatibleStrategyError("model", "guidance-embedding (LCM-distilled) UNets are not supported yet")
     prepared = prepare_strategy(model, request.strategy)
     width, height = _request_size(model, request)
     requested_steps = request.steps or model.spec.default_steps
@@ -163,6 +166,7 @@ def generate(model: LoadedPipeline, request: GenerationRequest, hooks: Generatio
     num_steps = prepared.schedule.num_steps(requested_steps)
     prepared.schedule.set_timesteps(scheduler, num_steps, model.device)
     timesteps = scheduler.timesteps
+    steps_run = num_steps
 
     prompts = [p for p in request.prompts for _ in range(request.n)]
     seeds = image_seeds(request.seed, len(prompts))
@@ -175,8 +179,6 @@ def generate(model: LoadedPipeline, request: GenerationRequest, hooks: Generatio
     conditioning = model.prompt_encoder.conditioning(
         prompts, request.negative_prompt, prepared.guidance.needs_uncond, time_ids
     )
-    if model.family == "sd" and pipe.unet.config.time_cond_proj_dim is not None:
-        raise IncompatibleStrategyError("model", "guidance-embedding (LCM-distilled) UNets are not supported yet")
 
     t_latents = time.perf_counter()
     unet, vae = pipe.unet, pipe.vae
@@ -187,10 +189,11 @@ def generate(model: LoadedPipeline, request: GenerationRequest, hooks: Generatio
     else:
         init_steps = min(int(num_steps * request.strength), num_steps)
         t_begin = max(num_steps - init_steps, 0)
+        steps_run = num_steps - t_begin
         timesteps = timesteps[t_begin * scheduler.order :]
         if hasattr(scheduler, "set_begin_index"):
             scheduler.set_begin_index(t_begin * scheduler.order)
-        if len(timesteps) == 0:
+        if steps_run == 0:
             raise InvalidRequestError(
                 "strength", f"{request.strength} x {num_steps} steps leaves no denoising step; raise strength or steps"
             )
@@ -229,7 +232,7 @@ def generate(model: LoadedPipeline, request: GenerationRequest, hooks: Generatio
         seeds=seeds,
         model=model.model_id,
         strategy=prepared.strategy,
-        steps=len(timesteps),
+        steps=steps_run,
         width=width,
         height=height,
         nfe=counters.nfe,
@@ -248,8 +251,6 @@ def generate(model: LoadedPipeline, request: GenerationRequest, hooks: Generatio
 
 
 def _step_kwargs(sampler: Sampler, scheduler: Any, generators: list[torch.Generator]) -> dict[str, Any]:
-    import inspect
-
     kwargs = dict(sampler.step_kwargs())
     if "generator" in inspect.signature(scheduler.step).parameters:
         kwargs["generator"] = generators
