@@ -17,7 +17,6 @@ import os
 import platform
 import statistics
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -44,44 +43,19 @@ PROMPTS = [
 
 
 class PeakMemory:
-    """Peak resident memory (CPU, sampled every 0.5 ms from /proc) or peak allocated CUDA memory."""
+    """Peak allocated CUDA memory during a block (CPU peaks are measured in fresh processes instead)."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self.peak = 0
-        self._stop = threading.Event()
-
-    @staticmethod
-    def rss() -> int:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
     def __enter__(self) -> PeakMemory:
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self.base = torch.cuda.memory_allocated(self.device)
-        else:
-            self.base = self.peak = self.rss()
-            self._thread = threading.Thread(target=self._sample, daemon=True)
-            self._thread.start()
+        torch.cuda.reset_peak_memory_stats(self.device)
         return self
 
-    def _sample(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self.rss())
-            time.sleep(0.0005)
-
     def __exit__(self, *exc: object) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            self.peak = torch.cuda.max_memory_allocated(self.device)
-        else:
-            self._stop.set()
-            self._thread.join()
-
-    @property
-    def delta_mb(self) -> float:
-        return (self.peak - self.base) / 2**20
+        torch.cuda.synchronize(self.device)
+        self.peak = torch.cuda.max_memory_allocated(self.device)
 
 
 def _sync(device: torch.device) -> None:
@@ -132,10 +106,6 @@ def compare(model: Any, directory: str, batch: int, mode: str, steps: int, scale
         ours()
         theirs()
     times_ours, times_theirs = [], []
-    with PeakMemory(model.device) as mem_ours:
-        ours()
-    with PeakMemory(model.device) as mem_theirs:
-        theirs()
     for _ in range(repeats):
         for fn, bucket in ((ours, times_ours), (theirs, times_theirs)):
             _sync(model.device)
@@ -144,6 +114,8 @@ def compare(model: Any, directory: str, batch: int, mode: str, steps: int, scale
             _sync(model.device)
             bucket.append(time.perf_counter() - start)
     t_ours, t_theirs = statistics.median(times_ours), statistics.median(times_theirs)
+    # Each (ours, theirs) pair ran back to back, so their ratio cancels the machine's slow drift.
+    paired_ratio = statistics.median(a / b for a, b in zip(times_ours, times_theirs))
     return {
         "mode": mode,
         "batch": batch,
@@ -151,19 +123,54 @@ def compare(model: Any, directory: str, batch: int, mode: str, steps: int, scale
         "guidance_scale": scale,
         "engine_s": t_ours,
         "diffusers_s": t_theirs,
-        "time_ratio": t_ours / t_theirs,
+        "time_ratio": paired_ratio,
+        "ratio_of_medians": t_ours / t_theirs,
+        "ratio_of_minimums": min(times_ours) / min(times_theirs),
         "saved_ms_per_call": (t_theirs - t_ours) * 1000,
         "images_per_s_engine": batch / t_ours,
         "images_per_s_diffusers": batch / t_theirs,
         "max_abs_pixel_diff": float(np.abs(ours_images - theirs_images).max()),
         "nfe_engine": nfe,
         "nfe_diffusers": theirs_nfe,
-        "peak_mem_delta_mb_engine": mem_ours.delta_mb,
-        "peak_mem_delta_mb_diffusers": mem_theirs.delta_mb,
+        "peak_rss_mb_engine": peak_rss_of_fresh_process("engine", mode, batch, steps),
+        "peak_rss_mb_diffusers": peak_rss_of_fresh_process("diffusers", mode, batch, steps),
         "repeats": repeats,
         "engine_s_all": times_ours,
         "diffusers_s_all": times_theirs,
     }
+
+
+def peak_rss_of_fresh_process(runner: str, mode: str, batch: int, steps: int) -> float:
+    """Peak resident memory (MB) of a new process that loads `shapes` and makes one call."""
+    import subprocess
+
+    out = subprocess.run(
+        [sys.executable, __file__, "--peak-rss", runner, "--mode", mode, "--batch", str(batch), "--steps", str(steps)],
+        check=True, capture_output=True, text=True,
+    ).stdout
+    return float(out.strip().splitlines()[-1])
+
+
+def _one_call_peak_rss(runner: str, mode: str, batch: int, steps: int) -> None:
+    import resource
+
+    model = ModelRegistry.default().get("shapes")
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(batch)]
+    init = _init_image() if mode == "img2img" else None
+    if runner == "engine":
+        generate(model, GenerationRequest.create(
+            model="shapes", prompt=prompts, seed=0, steps=steps, init_image=init, strength=0.6,
+            strategy={"sampler": {"name": "dpmpp_2m"}, "guidance": {"name": "cfg", "scale": 5.0}}))
+    else:
+        cls = StableDiffusionImg2ImgPipeline if mode == "img2img" else StableDiffusionPipeline
+        pipe = cls.from_pretrained(model.spec.location(), local_files_only=True, dtype=torch.float32)
+        pipe.set_progress_bar_config(disable=True)
+        pipe.scheduler = get_registry().build("sampler", {"name": "dpmpp_2m"}).make_scheduler(
+            model.scheduler_config, {})
+        kwargs = {"image": init, "strength": 0.6} if init is not None else {}
+        pipe(prompts, num_inference_steps=steps, guidance_scale=5.0, output_type="np",
+             generator=[torch.Generator().manual_seed(s) for s in range(batch)], **kwargs)
+    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
 
 
 def cuda_attention_benchmark(repeats: int) -> list[dict]:
@@ -256,19 +263,21 @@ def markdown(result: dict[str, Any]) -> str:
     m = result["machine"]
     lines = [
         f"Machine: {m.get('cpu', '?')}, {m['cpu_count']} cores, torch {m['torch']} ({m['torch_threads']} threads), "
-        f"diffusers {m['diffusers']}, Python {m['python']}. Median of {result['cpu'][0]['repeats']} interleaved "
-        "repeats after 2 warm-ups; same seeds for both.",
+        f"diffusers {m['diffusers']}, Python {m['python']}. {result['cpu'][0]['repeats']} interleaved repeats "
+        "(ours, diffusers, ours, ...) after 2 warm-ups, same seeds for both; time ratio = median of the paired "
+        "ratios (robust to the machine's drift), ms = medians.",
         "",
-        "| mode | batch | engine ms | diffusers ms | time ratio (target <= 1.0) | saved ms/call | max abs pixel diff "
-        "| NFE engine / diffusers | peak mem delta MB engine / diffusers |",
+        "| mode | batch | engine ms | diffusers ms | time ratio (target <= 1.0) | ratio of minimums "
+        "| max abs pixel diff "
+        "| NFE engine / diffusers | peak RSS MB engine / diffusers (fresh process: load + 1 call) |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["cpu"]:
         lines.append(
             f"| {r['mode']} | {r['batch']} | {r['engine_s'] * 1000:.1f} | {r['diffusers_s'] * 1000:.1f} "
-            f"| **{r['time_ratio']:.3f}** | {r['saved_ms_per_call']:.1f} | {r['max_abs_pixel_diff']:.1e} "
+            f"| **{r['time_ratio']:.3f}** | {r['ratio_of_minimums']:.3f} | {r['max_abs_pixel_diff']:.1e} "
             f"| {r['nfe_engine']} / {r['nfe_diffusers']} "
-            f"| {r['peak_mem_delta_mb_engine']:.1f} / {r['peak_mem_delta_mb_diffusers']:.1f} |"
+            f"| {r['peak_rss_mb_engine']:.0f} / {r['peak_rss_mb_diffusers']:.0f} |"
         )
     if "cuda" in result:
         lines += ["", f"CUDA ({m.get('gpu', '?')}), SD-1.5-sized random UNet, 512x512, fp16, 25 steps, CFG 7.5:", "",
@@ -285,9 +294,15 @@ def markdown(result: dict[str, Any]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="benchmarks/results/engine_cpu.json")
-    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--steps", type=int, default=25)
+    parser.add_argument("--peak-rss", choices=["engine", "diffusers"], help=argparse.SUPPRESS)
+    parser.add_argument("--mode", default="txt2img", help=argparse.SUPPRESS)
+    parser.add_argument("--batch", type=int, default=1, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.peak_rss:
+        _one_call_peak_rss(args.peak_rss, args.mode, args.batch, args.steps)
+        return
     registry = ModelRegistry.default()
     model = registry.get("shapes")
     directory = model.spec.location()

@@ -38,7 +38,7 @@ def _txt2img_parity(model: LoadedPipeline, directory: Path, sampler: dict, scale
         strategy={"sampler": sampler, "guidance": {"name": "cfg", "scale": scale, "rescale": rescale}},
     )
     ours = generate(model, request)
-    reference = pipeline_cls.from_pretrained(directory, local_files_only=True)
+    reference = pipeline_cls.from_pretrained(directory, local_files_only=True, dtype=model.dtype)
     reference.set_progress_bar_config(disable=True)
     reference.scheduler = _diffusers_scheduler(model, sampler)
     extra = {"guidance_rescale": rescale} if rescale else {}
@@ -113,7 +113,7 @@ def test_shapes_model_parity_with_diffusers(shapes_model: LoadedPipeline) -> Non
         strength=0.7, strategy={"sampler": {"name": "dpmpp_2m"}, "guidance": {"name": "cfg", "scale": 5.0}},
     )
     ours = generate(shapes_model, request)
-    reference = StableDiffusionImg2ImgPipeline.from_pretrained(directory, local_files_only=True)
+    reference = StableDiffusionImg2ImgPipeline.from_pretrained(directory, local_files_only=True, dtype=torch.float32)
     reference.set_progress_bar_config(disable=True)
     reference.scheduler = _diffusers_scheduler(shapes_model, {"name": "dpmpp_2m"})
     theirs = reference("a blue square on a white background", image=init, strength=0.7, num_inference_steps=25,
@@ -131,8 +131,11 @@ def test_batch_equals_single_calls(tiny_sd: LoadedPipeline, sampler: dict) -> No
     assert batch.prompts == [PROMPTS[0], PROMPTS[0], PROMPTS[1], PROMPTS[1]]
     for k, (prompt, seed) in enumerate(zip(batch.prompts, batch.seeds)):
         single = generate(tiny_sd, GenerationRequest.create(prompt=prompt, seed=seed, **common))
+        # Batched BLAS blocking differs from batch 1 by ~1e-6 per UNet call / ~1e-5 in the VAE: floats agree
+        # to 1e-5, and a uint8 pixel may flip by one level only where it sits on a rounding boundary.
         assert np.abs(single.images[0] - batch.images[k]).max() <= 1e-5
-        assert np.array_equal(single.to_uint8()[0], batch.to_uint8()[k])
+        levels = np.abs(single.to_uint8()[0].astype(int) - batch.to_uint8()[k].astype(int))
+        assert levels.max() <= 1 and (levels == 0).mean() >= 0.999
     # different seeds give different images (the seeds are really used)
     assert np.abs(batch.images[0] - batch.images[1]).max() > 0.01
 
