@@ -47,6 +47,21 @@ def _json_arg(value: str | None, field: str) -> Any:
     return text
 
 
+def _strategy_from_options(strategy: str | None, guidance_scale: float | None = None, **components: str | None) -> Any:
+    """One Strategy from --strategy plus per-kind overrides (--sampler, --schedule, --guidance, --guidance-scale)."""
+    from accel_diffusion.strategy import Strategy, guidance_scale_strategy
+
+    data = _json_arg(strategy, "strategy") or {}
+    if not isinstance(data, dict):
+        raise InvalidRequestError("strategy", "must be a JSON object such as {\"sampler\": {\"name\": \"ddim\"}}")
+    for kind, value in components.items():
+        if value is not None:
+            data[kind] = _json_arg(value, f"strategy.{kind}")
+    if guidance_scale is not None:
+        data["guidance"] = guidance_scale_strategy(guidance_scale)
+    return Strategy.parse(data)
+
+
 def _registry(ctx: click.Context) -> Any:
     from accel_diffusion.models.registry import ModelRegistry
 
@@ -94,26 +109,23 @@ def generate(ctx: click.Context, model: str, prompts: tuple[str, ...], prompts_f
     from tqdm import tqdm
 
     from accel_diffusion.engine import Engine, GenerationHooks
-    from accel_diffusion.strategy import GenerationRequest, Strategy, guidance_scale_strategy
+    from accel_diffusion.strategy import GenerationRequest
 
     all_prompts = list(prompts)
     if prompts_file:
-        all_prompts += [line.strip() for line in Path(prompts_file).read_text().splitlines() if line.strip()]
+        try:
+            text = Path(prompts_file).read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise InvalidRequestError("prompts_file", "is not UTF-8 text (one prompt per line)") from None
+        all_prompts += [line.strip() for line in text.splitlines() if line.strip()]
     if not all_prompts:
         raise InvalidRequestError("prompt", "give at least one --prompt or a --prompts-file")
     if n < 1:
         raise InvalidRequestError("n", f"must be at least 1, got {n}", ">= 1")
     if batch_size < 1:
         raise InvalidRequestError("batch_size", f"must be at least 1, got {batch_size}", ">= 1")
-    strategy_data = _json_arg(strategy, "strategy") or {}
-    if isinstance(strategy_data, str):
-        raise InvalidRequestError("strategy", "must be a JSON object")
-    for kind, value in (("sampler", sampler), ("schedule", schedule), ("guidance", guidance)):
-        if value is not None:
-            strategy_data[kind] = _json_arg(value, f"strategy.{kind}")
-    if guidance_scale is not None:
-        strategy_data["guidance"] = guidance_scale_strategy(guidance_scale)
-    parsed_strategy = Strategy.parse(strategy_data)
+    parsed_strategy = _strategy_from_options(strategy, guidance_scale, sampler=sampler, schedule=schedule,
+                                             guidance=guidance)
 
     # Validate every chunk before generating anything, so a bad request writes nothing.
     base_seed = seed if seed is not None else int.from_bytes(os.urandom(4), "little") >> 1
@@ -247,10 +259,10 @@ def train(target: str, out_dir: str, seed: int) -> None:
 @click.option("--steps", type=int, default=None)
 @click.option("--strategy", default=None, help="Strategy as JSON, @file.json or a .json path.")
 @click.option("--guidance-scale", type=float, default=None)
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--repeats", type=int, default=1, show_default=True,
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
+@click.option("--repeats", type=click.IntRange(min=1), default=1, show_default=True,
               help="Images per shape/colour/background combination.")
-@click.option("--batch-size", type=int, default=49, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=49, show_default=True)
 @click.option("--out", "out_file", type=click.Path(dir_okay=False), default=None, help="Write the metrics as JSON.")
 @click.pass_context
 def eval_command(ctx: click.Context, model: str, steps: int | None, strategy: str | None,
@@ -262,14 +274,9 @@ def eval_command(ctx: click.Context, model: str, steps: int | None, strategy: st
         from accel_diffusion.eval.shapes_eval import evaluate_shapes
     except ImportError as exc:
         _fail(f"eval needs the 'eval' extra ({exc.name} is missing): pip install 'accel-diffusion[eval]'")
-    from accel_diffusion.strategy import Strategy, guidance_scale_strategy
-
-    strategy_data = _json_arg(strategy, "strategy") or {}
-    if guidance_scale is not None:
-        strategy_data["guidance"] = guidance_scale_strategy(guidance_scale)
     engine = Engine(_registry(ctx))
-    metrics = evaluate_shapes(engine, model=model, strategy=Strategy.parse(strategy_data), steps=steps,
-                              seed=seed, repeats=repeats, batch_size=batch_size)
+    metrics = evaluate_shapes(engine, model=model, strategy=_strategy_from_options(strategy, guidance_scale),
+                              steps=steps, seed=seed, repeats=repeats, batch_size=batch_size)
     text = json.dumps(metrics, indent=2)
     if out_file:
         Path(out_file).write_text(text + "\n")

@@ -15,6 +15,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import math
+import threading
 import typing
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -240,6 +241,7 @@ def is_finite_number(value: Any) -> bool:
 
 _REGISTRY = ComponentRegistry()
 _builtins_loaded = False
+_builtins_lock = threading.Lock()
 
 
 def register_component(kind: str | ComponentKind, name: str) -> Callable[[T], T]:
@@ -251,7 +253,9 @@ def get_registry() -> ComponentRegistry:
     """The process-wide registry with every built-in component loaded."""
     global _builtins_loaded
     if not _builtins_loaded:
-        _builtins_loaded = True
-        for module in _BUILTIN_COMPONENT_MODULES:
-            importlib.import_module(module)
+        with _builtins_lock:
+            if not _builtins_loaded:
+                for module in _BUILTIN_COMPONENT_MODULES:
+                    importlib.import_module(module)
+                _builtins_loaded = True
     return _REGISTRY

@@ -99,6 +99,15 @@ def _limits(info: ValidationInfo) -> RequestLimits:
     return context.get("limits", DEFAULT_LIMITS)
 
 
+def _check_image_size(size: tuple[int, int], limits: RequestLimits) -> None:
+    width, height = size
+    if width > limits.max_width or height > limits.max_height or width * height > limits.max_pixels:
+        raise ValueError(
+            f"is {width}x{height}; at most {limits.max_width}x{limits.max_height} and {limits.max_pixels} pixels "
+            "allowed (resize it first)"
+        )
+
+
 class GenerationRequest(BaseModel):
     """One generation: prompts x n images, txt2img, or img2img when ``init_image`` is given.
 
@@ -167,8 +176,11 @@ class GenerationRequest(BaseModel):
     @field_validator("init_image", mode="before")
     @classmethod
     def _load_init_image(cls, value: Any, info: ValidationInfo) -> Image.Image | None:
-        if value is None or isinstance(value, Image.Image):
-            return value.convert("RGB") if isinstance(value, Image.Image) else None
+        if value is None:
+            return None
+        if isinstance(value, Image.Image):
+            _check_image_size(value.size, _limits(info))
+            return value.convert("RGB")
         max_bytes = _limits(info).max_init_image_bytes
         try:
             if isinstance(value, bytes | bytearray):
@@ -184,9 +196,12 @@ class GenerationRequest(BaseModel):
                 image = Image.open(path)
             else:
                 raise ValueError("must be a PIL image, image bytes or a path to an image file")
+            _check_image_size(image.size, _limits(info))  # before decoding: no decompression bombs
             image.load()
         except (UnidentifiedImageError, OSError) as exc:
             raise ValueError(f"cannot be read as an image ({exc.__class__.__name__})") from None
+        except Image.DecompressionBombError:
+            raise ValueError("has too many pixels to decode safely") from None
         return image.convert("RGB")
 
     @model_validator(mode="after")

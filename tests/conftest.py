@@ -18,7 +18,7 @@ from accel_diffusion.models.registry import ModelRegistry, ModelSpec
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
-TINY_STRATEGY = {"sampler": {"name": "dpmpp_2m"}, "schedule": {"name": "default"},
+TINY_STRATEGY = {"sampler": {"name": "dpmpp_2m"}, "schedule": {"name": "spacing"},
                  "guidance": {"name": "cfg", "scale": 5.0}}
 
 
@@ -66,7 +66,7 @@ def tiny_models_file(tmp_path_factory: pytest.TempPathFactory, tiny_sd_dir: Path
         'source = "local"\n'
         f'path = "{tiny_sd_dir}"\n'
         "default_steps = 4\ndefault_width = 32\ndefault_height = 32\n"
-        'default_strategy = { sampler = { name = "ddim" }, schedule = { name = "default" }, '
+        'default_strategy = { sampler = { name = "ddim" }, schedule = { name = "spacing" }, '
         'guidance = { name = "cfg", scale = 5.0 } }\n'
     )
     return path

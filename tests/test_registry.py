@@ -13,7 +13,7 @@ from accel_diffusion.registry import ComponentRegistry, get_registry
 def test_builtin_components_registered() -> None:
     registry = get_registry()
     assert registry.names("sampler") == ["ddim", "deis", "dpmpp_2m", "euler", "lcm", "unipc"]
-    assert registry.names("schedule") == ["default", "karras", "timesteps"]
+    assert registry.names("schedule") == ["karras", "spacing", "timesteps"]
     assert registry.names("guidance") == ["cfg", "none"]
     assert registry.names("student") == [] and registry.names("runtime") == []
 

@@ -17,11 +17,11 @@ def test_strategy_json_round_trip_and_resolution() -> None:
     strategy = Strategy.parse('{"sampler": {"name": "ddim", "eta": 0.5}}')
     assert strategy.sampler == {"name": "ddim", "eta": 0.5}
     assert Strategy.parse(strategy.to_json()) == strategy
-    default = Strategy.parse({"sampler": "dpmpp_2m", "schedule": "default", "guidance": {"name": "cfg", "scale": 5}})
+    default = Strategy.parse({"sampler": "dpmpp_2m", "schedule": "spacing", "guidance": {"name": "cfg", "scale": 5}})
     resolved = strategy.resolved_over(default)
     assert resolved.sampler == {"name": "ddim", "eta": 0.5}
     assert resolved.guidance == {"name": "cfg", "scale": 5.0, "rescale": 0.0}
-    assert resolved.schedule == {"name": "default", "spacing": "model"}
+    assert resolved.schedule == {"name": "spacing", "spacing": "model"}
 
 
 def test_strategy_rejects_unknown_kind_and_bad_json() -> None:
@@ -89,3 +89,16 @@ def test_init_image_from_bytes_path_and_pil(tmp_path: Path) -> None:
     limits = RequestLimits(max_init_image_bytes=10)
     with pytest.raises(InvalidRequestError, match="at most 10 allowed"):
         GenerationRequest.create(limits, prompt="a", init_image=buffer.getvalue())
+
+
+def test_init_image_size_is_limited_before_decoding(monkeypatch: pytest.MonkeyPatch) -> None:
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 48)).save(buffer, format="PNG")
+    with pytest.raises(InvalidRequestError) as err:
+        GenerationRequest.create(RequestLimits(max_width=32), prompt="a", init_image=buffer.getvalue())
+    assert err.value.field == "init_image" and "is 64x48; at most 32x2048" in err.value.message
+    with pytest.raises(InvalidRequestError, match="at most 2048x2048 and 1000 pixels"):
+        GenerationRequest.create(RequestLimits(max_pixels=1000), prompt="a", init_image=Image.new("RGB", (64, 48)))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # PIL refuses > 2x this as a decompression bomb
+    with pytest.raises(InvalidRequestError, match="too many pixels to decode safely"):
+        GenerationRequest.create(prompt="a", init_image=buffer.getvalue())

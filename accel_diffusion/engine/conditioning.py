@@ -16,7 +16,8 @@ import torch
 
 from accel_diffusion.guidance.base import COND, UNCOND
 
-SDXL_ZERO_NEGATIVE = "\x00<zeros>"  # cache key of SDXL's all-zero negative conditioning
+SDXL_ZERO_NEGATIVE = ("sdxl-zero-negative",)  # cache key of SDXL's all-zero negative (never a prompt string)
+CacheKey = str | tuple[str]
 
 
 @dataclass
@@ -60,12 +61,17 @@ class PromptEncoder:
         self.force_zeros_for_empty_prompt = bool(config.get("force_zeros_for_empty_prompt", False))
         self.device = device
         self.dtype = dtype
-        self._cache: OrderedDict[str, tuple[torch.Tensor, torch.Tensor | None]] = OrderedDict()
+        self._cache: OrderedDict[CacheKey, tuple[torch.Tensor, torch.Tensor | None]] = OrderedDict()
         self._cache_size = cache_size
         self._lock = threading.Lock()
 
+    def clear(self) -> None:
+        """Forget every cached prompt encoding."""
+        with self._lock:
+            self._cache.clear()
+
     @torch.no_grad()
-    def encode_one(self, text: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def encode_one(self, text: CacheKey) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(hidden states (1, L, D), pooled embedding (1, P) for SDXL else None) for one prompt."""
         with self._lock:
             if text in self._cache:
@@ -91,7 +97,7 @@ class PromptEncoder:
         hidden = self.text_encoder(inputs.input_ids.to(self.device), attention_mask=mask)[0]
         return hidden.to(dtype=self.dtype, device=self.device)
 
-    def _encode_sdxl(self, text: str) -> tuple[torch.Tensor, torch.Tensor]:
+    def _encode_sdxl(self, text: CacheKey) -> tuple[torch.Tensor, torch.Tensor]:
         if text == SDXL_ZERO_NEGATIVE:
             hidden, pooled = self._encode_sdxl("")
             return torch.zeros_like(hidden), torch.zeros_like(pooled)
@@ -109,7 +115,7 @@ class PromptEncoder:
         hidden = torch.cat(hidden_states, dim=-1).to(dtype=self.dtype, device=self.device)
         return hidden, pooled.to(dtype=self.dtype, device=self.device)
 
-    def negative_key(self, negative_prompt: str | None) -> str:
+    def negative_key(self, negative_prompt: str | None) -> CacheKey:
         if self.is_sdxl and negative_prompt is None and self.force_zeros_for_empty_prompt:
             return SDXL_ZERO_NEGATIVE
         return negative_prompt or ""

@@ -15,6 +15,7 @@ from PIL import Image
 
 from accel_diffusion.engine.hooks import NO_HOOKS, GenerationHooks, LoopCounters
 from accel_diffusion.engine.loop import denoise
+from accel_diffusion.engine.step import StepContext
 from accel_diffusion.errors import IncompatibleStrategyError, InvalidRequestError
 from accel_diffusion.guidance.base import Guidance
 from accel_diffusion.models.registry import ModelRegistry
@@ -164,7 +165,11 @@ def generate(model: LoadedPipeline, request: GenerationRequest, hooks: Generatio
     scheduler = prepared.sampler.make_scheduler(model.scheduler_config, prepared.schedule.scheduler_options())
     prepared.schedule.check_compatible(scheduler, prepared.strategy.sampler["name"])
     num_steps = prepared.schedule.num_steps(requested_steps)
-    prepared.schedule.set_timesteps(scheduler, num_steps, model.device)
+    try:
+        prepared.schedule.set_timesteps(scheduler, num_steps, model.device)
+    except ValueError as exc:  # e.g. LCM: more steps than its original_inference_steps
+        raise InvalidRequestError("steps", f"{num_steps} steps do not fit sampler "
+                                  f"{prepared.strategy.sampler['name']!r}: {exc}") from None
     timesteps = scheduler.timesteps
     steps_run = num_steps
 
@@ -181,7 +186,7 @@ def generate(model: LoadedPipeline, request: GenerationRequest, hooks: Generatio
     )
 
     t_latents = time.perf_counter()
-    unet, vae = pipe.unet, pipe.vae
+    unet = pipe.unet
     latent_shape = (batch, unet.config.in_channels, height // model.vae_scale_factor, width // model.vae_scale_factor)
     if request.init_image is None:
         latents = randn_tensor(latent_shape, generator=generators, device=model.device, dtype=model.dtype)
@@ -197,18 +202,18 @@ def generate(model: LoadedPipeline, request: GenerationRequest, hooks: Generatio
             raise InvalidRequestError(
                 "strength", f"{request.strength} x {num_steps} steps leaves no denoising step; raise strength or steps"
             )
-        image = _image_to_tensor(request.init_image, width, height).to(model.device, model.dtype)
-        posterior = vae.encode(image).latent_dist  # deterministic; each image samples it with its own seed
-        init_latents = torch.cat([posterior.sample(g) for g in generators]) * vae.config.scaling_factor
+        init_latents = _encode(model, _image_to_tensor(request.init_image, width, height), generators)
         noise = randn_tensor(init_latents.shape, generator=generators, device=model.device, dtype=model.dtype)
         latents = scheduler.add_noise(init_latents, noise, timesteps[:1].repeat(batch))
 
     counters = LoopCounters()
     after_step = None
     if request.preview_every and hooks.on_preview is not None:
-        def after_step(index: int, total: int, t: torch.Tensor, current: torch.Tensor) -> None:
-            if (index + 1) % request.preview_every == 0 and index + 1 < total:
-                hooks.on_preview(index + 1, _decode(model, current))  # type: ignore[misc]
+        def after_step(step: StepContext, guided: torch.Tensor, current: torch.Tensor) -> None:
+            done = step.index + 1
+            if done % request.preview_every == 0 and done < step.num_steps:
+                # the step's denoised estimate: readable for every sampler (x_t is sigma-scaled for some)
+                hooks.on_preview(done, _decode(model, step.predicted_x0(guided)))  # type: ignore[misc]
 
     t_loop = time.perf_counter()
     latents = denoise(
@@ -257,23 +262,37 @@ def _step_kwargs(sampler: Sampler, scheduler: Any, generators: list[torch.Genera
     return kwargs
 
 
-def _decode(model: LoadedPipeline, latents: torch.Tensor) -> np.ndarray:
-    vae = model.pipeline.vae
+def _latent_stats(vae: Any, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Per-channel latent mean/std of VAEs that declare them (e.g. some SDXL-family VAEs)."""
     mean = getattr(vae.config, "latents_mean", None)
     std = getattr(vae.config, "latents_std", None)
-    needs_upcast = vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False)
-    decode_dtype = torch.float32 if needs_upcast else vae.dtype
-    if needs_upcast:
-        vae.to(torch.float32)
-    latents = latents.to(decode_dtype)
-    if mean is not None and std is not None:
-        mean_t = torch.tensor(mean).view(1, -1, 1, 1).to(latents)
-        std_t = torch.tensor(std).view(1, -1, 1, 1).to(latents)
-        latents = latents * std_t / vae.config.scaling_factor + mean_t
+    if mean is None or std is None:
+        return None
+    return torch.tensor(mean).view(1, -1, 1, 1).to(like), torch.tensor(std).view(1, -1, 1, 1).to(like)
+
+
+def _encode(model: LoadedPipeline, image: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
+    """Init image (1, 3, H, W) in [-1, 1] -> one latent per generator (diffusers' img2img encoding)."""
+    vae = model.pipeline.vae
+    posterior = vae.encode(image.to(model.device, vae.dtype)).latent_dist  # deterministic; sampled per seed
+    latents = torch.cat([posterior.sample(g) for g in generators])
+    stats = _latent_stats(vae, latents)
+    if stats is not None:
+        latents = (latents - stats[0]) * vae.config.scaling_factor / stats[1]
+    else:
+        latents = latents * vae.config.scaling_factor
+    return latents.to(model.dtype)
+
+
+def _decode(model: LoadedPipeline, latents: torch.Tensor) -> np.ndarray:
+    """Latents -> float32 (N, H, W, 3) in [0, 1]. The VAE's precision was fixed at load time."""
+    vae = model.pipeline.vae
+    latents = latents.to(vae.dtype)
+    stats = _latent_stats(vae, latents)
+    if stats is not None:
+        latents = latents * stats[1] / vae.config.scaling_factor + stats[0]
     else:
         latents = latents / vae.config.scaling_factor
     image = vae.decode(latents, return_dict=False)[0]
-    if needs_upcast:
-        vae.to(torch.float16)
     image = (image / 2 + 0.5).clamp(0, 1)
     return image.permute(0, 2, 3, 1).float().cpu().numpy()

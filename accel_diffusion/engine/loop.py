@@ -35,13 +35,14 @@ def denoise(
     step_kwargs: dict[str, Any] | None = None,
     hooks: GenerationHooks = NO_HOOKS,
     counters: LoopCounters | None = None,
-    after_step: Callable[[int, int, torch.Tensor, torch.Tensor], None] | None = None,
+    after_step: Callable[[StepContext, torch.Tensor, torch.Tensor], None] | None = None,
 ) -> torch.Tensor:
     """Run ``scheduler`` over ``timesteps`` from ``latents``; returns the final latents.
 
     Every step: the guidance picks the branches, the model sees exactly those (stacked along the
     batch), the guidance combines them, the scheduler steps. ``counters`` accumulates NFE per image
-    (each branch counts) and forward passes; ``hooks`` gets progress and may cancel.
+    (each branch counts) and forward passes; ``hooks`` gets progress and may cancel;
+    ``after_step(step, guided_model_output, new_latents)`` runs after every step (previews).
     """
     counters = counters if counters is not None else LoopCounters()
     step_kwargs = step_kwargs or {}
@@ -50,10 +51,10 @@ def denoise(
     start = time.perf_counter()
     for index, t in enumerate(timesteps):
         hooks.check_cancel(index, total)
-        step = StepContext(index, total, t, latents, scheduler, prediction_type)
+        scaled = scheduler.scale_model_input(latents, t)
+        step = StepContext(index, total, t, latents, scaled, scheduler, prediction_type)
         branches = guidance.branches(step)
-        model_input = latents if len(branches) == 1 else torch.cat([latents] * len(branches))
-        model_input = scheduler.scale_model_input(model_input, t)
+        model_input = scaled if len(branches) == 1 else torch.cat([scaled] * len(branches))
         output = call_model(model, model_input, t, **conditioning.model_kwargs(branches))
         counters.forward_passes += 1
         counters.nfe += len(branches)
@@ -65,5 +66,5 @@ def denoise(
         if hooks.on_step is not None:
             hooks.on_step(StepEvent(index + 1, total, float(t), time.perf_counter() - start))
         if after_step is not None:
-            after_step(index, total, t, latents)
+            after_step(step, guided, latents)
     return latents

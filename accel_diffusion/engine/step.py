@@ -11,8 +11,9 @@ from diffusers import SchedulerMixin
 
 @dataclass
 class StepContext:
-    """One step of the denoising loop: index, timestep and the (unscaled) current latents.
+    """One step of the denoising loop: index, timestep, the scheduler's latents and the model input.
 
+    ``model_input`` is the VP-scaled x_t the model sees (``scheduler.scale_model_input(latents)``);
     ``alpha`` and ``sigma`` are the VP coefficients at ``timestep`` (x_t = alpha x0 + sigma eps),
     computed on first use from the scheduler's ``alphas_cumprod``.
     """
@@ -21,6 +22,7 @@ class StepContext:
     num_steps: int
     timestep: torch.Tensor
     latents: torch.Tensor
+    model_input: torch.Tensor
     scheduler: SchedulerMixin
     prediction_type: str
 
@@ -46,3 +48,14 @@ class StepContext:
     @property
     def sigma(self) -> float:
         return self._alpha_sigma[1]
+
+    def predicted_x0(self, model_output: torch.Tensor) -> torch.Tensor:
+        """The denoised estimate x0 implied by ``model_output`` at this step (eps, v or sample prediction)."""
+        x_t = self.model_input[: model_output.shape[0]]
+        if self.prediction_type == "epsilon":
+            return (x_t - self.sigma * model_output) / self.alpha
+        if self.prediction_type == "v_prediction":
+            return self.alpha * x_t - self.sigma * model_output
+        if self.prediction_type == "sample":
+            return model_output
+        raise ValueError(f"unsupported prediction_type {self.prediction_type!r}")

@@ -95,3 +95,12 @@ def psnr_per_image(a: Any, b: Any, data_range: float = 255.0) -> np.ndarray:
 def psnr(a: Any, b: Any, data_range: float = 255.0) -> float:
     """Mean over images of :func:`psnr_per_image` (inf if any pair is identical)."""
     return float(np.mean(psnr_per_image(a, b, data_range)))
+
+
+@torch.no_grad()
+def vae_reconstruction(vae: torch.nn.Module, images: np.ndarray) -> np.ndarray:
+    """Encode uint8 NHWC images with a diffusers VAE and decode the posterior mean: uint8 NHWC again."""
+    x = torch.from_numpy(np.ascontiguousarray(to_uint8_nhwc(images))).permute(0, 3, 1, 2)
+    x = x.to(vae.device, vae.dtype) / 127.5 - 1.0
+    decoded = vae.decode(vae.encode(x).latent_dist.mean).sample
+    return to_uint8_nhwc((decoded.float() + 1.0) / 2.0)

@@ -75,13 +75,17 @@ def evaluate_shapes(
             bar.update(len(chunk))
     generated = np.concatenate(images)
     real = real if real is not None else real_renders()
+    features = JudgeFeatures(judge)
+    # The same number of fresh real renders against the same reference: what FD reads for perfect samples.
+    fresh_real = render_dataset(len(prompts), seed=REAL_RENDER_SEED + 1)[0]
     return {
         "model": model,
         "strategy": resolved.model_dump(exclude_none=True) if resolved else None,
         "steps": used_steps,
         "images": len(prompts),
         "prompt_accuracy": judge.prompt_accuracy(generated, prompts),
-        "frechet_distance": frechet_distance(real, generated, JudgeFeatures(judge)),
+        "frechet_distance": frechet_distance(real, generated, features),
+        "frechet_distance_real_baseline": frechet_distance(real, fresh_real, features),
         "saturation": saturation_stats(generated),
         "nfe_per_image": nfe,
         "seconds_per_image": seconds / len(prompts),

@@ -17,7 +17,8 @@ class CfgGuidance(Guidance):
     """CFG: uncond + scale (cond - uncond); 2 model evaluations per step (1 when scale == 1).
 
     ``rescale`` > 0 rescales the guided prediction's per-sample std towards the conditional one
-    (Lin et al. 2023, §3.4), in txt2img and img2img alike.
+    (Lin et al. 2023, §3.4), in txt2img and img2img alike. Unlike diffusers, which switches guidance
+    off for scale <= 1, a scale in [0, 1) is applied as written (0 = the unconditional prediction).
     """
 
     def __init__(

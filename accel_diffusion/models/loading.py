@@ -73,6 +73,8 @@ def resolve_device_dtype(spec: ModelSpec) -> tuple[torch.device, torch.dtype]:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if spec.device == "auto" else torch.device(
         spec.device
     )
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError(f"model {spec.id!r} asks for device {spec.device!r}, but no CUDA device is available")
     if spec.dtype == "auto":
         dtype = torch.float16 if device.type == "cuda" else torch.float32
     else:
@@ -95,9 +97,21 @@ def _refuse_pickle_only(location: str) -> None:
 
 
 def detect_family(pipeline: DiffusionPipeline) -> Family:
+    """"sd", "sdxl" or "gmm"; anything else (inpainting, upscalers, other architectures) is refused."""
     if hasattr(pipeline, "denoiser") and not hasattr(pipeline, "unet"):
         return "gmm"
-    if getattr(pipeline, "text_encoder_2", None) is not None or "XL" in type(pipeline).__name__:
+    unet, vae = getattr(pipeline, "unet", None), getattr(pipeline, "vae", None)
+    tokenizer, text_encoder = getattr(pipeline, "tokenizer", None), getattr(pipeline, "text_encoder", None)
+    supported = (
+        unet is not None and vae is not None and tokenizer is not None and text_encoder is not None
+        and unet.config.in_channels == vae.config.latent_channels == unet.config.out_channels
+    )
+    if not supported:
+        raise ModelLoadError(
+            f"{type(pipeline).__name__} is not a supported pipeline: the engine runs text-to-image latent "
+            "diffusion pipelines of the Stable Diffusion 1.x/2.x and SDXL families"
+        )
+    if getattr(pipeline, "text_encoder_2", None) is not None:
         return "sdxl"
     return "sd"
 
@@ -124,6 +138,11 @@ def load_pipeline(spec: ModelSpec) -> LoadedPipeline:
         raise ModelLoadError(f"model {spec.id!r} could not be loaded from {location!r}: {exc}") from exc
     pipeline.to(device)
     family = detect_family(pipeline)
+    vae = getattr(pipeline, "vae", None)
+    if family == "sdxl" and vae is not None and vae.dtype == torch.float16 and vae.config.get("force_upcast"):
+        # SDXL's VAE overflows in fp16: keep it in fp32 for good (diffusers upcasts per call; that
+        # mutates shared state, which two requests on one model must never see).
+        vae.to(torch.float32)
     modules = [m for m in (getattr(pipeline, "unet", None), getattr(pipeline, "vae", None)) if m is not None]
     backend = configure_attention(modules, device, spec.attention) if modules else "none"
     for module in pipeline.components.values():

@@ -8,6 +8,7 @@ never ``trust_remote_code``; with ``HF_HUB_OFFLINE=1`` nothing is fetched.
 from __future__ import annotations
 
 import os
+import re
 import threading
 import tomllib
 from pathlib import Path
@@ -43,9 +44,16 @@ class ModelSpec(BaseModel):
     default_width: int | None = None
     default_height: int | None = None
     default_strategy: Strategy = Field(
-        default_factory=lambda: Strategy(sampler={"name": "dpmpp_2m"}, schedule={"name": "default"},
+        default_factory=lambda: Strategy(sampler={"name": "dpmpp_2m"}, schedule={"name": "spacing"},
                                          guidance={"name": "cfg", "scale": 7.5})
     )
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", value):
+            raise ValueError(f"must be 'auto', 'cpu', 'mps', 'cuda' or 'cuda:N', got {value!r}")
+        return value
 
     @field_validator("default_strategy", mode="before")
     @classmethod
@@ -78,7 +86,7 @@ class ModelRegistry:
     def __init__(self, specs: list[ModelSpec]) -> None:
         self.specs = {spec.id: spec for spec in specs}
         self._loaded: dict[str, Any] = {}
-        self._lock = threading.Lock()
+        self._load_locks = {model_id: threading.Lock() for model_id in self.specs}
 
     @classmethod
     def from_file(cls, path: str | Path | None = None) -> ModelRegistry:
@@ -90,12 +98,17 @@ class ModelRegistry:
             raise InvalidRequestError("models_file", f"{str(path)!r} does not exist") from None
         except tomllib.TOMLDecodeError as exc:
             raise InvalidRequestError("models_file", f"{str(path)!r} is not valid TOML: {exc}") from None
+        models = data.get("models", {})
+        if not isinstance(models, dict) or not all(isinstance(e, dict) for e in models.values()):
+            raise InvalidRequestError("models_file", f"{str(path)!r}: declare each model as a [models.<id>] table")
         specs = []
-        for model_id, entry in data.get("models", {}).items():
+        for model_id, entry in models.items():
             try:
                 specs.append(ModelSpec.model_validate({"id": model_id, **entry}))
             except pydantic.ValidationError as exc:
-                raise validation_error_to_request_error(exc, prefix=f"models.{model_id}") from None
+                raise validation_error_to_request_error(exc, prefix=f"models.{model_id}", model=ModelSpec) from None
+            except InvalidRequestError as exc:  # from the default strategy's components
+                raise InvalidRequestError(f"models.{model_id}.default_{exc.field}", exc.message, exc.allowed) from None
         if not specs:
             raise InvalidRequestError("models_file", f"{str(path)!r} declares no [models.<id>] tables")
         return cls(specs)
@@ -116,7 +129,9 @@ class ModelRegistry:
     def get(self, model_id: str) -> Any:
         """The loaded pipeline of ``model_id`` (a ``LoadedPipeline``), loading it on first use."""
         spec = self.spec(model_id)
-        with self._lock:
+        if model_id in self._loaded:
+            return self._loaded[model_id]
+        with self._load_locks[model_id]:  # one load per model; other models stay available meanwhile
             if model_id not in self._loaded:
                 from accel_diffusion.models.loading import load_pipeline
 

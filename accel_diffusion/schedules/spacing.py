@@ -8,7 +8,7 @@ from accel_diffusion.registry import register_component
 from accel_diffusion.schedules.base import Schedule
 
 
-@register_component("schedule", "default")
+@register_component("schedule", "spacing")
 class SpacingSchedule(Schedule):
     """N steps spaced by the model's rule, or by "leading", "trailing" or "linspace" (diffusers' spacings).
 

@@ -68,6 +68,8 @@ def test_generate_img2img_and_strategy_file(runner: CliRunner, tiny_models_file:
         (["--sampler", '{"name": "ddim", "etta": 1}'], "strategy.sampler.etta: unknown parameter"),
         (["--model", "nope"], "model: unknown model 'nope'"),
         (["--schedule", "karras"], "schedule 'karras' cannot be used with sampler 'ddim'"),
+        (["--sampler", "lcm", "--steps", "60"], "steps: 60 steps do not fit sampler 'lcm'"),
+        (["--strategy", "ddim"], "strategy: must be a JSON object"),
     ],
 )
 def test_bad_input_is_one_clear_line_and_writes_nothing(
@@ -107,3 +109,27 @@ def test_models_lists_registry(runner: CliRunner, tiny_models_file: Path) -> Non
     assert result.exit_code == 0 and "shapes  (builtin:" in result.output and "gmm  (builtin:" in result.output
     rows = json.loads(runner.invoke(main, ["--models", str(tiny_models_file), "models", "--json"]).output)
     assert rows[0]["id"] == "tiny" and rows[0]["available"] is True
+
+
+def test_binary_prompts_file(runner: CliRunner, tiny_models_file: Path, tmp_path: Path) -> None:
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_bytes(b"\xff\xfe\x00binary")
+    result = runner.invoke(main, ["--models", str(tiny_models_file), "generate", "--model", "tiny",
+                                  "--prompts-file", str(prompts), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2 and "prompts_file: is not UTF-8 text" in result.output
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--strategy", "ddim"], "strategy: must be a JSON object"),
+        (["--repeats", "0"], "Invalid value for '--repeats'"),
+        (["--batch-size", "0"], "Invalid value for '--batch-size'"),
+        (["--guidance-scale", "nan"], "guidance_scale: must be a number >= 0"),
+    ],
+)
+def test_eval_bad_options(runner: CliRunner, args: list[str], message: str) -> None:
+    result = runner.invoke(main, ["eval", *args])
+    assert result.exit_code == 2 and message in result.output
+    assert "Traceback" not in result.output

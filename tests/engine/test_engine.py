@@ -9,7 +9,12 @@ import numpy as np
 import pytest
 import torch
 from conftest import tiny_spec
-from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+from diffusers import (
+    StableDiffusionImg2ImgPipeline,
+    StableDiffusionPipeline,
+    StableDiffusionXLImg2ImgPipeline,
+    StableDiffusionXLPipeline,
+)
 from PIL import Image
 
 from accel_diffusion.engine import Engine, GenerationHooks, generate
@@ -32,9 +37,10 @@ def _generators(seeds: list[int]) -> list[torch.Generator]:
 
 def _txt2img_parity(model: LoadedPipeline, directory: Path, sampler: dict, scale: float, steps: int,
                     prompts: list[str], seed: int, size: int, pipeline_cls: type = StableDiffusionPipeline,
-                    rescale: float = 0.0) -> float:
+                    rescale: float = 0.0, negative_prompt: str | None = None) -> float:
     request = GenerationRequest.create(
         model=model.model_id, prompt=prompts, seed=seed, steps=steps, width=size, height=size,
+        negative_prompt=negative_prompt,
         strategy={"sampler": sampler, "guidance": {"name": "cfg", "scale": scale, "rescale": rescale}},
     )
     ours = generate(model, request)
@@ -42,6 +48,8 @@ def _txt2img_parity(model: LoadedPipeline, directory: Path, sampler: dict, scale
     reference.set_progress_bar_config(disable=True)
     reference.scheduler = _diffusers_scheduler(model, sampler)
     extra = {"guidance_rescale": rescale} if rescale else {}
+    if negative_prompt is not None:
+        extra["negative_prompt"] = [negative_prompt] * len(prompts)
     theirs = reference(
         prompts, num_inference_steps=steps, guidance_scale=scale, height=size, width=size,
         generator=_generators(list(range(seed, seed + len(prompts)))), output_type="np", **extra,
@@ -59,6 +67,16 @@ def test_guidance_rescale_parity(tiny_sd: LoadedPipeline, tiny_sd_dir: Path) -> 
     assert _txt2img_parity(tiny_sd, tiny_sd_dir, {"name": "ddim"}, 7.0, 6, PROMPTS[:1], 2, 32, rescale=0.7) <= 1e-4
 
 
+def test_negative_prompt_parity(tiny_sd: LoadedPipeline, tiny_sd_dir: Path) -> None:
+    diff = _txt2img_parity(tiny_sd, tiny_sd_dir, {"name": "ddim"}, 5.0, 6, PROMPTS, 4, 32,
+                           negative_prompt="a green square")
+    assert diff <= 1e-4
+    with_negative = generate(tiny_sd, GenerationRequest.create(model="tiny-sd", prompt=PROMPTS[0], seed=4, steps=6,
+                                                               negative_prompt="a green square"))
+    without = generate(tiny_sd, GenerationRequest.create(model="tiny-sd", prompt=PROMPTS[0], seed=4, steps=6))
+    assert np.abs(with_negative.images - without.images).max() > 1e-3
+
+
 def test_v_prediction_parity(tiny_sd_v_dir: Path) -> None:
     model = load_pipeline(tiny_spec("tiny-v", tiny_sd_v_dir))
     assert model.scheduler_config["prediction_type"] == "v_prediction"
@@ -71,6 +89,37 @@ def test_sdxl_parity(tiny_sdxl_dir: Path) -> None:
     diff = _txt2img_parity(model, tiny_sdxl_dir, {"name": "dpmpp_2m"}, 5.0, 8, PROMPTS, 3, 32,
                            pipeline_cls=StableDiffusionXLPipeline)
     assert diff <= 1e-4
+
+
+@pytest.mark.parametrize("negative_prompt", [None, "", "a blue circle"])
+def test_sdxl_negative_prompts_parity(tiny_sdxl_dir: Path, negative_prompt: str | None) -> None:
+    """None uses SDXL's all-zero negative conditioning (force_zeros_for_empty_prompt); "" encodes it."""
+    model = load_pipeline(tiny_spec("tiny-sdxl", tiny_sdxl_dir))
+    diff = _txt2img_parity(model, tiny_sdxl_dir, {"name": "ddim"}, 4.0, 5, PROMPTS[:1], 9, 32,
+                           pipeline_cls=StableDiffusionXLPipeline, negative_prompt=negative_prompt)
+    assert diff <= 1e-4
+
+
+def test_sdxl_img2img_parity(tiny_sdxl_dir: Path) -> None:
+    model = load_pipeline(tiny_spec("tiny-sdxl", tiny_sdxl_dir))
+    init = _init_image()
+    request = GenerationRequest.create(
+        model="tiny-sdxl", prompt=PROMPTS[1], n=2, seed=5, steps=8, init_image=init, strength=0.75,
+        strategy={"sampler": {"name": "dpmpp_2m"}, "guidance": {"name": "cfg", "scale": 5.0}},
+    )
+    ours = generate(model, request)
+    reference = StableDiffusionXLImg2ImgPipeline.from_pretrained(tiny_sdxl_dir, local_files_only=True)
+    reference.set_progress_bar_config(disable=True)
+    reference.scheduler = _diffusers_scheduler(model, {"name": "dpmpp_2m"})
+    theirs = reference(PROMPTS[1], image=init, strength=0.75, num_inference_steps=8, guidance_scale=5.0,
+                       num_images_per_prompt=2, generator=_generators([5, 6]), output_type="np").images
+    assert np.abs(ours.images - theirs).max() <= 1e-4
+
+
+def test_sdxl_fp16_keeps_an_fp32_vae(tiny_sdxl_dir: Path) -> None:
+    model = load_pipeline(tiny_spec("tiny-sdxl-fp16", tiny_sdxl_dir, dtype="float16"))
+    assert model.pipeline.unet.dtype == torch.float16
+    assert model.pipeline.vae.dtype == torch.float32  # force_upcast: decided once, at load
 
 
 def _init_image() -> Image.Image:
@@ -174,6 +223,7 @@ def test_progress_preview_and_cancel_hooks(tiny_sd: LoadedPipeline) -> None:
     assert [e.step for e in events] == list(range(1, 9)) and all(e.total == 8 for e in events)
     assert [p[0] for p in previews] == [3, 6]
     assert previews[0][1].shape == result.images.shape
+    assert not np.array_equal(previews[1][1], result.images)
 
     cancel = threading.Event()
     seen = []
@@ -191,12 +241,14 @@ def test_progress_preview_and_cancel_hooks(tiny_sd: LoadedPipeline) -> None:
 
 
 def test_schedules(tiny_sd: LoadedPipeline) -> None:
+    events = []
     explicit = generate(tiny_sd, GenerationRequest.create(
         model="tiny-sd", prompt=PROMPTS[0], seed=1,
         strategy={"sampler": {"name": "euler"},
                   "schedule": {"name": "timesteps", "timesteps": [999, 800, 500, 200, 20]}},
-    ))
+    ), GenerationHooks(on_step=events.append))
     assert explicit.steps == 5 and explicit.nfe == 10
+    assert [round(e.timestep) for e in events] == [999, 800, 500, 200, 20]
     karras = generate(tiny_sd, GenerationRequest.create(
         model="tiny-sd", prompt=PROMPTS[0], seed=1, steps=6,
         strategy={"sampler": {"name": "dpmpp_2m"}, "schedule": {"name": "karras"}}))
@@ -204,7 +256,7 @@ def test_schedules(tiny_sd: LoadedPipeline) -> None:
     assert karras.steps == 6 and np.abs(karras.images - default.images).max() > 1e-3
     leading = generate(tiny_sd, GenerationRequest.create(
         model="tiny-sd", prompt=PROMPTS[0], seed=1, steps=6,
-        strategy={"schedule": {"name": "default", "spacing": "leading"}}))
+        strategy={"schedule": {"name": "spacing", "spacing": "leading"}}))
     assert np.abs(leading.images - default.images).max() > 1e-3
 
 
@@ -249,3 +301,44 @@ def test_strength_that_leaves_no_step_is_rejected(tiny_sd: LoadedPipeline) -> No
         generate(tiny_sd, GenerationRequest.create(model="tiny-sd", prompt="a", steps=4, strength=0.1,
                                                    init_image=_init_image()))
     assert err.value.field == "strength"
+
+
+@pytest.mark.parametrize("sampler", [{"name": "euler"}, {"name": "dpmpp_2m"}])
+def test_previews_show_the_denoised_estimate(shapes_model: LoadedPipeline, sampler: dict) -> None:
+    """Previews decode the step's x0 estimate: late previews are close to the final image for every sampler
+    (Euler's latents are sigma-scaled, so decoding x_t itself would not be)."""
+    previews = {}
+    request = GenerationRequest.create(model="shapes", prompt=PROMPTS[0], seed=2, steps=20, preview_every=5,
+                                       strategy={"sampler": sampler})
+    final = generate(shapes_model, request, GenerationHooks(on_preview=lambda k, im: previews.update({k: im})))
+    assert sorted(previews) == [5, 10, 15]
+    distance = {k: float(np.abs(im - final.images).mean()) for k, im in previews.items()}
+    assert distance[15] < 0.03 and distance[15] < distance[5]
+
+
+def test_concurrent_generations_do_not_interfere(tiny_sd: LoadedPipeline) -> None:
+    requests = [
+        GenerationRequest.create(model="tiny-sd", prompt=PROMPTS[k % 2], seed=10 + k, steps=5,
+                                 strategy={"sampler": {"name": ["dpmpp_2m", "unipc", "euler", "ddim"][k]}})
+        for k in range(4)
+    ]
+    sequential = [generate(tiny_sd, r).images for r in requests]
+    results: dict[int, np.ndarray] = {}
+
+    def run(k: int) -> None:
+        results[k] = generate(tiny_sd, requests[k]).images
+
+    threads = [threading.Thread(target=run, args=(k,)) for k in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for k in range(4):
+        assert np.abs(results[k] - sequential[k]).max() <= 1e-5, k
+
+
+def test_scheduler_step_limits_become_field_errors(tiny_sd: LoadedPipeline) -> None:
+    with pytest.raises(InvalidRequestError) as err:
+        generate(tiny_sd, GenerationRequest.create(model="tiny-sd", prompt="a", steps=60,
+                                                   strategy={"sampler": {"name": "lcm"}}))
+    assert err.value.field == "steps" and "'lcm'" in err.value.message

@@ -13,6 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
+from accel_diffusion.eval.image_stats import vae_reconstruction
 from accel_diffusion.eval.shapes_judge import DEFAULT_DIR, ShapesJudge
 from accel_diffusion.models.shapes.render import parse_caption, render_dataset
 
@@ -48,10 +49,7 @@ def test_vae_reconstructions(judge: ShapesJudge) -> None:
     vae = AutoencoderKL.from_pretrained(VAE_DIR, use_safetensors=True, local_files_only=True, dtype=torch.float32)
     vae = vae.eval()
     images, captions, _ = render_dataset(500, seed=24_680)
-    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
-    with torch.no_grad():
-        rec = vae.decode(vae.encode(x).latent_dist.mean).sample
-    rec_u8 = ((rec.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+    rec_u8 = vae_reconstruction(vae, images)
     acc = judge.prompt_accuracy(rec_u8, captions)
     assert acc["all"] >= 0.95, acc
     assert np.isfinite(acc["shape"])

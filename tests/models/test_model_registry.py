@@ -39,7 +39,15 @@ def test_registry_file_validation(tmp_path: Path) -> None:
     bad.write_text('[models.x]\nsource = "local"\npath = "/x"\ndefault_strategy = { sampler = "nope" }\n')
     with pytest.raises(InvalidRequestError) as err:
         ModelRegistry.from_file(bad)
-    assert err.value.field == "strategy.sampler.name"
+    assert err.value.field == "models.x.default_strategy.sampler.name"
+    bad.write_text('[models.x]\nsource = "local"\npath = "/x"\ndevice = "banana"\n')
+    with pytest.raises(InvalidRequestError) as err:
+        ModelRegistry.from_file(bad)
+    assert err.value.field == "models.x.device" and "'cuda:N'" in err.value.message
+    for text in ("models = 3\n", '[models]\nx = "y"\n'):
+        bad.write_text(text)
+        with pytest.raises(InvalidRequestError, match=r"\[models.<id>\] table"):
+            ModelRegistry.from_file(bad)
     bad.write_text("not toml [")
     with pytest.raises(InvalidRequestError, match="not valid TOML"):
         ModelRegistry.from_file(bad)
@@ -52,7 +60,7 @@ def test_hub_spec_and_env_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, 
     path.write_text(
         '[models.sd15]\nsource = "hub"\nhub_id = "stable-diffusion-v1-5/stable-diffusion-v1-5"\n'
         'revision = "451f4fe16113bff5a5d2269ed5ad43b0592e9a14"\n'
-        'default_strategy = { sampler = "dpmpp_2m", schedule = "default", guidance = { name = "cfg", scale = 7.5 } }\n'
+        'default_strategy = { sampler = "dpmpp_2m", schedule = "spacing", guidance = { name = "cfg", scale = 7.5 } }\n'
         f'[models.tiny]\nsource = "local"\npath = "{tiny_sd_dir}"\n'
     )
     monkeypatch.setenv("ACCEL_DIFFUSION_MODELS", str(path))
@@ -106,3 +114,24 @@ def test_xformers_preference_falls_back_to_sdpa_without_cuda(tiny_sd_dir: Path) 
     from diffusers.models.attention_processor import AttnProcessor2_0
 
     assert all(isinstance(p, AttnProcessor2_0) for p in model.pipeline.unet.attn_processors.values())
+
+
+def test_cuda_device_without_cuda_is_a_load_error(tiny_sd_dir: Path) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("needs a machine without CUDA")
+    with pytest.raises(ModelLoadError, match="no CUDA device is available"):
+        load_pipeline(tiny_spec("gpu", tiny_sd_dir, device="cuda"))
+
+
+def test_unsupported_pipelines_are_refused(tmp_path: Path) -> None:
+    from tiny_pipelines import build_tiny_sd, save
+
+    pipe = build_tiny_sd()
+    from diffusers import UNet2DConditionModel
+
+    config = dict(pipe.unet.config)
+    config["in_channels"] = 9  # an inpainting-style UNet (latents + mask + masked image)
+    pipe.register_modules(unet=UNet2DConditionModel.from_config(config))
+    save(pipe, tmp_path / "inpaint")
+    with pytest.raises(ModelLoadError, match="not a supported pipeline"):
+        load_pipeline(tiny_spec("inpaint", tmp_path / "inpaint"))

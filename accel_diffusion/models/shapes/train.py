@@ -29,6 +29,7 @@ from diffusers import (
 from tqdm.auto import tqdm
 from transformers import CLIPTextConfig, CLIPTextModel
 
+from accel_diffusion.eval.shapes_judge import to_tensor
 from accel_diffusion.models.shapes.render import render_dataset
 from accel_diffusion.models.shapes.tokenizer import build_tokenizer
 
@@ -98,10 +99,6 @@ def _cosine(step: int, total: int, warmup: int, floor: float = 0.05) -> float:
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, p)))
 
 
-def _to_x(images_u8: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(images_u8).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-
-
 def train_vae(
     images: np.ndarray, steps: int, batch_size: int, lr: float, kl_weight: float, gen: torch.Generator
 ) -> AutoencoderKL:
@@ -113,7 +110,7 @@ def train_vae(
     bar = tqdm(range(steps), desc="vae", mininterval=5.0)
     for _ in bar:
         idx = torch.randint(0, len(images), (batch_size,), generator=gen).numpy()
-        x = _to_x(images[idx])
+        x = to_tensor(images[idx])
         post = vae.encode(x).latent_dist
         z = post.mean + post.std * torch.randn(post.mean.shape, generator=gen)
         rec = vae.decode(z).sample
@@ -133,7 +130,7 @@ def encode_dataset(vae: AutoencoderKL, images: np.ndarray, batch_size: int = 500
     """Latent posterior mean and std of every image."""
     means, stds = [], []
     for i in tqdm(range(0, len(images), batch_size), desc="encode", mininterval=5.0):
-        post = vae.encode(_to_x(images[i : i + batch_size])).latent_dist
+        post = vae.encode(to_tensor(images[i : i + batch_size])).latent_dist
         means.append(post.mean)
         stds.append(post.std)
     return torch.cat(means), torch.cat(stds)
@@ -191,7 +188,7 @@ def train_unet(
     return ema_unet, ema_text
 
 
-def evaluate_shapes(
+def measure_shapes_model(
     model_dir: str | Path,
     judge_dir: str | Path | None = None,
     steps: int = 25,
@@ -202,13 +199,13 @@ def evaluate_shapes(
     """Measure a saved pipeline directory: VAE reconstruction PSNR, and the 196-prompt evaluation
     (``accel_diffusion.eval.shapes_eval``) through the engine with DPM-Solver++ and CFG."""
     from accel_diffusion.engine import Engine
-    from accel_diffusion.eval.image_stats import psnr_per_image, saturation_stats
+    from accel_diffusion.eval.image_stats import psnr_per_image, saturation_stats, vae_reconstruction
     from accel_diffusion.eval.shapes_eval import evaluate_shapes as evaluate_prompts
     from accel_diffusion.eval.shapes_judge import ShapesJudge
     from accel_diffusion.models.registry import ModelRegistry, ModelSpec
 
     torch.set_flush_denormal(True)
-    strategy = {"sampler": {"name": "dpmpp_2m"}, "schedule": {"name": "default"},
+    strategy = {"sampler": {"name": "dpmpp_2m"}, "schedule": {"name": "spacing"},
                 "guidance": {"name": "cfg", "scale": guidance}}
     spec = ModelSpec(id="shapes-eval", source="local", path=str(model_dir), device="cpu", dtype="float32",
                      default_steps=steps, default_strategy=strategy)
@@ -216,9 +213,7 @@ def evaluate_shapes(
     vae = engine.models.get(spec.id).pipeline.vae
     judge = ShapesJudge.load(judge_dir)
     imgs, caps, _ = render_dataset(n_recon, seed=recon_seed)
-    with torch.no_grad():
-        rec = vae.decode(vae.encode(_to_x(imgs)).latent_dist.mean).sample
-    rec_u8 = ((rec.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+    rec_u8 = vae_reconstruction(vae, imgs)
     p = psnr_per_image(imgs, rec_u8)
     t0 = time.time()
     prompts = evaluate_prompts(engine, model=spec.id, steps=steps, judge=judge)
@@ -232,6 +227,7 @@ def evaluate_shapes(
         "generation_seconds": time.time() - t0,
         "prompt_accuracy": prompts["prompt_accuracy"],
         "frechet_distance": prompts["frechet_distance"],
+        "frechet_distance_real_baseline": prompts["frechet_distance_real_baseline"],
         "out_of_gamut_fraction": prompts["saturation"]["clipped_fraction"],
         "mean_hsv_saturation": prompts["saturation"]["mean_saturation"],
         "real_mean_hsv_saturation": real_stats["mean_saturation"],
@@ -294,9 +290,12 @@ def write_model_card(out: Path, info: dict[str, Any]) -> None:
             f"- pixels < 10 or > 250 in generations: {m['out_of_gamut_fraction']:.4f} (real renders: 0);"
             f" mean HSV saturation {m['mean_hsv_saturation']:.3f} (real {m['real_mean_hsv_saturation']:.3f})",
             f"- Fréchet distance to 2000 real renders in the judge's feature space (FD-shapes):"
-            f" {m['frechet_distance']:.3f}",
+            f" {m['frechet_distance']:.1f} (as many fresh real renders score"
+            f" {m['frechet_distance_real_baseline']:.1f} against the same reference)",
         ]
     lines += [f"- directory size: {info['dir_bytes'] / 1e6:.1f} MB", ""]
+    if info.get("note"):
+        lines += ["## Note", "", info["note"], ""]
     (out / "README.md").write_text("\n".join(lines))
 
 
@@ -378,7 +377,7 @@ def train_shapes(
     }
     if evaluate:
         t0 = time.time()
-        metrics = evaluate_shapes(out, judge_dir)
+        metrics = measure_shapes_model(out, judge_dir)
         stage["evaluate"] = time.time() - t0
         info["metrics"] = metrics
     info["dir_bytes"] = _dir_size(out)
