@@ -80,15 +80,20 @@ class ComponentInfo:
         return rows
 
 
-_CONSTRAINT_KEYS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "enum", "minItems", "maxItems")
+_CONSTRAINT_KEYS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "minItems", "maxItems")
 
 
 def _type_label(annotation: Any) -> str:
+    """A short human-readable type: ``float``, ``'zero' | 'sigma_min'``, ``list[int]``."""
     origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
     if origin is typing.Literal:
-        return " | ".join(repr(a) for a in typing.get_args(annotation))
+        return " | ".join(repr(a) for a in args)
     if origin is typing.Annotated:
-        return _type_label(typing.get_args(annotation)[0])
+        return _type_label(args[0])
+    if origin is not None and args:
+        name = getattr(origin, "__name__", str(origin).replace("typing.", ""))
+        return f"{name}[{', '.join(_type_label(a) for a in args)}]"
     if isinstance(annotation, type):
         return annotation.__name__
     return str(annotation).replace("typing.", "")
