@@ -50,15 +50,19 @@ def _text_config(tokenizer: CLIPTokenizer, hidden: int, projection: int | None =
     )
 
 
-def build_tiny_sd(prediction_type: str = "epsilon") -> StableDiffusionPipeline:
-    tokenizer = _tokenizer()
+def _unet(cross_attention_dim: int, **extra: object) -> UNet2DConditionModel:
     torch.manual_seed(0)
-    unet = UNet2DConditionModel(
+    return UNet2DConditionModel(
         sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(16, 32),
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32, attention_head_dim=4,
-        norm_num_groups=8,
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=cross_attention_dim,
+        attention_head_dim=4, norm_num_groups=8, **extra,
     )
+
+
+def build_tiny_sd(prediction_type: str = "epsilon") -> StableDiffusionPipeline:
+    tokenizer = _tokenizer()
+    unet = _unet(32)
     torch.manual_seed(2)
     text_encoder = CLIPTextModel(_text_config(tokenizer, 32))
     return StableDiffusionPipeline(
@@ -70,14 +74,8 @@ def build_tiny_sd(prediction_type: str = "epsilon") -> StableDiffusionPipeline:
 
 def build_tiny_sdxl() -> StableDiffusionXLPipeline:
     tokenizer = _tokenizer()
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(16, 32),
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=48, attention_head_dim=4,
-        norm_num_groups=8, addition_embed_type="text_time", addition_time_embed_dim=8,
-        projection_class_embeddings_input_dim=8 * 6 + 24, transformer_layers_per_block=1,
-    )
+    unet = _unet(48, addition_embed_type="text_time", addition_time_embed_dim=8,
+                 projection_class_embeddings_input_dim=8 * 6 + 24, transformer_layers_per_block=1)
     torch.manual_seed(2)
     text_encoder = CLIPTextModel(_text_config(tokenizer, 16))
     torch.manual_seed(3)
