@@ -44,6 +44,8 @@ _BUILTIN_COMPONENT_MODULES = (
     "accel_diffusion.schedules.explicit",
     "accel_diffusion.guidance.none",
     "accel_diffusion.guidance.cfg",
+    "accel_diffusion.guidance.apg",
+    "accel_diffusion.guidance.rcfg",
 )
 
 
@@ -169,6 +171,16 @@ class ComponentRegistry:
 
         Returns ``{"name": ..., **every constructor argument}`` with defaults filled in, JSON-safe.
         """
+        name, _, config = self._validate(kind, spec)
+        return {"name": name, **config.model_dump(mode="json")}
+
+    def build(self, kind: str | ComponentKind, spec: str | Mapping[str, Any]) -> Any:
+        """Instantiate a component from a (possibly partial) spec; a new object on every call."""
+        return self._validate(kind, spec)[1]
+
+    def _validate(self, kind: str | ComponentKind, spec: str | Mapping[str, Any]) -> tuple[str, Any, BaseModel]:
+        """(name, a new instance, its validated config). Building the instance runs the checks that span
+        several arguments (raised by the constructor), so those fail here too, at the edge."""
         kind = ComponentKind(kind)
         where = f"strategy.{kind.value}"
         if isinstance(spec, str):
@@ -184,14 +196,8 @@ class ComponentRegistry:
             config = info.config_model.model_validate(params)
         except pydantic.ValidationError as exc:
             raise validation_error_to_request_error(exc, prefix=f"{where}", info=info) from None
-        return {"name": name, **config.model_dump(mode="json")}
-
-    def build(self, kind: str | ComponentKind, spec: str | Mapping[str, Any]) -> Any:
-        """Instantiate a component from a (possibly partial) spec; a new object on every call."""
-        normalized = self.normalize(kind, spec)
-        info = self.info(kind, normalized["name"])
-        config = info.config_model.model_validate({k: v for k, v in normalized.items() if k != "name"})
-        return info.cls(**{k: getattr(config, k) for k in info.config_model.model_fields})
+        instance = info.cls(**{k: getattr(config, k) for k in info.config_model.model_fields})
+        return name, instance, config
 
 
 def validation_error_to_request_error(

@@ -14,7 +14,7 @@ def test_builtin_components_registered() -> None:
     registry = get_registry()
     assert registry.names("sampler") == ["ddim", "deis", "dpmpp_2m", "euler", "lcm", "unipc"]
     assert registry.names("schedule") == ["karras", "spacing", "timesteps"]
-    assert registry.names("guidance") == ["cfg", "none"]
+    assert registry.names("guidance") == ["apg", "cfg", "none", "rcfg"]
     assert registry.names("student") == [] and registry.names("runtime") == []
 
 

@@ -191,6 +191,7 @@ def generate(model: LoadedPipeline, request: GenerationRequest, hooks: Generatio
     if request.init_image is None:
         latents = randn_tensor(latent_shape, generator=generators, device=model.device, dtype=model.dtype)
         latents = latents * scheduler.init_noise_sigma
+        prepared.guidance.begin(None)
     else:
         init_steps = min(int(num_steps * request.strength), num_steps)
         t_begin = max(num_steps - init_steps, 0)
@@ -203,6 +204,7 @@ def generate(model: LoadedPipeline, request: GenerationRequest, hooks: Generatio
                 "strength", f"{request.strength} x {num_steps} steps leaves no denoising step; raise strength or steps"
             )
         init_latents = _encode(model, _image_to_tensor(request.init_image, width, height), generators)
+        prepared.guidance.begin(init_latents)
         noise = randn_tensor(init_latents.shape, generator=generators, device=model.device, dtype=model.dtype)
         latents = scheduler.add_noise(init_latents, noise, timesteps[:1].repeat(batch))
 

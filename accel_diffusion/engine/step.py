@@ -59,3 +59,27 @@ class StepContext:
         if self.prediction_type == "sample":
             return model_output
         raise ValueError(f"unsupported prediction_type {self.prediction_type!r}")
+
+    def predicted_eps(self, model_output: torch.Tensor) -> torch.Tensor:
+        """The noise estimate implied by ``model_output`` (eps = (x_t - alpha x0) / sigma)."""
+        if self.prediction_type == "epsilon":
+            return model_output
+        x_t = self.model_input[: model_output.shape[0]]
+        return (x_t - self.alpha * self.predicted_x0(model_output)) / self.sigma
+
+    def output_from_x0(self, x0: torch.Tensor) -> torch.Tensor:
+        """The model output (in this model's parameterisation) whose x0 estimate is ``x0``."""
+        x_t = self.model_input[: x0.shape[0]]
+        if self.prediction_type == "sample":
+            return x0
+        eps = (x_t - self.alpha * x0) / self.sigma
+        if self.prediction_type == "epsilon":
+            return eps
+        return self.alpha * eps - self.sigma * x0  # v = alpha eps - sigma x0
+
+    def output_from_eps(self, eps: torch.Tensor) -> torch.Tensor:
+        """The model output (in this model's parameterisation) whose noise estimate is ``eps``."""
+        if self.prediction_type == "epsilon":
+            return eps
+        x_t = self.model_input[: eps.shape[0]]
+        return self.output_from_x0((x_t - self.sigma * eps) / self.alpha)

@@ -23,6 +23,11 @@ class Guidance(ABC):
     #: whether the engine must encode the negative prompt (unconditional branch) at all
     needs_uncond: bool = False
 
+    def begin(self, init_latents: torch.Tensor | None) -> None:
+        """Called once per generation before the first step; ``init_latents`` are the clean (scaled)
+        latents of the init image in img2img, else None. Resets any per-generation state."""
+        return None
+
     @abstractmethod
     def branches(self, step: StepContext) -> tuple[str, ...]:
         """The branches to evaluate at this step, in batch order (e.g. ``("uncond", "cond")``)."""

@@ -1,4 +1,4 @@
-"""Classifier-free guidance (Ho & Salimans, 2022), with optional guidance rescale (Lin et al., 2023)."""
+"""Classifier-free guidance (Ho & Salimans, 2022), with guidance rescale (Lin et al., 2023) and a window."""
 
 from __future__ import annotations
 
@@ -8,34 +8,47 @@ import torch
 from pydantic import Field
 
 from accel_diffusion.engine.step import StepContext
+from accel_diffusion.errors import InvalidRequestError
 from accel_diffusion.guidance.base import COND, UNCOND, Guidance
 from accel_diffusion.registry import register_component
 
 
 @register_component("guidance", "cfg")
 class CfgGuidance(Guidance):
-    """CFG: uncond + scale (cond - uncond); 2 model evaluations per step (1 when scale == 1).
+    """CFG: uncond + scale (cond - uncond); 2 model evaluations per guided step, 1 elsewhere.
 
     ``rescale`` > 0 rescales the guided prediction's per-sample std towards the conditional one
-    (Lin et al. 2023, §3.4), in txt2img and img2img alike. Unlike diffusers, which switches guidance
-    off for scale <= 1, a scale in [0, 1) is applied as written (0 = the unconditional prediction).
+    (Lin et al. 2023, §3.4), in txt2img and img2img alike. ``start``/``stop`` limit guidance to the
+    steps whose progress (step index / steps) lies in [start, stop): switching it off for the last
+    steps is a cheap speed-up (1 evaluation instead of 2 there). Unlike diffusers, which switches
+    guidance off for scale <= 1, a scale in [0, 1) is applied as written (0 = the unconditional
+    prediction); scale 1 is the conditional prediction alone.
     """
 
     def __init__(
         self,
         scale: Annotated[float, Field(ge=0.0, le=100.0)] = 7.5,
         rescale: Annotated[float, Field(ge=0.0, le=1.0)] = 0.0,
+        start: Annotated[float, Field(ge=0.0, le=1.0)] = 0.0,
+        stop: Annotated[float, Field(ge=0.0, le=1.0)] = 1.0,
     ) -> None:
+        if start >= stop:
+            raise InvalidRequestError("strategy.guidance.stop", f"must be greater than start ({start}), got {stop}")
         self.scale = scale
         self.rescale = rescale
+        self.start = start
+        self.stop = stop
         self.needs_uncond = scale != 1.0
 
+    def guided(self, step: StepContext) -> bool:
+        return self.needs_uncond and self.start <= step.progress < self.stop
+
     def branches(self, step: StepContext) -> tuple[str, ...]:
-        return (UNCOND, COND) if self.needs_uncond else (COND,)
+        return (UNCOND, COND) if self.guided(step) else (COND,)
 
     def combine(self, predictions: dict[str, torch.Tensor], step: StepContext) -> torch.Tensor:
         cond = predictions[COND]
-        if not self.needs_uncond:
+        if UNCOND not in predictions:
             return cond
         uncond = predictions[UNCOND]
         guided = uncond + self.scale * (cond - uncond)

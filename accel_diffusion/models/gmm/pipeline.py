@@ -66,7 +66,9 @@ class GmmPipeline(DiffusionPipeline):
         from accel_diffusion.engine.loop import denoise
         from accel_diffusion.guidance.none import NoGuidance
 
-        x = denoise(self.denoiser, x, self.scheduler, self.scheduler.timesteps, NoGuidance(),
+        guidance = NoGuidance()
+        guidance.begin(None)
+        x = denoise(self.denoiser, x, self.scheduler, self.scheduler.timesteps, guidance,
                     Conditioning({"cond": {}}), step_kwargs=extra)
         samples: np.ndarray | torch.Tensor = x.cpu().numpy() if output_type == "np" else x
         if not return_dict:
