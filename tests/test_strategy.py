@@ -20,7 +20,7 @@ def test_strategy_json_round_trip_and_resolution() -> None:
     default = Strategy.parse({"sampler": "dpmpp_2m", "schedule": "spacing", "guidance": {"name": "cfg", "scale": 5}})
     resolved = strategy.resolved_over(default)
     assert resolved.sampler == {"name": "ddim", "eta": 0.5}
-    assert resolved.guidance == {"name": "cfg", "scale": 5.0, "rescale": 0.0}
+    assert resolved.guidance == {"name": "cfg", "scale": 5.0, "rescale": 0.0, "start": 0.0, "stop": 1.0}
     assert resolved.schedule == {"name": "spacing", "spacing": "model"}
 
 

@@ -32,7 +32,7 @@ def test_generate_writes_images_and_results(runner: CliRunner, tiny_models_file:
     assert [r["seed"] for r in summary["images"]] == [5, 6, 7, 8]
     assert [r["prompt"] for r in summary["images"]][1:3] == ["a red circle on a blue background", "a cross"]
     run = summary["runs"][0]
-    assert run["strategy"]["guidance"] == {"name": "cfg", "scale": 4.0, "rescale": 0.0}
+    assert run["strategy"]["guidance"] == {"name": "cfg", "scale": 4.0, "rescale": 0.0, "start": 0.0, "stop": 1.0}
     assert run["strategy"]["sampler"] == {"name": "ddim", "eta": 0.0}
     assert run["nfe"] == 6 and run["steps"] == 3
     assert Image.open(out / "0000_seed5.png").size == (32, 32)

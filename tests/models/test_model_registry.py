@@ -20,7 +20,7 @@ def test_default_registry_declares_the_builtins() -> None:
     shapes = registry.spec("shapes")
     assert shapes.location() == str(BUILTIN_DIR / "shapes")
     assert shapes.default_strategy.sampler["name"] == "dpmpp_2m"
-    assert shapes.default_strategy.guidance == {"name": "cfg", "scale": 5.0, "rescale": 0.0}
+    assert shapes.default_strategy.guidance == {"name": "cfg", "scale": 5.0, "rescale": 0.0, "start": 0.0, "stop": 1.0}
     for model_id in registry.ids():
         assert Path(registry.spec(model_id).location(), "model_index.json").is_file(), model_id
 
