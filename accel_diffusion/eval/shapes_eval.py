@@ -56,8 +56,13 @@ def evaluate_shapes(
     judge: ShapesJudge | None = None,
     real: np.ndarray | None = None,
     progress: bool = True,
+    init_image: Any = None,
+    strength: float = 0.8,
 ) -> dict[str, Any]:
-    """Generate one image per prompt (seed + index) and measure it. Returns JSON-safe metrics."""
+    """Generate one image per prompt (seed + index) and measure it. Returns JSON-safe metrics.
+
+    With ``init_image`` every image is img2img from it at ``strength`` (e.g. for RCFG self-negative).
+    """
     judge = judge or ShapesJudge.load()
     prompts = shapes_prompts(repeats)
     parsed = Strategy.parse(strategy)
@@ -66,7 +71,7 @@ def evaluate_shapes(
         for start in range(0, len(prompts), batch_size):
             chunk = prompts[start:start + batch_size]
             request = GenerationRequest.create(model=model, prompt=chunk, seed=seed + start, steps=steps,
-                                               strategy=parsed)
+                                               strategy=parsed, init_image=init_image, strength=strength)
             begin = time.perf_counter()
             result = engine.generate(request)
             seconds += time.perf_counter() - begin

@@ -14,7 +14,10 @@ as diffusers' ``normalized_guidance(..., use_original_formulation=True, guidance
 
 The threshold ``norm_threshold`` is on the root-mean-square of delta by default (``norm="rms"``:
 ||delta||_2 / sqrt(elements per sample)), so one value means the same at every resolution; ``norm="l2"``
-uses the plain L2 norm of the paper and diffusers, whose meaning grows with sqrt(H W C).
+uses the plain L2 norm of the paper and diffusers, whose meaning grows with sqrt(H W C). The default
+r = 0.01 (RMS, x0 space) was chosen on the built-in `shapes` model (benchmarks/guidance.py): the update
+(scale - 1) * delta then stays within 0.19 RMS per latent element at scale 20. r is model-specific, as
+in the paper; SD/SDXL latents are scaled to unit variance like `shapes`, so it is a starting point there.
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ class ApgGuidance(Guidance):
         self,
         scale: Annotated[float, Field(ge=0.0, le=100.0)] = 7.5,
         eta: Annotated[float, Field(ge=-10.0, le=10.0)] = 0.0,
-        norm_threshold: Annotated[float, Field(ge=0.0)] = 0.1,
+        norm_threshold: Annotated[float, Field(ge=0.0)] = 0.01,
         momentum: Annotated[float, Field(ge=-1.0, le=1.0)] = -0.5,
         space: Literal["x0", "model_output"] = "x0",
         norm: Literal["rms", "l2"] = "rms",
