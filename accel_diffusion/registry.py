@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import importlib
 import inspect
-import math
 import threading
 import typing
 from collections.abc import Callable, Mapping
@@ -244,10 +243,6 @@ def _range_text(ctx: Mapping[str, Any]) -> str:
     low = f"{'>=' if 'ge' in ctx else '>'} {ctx.get('ge', ctx.get('gt'))}" if ("ge" in ctx or "gt" in ctx) else ""
     high = f"{'<=' if 'le' in ctx else '<'} {ctx.get('le', ctx.get('lt'))}" if ("le" in ctx or "lt" in ctx) else ""
     return " and ".join(p for p in (low, high) if p)
-
-
-def is_finite_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 _REGISTRY = ComponentRegistry()

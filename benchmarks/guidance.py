@@ -91,7 +91,7 @@ def rcfg_vs_cfg(engine: Engine, judge: ShapesJudge, real: np.ndarray, repeats: i
                      "images_per_s": 1.0 / m["seconds_per_image"], "accuracy": m["prompt_accuracy"]["all"],
                      "clipped_fraction": m["saturation"]["clipped_fraction"],
                      "frechet_distance": m["frechet_distance"]})
-    speedups = paired_speedups(engine, init, [(steps, g) for steps, g in configs], repeats)
+    speedups = paired_speedups(engine, init, configs, repeats)
     for row, speedup in zip(rows, speedups):
         row["speedup_vs_cfg"] = speedup
     return rows

@@ -112,8 +112,8 @@ def _image_to_tensor(image: Image.Image, width: int, height: int) -> torch.Tenso
 
 def _request_size(model: LoadedPipeline, request: GenerationRequest) -> tuple[int, int]:
     width, height = request.width, request.height
+    factor = model.vae_scale_factor
     if request.init_image is not None and (width is None or height is None):
-        factor = model.vae_scale_factor
         iw, ih = request.init_image.size
         width = width or iw - iw % factor
         height = height or ih - ih % factor
@@ -121,7 +121,6 @@ def _request_size(model: LoadedPipeline, request: GenerationRequest) -> tuple[in
             raise InvalidRequestError("init_image", f"is {iw}x{ih}; it must be at least 8x8 pixels")
     default_w, default_h = model.default_size
     width, height = width or default_w, height or default_h
-    factor = model.vae_scale_factor
     if width % factor or height % factor:
         raise InvalidRequestError("width", f"this model needs multiples of {factor}, got {width}x{height}")
     return width, height

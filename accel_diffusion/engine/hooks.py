@@ -7,7 +7,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 from accel_diffusion.errors import GenerationCancelled
 
@@ -56,5 +55,3 @@ class LoopCounters:
     nfe: int = 0
     forward_passes: int = 0
 
-
-StepCallback = Callable[[int, int, torch.Tensor, torch.Tensor], None]

@@ -14,8 +14,6 @@ from accel_diffusion.engine.hooks import NO_HOOKS, GenerationHooks, LoopCounters
 from accel_diffusion.engine.step import StepContext
 from accel_diffusion.guidance.base import Guidance
 
-ModelFn = Callable[..., torch.Tensor]
-
 
 def call_model(model: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, **kwargs: Any) -> torch.Tensor:
     """Call a diffusers model (UNet, or any ModelMixin taking (sample, timestep)) and return its tensor."""

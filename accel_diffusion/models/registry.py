@@ -137,6 +137,3 @@ class ModelRegistry:
 
                 self._loaded[model_id] = load_pipeline(spec)
             return self._loaded[model_id]
-
-    def is_loaded(self, model_id: str) -> bool:
-        return model_id in self._loaded
