@@ -38,6 +38,9 @@ class ComponentKind(StrEnum):
 # Modules whose import registers the built-in components of each kind.
 _BUILTIN_COMPONENT_MODULES = (
     "accel_diffusion.samplers.diffusers_baselines",
+    "accel_diffusion.samplers.deis",
+    "accel_diffusion.samplers.heavy_ball",
+    "accel_diffusion.samplers.ghvb",
     "accel_diffusion.schedules.spacing",
     "accel_diffusion.schedules.karras",
     "accel_diffusion.schedules.explicit",

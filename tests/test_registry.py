@@ -12,7 +12,9 @@ from accel_diffusion.registry import ComponentRegistry, get_registry
 
 def test_builtin_components_registered() -> None:
     registry = get_registry()
-    assert registry.names("sampler") == ["ddim", "deis", "dpmpp_2m", "euler", "lcm", "unipc"]
+    assert registry.names("sampler") == [
+        "ddim", "deis", "diffusers_deis", "dpmpp_2m", "euler", "ghvb", "hb", "lcm", "unipc"
+    ]
     assert registry.names("schedule") == ["karras", "spacing", "timesteps"]
     assert registry.names("guidance") == ["apg", "cfg", "none", "rcfg"]
     assert registry.names("student") == [] and registry.names("runtime") == []

@@ -15,7 +15,8 @@ class StepContext:
 
     ``model_input`` is the VP-scaled x_t the model sees (``scheduler.scale_model_input(latents)``);
     ``alpha`` and ``sigma`` are the VP coefficients at ``timestep`` (x_t = alpha x0 + sigma eps),
-    computed on first use from the scheduler's ``alphas_cumprod``.
+    computed on first use (from the scheduler's ``alpha_sigma_at`` if it has one, else by interpolating
+    its ``alphas_cumprod``).
     """
 
     index: int
@@ -33,6 +34,9 @@ class StepContext:
 
     @cached_property
     def _alpha_sigma(self) -> tuple[float, float]:
+        exact = getattr(self.scheduler, "alpha_sigma_at", None)
+        if exact is not None:  # accel-diffusion's solvers know their (fractional-timestep) noise levels
+            return exact(self.timestep)
         alphas_cumprod = self.scheduler.alphas_cumprod
         t = float(self.timestep)
         low = int(t)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from abc import ABC, abstractmethod
 from typing import Any
 
@@ -44,3 +45,16 @@ NOISE_PROCESS_KEYS = (
 
 def noise_process_config(model_scheduler_config: dict[str, Any]) -> dict[str, Any]:
     return {k: model_scheduler_config[k] for k in NOISE_PROCESS_KEYS if k in model_scheduler_config}
+
+
+def build_scheduler(
+    cls: type[SchedulerMixin],
+    model_scheduler_config: dict[str, Any],
+    schedule_options: dict[str, Any],
+    **solver_settings: Any,
+) -> SchedulerMixin:
+    """``cls`` on the model's noise process, with the schedule's options that ``cls`` takes and the
+    sampler's own settings (a schedule may offer options only some schedulers know)."""
+    accepted = inspect.signature(cls.__init__).parameters
+    options = {k: v for k, v in schedule_options.items() if k in accepted}
+    return cls.from_config(noise_process_config(model_scheduler_config) | options, **solver_settings)

@@ -22,7 +22,7 @@ from diffusers import (
 from pydantic import Field
 
 from accel_diffusion.registry import register_component
-from accel_diffusion.samplers.base import Sampler, noise_process_config
+from accel_diffusion.samplers.base import Sampler, build_scheduler
 
 
 @register_component("sampler", "ddim")
@@ -35,8 +35,10 @@ class DdimSampler(Sampler):
     def make_scheduler(
         self, model_scheduler_config: dict[str, Any], schedule_options: dict[str, Any]
     ) -> SchedulerMixin:
-        return DDIMScheduler.from_config(
-            noise_process_config(model_scheduler_config) | schedule_options,
+        return build_scheduler(
+            DDIMScheduler,
+            model_scheduler_config,
+            schedule_options,
             clip_sample=False,
             set_alpha_to_one=model_scheduler_config.get("set_alpha_to_one", False),
         )
@@ -56,7 +58,7 @@ class EulerSampler(Sampler):
         self, model_scheduler_config: dict[str, Any], schedule_options: dict[str, Any]
     ) -> SchedulerMixin:
         cls = EulerAncestralDiscreteScheduler if self.ancestral else EulerDiscreteScheduler
-        return cls.from_config(noise_process_config(model_scheduler_config) | schedule_options)
+        return build_scheduler(cls, model_scheduler_config, schedule_options)
 
 
 @register_component("sampler", "dpmpp_2m")
@@ -76,8 +78,10 @@ class DpmppMultistepSampler(Sampler):
     def make_scheduler(
         self, model_scheduler_config: dict[str, Any], schedule_options: dict[str, Any]
     ) -> SchedulerMixin:
-        return DPMSolverMultistepScheduler.from_config(
-            noise_process_config(model_scheduler_config) | schedule_options,
+        return build_scheduler(
+            DPMSolverMultistepScheduler,
+            model_scheduler_config,
+            schedule_options,
             algorithm_type="dpmsolver++",
             solver_order=self.order,
             solver_type="midpoint",
@@ -98,8 +102,10 @@ class UniPcSampler(Sampler):
     def make_scheduler(
         self, model_scheduler_config: dict[str, Any], schedule_options: dict[str, Any]
     ) -> SchedulerMixin:
-        return UniPCMultistepScheduler.from_config(
-            noise_process_config(model_scheduler_config) | schedule_options,
+        return build_scheduler(
+            UniPCMultistepScheduler,
+            model_scheduler_config,
+            schedule_options,
             solver_order=self.order,
             solver_type=self.solver_type,
             predict_x0=True,
@@ -107,9 +113,9 @@ class UniPcSampler(Sampler):
         )
 
 
-@register_component("sampler", "deis")
+@register_component("sampler", "diffusers_deis")
 class DiffusersDeisSampler(Sampler):
-    """diffusers' DEISMultistepScheduler (log-rho DEIS); order = number of epsilon values used."""
+    """diffusers' DEISMultistepScheduler (log-rho DEIS; the anchor for our "deis"); order = eps values used."""
 
     def __init__(self, order: Literal[1, 2, 3] = 2) -> None:
         self.order = order
@@ -117,8 +123,12 @@ class DiffusersDeisSampler(Sampler):
     def make_scheduler(
         self, model_scheduler_config: dict[str, Any], schedule_options: dict[str, Any]
     ) -> SchedulerMixin:
-        return DEISMultistepScheduler.from_config(
-            noise_process_config(model_scheduler_config) | schedule_options, solver_order=self.order, thresholding=False
+        return build_scheduler(
+            DEISMultistepScheduler,
+            model_scheduler_config,
+            schedule_options,
+            solver_order=self.order,
+            thresholding=False,
         )
 
 
@@ -132,8 +142,10 @@ class LcmSampler(Sampler):
     def make_scheduler(
         self, model_scheduler_config: dict[str, Any], schedule_options: dict[str, Any]
     ) -> SchedulerMixin:
-        return LCMScheduler.from_config(
-            noise_process_config(model_scheduler_config) | schedule_options,
+        return build_scheduler(
+            LCMScheduler,
+            model_scheduler_config,
+            schedule_options,
             original_inference_steps=self.original_inference_steps,
             clip_sample=False,
             set_alpha_to_one=model_scheduler_config.get("set_alpha_to_one", False),

@@ -13,7 +13,7 @@ from accel_diffusion.errors import InvalidRequestError
 from accel_diffusion.registry import register_component
 from accel_diffusion.schedules.base import Schedule, incompatible, scheduler_accepts
 
-TIMESTEP_SAMPLERS = ["dpmpp_2m", "euler", "lcm"]
+TIMESTEP_SAMPLERS = ["deis", "dpmpp_2m", "euler", "ghvb", "hb", "lcm"]
 
 
 def _strictly_decreasing(timesteps: list[int]) -> list[int]:

@@ -58,7 +58,10 @@ def _txt2img_parity(model: LoadedPipeline, directory: Path, sampler: dict, scale
     return float(np.abs(ours.images - theirs).max())
 
 
-@pytest.mark.parametrize("sampler", [{"name": "ddim"}, {"name": "dpmpp_2m"}, {"name": "euler"}, {"name": "unipc"}])
+@pytest.mark.parametrize("sampler", [
+    {"name": "ddim"}, {"name": "dpmpp_2m"}, {"name": "euler"}, {"name": "unipc"},
+    {"name": "deis", "variant": "tab", "order": 3}, {"name": "hb", "beta": 0.8}, {"name": "ghvb", "order": 3.8},
+])
 def test_txt2img_parity_with_diffusers_tiny(tiny_sd: LoadedPipeline, tiny_sd_dir: Path, sampler: dict) -> None:
     assert _txt2img_parity(tiny_sd, tiny_sd_dir, sampler, 5.0, 10, PROMPTS, 11, 32) <= 1e-4
 
@@ -128,7 +131,10 @@ def _init_image() -> Image.Image:
     return Image.fromarray(array)
 
 
-@pytest.mark.parametrize(("sampler", "strength"), [({"name": "ddim"}, 0.6), ({"name": "dpmpp_2m"}, 0.8)])
+@pytest.mark.parametrize(("sampler", "strength"), [
+    ({"name": "ddim"}, 0.6), ({"name": "dpmpp_2m"}, 0.8), ({"name": "deis", "order": 2}, 0.7),
+    ({"name": "hb", "beta": 0.8}, 0.8), ({"name": "ghvb", "order": 2.8}, 0.6),
+])
 def test_img2img_parity_with_diffusers_tiny(
     tiny_sd: LoadedPipeline, tiny_sd_dir: Path, sampler: dict, strength: float
 ) -> None:
@@ -342,3 +348,31 @@ def test_scheduler_step_limits_become_field_errors(tiny_sd: LoadedPipeline) -> N
         generate(tiny_sd, GenerationRequest.create(model="tiny-sd", prompt="a", steps=60,
                                                    strategy={"sampler": {"name": "lcm"}}))
     assert err.value.field == "steps" and "'lcm'" in err.value.message
+
+
+def test_noise_level_grids_for_our_samplers(tiny_sd: LoadedPipeline) -> None:
+    events: list = []
+    quadratic = generate(tiny_sd, GenerationRequest.create(
+        model="tiny-sd", prompt=PROMPTS[0], seed=1, steps=5,
+        strategy={"sampler": {"name": "deis"}}), GenerationHooks(on_step=events.append))
+    t = np.array([e.timestep for e in events])
+    assert quadratic.nfe == 10 and not np.allclose(t, np.round(t))  # fractional timesteps, DEIS's own grid
+    np.testing.assert_allclose(np.diff(np.sqrt(t)), np.diff(np.sqrt(t)).mean(), rtol=1e-4)
+    leading = generate(tiny_sd, GenerationRequest.create(
+        model="tiny-sd", prompt=PROMPTS[0], seed=1, steps=5,
+        strategy={"sampler": {"name": "deis"}, "schedule": {"name": "spacing", "spacing": "leading"}}),
+        GenerationHooks(on_step=events.append))
+    assert [e.timestep for e in events[5:]] == [831.0, 665.0, 499.0, 333.0, 167.0] and leading.nfe == 10
+    karras3 = generate(tiny_sd, GenerationRequest.create(
+        model="tiny-sd", prompt=PROMPTS[0], seed=1, steps=5,
+        strategy={"sampler": {"name": "ghvb", "order": 2.5}, "schedule": {"name": "karras", "rho": 3.0}}))
+    assert karras3.strategy.schedule == {"name": "karras", "rho": 3.0} and np.isfinite(karras3.images).all()
+    with pytest.raises(IncompatibleStrategyError) as err:
+        generate(tiny_sd, GenerationRequest.create(
+            model="tiny-sd", prompt="a", strategy={"sampler": {"name": "ddim"},
+                                                  "schedule": {"name": "spacing", "spacing": "log_snr"}}))
+    assert err.value.allowed == "'deis', 'ghvb', 'hb'"
+    with pytest.raises(IncompatibleStrategyError, match="rho=3"):
+        generate(tiny_sd, GenerationRequest.create(
+            model="tiny-sd", prompt="a", strategy={"sampler": {"name": "dpmpp_2m"},
+                                                  "schedule": {"name": "karras", "rho": 3.0}}))
