@@ -14,7 +14,6 @@ integers still sees exactly the noise level it integrates over.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from itertools import pairwise
 
 import numpy as np
 import torch
@@ -148,20 +147,26 @@ def lagrange_basis(nodes: np.ndarray, x: np.ndarray) -> np.ndarray:
     return out
 
 
-def gauss_integral(
-    f_values: Callable[[np.ndarray], np.ndarray], a: float, b: float, breakpoints: np.ndarray | None = None
-) -> np.ndarray:
-    """∫_a^b f(x) dx for vector-valued f (rows), 16-point Gauss-Legendre on each smooth piece.
+def gauss_points(a: float, b: float, breakpoints: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Points and weights of 16-point Gauss-Legendre on each smooth piece of [a, b] (either order).
 
-    ``breakpoints`` are points inside (a, b) where f is not smooth (it is split there).
+    ``breakpoints`` are points inside the interval where the integrand is not smooth.
     """
     inner = np.sort(np.asarray(breakpoints if breakpoints is not None else [], dtype=np.float64))
     edges = np.concatenate([[a], inner if b > a else inner[::-1], [b]])
-    total = 0.0
-    for lo, hi in pairwise(edges):
-        half, mid = 0.5 * (hi - lo), 0.5 * (hi + lo)
-        total = total + half * (f_values(mid + half * _GAUSS_NODES) @ _GAUSS_WEIGHTS)
-    return np.asarray(total)
+    half = 0.5 * np.diff(edges)
+    mid = 0.5 * (edges[:-1] + edges[1:])
+    points = (mid[:, None] + half[:, None] * _GAUSS_NODES[None, :]).ravel()
+    weights = (half[:, None] * _GAUSS_WEIGHTS[None, :]).ravel()
+    return points, weights
+
+
+def gauss_integral(
+    f_values: Callable[[np.ndarray], np.ndarray], a: float, b: float, breakpoints: np.ndarray | None = None
+) -> np.ndarray:
+    """∫_a^b f(x) dx for vector-valued f (one row per component), see :func:`gauss_points`."""
+    points, weights = gauss_points(a, b, breakpoints)
+    return np.asarray(f_values(points) @ weights)
 
 
 def log_rho_lagrange_integrals(rho_a: float, rho_b: float, rho_nodes: np.ndarray) -> np.ndarray:

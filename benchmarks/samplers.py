@@ -1,0 +1,303 @@
+"""Sampler benchmark: the gmm oracle (exact endpoints), the shipped `shapes` model, step overhead.
+
+    python benchmarks/samplers.py --out benchmarks/results/samplers_cpu.json [--parts gmm,shapes,overhead]
+
+1. gmm: mean endpoint error (L2, 2048 samples of the 9-mode mixture, exact probability-flow ODE
+   endpoint of each sampler's own interval) vs NFE 5, 6, 8, 10, 15, 20, 50 for diffusers' DDIM,
+   DPM-Solver++ 2M, UniPC and DEIS (2, 3), every DEIS variant and order, HB (beta 0.8, 0.9) and
+   GHVB (1.5, 2.5, 3.8). Every sampler runs on the trailing grid (t = 999 first, as diffusers
+   would), and ours also on their own noise-level grids.
+2. shapes: prompt accuracy, FD-shapes and out-of-gamut pixels (< 10 or > 250) for the 196 prompts
+   at 4, 6, 8, 10, 15, 25 steps with CFG 5 and 10, 25 steps with CFG 7.5 and 15; diffusers'
+   anchors and ours, all in this one run on the shipped model.
+3. overhead: time of one scheduler step (no model) on an SD-sized latent, ours vs diffusers'
+   DPMSolverMultistepScheduler, interleaved.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np
+import torch
+from diffusers import (
+    DDIMScheduler,
+    DEISMultistepScheduler,
+    DPMSolverMultistepScheduler,
+    UniPCMultistepScheduler,
+)
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).parent))
+from engine import machine
+
+from accel_diffusion.engine import Engine
+from accel_diffusion.eval.gmm_metrics import endpoint_error
+from accel_diffusion.eval.shapes_eval import evaluate_shapes, real_renders
+from accel_diffusion.eval.shapes_judge import ShapesJudge
+from accel_diffusion.models.gmm.mixture import pf_ode_endpoint
+from accel_diffusion.models.gmm.pipeline import load_gmm_pipeline
+from accel_diffusion.models.registry import ModelRegistry
+from accel_diffusion.schedulers.deis import DeisScheduler
+from accel_diffusion.schedulers.ghvb import GhvbScheduler
+from accel_diffusion.schedulers.heavy_ball import HeavyBallScheduler
+
+GMM_NFES = (5, 6, 8, 10, 15, 20, 50)
+GMM_SAMPLES = 2048
+OUR_GRIDS = ("quadratic_t", "log_snr", "karras")
+
+
+# --------------------------------------------------------------------------------------------
+# 1. gmm oracle
+# --------------------------------------------------------------------------------------------
+
+def gmm_samplers(noise: dict[str, Any]) -> list[tuple[str, str, Any]]:
+    """(name, grid, factory) for every sampler of the gmm study."""
+    trailing = {**noise, "timestep_spacing": "trailing"}
+    ours_trailing = {**trailing, "sigma_spacing": None}
+    rows: list[tuple[str, str, Any]] = [
+        ("diffusers DDIM", "trailing",
+         lambda: DDIMScheduler(**trailing, set_alpha_to_one=True, clip_sample=False)),
+        ("diffusers DPM-Solver++ 2M", "trailing", lambda: DPMSolverMultistepScheduler(**trailing)),
+        ("diffusers UniPC", "trailing", lambda: UniPCMultistepScheduler(**trailing)),
+        ("diffusers DEIS 2", "trailing", lambda: DEISMultistepScheduler(**trailing, solver_order=2)),
+        ("diffusers DEIS 3", "trailing", lambda: DEISMultistepScheduler(**trailing, solver_order=3)),
+    ]
+    deis = [(variant, order) for variant in ("tab", "rhoab", "logrho", "ipndm") for order in (2, 3, 4)]
+    momentum = [("HB 0.8 (DPM-Solver++ 2M)", HeavyBallScheduler, {"beta": 0.8}),
+                ("HB 0.9 (DPM-Solver++ 2M)", HeavyBallScheduler, {"beta": 0.9}),
+                ("HB 0.8 (PLMS-4)", HeavyBallScheduler, {"beta": 0.8, "base": "plms"}),
+                *[(f"GHVB {label}", GhvbScheduler, {"order": label}) for label in (1.5, 2.5, 3.8)]]
+    for grid_name, grid in [("trailing", ours_trailing), *[(g, {**noise, "sigma_spacing": g}) for g in OUR_GRIDS]]:
+        rows.append(("DEIS order 1 (= DDIM)", grid_name, lambda grid=grid: DeisScheduler(**grid, order=1)))
+        for variant, order in deis:
+            rows.append((f"DEIS {variant} {order}", grid_name,
+                         lambda grid=grid, v=variant, o=order: DeisScheduler(**grid, variant=v, order=o)))
+        if grid_name == "trailing":  # same end point as diffusers' DEIS (which cannot go to sigma 0)
+            for order in (2, 3):
+                rows.append((f"DEIS logrho {order}, sigma_min end", grid_name, lambda grid=grid, o=order:
+                             DeisScheduler(**grid, variant="logrho", order=o, final_sigmas_type="sigma_min")))
+                rows.append((f"DEIS tab {order}, sigma_min end", grid_name, lambda grid=grid, o=order:
+                             DeisScheduler(**grid, variant="tab", order=o, final_sigmas_type="sigma_min")))
+        for name, cls, settings in momentum:
+            rows.append((name, grid_name, lambda grid=grid, cls=cls, s=settings: cls(**grid, **s)))
+    return rows
+
+
+def final_rho(scheduler: Any) -> tuple[float, float]:
+    """(first, last) noise level rho of a scheduler's trajectory after set_timesteps."""
+    if hasattr(scheduler, "rho"):
+        return float(scheduler.rho[0]), float(scheduler.rho[-1])
+    acp = scheduler.alphas_cumprod.double()
+    first = float(((1 - acp[int(scheduler.timesteps[0])]) / acp[int(scheduler.timesteps[0])]).sqrt())
+    if isinstance(scheduler, DDIMScheduler):
+        last_acp = float(scheduler.final_alpha_cumprod)
+        return first, float(np.sqrt((1 - last_acp) / last_acp))
+    return first, float(scheduler.sigmas[-1])
+
+
+def gmm_study() -> dict[str, Any]:
+    pipe = load_gmm_pipeline()
+    denoiser = pipe.denoiser
+    noise = {k: denoiser.config[k] for k in ("num_train_timesteps", "beta_schedule", "beta_start", "beta_end")}
+    x_T = torch.randn(GMM_SAMPLES, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    exact: dict[tuple[float, float], torch.Tensor] = {}
+    rows = []
+    samplers = gmm_samplers(noise)
+    for name, grid, factory in tqdm(samplers, desc="gmm"):
+        errors = {}
+        for nfe in GMM_NFES:
+            scheduler = factory()
+            scheduler.set_timesteps(nfe)
+            x = x_T.clone()
+            for t in scheduler.timesteps:
+                x = scheduler.step(denoiser(x, t).sample, t, x).prev_sample
+            key = tuple(round(v, 12) for v in final_rho(scheduler))
+            if key not in exact:
+                exact[key] = pf_ode_endpoint(denoiser.mixture, x_T, key[0], key[1])
+            errors[str(nfe)] = endpoint_error(x, exact[key])["mean"]
+        rows.append({"sampler": name, "grid": grid, "mean_endpoint_error": errors})
+    return {"samples": GMM_SAMPLES, "nfe": list(GMM_NFES), "rows": rows}
+
+
+# --------------------------------------------------------------------------------------------
+# 2. shapes
+# --------------------------------------------------------------------------------------------
+
+CFG5_STEPS = (4, 6, 8, 10, 15, 25)
+HIGH_CFG = ((7.5, (10, 25)), (15.0, (10, 25)))
+
+SHAPES_SAMPLERS: list[tuple[str, str, dict, dict]] = [
+    # (group, label, sampler, schedule)
+    ("diffusers", "DDIM (trailing)", {"name": "ddim"}, {"name": "spacing", "spacing": "trailing"}),
+    ("diffusers", "Euler", {"name": "euler"}, {"name": "spacing"}),
+    ("diffusers", "DPM-Solver++ 2M", {"name": "dpmpp_2m"}, {"name": "spacing"}),
+    ("diffusers", "DPM-Solver++ 2M karras", {"name": "dpmpp_2m"}, {"name": "karras"}),
+    ("diffusers", "UniPC", {"name": "unipc"}, {"name": "spacing"}),
+    ("diffusers", "DEIS 2", {"name": "diffusers_deis", "order": 2}, {"name": "spacing"}),
+    ("diffusers", "DEIS 3", {"name": "diffusers_deis", "order": 3}, {"name": "spacing"}),
+    ("ours", "DEIS tab 3 (quadratic-t)", {"name": "deis", "variant": "tab", "order": 3}, {"name": "spacing"}),
+    ("ours", "DEIS tab 2 (quadratic-t)", {"name": "deis", "variant": "tab", "order": 2}, {"name": "spacing"}),
+    ("ours", "DEIS logrho 3 (log-SNR)", {"name": "deis", "variant": "logrho", "order": 3},
+     {"name": "spacing", "spacing": "log_snr"}),
+    ("ours", "DEIS order 1 = DDIM (karras)", {"name": "deis", "order": 1}, {"name": "karras"}),
+    ("ours", "DEIS order 1 = DDIM (log-SNR)", {"name": "deis", "order": 1}, {"name": "spacing", "spacing": "log_snr"}),
+    ("ours", "HB 0.8 on DPM++ 2M (log-SNR)", {"name": "hb", "beta": 0.8}, {"name": "spacing"}),
+    ("ours", "HB 0.8 on DPM++ 2M (model grid)", {"name": "hb", "beta": 0.8}, {"name": "spacing", "spacing": "leading"}),
+    ("ours", "GHVB 1.8 (log-SNR)", {"name": "ghvb", "order": 1.8}, {"name": "spacing"}),
+    ("ours", "GHVB 2.8 (log-SNR)", {"name": "ghvb", "order": 2.8}, {"name": "spacing"}),
+    ("ours", "GHVB 3.8 (log-SNR)", {"name": "ghvb", "order": 3.8}, {"name": "spacing"}),
+    ("ours", "PLMS-4 = GHVB 4.0 (log-SNR)", {"name": "ghvb", "order": 4.0}, {"name": "spacing"}),
+    ("ours", "GHVB 0.8 = HB on DDIM (karras rho 3)", {"name": "ghvb", "order": 0.8}, {"name": "karras", "rho": 3.0}),
+]
+
+
+def shapes_cells() -> list[tuple[float, int]]:
+    cells = [(5.0, steps) for steps in CFG5_STEPS]
+    for scale, steps in HIGH_CFG:
+        cells += [(scale, s) for s in steps]
+    return cells
+
+
+def shapes_study(only: set[str] | None = None) -> dict[str, Any]:
+    engine = Engine(ModelRegistry.default())
+    judge = ShapesJudge.load()
+    real = real_renders()
+    rows = []
+    chosen = [s for s in SHAPES_SAMPLERS if only is None or s[1] in only]
+    work = [(s, cell) for s in chosen for cell in shapes_cells()]
+    for (group, label, sampler, schedule), (scale, steps) in tqdm(work, desc="shapes"):
+        m = evaluate_shapes(engine, strategy={"sampler": sampler, "schedule": schedule,
+                                              "guidance": {"name": "cfg", "scale": scale}},
+                            steps=steps, judge=judge, real=real, progress=False)
+        rows.append({"group": group, "sampler": label, "cfg": scale, "steps": steps,
+                     "accuracy": m["prompt_accuracy"]["all"], "frechet_distance": m["frechet_distance"],
+                     "out_of_gamut": m["saturation"]["clipped_fraction"], "nfe_per_image": m["nfe_per_image"],
+                     "strategy": m["strategy"]})
+    return {"images_per_cell": 196, "rows": rows}
+
+
+# --------------------------------------------------------------------------------------------
+# 3. step overhead
+# --------------------------------------------------------------------------------------------
+
+def step_seconds(scheduler: Any, latent: torch.Tensor, output: torch.Tensor, steps: int = 25) -> float:
+    """Mean wall time of ``scheduler.step`` over one full trajectory (no model)."""
+    scheduler.set_timesteps(steps)
+    x = latent.clone()
+    begin = time.perf_counter()
+    for t in scheduler.timesteps:
+        x = scheduler.step(output, t, x, return_dict=False)[0]
+    return (time.perf_counter() - begin) / steps
+
+
+def step_overhead(repeats: int = 15) -> dict[str, Any]:
+    config = DPMSolverMultistepScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                                         steps_offset=1, timestep_spacing="leading").config
+    ours = {
+        "DEIS tab 3": lambda: DeisScheduler.from_config(config, variant="tab", order=3),
+        "DEIS logrho 3": lambda: DeisScheduler.from_config(config, variant="logrho", order=3),
+        "HB 0.8": lambda: HeavyBallScheduler.from_config(config, beta=0.8),
+        "GHVB 3.8": lambda: GhvbScheduler.from_config(config, order=3.8),
+    }
+    result: dict[str, Any] = {"latent": [1, 4, 64, 64], "steps_per_trajectory": 25, "repeats": repeats}
+    generator = torch.Generator().manual_seed(0)
+    latent = torch.randn(1, 4, 64, 64, generator=generator)
+    output = torch.randn(1, 4, 64, 64, generator=generator) * 0.1
+    for name, factory in ours.items():
+        theirs_s, ours_s = [], []
+        for _ in range(repeats):  # interleaved, so drift hits both alike
+            theirs_s.append(step_seconds(DPMSolverMultistepScheduler.from_config(config), latent, output))
+            ours_s.append(step_seconds(factory(), latent, output))
+        result[name] = {"ours_us": 1e6 * statistics.median(ours_s),
+                        "dpm_solver_us": 1e6 * statistics.median(theirs_s),
+                        "ratio": statistics.median(ours_s) / statistics.median(theirs_s),
+                        "set_timesteps_ms": 1e3 * set_timesteps_seconds(factory()),
+                        "dpm_solver_set_timesteps_ms": 1e3 * set_timesteps_seconds(
+                            DPMSolverMultistepScheduler.from_config(config))}
+    return result
+
+
+def set_timesteps_seconds(scheduler: Any, steps: int = 25, repeats: int = 5) -> float:
+    """Once per generation: the grid and (for DEIS) the float64 coefficient table."""
+    times = []
+    for _ in range(repeats):
+        begin = time.perf_counter()
+        scheduler.set_timesteps(steps)
+        times.append(time.perf_counter() - begin)
+    return statistics.median(times)
+
+
+# --------------------------------------------------------------------------------------------
+# report
+# --------------------------------------------------------------------------------------------
+
+def markdown(result: dict[str, Any]) -> str:
+    out = []
+    if "gmm" in result:
+        gmm = result["gmm"]
+        out.append(f"gmm oracle, mean endpoint error ({gmm['samples']} samples) vs NFE:\n")
+        out.append("| sampler | grid | " + " | ".join(str(n) for n in gmm["nfe"]) + " |")
+        out.append("|---|---|" + "---|" * len(gmm["nfe"]))
+        for row in gmm["rows"]:
+            errs = row["mean_endpoint_error"]
+            out.append(f"| {row['sampler']} | {row['grid']} | "
+                       + " | ".join(f"{errs[str(n)]:.2e}" for n in gmm["nfe"]) + " |")
+        out.append("")
+    if "shapes" in result:
+        rows = result["shapes"]["rows"]
+        cells = sorted({(r["cfg"], r["steps"]) for r in rows})
+        out.append("shapes, prompt accuracy / out-of-gamut % / FD per (CFG, steps):\n")
+        out.append("| sampler | " + " | ".join(f"CFG {c:g}, {s}" for c, s in cells) + " |")
+        out.append("|---|" + "---|" * len(cells))
+        for label in dict.fromkeys(r["sampler"] for r in rows):
+            by_cell = {(r["cfg"], r["steps"]): r for r in rows if r["sampler"] == label}
+            out.append(f"| {label} | " + " | ".join(
+                f"{by_cell[c]['accuracy']:.3f} / {100 * by_cell[c]['out_of_gamut']:.1f} / "
+                f"{by_cell[c]['frechet_distance']:.0f}" if c in by_cell else "" for c in cells) + " |")
+        out.append("")
+    if "overhead" in result:
+        over = result["overhead"]
+        out.append("step overhead (one scheduler step, no model, 1x4x64x64 latent), median of interleaved runs:\n")
+        out.append("| sampler | ours µs | DPM-Solver++ µs | ratio | set_timesteps(25) ms, ours / DPM-Solver++ |")
+        out.append("|---|---|---|---|---|")
+        for name, row in over.items():
+            if isinstance(row, dict):
+                out.append(f"| {name} | {row['ours_us']:.0f} | {row['dpm_solver_us']:.0f} | {row['ratio']:.2f} | "
+                           f"{row['set_timesteps_ms']:.2f} / {row['dpm_solver_set_timesteps_ms']:.2f} |")
+    return "\n".join(out)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", default="benchmarks/results/samplers_cpu.json")
+    parser.add_argument("--parts", default="gmm,shapes,overhead")
+    parser.add_argument("--shapes-only", default="", help="comma-separated sampler labels (default: all)")
+    args = parser.parse_args()
+    parts = set(args.parts.split(","))
+    out = Path(args.out)
+    result: dict[str, Any] = json.loads(out.read_text()) if out.exists() else {}
+    result.update({"benchmark": "samplers", "machine": machine()})
+    if "gmm" in parts:
+        result["gmm"] = gmm_study()
+    if "shapes" in parts:
+        only = set(args.shapes_only.split(",")) if args.shapes_only else None
+        result["shapes"] = shapes_study(only)
+    if "overhead" in parts:
+        result["overhead"] = step_overhead()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1))
+    print(markdown(result))
+
+
+if __name__ == "__main__":
+    main()
