@@ -7,9 +7,12 @@
    DPM-Solver++ 2M, UniPC and DEIS (2, 3), every DEIS variant and order, HB (beta 0.8, 0.9) and
    GHVB (1.5, 2.5, 3.8). Every sampler runs on the trailing grid (t = 999 first, as diffusers
    would), and ours also on their own noise-level grids.
+   orders: the convergence orders of tests/schedulers/test_convergence.py as a table, and DEIS
+   k >= 3 with its lower-order warm-up vs exact starting values.
 2. shapes: prompt accuracy, FD-shapes and out-of-gamut pixels (< 10 or > 250) for the 196 prompts
    at 4, 6, 8, 10, 15, 25 steps with CFG 5 and 10, 25 steps with CFG 7.5 and 15; diffusers'
    anchors and ours, all in this one run on the shipped model.
+   grids: DEIS order 3 (tab, logrho) at 25 steps, CFG 5 on every grid: the cause of the collapse.
 3. overhead: time of one scheduler step (no model) on an SD-sized latent, ours vs diffusers'
    DPMSolverMultistepScheduler, interleaved.
 """
@@ -41,9 +44,10 @@ sys.path.insert(0, str(Path(__file__).parent))
 from engine import machine
 
 from accel_diffusion.engine import Engine
-from accel_diffusion.eval.gmm_metrics import endpoint_error
+from accel_diffusion.eval.gmm_metrics import endpoint_error, observed_order
 from accel_diffusion.eval.shapes_eval import evaluate_shapes, real_renders
 from accel_diffusion.eval.shapes_judge import ShapesJudge
+from accel_diffusion.models.gmm import GmmDenoiser
 from accel_diffusion.models.gmm.mixture import pf_ode_endpoint
 from accel_diffusion.models.gmm.pipeline import load_gmm_pipeline
 from accel_diffusion.models.registry import ModelRegistry
@@ -130,6 +134,76 @@ def gmm_study() -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------------------------
+# 1b. convergence orders (the setting of tests/schedulers/test_convergence.py) and the warm-up
+# --------------------------------------------------------------------------------------------
+
+ORDER_STEPS = (10, 20, 40, 80)
+
+
+def order_study() -> dict[str, Any]:
+    """Observed global orders on the mixture, and the same k >= 3 DEIS with exact starting values."""
+    pipe = load_gmm_pipeline()
+    denoiser = pipe.denoiser
+    noise = {k: denoiser.config[k] for k in ("num_train_timesteps", "beta_schedule", "beta_start", "beta_end")}
+    grid = {**noise, "sigma_spacing": "log_snr", "final_sigmas_type": "sigma_min"}
+    cases: list[tuple[str, Any, int | str]] = [
+        ("DDIM (DEIS order 1)", lambda: DeisScheduler(**grid, order=1), 1),
+        ("HB 0.8 on DPM-Solver++ 2M", lambda: HeavyBallScheduler(**grid, beta=0.8, lower_order_final=False), 1),
+        ("HB 0.8 on PLMS-4", lambda: HeavyBallScheduler(**grid, beta=0.8, base="plms"), 1),
+        ("DPM-Solver++ 2M (HB beta 1)", lambda: HeavyBallScheduler(**grid, beta=1.0, lower_order_final=False), 2),
+        *[(f"DEIS {v} {k}", lambda v=v, k=k: DeisScheduler(**grid, variant=v, order=k, lower_order_final=False),
+           k if k <= 2 else f"{k} (2 with warm-up)") for v in ("tab", "rhoab", "logrho") for k in (2, 3, 4)],
+        *[(f"DEIS ipndm {k}", lambda k=k: DeisScheduler(**grid, variant="ipndm", order=k, lower_order_final=False),
+           2) for k in (2, 3, 4)],
+        *[(f"GHVB {label}", lambda label=label: GhvbScheduler(**grid, order=label), 2) for label in (1.5, 2.5, 3.8)],
+    ]
+    x_T = torch.randn(256, 2, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    probe = cases[0][1]()
+    probe.set_timesteps(10)
+    exact = pf_ode_endpoint(denoiser.mixture, x_T, float(probe.rho[0]), float(probe.rho[-1]))
+    rows = []
+    for name, factory, theory in tqdm(cases, desc="orders"):
+        errors = []
+        for n in ORDER_STEPS:
+            scheduler = factory()
+            scheduler.set_timesteps(n)
+            x = x_T
+            for t in scheduler.timesteps:
+                x = scheduler.step(denoiser(x, t).sample, t, x).prev_sample
+            errors.append(endpoint_error(x, exact)["mean"])
+        rows.append({"sampler": name, "theory": theory, "errors": errors,
+                     "observed": observed_order(ORDER_STEPS, errors)})
+    return {"steps": list(ORDER_STEPS), "rows": rows, "warm_up": warm_up_study(denoiser, noise)}
+
+
+def warm_up_study(denoiser: Any, noise: dict[str, Any]) -> list[dict[str, Any]]:
+    """One mixture component (a Gaussian), log-SNR steps on rho in [3, 0.1]: DEIS k = 3, 4 started
+    with its usual lower-order warm-up vs with the exact trajectory for its first k - 1 states."""
+    mixture = denoiser.mixture.component(8)
+    model = GmmDenoiser.from_mixture(mixture, **noise)
+    start = pf_ode_endpoint(mixture, torch.randn(64, 2, generator=torch.Generator().manual_seed(0),
+                                                  dtype=torch.float64), model.rho_max, 3.0)
+    end = pf_ode_endpoint(mixture, start, 3.0, 0.1)
+    rows = []
+    for variant in ("tab", "rhoab", "logrho"):
+        for k in (3, 4):
+            for exact_start in (False, True):
+                errors = []
+                for n in ORDER_STEPS:
+                    scheduler = DeisScheduler(**noise, variant=variant, order=k, lower_order_final=False)
+                    scheduler.set_timesteps(sigmas=np.geomspace(3.0, 0.1, n + 1))
+                    x = start
+                    for i, t in enumerate(scheduler.timesteps):
+                        if exact_start and 0 < i < k - 1:
+                            x = pf_ode_endpoint(mixture, start, 3.0, float(scheduler.rho[i]))
+                        x = scheduler.step(model(x, t).sample, t, x).prev_sample
+                    errors.append(endpoint_error(x, end)["mean"])
+                rows.append({"sampler": f"DEIS {variant} {k}", "exact_start": exact_start, "errors": errors,
+                             "observed": observed_order(ORDER_STEPS, errors)})
+    return rows
+
+
+# --------------------------------------------------------------------------------------------
 # 2. shapes
 # --------------------------------------------------------------------------------------------
 
@@ -152,10 +226,13 @@ SHAPES_SAMPLERS: list[tuple[str, str, dict, dict]] = [
     ("ours", "DEIS order 1 = DDIM (karras)", {"name": "deis", "order": 1}, {"name": "karras"}),
     ("ours", "DEIS order 1 = DDIM (log-SNR)", {"name": "deis", "order": 1}, {"name": "spacing", "spacing": "log_snr"}),
     ("ours", "HB 0.8 on DPM++ 2M (log-SNR)", {"name": "hb", "beta": 0.8}, {"name": "spacing"}),
-    ("ours", "HB 0.8 on DPM++ 2M (model grid)", {"name": "hb", "beta": 0.8}, {"name": "spacing", "spacing": "leading"}),
+    ("ours", "HB 0.8 on DPM++ 2M (model grid)", {"name": "hb", "beta": 0.8},
+     {"name": "spacing", "spacing": "linspace"}),
     ("ours", "GHVB 1.8 (log-SNR)", {"name": "ghvb", "order": 1.8}, {"name": "spacing"}),
     ("ours", "GHVB 2.8 (log-SNR)", {"name": "ghvb", "order": 2.8}, {"name": "spacing"}),
     ("ours", "GHVB 3.8 (log-SNR)", {"name": "ghvb", "order": 3.8}, {"name": "spacing"}),
+    ("ours", "PLMS-2 = GHVB 2.0 (log-SNR)", {"name": "ghvb", "order": 2.0}, {"name": "spacing"}),
+    ("ours", "PLMS-3 = GHVB 3.0 (log-SNR)", {"name": "ghvb", "order": 3.0}, {"name": "spacing"}),
     ("ours", "PLMS-4 = GHVB 4.0 (log-SNR)", {"name": "ghvb", "order": 4.0}, {"name": "spacing"}),
     ("ours", "GHVB 0.8 = HB on DDIM (karras rho 3)", {"name": "ghvb", "order": 0.8}, {"name": "karras", "rho": 3.0}),
 ]
@@ -184,6 +261,37 @@ def shapes_study(only: set[str] | None = None) -> dict[str, Any]:
                      "out_of_gamut": m["saturation"]["clipped_fraction"], "nfe_per_image": m["nfe_per_image"],
                      "strategy": m["strategy"]})
     return {"images_per_cell": 196, "rows": rows}
+
+
+GRID_STUDY_SCHEDULES: list[tuple[str, dict]] = [
+    ("leading", {"name": "spacing", "spacing": "leading"}),
+    ("trailing", {"name": "spacing", "spacing": "trailing"}),
+    ("linspace (the model's)", {"name": "spacing", "spacing": "linspace"}),
+    ("uniform_t", {"name": "spacing", "spacing": "uniform_t"}),
+    ("quadratic_t", {"name": "spacing", "spacing": "quadratic_t"}),
+    ("log_snr", {"name": "spacing", "spacing": "log_snr"}),
+    ("karras", {"name": "karras"}),
+]
+
+
+def grid_study() -> dict[str, Any]:
+    """Why order-3 DEIS collapses under guidance: the same solvers on every grid, 25 steps, CFG 5."""
+    engine = Engine(ModelRegistry.default())
+    judge = ShapesJudge.load()
+    real = real_renders()
+    samplers = [("DEIS tab 3", {"name": "deis", "variant": "tab", "order": 3}),
+                ("DEIS logrho 3", {"name": "deis", "variant": "logrho", "order": 3}),
+                ("DEIS logrho 3, sigma_min end (= diffusers DEIS 3 on diffusers grids)",
+                 {"name": "deis", "variant": "logrho", "order": 3, "final_sigmas_type": "sigma_min"})]
+    rows = []
+    for (label, sampler), (grid, schedule) in tqdm([(a, b) for a in samplers for b in GRID_STUDY_SCHEDULES],
+                                                   desc="grids"):
+        m = evaluate_shapes(engine, strategy={"sampler": sampler, "schedule": schedule,
+                                              "guidance": {"name": "cfg", "scale": 5.0}},
+                            steps=25, judge=judge, real=real, progress=False)
+        rows.append({"sampler": label, "grid": grid, "accuracy": m["prompt_accuracy"]["all"],
+                     "out_of_gamut": m["saturation"]["clipped_fraction"], "frechet_distance": m["frechet_distance"]})
+    return {"steps": 25, "cfg": 5.0, "rows": rows}
 
 
 # --------------------------------------------------------------------------------------------
@@ -253,6 +361,21 @@ def markdown(result: dict[str, Any]) -> str:
             out.append(f"| {row['sampler']} | {row['grid']} | "
                        + " | ".join(f"{errs[str(n)]:.2e}" for n in gmm["nfe"]) + " |")
         out.append("")
+    if "orders" in result:
+        orders = result["orders"]
+        out.append("gmm convergence orders (log-SNR steps, N = 10, 20, 40, 80; mean endpoint error):\n")
+        out.append("| sampler | theory | error at 10 / 80 | observed |")
+        out.append("|---|---|---|---|")
+        for row in orders["rows"]:
+            out.append(f"| {row['sampler']} | {row['theory']} | {row['errors'][0]:.1e} / {row['errors'][-1]:.1e} | "
+                       f"{row['observed']:.2f} |")
+        out.append("\nwarm-up vs exact starting values (one Gaussian component, rho 3 -> 0.1):\n")
+        out.append("| sampler | start | error at 10 / 80 | observed |")
+        out.append("|---|---|---|---|")
+        for row in orders["warm_up"]:
+            out.append(f"| {row['sampler']} | {'exact' if row['exact_start'] else 'warm-up'} | "
+                       f"{row['errors'][0]:.1e} / {row['errors'][-1]:.1e} | {row['observed']:.2f} |")
+        out.append("")
     if "shapes" in result:
         rows = result["shapes"]["rows"]
         cells = sorted({(r["cfg"], r["steps"]) for r in rows})
@@ -264,6 +387,17 @@ def markdown(result: dict[str, Any]) -> str:
             out.append(f"| {label} | " + " | ".join(
                 f"{by_cell[c]['accuracy']:.3f} / {100 * by_cell[c]['out_of_gamut']:.1f} / "
                 f"{by_cell[c]['frechet_distance']:.0f}" if c in by_cell else "" for c in cells) + " |")
+        out.append("")
+    if "grids" in result:
+        rows = result["grids"]["rows"]
+        grids = list(dict.fromkeys(r["grid"] for r in rows))
+        out.append("shapes, 25 steps, CFG 5, prompt accuracy / out-of-gamut % per grid:\n")
+        out.append("| sampler | " + " | ".join(grids) + " |")
+        out.append("|---|" + "---|" * len(grids))
+        for label in dict.fromkeys(r["sampler"] for r in rows):
+            by_grid = {r["grid"]: r for r in rows if r["sampler"] == label}
+            out.append(f"| {label} | " + " | ".join(
+                f"{by_grid[g]['accuracy']:.3f} / {100 * by_grid[g]['out_of_gamut']:.1f}" for g in grids) + " |")
         out.append("")
     if "overhead" in result:
         over = result["overhead"]
@@ -280,7 +414,7 @@ def markdown(result: dict[str, Any]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="benchmarks/results/samplers_cpu.json")
-    parser.add_argument("--parts", default="gmm,shapes,overhead")
+    parser.add_argument("--parts", default="gmm,orders,shapes,grids,overhead")
     parser.add_argument("--shapes-only", default="", help="comma-separated sampler labels (default: all)")
     args = parser.parse_args()
     parts = set(args.parts.split(","))
@@ -289,9 +423,18 @@ def main() -> None:
     result.update({"benchmark": "samplers", "machine": machine()})
     if "gmm" in parts:
         result["gmm"] = gmm_study()
+    if "orders" in parts:
+        result["orders"] = order_study()
     if "shapes" in parts:
         only = set(args.shapes_only.split(",")) if args.shapes_only else None
-        result["shapes"] = shapes_study(only)
+        fresh = shapes_study(only)
+        if only and "shapes" in result:  # re-measure some samplers, keep the rest, in the table's order
+            kept = [r for r in result["shapes"]["rows"] if r["sampler"] not in only]
+            order = [label for _, label, _, _ in SHAPES_SAMPLERS]
+            fresh["rows"] = sorted(kept + fresh["rows"], key=lambda r: order.index(r["sampler"]))
+        result["shapes"] = fresh
+    if "grids" in parts:
+        result["grids"] = grid_study()
     if "overhead" in parts:
         result["overhead"] = step_overhead()
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -133,3 +133,22 @@ def test_eval_bad_options(runner: CliRunner, args: list[str], message: str) -> N
     result = runner.invoke(main, ["eval", *args])
     assert result.exit_code == 2 and message in result.output
     assert "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("sampler", [
+    {"name": "deis", "variant": "tab", "order": 4, "lower_order_final": True, "final_sigmas_type": "zero"},
+    {"name": "hb", "beta": 0.8, "base": "plms", "plms_order": 4, "lower_order_final": True,
+     "final_sigmas_type": "zero"},
+    {"name": "ghvb", "order": 3.8, "final_sigmas_type": "sigma_min"},
+])
+def test_generate_with_our_samplers(runner: CliRunner, tiny_models_file: Path, tmp_path: Path, sampler: dict) -> None:
+    out = tmp_path / "out"
+    result = runner.invoke(main, [
+        "--models", str(tiny_models_file), "generate", "--model", "tiny", "-p", "a red circle on a blue background",
+        "--steps", "5", "--out", str(out), "--sampler", json.dumps(sampler),
+        "--schedule", '{"name": "spacing", "spacing": "log_snr"}',
+    ])
+    assert result.exit_code == 0, result.output
+    run = json.loads((out / "results.json").read_text())["runs"][0]
+    assert run["strategy"]["sampler"] == sampler and run["nfe"] == 10
+    assert run["strategy"]["schedule"] == {"name": "spacing", "spacing": "log_snr"}
