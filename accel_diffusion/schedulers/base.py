@@ -42,23 +42,6 @@ from accel_diffusion.schedulers.noise_grid import (
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
-# The noise-process and grid arguments every solver's constructor takes (diffusers names).
-NOISE_PROCESS_DEFAULTS: dict[str, Any] = {
-    "num_train_timesteps": 1000,
-    "beta_start": 0.0001,
-    "beta_end": 0.02,
-    "beta_schedule": "linear",
-    "trained_betas": None,
-    "prediction_type": "epsilon",
-    "timestep_spacing": "linspace",
-    "steps_offset": 0,
-    "sigma_spacing": None,
-    "use_karras_sigmas": False,
-    "karras_rho": 7.0,
-    "final_sigmas_type": "zero",
-}
-
-
 def _choice(name: str, value: Any, allowed: tuple[Any, ...]) -> None:
     if value not in allowed:
         raise ValueError(f"{name}: unsupported {value!r} (allowed: {', '.join(map(str, allowed))})")
@@ -78,7 +61,7 @@ class VpSolverScheduler(SchedulerMixin, ConfigMixin):
         _choice("final_sigmas_type", cfg.final_sigmas_type, FINAL_SIGMAS_TYPES)
         if cfg.karras_rho <= 0:
             raise ValueError(f"karras_rho: must be > 0, got {cfg.karras_rho}")
-        if cfg.get("rescale_betas_zero_snr", False):
+        if cfg.rescale_betas_zero_snr:
             raise ValueError("rescale_betas_zero_snr: zero terminal SNR (rho_max = inf) is not supported")
         self.alphas_cumprod = train_alphas_cumprod(
             cfg.num_train_timesteps, cfg.beta_start, cfg.beta_end, cfg.beta_schedule, cfg.trained_betas
@@ -112,7 +95,7 @@ class VpSolverScheduler(SchedulerMixin, ConfigMixin):
     def index_for_timestep(self, timestep: float | torch.Tensor, schedule_timesteps: torch.Tensor | None = None) -> int:
         schedule = self.timesteps if schedule_timesteps is None else schedule_timesteps
         value = float(timestep)
-        matches = (schedule.to(torch.float64) == value).nonzero()
+        matches = (schedule.cpu().to(torch.float64) == value).nonzero()  # on the CPU: MPS has no float64
         if len(matches) == 0:
             raise ValueError(f"timestep {value:g} is not in this scheduler's timesteps")
         return int(matches[0])
@@ -180,8 +163,9 @@ class VpSolverScheduler(SchedulerMixin, ConfigMixin):
         _check_decreasing("timesteps (after rounding)", rho_calls)
         if final is None:
             final = 0.0 if cfg.final_sigmas_type == "zero" else time.rho_min
-        if final >= rho_calls[-1] and not (final == rho_calls[-1] == time.rho_min):
-            raise ValueError("the final noise level must lie below the last model call's")
+        if final >= rho_calls[-1]:
+            raise ValueError("the final noise level must lie below the last model call's (a last timestep of 0 "
+                             "needs final_sigmas_type='zero')")
         self._rho = np.concatenate([rho_calls, [final]])
         self._alpha, self._sigma = alpha_sigma_from_rho(self._rho)
         self.sigmas = torch.from_numpy(self._rho.astype(np.float32))
@@ -198,7 +182,7 @@ class VpSolverScheduler(SchedulerMixin, ConfigMixin):
 
     def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         """alpha_t x0 + sigma_t noise at each sample's (possibly fractional) timestep."""
-        rho = self.vp_time.rho(timesteps.detach().to(torch.float64).cpu().reshape(-1).numpy())
+        rho = self.vp_time.rho(timesteps.detach().cpu().to(torch.float64).reshape(-1).numpy())
         alpha, sigma = alpha_sigma_from_rho(rho)
         shape = (-1,) + (1,) * (original_samples.ndim - 1)
         a = torch.from_numpy(alpha).to(original_samples.device, original_samples.dtype).reshape(shape)

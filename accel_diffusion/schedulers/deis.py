@@ -22,10 +22,10 @@ Coefficients are computed once per grid in float64: closed form for ``logrho`` (
 step to ρ = 0), 16-point Gauss-Legendre for ``tab`` (split where t(ρ) has kinks) and ``rhoab``
 (exact). ``lower_order_final`` follows diffusers: with fewer than 15 steps, the last step uses
 order 1 and the one before at most 2. ``logrho`` always takes the last step to ρ = 0 with order 1
-(as DPM-Solver++ does): that step is infinitely long in log ρ. Without this rule, log-ρ DEIS 3 / 4
-ending at 0 was 7x / 35x further off the exact endpoint at 15 NFE than at 10 on the gmm oracle
-(15 steps is where diffusers' lower_order_final stops applying); diffusers' DEIS 3, whose last
-step to sigma_min is long in log ρ too, is 3.5x further off (benchmarks/samplers.py).
+(as DPM-Solver++ does): that step is infinitely long in log ρ, and extrapolating a polynomial in
+log ρ over it lands far off once diffusers' lower_order_final stops applying (15 steps); even
+diffusers' DEIS 3, whose last step to sigma_min is merely long in log ρ, is 3.5x further off the
+exact endpoint at 15 NFE than at 10 on the gmm oracle (benchmarks/samplers.py).
 
 The default grid is the paper's quadratic-t spacing (uniform in sqrt(t)); pass
 ``sigma_spacing=None`` for diffusers' integer ``timestep_spacing`` rules. Why it matters, measured
@@ -33,7 +33,7 @@ on the built-in ``shapes`` model (25 steps, CFG 5, order 3; benchmarks/samplers.
 grids the last step is long in log-SNR (linspace: Δλ = 1.92 against a median of 0.16), and
 extrapolating ε with a quadratic across it diverges under guidance: diffusers' DEIS 3 reaches
 prompt accuracy 0.35-0.42 with 14-16% out-of-gamut pixels, tab 3 0.71-0.79. On quadratic-t,
-log-SNR and Karras grids (last steps Δλ <= 0.53) every variant reaches 0.97-0.995.
+log-SNR and Karras grids (last steps Δλ <= 0.53) tab 3 and logrho 3 reach 0.97-0.995.
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ from collections import deque
 import numpy as np
 import torch
 from diffusers.configuration_utils import register_to_config
+from diffusers.schedulers.scheduling_utils import SchedulerMixin  # noqa: F401 (diffusers' loader looks it up here)
 
 from accel_diffusion.schedulers.base import AB_WEIGHTS, VpSolverScheduler, _choice
 from accel_diffusion.schedulers.noise_grid import gauss_points, lagrange_basis, log_rho_lagrange_integrals
@@ -65,6 +66,7 @@ class DeisScheduler(VpSolverScheduler):
         prediction_type: str = "epsilon",
         timestep_spacing: str = "linspace",
         steps_offset: int = 0,
+        rescale_betas_zero_snr: bool = False,
         sigma_spacing: str | None = "quadratic_t",
         use_karras_sigmas: bool = False,
         karras_rho: float = 7.0,

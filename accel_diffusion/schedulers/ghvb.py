@@ -25,6 +25,7 @@ from collections import deque
 import numpy as np
 import torch
 from diffusers.configuration_utils import register_to_config
+from diffusers.schedulers.scheduling_utils import SchedulerMixin  # noqa: F401 (diffusers' loader looks it up here)
 
 from accel_diffusion.schedulers.base import VpSolverScheduler
 
@@ -67,6 +68,7 @@ class GhvbScheduler(VpSolverScheduler):
         prediction_type: str = "epsilon",
         timestep_spacing: str = "linspace",
         steps_offset: int = 0,
+        rescale_betas_zero_snr: bool = False,
         sigma_spacing: str | None = "log_snr",
         use_karras_sigmas: bool = False,
         karras_rho: float = 7.0,
@@ -86,6 +88,10 @@ class GhvbScheduler(VpSolverScheduler):
         self._reset_state()
 
     def _solver_step(self, n: int, x: torch.Tensor, eps: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+        # The weights divide by beta while consecutive velocities differ by O(beta): keep them in
+        # float64 (not on MPS, which has none), or a label like 2.01 loses 1e-3 to float32 rounding.
+        if eps.device.type != "mps":
+            eps = eps.to(torch.float64)
         if self._velocities and self.beta != 1.0:
             velocity = (1.0 - self.beta) * self._velocities[0] + self.beta * eps
         else:
@@ -96,4 +102,4 @@ class GhvbScheduler(VpSolverScheduler):
         direction = weights[0] * velocity
         for j in range(1, k):
             direction = direction + weights[j] * self._velocities[j]
-        return self._xbar_step(n, x, float(self._rho[n + 1] - self._rho[n]) * direction)
+        return self._xbar_step(n, x, (float(self._rho[n + 1] - self._rho[n]) * direction).to(x.dtype))

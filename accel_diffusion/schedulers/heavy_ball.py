@@ -29,6 +29,7 @@ from collections import deque
 import numpy as np
 import torch
 from diffusers.configuration_utils import register_to_config
+from diffusers.schedulers.scheduling_utils import SchedulerMixin  # noqa: F401 (diffusers' loader looks it up here)
 
 from accel_diffusion.schedulers.base import AB_WEIGHTS, VpSolverScheduler, _choice
 
@@ -49,6 +50,7 @@ class HeavyBallScheduler(VpSolverScheduler):
         prediction_type: str = "epsilon",
         timestep_spacing: str = "linspace",
         steps_offset: int = 0,
+        rescale_betas_zero_snr: bool = False,
         sigma_spacing: str | None = "log_snr",
         use_karras_sigmas: bool = False,
         karras_rho: float = 7.0,

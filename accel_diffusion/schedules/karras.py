@@ -17,10 +17,11 @@ DIFFUSERS_KARRAS_RHO = 7.0
 
 @register_component("schedule", "karras")
 class KarrasSchedule(Schedule):
-    """Karras sigmas: s_i = (s_max^(1/rho) + i/N (s_min^(1/rho) - s_max^(1/rho)))^rho (denser near the data).
+    """Karras sigmas: s_i = (s_max^(1/rho) + u_i (s_min^(1/rho) - s_max^(1/rho)))^rho, denser near the data.
 
-    diffusers' samplers only take rho = 7 and end with a repeated last sigma (one wasted model
-    call); accel-diffusion's samplers take any rho and call the model N times on N + 1 levels.
+    diffusers' samplers take only rho = 7, call the model on u_i = i/(N-1) (N levels) and end with a
+    repeated last sigma or 0; accel-diffusion's samplers take any rho and call the model at the
+    first N of N + 1 levels u_i = i/N, then end at 0 or sigma_min.
     """
 
     def __init__(self, rho: Annotated[float, Field(gt=0.0, le=20.0)] = DIFFUSERS_KARRAS_RHO) -> None:

@@ -18,7 +18,8 @@ NOISE_LEVEL_SAMPLERS = ["deis", "ghvb", "hb"]
 class SpacingSchedule(Schedule):
     """N steps spaced by the model's rule, a diffusers rule, or a rule on the noise level.
 
-    - "model": the model's own ``timestep_spacing``;
+    - "model": the model's own ``timestep_spacing`` for diffusers' samplers; accel-diffusion's
+      samplers use their own default grid (DEIS quadratic-t, HB and GHVB log-SNR);
     - "leading", "trailing", "linspace": diffusers' integer-timestep rules ("trailing" always
       includes the last training timestep, recommended for few steps);
     - "uniform_t", "quadratic_t" (uniform in sqrt(t): DEIS's default), "log_snr" (uniform in

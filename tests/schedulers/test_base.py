@@ -126,15 +126,50 @@ def test_add_noise_matches_ddpm_at_integers_and_the_grid_at_fractional_timesteps
 
 
 def test_img2img_starts_from_the_begin_index() -> None:
+    """Starting at step 4 of a 10-step grid = a fresh run on the last 6 levels of that grid."""
     model = gmm_model(gmm_denoiser())
-    full = GhvbScheduler(**SD_SCHEDULE, order=2.5)
-    full.set_timesteps(10)
     tail = GhvbScheduler(**SD_SCHEDULE, order=2.5)
     tail.set_timesteps(10)
+    rho = tail.rho.copy()
     tail.set_begin_index(4)
     x = gmm_noise()
     for t in tail.timesteps[4:]:
         x = tail.step(model(x, t), t, x).prev_sample
-    assert tail.step_index == 10 and torch.isfinite(x).all()
+    assert tail.step_index == 10
+    fresh = trajectory(GhvbScheduler(**SD_SCHEDULE, order=2.5), model, gmm_noise(), sigmas=rho[4:])
+    assert torch.allclose(x, fresh[-1], atol=1e-6)
     with pytest.raises(ValueError, match="all 10 steps are done"):
         tail.step(model(x, tail.timesteps[-1]), tail.timesteps[-1], x)
+
+
+def test_grid_edge_cases() -> None:
+    scheduler = DeisScheduler(**SD_SCHEDULE)
+    scheduler.set_timesteps(25)
+    scheduler.set_timesteps(sigmas=scheduler.sigmas)  # its own float32 sigmas round-trip
+    assert scheduler.num_inference_steps == 25
+    with pytest.raises(ValueError, match="final_sigmas_type='zero'"):  # would waste the last model call
+        DeisScheduler(**SD_SCHEDULE, final_sigmas_type="sigma_min").set_timesteps(timesteps=[999, 500, 0])
+    linspace = DeisScheduler(**SD_SCHEDULE, sigma_spacing=None)
+    linspace.set_timesteps(1000)  # rounds onto duplicates: dropped, as diffusers does
+    assert len(linspace.timesteps) == len(set(linspace.timesteps.tolist()))
+    with pytest.raises(ValueError, match="zero terminal SNR"):
+        DeisScheduler.from_config({**{k: v for k, v in scheduler.config.items() if not k.startswith("_")},
+                                   "rescale_betas_zero_snr": True})
+
+
+def test_small_momentum_keeps_precision() -> None:
+    """GHVB's weights divide by beta: label 2.01 (beta 0.01) in float32 stays close to float64."""
+    model = gmm_model(gmm_denoiser())
+    runs = [trajectory(GhvbScheduler(**SD_SCHEDULE, order=2.01), model, gmm_noise().to(dtype), 20)[-1]
+            for dtype in (torch.float32, torch.float64)]
+    assert float((runs[0].double() - runs[1]).abs().max()) < 2e-5
+
+
+def test_a_pipeline_saved_with_our_scheduler_loads_again(tiny_sd_dir: Path, tmp_path: Path) -> None:
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd_dir, local_files_only=True)
+    pipe.scheduler = GhvbScheduler.from_config(pipe.scheduler.config, order=3.8)
+    pipe.save_pretrained(tmp_path / "saved", safe_serialization=True)
+    loaded = StableDiffusionPipeline.from_pretrained(tmp_path / "saved", local_files_only=True)
+    assert isinstance(loaded.scheduler, GhvbScheduler) and loaded.scheduler.config.order == 3.8

@@ -83,7 +83,7 @@ def test_ipndm_is_plms_and_equals_rhoab_on_equal_rho_steps(order: int) -> None:
     plms = GhvbScheduler(**DUMMY_CONFIG, order=float(order))
     a = trajectory(ipndm, dummy_model, dummy_sample(), sigmas=sigmas)
     assert max_step_difference(a, trajectory(rhoab, dummy_model, dummy_sample(), sigmas=sigmas)) < 1e-6
-    assert max_step_difference(a, trajectory(plms, dummy_model, dummy_sample(), sigmas=sigmas)) < 1e-6
+    assert max_step_difference(a, trajectory(plms, dummy_model, dummy_sample(), sigmas=sigmas)) < 5e-6
 
 
 @pytest.mark.parametrize(("variant", "order"), [(v, k) for v in ("tab", "rhoab", "logrho") for k in (2, 3, 4)])
