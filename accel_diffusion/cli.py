@@ -285,3 +285,34 @@ def eval_command(ctx: click.Context, model: str, steps: int | None, strategy: st
 
 if __name__ == "__main__":
     main()
+
+
+@main.command()
+@click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="server settings TOML ([server] table); ACCEL_DIFFUSION_* environment variables override it")
+@click.option("--host", default=None, help="bind address (default 127.0.0.1)")
+@click.option("--port", type=int, default=None, help="port (default 8000)")
+@click.option("--model", "served", multiple=True, help="model id to serve (repeatable; default: shapes)")
+@click.pass_context
+def serve(ctx: click.Context, config_file: str | None, host: str | None, port: int | None,
+          served: tuple[str, ...]) -> None:
+    """Run the HTTP server (OpenAI-compatible images API + jobs API) with uvicorn."""
+    try:
+        import uvicorn
+
+        from accel_diffusion.server import ServerSettings, create_app
+    except ImportError as exc:
+        _fail(f"the server needs its extra: pip install 'accel-diffusion[server]' ({exc.name} is missing)")
+        return
+    overrides: dict[str, Any] = {k: v for k, v in (("host", host), ("port", port)) if v is not None}
+    if served:
+        overrides["served_models"] = list(served)
+    if ctx.obj.get("models_file"):
+        overrides["models_file"] = ctx.obj["models_file"]
+    try:
+        settings = ServerSettings.from_file(config_file, **overrides)
+    except ValueError as exc:
+        _fail(f"server settings: {exc}")
+        return
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info",
+                timeout_graceful_shutdown=600)

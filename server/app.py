@@ -1,0 +1,373 @@
+"""The FastAPI application: thin routes over the job store and the device worker.
+
+``create_app(settings)`` builds the app; its lifespan loads and warms the configured models,
+starts the worker, and on shutdown stops taking jobs, lets the running one finish and cancels the
+queued ones.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import platform
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Annotated, Any
+
+import diffusers
+import torch
+from accel_diffusion.server.jobs import Job, JobStatus, JobStore, OutputOptions, QueueFullError
+from accel_diffusion.server.metrics import ServerMetrics
+from accel_diffusion.server.schemas import (
+    ErrorResponse,
+    ImageGenerationRequest,
+    ImagesResponse,
+    JobCreateRequest,
+)
+from accel_diffusion.server.settings import ServerSettings
+from accel_diffusion.server.worker import DeviceWorker, error_body
+from fastapi import APIRouter, Depends, FastAPI, Header, HTTPException, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from accel_diffusion import __version__
+from accel_diffusion.engine import Engine
+from accel_diffusion.errors import InvalidRequestError, UnknownModelError
+from accel_diffusion.models.registry import ModelRegistry
+from accel_diffusion.registry import get_registry
+from accel_diffusion.strategy import GenerationRequest
+
+log = logging.getLogger("accel_diffusion.server")
+TERMINAL_EVENTS = ("job.completed", "job.failed", "job.cancelled")
+POLL_S = 0.02  # how often a waiting request looks at its job (no thread is held while waiting)
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse} for code in (400, 401, 404, 409, 413, 429, 500, 503)
+}
+
+
+class ServerState:
+    """What the routes share, held on ``app.state.server`` (no module globals)."""
+
+    def __init__(self, settings: ServerSettings, registry: ModelRegistry) -> None:
+        self.settings = settings
+        self.registry = registry
+        self.limits = settings.request_limits()
+        self.metrics = ServerMetrics()
+        self.jobs = JobStore(settings.job_ttl_s, settings.max_finished_jobs)
+        self.worker = DeviceWorker(Engine(registry), settings.queue_max, self.metrics)
+        self.api_keys = [k.encode() for k in settings.all_api_keys()]
+        self.ready = False
+        self.draining = False
+
+    @property
+    def default_model(self) -> str:
+        return self.settings.served_models[0]
+
+    def check_model(self, request: GenerationRequest) -> None:
+        if request.model not in self.settings.served_models:
+            raise UnknownModelError("model", f"{request.model!r} is not served here", self.settings.served_models)
+
+    def submit(self, request: GenerationRequest, output: OutputOptions) -> tuple[Job, int]:
+        if self.draining:
+            raise QueueFullError(self.settings.queue_max, 30)
+        self.check_model(request)
+        job = Job(request=request, output=output)
+        position = self.worker.submit(job)
+        self.jobs.add(job)
+        return job, position
+
+
+def served_registry(settings: ServerSettings) -> ModelRegistry:
+    registry = ModelRegistry.from_file(settings.models_file)
+    missing = [m for m in settings.served_models if m not in registry.ids()]
+    if missing:
+        raise ValueError(f"models {missing} are not in the model registry (known: {registry.ids()})")
+    specs = [registry.spec(m) for m in settings.served_models]
+    if settings.device != "auto":
+        specs = [s.model_copy(update={"device": settings.device}) for s in specs]
+    return ModelRegistry(specs)
+
+
+def warm_up(state: ServerState) -> None:
+    """Load every served model and run one short generation on it (so the first request is not slow)."""
+    for model_id in state.settings.served_models:
+        model = state.registry.get(model_id)
+        if state.settings.warmup_steps and model.family in ("sd", "sdxl"):
+            state.worker.engine.generate(GenerationRequest.create(
+                model=model_id, prompt="warm-up", seed=0, steps=state.settings.warmup_steps))
+
+
+def create_app(settings: ServerSettings | None = None) -> FastAPI:
+    settings = settings or ServerSettings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        state = ServerState(settings, served_registry(settings))
+        app.state.server = state
+        await asyncio.to_thread(warm_up, state)
+        state.worker.start()
+        state.ready = True
+        log.info("serving %s", settings.served_models)
+        try:
+            yield
+        finally:
+            state.draining = True
+            state.ready = False
+            await asyncio.to_thread(state.worker.stop, 600)
+
+    app = FastAPI(title="accel-diffusion", version=__version__, lifespan=lifespan,
+                  description="Diffusion generation with interchangeable acceleration strategies: an "
+                              "OpenAI-compatible images API and a native jobs API with progress events.")
+    if settings.cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type", "Last-Event-ID", "X-Request-Id"])
+    app.add_middleware(RequestIdAndLimits, max_body_bytes=settings.max_body_bytes)
+    _install_error_handlers(app)
+    app.include_router(_open_routes())
+    app.include_router(_api_routes(), dependencies=[Depends(require_api_key)])
+    return app
+
+
+# ---- plumbing -------------------------------------------------------------------------------
+
+def get_state(request: Request) -> ServerState:
+    return request.app.state.server
+
+
+State = Annotated[ServerState, Depends(get_state)]
+
+
+def require_api_key(request: Request, authorization: Annotated[str | None, Header()] = None) -> None:
+    keys = get_state(request).api_keys
+    if not keys:
+        return
+    scheme, _, token = (authorization or "").partition(" ")
+    given = token.strip().encode()
+    matched = False
+    for key in keys:  # compare with every key, in constant time, whatever matches
+        matched |= hmac.compare_digest(given, key)
+    if scheme.lower() != "bearer" or not matched:
+        raise HTTPException(401, "missing or invalid API key (Authorization: Bearer <key>)")
+
+
+def error_response(status: int, type_: str, message: str, param: str | None = None,
+                   headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"type": type_, "code": type_, "message": message, "param": param}},
+                        status_code=status, headers=headers)
+
+
+class RequestIdAndLimits:
+    """Pure ASGI middleware (Starlette's BaseHTTPMiddleware would hide client disconnects from the
+    routes): echo or create X-Request-Id, refuse bodies above the limit, time every request."""
+
+    def __init__(self, app: Any, max_body_bytes: int) -> None:
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope.get("headers") or [])
+        request_id = headers.get(b"x-request-id", b"").decode("latin-1") or uuid.uuid4().hex
+        begin = time.perf_counter()
+
+        async def send_with_id(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                message.setdefault("headers", [])
+                message["headers"] = [*message["headers"], (b"x-request-id", request_id.encode("latin-1"))]
+            await send(message)
+
+        length = headers.get(b"content-length", b"")
+        if length.isdigit() and int(length) > self.max_body_bytes:
+            response = error_response(413, "request_too_large",
+                                      f"body is {int(length)} bytes; at most {self.max_body_bytes}")
+            await response(scope, receive, send_with_id)
+            return
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            state = getattr(scope.get("app").state, "server", None) if scope.get("app") else None
+            route = scope.get("route")
+            if state is not None:
+                state.metrics.request_seconds.labels(route=getattr(route, "path", "other")).observe(
+                    time.perf_counter() - begin)
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(InvalidRequestError)
+    async def invalid_request(request: Request, exc: InvalidRequestError) -> JSONResponse:
+        status = 404 if isinstance(exc, UnknownModelError) else 400
+        get_state(request).metrics.errors.labels(type=exc.error_type).inc()
+        body = error_body(exc)
+        return error_response(status, body["type"], body["message"], body["param"])
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {"loc": ("body",), "msg": "invalid request"}
+        loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+        param = ".".join(loc) or None
+        return error_response(400, "invalid_request_error", f"{param or 'body'}: {first.get('msg')}", param)
+
+    @app.exception_handler(QueueFullError)
+    async def queue_full(request: Request, exc: QueueFullError) -> JSONResponse:
+        get_state(request).metrics.errors.labels(type="queue_full").inc()
+        return error_response(429, "queue_full", str(exc), headers={"Retry-After": str(exc.retry_after_s)})
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
+        kinds = {401: "unauthorized", 404: "not_found", 409: "conflict", 503: "unavailable"}
+        return error_response(exc.status_code, kinds.get(exc.status_code, "http_error"), str(exc.detail))
+
+    @app.exception_handler(Exception)
+    async def internal(request: Request, exc: Exception) -> JSONResponse:
+        request_id = request.headers.get("x-request-id", "")
+        log.exception("unhandled error (request %s)", request_id)
+        return error_response(500, "internal_error", "internal error; see the server log")
+
+
+# ---- routes ---------------------------------------------------------------------------------
+
+def _open_routes() -> APIRouter:
+    router = APIRouter()
+
+    @router.get("/health/live", tags=["health"])
+    async def live() -> dict[str, str]:
+        return {"status": "alive"}
+
+    @router.get("/health/ready", tags=["health"], responses={503: {"model": ErrorResponse}})
+    async def ready(state: State) -> Any:
+        if state.ready and not state.draining:
+            return {"status": "ready", "models": state.settings.served_models}
+        return error_response(503, "unavailable", "draining" if state.draining else "loading models")
+
+    @router.get("/metrics", tags=["health"], response_class=PlainTextResponse)
+    async def metrics(state: State) -> Response:
+        return Response(state.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
+
+    @router.get("/version", tags=["health"])
+    async def version() -> dict[str, Any]:
+        gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+        return {"accel_diffusion": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
+                "python": platform.python_version(), "cuda": torch.version.cuda, "gpus": gpus}
+
+    return router
+
+
+def _api_routes() -> APIRouter:
+    router = APIRouter(responses=ERROR_RESPONSES)
+
+    @router.get("/v1/models", tags=["models"])
+    async def models(state: State) -> dict[str, Any]:
+        data = []
+        for model_id in state.settings.served_models:
+            spec = state.registry.spec(model_id)
+            data.append({"id": model_id, "object": "model", "created": 0, "owned_by": "accel-diffusion",
+                         "default_steps": spec.default_steps, "default_size": f"{spec.default_width}x"
+                         f"{spec.default_height}" if spec.default_width else None,
+                         "default_strategy": spec.default_strategy.model_dump(exclude_none=True)})
+        return {"object": "list", "data": data}
+
+    @router.get("/v1/strategies", tags=["models"])
+    async def strategies() -> dict[str, Any]:
+        components: dict[str, list[dict[str, Any]]] = {}
+        for info in get_registry().all():
+            components.setdefault(info.kind.value, []).append(
+                {"name": info.name, "description": info.summary, "config_schema": info.json_schema()})
+        return {"object": "list", "components": components}
+
+    @router.post("/v1/images/generations", tags=["images"], response_model=ImagesResponse)
+    async def images_generations(body: ImageGenerationRequest, request: Request, state: State) -> Any:
+        generation = body.to_generation_request(state.default_model, state.limits)
+        job, _ = state.submit(generation, body.output_options())
+        await _wait_or_cancel(job, request, state)
+        if job.status is JobStatus.SUCCEEDED:
+            assert job.result is not None
+            images = job.result["images"]
+            return {"created": int(job.created_at), "id": job.id,
+                    "data": [{"b64_json": im["b64_json"], "revised_prompt": None, "seed": im["seed"]}
+                             for im in images],
+                    "seeds": [im["seed"] for im in images],
+                    "usage": {"images": len(images), "nfe_per_image": job.result["nfe"],
+                              "compute_s": round(job.result["timings"]["total"], 4)}}
+        if job.status is JobStatus.CANCELLED:
+            return error_response(409, "cancelled", f"job {job.id} was cancelled")
+        error = job.error or {}
+        status = {"invalid_request_error": 400, "model_not_found": 404, "gpu_oom": 503}.get(error.get("type"), 500)
+        return error_response(status, error.get("type", "internal_error"), error.get("message", "failed"),
+                              error.get("param"))
+
+    @router.post("/v1/jobs", tags=["jobs"], status_code=202)
+    async def create_job(body: JobCreateRequest, state: State, response: Response) -> dict[str, Any]:
+        generation = await asyncio.to_thread(body.to_generation_request, state.default_model, state.limits)
+        job, position = state.submit(generation, body.output_options())
+        response.headers["X-Queue-Position"] = str(position)
+        response.headers["Location"] = f"/v1/jobs/{job.id}"
+        return job.public(state.worker.position(job))
+
+    @router.get("/v1/jobs", tags=["jobs"])
+    async def list_jobs(state: State, status: JobStatus | None = None) -> dict[str, Any]:
+        jobs = [j for j in state.jobs.all() if status is None or j.status is status]
+        return {"object": "list", "data": [j.public(state.worker.position(j), include_result=False) for j in jobs]}
+
+    @router.get("/v1/jobs/{job_id}", tags=["jobs"])
+    async def get_job(job_id: str, state: State) -> dict[str, Any]:
+        job = _job(state, job_id)
+        return job.public(state.worker.position(job))
+
+    @router.post("/v1/jobs/{job_id}/cancel", tags=["jobs"])
+    async def cancel_job(job_id: str, state: State) -> dict[str, Any]:
+        job = _job(state, job_id)
+        if not job.status.finished:
+            state.worker.cancel(job)
+        return job.public(state.worker.position(job))
+
+    @router.get("/v1/jobs/{job_id}/events", tags=["jobs"], response_class=StreamingResponse,
+                responses={200: {"content": {"text/event-stream": {}}}})
+    async def job_events(job_id: str, request: Request, state: State,
+                         last_event_id: Annotated[str | None, Header(alias="Last-Event-ID")] = None
+                         ) -> StreamingResponse:
+        job = _job(state, job_id)
+        start = int(last_event_id) if last_event_id and last_event_id.isdigit() else 0
+        return StreamingResponse(_sse(job, start, request), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    return router
+
+
+def _job(state: ServerState, job_id: str) -> Job:
+    job = state.jobs.get(job_id)
+    if job is None:
+        raise HTTPException(404, f"no job {job_id!r} (finished jobs are kept for {state.settings.job_ttl_s:g} s)")
+    return job
+
+
+async def _wait_or_cancel(job: Job, request: Request, state: ServerState) -> None:
+    """Wait for a synchronous call's job; a client that disconnects cancels it."""
+    while not job.status.finished:
+        if await request.is_disconnected():
+            state.worker.cancel(job)
+            return
+        await asyncio.sleep(POLL_S)
+
+
+async def _sse(job: Job, last_id: int, request: Request, heartbeat_s: float = 15.0) -> AsyncIterator[str]:
+    last_beat = time.monotonic()
+    while True:
+        for event in job.events_after(last_id):
+            yield f"id: {event.id}\nevent: {event.type}\ndata: {json.dumps(event.data)}\n\n"
+            last_id = event.id
+            if event.type in TERMINAL_EVENTS:
+                return
+        if await request.is_disconnected():
+            return
+        if time.monotonic() - last_beat > heartbeat_s:
+            yield ": heartbeat\n\n"
+            last_beat = time.monotonic()
+        await asyncio.sleep(POLL_S)

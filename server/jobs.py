@@ -1,0 +1,168 @@
+"""Jobs: one generation request, its state machine, its event log (for SSE), and the job store."""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+from accel_diffusion.strategy import GenerationRequest
+
+
+class JobStatus(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def finished(self) -> bool:
+        return self in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED)
+
+
+@dataclass(frozen=True)
+class JobEvent:
+    """One server-sent event: ``id`` increases by one per event of a job, starting at 1."""
+
+    id: int
+    type: str
+    data: dict[str, Any]
+
+
+@dataclass
+class OutputOptions:
+    """How finished images are encoded."""
+
+    output_format: str = "png"
+    output_compression: int = 100
+
+
+@dataclass
+class Job:
+    """A generation request and everything the API reports about it. Thread-safe."""
+
+    request: GenerationRequest
+    output: OutputOptions = field(default_factory=OutputOptions)
+    id: str = field(default_factory=lambda: "job_" + uuid.uuid4().hex)
+    created_at: float = field(default_factory=time.time)
+    started_at: float | None = None
+    completed_at: float | None = None
+    status: JobStatus = JobStatus.QUEUED
+    step: int = 0
+    total_steps: int | None = None
+    result: dict[str, Any] | None = None
+    error: dict[str, Any] | None = None
+    cancel_event: threading.Event = field(default_factory=threading.Event)
+    events: list[JobEvent] = field(default_factory=list)
+    _lock: threading.Condition = field(default_factory=threading.Condition, repr=False)
+
+    def emit(self, type_: str, data: dict[str, Any] | None = None) -> JobEvent:
+        with self._lock:
+            event = JobEvent(len(self.events) + 1, type_, data or {})
+            self.events.append(event)
+            self._lock.notify_all()
+            return event
+
+    def events_after(self, last_id: int) -> list[JobEvent]:
+        with self._lock:
+            return self.events[last_id:]
+
+    def start(self) -> None:
+        with self._lock:
+            self.status = JobStatus.RUNNING
+            self.started_at = time.time()
+        self.emit("job.started")
+
+    def progress(self, step: int, total: int) -> None:
+        with self._lock:
+            self.step, self.total_steps = step, total
+        self.emit("job.progress", {"step": step, "total": total, "fraction": step / total})
+
+    def finish(self, status: JobStatus, result: dict[str, Any] | None = None,
+               error: dict[str, Any] | None = None) -> None:
+        with self._lock:
+            if self.status.finished:
+                return
+            self.status, self.result, self.error = status, result, error
+            self.completed_at = time.time()
+        if status is JobStatus.SUCCEEDED:
+            self.emit("job.completed", {"result": result})
+        elif status is JobStatus.FAILED:
+            self.emit("job.failed", {"error": error})
+        else:
+            self.emit("job.cancelled", {"step": self.step})
+
+    def public(self, queue_position: int | None = None, include_result: bool = True) -> dict[str, Any]:
+        """The job object of the API."""
+        with self._lock:
+            total = self.total_steps
+            return {
+                "id": self.id,
+                "object": "job",
+                "status": self.status.value,
+                "queue_position": queue_position,
+                "created_at": self.created_at,
+                "started_at": self.started_at,
+                "completed_at": self.completed_at,
+                "progress": {"step": self.step, "total": total,
+                             "fraction": (self.step / total) if total else 0.0},
+                "request": request_echo(self.request, self.output),
+                "result": self.result if include_result else None,
+                "error": self.error,
+            }
+
+
+def request_echo(request: GenerationRequest, output: OutputOptions) -> dict[str, Any]:
+    echo = request.model_dump(mode="json", exclude={"init_image"}, exclude_none=True)
+    echo["img2img"] = request.init_image is not None
+    echo["output_format"] = output.output_format
+    return echo
+
+
+class QueueFullError(Exception):
+    """The job queue is at its limit; the client should retry later."""
+
+    def __init__(self, limit: int, retry_after_s: int) -> None:
+        self.limit = limit
+        self.retry_after_s = retry_after_s
+        super().__init__(f"the job queue is full ({limit} jobs); retry in {retry_after_s} s")
+
+
+class JobStore:
+    """All jobs by id; finished ones are dropped after ``ttl_s`` or beyond ``max_finished``."""
+
+    def __init__(self, ttl_s: float, max_finished: int) -> None:
+        self.ttl_s = ttl_s
+        self.max_finished = max_finished
+        self._jobs: OrderedDict[str, Job] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def add(self, job: Job) -> None:
+        with self._lock:
+            self._prune()
+            self._jobs[job.id] = job
+
+    def get(self, job_id: str) -> Job | None:
+        with self._lock:
+            self._prune()
+            return self._jobs.get(job_id)
+
+    def all(self) -> list[Job]:
+        with self._lock:
+            self._prune()
+            return list(self._jobs.values())
+
+    def _prune(self) -> None:
+        now = time.time()
+        finished = [j for j in self._jobs.values() if j.status.finished]
+        expired = {j.id for j in finished if j.completed_at is not None and now - j.completed_at > self.ttl_s}
+        overflow = len(finished) - len(expired) - self.max_finished
+        if overflow > 0:
+            expired |= {j.id for j in [j for j in finished if j.id not in expired][:overflow]}
+        for job_id in expired:
+            del self._jobs[job_id]

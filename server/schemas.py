@@ -1,0 +1,149 @@
+"""Request and response bodies of the HTTP API (OpenAI images API shapes plus the native jobs API)."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from typing import Annotated, Any, Literal
+
+from accel_diffusion.server.jobs import OutputOptions
+from pydantic import BaseModel, ConfigDict, Field
+
+from accel_diffusion.errors import InvalidRequestError
+from accel_diffusion.strategy import GenerationRequest, RequestLimits, guidance_scale_strategy
+
+OutputFormat = Literal["png", "jpeg", "webp"]
+
+
+def parse_size(size: str | None) -> tuple[int | None, int | None]:
+    """OpenAI's "WxH" (or "auto" / None: the model's default size)."""
+    if size is None or size == "auto":
+        return None, None
+    width, sep, height = size.lower().partition("x")
+    if not sep or not width.isdigit() or not height.isdigit():
+        raise InvalidRequestError("size", f"must look like '512x512' or 'auto', got {size!r}")
+    return int(width), int(height)
+
+
+def merge_guidance_scale(strategy: dict[str, Any] | None, guidance_scale: float | None) -> dict[str, Any] | None:
+    if guidance_scale is None:
+        return strategy
+    strategy = dict(strategy or {})
+    if "guidance" in strategy:
+        raise InvalidRequestError("guidance_scale", "give either guidance_scale or strategy.guidance, not both")
+    strategy["guidance"] = guidance_scale_strategy(guidance_scale)
+    return strategy
+
+
+class ImageGenerationRequest(BaseModel):
+    """``POST /v1/images/generations``: OpenAI's fields, plus diffusion extras as top-level keys."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str
+    model: str | None = None
+    n: Annotated[int, Field(ge=1)] = 1
+    size: str | None = Field(None, description='"WxH" (multiples of 8) or "auto" (the model\'s default)')
+    response_format: Literal["b64_json", "url"] | None = Field(None, description="only b64_json is served")
+    output_format: OutputFormat = "png"
+    output_compression: Annotated[int, Field(ge=0, le=100)] = 100
+    quality: str | None = Field(None, description="accepted for compatibility; steps and strategy decide quality")
+    style: str | None = None
+    background: str | None = None
+    moderation: str | None = None
+    user: str | None = None
+    stream: bool = Field(False, description="not supported here; use POST /v1/jobs and its SSE events")
+    partial_images: int | None = None
+    # diffusion extras
+    seed: Annotated[int, Field(ge=0)] | None = None
+    negative_prompt: str | None = None
+    num_inference_steps: int | None = None
+    guidance_scale: float | None = None
+    strategy: dict[str, Any] | None = None
+
+    def to_generation_request(self, default_model: str, limits: RequestLimits) -> GenerationRequest:
+        if self.response_format == "url":
+            raise InvalidRequestError("response_format", "only b64_json is served", ["b64_json"])
+        if self.stream:
+            raise InvalidRequestError("stream", "streaming is served by POST /v1/jobs and GET /v1/jobs/{id}/events")
+        width, height = parse_size(self.size)
+        return GenerationRequest.create(
+            limits, model=self.model or default_model, prompt=self.prompt, n=self.n, seed=self.seed,
+            negative_prompt=self.negative_prompt, width=width, height=height, steps=self.num_inference_steps,
+            strategy=merge_guidance_scale(self.strategy, self.guidance_scale),
+        )
+
+    def output_options(self) -> OutputOptions:
+        return OutputOptions(self.output_format, self.output_compression)
+
+
+class ImageData(BaseModel):
+    b64_json: str
+    revised_prompt: str | None = None
+    seed: int
+
+
+class ImagesUsage(BaseModel):
+    images: int
+    nfe_per_image: int
+    compute_s: float
+
+
+class ImagesResponse(BaseModel):
+    """OpenAI's response (``created``, ``data``) plus the job id, seeds and usage."""
+
+    created: int
+    data: list[ImageData]
+    id: str
+    seeds: list[int]
+    usage: ImagesUsage
+
+
+class JobCreateRequest(BaseModel):
+    """``POST /v1/jobs``: the engine's generation request, JSON-shaped (img2img: base64 ``init_image``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = None
+    prompt: str | list[str]
+    negative_prompt: str | None = None
+    n: Annotated[int, Field(ge=1)] = 1
+    seed: Annotated[int, Field(ge=0)] | None = None
+    width: int | None = None
+    height: int | None = None
+    steps: int | None = None
+    guidance_scale: float | None = None
+    strategy: dict[str, Any] | None = None
+    init_image: str | None = Field(None, description="base64 PNG/JPEG/WebP: img2img from this image")
+    strength: float = 0.8
+    preview_every: Annotated[int, Field(ge=0)] = 0
+    output_format: OutputFormat = "png"
+    output_compression: Annotated[int, Field(ge=0, le=100)] = 100
+
+    def to_generation_request(self, default_model: str, limits: RequestLimits) -> GenerationRequest:
+        init = None
+        if self.init_image is not None:
+            try:
+                init = base64.b64decode(self.init_image, validate=True)
+            except (binascii.Error, ValueError):
+                raise InvalidRequestError("init_image", "must be base64-encoded image bytes") from None
+        fields = self.model_dump(exclude={"guidance_scale", "init_image", "output_format", "output_compression"})
+        fields.update(model=self.model or default_model, init_image=init,
+                      strategy=merge_guidance_scale(self.strategy, self.guidance_scale))
+        return GenerationRequest.create(limits, **fields)
+
+    def output_options(self) -> OutputOptions:
+        return OutputOptions(self.output_format, self.output_compression)
+
+
+class ErrorDetail(BaseModel):
+    type: str
+    code: str | None = None
+    message: str
+    param: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    """OpenAI's error shape."""
+
+    error: ErrorDetail

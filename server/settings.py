@@ -1,0 +1,84 @@
+"""The server's one configuration object: environment variables (ACCEL_DIFFUSION_*) and a TOML file."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from accel_diffusion.strategy import RequestLimits
+
+
+class ServerSettings(BaseSettings):
+    """Models, worker, queue and batch limits, request limits, API keys, CORS.
+
+    Precedence: keyword arguments > environment (``ACCEL_DIFFUSION_<FIELD>``, lists as JSON) >
+    the TOML file given to :meth:`from_file` > defaults.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="ACCEL_DIFFUSION_", extra="forbid")
+
+    host: str = "127.0.0.1"
+    port: Annotated[int, Field(ge=1, le=65535)] = 8000
+    models_file: Path | None = Field(None, description="model registry TOML (default: $ACCEL_DIFFUSION_MODELS, "
+                                                       "else the built-in models)")
+    served_models: list[str] = Field(["shapes"], min_length=1, description="model ids to load and warm up at "
+                                     "start-up; requests may name only these")
+    device: str = Field("auto", description="overrides every served model's device ('auto': CUDA when present)")
+    queue_max: Annotated[int, Field(ge=1)] = 64
+    max_batch_size: Annotated[int, Field(ge=1, le=64)] = 1
+    max_batch_wait_ms: Annotated[float, Field(ge=0)] = 0.0
+    max_width: Annotated[int, Field(ge=8)] = 1024
+    max_height: Annotated[int, Field(ge=8)] = 1024
+    max_pixels: Annotated[int, Field(ge=64)] = 1024 * 1024
+    max_steps: Annotated[int, Field(ge=1, le=1000)] = 150
+    max_images: Annotated[int, Field(ge=1)] = 16
+    max_prompt_chars: Annotated[int, Field(ge=1)] = 2000
+    max_body_bytes: Annotated[int, Field(ge=1024)] = 16 * 1024 * 1024
+    api_keys: list[SecretStr] = Field([], description="Bearer tokens; empty = no authentication")
+    api_keys_file: Path | None = Field(None, description="one API key per line (e.g. a mounted secret)")
+    cors_origins: list[str] = Field([], description="allowed browser origins; empty = CORS closed")
+    job_ttl_s: Annotated[float, Field(gt=0)] = 3600.0
+    max_finished_jobs: Annotated[int, Field(ge=1)] = 1000
+    warmup_steps: Annotated[int, Field(ge=0)] = 2
+
+    @field_validator("cors_origins")
+    @classmethod
+    def _no_wildcard(cls, value: list[str]) -> list[str]:
+        if "*" in value:
+            raise ValueError("list the allowed origins explicitly; '*' is refused")
+        return value
+
+    @classmethod
+    def from_file(cls, path: str | Path | None = None, **overrides: Any) -> ServerSettings:
+        """Settings from a TOML file (a ``[server]`` table or top-level keys), then env, then ``overrides``."""
+        file_values: dict[str, Any] = {}
+        if path is not None:
+            data = tomllib.loads(Path(path).read_text())
+            file_values = data.get("server", data)
+
+        class _FromFile(cls):  # type: ignore[valid-type,misc]
+            @classmethod
+            def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings,
+                                           file_secret_settings):  # type: ignore[no-untyped-def]
+                def file_source() -> dict[str, Any]:
+                    return file_values
+
+                return init_settings, env_settings, file_source
+
+        return cls.model_validate(_FromFile(**overrides).model_dump())
+
+    def request_limits(self) -> RequestLimits:
+        return RequestLimits(max_width=self.max_width, max_height=self.max_height, max_pixels=self.max_pixels,
+                             max_steps=self.max_steps, max_images=self.max_images,
+                             max_prompt_chars=self.max_prompt_chars,
+                             max_init_image_bytes=self.max_body_bytes)
+
+    def all_api_keys(self) -> list[str]:
+        keys = [k.get_secret_value() for k in self.api_keys]
+        if self.api_keys_file is not None:
+            keys += [line.strip() for line in self.api_keys_file.read_text().splitlines() if line.strip()]
+        return keys

@@ -1,0 +1,186 @@
+"""The device worker: one thread that owns the engine (and so the pipelines) of one device and runs
+queued jobs one after another; the event loop never runs model code."""
+
+from __future__ import annotations
+
+import base64
+import io
+import logging
+import threading
+import time
+from collections import deque
+from typing import Any
+
+import numpy as np
+from accel_diffusion.server.jobs import Job, JobStatus, OutputOptions, QueueFullError
+from accel_diffusion.server.metrics import ServerMetrics
+from PIL import Image
+
+from accel_diffusion.engine import Engine, GenerationHooks
+from accel_diffusion.engine.hooks import StepEvent
+from accel_diffusion.errors import AccelDiffusionError, GenerationCancelled, InvalidRequestError
+
+log = logging.getLogger("accel_diffusion.server")
+
+
+def encode_image(image: np.ndarray, output: OutputOptions) -> str:
+    """uint8 HWC image -> base64 PNG / JPEG / WebP."""
+    buffer = io.BytesIO()
+    pil = Image.fromarray(image)
+    if output.output_format == "png":
+        pil.save(buffer, format="PNG")
+    elif output.output_format == "jpeg":
+        pil.save(buffer, format="JPEG", quality=max(1, output.output_compression))
+    else:
+        pil.save(buffer, format="WEBP", quality=output.output_compression, lossless=output.output_compression == 100)
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+class DeviceWorker:
+    """A bounded FIFO of jobs and the thread that runs them on ``engine``."""
+
+    def __init__(self, engine: Engine, queue_max: int, metrics: ServerMetrics) -> None:
+        self.engine = engine
+        self.queue_max = queue_max
+        self.metrics = metrics
+        self._queue: deque[Job] = deque()
+        self._cond = threading.Condition()
+        self._running: Job | None = None
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="accel-diffusion-worker", daemon=True)
+        self.last_job_seconds = 1.0
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Finish the running job, cancel the queued ones, end the thread."""
+        with self._cond:
+            self._stopping = True
+            queued = list(self._queue)
+            self._queue.clear()
+            self._cond.notify_all()
+        for job in queued:
+            job.finish(JobStatus.CANCELLED)
+        self._thread.join(timeout)
+
+    def submit(self, job: Job) -> int:
+        """Queue ``job``; returns its position (0 = next). Raises QueueFullError."""
+        with self._cond:
+            if self._stopping:
+                raise QueueFullError(self.queue_max, 5)
+            if len(self._queue) >= self.queue_max:
+                retry = max(1, round(self.last_job_seconds * max(1, len(self._queue)) / 2))
+                raise QueueFullError(self.queue_max, retry)
+            self._queue.append(job)
+            position = len(self._queue) - 1
+            job.emit("job.queued", {"position": position})  # before the worker can see it: events stay ordered
+            self.metrics.queue_depth.set(len(self._queue))
+            self._cond.notify_all()
+        return position
+
+    def cancel(self, job: Job) -> None:
+        """Cancel a queued job now, or a running one at its next step."""
+        job.cancel_event.set()
+        with self._cond:
+            if job in self._queue:
+                self._queue.remove(job)
+                self.metrics.queue_depth.set(len(self._queue))
+                queued = True
+            else:
+                queued = False
+        if queued:
+            job.finish(JobStatus.CANCELLED)
+            self.metrics.cancellations.inc()
+
+    def position(self, job: Job) -> int | None:
+        with self._cond:
+            try:
+                return self._queue.index(job)
+            except ValueError:
+                return None
+
+    @property
+    def queue_depth(self) -> int:
+        with self._cond:
+            return len(self._queue)
+
+    @property
+    def busy(self) -> bool:
+        return self._running is not None
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: self._queue or self._stopping)
+                if self._stopping and not self._queue:
+                    return
+                job = self._queue.popleft()
+                self.metrics.queue_depth.set(len(self._queue))
+                self._running = job
+            try:
+                self._execute(job)
+            finally:
+                self._running = None
+
+    def _execute(self, job: Job) -> None:
+        if job.cancel_event.is_set():
+            job.finish(JobStatus.CANCELLED)
+            return
+        job.start()
+        self.metrics.in_flight.inc()
+        begin = time.perf_counter()
+        last_step = [begin]
+
+        def on_step(event: StepEvent) -> None:
+            now = time.perf_counter()
+            self.metrics.step_seconds.observe(now - last_step[0])
+            last_step[0] = now
+            job.progress(event.step, event.total)
+
+        def on_preview(step: int, images: np.ndarray) -> None:
+            u8 = (np.clip(images, 0.0, 1.0) * 255).round().astype(np.uint8)
+            job.emit("job.preview", {"step": step, "output_format": job.output.output_format,
+                                     "b64_json": [encode_image(im, job.output) for im in u8]})
+
+        try:
+            result = self.engine.generate(job.request, GenerationHooks(on_step=on_step, on_preview=on_preview,
+                                                                      cancel=job.cancel_event))
+            images = [{"b64_json": encode_image(im, job.output), "seed": seed, "prompt": prompt}
+                      for im, seed, prompt in zip(result.to_uint8(), result.seeds, result.prompts, strict=True)]
+            job.finish(JobStatus.SUCCEEDED, result={
+                "images": images, "width": result.width, "height": result.height, "steps": result.steps,
+                "nfe": result.nfe, "strategy": result.strategy.model_dump(exclude_none=True),
+                "timings": {**result.timings, "queue": (job.started_at or job.created_at) - job.created_at},
+                "attention_backend": result.attention_backend, "batch_size_used": 1,
+            })
+            self.metrics.images.inc(len(images))
+            self.metrics.nfe.inc(result.nfe)
+            self.metrics.batch_size.observe(1)
+        except GenerationCancelled:
+            job.finish(JobStatus.CANCELLED)
+            self.metrics.cancellations.inc()
+        except InvalidRequestError as exc:
+            job.finish(JobStatus.FAILED, error=error_body(exc))
+            self.metrics.errors.labels(type=exc.error_type).inc()
+        except AccelDiffusionError as exc:
+            job.finish(JobStatus.FAILED, error={"type": exc.error_type, "code": exc.error_type, "message": str(exc),
+                                                "param": None})
+            self.metrics.errors.labels(type=exc.error_type).inc()
+        except Exception as exc:
+            oom = "out of memory" in str(exc).lower()
+            kind = "gpu_oom" if oom else "internal_error"
+            log.exception("job %s failed", job.id)
+            job.finish(JobStatus.FAILED, error={"type": kind, "code": kind, "param": None,
+                                                "message": "out of device memory" if oom else "internal error"})
+            self.metrics.errors.labels(type=kind).inc()
+        finally:
+            self.last_job_seconds = time.perf_counter() - begin
+            self.metrics.in_flight.dec()
+            self.metrics.job_seconds.observe(self.last_job_seconds)
+
+
+def error_body(exc: InvalidRequestError) -> dict[str, Any]:
+    """OpenAI-shaped error object naming the field."""
+    message = exc.message + (f" (allowed: {exc.allowed})" if exc.allowed else "")
+    return {"type": exc.error_type, "code": exc.error_type, "message": f"{exc.field}: {message}", "param": exc.field}

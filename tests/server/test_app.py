@@ -1,0 +1,204 @@
+"""The HTTP API in-process: the OpenAI images route (also through the openai package), jobs, SSE,
+cancellation, errors, auth, health and metrics."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+from accel_diffusion.server import create_app
+from fastapi.testclient import TestClient
+from openai import OpenAI
+from server_clients import decode, make_settings, sse_events, wait_finished, wait_status
+
+from accel_diffusion.engine import Engine
+from accel_diffusion.models.registry import ModelRegistry
+from accel_diffusion.strategy import GenerationRequest
+
+PROMPT = "a red circle on a blue background"
+
+
+def direct_images(models_file: Path, **fields: object) -> np.ndarray:
+    """The same request through the engine, without the server."""
+    result = Engine(ModelRegistry.from_file(models_file)).generate(GenerationRequest.create(model="tiny", **fields))
+    return result.to_uint8()
+
+
+def test_openai_route_returns_the_engine_images(client: TestClient, tiny_models_file: Path) -> None:
+    response = client.post("/v1/images/generations", json={
+        "prompt": PROMPT, "n": 2, "size": "32x32", "seed": 5, "num_inference_steps": 3, "guidance_scale": 4.0,
+    }, headers={"X-Request-Id": "abc"})
+    assert response.status_code == 200, response.text
+    assert response.headers["X-Request-Id"] == "abc"
+    body = response.json()
+    assert body["seeds"] == [5, 6] and [d["seed"] for d in body["data"]] == [5, 6]
+    assert body["usage"]["images"] == 2 and body["usage"]["nfe_per_image"] == 3 * 2
+    images = np.stack([decode(d["b64_json"]) for d in body["data"]])
+    expected = direct_images(tiny_models_file, prompt=PROMPT, n=2, seed=5, steps=3,
+                             strategy={"guidance": {"name": "cfg", "scale": 4.0}})
+    assert images.shape == (2, 32, 32, 3) and np.array_equal(images, expected)
+
+
+@pytest.mark.parametrize(("output_format", "magic"), [("jpeg", b"\xff\xd8"), ("webp", b"RIFF")])
+def test_output_formats(client: TestClient, output_format: str, magic: bytes) -> None:
+    import base64
+
+    body = client.post("/v1/images/generations", json={
+        "prompt": PROMPT, "seed": 1, "num_inference_steps": 2, "output_format": output_format,
+        "output_compression": 80}).json()
+    assert base64.b64decode(body["data"][0]["b64_json"]).startswith(magic)
+
+
+def test_the_openai_package_works_against_the_server(client: TestClient) -> None:
+    openai_client = OpenAI(base_url=f"{client.base_url}/v1", api_key="unused", http_client=client)
+    result = openai_client.images.generate(model="tiny", prompt=PROMPT, n=2, size="32x32",
+                                           extra_body={"seed": 11, "num_inference_steps": 2})
+    assert len(result.data) == 2 and decode(result.data[0].b64_json).shape == (32, 32, 3)
+    assert result.created > 0
+
+
+@pytest.mark.parametrize(("body", "status", "param"), [
+    ({"prompt": "a", "size": "33x32"}, 400, "width"),
+    ({"prompt": "a", "size": "big"}, 400, "size"),
+    ({"prompt": "a", "model": "sd15"}, 404, "model"),
+    ({"prompt": "a", "n": 99}, 400, "n"),
+    ({"prompt": "a", "num_inference_steps": 5000}, 400, "steps"),
+    ({"prompt": "a", "strategy": {"sampler": {"name": "nope"}}}, 400, "strategy.sampler.name"),
+    ({"prompt": "a", "strategy": {"sampler": {"name": "ghvb", "order": 9}}}, 400, "strategy.sampler.order"),
+    ({"prompt": "a", "response_format": "url"}, 400, "response_format"),
+    ({"prompt": "a", "guidance_scale": -1}, 400, "guidance_scale"),
+    ({"prompt": "a", "colour": "red"}, 400, "colour"),
+    ({"n": 1}, 400, "prompt"),
+])
+def test_invalid_input_is_a_4xx_naming_the_field(client: TestClient, body: dict, status: int, param: str) -> None:
+    response = client.post("/v1/images/generations", json=body)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["param"] == param and param in error["message"] and "Traceback" not in response.text
+    assert set(error) == {"type", "code", "message", "param"}
+
+
+def test_job_lifecycle_and_sse_events(client: TestClient) -> None:
+    created = client.post("/v1/jobs", json={"prompt": [PROMPT, "a cross"], "seed": 3, "steps": 4,
+                                            "strategy": {"sampler": {"name": "deis"}}})
+    assert created.status_code == 202 and created.headers["Location"] == f"/v1/jobs/{created.json()['id']}"
+    job_id = created.json()["id"]
+    job = wait_finished(client, job_id)
+    assert job["status"] == "succeeded" and job["progress"] == {"step": 4, "total": 4, "fraction": 1.0}
+    assert [im["seed"] for im in job["result"]["images"]] == [3, 4]
+    assert job["result"]["nfe"] == 8  # per image: 4 steps x (cond + uncond)
+    assert job["request"]["strategy"]["sampler"]["name"] == "deis"
+    events = sse_events(client.get(f"/v1/jobs/{job_id}/events").text)
+    assert [e["event"] for e in events] == (["job.queued", "job.started"] + ["job.progress"] * 4
+                                            + ["job.completed"])
+    assert [e["id"] for e in events] == list(range(1, 8))
+    assert [e["data"]["step"] for e in events if e["event"] == "job.progress"] == [1, 2, 3, 4]
+    resumed = sse_events(client.get(f"/v1/jobs/{job_id}/events", headers={"Last-Event-ID": "5"}).text)
+    assert [e["id"] for e in resumed] == [6, 7]
+    listed = client.get("/v1/jobs", params={"status": "succeeded"}).json()["data"]
+    assert job_id in [j["id"] for j in listed] and all(j["result"] is None for j in listed)
+
+
+def test_previews_arrive_as_events(client: TestClient) -> None:
+    job_id = client.post("/v1/jobs", json={"prompt": PROMPT, "seed": 0, "steps": 4, "preview_every": 2}).json()["id"]
+    wait_finished(client, job_id)
+    previews = [e for e in sse_events(client.get(f"/v1/jobs/{job_id}/events").text) if e["event"] == "job.preview"]
+    assert [p["data"]["step"] for p in previews] == [2]
+    assert decode(previews[0]["data"]["b64_json"][0]).shape == (32, 32, 3)
+
+
+def test_cancel_queued_and_running_jobs(client: TestClient) -> None:
+    long = {"prompt": PROMPT, "n": 4, "seed": 0, "steps": 150}
+    running = client.post("/v1/jobs", json=long).json()["id"]
+    queued = client.post("/v1/jobs", json=long).json()["id"]
+    wait_status(client, running, "running")
+    assert client.get(f"/v1/jobs/{queued}").json()["queue_position"] == 0
+    cancelled = client.post(f"/v1/jobs/{queued}/cancel").json()
+    assert cancelled["status"] == "cancelled" and cancelled["started_at"] is None
+    client.post(f"/v1/jobs/{running}/cancel")
+    job = wait_finished(client, running)
+    assert job["status"] == "cancelled" and job["progress"]["step"] < 150 and job["result"] is None
+    events = sse_events(client.get(f"/v1/jobs/{running}/events").text)
+    assert events[-1]["event"] == "job.cancelled"
+    # the worker is free again
+    after = client.post("/v1/images/generations", json={"prompt": PROMPT, "seed": 2, "num_inference_steps": 2})
+    assert after.status_code == 200
+
+
+def test_unknown_job_is_404(client: TestClient) -> None:
+    response = client.get("/v1/jobs/job_nope")
+    assert response.status_code == 404 and response.json()["error"]["type"] == "not_found"
+
+
+def test_concurrent_clients_get_their_own_images(client: TestClient, tiny_models_file: Path) -> None:
+    results: dict[int, np.ndarray] = {}
+
+    def call(seed: int) -> None:
+        body = client.post("/v1/images/generations", json={
+            "prompt": f"a {['red', 'green', 'blue', 'white'][seed % 4]} cross", "seed": seed,
+            "num_inference_steps": 2}).json()
+        results[seed] = decode(body["data"][0]["b64_json"])
+
+    threads = [threading.Thread(target=call, args=(seed,)) for seed in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for seed in range(8):
+        expected = direct_images(tiny_models_file, prompt=f"a {['red', 'green', 'blue', 'white'][seed % 4]} cross",
+                                 seed=seed, steps=2)
+        assert np.array_equal(results[seed], expected[0]), seed
+
+
+def test_models_strategies_health_version_metrics(client: TestClient) -> None:
+    models = client.get("/v1/models").json()
+    assert [m["id"] for m in models["data"]] == ["tiny"] and models["data"][0]["default_steps"] == 4
+    components = client.get("/v1/strategies").json()["components"]
+    ghvb = next(c for c in components["sampler"] if c["name"] == "ghvb")
+    assert ghvb["config_schema"]["properties"]["order"]["default"] == 3.8
+    assert client.get("/health/live").json() == {"status": "alive"}
+    assert client.get("/health/ready").json()["status"] == "ready"
+    assert client.get("/version").json()["accel_diffusion"] == "0.1.0"
+    metrics = client.get("/metrics").text
+    for name in ("accel_diffusion_queue_depth", "accel_diffusion_images_total", "accel_diffusion_nfe_total",
+                 "accel_diffusion_step_seconds_bucket", "accel_diffusion_request_seconds_bucket"):
+        assert name in metrics
+    schema = client.get("/openapi.json").json()
+    assert {"/v1/images/generations", "/v1/jobs", "/v1/jobs/{job_id}/events"} <= set(schema["paths"])
+
+
+def test_queue_full_is_429_with_retry_after(tiny_models_file: Path) -> None:
+    with TestClient(create_app(make_settings(tiny_models_file, queue_max=1))) as client:
+        long = {"prompt": PROMPT, "n": 4, "seed": 0, "steps": 150}
+        first = client.post("/v1/jobs", json=long).json()["id"]
+        wait_status(client, first, "running")
+        second = client.post("/v1/jobs", json=long)
+        third = client.post("/v1/jobs", json=long)
+        assert second.status_code == 202 and third.status_code == 429
+        assert int(third.headers["Retry-After"]) >= 1 and third.json()["error"]["type"] == "queue_full"
+        for job_id in (first, second.json()["id"]):
+            client.post(f"/v1/jobs/{job_id}/cancel")
+
+
+def test_api_keys(tiny_models_file: Path, tmp_path: Path) -> None:
+    key_file = tmp_path / "keys"
+    key_file.write_text("from-file\n")
+    settings = make_settings(tiny_models_file, api_keys=["secret"], api_keys_file=key_file)
+    with TestClient(create_app(settings)) as client:
+        denied = client.get("/v1/models")
+        assert denied.status_code == 401 and denied.json()["error"]["type"] == "unauthorized"
+        assert client.get("/v1/models", headers={"Authorization": "Bearer wrong"}).status_code == 401
+        assert client.get("/v1/models", headers={"Authorization": "Bearer secret"}).status_code == 200
+        assert client.get("/v1/models", headers={"Authorization": "Bearer from-file"}).status_code == 200
+        assert client.get("/health/ready").status_code == 200 and client.get("/metrics").status_code == 200
+
+
+def test_body_size_limit_and_cors_closed(tiny_models_file: Path) -> None:
+    with TestClient(create_app(make_settings(tiny_models_file, max_body_bytes=2048))) as client:
+        response = client.post("/v1/jobs", json={"prompt": "x" * 4000})
+        assert response.status_code == 413 and response.json()["error"]["type"] == "request_too_large"
+        preflight = client.options("/v1/jobs", headers={"Origin": "https://evil.example",
+                                                        "Access-Control-Request-Method": "POST"})
+        assert "access-control-allow-origin" not in preflight.headers

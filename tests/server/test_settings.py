@@ -1,0 +1,41 @@
+"""ServerSettings: TOML file < environment < keyword overrides; refused values."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from accel_diffusion.server import ServerSettings
+
+
+def test_precedence_file_env_overrides(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    config = tmp_path / "server.toml"
+    config.write_text('[server]\nport = 9000\nqueue_max = 7\nserved_models = ["shapes", "gmm"]\n'
+                      'cors_origins = ["https://app.example"]\n')
+    monkeypatch.setenv("ACCEL_DIFFUSION_QUEUE_MAX", "9")
+    settings = ServerSettings.from_file(config, port=9100)
+    assert settings.port == 9100 and settings.queue_max == 9 and settings.served_models == ["shapes", "gmm"]
+    assert settings.cors_origins == ["https://app.example"] and settings.host == "127.0.0.1"
+    assert isinstance(settings, ServerSettings) and type(settings) is ServerSettings
+
+
+def test_defaults_and_limits() -> None:
+    settings = ServerSettings()
+    assert (settings.host, settings.port, settings.served_models) == ("127.0.0.1", 8000, ["shapes"])
+    limits = settings.request_limits()
+    assert limits.max_steps == settings.max_steps and limits.max_images == settings.max_images
+
+
+@pytest.mark.parametrize("bad", [{"cors_origins": ["*"]}, {"port": 0}, {"served_models": []}, {"unknown": 1}])
+def test_refused_settings(bad: dict) -> None:
+    with pytest.raises(ValidationError):
+        ServerSettings(**bad)
+
+
+def test_secret_keys_do_not_leak_into_repr(tmp_path: Path) -> None:
+    keys = tmp_path / "keys"
+    keys.write_text("k1\n\nk2\n")
+    settings = ServerSettings(api_keys=["inline"], api_keys_file=keys)
+    assert settings.all_api_keys() == ["inline", "k1", "k2"] and "inline" not in repr(settings)

@@ -1,0 +1,66 @@
+"""The app behind a real uvicorn on 127.0.0.1: generation over TCP, a client that disconnects from a
+synchronous call cancels its job, and shutdown lets the running job finish."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import pytest
+import uvicorn
+from accel_diffusion.server import create_app
+from accel_diffusion.server.jobs import JobStatus
+from fastapi import FastAPI
+from server_clients import decode, make_settings
+
+
+@contextmanager
+def running_server(app: FastAPI) -> Iterator[tuple[uvicorn.Server, threading.Thread, str]]:
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not (server.started and server.servers) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield server, thread, f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(120)
+
+
+def test_real_server_generates_and_drains(tiny_models_file: Path) -> None:
+    app = create_app(make_settings(tiny_models_file))
+    with running_server(app) as (server, thread, base), httpx.Client(base_url=base, timeout=60) as http:
+        assert http.get("/health/ready").json()["status"] == "ready"
+        response = http.post("/v1/images/generations", json={"prompt": "a cross", "seed": 4, "num_inference_steps": 2})
+        assert response.status_code == 200 and response.headers["X-Request-Id"]
+        assert decode(response.json()["data"][0]["b64_json"]).shape == (32, 32, 3)
+        job_id = http.post("/v1/jobs", json={"prompt": "a cross", "n": 2, "seed": 0, "steps": 60}).json()["id"]
+        job = app.state.server.jobs.get(job_id)
+        while job.status is JobStatus.QUEUED:
+            time.sleep(0.01)
+        server.should_exit = True  # what SIGTERM does
+        thread.join(120)
+        assert not thread.is_alive()
+    assert job.status is JobStatus.SUCCEEDED and job.step == 60  # the running job finished before exit
+    assert app.state.server.draining
+
+
+def test_disconnecting_client_cancels_its_job(tiny_models_file: Path) -> None:
+    app = create_app(make_settings(tiny_models_file))
+    with running_server(app) as (_, _, base):
+        with httpx.Client(base_url=base, timeout=0.5) as http, pytest.raises(httpx.ReadTimeout):
+            http.post("/v1/images/generations", json={"prompt": "a cross", "n": 4, "seed": 0,
+                                                      "num_inference_steps": 150})
+        store = app.state.server.jobs
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not all(j.status.finished for j in store.all()):
+            time.sleep(0.02)
+        (job,) = store.all()
+        assert job.status is JobStatus.CANCELLED and job.step < 150
