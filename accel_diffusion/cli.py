@@ -298,9 +298,8 @@ def serve(ctx: click.Context, config_file: str | None, host: str | None, port: i
           served: tuple[str, ...]) -> None:
     """Run the HTTP server (OpenAI-compatible images API + jobs API) with uvicorn."""
     try:
-        import uvicorn
-
-        from accel_diffusion.server import ServerSettings, create_app
+        from accel_diffusion.server import ServerSettings
+        from accel_diffusion.server.process import serve as run_server
     except ImportError as exc:
         _fail(f"the server needs its extra: pip install 'accel-diffusion[server]' ({exc.name} is missing)")
         return
@@ -314,5 +313,4 @@ def serve(ctx: click.Context, config_file: str | None, host: str | None, port: i
     except ValueError as exc:
         _fail(f"server settings: {exc}")
         return
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info",
-                timeout_graceful_shutdown=600)
+    run_server(settings)

@@ -8,6 +8,8 @@ queued ones.
 from __future__ import annotations
 
 import asyncio
+import base64
+import contextlib
 import hmac
 import json
 import logging
@@ -20,10 +22,11 @@ from typing import Annotated, Any
 
 import diffusers
 import torch
-from accel_diffusion.server.jobs import Job, JobStatus, JobStore, OutputOptions, QueueFullError
+from accel_diffusion.server.jobs import DrainingError, Job, JobStatus, JobStore, OutputOptions, QueueFullError
 from accel_diffusion.server.metrics import ServerMetrics
 from accel_diffusion.server.schemas import (
     ErrorResponse,
+    ImageEditRequest,
     ImageGenerationRequest,
     ImagesResponse,
     JobCreateRequest,
@@ -35,6 +38,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
+from pydantic import ValidationError
 
 from accel_diffusion import __version__
 from accel_diffusion.engine import Engine
@@ -45,7 +49,7 @@ from accel_diffusion.strategy import GenerationRequest
 
 log = logging.getLogger("accel_diffusion.server")
 TERMINAL_EVENTS = ("job.completed", "job.failed", "job.cancelled")
-POLL_S = 0.02  # how often a waiting request looks at its job (no thread is held while waiting)
+DISCONNECT_CHECK_S = 0.5  # a waiting request is woken by its job's events, and checks its client this often
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse} for code in (400, 401, 404, 409, 413, 429, 500, 503)
 }
@@ -66,6 +70,10 @@ class ServerState:
         self.draining = False
 
     @property
+    def idle(self) -> bool:
+        return self.worker.queue_depth == 0 and not self.worker.busy
+
+    @property
     def default_model(self) -> str:
         return self.settings.served_models[0]
 
@@ -75,7 +83,7 @@ class ServerState:
 
     def submit(self, request: GenerationRequest, output: OutputOptions) -> tuple[Job, int]:
         if self.draining:
-            raise QueueFullError(self.settings.queue_max, 30)
+            raise DrainingError("the server is shutting down; retry on another replica")
         self.check_model(request)
         job = Job(request=request, output=output)
         position = self.worker.submit(job)
@@ -110,8 +118,8 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         state = ServerState(settings, served_registry(settings))
         app.state.server = state
-        await asyncio.to_thread(warm_up, state)
-        state.worker.start()
+        state.worker.start(prepare=lambda: warm_up(state))  # on the worker thread: all model work stays there
+        await state.worker.wait_prepared()
         state.ready = True
         log.info("serving %s", settings.served_models)
         try:
@@ -220,6 +228,10 @@ def _install_error_handlers(app: FastAPI) -> None:
         get_state(request).metrics.errors.labels(type="queue_full").inc()
         return error_response(429, "queue_full", str(exc), headers={"Retry-After": str(exc.retry_after_s)})
 
+    @app.exception_handler(DrainingError)
+    async def draining(request: Request, exc: DrainingError) -> JSONResponse:
+        return error_response(503, "unavailable", str(exc), headers={"Retry-After": "5"})
+
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
         kinds = {401: "unauthorized", 404: "not_found", 409: "conflict", 503: "unavailable"}
@@ -285,23 +297,17 @@ def _api_routes() -> APIRouter:
     @router.post("/v1/images/generations", tags=["images"], response_model=ImagesResponse)
     async def images_generations(body: ImageGenerationRequest, request: Request, state: State) -> Any:
         generation = body.to_generation_request(state.default_model, state.limits)
-        job, _ = state.submit(generation, body.output_options())
-        await _wait_or_cancel(job, request, state)
-        if job.status is JobStatus.SUCCEEDED:
-            assert job.result is not None
-            images = job.result["images"]
-            return {"created": int(job.created_at), "id": job.id,
-                    "data": [{"b64_json": im["b64_json"], "revised_prompt": None, "seed": im["seed"]}
-                             for im in images],
-                    "seeds": [im["seed"] for im in images],
-                    "usage": {"images": len(images), "nfe_per_image": job.result["nfe"],
-                              "compute_s": round(job.result["timings"]["total"], 4)}}
-        if job.status is JobStatus.CANCELLED:
-            return error_response(409, "cancelled", f"job {job.id} was cancelled")
-        error = job.error or {}
-        status = {"invalid_request_error": 400, "model_not_found": 404, "gpu_oom": 503}.get(error.get("type"), 500)
-        return error_response(status, error.get("type", "internal_error"), error.get("message", "failed"),
-                              error.get("param"))
+        return await _run_images(generation, body.output_options(), request, state)
+
+    @router.post("/v1/images/edits", tags=["images"], response_model=ImagesResponse, openapi_extra={
+        "requestBody": {"content": {
+            "multipart/form-data": {"schema": {"type": "object", "required": ["image", "prompt"], "properties": {
+                "image": {"type": "string", "format": "binary"}, "prompt": {"type": "string"}}}},
+            "application/json": {"schema": ImageEditRequest.model_json_schema()}}, "required": True}})
+    async def images_edits(request: Request, state: State) -> Any:
+        body = await _edit_request(request)
+        generation = await asyncio.to_thread(body.to_generation_request, state.default_model, state.limits)
+        return await _run_images(generation, body.output_options(), request, state)
 
     @router.post("/v1/jobs", tags=["jobs"], status_code=202)
     async def create_job(body: JobCreateRequest, state: State, response: Response) -> dict[str, Any]:
@@ -341,6 +347,53 @@ def _api_routes() -> APIRouter:
     return router
 
 
+async def _run_images(generation: GenerationRequest, output: OutputOptions, request: Request,
+                      state: ServerState) -> Any:
+    """Submit, wait (a disconnect cancels), answer in the OpenAI images shape or with an error."""
+    job, _ = state.submit(generation, output)
+    await _wait_or_cancel(job, request, state)
+    if job.status is JobStatus.SUCCEEDED:
+        assert job.result is not None
+        images = job.result["images"]
+        return {"created": int(job.created_at), "id": job.id,
+                "data": [{"b64_json": im["b64_json"], "revised_prompt": None, "seed": im["seed"]}
+                         for im in images],
+                "seeds": [im["seed"] for im in images],
+                "usage": {"images": len(images), "nfe_per_image": job.result["nfe"],
+                          "compute_s": round(job.result["timings"]["total"], 4)}}
+    if job.status is JobStatus.CANCELLED:
+        return error_response(409, "cancelled", f"job {job.id} was cancelled")
+    error = job.error or {}
+    status = {"invalid_request_error": 400, "model_not_found": 404, "gpu_oom": 503}.get(error.get("type"), 500)
+    return error_response(status, error.get("type", "internal_error"), error.get("message", "failed"),
+                          error.get("param"))
+
+
+async def _edit_request(request: Request) -> ImageEditRequest:
+    """The edit request from a multipart form (OpenAI) or a JSON body."""
+    content_type = request.headers.get("content-type", "")
+    try:
+        if content_type.startswith("multipart/form-data"):
+            form = await request.form()
+            data: dict[str, Any] = {}
+            for key, value in form.multi_items():
+                key = key.removesuffix("[]")
+                if key in data:
+                    raise InvalidRequestError(key, "give one value (one image per request)")
+                data[key] = (base64.b64encode(await value.read()).decode("ascii")
+                             if hasattr(value, "read") else value)
+            if isinstance(data.get("strategy"), str):
+                data["strategy"] = json.loads(data["strategy"])
+        else:
+            data = await request.json()
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InvalidRequestError("body", f"not a valid form or JSON body ({exc.__class__.__name__})") from None
+    try:
+        return ImageEditRequest.model_validate(data)
+    except ValidationError as exc:
+        raise RequestValidationError(exc.errors()) from None
+
+
 def _job(state: ServerState, job_id: str) -> Job:
     job = state.jobs.get(job_id)
     if job is None:
@@ -350,24 +403,43 @@ def _job(state: ServerState, job_id: str) -> Job:
 
 async def _wait_or_cancel(job: Job, request: Request, state: ServerState) -> None:
     """Wait for a synchronous call's job; a client that disconnects cancels it."""
-    while not job.status.finished:
-        if await request.is_disconnected():
-            state.worker.cancel(job)
-            return
-        await asyncio.sleep(POLL_S)
+    flag = job.watch()
+    checked = time.monotonic()
+    try:
+        while True:
+            flag.clear()
+            if job.status.finished:
+                return
+            if time.monotonic() - checked >= DISCONNECT_CHECK_S:
+                checked = time.monotonic()
+                if await request.is_disconnected():
+                    state.worker.cancel(job)
+                    return
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(flag.wait(), DISCONNECT_CHECK_S)
+    finally:
+        job.unwatch(flag)
 
 
 async def _sse(job: Job, last_id: int, request: Request, heartbeat_s: float = 15.0) -> AsyncIterator[str]:
-    last_beat = time.monotonic()
-    while True:
-        for event in job.events_after(last_id):
-            yield f"id: {event.id}\nevent: {event.type}\ndata: {json.dumps(event.data)}\n\n"
-            last_id = event.id
-            if event.type in TERMINAL_EVENTS:
-                return
-        if await request.is_disconnected():
-            return
-        if time.monotonic() - last_beat > heartbeat_s:
-            yield ": heartbeat\n\n"
-            last_beat = time.monotonic()
-        await asyncio.sleep(POLL_S)
+    flag = job.watch()
+    last_beat = checked = time.monotonic()
+    try:
+        while True:
+            flag.clear()
+            for event in job.events_after(last_id):
+                yield f"id: {event.id}\nevent: {event.type}\ndata: {json.dumps(event.data)}\n\n"
+                last_id = event.id
+                if event.type in TERMINAL_EVENTS:
+                    return
+            if time.monotonic() - last_beat > heartbeat_s:
+                yield ": heartbeat\n\n"
+                last_beat = time.monotonic()
+            if time.monotonic() - checked >= DISCONNECT_CHECK_S:
+                checked = time.monotonic()
+                if await request.is_disconnected():
+                    return
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(flag.wait(), DISCONNECT_CHECK_S)
+    finally:
+        job.unwatch(flag)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 import uuid
@@ -59,14 +60,28 @@ class Job:
     error: dict[str, Any] | None = None
     cancel_event: threading.Event = field(default_factory=threading.Event)
     events: list[JobEvent] = field(default_factory=list)
-    _lock: threading.Condition = field(default_factory=threading.Condition, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = field(default_factory=list, repr=False)
 
     def emit(self, type_: str, data: dict[str, Any] | None = None) -> JobEvent:
         with self._lock:
             event = JobEvent(len(self.events) + 1, type_, data or {})
             self.events.append(event)
-            self._lock.notify_all()
-            return event
+            waiters = list(self._waiters)
+        for loop, flag in waiters:  # wake the requests waiting on this job, on their event loops
+            loop.call_soon_threadsafe(flag.set)
+        return event
+
+    def watch(self) -> asyncio.Event:
+        """An asyncio.Event (of the running loop) set after every new event; ``unwatch`` when done."""
+        flag = asyncio.Event()
+        with self._lock:
+            self._waiters.append((asyncio.get_running_loop(), flag))
+        return flag
+
+    def unwatch(self, flag: asyncio.Event) -> None:
+        with self._lock:
+            self._waiters = [(loop, f) for loop, f in self._waiters if f is not flag]
 
     def events_after(self, last_id: int) -> list[JobEvent]:
         with self._lock:
@@ -131,6 +146,10 @@ class QueueFullError(Exception):
         self.limit = limit
         self.retry_after_s = retry_after_s
         super().__init__(f"the job queue is full ({limit} jobs); retry in {retry_after_s} s")
+
+
+class DrainingError(Exception):
+    """The server is shutting down: it finishes what it has and takes no new jobs."""
 
 
 class JobStore:

@@ -77,6 +77,53 @@ class ImageGenerationRequest(BaseModel):
         return OutputOptions(self.output_format, self.output_compression)
 
 
+class ImageEditRequest(BaseModel):
+    """``POST /v1/images/edits`` (img2img): OpenAI's multipart fields, or JSON with a base64 ``image``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    image: str = Field(description="base64 image (JSON); in multipart forms the uploaded file")
+    prompt: str
+    mask: str | None = Field(None, description="inpainting masks are not supported")
+    model: str | None = None
+    n: Annotated[int, Field(ge=1)] = 1
+    size: str | None = None
+    response_format: Literal["b64_json", "url"] | None = None
+    output_format: OutputFormat = "png"
+    output_compression: Annotated[int, Field(ge=0, le=100)] = 100
+    quality: str | None = None
+    background: str | None = None
+    input_fidelity: str | None = None
+    user: str | None = None
+    # diffusion extras
+    strength: float = 0.8
+    seed: Annotated[int, Field(ge=0)] | None = None
+    negative_prompt: str | None = None
+    num_inference_steps: int | None = None
+    guidance_scale: float | None = None
+    strategy: dict[str, Any] | None = None
+
+    def to_generation_request(self, default_model: str, limits: RequestLimits) -> GenerationRequest:
+        if self.mask is not None:
+            raise InvalidRequestError("mask", "inpainting is not supported; send the image without a mask")
+        if self.response_format == "url":
+            raise InvalidRequestError("response_format", "only b64_json is served", ["b64_json"])
+        try:
+            image = base64.b64decode(self.image, validate=True)
+        except (binascii.Error, ValueError):
+            raise InvalidRequestError("image", "must be base64-encoded image bytes") from None
+        width, height = parse_size(self.size)
+        return GenerationRequest.create(
+            limits, model=self.model or default_model, prompt=self.prompt, n=self.n, seed=self.seed,
+            negative_prompt=self.negative_prompt, width=width, height=height, steps=self.num_inference_steps,
+            strategy=merge_guidance_scale(self.strategy, self.guidance_scale), init_image=image,
+            strength=self.strength,
+        )
+
+    def output_options(self) -> OutputOptions:
+        return OutputOptions(self.output_format, self.output_compression)
+
+
 class ImageData(BaseModel):
     b64_json: str
     revised_prompt: str | None = None

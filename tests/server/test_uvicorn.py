@@ -3,6 +3,7 @@ synchronous call cancels its job, and shutdown lets the running job finish."""
 
 from __future__ import annotations
 
+import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -14,13 +15,14 @@ import pytest
 import uvicorn
 from accel_diffusion.server import create_app
 from accel_diffusion.server.jobs import JobStatus
+from accel_diffusion.server.process import DrainingServer
 from fastapi import FastAPI
 from server_clients import decode, make_settings
 
 
 @contextmanager
 def running_server(app: FastAPI) -> Iterator[tuple[uvicorn.Server, threading.Thread, str]]:
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+    server = DrainingServer(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"), app, 60)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 60
@@ -41,15 +43,18 @@ def test_real_server_generates_and_drains(tiny_models_file: Path) -> None:
         response = http.post("/v1/images/generations", json={"prompt": "a cross", "seed": 4, "num_inference_steps": 2})
         assert response.status_code == 200 and response.headers["X-Request-Id"]
         assert decode(response.json()["data"][0]["b64_json"]).shape == (32, 32, 3)
-        job_id = http.post("/v1/jobs", json={"prompt": "a cross", "n": 2, "seed": 0, "steps": 60}).json()["id"]
+        job_id = http.post("/v1/jobs", json={"prompt": "a cross", "n": 4, "seed": 0, "steps": 150}).json()["id"]
         job = app.state.server.jobs.get(job_id)
         while job.status is JobStatus.QUEUED:
             time.sleep(0.01)
-        server.should_exit = True  # what SIGTERM does
+        server.handle_exit(signal.SIGTERM, None)  # what SIGTERM does: drain first
+        ready = http.get("/health/ready")
+        refused = http.post("/v1/jobs", json={"prompt": "late", "steps": 2})
+        assert ready.status_code == 503 and refused.status_code == 503 and refused.headers["Retry-After"]
+        assert http.get(f"/v1/jobs/{job_id}").json()["status"] == "running"  # still answering while draining
         thread.join(120)
         assert not thread.is_alive()
-    assert job.status is JobStatus.SUCCEEDED and job.step == 60  # the running job finished before exit
-    assert app.state.server.draining
+    assert job.status is JobStatus.SUCCEEDED and job.step == 150  # the running job finished before exit
 
 
 def test_disconnecting_client_cancels_its_job(tiny_models_file: Path) -> None:

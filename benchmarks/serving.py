@@ -1,0 +1,143 @@
+"""Serving benchmark on the built-in `shapes` model (8 steps), server in its own process.
+
+    python benchmarks/serving.py --out benchmarks/results/serving_cpu.json
+
+(a) overhead: p50 latency of sequential POST /v1/images/generations minus p50 of the same request
+    straight through the engine (in this process, interleaved);
+(b) batching on vs off: not measured yet — the worker does not batch requests yet (max_batch_size 1);
+(c) load: 1000 requests from 64 concurrent clients against queue_max 32: status codes (no 5xx; the
+    excess gets 429), p50/p95/p99 latency of the served ones, images/s, and the server's resident
+    memory after warm-up vs after the run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import httpx
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).parent))
+from engine import machine
+
+from accel_diffusion.engine import Engine
+from accel_diffusion.models.registry import ModelRegistry
+from accel_diffusion.strategy import GenerationRequest
+
+STEPS = 8
+BODY = {"prompt": "a red circle on a blue background", "seed": 0, "num_inference_steps": STEPS}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_server(port: int, queue_max: int) -> subprocess.Popen:
+    env = {**os.environ, "ACCEL_DIFFUSION_QUEUE_MAX": str(queue_max)}
+    command = [sys.executable, "-c", "from accel_diffusion.cli import main; main()", "serve", "--port", str(port)]
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health/ready", timeout=1).status_code == 200:
+                return process
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.25)
+    process.kill()
+    raise RuntimeError("server did not become ready")
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def overhead(base: str, repeats: int) -> dict[str, Any]:
+    engine = Engine(ModelRegistry.default())
+    request = GenerationRequest.create(model="shapes", prompt=BODY["prompt"], seed=0, steps=STEPS)
+    engine.generate(request)
+    http_s, direct_s = [], []
+    with httpx.Client(base_url=base, timeout=60) as client:
+        client.post("/v1/images/generations", json=BODY)
+        for _ in range(repeats):  # interleaved, so drift hits both alike
+            begin = time.perf_counter()
+            assert client.post("/v1/images/generations", json=BODY).status_code == 200
+            http_s.append(time.perf_counter() - begin)
+            begin = time.perf_counter()
+            engine.generate(request)
+            direct_s.append(time.perf_counter() - begin)
+    return {"repeats": repeats, "http_p50_ms": 1e3 * statistics.median(http_s),
+            "direct_p50_ms": 1e3 * statistics.median(direct_s),
+            "overhead_ms": 1e3 * (statistics.median(http_s) - statistics.median(direct_s))}
+
+
+async def load(base: str, total: int, concurrency: int) -> dict[str, Any]:
+    codes: dict[int, int] = {}
+    latencies: list[float] = []
+    remaining = iter(range(total))
+    begin = time.perf_counter()
+
+    async def client_loop(client: httpx.AsyncClient) -> None:
+        for i in remaining:
+            start = time.perf_counter()
+            response = await client.post("/v1/images/generations", json={**BODY, "seed": i})
+            codes[response.status_code] = codes.get(response.status_code, 0) + 1
+            if response.status_code == 200:
+                latencies.append(time.perf_counter() - start)
+
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(base_url=base, timeout=600, limits=limits) as client:
+        await asyncio.gather(*(client_loop(client) for _ in range(concurrency)))
+    wall = time.perf_counter() - begin
+    lat = np.array(latencies) * 1e3
+    return {"requests": total, "concurrency": concurrency, "status_codes": {str(k): v for k, v in codes.items()},
+            "served": len(latencies), "wall_s": wall, "images_per_s": len(latencies) / wall,
+            "latency_ms": {"p50": float(np.percentile(lat, 50)), "p95": float(np.percentile(lat, 95)),
+                           "p99": float(np.percentile(lat, 99))} if len(lat) else None}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", default="benchmarks/results/serving_cpu.json")
+    parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--requests", type=int, default=1000)
+    args = parser.parse_args()
+    port = free_port()
+    server = start_server(port, queue_max=32)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        result: dict[str, Any] = {"benchmark": "serving", "model": "shapes", "steps": STEPS, "machine": machine()}
+        result["overhead"] = overhead(base, args.repeats)
+        rss_before = rss_mb(server.pid)
+        result["load"] = asyncio.run(load(base, args.requests, 64))
+        result["load"]["rss_after_warmup_mb"] = rss_before
+        result["load"]["rss_after_mb"] = rss_mb(server.pid)
+        result["load"]["rss_growth_mb"] = result["load"]["rss_after_mb"] - rss_before
+        result["batching"] = "not measured: the worker runs one request at a time (max_batch_size 1)"
+    finally:
+        server.terminate()
+        server.wait(120)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=1))
+    print(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()

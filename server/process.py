@@ -1,0 +1,46 @@
+"""Running the app under uvicorn with a graceful drain: on SIGTERM/SIGINT readiness turns 503 and new
+jobs are refused while the server keeps answering; once the queue is empty and the worker idle (or
+``drain_timeout_s`` has passed) uvicorn shuts down."""
+
+from __future__ import annotations
+
+import threading
+import time
+from types import FrameType
+
+import uvicorn
+from accel_diffusion.server.app import create_app
+from accel_diffusion.server.settings import ServerSettings
+from fastapi import FastAPI
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn.Server whose first exit signal drains instead of stopping at once (a second one stops)."""
+
+    def __init__(self, config: uvicorn.Config, app: FastAPI, drain_timeout_s: float) -> None:
+        super().__init__(config)
+        self.app = app
+        self.drain_timeout_s = drain_timeout_s
+        self._draining = False
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        state = getattr(self.app.state, "server", None)
+        if self._draining or state is None:
+            super().handle_exit(sig, frame)
+            return
+        self._draining = True
+        state.draining = True
+        threading.Thread(target=self._drain, args=(state,), name="accel-diffusion-drain", daemon=True).start()
+
+    def _drain(self, state: object) -> None:
+        deadline = time.monotonic() + self.drain_timeout_s
+        while time.monotonic() < deadline and not state.idle:  # type: ignore[attr-defined]
+            time.sleep(0.05)
+        self.should_exit = True
+
+
+def serve(settings: ServerSettings, drain_timeout_s: float = 600.0) -> None:
+    app = create_app(settings)
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="info",
+                            timeout_graceful_shutdown=int(drain_timeout_s))
+    DrainingServer(config, app, drain_timeout_s).run()
