@@ -4,7 +4,8 @@
 
 (a) overhead: p50 latency of sequential POST /v1/images/generations minus p50 of the same request
     straight through the engine (in this process, interleaved);
-(b) batching on vs off: not measured yet — the worker does not batch requests yet (max_batch_size 1);
+(b) batching: images/s of 16 concurrent clients (10 requests each) with max_batch_size 16 and
+    max_batch_wait_ms 50 vs max_batch_size 1, each on a fresh server;
 (c) load: 1000 requests from 64 concurrent clients against queue_max 32: status codes (no 5xx; the
     excess gets 429), p50/p95/p99 latency of the served ones, images/s, and the server's resident
     memory after warm-up vs after the run.
@@ -46,8 +47,10 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_server(port: int, queue_max: int) -> subprocess.Popen:
-    env = {**os.environ, "ACCEL_DIFFUSION_QUEUE_MAX": str(queue_max)}
+def start_server(port: int, queue_max: int, max_batch_size: int = 1, max_batch_wait_ms: float = 0) -> subprocess.Popen:
+    env = {**os.environ, "ACCEL_DIFFUSION_QUEUE_MAX": str(queue_max),
+           "ACCEL_DIFFUSION_MAX_BATCH_SIZE": str(max_batch_size),
+           "ACCEL_DIFFUSION_MAX_BATCH_WAIT_MS": str(max_batch_wait_ms)}
     command = [sys.executable, "-c", "from accel_diffusion.cli import main; main()", "serve", "--port", str(port)]
     process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 180
@@ -113,6 +116,21 @@ async def load(base: str, total: int, concurrency: int) -> dict[str, Any]:
                            "p99": float(np.percentile(lat, 99))} if len(lat) else None}
 
 
+def batching(clients: int = 16, per_client: int = 10) -> dict[str, Any]:
+    rows = {}
+    for label, size, wait_ms in (("off", 1, 0), ("on", 16, 50)):
+        port = free_port()
+        server = start_server(port, queue_max=64, max_batch_size=size, max_batch_wait_ms=wait_ms)
+        try:
+            rows[label] = asyncio.run(load(f"http://127.0.0.1:{port}", clients * per_client, clients))
+            rows[label]["max_batch_size"], rows[label]["max_batch_wait_ms"] = size, wait_ms
+        finally:
+            server.terminate()
+            server.wait(120)
+    rows["speedup"] = rows["on"]["images_per_s"] / rows["off"]["images_per_s"]
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="benchmarks/results/serving_cpu.json")
@@ -130,10 +148,10 @@ def main() -> None:
         result["load"]["rss_after_warmup_mb"] = rss_before
         result["load"]["rss_after_mb"] = rss_mb(server.pid)
         result["load"]["rss_growth_mb"] = result["load"]["rss_after_mb"] - rss_before
-        result["batching"] = "not measured: the worker runs one request at a time (max_batch_size 1)"
     finally:
         server.terminate()
         server.wait(120)
+    result["batching"] = batching()
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))
     print(json.dumps(result, indent=1))

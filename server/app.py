@@ -64,7 +64,8 @@ class ServerState:
         self.limits = settings.request_limits()
         self.metrics = ServerMetrics()
         self.jobs = JobStore(settings.job_ttl_s, settings.max_finished_jobs)
-        self.worker = DeviceWorker(Engine(registry), settings.queue_max, self.metrics)
+        self.worker = DeviceWorker(Engine(registry), settings.queue_max, self.metrics,
+                                   settings.max_batch_size, settings.max_batch_wait_ms)
         self.api_keys = [k.encode() for k in settings.all_api_keys()]
         self.ready = False
         self.draining = False

@@ -19,8 +19,10 @@ from accel_diffusion.server.metrics import ServerMetrics
 from PIL import Image
 
 from accel_diffusion.engine import Engine, GenerationHooks
+from accel_diffusion.engine.engine import image_seeds
 from accel_diffusion.engine.hooks import StepEvent
 from accel_diffusion.errors import AccelDiffusionError, GenerationCancelled, InvalidRequestError
+from accel_diffusion.strategy import GenerationRequest
 
 log = logging.getLogger("accel_diffusion.server")
 
@@ -41,10 +43,13 @@ def encode_image(image: np.ndarray, output: OutputOptions) -> str:
 class DeviceWorker:
     """A bounded FIFO of jobs and the thread that runs them on ``engine``."""
 
-    def __init__(self, engine: Engine, queue_max: int, metrics: ServerMetrics) -> None:
+    def __init__(self, engine: Engine, queue_max: int, metrics: ServerMetrics, max_batch_size: int = 1,
+                 max_batch_wait_ms: float = 0.0) -> None:
         self.engine = engine
         self.queue_max = queue_max
         self.metrics = metrics
+        self.max_batch_size = max_batch_size
+        self.max_batch_wait_s = max_batch_wait_ms / 1000
         self._queue: deque[Job] = deque()
         self._cond = threading.Condition()
         self._running: Job | None = None
@@ -142,20 +147,45 @@ class DeviceWorker:
                 self._cond.wait_for(lambda: self._queue or self._stopping)
                 if self._stopping and not self._queue:
                     return
-                job = self._queue.popleft()
+                batch = self._take_batch()
                 self.metrics.queue_depth.set(len(self._queue))
-                self._running = job
+                self._running = batch[0]
             try:
-                self._execute(job)
+                self._execute(batch)
             finally:
                 self._running = None
 
-    def _execute(self, job: Job) -> None:
-        if job.cancel_event.is_set():
-            job.finish(JobStatus.CANCELLED)
+    def _take_batch(self) -> list[Job]:
+        """The next job, plus queued compatible ones (same batch key) while the batch has room;
+        waits up to ``max_batch_wait_ms`` for more. Called with the lock held."""
+        batch = [self._queue.popleft()]
+        key = batch_key(batch[0])
+        if key is None or self.max_batch_size <= 1:
+            return batch
+        images = batch[0].request.num_images
+        deadline = time.monotonic() + self.max_batch_wait_s
+        while images < self.max_batch_size:
+            for job in list(self._queue):
+                if batch_key(job) == key and images + job.request.num_images <= self.max_batch_size:
+                    self._queue.remove(job)
+                    batch.append(job)
+                    images += job.request.num_images
+            remaining = deadline - time.monotonic()
+            if images >= self.max_batch_size or remaining <= 0 or self._stopping:
+                break
+            self._cond.wait(remaining)
+        return batch
+
+    def _execute(self, batch: list[Job]) -> None:
+        jobs = [job for job in batch if not job.cancel_event.is_set()]
+        for job in batch:
+            if job.cancel_event.is_set():
+                job.finish(JobStatus.CANCELLED)
+        if not jobs:
             return
-        job.start()
-        self.metrics.in_flight.inc()
+        for job in jobs:
+            job.start()
+        self.metrics.in_flight.inc(len(jobs))
         begin = time.perf_counter()
         last_step = [begin]
 
@@ -163,48 +193,90 @@ class DeviceWorker:
             now = time.perf_counter()
             self.metrics.step_seconds.observe(now - last_step[0])
             last_step[0] = now
-            job.progress(event.step, event.total)
+            for job in jobs:
+                job.progress(event.step, event.total)
 
-        def on_preview(step: int, images: np.ndarray) -> None:
+        def on_preview(step: int, images: np.ndarray) -> None:  # single jobs only (previews are not batched)
             u8 = (np.clip(images, 0.0, 1.0) * 255).round().astype(np.uint8)
-            job.emit("job.preview", {"step": step, "output_format": job.output.output_format,
-                                     "b64_json": [encode_image(im, job.output) for im in u8]})
+            jobs[0].emit("job.preview", {"step": step, "output_format": jobs[0].output.output_format,
+                                         "b64_json": [encode_image(im, jobs[0].output) for im in u8]})
+
+        def all_cancelled() -> bool:
+            return all(job.cancel_event.is_set() for job in jobs)
 
         try:
-            result = self.engine.generate(job.request, GenerationHooks(on_step=on_step, on_preview=on_preview,
-                                                                      cancel=job.cancel_event))
-            images = [{"b64_json": encode_image(im, job.output), "seed": seed, "prompt": prompt}
-                      for im, seed, prompt in zip(result.to_uint8(), result.seeds, result.prompts, strict=True)]
-            job.finish(JobStatus.SUCCEEDED, result={
-                "images": images, "width": result.width, "height": result.height, "steps": result.steps,
-                "nfe": result.nfe, "strategy": result.strategy.model_dump(exclude_none=True),
-                "timings": {**result.timings, "queue": (job.started_at or job.created_at) - job.created_at},
-                "attention_backend": result.attention_backend, "batch_size_used": 1,
-            })
-            self.metrics.images.inc(len(images))
-            self.metrics.nfe.inc(result.nfe)
-            self.metrics.batch_size.observe(1)
+            request, seeds = merged_request(jobs)
+            result = self.engine.generate(request, GenerationHooks(on_step=on_step, on_preview=on_preview,
+                                                                   cancel=all_cancelled), seeds=seeds)
+            pixels = result.to_uint8()
+            offset = 0
+            for job in jobs:
+                count = job.request.num_images
+                if job.cancel_event.is_set():  # cancelled while its batch went on for the others
+                    job.finish(JobStatus.CANCELLED)
+                    self.metrics.cancellations.inc()
+                    offset += count
+                    continue
+                images = [{"b64_json": encode_image(pixels[offset + i], job.output), "seed": result.seeds[offset + i],
+                           "prompt": result.prompts[offset + i]} for i in range(count)]
+                offset += count
+                job.finish(JobStatus.SUCCEEDED, result={
+                    "images": images, "width": result.width, "height": result.height, "steps": result.steps,
+                    "nfe": result.nfe, "strategy": result.strategy.model_dump(exclude_none=True),
+                    "timings": {**result.timings, "queue": (job.started_at or job.created_at) - job.created_at},
+                    "attention_backend": result.attention_backend, "batch_size_used": len(jobs),
+                })
+                self.metrics.images.inc(count)
+                self.metrics.nfe.inc(result.nfe * count)
+            self.metrics.batch_size.observe(len(jobs))
         except GenerationCancelled:
-            job.finish(JobStatus.CANCELLED)
-            self.metrics.cancellations.inc()
+            for job in jobs:
+                job.finish(JobStatus.CANCELLED)
+                self.metrics.cancellations.inc()
         except InvalidRequestError as exc:
-            job.finish(JobStatus.FAILED, error=error_body(exc))
+            for job in jobs:
+                job.finish(JobStatus.FAILED, error=error_body(exc))
             self.metrics.errors.labels(type=exc.error_type).inc()
         except AccelDiffusionError as exc:
-            job.finish(JobStatus.FAILED, error={"type": exc.error_type, "code": exc.error_type, "message": str(exc),
-                                                "param": None})
+            for job in jobs:
+                job.finish(JobStatus.FAILED, error={"type": exc.error_type, "code": exc.error_type,
+                                                    "message": str(exc), "param": None})
             self.metrics.errors.labels(type=exc.error_type).inc()
-        except Exception as exc:
+        except Exception as exc:  # one batch's failure must not take the worker down
             oom = "out of memory" in str(exc).lower()
             kind = "gpu_oom" if oom else "internal_error"
-            log.exception("job %s failed", job.id)
-            job.finish(JobStatus.FAILED, error={"type": kind, "code": kind, "param": None,
-                                                "message": "out of device memory" if oom else "internal error"})
+            log.exception("jobs %s failed", [job.id for job in jobs])
+            for job in jobs:
+                job.finish(JobStatus.FAILED, error={"type": kind, "code": kind, "param": None,
+                                                    "message": "out of device memory" if oom else "internal error"})
             self.metrics.errors.labels(type=kind).inc()
         finally:
             self.last_job_seconds = time.perf_counter() - begin
-            self.metrics.in_flight.dec()
+            self.metrics.in_flight.dec(len(jobs))
             self.metrics.job_seconds.observe(self.last_job_seconds)
+
+
+def batch_key(job: Job) -> tuple[Any, ...] | None:
+    """Jobs with equal keys can run as one engine batch (None: never batched)."""
+    request = job.request
+    if request.init_image is not None or request.preview_every:
+        return None
+    return (request.model, request.width, request.height, request.steps, request.negative_prompt,
+            request.strategy.model_dump_json())
+
+
+def merged_request(jobs: list[Job]) -> tuple[GenerationRequest, list[int]]:
+    """One engine request for a batch: every job's prompts x n, and every image's own seed."""
+    if len(jobs) == 1:
+        request = jobs[0].request
+        return request, image_seeds(request.seed, request.num_images)
+    prompts: list[str] = []
+    seeds: list[int] = []
+    for job in jobs:
+        request = job.request
+        prompts += [p for p in request.prompts for _ in range(request.n)]
+        seeds += image_seeds(request.seed, request.num_images)
+    return jobs[0].request.model_copy(update={"prompt": prompts, "n": 1, "seed": None}), seeds
 
 
 def error_body(exc: InvalidRequestError) -> dict[str, Any]:

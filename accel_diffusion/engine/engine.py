@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 import random
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -142,14 +143,20 @@ class Engine:
     def __init__(self, models: ModelRegistry | None = None) -> None:
         self.models = models or ModelRegistry.default()
 
-    def generate(self, request: GenerationRequest, hooks: GenerationHooks = NO_HOOKS) -> GenerationResult:
+    def generate(self, request: GenerationRequest, hooks: GenerationHooks = NO_HOOKS, *,
+                 seeds: Sequence[int] | None = None) -> GenerationResult:
         model = self.models.get(request.model)
-        return generate(model, request, hooks)
+        return generate(model, request, hooks, seeds=seeds)
 
 
 @torch.no_grad()
-def generate(model: LoadedPipeline, request: GenerationRequest, hooks: GenerationHooks = NO_HOOKS) -> GenerationResult:
-    """The engine's one generation path (txt2img, or img2img when ``request.init_image`` is set)."""
+def generate(model: LoadedPipeline, request: GenerationRequest, hooks: GenerationHooks = NO_HOOKS, *,
+             seeds: Sequence[int] | None = None) -> GenerationResult:
+    """The engine's one generation path (txt2img, or img2img when ``request.init_image`` is set).
+
+    ``seeds`` (one per image) replaces ``request.seed + k``: the server uses it to run several
+    requests as one batch while every image keeps its own request's seed.
+    """
     t_start = time.perf_counter()
     if model.family not in ("sd", "sdxl"):
         raise InvalidRequestError(
@@ -173,7 +180,11 @@ def generate(model: LoadedPipeline, request: GenerationRequest, hooks: Generatio
     steps_run = num_steps
 
     prompts = [p for p in request.prompts for _ in range(request.n)]
-    seeds = image_seeds(request.seed, len(prompts))
+    if seeds is None:
+        seeds = image_seeds(request.seed, len(prompts))
+    elif len(seeds) != len(prompts) or not all(0 <= s <= MAX_SEED for s in seeds):
+        raise InvalidRequestError("seed", f"need {len(prompts)} seeds in [0, 2**63), got {list(seeds)}")
+    seeds = list(seeds)
     generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
     batch = len(prompts)
 
