@@ -5,17 +5,23 @@ from __future__ import annotations
 import base64
 import io
 import json
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import uvicorn
 from accel_diffusion.server import ServerSettings
+from accel_diffusion.server.process import DrainingServer
+from fastapi import FastAPI
 from PIL import Image
 
 
 def make_settings(models_file: Path, **overrides: Any) -> ServerSettings:
-    return ServerSettings(models_file=models_file, served_models=["tiny"], warmup_steps=1, **overrides)
+    return ServerSettings(**{"models_file": models_file, "served_models": ["tiny"], "warmup_steps": 1, **overrides})
 
 
 def decode(b64: str) -> np.ndarray:
@@ -49,3 +55,19 @@ def sse_events(text: str) -> list[dict[str, Any]]:
         if fields:
             events.append({"id": int(fields["id"]), "event": fields["event"], "data": json.loads(fields["data"])})
     return events
+
+
+@contextmanager
+def running_server(app: FastAPI) -> Iterator[tuple[uvicorn.Server, threading.Thread, str]]:
+    server = DrainingServer(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"), app, 60)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not (server.started and server.servers) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield server, thread, f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(120)

@@ -202,3 +202,19 @@ def test_body_size_limit_and_cors_closed(tiny_models_file: Path) -> None:
         preflight = client.options("/v1/jobs", headers={"Origin": "https://evil.example",
                                                         "Access-Control-Request-Method": "POST"})
         assert "access-control-allow-origin" not in preflight.headers
+
+
+def test_a_failing_job_fails_alone_and_the_worker_goes_on(tiny_models_file: Path, tmp_path: Path) -> None:
+    models = tmp_path / "models.toml"
+    models.write_text(tiny_models_file.read_text() + '\n[models.gmm]\nsource = "builtin"\npath = "gmm"\n')
+    settings = make_settings(models, served_models=["tiny", "gmm"])
+    with TestClient(create_app(settings)) as client:
+        failed = client.post("/v1/jobs", json={"model": "gmm", "prompt": "x", "steps": 2}).json()["id"]
+        after = client.post("/v1/jobs", json={"model": "tiny", "prompt": PROMPT, "seed": 0, "steps": 2}).json()["id"]
+        job = wait_finished(client, failed)
+        assert job["status"] == "failed" and job["error"]["param"] == "model"
+        assert job["error"]["type"] == "invalid_request_error" and "text-to-image" in job["error"]["message"]
+        assert wait_finished(client, after)["status"] == "succeeded"
+        sync = client.post("/v1/images/generations", json={"model": "gmm", "prompt": "x"})
+        assert sync.status_code == 400 and sync.json()["error"]["param"] == "model"
+        assert 'accel_diffusion_errors_total{type="invalid_request_error"}' in client.get("/metrics").text

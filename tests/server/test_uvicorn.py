@@ -4,36 +4,14 @@ synchronous call cancels its job, and shutdown lets the running job finish."""
 from __future__ import annotations
 
 import signal
-import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
 import pytest
-import uvicorn
 from accel_diffusion.server import create_app
 from accel_diffusion.server.jobs import JobStatus
-from accel_diffusion.server.process import DrainingServer
-from fastapi import FastAPI
-from server_clients import decode, make_settings
-
-
-@contextmanager
-def running_server(app: FastAPI) -> Iterator[tuple[uvicorn.Server, threading.Thread, str]]:
-    server = DrainingServer(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"), app, 60)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not (server.started and server.servers) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    try:
-        yield server, thread, f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(120)
+from server_clients import decode, make_settings, running_server
 
 
 def test_real_server_generates_and_drains(tiny_models_file: Path) -> None:
