@@ -76,3 +76,14 @@ def tiny_models_file(tmp_path_factory: pytest.TempPathFactory, tiny_sd_dir: Path
 def shapes_model() -> LoadedPipeline:
     """The shipped built-in `shapes` model, loaded through the default registry."""
     return ModelRegistry.default().get("shapes")
+
+
+@pytest.fixture(scope="module")
+def client(tiny_models_file: Path):
+    """An in-process server on the tiny model (id "tiny", 32x32, 4 default steps), one per module."""
+    from accel_diffusion.server import create_app
+    from fastapi.testclient import TestClient
+    from server_clients import make_settings
+
+    with TestClient(create_app(make_settings(tiny_models_file))) as test_client:
+        yield test_client

@@ -26,7 +26,8 @@ def pipe():
         str(DEFAULT_OUT), use_safetensors=True, local_files_only=True, dtype=torch.float32
     )
     p.set_progress_bar_config(disable=True)
-    return p
+    yield p
+    torch.set_flush_denormal(False)  # process-wide CPU state: do not leak it into other tests
 
 
 def test_size_and_format() -> None:
