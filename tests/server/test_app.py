@@ -218,3 +218,14 @@ def test_a_failing_job_fails_alone_and_the_worker_goes_on(tiny_models_file: Path
         sync = client.post("/v1/images/generations", json={"model": "gmm", "prompt": "x"})
         assert sync.status_code == 400 and sync.json()["error"]["param"] == "model"
         assert 'accel_diffusion_errors_total{type="invalid_request_error"}' in client.get("/metrics").text
+
+
+def test_cors_allowlist(tiny_models_file: Path) -> None:
+    settings = make_settings(tiny_models_file, cors_origins=["https://app.example"])
+    with TestClient(create_app(settings)) as client:
+        allowed = client.options("/v1/jobs", headers={"Origin": "https://app.example",
+                                                      "Access-Control-Request-Method": "POST"})
+        other = client.options("/v1/jobs", headers={"Origin": "https://evil.example",
+                                                    "Access-Control-Request-Method": "POST"})
+        assert allowed.headers["access-control-allow-origin"] == "https://app.example"
+        assert "access-control-allow-origin" not in other.headers
