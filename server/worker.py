@@ -53,6 +53,7 @@ class DeviceWorker:
         self._queue: deque[Job] = deque()
         self._cond = threading.Condition()
         self._running: Job | None = None
+        self._batch: list[Job] = []
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="accel-diffusion-worker", daemon=True)
         self._prepare: Callable[[], None] | None = None
@@ -116,6 +117,9 @@ class DeviceWorker:
         if queued:
             job.finish(JobStatus.CANCELLED)
             self.metrics.cancellations.inc()
+        elif job in self._batch and not all(j.cancel_event.is_set() for j in self._batch):
+            job.finish(JobStatus.CANCELLED)  # its batch runs on for the others; the job is done now
+            self.metrics.cancellations.inc()
 
     def position(self, job: Job) -> int | None:
         with self._cond:
@@ -149,11 +153,11 @@ class DeviceWorker:
                     return
                 batch = self._take_batch()
                 self.metrics.queue_depth.set(len(self._queue))
-                self._running = batch[0]
+                self._running, self._batch = batch[0], batch
             try:
                 self._execute(batch)
             finally:
-                self._running = None
+                self._running, self._batch = None, []
 
     def _take_batch(self) -> list[Job]:
         """The next job, plus queued compatible ones (same batch key) while the batch has room;
@@ -214,7 +218,6 @@ class DeviceWorker:
                 count = job.request.num_images
                 if job.cancel_event.is_set():  # cancelled while its batch went on for the others
                     job.finish(JobStatus.CANCELLED)
-                    self.metrics.cancellations.inc()
                     offset += count
                     continue
                 images = [{"b64_json": encode_image(pixels[offset + i], job.output), "seed": result.seeds[offset + i],

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 from accel_diffusion.server import create_app
 from fastapi.testclient import TestClient
-from server_clients import decode, make_settings, wait_finished
+from server_clients import decode, make_settings, wait_finished, wait_status
 
 from accel_diffusion.engine import Engine
 from accel_diffusion.models.registry import ModelRegistry
@@ -44,6 +44,8 @@ def test_cancelling_one_job_of_a_batch_keeps_the_others(tiny_models_file: Path) 
     with TestClient(create_app(settings)) as client:
         ids = [client.post("/v1/jobs", json={"prompt": p, "seed": 1, "steps": 150}).json()["id"]
                for p in PROMPTS[:3]]
-        client.post(f"/v1/jobs/{ids[1]}/cancel")
+        wait_status(client, ids[0], "running")
+        assert client.post(f"/v1/jobs/{ids[1]}/cancel").json()["status"] == "cancelled"  # at once
+        assert client.get(f"/v1/jobs/{ids[0]}").json()["status"] == "running"
         statuses = [wait_finished(client, job_id)["status"] for job_id in ids]
         assert statuses == ["succeeded", "cancelled", "succeeded"]
