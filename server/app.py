@@ -50,6 +50,7 @@ from accel_diffusion.strategy import GenerationRequest
 log = logging.getLogger("accel_diffusion.server")
 TERMINAL_EVENTS = ("job.completed", "job.failed", "job.cancelled")
 DISCONNECT_CHECK_S = 0.5  # a waiting request is woken by its job's events, and checks its client this often
+ERROR_STATUS = {"invalid_request_error": 400, "model_not_found": 404, "gpu_oom": 503}  # by error type; else 500
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse} for code in (400, 401, 404, 409, 413, 429, 500, 503)
 }
@@ -212,10 +213,9 @@ class RequestIdAndLimits:
 def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(InvalidRequestError)
     async def invalid_request(request: Request, exc: InvalidRequestError) -> JSONResponse:
-        status = 404 if isinstance(exc, UnknownModelError) else 400
         get_state(request).metrics.errors.labels(type=exc.error_type).inc()
         body = error_body(exc)
-        return error_response(status, body["type"], body["message"], body["param"])
+        return error_response(ERROR_STATUS.get(body["type"], 400), body["type"], body["message"], body["param"])
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -365,8 +365,8 @@ async def _run_images(generation: GenerationRequest, output: OutputOptions, requ
     if job.status is JobStatus.CANCELLED:
         return error_response(409, "cancelled", f"job {job.id} was cancelled")
     error = job.error or {}
-    status = {"invalid_request_error": 400, "model_not_found": 404, "gpu_oom": 503}.get(error.get("type"), 500)
-    return error_response(status, error.get("type", "internal_error"), error.get("message", "failed"),
+    return error_response(ERROR_STATUS.get(error.get("type"), 500), error.get("type", "internal_error"),
+                          error.get("message", "failed"),
                           error.get("param"))
 
 

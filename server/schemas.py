@@ -35,25 +35,36 @@ def merge_guidance_scale(strategy: dict[str, Any] | None, guidance_scale: float 
     return strategy
 
 
-class ImageGenerationRequest(BaseModel):
-    """``POST /v1/images/generations``: OpenAI's fields, plus diffusion extras as top-level keys."""
+def decode_base64(field: str, value: str) -> bytes:
+    try:
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise InvalidRequestError(field, "must be base64-encoded image bytes") from None
+
+
+class OutputFields(BaseModel):
+    """How the images of a request are encoded."""
 
     model_config = ConfigDict(extra="forbid")
+
+    output_format: OutputFormat = "png"
+    output_compression: Annotated[int, Field(ge=0, le=100)] = 100
+
+    def output_options(self) -> OutputOptions:
+        return OutputOptions(self.output_format, self.output_compression)
+
+
+class OpenAIImageFields(OutputFields):
+    """The fields the OpenAI images routes share, plus diffusion extras as top-level keys."""
 
     prompt: str
     model: str | None = None
     n: Annotated[int, Field(ge=1)] = 1
     size: str | None = Field(None, description='"WxH" (multiples of 8) or "auto" (the model\'s default)')
     response_format: Literal["b64_json", "url"] | None = Field(None, description="only b64_json is served")
-    output_format: OutputFormat = "png"
-    output_compression: Annotated[int, Field(ge=0, le=100)] = 100
     quality: str | None = Field(None, description="accepted for compatibility; steps and strategy decide quality")
-    style: str | None = None
     background: str | None = None
-    moderation: str | None = None
     user: str | None = None
-    stream: bool = Field(False, description="not supported here; use POST /v1/jobs and its SSE events")
-    partial_images: int | None = None
     # diffusion extras
     seed: Annotated[int, Field(ge=0)] | None = None
     negative_prompt: str | None = None
@@ -61,67 +72,48 @@ class ImageGenerationRequest(BaseModel):
     guidance_scale: float | None = None
     strategy: dict[str, Any] | None = None
 
-    def to_generation_request(self, default_model: str, limits: RequestLimits) -> GenerationRequest:
+    def _check_b64_json_only(self) -> None:
         if self.response_format == "url":
             raise InvalidRequestError("response_format", "only b64_json is served", ["b64_json"])
-        if self.stream:
-            raise InvalidRequestError("stream", "streaming is served by POST /v1/jobs and GET /v1/jobs/{id}/events")
+
+    def _generation_request(self, default_model: str, limits: RequestLimits, **extra: Any) -> GenerationRequest:
         width, height = parse_size(self.size)
         return GenerationRequest.create(
             limits, model=self.model or default_model, prompt=self.prompt, n=self.n, seed=self.seed,
             negative_prompt=self.negative_prompt, width=width, height=height, steps=self.num_inference_steps,
-            strategy=merge_guidance_scale(self.strategy, self.guidance_scale),
+            strategy=merge_guidance_scale(self.strategy, self.guidance_scale), **extra,
         )
 
-    def output_options(self) -> OutputOptions:
-        return OutputOptions(self.output_format, self.output_compression)
+
+class ImageGenerationRequest(OpenAIImageFields):
+    """``POST /v1/images/generations``: OpenAI's fields, plus diffusion extras as top-level keys."""
+
+    style: str | None = None
+    moderation: str | None = None
+    stream: bool = Field(False, description="not supported here; use POST /v1/jobs and its SSE events")
+    partial_images: int | None = None
+
+    def to_generation_request(self, default_model: str, limits: RequestLimits) -> GenerationRequest:
+        self._check_b64_json_only()
+        if self.stream:
+            raise InvalidRequestError("stream", "streaming is served by POST /v1/jobs and GET /v1/jobs/{id}/events")
+        return self._generation_request(default_model, limits)
 
 
-class ImageEditRequest(BaseModel):
+class ImageEditRequest(OpenAIImageFields):
     """``POST /v1/images/edits`` (img2img): OpenAI's multipart fields, or JSON with a base64 ``image``."""
 
-    model_config = ConfigDict(extra="forbid")
-
     image: str = Field(description="base64 image (JSON); in multipart forms the uploaded file")
-    prompt: str
     mask: str | None = Field(None, description="inpainting masks are not supported")
-    model: str | None = None
-    n: Annotated[int, Field(ge=1)] = 1
-    size: str | None = None
-    response_format: Literal["b64_json", "url"] | None = None
-    output_format: OutputFormat = "png"
-    output_compression: Annotated[int, Field(ge=0, le=100)] = 100
-    quality: str | None = None
-    background: str | None = None
     input_fidelity: str | None = None
-    user: str | None = None
-    # diffusion extras
     strength: float = 0.8
-    seed: Annotated[int, Field(ge=0)] | None = None
-    negative_prompt: str | None = None
-    num_inference_steps: int | None = None
-    guidance_scale: float | None = None
-    strategy: dict[str, Any] | None = None
 
     def to_generation_request(self, default_model: str, limits: RequestLimits) -> GenerationRequest:
         if self.mask is not None:
             raise InvalidRequestError("mask", "inpainting is not supported; send the image without a mask")
-        if self.response_format == "url":
-            raise InvalidRequestError("response_format", "only b64_json is served", ["b64_json"])
-        try:
-            image = base64.b64decode(self.image, validate=True)
-        except (binascii.Error, ValueError):
-            raise InvalidRequestError("image", "must be base64-encoded image bytes") from None
-        width, height = parse_size(self.size)
-        return GenerationRequest.create(
-            limits, model=self.model or default_model, prompt=self.prompt, n=self.n, seed=self.seed,
-            negative_prompt=self.negative_prompt, width=width, height=height, steps=self.num_inference_steps,
-            strategy=merge_guidance_scale(self.strategy, self.guidance_scale), init_image=image,
-            strength=self.strength,
-        )
-
-    def output_options(self) -> OutputOptions:
-        return OutputOptions(self.output_format, self.output_compression)
+        self._check_b64_json_only()
+        return self._generation_request(default_model, limits, init_image=decode_base64("image", self.image),
+                                        strength=self.strength)
 
 
 class ImageData(BaseModel):
@@ -146,10 +138,8 @@ class ImagesResponse(BaseModel):
     usage: ImagesUsage
 
 
-class JobCreateRequest(BaseModel):
+class JobCreateRequest(OutputFields):
     """``POST /v1/jobs``: the engine's generation request, JSON-shaped (img2img: base64 ``init_image``)."""
-
-    model_config = ConfigDict(extra="forbid")
 
     model: str | None = None
     prompt: str | list[str]
@@ -164,23 +154,13 @@ class JobCreateRequest(BaseModel):
     init_image: str | None = Field(None, description="base64 PNG/JPEG/WebP: img2img from this image")
     strength: float = 0.8
     preview_every: Annotated[int, Field(ge=0)] = 0
-    output_format: OutputFormat = "png"
-    output_compression: Annotated[int, Field(ge=0, le=100)] = 100
 
     def to_generation_request(self, default_model: str, limits: RequestLimits) -> GenerationRequest:
-        init = None
-        if self.init_image is not None:
-            try:
-                init = base64.b64decode(self.init_image, validate=True)
-            except (binascii.Error, ValueError):
-                raise InvalidRequestError("init_image", "must be base64-encoded image bytes") from None
+        init = None if self.init_image is None else decode_base64("init_image", self.init_image)
         fields = self.model_dump(exclude={"guidance_scale", "init_image", "output_format", "output_compression"})
         fields.update(model=self.model or default_model, init_image=init,
                       strategy=merge_guidance_scale(self.strategy, self.guidance_scale))
         return GenerationRequest.create(limits, **fields)
-
-    def output_options(self) -> OutputOptions:
-        return OutputOptions(self.output_format, self.output_compression)
 
 
 class ErrorDetail(BaseModel):
