@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from accel_diffusion.models.shapes.cpu import flushing_denormals
 from accel_diffusion.models.shapes.render import (
     BACKGROUNDS,
     COLORS,
@@ -104,6 +105,7 @@ def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return x.clamp(-1.0, 1.0)
 
 
+@flushing_denormals()
 def train_judge(
     out_dir: str | Path = DEFAULT_DIR,
     seed: int = 0,
@@ -116,7 +118,6 @@ def train_judge(
 ) -> dict:
     """Train the judge from fresh renders and save it (safetensors + config.json) to ``out_dir``."""
     t0 = time.time()
-    torch.set_flush_denormal(True)  # denormals slow CPU training >10x late in training
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     images, _, labels = render_dataset(n_train, seed=seed + 1000)

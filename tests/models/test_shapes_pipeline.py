@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from accel_diffusion.eval.image_stats import psnr_per_image, vae_reconstruction
+from accel_diffusion.models.shapes.cpu import flushing_denormals
 from accel_diffusion.models.shapes.render import all_combinations, combination_prompt, render_dataset
 from accel_diffusion.models.shapes.train import DEFAULT_OUT
 
@@ -21,13 +22,12 @@ from accel_diffusion.models.shapes.train import DEFAULT_OUT
 def pipe():
     from diffusers import StableDiffusionPipeline
 
-    torch.set_flush_denormal(True)
     p = StableDiffusionPipeline.from_pretrained(
         str(DEFAULT_OUT), use_safetensors=True, local_files_only=True, dtype=torch.float32
     )
     p.set_progress_bar_config(disable=True)
-    yield p
-    torch.set_flush_denormal(False)  # process-wide CPU state: do not leak it into other tests
+    with flushing_denormals():
+        yield p
 
 
 def test_size_and_format() -> None:

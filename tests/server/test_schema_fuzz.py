@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import schemathesis
-import torch
 from accel_diffusion.server import create_app
 from hypothesis import HealthCheck, settings
 from server_clients import make_settings, running_server
@@ -19,9 +18,6 @@ schema = schemathesis.openapi.from_dict(create_app(make_settings(Path("unused.to
 
 @pytest.fixture(scope="module")
 def base_url(tiny_models_file: Path) -> Iterator[str]:
-    # hypothesis refuses to generate floats while the CPU flushes subnormals to zero, a process-wide
-    # flag the shapes training code sets (torch.set_flush_denormal) for speed
-    torch.set_flush_denormal(False)
     app = create_app(make_settings(tiny_models_file, **FUZZ_LIMITS))
     with running_server(app) as (_, _, url):
         yield url

@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from accel_diffusion.eval.shapes_judge import to_tensor
+from accel_diffusion.models.shapes.cpu import flushing_denormals
 from accel_diffusion.models.shapes.render import render_dataset
 from accel_diffusion.models.shapes.tokenizer import build_tokenizer
 
@@ -188,6 +189,7 @@ def train_unet(
     return ema_unet, ema_text
 
 
+@flushing_denormals()
 def measure_shapes_model(
     model_dir: str | Path,
     judge_dir: str | Path | None = None,
@@ -204,7 +206,6 @@ def measure_shapes_model(
     from accel_diffusion.eval.shapes_judge import ShapesJudge
     from accel_diffusion.models.registry import ModelRegistry, ModelSpec
 
-    torch.set_flush_denormal(True)
     strategy = {"sampler": {"name": "dpmpp_2m"}, "schedule": {"name": "spacing"},
                 "guidance": {"name": "cfg", "scale": guidance}}
     spec = ModelSpec(id="shapes-eval", source="local", path=str(model_dir), device="cpu", dtype="float32",
@@ -299,6 +300,7 @@ def write_model_card(out: Path, info: dict[str, Any]) -> None:
     (out / "README.md").write_text("\n".join(lines))
 
 
+@flushing_denormals()
 def train_shapes(
     out_dir: str | Path = DEFAULT_OUT,
     seed: int = 0,
@@ -320,7 +322,6 @@ def train_shapes(
     args = {k: v for k, v in locals().items() if k not in {"out_dir", "judge_dir"}}
     if threads:
         torch.set_num_threads(threads)
-    torch.set_flush_denormal(True)  # denormals slow CPU training >10x late in training
     out = Path(out_dir)
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
