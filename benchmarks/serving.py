@@ -2,11 +2,16 @@
 
     python benchmarks/serving.py --out benchmarks/results/serving_cpu.json
 
-(a) overhead: p50 latency of sequential POST /v1/images/generations minus p50 of the same request
-    straight through the engine (in this process, interleaved); and, free of the two processes'
-    interference, p50 of (HTTP latency - the engine time the server itself measured for the job);
+(a) overhead: p50 latency of sequential POST /v1/images/generations (stdlib http.client, one
+    keep-alive connection) minus p50 of the same request straight through the engine in this process
+    with the server's batch_invariant setting. The two alternate in blocks of 10 with a pause
+    between blocks, so that neither runs while the other's OpenMP threads still spin, and drift hits
+    both alike. Also: p50 of (HTTP latency - the engine time the server measured for the job), and
+    the engine without batch invariance (what the mode costs a lone request);
 (b) batching: images/s of 16 concurrent clients (10 requests each) with max_batch_size 16 and
-    max_batch_wait_ms 50 vs max_batch_size 1, each on a fresh server;
+    max_batch_wait_ms 50 vs max_batch_size 1, each on a fresh server, batch-invariant (the default);
+    and batching on without batch invariance (images then agree with their lone runs only to float
+    rounding);
 (c) load: 1000 requests from 64 concurrent clients against queue_max 32: status codes (no 5xx; the
     excess gets 429), p50/p95/p99 latency of the served ones, images/s, and the server's resident
     memory after warm-up vs after the run.
@@ -16,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import http.client
 import json
 import os
 import socket
@@ -48,10 +54,12 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_server(port: int, queue_max: int, max_batch_size: int = 1, max_batch_wait_ms: float = 0) -> subprocess.Popen:
+def start_server(port: int, queue_max: int, max_batch_size: int = 1, max_batch_wait_ms: float = 0,
+                 batch_invariant: bool = True) -> subprocess.Popen:
     env = {**os.environ, "ACCEL_DIFFUSION_QUEUE_MAX": str(queue_max),
            "ACCEL_DIFFUSION_MAX_BATCH_SIZE": str(max_batch_size),
-           "ACCEL_DIFFUSION_MAX_BATCH_WAIT_MS": str(max_batch_wait_ms)}
+           "ACCEL_DIFFUSION_MAX_BATCH_WAIT_MS": str(max_batch_wait_ms),
+           "ACCEL_DIFFUSION_BATCH_INVARIANT": str(batch_invariant).lower()}
     command = [sys.executable, "-c", "from accel_diffusion.cli import main; main()", "serve", "--port", str(port)]
     process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 180
@@ -73,26 +81,44 @@ def rss_mb(pid: int) -> float:
     return float("nan")
 
 
-def overhead(base: str, repeats: int) -> dict[str, Any]:
+def overhead(port: int, blocks: int, block: int = 10) -> dict[str, Any]:
     engine = Engine(ModelRegistry.default())
     request = GenerationRequest.create(model="shapes", prompt=BODY["prompt"], seed=0, steps=STEPS)
-    engine.generate(request)
-    http_s, direct_s, served_s = [], [], []
-    with httpx.Client(base_url=base, timeout=60) as client:
-        client.post("/v1/images/generations", json=BODY)
-        for _ in range(repeats):  # interleaved, so drift hits both alike
+    body = json.dumps(BODY)
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+
+    def post() -> dict[str, Any]:
+        connection.request("POST", "/v1/images/generations", body, {"Content-Type": "application/json"})
+        response = connection.getresponse()
+        payload = response.read()
+        assert response.status == 200, payload[:200]
+        return json.loads(payload)
+
+    http_s, served_s = [], []
+    direct_s: dict[bool, list[float]] = {True: [], False: []}
+    for invariant in (True, False):
+        engine.generate(request, batch_invariant=invariant)
+    post()
+    for _ in range(blocks):
+        for invariant in (True, False):
+            for _ in range(block):
+                begin = time.perf_counter()
+                engine.generate(request, batch_invariant=invariant)
+                direct_s[invariant].append(time.perf_counter() - begin)
+            time.sleep(0.5)
+        for _ in range(block):
             begin = time.perf_counter()
-            response = client.post("/v1/images/generations", json=BODY)
+            usage = post()["usage"]
             http_s.append(time.perf_counter() - begin)
-            assert response.status_code == 200
-            served_s.append(http_s[-1] - response.json()["usage"]["compute_s"])
-            begin = time.perf_counter()
-            engine.generate(request)
-            direct_s.append(time.perf_counter() - begin)
-    return {"repeats": repeats, "http_p50_ms": 1e3 * statistics.median(http_s),
-            "direct_p50_ms": 1e3 * statistics.median(direct_s),
-            "overhead_ms": 1e3 * (statistics.median(http_s) - statistics.median(direct_s)),
-            "http_minus_server_compute_p50_ms": 1e3 * statistics.median(served_s)}
+            served_s.append(http_s[-1] - usage["compute_s"])
+        time.sleep(0.5)
+    connection.close()
+    p50 = statistics.median
+    return {"requests": len(http_s), "http_p50_ms": 1e3 * p50(http_s),
+            "direct_p50_ms": 1e3 * p50(direct_s[True]),
+            "overhead_ms": 1e3 * (p50(http_s) - p50(direct_s[True])),
+            "http_minus_server_compute_p50_ms": 1e3 * p50(served_s),
+            "direct_without_batch_invariance_p50_ms": 1e3 * p50(direct_s[False])}
 
 
 async def load(base: str, total: int, concurrency: int) -> dict[str, Any]:
@@ -122,23 +148,27 @@ async def load(base: str, total: int, concurrency: int) -> dict[str, Any]:
 
 def batching(clients: int = 16, per_client: int = 10) -> dict[str, Any]:
     rows = {}
-    for label, size, wait_ms in (("off", 1, 0), ("on", 16, 50)):
+    for label, size, wait_ms, invariant in (("off", 1, 0, True), ("on", 16, 50, True),
+                                            ("on_without_batch_invariance", 16, 50, False)):
         port = free_port()
-        server = start_server(port, queue_max=64, max_batch_size=size, max_batch_wait_ms=wait_ms)
+        server = start_server(port, queue_max=64, max_batch_size=size, max_batch_wait_ms=wait_ms,
+                              batch_invariant=invariant)
         try:
             rows[label] = asyncio.run(load(f"http://127.0.0.1:{port}", clients * per_client, clients))
-            rows[label]["max_batch_size"], rows[label]["max_batch_wait_ms"] = size, wait_ms
+            rows[label].update(max_batch_size=size, max_batch_wait_ms=wait_ms, batch_invariant=invariant)
         finally:
             server.terminate()
             server.wait(120)
     rows["speedup"] = rows["on"]["images_per_s"] / rows["off"]["images_per_s"]
+    rows["speedup_without_batch_invariance"] = (rows["on_without_batch_invariance"]["images_per_s"]
+                                                / rows["off"]["images_per_s"])
     return rows
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="benchmarks/results/serving_cpu.json")
-    parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--blocks", type=int, default=4, help="blocks of 10 requests for the overhead")
     parser.add_argument("--requests", type=int, default=1000)
     args = parser.parse_args()
     port = free_port()
@@ -146,7 +176,7 @@ def main() -> None:
     base = f"http://127.0.0.1:{port}"
     try:
         result: dict[str, Any] = {"benchmark": "serving", "model": "shapes", "steps": STEPS, "machine": machine()}
-        result["overhead"] = overhead(base, args.repeats)
+        result["overhead"] = overhead(port, args.blocks)
         rss_before = rss_mb(server.pid)
         result["load"] = asyncio.run(load(base, args.requests, 64))
         result["load"]["rss_after_warmup_mb"] = rss_before

@@ -61,27 +61,33 @@ class Job:
     cancel_event: threading.Event = field(default_factory=threading.Event)
     events: list[JobEvent] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
-    _waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = field(default_factory=list, repr=False)
+    _waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Event, bool]] = field(default_factory=list, repr=False)
 
     def emit(self, type_: str, data: dict[str, Any] | None = None) -> JobEvent:
         with self._lock:
             event = JobEvent(len(self.events) + 1, type_, data or {})
             self.events.append(event)
-            waiters = list(self._waiters)
+            finished = self.status.finished
+            waiters = [(loop, flag) for loop, flag, finish_only in self._waiters if finished or not finish_only]
         for loop, flag in waiters:  # wake the requests waiting on this job, on their event loops
             loop.call_soon_threadsafe(flag.set)
         return event
 
-    def watch(self) -> asyncio.Event:
-        """An asyncio.Event (of the running loop) set after every new event; ``unwatch`` when done."""
+    def watch(self, finish_only: bool = False) -> asyncio.Event:
+        """An asyncio.Event (of the running loop) set after every new event, or with ``finish_only``
+        only once the job has finished; ``unwatch`` when done.
+
+        A synchronous call watches finish-only: waking the event loop at every step made the worker's
+        steps slower (the loop thread takes a core and the GIL from the worker's OpenMP team).
+        """
         flag = asyncio.Event()
         with self._lock:
-            self._waiters.append((asyncio.get_running_loop(), flag))
+            self._waiters.append((asyncio.get_running_loop(), flag, finish_only))
         return flag
 
     def unwatch(self, flag: asyncio.Event) -> None:
         with self._lock:
-            self._waiters = [(loop, f) for loop, f in self._waiters if f is not flag]
+            self._waiters = [waiter for waiter in self._waiters if waiter[1] is not flag]
 
     def events_after(self, last_id: int) -> list[JobEvent]:
         with self._lock:

@@ -31,6 +31,9 @@ class ServerSettings(BaseSettings):
     queue_max: Annotated[int, Field(ge=1)] = 64
     max_batch_size: Annotated[int, Field(ge=1, le=64)] = 1
     max_batch_wait_ms: Annotated[float, Field(ge=0)] = 0.0
+    batch_invariant: bool = Field(True, description="an image is bit-identical whether it ran alone or in a "
+                                  "batch (per-sample kernels: slower batches); false: batches run faster and "
+                                  "images agree only to float rounding")
     max_width: Annotated[int, Field(ge=8)] = 1024
     max_height: Annotated[int, Field(ge=8)] = 1024
     max_pixels: Annotated[int, Field(ge=64)] = 1024 * 1024

@@ -44,12 +44,13 @@ class DeviceWorker:
     """A bounded FIFO of jobs and the thread that runs them on ``engine``."""
 
     def __init__(self, engine: Engine, queue_max: int, metrics: ServerMetrics, max_batch_size: int = 1,
-                 max_batch_wait_ms: float = 0.0) -> None:
+                 max_batch_wait_ms: float = 0.0, batch_invariant: bool = True) -> None:
         self.engine = engine
         self.queue_max = queue_max
         self.metrics = metrics
         self.max_batch_size = max_batch_size
         self.max_batch_wait_s = max_batch_wait_ms / 1000
+        self.batch_invariant = batch_invariant
         self._queue: deque[Job] = deque()
         self._cond = threading.Condition()
         self._running: Job | None = None
@@ -211,7 +212,8 @@ class DeviceWorker:
         try:
             request, seeds = merged_request(jobs)
             result = self.engine.generate(request, GenerationHooks(on_step=on_step, on_preview=on_preview,
-                                                                   cancel=all_cancelled), seeds=seeds)
+                                                                   cancel=all_cancelled), seeds=seeds,
+                                          batch_invariant=self.batch_invariant)
             pixels = result.to_uint8()
             offset = 0
             for job in jobs:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import random
 import time
@@ -14,6 +15,7 @@ import torch
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
+from accel_diffusion.engine.batch_invariance import BatchInvariantOps
 from accel_diffusion.engine.hooks import NO_HOOKS, GenerationHooks, LoopCounters
 from accel_diffusion.engine.loop import denoise
 from accel_diffusion.engine.step import StepContext
@@ -144,19 +146,26 @@ class Engine:
         self.models = models or ModelRegistry.default()
 
     def generate(self, request: GenerationRequest, hooks: GenerationHooks = NO_HOOKS, *,
-                 seeds: Sequence[int] | None = None) -> GenerationResult:
+                 seeds: Sequence[int] | None = None, batch_invariant: bool = False) -> GenerationResult:
         model = self.models.get(request.model)
-        return generate(model, request, hooks, seeds=seeds)
+        return generate(model, request, hooks, seeds=seeds, batch_invariant=batch_invariant)
 
 
-@torch.no_grad()
 def generate(model: LoadedPipeline, request: GenerationRequest, hooks: GenerationHooks = NO_HOOKS, *,
-             seeds: Sequence[int] | None = None) -> GenerationResult:
+             seeds: Sequence[int] | None = None, batch_invariant: bool = False) -> GenerationResult:
     """The engine's one generation path (txt2img, or img2img when ``request.init_image`` is set).
 
     ``seeds`` (one per image) replaces ``request.seed + k``: the server uses it to run several
-    requests as one batch while every image keeps its own request's seed.
+    requests as one batch while every image keeps its own request's seed. ``batch_invariant`` runs
+    the model under ``BatchInvariantOps``, so that an image's pixels are the same bits whatever
+    else shares its batch (at a cost in speed; see engine/batch_invariance.py).
     """
+    with torch.no_grad(), BatchInvariantOps() if batch_invariant else contextlib.nullcontext():
+        return _generate(model, request, hooks, seeds)
+
+
+def _generate(model: LoadedPipeline, request: GenerationRequest, hooks: GenerationHooks,
+              seeds: Sequence[int] | None) -> GenerationResult:
     t_start = time.perf_counter()
     if model.family not in ("sd", "sdxl"):
         raise InvalidRequestError(

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from accel_diffusion.server import create_app
+from accel_diffusion.server.schemas import ImagesResponse
 from fastapi.testclient import TestClient
 from openai import OpenAI
 from server_clients import decode, make_settings, sse_events, wait_finished, wait_status
@@ -21,8 +22,9 @@ PROMPT = "a red circle on a blue background"
 
 
 def direct_images(models_file: Path, **fields: object) -> np.ndarray:
-    """The same request through the engine, without the server."""
-    result = Engine(ModelRegistry.from_file(models_file)).generate(GenerationRequest.create(model="tiny", **fields))
+    """The same request through the engine, without the server (batch-invariant, as the server)."""
+    result = Engine(ModelRegistry.from_file(models_file)).generate(GenerationRequest.create(model="tiny", **fields),
+                                                                   batch_invariant=True)
     return result.to_uint8()
 
 
@@ -33,6 +35,7 @@ def test_openai_route_returns_the_engine_images(client: TestClient, tiny_models_
     assert response.status_code == 200, response.text
     assert response.headers["X-Request-Id"] == "abc"
     body = response.json()
+    ImagesResponse.model_validate(body)  # the documented response model
     assert body["seeds"] == [5, 6] and [d["seed"] for d in body["data"]] == [5, 6]
     assert body["usage"]["images"] == 2 and body["usage"]["nfe_per_image"] == 3 * 2
     images = np.stack([decode(d["b64_json"]) for d in body["data"]])

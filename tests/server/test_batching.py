@@ -17,8 +17,8 @@ PROMPTS = ["a red circle on a blue background", "a white cross on a green backgr
            "a yellow triangle on a black background", "a purple square on an orange background"]
 
 
-def test_compatible_jobs_run_as_one_batch_with_their_own_seeds(tiny_models_file: Path) -> None:
-    settings = make_settings(tiny_models_file, max_batch_size=8, max_batch_wait_ms=400)
+def _run_four_jobs_as_one_batch(models_file: Path, batch_invariant: bool) -> list[dict]:
+    settings = make_settings(models_file, max_batch_size=8, max_batch_wait_ms=400, batch_invariant=batch_invariant)
     with TestClient(create_app(settings)) as client:
         ids = [client.post("/v1/jobs", json={"prompt": p, "n": 2 if i == 1 else 1, "seed": 100 + 10 * i,
                                               "steps": 3}).json()["id"] for i, p in enumerate(PROMPTS)]
@@ -27,16 +27,34 @@ def test_compatible_jobs_run_as_one_batch_with_their_own_seeds(tiny_models_file:
         assert all(job["status"] == "succeeded" for job in jobs)
         assert [job["result"]["batch_size_used"] for job in jobs] == [4, 4, 4, 4]
         assert wait_finished(client, other)["result"]["batch_size_used"] == 1  # other steps: not merged
-        engine = Engine(ModelRegistry.from_file(tiny_models_file))
-        for i, job in enumerate(jobs):
-            alone = engine.generate(GenerationRequest.create(
-                model="tiny", prompt=PROMPTS[i], n=2 if i == 1 else 1, seed=100 + 10 * i, steps=3)).to_uint8()
-            batched = np.stack([decode(im["b64_json"]) for im in job["result"]["images"]])
-            first = 100 + 10 * i
-            assert [im["seed"] for im in job["result"]["images"]] == list(range(first, first + len(alone)))
-            # batched vs alone: same seeds, same computation; only batch-size-dependent BLAS rounding differs
-            difference = np.abs(batched.astype(int) - alone.astype(int))
-            assert difference.max() <= 1 and (difference == 0).mean() >= 0.999
+    return jobs
+
+
+def _alone(engine: Engine, i: int, batch_invariant: bool) -> np.ndarray:
+    return engine.generate(GenerationRequest.create(model="tiny", prompt=PROMPTS[i], n=2 if i == 1 else 1,
+                                                    seed=100 + 10 * i, steps=3),
+                           batch_invariant=batch_invariant).to_uint8()
+
+
+def test_compatible_jobs_run_as_one_batch_and_every_image_is_pixel_identical_to_it_alone(
+        tiny_models_file: Path) -> None:
+    jobs = _run_four_jobs_as_one_batch(tiny_models_file, batch_invariant=True)  # the default
+    engine = Engine(ModelRegistry.from_file(tiny_models_file))
+    for i, job in enumerate(jobs):
+        alone = _alone(engine, i, batch_invariant=True)
+        first = 100 + 10 * i
+        assert [im["seed"] for im in job["result"]["images"]] == list(range(first, first + len(alone)))
+        batched = np.stack([decode(im["b64_json"]) for im in job["result"]["images"]])
+        assert np.array_equal(batched, alone)
+
+
+def test_without_batch_invariance_images_agree_to_float_rounding(tiny_models_file: Path) -> None:
+    jobs = _run_four_jobs_as_one_batch(tiny_models_file, batch_invariant=False)
+    engine = Engine(ModelRegistry.from_file(tiny_models_file))
+    for i, job in enumerate(jobs):
+        batched = np.stack([decode(im["b64_json"]) for im in job["result"]["images"]])
+        difference = np.abs(batched.astype(int) - _alone(engine, i, batch_invariant=False).astype(int))
+        assert difference.max() <= 1 and (difference == 0).mean() >= 0.999  # batch-size-dependent kernels
 
 
 def test_cancelling_one_job_of_a_batch_keeps_the_others(tiny_models_file: Path) -> None:
