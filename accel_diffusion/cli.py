@@ -283,10 +283,6 @@ def eval_command(ctx: click.Context, model: str, steps: int | None, strategy: st
     click.echo(text)
 
 
-if __name__ == "__main__":
-    main()
-
-
 @main.command()
 @click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False), default=None,
               help="server settings TOML ([server] table); ACCEL_DIFFUSION_* environment variables override it")
@@ -314,3 +310,69 @@ def serve(ctx: click.Context, config_file: str | None, host: str | None, port: i
         _fail(f"server settings: {exc}")
         return
     run_server(settings)
+
+
+def _env_int(name: str) -> int | None:
+    value = os.environ.get(name, "").strip()
+    return int(value) if value.isdigit() else None
+
+
+@main.command()
+@click.argument("manifest", type=click.Path(exists=True, dir_okay=False))
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), required=True,
+              help="output folder (images/, results/, results.jsonl, errors.jsonl)")
+@click.option("--local", "local", is_flag=True, help="run on the engine in this process (the default)")
+@click.option("--server", "server_url", default=None, help="run against this server, e.g. http://127.0.0.1:8000")
+@click.option("--concurrency", type=click.IntRange(1, 256), default=4, show_default=True,
+              help="requests in flight against the server")
+@click.option("--api-key", default=None, help="server API key (default: $ACCEL_DIFFUSION_API_KEY)")
+@click.option("--shard-index", type=click.IntRange(0), default=None,
+              help="this shard (default: $JOB_COMPLETION_INDEX, as in a Kubernetes Indexed Job; else 0)")
+@click.option("--num-shards", type=click.IntRange(1), default=None,
+              help="number of shards (default: $ACCEL_DIFFUSION_NUM_SHARDS, else 1)")
+@click.option("--model", "-m", "default_model", default=None,
+              help="model of lines that name none (default: the registry's first, or the server's default)")
+@click.option("--quiet", is_flag=True, help="no progress bar")
+@click.pass_context
+def batch(ctx: click.Context, manifest: str, out_dir: str, local: bool, server_url: str | None, concurrency: int,
+          api_key: str | None, shard_index: int | None, num_shards: int | None, default_model: str | None,
+          quiet: bool) -> None:
+    """Run a JSONL MANIFEST (one request per line) into OUT; a rerun skips finished requests.
+
+    Exit code 0 when every request of this shard succeeded, 1 when a line was invalid or a request
+    failed (see errors.jsonl), 2 on a usage error.
+    """
+    from accel_diffusion.batch import LocalBackend, ServerBackend, run_batch
+
+    if local and server_url:
+        _fail("give either --local or --server URL")
+    shard_index = shard_index if shard_index is not None else (_env_int("JOB_COMPLETION_INDEX") or 0)
+    num_shards = num_shards if num_shards is not None else (_env_int("ACCEL_DIFFUSION_NUM_SHARDS") or 1)
+    if shard_index >= num_shards:
+        _fail(f"shard index {shard_index} is not below the number of shards {num_shards}")
+    backend: Any
+    if server_url:
+        try:
+            backend = ServerBackend(server_url, concurrency, api_key)
+        except ImportError as exc:
+            _fail(f"--server needs the client extra: pip install 'accel-diffusion[client]' ({exc.name} is missing)")
+            return
+    else:
+        backend = LocalBackend(ctx.obj.get("models_file"))
+    try:
+        report = run_batch(manifest, out_dir, backend, shard_index, num_shards, progress=not quiet,
+                           default_model=default_model)
+    finally:
+        if hasattr(backend, "close"):
+            backend.close()
+    shard = f" (shard {shard_index} of {num_shards})" if num_shards > 1 else ""
+    click.echo(f"{report.requests} requests{shard}: {report.generated} generated, {report.already_done} already "
+               f"done, {report.duplicates} duplicate lines, {report.failed} failed, {report.invalid} invalid lines; "
+               f"{report.images} images in {report.wall_s:.1f} s ({report.images_per_s:.2f} images/s)", err=True)
+    for error in sorted(report.errors, key=lambda e: e["line"])[:20]:
+        click.echo(f"  line {error['line']}: {error.get('field') or error.get('type')}: {error['message']}", err=True)
+    sys.exit(0 if report.ok else 1)
+
+
+if __name__ == "__main__":
+    main()

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import io
 import logging
 import threading
 import time
@@ -16,12 +15,12 @@ from typing import Any
 import numpy as np
 from accel_diffusion.server.jobs import Job, JobStatus, OutputOptions, QueueFullError
 from accel_diffusion.server.metrics import ServerMetrics
-from PIL import Image
 
 from accel_diffusion.engine import Engine, GenerationHooks
 from accel_diffusion.engine.engine import image_seeds
 from accel_diffusion.engine.hooks import StepEvent
 from accel_diffusion.errors import AccelDiffusionError, GenerationCancelled, InvalidRequestError
+from accel_diffusion.imageio import encode_image as encode_image_bytes
 from accel_diffusion.strategy import GenerationRequest
 
 log = logging.getLogger("accel_diffusion.server")
@@ -29,15 +28,7 @@ log = logging.getLogger("accel_diffusion.server")
 
 def encode_image(image: np.ndarray, output: OutputOptions) -> str:
     """uint8 HWC image -> base64 PNG / JPEG / WebP."""
-    buffer = io.BytesIO()
-    pil = Image.fromarray(image)
-    if output.output_format == "png":
-        pil.save(buffer, format="PNG")
-    elif output.output_format == "jpeg":
-        pil.save(buffer, format="JPEG", quality=max(1, output.output_compression))
-    else:
-        pil.save(buffer, format="WEBP", quality=output.output_compression, lossless=output.output_compression == 100)
-    return base64.b64encode(buffer.getvalue()).decode("ascii")
+    return base64.b64encode(encode_image_bytes(image, output.output_format, output.output_compression)).decode("ascii")
 
 
 class DeviceWorker:

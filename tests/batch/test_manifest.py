@@ -1,0 +1,83 @@
+"""Manifest lines: validation with line numbers, normalized keys, derived seeds, shard assignment."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from accel_diffusion.batch.manifest import LineError, in_shard, plan_line, read_manifest
+from accel_diffusion.errors import InvalidRequestError
+
+
+def test_equal_requests_have_equal_keys_whatever_their_spelling(tmp_path: Path) -> None:
+    a = plan_line(1, json.dumps({"prompt": "a cat", "size": "32x32", "guidance_scale": 3.0, "seed": 4}), tmp_path, "m")
+    b = plan_line(7, json.dumps({"seed": 4, "width": 32, "height": 32, "prompt": "a cat", "n": 1, "model": "m",
+                                 "strategy": {"guidance": {"name": "cfg", "scale": 3.0}}}), tmp_path, "m")
+    assert a.key == b.key and len(a.key) == 24
+    other = [{"prompt": "a cat", "size": "32x32", "guidance_scale": 3.0, "seed": 5},
+             {"prompt": "a cat", "size": "32x32", "guidance_scale": 3.0, "seed": 4, "model": "other"},
+             {"prompt": "a cat", "size": "32x32", "guidance_scale": 3.0, "seed": 4, "output_format": "jpeg"}]
+    keys = {plan_line(1, json.dumps(o), tmp_path, "m").key for o in other}
+    assert a.key not in keys and len(keys) == 3
+
+
+def test_a_line_without_seed_gets_one_from_its_request(tmp_path: Path) -> None:
+    first = plan_line(1, '{"prompt": "a dog", "steps": 3}', tmp_path, "m")
+    again = plan_line(9, '{"steps": 3, "prompt": "a dog"}', tmp_path, "m")
+    assert first.request["seed"] == again.request["seed"] and first.key == again.key
+    assert 0 <= first.request["seed"] < 2**63
+    assert plan_line(1, '{"prompt": "a dog", "steps": 4}', tmp_path, "m").request["seed"] != first.request["seed"]
+
+
+def test_init_images_are_keyed_by_their_bytes(tmp_path: Path) -> None:
+    from PIL import Image
+
+    Image.new("RGB", (32, 32), (200, 10, 10)).save(tmp_path / "red.png")
+    Image.new("RGB", (32, 32), (10, 10, 200)).save(tmp_path / "blue.png")
+    red = plan_line(1, '{"prompt": "x", "init_image": "red.png", "strength": 0.5}', tmp_path, "m")
+    blue = plan_line(2, '{"prompt": "x", "init_image": "blue.png", "strength": 0.5}', tmp_path, "m")
+    assert red.key != blue.key and red.init_image == (tmp_path / "red.png").resolve()
+    assert red.generation_request().init_image is not None
+    with pytest.raises(InvalidRequestError) as missing:
+        plan_line(3, '{"prompt": "x", "init_image": "nope.png"}', tmp_path, "m")
+    assert missing.value.field == "init_image"
+
+
+@pytest.mark.parametrize(("line", "field"), [
+    ("{not json", "line"),
+    ("[1, 2]", "line"),
+    ('{"prompt": "x", "colour": "red"}', "colour"),
+    ('{"prompt": ""}', "prompt"),
+    ('{"prompt": "x", "n": 0}', "n"),
+    ('{"prompt": "x", "steps": 0}', "steps"),
+    ('{"prompt": "x", "size": "big"}', "size"),
+    ('{"prompt": "x", "size": "32x32", "width": 32}', "size"),
+    ('{"prompt": "x", "width": 33, "height": 32}', "width"),
+    ('{"prompt": "x", "strategy": {"sampler": {"name": "nope"}}}', "strategy.sampler.name"),
+    ('{"prompt": "x", "output_format": "gif"}', "output_format"),
+])
+def test_invalid_lines_name_the_field(tmp_path: Path, line: str, field: str) -> None:
+    with pytest.raises(InvalidRequestError) as error:
+        plan_line(1, line, tmp_path, "m")
+    assert error.value.field == field
+
+
+def test_read_manifest_reports_line_numbers_and_keeps_the_valid_lines(tmp_path: Path) -> None:
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text('{"prompt": "a"}\n\n{"prompt": "b", "n": -1}\nnot json\n{"prompt": "c"}\n')
+    planned, errors = read_manifest(manifest, "m")
+    assert [p.line for p in planned] == [1, 5]
+    assert [(e.line, e.field) for e in errors] == [(3, "n"), (4, "line")]
+
+
+def test_shards_are_disjoint_stable_and_cover_everything(tmp_path: Path) -> None:
+    planned = [plan_line(i, json.dumps({"prompt": f"prompt {i}", "seed": i}), tmp_path, "m") for i in range(1, 201)]
+    shards = [[p.key for p in planned if in_shard(p, index, 4)] for index in range(4)]
+    assert sorted(k for shard in shards for k in shard) == sorted(p.key for p in planned)
+    assert all(30 <= len(shard) <= 70 for shard in shards)  # keys spread evenly (50 ± 3.3 sd)
+    reordered = list(reversed(planned))
+    assert [[p.key for p in reordered if in_shard(p, i, 4)] for i in range(4)] == [s[::-1] for s in shards]
+    errors = [LineError(line, "line", "bad") for line in range(1, 9)]
+    assert sorted(e.line for i in range(3) for e in errors if in_shard(e, i, 3)) == list(range(1, 9))
