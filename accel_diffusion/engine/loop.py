@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from diffusers import SchedulerMixin
 
+from accel_diffusion.engine import batch_invariance
 from accel_diffusion.engine.conditioning import Conditioning
 from accel_diffusion.engine.hooks import NO_HOOKS, GenerationHooks, LoopCounters, StepEvent
 from accel_diffusion.engine.step import StepContext
@@ -19,6 +20,39 @@ def call_model(model: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, **kwarg
     """Call a diffusers model (UNet, or any ModelMixin taking (sample, timestep)) and return its tensor."""
     out = model(x, t, **kwargs, return_dict=False)
     return out[0] if isinstance(out, tuple | list) else out
+
+
+def _call_branches(model: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, kwargs: dict[str, Any],
+                   branches: int) -> torch.Tensor:
+    """The model over branch-major rows [branch 0 of every image, branch 1 of every image, ...].
+
+    Under ``BatchInvariantOps`` the rows are reordered image-major for the call, so that an image's
+    branches are one unit of the mode: a lone image then runs unsplit, and in a batch runs the very
+    call it would run alone.
+    """
+    invariant = batch_invariance.active()
+    if invariant is None or branches == 1:
+        return call_model(model, x, t, **kwargs)
+    if x.shape[0] == branches:  # a lone image: one unit, already in order
+        with invariant.grouped(branches):
+            return call_model(model, x, t, **kwargs)
+    with invariant.grouped(branches):
+        output = call_model(model, _image_major(x, branches, x.shape[0]), t,
+                            **_image_major(kwargs, branches, x.shape[0]))
+    return _branch_major(output, branches)
+
+
+def _image_major(value: Any, branches: int, rows: int) -> Any:
+    """Branch-major rows -> image-major, for every tensor with ``rows`` rows (nested dicts too)."""
+    if isinstance(value, dict):
+        return {k: _image_major(v, branches, rows) for k, v in value.items()}
+    if isinstance(value, torch.Tensor) and value.dim() >= 1 and value.shape[0] == rows:
+        return value.unflatten(0, (branches, -1)).transpose(0, 1).flatten(0, 1)
+    return value
+
+
+def _branch_major(value: torch.Tensor, branches: int) -> torch.Tensor:
+    return value.unflatten(0, (-1, branches)).transpose(0, 1).flatten(0, 1)
 
 
 @torch.no_grad()
@@ -53,7 +87,7 @@ def denoise(
         step = StepContext(index, total, t, latents, scaled, scheduler, prediction_type)
         branches = guidance.branches(step)
         model_input = scaled if len(branches) == 1 else torch.cat([scaled] * len(branches))
-        output = call_model(model, model_input, t, **conditioning.model_kwargs(branches))
+        output = _call_branches(model, model_input, t, conditioning.model_kwargs(branches), len(branches))
         counters.forward_passes += 1
         counters.nfe += len(branches)
         predictions = dict(zip(branches, output.chunk(len(branches)))) if len(branches) > 1 else {

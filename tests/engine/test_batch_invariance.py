@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pytest
 import torch
@@ -65,21 +67,37 @@ def test_a_batch_variant_kernel_runs_per_sample_and_an_invariant_one_in_one_call
         calls.append(x.shape[0])
         return x * 2
 
-    operands = {**batch_invariance._BATCHED_OPERANDS, variant: (1, 2), invariant: (1, 2)}
-    monkeypatch.setattr(batch_invariance, "_BATCHED_OPERANDS", operands)
     monkeypatch.setattr(batch_invariance, "_VERDICTS", {})
     x, w = torch.randn(4, 3), torch.randn(3, 3)
-    with BatchInvariantOps():
-        alone = torch.cat([torch.overrides.handle_torch_function(variant, (x[i : i + 1],), x[i : i + 1], w)
-                           for i in range(4)])
-        calls.clear()
-        for _ in range(2):
-            assert torch.equal(torch.overrides.handle_torch_function(variant, (x,), x, w), alone)
-        assert calls == [1, 1, 1, 1, 4, 1, 1, 1, 1]  # checked once (per sample + whole), then per sample
-        calls.clear()
-        for _ in range(2):
-            torch.overrides.handle_torch_function(invariant, (x,), x, w)
-        assert calls == [1, 1, 1, 1, 4, 4]  # checked once, then one batched call
+    mode = BatchInvariantOps()
+    alone = torch.cat([variant(x[i : i + 1], w) for i in range(4)])
+    calls.clear()
+    for _ in range(2):
+        assert torch.equal(mode.call(variant, 1, (x, w), {}), alone)
+    assert calls == [1, 1, 1, 1, 4, 1, 1, 1, 1]  # checked once (per sample + whole), then per sample
+    calls.clear()
+    for _ in range(2):
+        mode.call(invariant, 1, (x, w), {})
+    assert calls == [1, 1, 1, 1, 4, 4]  # checked once, then one batched call
+    calls.clear()
+    with mode.grouped(2):  # units of two rows (an image's guidance branches)
+        mode.call(variant, 1, (x, w), {})
+        mode.call(variant, 1, (x[:2], w), {})
+    assert calls == [2, 2, 4, 2]
+
+
+def test_the_wrappers_pass_through_outside_the_mode_and_on_other_threads() -> None:
+    BatchInvariantOps()  # installs the wrappers
+    assert F.conv2d.__wrapped__ is not None  # type: ignore[attr-defined]
+    x = torch.randn(3, 4, 8, 8)
+    seen: list[object] = []
+    with BatchInvariantOps() as mode:
+        assert batch_invariance.active() is mode
+        thread = threading.Thread(target=lambda: seen.append(batch_invariance.active()))
+        thread.start()
+        thread.join()
+    assert seen == [None] and batch_invariance.active() is None
+    assert torch.equal(F.conv2d(x, W_CONV, padding=1), F.conv2d.__wrapped__(x, W_CONV, padding=1))  # type: ignore
 
 
 def test_sdpa_splits_a_per_sample_mask_and_keeps_a_broadcast_one() -> None:
