@@ -299,6 +299,31 @@ def _terminal_outcome(job_id: str, event: JobEvent, submitted_at: float) -> Gene
     raise JobCancelled(f"job {job_id} was cancelled", None, "cancelled", job_id=job_id)
 
 
+LONG_POLL_S = 30.0  # one GET /v1/jobs/{id}?wait= call waits at most this long
+
+
+def _job_outcome(job_id: str, info: dict[str, Any], submitted_at: float) -> GenerationOutput | None:
+    """The output of a finished job object (None while it runs); raises for failed / cancelled jobs."""
+    status = info.get("status")
+    if status == "succeeded":
+        return _output(job_id, info["result"], submitted_at)
+    if status == "failed":
+        return _terminal_outcome(job_id, JobEvent(0, "job.failed", {"error": info.get("error")}), submitted_at)
+    if status == "cancelled":
+        return _terminal_outcome(job_id, JobEvent(0, "job.cancelled", {}), submitted_at)
+    return None
+
+
+def _poll_wait(job_id: str, deadline: float | None) -> float:
+    """Seconds the next long-poll may wait; raises JobTimeout once ``deadline`` has passed."""
+    if deadline is None:
+        return LONG_POLL_S
+    remaining = deadline - time.monotonic()
+    if remaining <= 0:
+        raise JobTimeout(f"job {job_id} did not finish in time", None, "timeout", job_id=job_id)
+    return min(LONG_POLL_S, remaining)
+
+
 def _encode_image(image: ImageInput) -> str:
     """A path, image bytes, an open binary file or a PIL image -> base64 of the image file's bytes."""
     if isinstance(image, Image.Image):
@@ -497,15 +522,15 @@ class Job:
         return self._client._events(self.id, last_event_id, None)
 
     def result(self, timeout: float | None = None) -> GenerationOutput:
-        """Wait for the job; raises JobFailed, JobCancelled, or JobTimeout after ``timeout`` seconds."""
-        if self._output is None:
-            deadline = None if timeout is None else time.monotonic() + timeout
-            for event in self._client._events(self.id, None, deadline):
-                if event.type in TERMINAL_EVENTS:
-                    self._output = _terminal_outcome(self.id, event, self._submitted_at)
-                    break
-        if self._output is None:
-            raise AccelError(f"the event stream of job {self.id} ended without a result", job_id=self.id)
+        """Wait for the job; raises JobFailed, JobCancelled, or JobTimeout after ``timeout`` seconds.
+
+        Waits by long-polling ``GET /v1/jobs/{id}?wait=`` (the server answers when the job ends), not
+        over the event stream: no per-step traffic wakes either side while the job runs."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self._output is None:
+            wait = min(_poll_wait(self.id, deadline), self._client.timeout / 2)  # within httpx's read timeout
+            self.info = self._client._request("GET", f"/v1/jobs/{self.id}", params={"wait": round(wait, 3)}).json()
+            self._output = _job_outcome(self.id, self.info, self._submitted_at)
         return self._output
 
 
@@ -627,7 +652,7 @@ class AccelClient:
     # -- plumbing --
 
     def _request(self, method: str, path: str, *, body: dict[str, Any] | None = None, idempotent: bool | None = None,
-                 retries: bool = True) -> httpx.Response:
+                 retries: bool = True, params: dict[str, Any] | None = None) -> httpx.Response:
         """One API call with the retry policy; raises the typed error of an error response."""
         idempotent = method == "GET" if idempotent is None else idempotent
         request_id = uuid.uuid4().hex
@@ -635,7 +660,8 @@ class AccelClient:
         while True:
             can_retry = retries and attempt < self.retry.max_retries
             try:
-                response = self._http.request(method, path, json=body, headers={"X-Request-Id": request_id})
+                response = self._http.request(method, path, json=body, params=params,
+                                              headers={"X-Request-Id": request_id})
             except httpx.TransportError as exc:
                 if can_retry and _retryable_transport_error(exc, idempotent):
                     self._sleep(self.retry.delay(attempt))
@@ -714,19 +740,14 @@ class AsyncJob:
         return self._client._events(self.id, last_event_id, None)
 
     async def result(self, timeout: float | None = None) -> GenerationOutput:
-        """Wait for the job; raises JobFailed, JobCancelled, or JobTimeout after ``timeout`` seconds."""
-        if self._output is None:
-            deadline = None if timeout is None else time.monotonic() + timeout
-            events = self._client._events(self.id, None, deadline)
-            try:
-                async for event in events:
-                    if event.type in TERMINAL_EVENTS:
-                        self._output = _terminal_outcome(self.id, event, self._submitted_at)
-                        break
-            finally:
-                await events.aclose()
-        if self._output is None:
-            raise AccelError(f"the event stream of job {self.id} ended without a result", job_id=self.id)
+        """Wait for the job (long-polling, as :meth:`Job.result`); raises JobFailed, JobCancelled, or
+        JobTimeout after ``timeout`` seconds."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self._output is None:
+            wait = min(_poll_wait(self.id, deadline), self._client.timeout / 2)  # within httpx's read timeout
+            response = await self._client._request("GET", f"/v1/jobs/{self.id}", params={"wait": round(wait, 3)})
+            self.info = response.json()
+            self._output = _job_outcome(self.id, self.info, self._submitted_at)
         return self._output
 
 
@@ -850,14 +871,16 @@ class AsyncAccelClient:
     # -- plumbing --
 
     async def _request(self, method: str, path: str, *, body: dict[str, Any] | None = None,
-                       idempotent: bool | None = None, retries: bool = True) -> httpx.Response:
+                       idempotent: bool | None = None, retries: bool = True,
+                       params: dict[str, Any] | None = None) -> httpx.Response:
         idempotent = method == "GET" if idempotent is None else idempotent
         request_id = uuid.uuid4().hex
         attempt = 0
         while True:
             can_retry = retries and attempt < self.retry.max_retries
             try:
-                response = await self._http.request(method, path, json=body, headers={"X-Request-Id": request_id})
+                response = await self._http.request(method, path, json=body, params=params,
+                                                    headers={"X-Request-Id": request_id})
             except httpx.TransportError as exc:
                 if can_retry and _retryable_transport_error(exc, idempotent):
                     await self._sleep(self.retry.delay(attempt))

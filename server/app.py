@@ -33,7 +33,7 @@ from accel_diffusion.server.schemas import (
 )
 from accel_diffusion.server.settings import ServerSettings
 from accel_diffusion.server.worker import DeviceWorker, error_body
-from fastapi import APIRouter, Depends, FastAPI, Header, HTTPException, Request, Response
+from fastapi import APIRouter, Depends, FastAPI, Header, HTTPException, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
@@ -325,8 +325,18 @@ def _api_routes() -> APIRouter:
         return {"object": "list", "data": [j.public(state.worker.position(j), include_result=False) for j in jobs]}
 
     @router.get("/v1/jobs/{job_id}", tags=["jobs"])
-    async def get_job(job_id: str, state: State) -> dict[str, Any]:
+    async def get_job(job_id: str, state: State,
+                      wait: Annotated[float, Query(ge=0, le=60, description="long-poll: answer once the job has "
+                                                   "finished, or after this many seconds")] = 0) -> dict[str, Any]:
         job = _job(state, job_id)
+        if wait > 0 and not job.status.finished:
+            flag = job.watch(finish_only=True)  # woken once, at the end (not at every step)
+            try:
+                if not job.status.finished:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(flag.wait(), wait)
+            finally:
+                job.unwatch(flag)
         return job.public(state.worker.position(job))
 
     @router.post("/v1/jobs/{job_id}/cancel", tags=["jobs"])

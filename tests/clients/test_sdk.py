@@ -445,7 +445,21 @@ def test_a_broken_event_stream_resumes_without_repeats() -> None:
         assert [e.id for e in events] == [1, 2, 3, 4, 5] and events[-1].type == "job.completed"
         assert [r.headers.get("Last-Event-ID") for r in seen] == [None, "2", "2"]
         assert sleeps == [0.1, 0.5]  # backoff after the break, then the server's Retry-After
-        output = job.result()
+
+
+def test_result_long_polls_the_job_object() -> None:
+    seen: list[httpx.Request] = []
+    completed = next(data for _, kind, data in EVENTS if kind == "job.completed")
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        if len(seen) == 1:  # the server's long-poll ran out while the job was still running
+            return httpx.Response(200, json={"id": "job_x", "status": "running"})
+        return httpx.Response(200, json={"id": "job_x", "status": "succeeded", "result": completed["result"]})
+
+    with AccelClient("http://sdk.test", transport=httpx.MockTransport(handler)) as sdk:
+        output = sdk.job("job_x").result(timeout=100)
+    assert [(r.url.path, r.url.params.get("wait")) for r in seen] == [("/v1/jobs/job_x", "30.0")] * 2
     assert output.seeds == [3] and output.nfe == 4 and output.images[0].size == (32, 32)
     assert output.timings["queue"] == 0.125 and output.timings["wall"] >= 0 and output.raw is not None
 
@@ -465,9 +479,9 @@ def test_async_event_stream_resumes_too() -> None:
 
 
 def test_failed_jobs_raise_job_failed_with_the_error_type() -> None:
-    failed = [(1, "job.queued", {}), (2, "job.failed", {"error": {"type": "gpu_oom", "code": "gpu_oom",
-                                                                   "message": "out of device memory", "param": None}})]
-    transport = httpx.MockTransport(lambda request: httpx.Response(200, content=sse(failed)))
+    failed = {"id": "job_f", "status": "failed", "error": {"type": "gpu_oom", "code": "gpu_oom",
+                                                          "message": "out of device memory", "param": None}}
+    transport = httpx.MockTransport(lambda request: httpx.Response(200, json=failed))
     with AccelClient("http://sdk.test", transport=transport) as sdk, pytest.raises(JobFailed) as raised:
         sdk.job("job_f").result()
     assert raised.value.type == "gpu_oom" and raised.value.job_id == "job_f" and isinstance(raised.value, AccelError)

@@ -4,6 +4,7 @@ cancellation, errors, auth, health and metrics."""
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -232,3 +233,16 @@ def test_cors_allowlist(tiny_models_file: Path) -> None:
                                                     "Access-Control-Request-Method": "POST"})
         assert allowed.headers["access-control-allow-origin"] == "https://app.example"
         assert "access-control-allow-origin" not in other.headers
+
+
+def test_get_job_long_polls_until_the_job_ends(client: TestClient) -> None:
+    job_id = client.post("/v1/jobs", json={"prompt": PROMPT, "seed": 4, "steps": 3}).json()["id"]
+    assert client.get(f"/v1/jobs/{job_id}", params={"wait": 30}).json()["status"] == "succeeded"
+    slow = client.post("/v1/jobs", json={"prompt": PROMPT, "seed": 4, "steps": 150}).json()["id"]
+    begin = time.monotonic()
+    assert client.get(f"/v1/jobs/{slow}", params={"wait": 0.3}).json()["status"] in ("queued", "running")
+    assert 0.3 <= time.monotonic() - begin < 5
+    client.post(f"/v1/jobs/{slow}/cancel")
+    assert client.get(f"/v1/jobs/{slow}", params={"wait": 30}).json()["status"] == "cancelled"
+    response = client.get(f"/v1/jobs/{slow}", params={"wait": 61})
+    assert response.status_code == 400 and response.json()["error"]["param"] == "query.wait"
