@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+import torch
 from accel_diffusion.server.jobs import Job, JobStatus, OutputOptions, QueueFullError
 from accel_diffusion.server.metrics import ServerMetrics
 
@@ -239,9 +240,11 @@ class DeviceWorker:
                                                     "message": str(exc), "param": None})
             self.metrics.errors.labels(type=exc.error_type).inc()
         except Exception as exc:  # one batch's failure must not take the worker down
-            oom = "out of memory" in str(exc).lower()
+            oom = isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
             kind = "gpu_oom" if oom else "internal_error"
             log.exception("jobs %s failed", [job.id for job in jobs])
+            if oom and torch.cuda.is_available():
+                torch.cuda.empty_cache()  # give the failed batch's activations back before the next job
             for job in jobs:
                 job.finish(JobStatus.FAILED, error={"type": kind, "code": kind, "param": None,
                                                     "message": "out of device memory" if oom else "internal error"})

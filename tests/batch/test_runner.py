@@ -184,3 +184,19 @@ def test_through_a_server_the_outputs_are_byte_identical_to_the_local_run(
             assert record["mode"] == "server" and record["job_id"]
             assert {k: record[k] for k in ("key", "seeds", "nfe", "files", "request")} == {
                 k: want[name][k] for k in ("key", "seeds", "nfe", "files", "request")}
+
+
+def test_the_shard_comes_from_the_kubernetes_indexed_job_environment(tmp_path: Path, tiny_models_file: Path) -> None:
+    from accel_diffusion.batch.manifest import in_shard, read_manifest
+
+    manifest = write_manifest(tmp_path / "manifest.jsonl", 8, steps=2)
+    command = [sys.executable, "-m", "accel_diffusion.cli", "--models", str(tiny_models_file), "batch", str(manifest),
+               "--out", str(tmp_path / "out"), "--quiet"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "JOB_COMPLETION_INDEX": "1", "ACCEL_DIFFUSION_NUM_SHARDS": "2"}
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "(shard 1 of 2)" in done.stderr
+    written = [json.loads(line)["key"] for line in
+               (tmp_path / "out" / "results.shard-1-of-2.jsonl").read_text().splitlines()]
+    planned, _ = read_manifest(manifest, "tiny")
+    assert written == [p.key for p in planned if in_shard(p, 1, 2)] and 0 < len(written) < 8

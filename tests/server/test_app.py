@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from accel_diffusion.server import create_app
 from accel_diffusion.server.schemas import ImagesResponse
 from fastapi.testclient import TestClient
@@ -246,3 +247,31 @@ def test_get_job_long_polls_until_the_job_ends(client: TestClient) -> None:
     assert client.get(f"/v1/jobs/{slow}", params={"wait": 30}).json()["status"] == "cancelled"
     response = client.get(f"/v1/jobs/{slow}", params={"wait": 61})
     assert response.status_code == 400 and response.json()["error"]["param"] == "query.wait"
+
+
+@pytest.mark.parametrize(("raised", "status", "kind"), [
+    (RuntimeError("a kernel blew up"), 500, "internal_error"),
+    (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), 503, "gpu_oom"),
+])
+def test_an_exception_inside_the_model_fails_that_job_typed_and_the_next_job_runs(
+        tiny_models_file: Path, raised: Exception, status: int, kind: str) -> None:
+    with TestClient(create_app(make_settings(tiny_models_file))) as client:
+        unet = client.app.state.server.registry.get("tiny").pipeline.unet
+        calls = {"n": 0}
+
+        def fail_on_third_call(module: object, args: object) -> None:
+            calls["n"] += 1
+            if calls["n"] == 3:  # inside a running job, at its third denoising step
+                raise raised
+
+        handle = unet.register_forward_pre_hook(fail_on_third_call)
+        try:
+            failed = client.post("/v1/images/generations", json={"prompt": PROMPT, "num_inference_steps": 4})
+            after = client.post("/v1/images/generations", json={"prompt": PROMPT, "seed": 1,
+                                                                 "num_inference_steps": 2})
+        finally:
+            handle.remove()
+        assert failed.status_code == status and failed.json()["error"]["type"] == kind
+        assert "Traceback" not in failed.text and "blew up" not in failed.text  # no internals leak
+        assert after.status_code == 200
+        assert f'accel_diffusion_errors_total{{type="{kind}"}} 1.0' in client.get("/metrics").text
