@@ -1,0 +1,275 @@
+"""StreamDiffusion's stream batch (§5.1) with RCFG (§5.2): one UNet call per frame.
+
+A session is prepared once and then called per frame. With ``t_index_list`` = [τ_0 < … < τ_{n-1}]
+(indices into a 50-step trailing grid of the model's training timesteps; larger = less noise) the
+UNet batch holds one slot per step, each a different frame:
+
+- slot 0: the newest frame's latent noised to τ_0 with the fixed noise ``init_noise[0]``;
+- slot i > 0: an earlier frame, noised to τ_i from its previous estimate with ``init_noise[i]``.
+
+One call predicts every slot's noise; x̂0_i = (x_i − σ_i ε_i) / α_i. The last slot's x̂0 is the
+output (so a frame leaves n − 1 calls after it entered; the first n − 1 calls return None), the
+others move one slot on: x_{i+1} = α_{i+1} x̂0_i + σ_{i+1} init_noise[i+1]. This equals denoising
+each frame on its own through the same steps with the same noise (tests/stream/test_session.py).
+
+Guidance (ε-space; γ = ``guidance_scale``, δ = ``delta``):
+
+- ``none``: ε = ε_c (n evaluations per frame);
+- ``cfg``: ε = ε_u + γ (ε_c − ε_u) (2n);
+- ``rcfg_self``: ε = δ ε̄ + γ (ε_c − δ ε̄) with the virtual residual noise ε̄_i = (x_i − α_i X) / σ_i
+  of the slot's own frame latent X (n evaluations);
+- ``rcfg_onetime``: the same with X = the clean latent implied by one real negative-prompt
+  evaluation of slot 0 when its frame enters (n + 1).
+
+This is the diffusion-model form of the boundary step (c_skip = 0, c_out = 1), so it runs any
+ε- or v-prediction model; LCM-distilled UNets (guidance embeddings) are refused by the engine.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from PIL import Image
+
+from accel_diffusion.engine.engine import _decode, _image_to_tensor
+from accel_diffusion.engine.loop import call_model
+from accel_diffusion.errors import InvalidRequestError
+from accel_diffusion.guidance.base import COND, UNCOND
+from accel_diffusion.models.loading import LoadedPipeline
+from accel_diffusion.schedulers.noise_grid import train_alphas_cumprod
+from accel_diffusion.stream.similarity_filter import SimilarityFilter
+
+StreamGuidance = Literal["none", "cfg", "rcfg_self", "rcfg_onetime"]
+GRID_STEPS = 50
+
+
+@dataclass
+class FrameStats:
+    """What one call did: UNet evaluations (per image), UNet calls, whether the filter skipped it."""
+
+    nfe: int = 0
+    unet_calls: int = 0
+    skipped: bool = False
+    warming_up: bool = False
+
+
+@dataclass
+class StreamState:
+    """Per-session tensors: never shared between sessions."""
+
+    latents: torch.Tensor | None = None  # (n - 1, C, h, w): slots 1..n-1, already noised
+    references: torch.Tensor | None = None  # (n - 1, C, h, w): each buffered slot's RCFG clean latent X
+    calls: int = 0
+    last_output: np.ndarray | None = None
+    last_estimate: torch.Tensor | None = None  # the output frame's clean latent x̂0, before decoding
+    history: list[FrameStats] = field(default_factory=list)
+
+
+class StreamSession:
+    """``session(frame) -> frame | None`` (img2img) or ``session() -> frame | None`` (txt2img)."""
+
+    def __init__(self, model: LoadedPipeline, prompt: str, *, negative_prompt: str | None = None,
+                 t_index_list: Sequence[int] = (32, 45), guidance: StreamGuidance = "rcfg_self",
+                 guidance_scale: float = 1.2, delta: float = 1.0, seed: int = 0, width: int | None = None,
+                 height: int | None = None, mode: Literal["img2img", "txt2img"] = "img2img",
+                 similarity_threshold: float | None = None, max_skip: int = 10) -> None:
+        if model.family != "sd":
+            raise InvalidRequestError("model", f"stream sessions run Stable Diffusion 1.x/2.x models, "
+                                      f"not {model.family!r}")
+        if model.pipeline.unet.config.time_cond_proj_dim is not None:
+            raise InvalidRequestError("model", "guidance-embedding (LCM-distilled) UNets are not supported yet")
+        if guidance not in ("none", "cfg", "rcfg_self", "rcfg_onetime"):
+            raise InvalidRequestError("guidance", f"unknown stream guidance {guidance!r}",
+                                      ["none", "cfg", "rcfg_self", "rcfg_onetime"])
+        if mode == "txt2img" and guidance.startswith("rcfg"):
+            raise InvalidRequestError("guidance", "txt2img streams have no input latent for RCFG; use none or cfg")
+        self.model = model
+        self.mode = mode
+        self.guidance = guidance
+        self.guidance_scale = float(guidance_scale)
+        self.delta = float(delta)
+        default_w, default_h = model.default_size
+        self.width, self.height = width or default_w, height or default_h
+        factor = model.vae_scale_factor
+        if self.width % factor or self.height % factor:
+            raise InvalidRequestError("width", f"width and height must be multiples of {factor}")
+        config = model.scheduler_config
+        self.prediction_type = config.get("prediction_type", "epsilon")
+        self._alphas_cumprod = torch.as_tensor(train_alphas_cumprod(
+            config.get("num_train_timesteps", 1000), config.get("beta_start", 0.0001),
+            config.get("beta_end", 0.02), config.get("beta_schedule", "linear"), config.get("trained_betas"),
+        ), dtype=torch.float64)
+        self.filter = (SimilarityFilter(similarity_threshold, max_skip, seed)
+                       if similarity_threshold is not None else None)
+        self.state = StreamState()
+        self._prompt = prompt
+        self._negative = negative_prompt
+        self._set_steps(t_index_list)
+        self._set_seed(seed)
+        self._set_prompt(prompt, negative_prompt)
+
+    # -- preparation (once, and on update) --
+
+    def _set_steps(self, t_index_list: Sequence[int]) -> None:
+        indices = list(t_index_list)
+        if not indices or indices != sorted(set(indices)) or indices[0] < 0 or indices[-1] >= GRID_STEPS:
+            raise InvalidRequestError("t_index_list", f"must be increasing indices in [0, {GRID_STEPS}), "
+                                      f"got {indices}")
+        train = len(self._alphas_cumprod)
+        grid = [round(train - k * train / GRID_STEPS) - 1 for k in range(GRID_STEPS)]  # trailing: 999 … 19
+        self.t_index_list = indices
+        self.timesteps = torch.tensor([grid[i] for i in indices], device=self.model.device)
+        abar = self._alphas_cumprod[self.timesteps.cpu()]
+        shape = (len(indices), 1, 1, 1)
+        self._alpha = abar.sqrt().to(self.model.device, self.model.dtype).view(shape)
+        self._sigma = (1 - abar).sqrt().to(self.model.device, self.model.dtype).view(shape)
+        self.state.latents = self.state.references = None  # a new pipeline of slots: warm up again
+        self.state.calls = 0
+
+    def _set_seed(self, seed: int) -> None:
+        unet = self.model.pipeline.unet
+        shape = (len(self.t_index_list), unet.config.in_channels, self.height // self.model.vae_scale_factor,
+                 self.width // self.model.vae_scale_factor)
+        generator = torch.Generator("cpu").manual_seed(seed)
+        self.init_noise = torch.randn(shape, generator=generator).to(self.model.device, self.model.dtype)
+
+    def _set_prompt(self, prompt: str, negative_prompt: str | None) -> None:
+        encoder = self.model.prompt_encoder
+        assert encoder is not None
+        conditioning = encoder.conditioning([prompt], negative_prompt, True)
+        self._cond = conditioning.branches[COND]["encoder_hidden_states"]
+        self._uncond = conditioning.branches[UNCOND]["encoder_hidden_states"]
+
+    def update(self, *, prompt: str | None = None, negative_prompt: str | None = None,
+               t_index_list: Sequence[int] | None = None, seed: int | None = None,
+               guidance_scale: float | None = None, delta: float | None = None) -> None:
+        """Change parameters mid-stream. Prompt, scale and delta apply from the next frame on with the
+        buffered frames kept; new steps or a new seed restart the slots (and their warm-up)."""
+        if prompt is not None or negative_prompt is not None:
+            self._prompt = prompt if prompt is not None else self._prompt
+            self._negative = negative_prompt if negative_prompt is not None else self._negative
+            self._set_prompt(self._prompt, self._negative)
+        if guidance_scale is not None:
+            self.guidance_scale = float(guidance_scale)
+        if delta is not None:
+            self.delta = float(delta)
+        if t_index_list is not None:
+            self._set_steps(t_index_list)
+            self._set_seed(seed if seed is not None else 0)
+        elif seed is not None:
+            self._set_seed(seed)
+            self.state.latents = self.state.references = None
+            self.state.calls = 0
+
+    @property
+    def num_slots(self) -> int:
+        return len(self.t_index_list)
+
+    # -- per frame --
+
+    @torch.no_grad()
+    def __call__(self, frame: Image.Image | np.ndarray | None = None) -> np.ndarray | None:
+        """One frame in, the frame that leaves the pipeline out (uint8 HxWx3), or None while warming up.
+
+        A frame the similarity filter skips costs no UNet call and returns the last output."""
+        stats = FrameStats()
+        self.state.history.append(stats)
+        if self.mode == "img2img":
+            if frame is None:
+                raise InvalidRequestError("frame", "an img2img stream needs a frame per call")
+            pixels = self._frame_tensor(frame)
+            if self.filter is not None and self.filter.should_skip(pixels):
+                stats.skipped = True
+                return self.state.last_output
+            clean = self._encode(pixels)
+            newest = self._alpha[:1] * clean + self._sigma[:1] * self.init_noise[:1]
+        else:
+            clean = None
+            newest = self.init_noise[:1]
+        x, references = self._slots(newest, clean)
+        eps, references = self._guided_noise(x, references, stats)
+        estimates = (x - self._sigma * eps) / self._alpha
+        self._advance(estimates, references)
+        self.state.calls += 1
+        if self.state.calls < self.num_slots:
+            stats.warming_up = True
+            return None
+        self.state.last_estimate = estimates[-1:]
+        image = _decode(self.model, estimates[-1:])[0]
+        self.state.last_output = (np.clip(image, 0, 1) * 255).round().astype(np.uint8)
+        return self.state.last_output
+
+    def _frame_tensor(self, frame: Image.Image | np.ndarray) -> torch.Tensor:
+        if isinstance(frame, np.ndarray):
+            if frame.dtype != np.uint8 or frame.ndim != 3 or frame.shape[2] != 3:
+                raise InvalidRequestError("frame", f"must be uint8 HxWx3, got {frame.dtype} {frame.shape}")
+            frame = Image.fromarray(frame)
+        return _image_to_tensor(frame.convert("RGB"), self.width, self.height).to(self.model.device)
+
+    def _encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        vae = self.model.pipeline.vae
+        latent = vae.encode(pixels.to(vae.dtype)).latent_dist.mode()  # deterministic per frame
+        return (latent * vae.config.scaling_factor).to(self.model.dtype)
+
+    def _slots(self, newest: torch.Tensor, clean: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The UNet batch (slot 0 = the newest frame) and each slot's RCFG reference latent."""
+        state = self.state
+        if state.latents is None:  # before the first frame: zero slots (their outputs are never shown)
+            rest = torch.zeros_like(self.init_noise[1:])
+            state.latents, state.references = rest, torch.zeros_like(rest)
+        x = torch.cat([newest, state.latents])
+        references = None if clean is None else torch.cat([clean, state.references])
+        return x, references
+
+    def _eps(self, x: torch.Tensor, slots: list[int], states: torch.Tensor) -> torch.Tensor:
+        """The model's noise prediction for rows ``x``; row k sits at slot ``slots[k]`` (its timestep)."""
+        output = call_model(self.model.pipeline.unet, x, self.timesteps[slots], encoder_hidden_states=states)
+        if self.prediction_type == "v_prediction":  # ε = α v + σ x
+            return self._alpha[slots] * output + self._sigma[slots] * x
+        return output
+
+    def _guided_noise(self, x: torch.Tensor, references: torch.Tensor | None,
+                      stats: FrameStats) -> tuple[torch.Tensor, torch.Tensor | None]:
+        n = self.num_slots
+        slots = list(range(n))
+        cond = self._cond.expand(n, -1, -1)
+        if self.guidance == "cfg":
+            both = self._eps(torch.cat([x, x]), slots + slots, torch.cat([self._uncond.expand(n, -1, -1), cond]))
+            uncond, eps_c = both.chunk(2)
+            stats.nfe, stats.unet_calls = 2 * n, 1
+            return uncond + self.guidance_scale * (eps_c - uncond), references
+        if self.guidance == "rcfg_onetime":
+            assert references is not None
+            # one real negative evaluation, of slot 0 only, in the same UNet call
+            out = self._eps(torch.cat([x[:1], x]), [0, *slots], torch.cat([self._uncond, cond]))
+            eps_neg, eps_c = out[:1], out[1:]
+            references = references.clone()
+            references[:1] = (x[:1] - self._sigma[:1] * eps_neg) / self._alpha[:1]
+            stats.nfe, stats.unet_calls = n + 1, 1
+        else:
+            eps_c = self._eps(x, slots, cond)
+            stats.nfe, stats.unet_calls = n, 1
+            if self.guidance == "none":
+                return eps_c, references
+        assert references is not None
+        residual = self.delta * (x - self._alpha * references) / self._sigma
+        return residual + self.guidance_scale * (eps_c - residual), references
+
+    def _advance(self, estimates: torch.Tensor, references: torch.Tensor | None) -> None:
+        """Every slot but the last moves one step on, re-noised with its slot's fixed noise."""
+        if self.num_slots == 1:
+            return
+        self.state.latents = self._alpha[1:] * estimates[:-1] + self._sigma[1:] * self.init_noise[1:]
+        if references is not None:
+            self.state.references = references[:-1]
+
+    def stats(self) -> dict[str, Any]:
+        history = self.state.history
+        processed = [s for s in history if not s.skipped]
+        return {"frames": len(history), "skipped": len(history) - len(processed),
+                "nfe": sum(s.nfe for s in history), "unet_calls": sum(s.unet_calls for s in history),
+                "nfe_per_processed_frame": (sum(s.nfe for s in processed) / len(processed)) if processed else 0.0}

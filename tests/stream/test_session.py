@@ -1,0 +1,122 @@
+"""Stream batch equals per-frame sequential denoising; NFE per guidance mode; warm-up; updates; errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from accel_diffusion.errors import InvalidRequestError
+from accel_diffusion.models.loading import LoadedPipeline
+from accel_diffusion.stream import StreamSession
+
+PROMPT = "a red circle on a blue background"
+STEPS = (20, 32, 45)
+
+
+def frames(count: int, seed: int = 0) -> list[Image.Image]:
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)) for _ in range(count)]
+
+
+def sequential_estimate(session: StreamSession, frame: Image.Image) -> torch.Tensor:
+    """One frame denoised on its own through the session's steps and fixed noise (the definition)."""
+    unet, n = session.model.pipeline.unet, session.num_slots
+    alpha, sigma, noise = session._alpha, session._sigma, session.init_noise
+    clean = session._encode(session._frame_tensor(frame))
+    x = alpha[0] * clean + sigma[0] * noise[0:1]
+    reference = clean
+    for i in range(n):
+        t = session.timesteps[i : i + 1]
+        eps_c = unet(x, t, encoder_hidden_states=session._cond, return_dict=False)[0]
+        if session.guidance == "cfg":
+            eps_u = unet(x, t, encoder_hidden_states=session._uncond, return_dict=False)[0]
+            eps = eps_u + session.guidance_scale * (eps_c - eps_u)
+        elif session.guidance == "none":
+            eps = eps_c
+        else:
+            if session.guidance == "rcfg_onetime" and i == 0:
+                eps_neg = unet(x, t, encoder_hidden_states=session._uncond, return_dict=False)[0]
+                reference = (x - sigma[0] * eps_neg) / alpha[0]
+            residual = session.delta * (x - alpha[i] * reference) / sigma[i]
+            eps = residual + session.guidance_scale * (eps_c - residual)
+        estimate = (x - sigma[i] * eps) / alpha[i]
+        if i < n - 1:
+            x = alpha[i + 1] * estimate + sigma[i + 1] * noise[i + 1 : i + 2]
+    return estimate
+
+
+@pytest.mark.parametrize("guidance", ["none", "cfg", "rcfg_self", "rcfg_onetime"])
+def test_stream_batch_equals_sequential_denoising_of_each_frame(shapes_model: LoadedPipeline, guidance: str) -> None:
+    session = StreamSession(shapes_model, PROMPT, t_index_list=STEPS, guidance=guidance, guidance_scale=1.5,
+                            delta=0.8, seed=3)
+    inputs = frames(6)
+    for k, frame in enumerate(inputs):
+        out = session(frame)
+        if k < len(STEPS) - 1:
+            assert out is None  # warm-up: the first n - 1 calls show nothing
+            continue
+        with torch.no_grad():
+            expected = sequential_estimate(session, inputs[k - (len(STEPS) - 1)])
+        torch.testing.assert_close(session.state.last_estimate, expected, rtol=0, atol=1e-5)
+        assert out.shape == (32, 32, 3) and out.dtype == np.uint8
+
+
+@pytest.mark.parametrize(("guidance", "rows"), [("none", 3), ("cfg", 6), ("rcfg_self", 3), ("rcfg_onetime", 4)])
+def test_one_unet_call_per_frame_with_the_guidance_modes_nfe(shapes_model: LoadedPipeline, guidance: str,
+                                                            rows: int) -> None:
+    batches: list[int] = []
+    handle = shapes_model.pipeline.unet.register_forward_pre_hook(lambda m, args: batches.append(args[0].shape[0]))
+    try:
+        session = StreamSession(shapes_model, PROMPT, t_index_list=STEPS, guidance=guidance)
+        for frame in frames(4):
+            session(frame)
+    finally:
+        handle.remove()
+    assert batches == [rows] * 4  # n, 2n, n, n + 1 evaluations in one call per frame
+    assert session.stats()["nfe_per_processed_frame"] == rows
+
+
+def test_updates_mid_stream(shapes_model: LoadedPipeline) -> None:
+    session = StreamSession(shapes_model, PROMPT, t_index_list=(32, 45), guidance="none")
+    inputs = frames(5)
+    session(inputs[0])
+    first = session(inputs[1])
+    session.update(prompt="a white cross on a green background")
+    changed = session(inputs[1])
+    assert changed is not None and not np.array_equal(first, changed)  # no warm-up again for a prompt
+    session.update(t_index_list=(20, 32, 45))
+    assert session(inputs[2]) is None and session(inputs[3]) is None and session(inputs[4]) is not None
+    with pytest.raises(InvalidRequestError) as error:
+        session.update(t_index_list=(45, 32))
+    assert error.value.field == "t_index_list"
+
+
+def test_malformed_frames_are_refused_and_the_session_goes_on(shapes_model: LoadedPipeline) -> None:
+    session = StreamSession(shapes_model, PROMPT, t_index_list=(45,), guidance="none")
+    good = frames(1)[0]
+    assert session(good) is not None
+    for bad in (np.zeros((32, 32), np.uint8), np.zeros((32, 32, 3), np.float32), None):
+        with pytest.raises(InvalidRequestError):
+            session(bad)
+    assert session(good) is not None
+
+
+def test_txt2img_stream_and_its_guidance_limits(shapes_model: LoadedPipeline) -> None:
+    session = StreamSession(shapes_model, PROMPT, t_index_list=(0, 16, 32, 45), guidance="none", mode="txt2img")
+    outputs = [session() for _ in range(5)]
+    assert outputs[:3] == [None] * 3 and outputs[3] is not None and np.array_equal(outputs[3], outputs[4])
+    with pytest.raises(InvalidRequestError) as error:
+        StreamSession(shapes_model, PROMPT, guidance="rcfg_self", mode="txt2img")
+    assert error.value.field == "guidance"
+
+
+def test_filtered_frames_cost_no_unet_call(shapes_model: LoadedPipeline) -> None:
+    session = StreamSession(shapes_model, PROMPT, t_index_list=(45,), guidance="none",
+                            similarity_threshold=0.9, max_skip=10)
+    still = frames(1)[0]
+    outputs = [session(still) for _ in range(33)]
+    stats = session.stats()
+    assert stats["skipped"] == 30 and stats["unet_calls"] == 3  # processed, then 10 skips, forced, ...
+    assert all(np.array_equal(o, outputs[0]) for o in outputs)
