@@ -32,6 +32,7 @@ from accel_diffusion.server.schemas import (
     JobCreateRequest,
 )
 from accel_diffusion.server.settings import ServerSettings
+from accel_diffusion.server.stream import stream_router
 from accel_diffusion.server.worker import DeviceWorker, error_body
 from fastapi import APIRouter, Depends, FastAPI, Header, HTTPException, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
@@ -70,6 +71,7 @@ class ServerState:
         self.api_keys = [k.encode() for k in settings.all_api_keys()]
         self.ready = False
         self.draining = False
+        self.stream_sessions = 0
 
     @property
     def idle(self) -> bool:
@@ -142,6 +144,7 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
     _install_error_handlers(app)
     app.include_router(_open_routes())
     app.include_router(_api_routes(), dependencies=[Depends(require_api_key)])
+    app.include_router(stream_router())  # checks API keys itself (browsers cannot set WebSocket headers)
     return app
 
 

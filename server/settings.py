@@ -47,6 +47,9 @@ class ServerSettings(BaseSettings):
     job_ttl_s: Annotated[float, Field(gt=0)] = 3600.0
     max_finished_jobs: Annotated[int, Field(ge=1)] = 1000
     warmup_steps: Annotated[int, Field(ge=0)] = 2
+    max_stream_sessions: Annotated[int, Field(ge=0)] = 4
+    stream_idle_timeout_s: Annotated[float, Field(gt=0)] = 60.0
+    max_frame_bytes: Annotated[int, Field(ge=1024)] = 4 * 1024 * 1024
 
     @field_validator("cors_origins")
     @classmethod

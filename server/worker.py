@@ -10,6 +10,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from concurrent.futures import Future
 from typing import Any
 
 import numpy as np
@@ -44,6 +45,7 @@ class DeviceWorker:
         self.max_batch_wait_s = max_batch_wait_ms / 1000
         self.batch_invariant = batch_invariant
         self._queue: deque[Job] = deque()
+        self._urgent: deque[tuple[Callable[[], Any], Future[Any]]] = deque()
         self._cond = threading.Condition()
         self._running: Job | None = None
         self._batch: list[Job] = []
@@ -77,10 +79,40 @@ class DeviceWorker:
             self._stopping = True
             queued = list(self._queue)
             self._queue.clear()
+            urgent = [future for _, future in self._urgent]
+            self._urgent.clear()
+        for future in urgent:
+            future.cancel()
+        with self._cond:
             self._cond.notify_all()
         for job in queued:
             job.finish(JobStatus.CANCELLED)
         self._thread.join(timeout)
+
+    def run_soon(self, task: Callable[[], Any]) -> Future[Any]:
+        """Run a short model task (a stream frame, a stream session's set-up) on the worker thread
+        ahead of queued jobs, and between the denoising steps of a running one; its Future resolves
+        with the result. Model work stays on this one thread (see ``start``)."""
+        future: Future[Any] = Future()
+        with self._cond:
+            if self._stopping:
+                raise QueueFullError(self.queue_max, 5)
+            self._urgent.append((task, future))
+            self._cond.notify_all()
+        return future
+
+    def _run_urgent(self) -> None:
+        while True:
+            with self._cond:
+                if not self._urgent:
+                    return
+                task, future = self._urgent.popleft()
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(task())
+            except BaseException as exc:  # handed to the awaiting request
+                future.set_exception(exc)
 
     def submit(self, job: Job) -> int:
         """Queue ``job``; returns its position (0 = next). Raises QueueFullError."""
@@ -140,8 +172,11 @@ class DeviceWorker:
             return
         self._prepared.set()
         while True:
+            self._run_urgent()
             with self._cond:
-                self._cond.wait_for(lambda: self._queue or self._stopping)
+                self._cond.wait_for(lambda: self._queue or self._urgent or self._stopping)
+                if self._urgent:
+                    continue
                 if self._stopping and not self._queue:
                     return
                 batch = self._take_batch()
@@ -187,9 +222,9 @@ class DeviceWorker:
         last_step = [begin]
 
         def on_step(event: StepEvent) -> None:
-            now = time.perf_counter()
-            self.metrics.step_seconds.observe(now - last_step[0])
-            last_step[0] = now
+            self.metrics.step_seconds.observe(time.perf_counter() - last_step[0])
+            self._run_urgent()  # stream frames wait one denoising step at most, not a whole job
+            last_step[0] = time.perf_counter()
             for job in jobs:
                 job.progress(event.step, event.total)
 

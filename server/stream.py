@@ -1,0 +1,248 @@
+"""``WS /v1/stream``: real-time img2img (or txt2img) sessions over a WebSocket.
+
+Protocol (JSON text messages, binary frames):
+
+- client → ``{"type": "session.start", "prompt": ..., "model"?, "negative_prompt"?, "t_index_list"?,
+  "guidance"?, "guidance_scale"?, "delta"?, "seed"?, "width"?, "height"?, "mode"?,
+  "similarity_threshold"?, "output_format"? ("jpeg" | "webp" | "png"), "quality"?}``;
+  server → ``{"type": "session.started", "session": {...}}``
+- client → binary: one input frame (JPEG / PNG / WebP bytes). Latest frame wins: while one frame is
+  on the device, a newer one replaces the waiting one (``dropped`` counts those).
+  server → ``{"type": "frame", "seq", "latency_ms", "skipped", "warming_up"}`` then, unless the
+  session is still warming up, the output frame as binary.
+- client → ``{"type": "params.update", prompt? / t_index_list? / seed? / guidance_scale? / delta?}``;
+  server → ``{"type": "params.updated"}``
+- client → ``{"type": "stats"}``; server → ``{"type": "stats", frames, processed, dropped, skipped, nfe, fps}``
+- errors: ``{"type": "error", "code", "message", "param"}``; a bad frame or message leaves the
+  session running. Close codes: 1013 when the server is at its session cap, 1008 for a bad or
+  missing API key, 1000 after ``stream_idle_timeout_s`` without input.
+
+Each connection owns its ``StreamSession`` (latents, noise, filter): nothing is shared between
+users. The model work runs on the device worker's thread (``DeviceWorker.run_soon``), ahead of
+queued jobs and between a running job's steps, never on the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import io
+import json
+import time
+from typing import Any
+
+import numpy as np
+from accel_diffusion.server.jobs import OutputOptions
+from fastapi import APIRouter, WebSocket, WebSocketDisconnect
+from PIL import Image, UnidentifiedImageError
+
+from accel_diffusion.errors import AccelDiffusionError, InvalidRequestError
+from accel_diffusion.imageio import encode_image
+from accel_diffusion.stream import StreamSession
+
+CLOSE_OVERLOADED = 1013
+CLOSE_POLICY = 1008
+START_FIELDS = {"type", "prompt", "model", "negative_prompt", "t_index_list", "guidance", "guidance_scale", "delta",
+                "seed", "width", "height", "mode", "similarity_threshold", "output_format", "quality"}
+UPDATE_FIELDS = {"type", "prompt", "negative_prompt", "t_index_list", "seed", "guidance_scale", "delta"}
+
+
+def stream_router() -> APIRouter:
+    router = APIRouter()
+
+    @router.websocket("/v1/stream")
+    async def stream(websocket: WebSocket) -> None:
+        state = websocket.app.state.server
+        if state.api_keys and not _key_ok(websocket, state.api_keys):
+            await websocket.close(CLOSE_POLICY, "missing or invalid API key")
+            return
+        await websocket.accept()
+        if state.stream_sessions >= state.settings.max_stream_sessions:
+            await websocket.close(CLOSE_OVERLOADED, f"at most {state.settings.max_stream_sessions} stream sessions")
+            return
+        state.stream_sessions += 1
+        try:
+            await _serve(websocket, state)
+        except WebSocketDisconnect:
+            pass
+        finally:
+            state.stream_sessions -= 1
+
+    return router
+
+
+def _key_ok(websocket: WebSocket, keys: list[bytes]) -> bool:
+    """Bearer header, or ``?api_key=`` (browsers cannot set headers on a WebSocket)."""
+    scheme, _, token = websocket.headers.get("authorization", "").partition(" ")
+    given = (token if scheme.lower() == "bearer" else websocket.query_params.get("api_key", "")).strip().encode()
+    matched = False
+    for key in keys:
+        matched |= hmac.compare_digest(given, key)
+    return matched
+
+
+class _Connection:
+    def __init__(self, websocket: WebSocket, state: Any) -> None:
+        self.websocket = websocket
+        self.state = state
+        self.session: StreamSession | None = None
+        self.output = OutputOptions("jpeg", 85)
+        self.waiting: tuple[int, float, np.ndarray] | None = None  # the latest frame not yet on the device
+        self.busy = False
+        self.seq = 0
+        self.dropped = 0
+        self.processed = 0
+        self.started = time.monotonic()
+
+    async def error(self, code: str, message: str, param: str | None = None) -> None:
+        await self.websocket.send_json({"type": "error", "code": code, "message": message, "param": param})
+
+
+async def _serve(websocket: WebSocket, state: Any) -> None:
+    connection = _Connection(websocket, state)
+    idle = state.settings.stream_idle_timeout_s
+    while True:
+        try:
+            message = await asyncio.wait_for(websocket.receive(), idle)
+        except TimeoutError:
+            await websocket.close(1000, f"idle for {idle:g} s")
+            return
+        if message["type"] == "websocket.disconnect":
+            return
+        if message.get("bytes") is not None:
+            await _on_frame(connection, message["bytes"])
+        elif message.get("text") is not None:
+            await _on_text(connection, message["text"])
+
+
+async def _on_text(connection: _Connection, text: str) -> None:
+    try:
+        data = json.loads(text)
+        if not isinstance(data, dict):
+            raise ValueError
+    except ValueError:
+        await connection.error("invalid_request_error", "control messages are JSON objects", "message")
+        return
+    kind = data.get("type")
+    try:
+        if kind == "session.start":
+            await _start(connection, data)
+        elif kind == "params.update":
+            if connection.session is None:
+                raise InvalidRequestError("type", "start a session first (session.start)")
+            _check_fields(data, UPDATE_FIELDS)
+            fields = {k: v for k, v in data.items() if k != "type"}
+            await _on_worker(connection, lambda: connection.session.update(**fields))  # type: ignore[union-attr]
+            await connection.websocket.send_json({"type": "params.updated"})
+        elif kind == "stats":
+            await connection.websocket.send_json(_stats(connection))
+        else:
+            raise InvalidRequestError("type", f"unknown message type {kind!r}",
+                                      ["session.start", "params.update", "stats"])
+    except AccelDiffusionError as exc:
+        await connection.error(exc.error_type, str(exc), getattr(exc, "field", None))
+    except TypeError as exc:  # wrong argument types reaching the session
+        await connection.error("invalid_request_error", str(exc))
+
+
+def _check_fields(data: dict[str, Any], allowed: set[str]) -> None:
+    unknown = sorted(set(data) - allowed)
+    if unknown:
+        raise InvalidRequestError(unknown[0], "unknown field", sorted(allowed - {"type"}))
+
+
+async def _start(connection: _Connection, data: dict[str, Any]) -> None:
+    if connection.session is not None:
+        raise InvalidRequestError("type", "this connection already has a session; use params.update")
+    _check_fields(data, START_FIELDS)
+    state = connection.state
+    model_id = data.get("model") or state.default_model
+    if model_id not in state.settings.served_models:
+        raise InvalidRequestError("model", f"{model_id!r} is not served here", state.settings.served_models)
+    output_format = data.get("output_format", "jpeg")
+    if output_format not in ("jpeg", "webp", "png"):
+        raise InvalidRequestError("output_format", f"unknown format {output_format!r}", ["jpeg", "webp", "png"])
+    connection.output = OutputOptions(output_format, int(data.get("quality", 85)))
+    options = {k: data[k] for k in ("negative_prompt", "t_index_list", "guidance", "guidance_scale", "delta",
+                                    "seed", "width", "height", "mode", "similarity_threshold") if k in data}
+    prompt = data.get("prompt")
+    if not isinstance(prompt, str) or not prompt:
+        raise InvalidRequestError("prompt", "a non-empty prompt is required")
+    model = state.registry.get(model_id)
+    connection.session = await _on_worker(connection, lambda: StreamSession(model, prompt, **options))
+    session = connection.session
+    await connection.websocket.send_json({"type": "session.started", "session": {
+        "model": model_id, "width": session.width, "height": session.height, "mode": session.mode,
+        "t_index_list": session.t_index_list, "guidance": session.guidance, "warmup_frames": session.num_slots - 1,
+        "output_format": output_format}})
+
+
+async def _on_worker(connection: _Connection, task: Any) -> Any:
+    return await asyncio.wrap_future(connection.state.worker.run_soon(task))
+
+
+async def _on_frame(connection: _Connection, data: bytes) -> None:
+    session = connection.session
+    if session is None:
+        await connection.error("invalid_request_error", "start a session first (session.start)", "type")
+        return
+    limit = connection.state.settings.max_frame_bytes
+    if len(data) > limit:
+        await connection.error("invalid_frame", f"frame of {len(data)} bytes; at most {limit}", "frame")
+        return
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            if image.width * image.height > 4 * session.width * session.height:
+                raise InvalidRequestError("frame", f"{image.width}x{image.height} is far larger than the session's "
+                                          f"{session.width}x{session.height}")
+            pixels = np.asarray(image.convert("RGB"))
+    except (UnidentifiedImageError, OSError):
+        await connection.error("invalid_frame", "not a JPEG, PNG or WebP image", "frame")
+        return
+    except InvalidRequestError as exc:
+        await connection.error("invalid_frame", exc.message, "frame")
+        return
+    connection.seq += 1
+    if connection.waiting is not None:
+        connection.dropped += 1  # latest frame wins
+    connection.waiting = (connection.seq, time.monotonic(), pixels)
+    if not connection.busy:
+        connection.busy = True
+        asyncio.get_running_loop().create_task(_drain(connection))
+
+
+async def _drain(connection: _Connection) -> None:
+    """Send waiting frames through the session one at a time; a newer frame replaces a waiting one."""
+    session = connection.session
+    assert session is not None
+    try:
+        while connection.waiting is not None:
+            seq, received, pixels = connection.waiting
+            connection.waiting = None
+            before = len(session.state.history)
+            output = await _on_worker(connection, lambda p=pixels: session(p))
+            stats = session.state.history[before] if len(session.state.history) > before else None
+            connection.processed += 1
+            encoded = None if output is None else await asyncio.to_thread(_encode, output, connection.output)
+            with contextlib.suppress(WebSocketDisconnect, RuntimeError):
+                await connection.websocket.send_json({
+                    "type": "frame", "seq": seq, "latency_ms": round(1e3 * (time.monotonic() - received), 2),
+                    "skipped": bool(stats and stats.skipped), "warming_up": output is None})
+                if encoded is not None:
+                    await connection.websocket.send_bytes(encoded)
+    finally:
+        connection.busy = False
+
+
+def _encode(output: np.ndarray, options: OutputOptions) -> bytes:
+    return encode_image(output, options.output_format, options.output_compression)
+
+
+def _stats(connection: _Connection) -> dict[str, Any]:
+    session = connection.session
+    history = session.stats() if session is not None else {"frames": 0, "skipped": 0, "nfe": 0}
+    elapsed = time.monotonic() - connection.started
+    return {"type": "stats", "received": connection.seq, "processed": connection.processed,
+            "dropped": connection.dropped, "skipped": history["skipped"], "nfe": history["nfe"],
+            "fps": connection.processed / elapsed if elapsed > 0 else 0.0}

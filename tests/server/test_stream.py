@@ -1,0 +1,124 @@
+"""WS /v1/stream: a session per connection on the worker thread, latest-frame-wins input, errors, caps."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from accel_diffusion.server import create_app
+from fastapi.testclient import TestClient
+from PIL import Image
+from server_clients import make_settings
+from starlette.websockets import WebSocketDisconnect
+
+from accel_diffusion.models.registry import ModelRegistry
+from accel_diffusion.stream import StreamSession
+
+PROMPT = "a red circle on a blue background"
+
+
+def frame_bytes(seed: int, fmt: str = "PNG") -> bytes:
+    pixels = np.random.default_rng(seed).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def test_a_session_streams_frames_equal_to_the_library_session(tiny_models_file: Path) -> None:
+    settings = make_settings(tiny_models_file)
+    start = {"type": "session.start", "prompt": PROMPT, "t_index_list": [32, 45], "guidance": "rcfg_self",
+             "seed": 5, "output_format": "png"}
+    with TestClient(create_app(settings)) as client, client.websocket_connect("/v1/stream") as ws:
+        ws.send_json(start)
+        started = ws.receive_json()
+        assert started["type"] == "session.started" and started["session"]["warmup_frames"] == 1
+        outputs = []
+        for k in range(3):
+            ws.send_bytes(frame_bytes(k))
+            info = ws.receive_json()
+            assert info["type"] == "frame" and info["seq"] == k + 1 and info["latency_ms"] > 0
+            assert info["warming_up"] == (k == 0)
+            if not info["warming_up"]:
+                outputs.append(np.asarray(Image.open(io.BytesIO(ws.receive_bytes()))))
+        ws.send_json({"type": "stats"})
+        stats = ws.receive_json()
+        assert stats["received"] == 3 and stats["processed"] == 3 and stats["nfe"] == 3 * 2
+    model = ModelRegistry.from_file(tiny_models_file).get("tiny")
+    library = StreamSession(model, PROMPT, t_index_list=[32, 45], guidance="rcfg_self", seed=5)
+    expected = [library(np.asarray(Image.open(io.BytesIO(frame_bytes(k))))) for k in range(3)][1:]
+    assert all(np.array_equal(a, b) for a, b in zip(outputs, expected, strict=True))
+
+
+def test_bad_messages_and_frames_get_errors_and_the_session_goes_on(tiny_models_file: Path) -> None:
+    with TestClient(create_app(make_settings(tiny_models_file))) as client, \
+            client.websocket_connect("/v1/stream") as ws:
+        ws.send_bytes(frame_bytes(0))
+        assert ws.receive_json()["param"] == "type"  # no session yet
+        ws.send_json({"type": "session.start", "prompt": PROMPT, "guidance": "magic"})
+        assert ws.receive_json()["param"] == "guidance"
+        ws.send_json({"type": "session.start", "prompt": PROMPT, "t_index_list": [45], "colour": 1})
+        assert ws.receive_json()["param"] == "colour"
+        ws.send_json({"type": "session.start", "prompt": PROMPT, "t_index_list": [45], "guidance": "none"})
+        assert ws.receive_json()["type"] == "session.started"
+        ws.send_bytes(b"not an image")
+        assert ws.receive_json()["code"] == "invalid_frame"
+        big = io.BytesIO()
+        Image.new("RGB", (256, 256)).save(big, format="PNG")
+        ws.send_bytes(big.getvalue())
+        assert ws.receive_json()["code"] == "invalid_frame"
+        ws.send_text("{not json")
+        assert ws.receive_json()["param"] == "message"
+        ws.send_json({"type": "params.update", "t_index_list": [50]})
+        assert ws.receive_json()["param"] == "t_index_list"
+        ws.send_json({"type": "params.update", "prompt": "a white cross on a green background"})
+        assert ws.receive_json()["type"] == "params.updated"
+        ws.send_bytes(frame_bytes(1, "JPEG"))
+        assert ws.receive_json()["type"] == "frame"
+        assert Image.open(io.BytesIO(ws.receive_bytes())).format == "JPEG"
+
+
+def test_session_cap_and_slots_freed_on_disconnect(tiny_models_file: Path) -> None:
+    with TestClient(create_app(make_settings(tiny_models_file, max_stream_sessions=1))) as client:
+        with client.websocket_connect("/v1/stream") as first:
+            first.send_json({"type": "stats"})
+            assert first.receive_json()["type"] == "stats"
+            with client.websocket_connect("/v1/stream") as second, pytest.raises(WebSocketDisconnect) as closed:
+                second.receive_json()
+            assert closed.value.code == 1013
+        with client.websocket_connect("/v1/stream") as again:  # the first one's slot is free again
+            again.send_json({"type": "stats"})
+            assert again.receive_json()["type"] == "stats"
+
+
+def test_api_key_and_idle_timeout(tiny_models_file: Path) -> None:
+    settings = make_settings(tiny_models_file, api_keys=["secret"], stream_idle_timeout_s=0.3)
+    with TestClient(create_app(settings)) as client:
+        with pytest.raises(WebSocketDisconnect) as refused, client.websocket_connect("/v1/stream") as ws:
+            ws.receive_json()
+        assert refused.value.code == 1008
+        with client.websocket_connect("/v1/stream?api_key=secret") as ws, \
+                pytest.raises(WebSocketDisconnect) as idle:
+            ws.receive_json()
+        assert idle.value.code == 1000
+
+
+def test_latest_frame_wins_while_the_device_is_busy(tiny_models_file: Path) -> None:
+    with TestClient(create_app(make_settings(tiny_models_file))) as client, \
+            client.websocket_connect("/v1/stream") as ws:
+        ws.send_json({"type": "session.start", "prompt": PROMPT, "t_index_list": [20, 32, 45], "guidance": "cfg"})
+        assert ws.receive_json()["type"] == "session.started"
+        for k in range(12):  # faster than the model: waiting frames are replaced, not queued
+            ws.send_bytes(frame_bytes(k))
+        seen = []
+        while not seen or seen[-1] != 12:
+            message = ws.receive()
+            if message.get("text"):
+                seen.append(json.loads(message["text"])["seq"])
+        ws.send_json({"type": "stats"})
+        stats = ws.receive_json()
+    assert seen == sorted(seen) and seen[0] == 1 and seen[-1] == 12
+    assert stats["processed"] == len(seen) and stats["processed"] + stats["dropped"] == 12
+    assert stats["dropped"] > 0
