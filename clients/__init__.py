@@ -25,6 +25,7 @@ from accel_diffusion.clients.sdk import (
     ServerError,
     ServiceUnavailable,
 )
+from accel_diffusion.clients.stream import StreamClient, StreamError, StreamFrame
 
 __all__ = [
     "API_KEY_ENV",
@@ -50,4 +51,7 @@ __all__ = [
     "RetryPolicy",
     "ServerError",
     "ServiceUnavailable",
+    "StreamClient",
+    "StreamError",
+    "StreamFrame",
 ]

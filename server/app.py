@@ -72,6 +72,7 @@ class ServerState:
         self.ready = False
         self.draining = False
         self.stream_sessions = 0
+        self.stream_connections: dict[str, Any] = {}  # session id -> its WebSocket connection (MJPEG viewers)
 
     @property
     def idle(self) -> bool:

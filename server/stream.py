@@ -30,11 +30,14 @@ import hmac
 import io
 import json
 import time
+import uuid
+from collections.abc import AsyncIterator
 from typing import Any
 
 import numpy as np
 from accel_diffusion.server.jobs import OutputOptions
-from fastapi import APIRouter, WebSocket, WebSocketDisconnect
+from fastapi import APIRouter, HTTPException, Request, WebSocket, WebSocketDisconnect
+from fastapi.responses import StreamingResponse
 from PIL import Image, UnidentifiedImageError
 
 from accel_diffusion.errors import AccelDiffusionError, InvalidRequestError
@@ -69,11 +72,44 @@ def stream_router() -> APIRouter:
         finally:
             state.stream_sessions -= 1
 
+    @router.get("/v1/stream/{session_id}/mjpeg", tags=["stream"], response_class=StreamingResponse,
+                responses={200: {"content": {"multipart/x-mixed-replace": {}}}})
+    async def mjpeg(session_id: str, request: Request) -> StreamingResponse:
+        """The session's output frames as MJPEG, for an ``<img src=...>``; ends with the session."""
+        state = request.app.state.server
+        if state.api_keys and not _key_ok(request, state.api_keys):
+            raise HTTPException(401, "missing or invalid API key (Authorization: Bearer <key>, or ?api_key=)")
+        connection = state.stream_connections.get(session_id)
+        if connection is None:
+            raise HTTPException(404, f"no stream session {session_id!r}")
+        return StreamingResponse(_mjpeg_parts(connection, request),
+                                 media_type="multipart/x-mixed-replace; boundary=frame",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
     return router
 
 
-def _key_ok(websocket: WebSocket, keys: list[bytes]) -> bool:
-    """Bearer header, or ``?api_key=`` (browsers cannot set headers on a WebSocket)."""
+async def _mjpeg_parts(connection: _Connection, request: Request) -> AsyncIterator[bytes]:
+    flag = asyncio.Event()
+    connection.viewers.append(flag)
+    try:
+        while not connection.closed:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(flag.wait(), 1.0)
+            if await request.is_disconnected():
+                return
+            if flag.is_set() and connection.latest_jpeg is not None:
+                flag.clear()
+                frame = connection.latest_jpeg
+                yield (b"--frame\r\nContent-Type: image/jpeg\r\nContent-Length: "
+                       + str(len(frame)).encode() + b"\r\n\r\n" + frame + b"\r\n")
+            flag.clear()
+    finally:
+        connection.viewers.remove(flag)
+
+
+def _key_ok(websocket: WebSocket | Request, keys: list[bytes]) -> bool:
+    """Bearer header, or ``?api_key=`` (browsers cannot set headers on a WebSocket or an ``<img>``)."""
     scheme, _, token = websocket.headers.get("authorization", "").partition(" ")
     given = (token if scheme.lower() == "bearer" else websocket.query_params.get("api_key", "")).strip().encode()
     matched = False
@@ -94,6 +130,10 @@ class _Connection:
         self.dropped = 0
         self.processed = 0
         self.started = time.monotonic()
+        self.id = uuid.uuid4().hex[:16]
+        self.latest_jpeg: bytes | None = None  # for MJPEG viewers
+        self.viewers: list[asyncio.Event] = []
+        self.closed = False
 
     async def error(self, code: str, message: str, param: str | None = None) -> None:
         await self.websocket.send_json({"type": "error", "code": code, "message": message, "param": param})
@@ -101,6 +141,17 @@ class _Connection:
 
 async def _serve(websocket: WebSocket, state: Any) -> None:
     connection = _Connection(websocket, state)
+    state.stream_connections[connection.id] = connection
+    try:
+        await _receive_loop(connection, websocket, state)
+    finally:
+        connection.closed = True
+        del state.stream_connections[connection.id]
+        for viewer in connection.viewers:
+            viewer.set()
+
+
+async def _receive_loop(connection: _Connection, websocket: WebSocket, state: Any) -> None:
     idle = state.settings.stream_idle_timeout_s
     while True:
         try:
@@ -173,7 +224,8 @@ async def _start(connection: _Connection, data: dict[str, Any]) -> None:
     connection.session = await _on_worker(connection, lambda: StreamSession(model, prompt, **options))
     session = connection.session
     await connection.websocket.send_json({"type": "session.started", "session": {
-        "model": model_id, "width": session.width, "height": session.height, "mode": session.mode,
+        "id": connection.id, "mjpeg_url": f"/v1/stream/{connection.id}/mjpeg", "model": model_id,
+        "width": session.width, "height": session.height, "mode": session.mode,
         "t_index_list": session.t_index_list, "guidance": session.guidance, "warmup_frames": session.num_slots - 1,
         "output_format": output_format}})
 
@@ -225,6 +277,11 @@ async def _drain(connection: _Connection) -> None:
             stats = session.state.history[before] if len(session.state.history) > before else None
             connection.processed += 1
             encoded = None if output is None else await asyncio.to_thread(_encode, output, connection.output)
+            if output is not None and connection.viewers:
+                connection.latest_jpeg = (encoded if connection.output.output_format == "jpeg" else
+                                          await asyncio.to_thread(_encode, output, OutputOptions("jpeg", 85)))
+                for viewer in connection.viewers:
+                    viewer.set()
             with contextlib.suppress(WebSocketDisconnect, RuntimeError):
                 await connection.websocket.send_json({
                     "type": "frame", "seq": seq, "latency_ms": round(1e3 * (time.monotonic() - received), 2),

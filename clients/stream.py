@@ -1,0 +1,135 @@
+"""Async client of the server's real-time stream (``WS /v1/stream``), over the ``websockets`` package.
+
+    async with StreamClient("http://127.0.0.1:8000", "a red circle", t_index_list=[32, 45]) as stream:
+        await stream.send(frame)              # PIL image, uint8 HxWx3 array, or encoded bytes
+        out = await stream.receive()          # StreamFrame: seq, latency_ms, skipped, image (None while warming up)
+        await stream.update(prompt="a white cross")
+        print(await stream.stats())
+
+The server keeps only the latest waiting frame, so ``send`` never blocks on the model: frames sent
+faster than the model runs are dropped (``stats()["dropped"]``), and ``receive`` returns the
+results of the frames that ran, in order.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import quote
+
+import numpy as np
+from accel_diffusion.clients.sdk import (
+    API_KEY_ENV,
+    AccelError,
+    AuthenticationError,
+    InvalidRequest,
+    ServiceUnavailable,
+)
+from PIL import Image
+
+
+@dataclass
+class StreamFrame:
+    seq: int
+    latency_ms: float
+    skipped: bool
+    warming_up: bool
+    image: Image.Image | None  # None while the session warms up
+
+
+class StreamError(AccelError):
+    """An error message from the stream (a bad frame or parameter); the session goes on."""
+
+
+class StreamClient:
+    def __init__(self, base_url: str, prompt: str, *, api_key: str | None = None, **options: Any) -> None:
+        scheme, _, rest = base_url.rstrip("/").partition("://")
+        key = api_key if api_key is not None else os.environ.get(API_KEY_ENV)
+        self.url = f"{'wss' if scheme == 'https' else 'ws'}://{rest}/v1/stream"
+        if key:
+            self.url += f"?api_key={quote(key)}"
+        self.start = {"type": "session.start", "prompt": prompt, **options}
+        self.session: dict[str, Any] = {}
+        self._socket: Any = None
+        self._frames: deque[StreamFrame] = deque()  # frames that arrived while awaiting a control reply
+
+    async def __aenter__(self) -> StreamClient:
+        from websockets.asyncio.client import connect
+        from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+        try:
+            self._socket = await connect(self.url, max_size=None)
+            await self._socket.send(json.dumps(self.start))
+            reply = await self._control("session.started")
+        except InvalidStatus as exc:  # the server closed before accepting: a refused API key
+            status = exc.response.status_code
+            raise AuthenticationError(f"stream refused (HTTP {status}): missing or invalid API key", status,
+                                      "authentication_error") from None
+        except ConnectionClosed as exc:
+            code = exc.rcvd.code if exc.rcvd else None
+            if code == 1013:
+                raise ServiceUnavailable(f"the server is at its stream session cap: {exc.rcvd.reason}", 503,
+                                         "stream_sessions_full") from None
+            raise
+        except BaseException:
+            await self.close()
+            raise
+        self.session = reply["session"]
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        if self._socket is not None:
+            await self._socket.close()
+            self._socket = None
+
+    async def send(self, frame: Image.Image | np.ndarray | bytes) -> None:
+        """Send one input frame (encoded as PNG unless given as bytes)."""
+        if isinstance(frame, np.ndarray):
+            frame = Image.fromarray(frame)
+        if isinstance(frame, Image.Image):
+            buffer = io.BytesIO()
+            frame.convert("RGB").save(buffer, format="PNG")
+            frame = buffer.getvalue()
+        await self._socket.send(bytes(frame))
+
+    async def receive(self) -> StreamFrame:
+        """The next processed frame; raises StreamError for an error message (the stream goes on)."""
+        if self._frames:
+            return self._frames.popleft()
+        await self._control("frame")
+        return self._frames.popleft()
+
+    async def update(self, **params: Any) -> None:
+        await self._socket.send(json.dumps({"type": "params.update", **params}))
+        await self._control("params.updated")
+
+    async def stats(self) -> dict[str, Any]:
+        await self._socket.send(json.dumps({"type": "stats"}))
+        return await self._control("stats")
+
+    async def _control(self, expected: str) -> dict[str, Any]:
+        """Read until a message of type ``expected``; frames met on the way are kept for ``receive``."""
+        while True:
+            message = await self._socket.recv()
+            if isinstance(message, bytes):
+                raise AccelError("expected a control message, got a binary frame")
+            data = json.loads(message)
+            if data.get("type") == "error":
+                error = StreamError if data.get("code") == "invalid_frame" else InvalidRequest
+                raise error(data.get("message", "stream error"), None, data.get("code"), data.get("param"))
+            if data.get("type") == "frame":
+                image = None
+                if not data["warming_up"]:
+                    image = Image.open(io.BytesIO(await self._socket.recv()))
+                    image.load()
+                self._frames.append(StreamFrame(data["seq"], data["latency_ms"], data["skipped"],
+                                                data["warming_up"], image))
+            if data.get("type") == expected:
+                return data

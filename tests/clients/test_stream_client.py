@@ -1,0 +1,87 @@
+"""The SDK's StreamClient and the MJPEG view, against a real uvicorn on 127.0.0.1."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from accel_diffusion.clients import AuthenticationError, InvalidRequest, StreamClient, StreamError
+from accel_diffusion.server import create_app
+from PIL import Image
+from server_clients import make_settings, running_server
+
+PROMPT = "a red circle on a blue background"
+
+
+@pytest.fixture(scope="module")
+def server_url(tiny_models_file: Path) -> Iterator[str]:
+    with running_server(create_app(make_settings(tiny_models_file, api_keys=["secret"]))) as (_, _, url):
+        yield url
+
+
+def frame(seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+
+
+def test_stream_client_round_trip_updates_errors_and_stats(server_url: str) -> None:
+    async def main() -> None:
+        async with StreamClient(server_url, PROMPT, api_key="secret", t_index_list=[32, 45],
+                                guidance="rcfg_self", output_format="png") as stream:
+            assert stream.session["warmup_frames"] == 1 and stream.session["t_index_list"] == [32, 45]
+            await stream.send(frame(0))
+            first = await stream.receive()
+            assert first.warming_up and first.image is None and first.seq == 1
+            await stream.send(frame(1))
+            second = await stream.receive()
+            assert second.image is not None and second.image.size == (32, 32) and second.latency_ms > 0
+            await stream.update(prompt="a white cross on a green background")
+            with pytest.raises(InvalidRequest) as bad_update:
+                await stream.update(t_index_list=[99])
+            assert bad_update.value.param == "t_index_list"
+            await stream.send(b"not an image")
+            with pytest.raises(StreamError):
+                await stream.receive()
+            await stream.send(Image.fromarray(frame(2)))
+            assert (await stream.receive()).seq == 3
+            stats = await stream.stats()
+            assert stats["processed"] == 3 and stats["nfe"] == 6
+
+    asyncio.run(main())
+
+
+def test_wrong_key_is_refused(server_url: str) -> None:
+    async def main() -> None:
+        async with StreamClient(server_url, PROMPT, api_key="wrong"):
+            pass
+
+    with pytest.raises(AuthenticationError):
+        asyncio.run(main())
+
+
+def test_mjpeg_view_shows_the_session_output(server_url: str) -> None:
+    async def main() -> bytes:
+        async with StreamClient(server_url, PROMPT, api_key="secret", t_index_list=[45],
+                                guidance="none") as stream:
+            url = f"{server_url}{stream.session['mjpeg_url']}?api_key=secret"
+            async with httpx.AsyncClient(timeout=30) as http:
+                missing = await http.get(f"{server_url}/v1/stream/nope/mjpeg?api_key=secret")
+                assert missing.status_code == 404
+                async with http.stream("GET", url) as response:
+                    assert response.headers["content-type"].startswith("multipart/x-mixed-replace")
+                    await stream.send(frame(0))
+                    await stream.receive()
+                    body = b""
+                    async for chunk in response.aiter_bytes():
+                        body += chunk
+                        if body.count(b"\xff\xd9") >= 1:  # the end of the first JPEG
+                            return body
+
+    body = asyncio.run(main())
+    assert body.startswith(b"--frame\r\nContent-Type: image/jpeg\r\n")
+    jpeg = body[body.index(b"\r\n\r\n") + 4:]
+    assert Image.open(io.BytesIO(jpeg)).size == (32, 32)
