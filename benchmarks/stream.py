@@ -8,13 +8,18 @@ In one run, for t_index_lists of 1, 2 and 4 steps:
   (strength = steps / 50, prompt embeddings precomputed), with CFG 1.2 (batch 2 per call) and
   without guidance;
 - StreamSession fps with RCFG self (1.2), CFG (1.2) and no guidance;
-and the similarity filter on a static clip (fraction of frames skipped, fps). Frames come from a
-moving synthetic clip (a disc crossing the frame); fps counts frames after the warm-up.
+and the similarity filter on a static clip (fraction of frames skipped, fps); and end to end over
+the WebSocket (a server in its own process, the SDK's StreamClient, one frame in flight: send,
+await the result, send the next) at 1 step: fps, p50/p95 frame latency, and the ratio to the
+compute floor. Frames come from a moving synthetic clip (a disc crossing the frame); fps counts
+frames after the warm-up.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import io
 import json
 import os
 import statistics
@@ -84,6 +89,38 @@ def compute_floor(model: Any, frames: list[Image.Image]) -> dict[str, float]:
     return result
 
 
+async def websocket_loopback(frames: list[Image.Image]) -> dict[str, float]:
+    from accel_diffusion.clients import StreamClient
+    from serving import free_port, start_server
+
+    port = free_port()
+    server = start_server(port, queue_max=8)
+    try:
+        async with StreamClient(f"http://127.0.0.1:{port}", PROMPT, t_index_list=[45], guidance="none",
+                                output_format="jpeg") as stream:
+            encoded = []
+            for frame in frames:
+                buffer = io.BytesIO()
+                frame.save(buffer, format="JPEG", quality=90)
+                encoded.append(buffer.getvalue())
+            latencies = []
+            for k, data in enumerate(encoded):
+                if k == 5:
+                    begin = time.perf_counter()
+                sent = time.perf_counter()
+                await stream.send(data)
+                await stream.receive()
+                if k >= 5:
+                    latencies.append(1e3 * (time.perf_counter() - sent))
+            wall = time.perf_counter() - begin
+    finally:
+        server.terminate()
+        server.wait(60)
+    return {"frames": len(latencies), "fps": len(latencies) / wall,
+            "latency_p50_ms": float(np.percentile(latencies, 50)),
+            "latency_p95_ms": float(np.percentile(latencies, 95))}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="benchmarks/results/stream_cpu.json")
@@ -122,6 +159,9 @@ def main() -> None:
                          "unet_calls": stats["unet_calls"], "frames": stats["frames"]}
     result["filter_compute_saved"] = 1 - (result["static_with_filter"]["unet_calls"]
                                           / result["static_without_filter"]["unet_calls"])
+    result["websocket_1_step"] = asyncio.run(websocket_loopback(frames))
+    result["websocket_1_step"]["vs_floor"] = (result["websocket_1_step"]["fps"]
+                                              / result["floor"]["floor_fps_1_step"])
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))
     print(json.dumps(result, indent=1))
