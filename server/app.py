@@ -18,6 +18,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from importlib import resources
 from typing import Annotated, Any
 
 import diffusers
@@ -37,7 +38,8 @@ from accel_diffusion.server.worker import DeviceWorker, error_body
 from fastapi import APIRouter, Depends, FastAPI, Header, HTTPException, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, RedirectResponse, StreamingResponse
+from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import ValidationError
 
@@ -146,6 +148,13 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
     app.include_router(_open_routes())
     app.include_router(_api_routes(), dependencies=[Depends(require_api_key)])
     app.include_router(stream_router())  # checks API keys itself (browsers cannot set WebSocket headers)
+    web = resources.files("accel_diffusion.clients") / "web"
+    if web.is_dir():  # the live img2img page (clients/web): static, its API calls carry the key
+        app.mount("/web", StaticFiles(directory=str(web), html=True), name="web")
+
+        @app.get("/", include_in_schema=False)
+        async def home() -> RedirectResponse:
+            return RedirectResponse("/web/")
     return app
 
 

@@ -1,0 +1,105 @@
+"""The live img2img page (clients/web) in a real headless Chromium with a fake camera, driven over the
+DevTools protocol: processed frames arrive and the readout updates. A screenshot is kept in
+``$TEST_ARTIFACTS_DIR`` (default ``test-artifacts/``)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from accel_diffusion.server import create_app
+from server_clients import make_settings, running_server
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium package")
+
+
+class DevTools:
+    def __init__(self, socket: Any) -> None:
+        self.socket = socket
+        self.next_id = 0
+
+    async def call(self, method: str, **params: Any) -> dict[str, Any]:
+        self.next_id += 1
+        call_id = self.next_id
+        await self.socket.send(json.dumps({"id": call_id, "method": method, "params": params}))
+        while True:
+            message = json.loads(await self.socket.recv())
+            if message.get("id") == call_id:
+                if "error" in message:
+                    raise RuntimeError(message["error"])
+                return message["result"]
+
+    async def value(self, expression: str) -> Any:
+        result = await self.call("Runtime.evaluate", expression=expression, returnByValue=True)
+        return result["result"].get("value")
+
+
+def start_chromium(profile: Path) -> tuple[subprocess.Popen, int]:
+    command = [CHROMIUM, "--headless=new", "--no-sandbox", "--disable-gpu", "--no-first-run",
+               "--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream",
+               "--remote-debugging-port=0", f"--user-data-dir={profile}", "about:blank"]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    port_file = profile / "DevToolsActivePort"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if port_file.is_file() and port_file.read_text().strip():
+            return process, int(port_file.read_text().splitlines()[0])
+        time.sleep(0.1)
+    process.kill()
+    raise RuntimeError("chromium did not start")
+
+
+def test_the_web_page_streams_the_camera_through_the_model(tiny_models_file: Path, tmp_path: Path) -> None:
+    from websockets.asyncio.client import connect
+
+    artifacts = Path(os.environ.get("TEST_ARTIFACTS_DIR", "test-artifacts"))
+    with running_server(create_app(make_settings(tiny_models_file))) as (_, _, url):
+        assert httpx.get(f"{url}/", follow_redirects=True).text.startswith("<!doctype html>")
+        browser, port = start_chromium(tmp_path / "profile")
+        try:
+            pages = httpx.get(f"http://127.0.0.1:{port}/json/list").json()
+            target = next(p for p in pages if p["type"] == "page")
+
+            async def drive() -> tuple[dict[str, Any], bytes]:
+                async with connect(target["webSocketDebuggerUrl"], max_size=None) as socket:
+                    tools = DevTools(socket)
+                    await tools.call("Page.enable")
+                    await tools.call("Emulation.setDeviceMetricsOverride", width=900, height=720,
+                                     deviceScaleFactor=1, mobile=False)
+                    await tools.call("Page.navigate", url=f"{url}/web/")
+                    state: dict[str, Any] = {}
+                    deadline = time.monotonic() + 90
+                    while time.monotonic() < deadline:
+                        state = await tools.value(
+                            "({frames: +document.getElementById('frames').textContent,"
+                            " fps: +document.getElementById('fps').textContent,"
+                            " latency: document.getElementById('latency').textContent,"
+                            " output: document.getElementById('output').src,"
+                            " loaded: document.getElementById('output').naturalWidth,"
+                            " status: document.getElementById('status').textContent})") or {}
+                        if state.get("frames", 0) >= 10 and state.get("loaded"):
+                            break
+                        await asyncio.sleep(0.25)
+                    shot = await tools.call("Page.captureScreenshot", format="png")
+                    return state, base64.b64decode(shot["data"])
+
+            state, screenshot = asyncio.run(drive())
+        finally:
+            browser.kill()
+            browser.wait(30)
+    artifacts.mkdir(parents=True, exist_ok=True)
+    (artifacts / "web_page.png").write_bytes(screenshot)
+    assert state["status"].startswith("streaming tiny"), state
+    assert state["frames"] >= 10 and state["fps"] > 0 and float(state["latency"]) > 0, state
+    assert state["output"].startswith("blob:") and state["loaded"] == 32, state  # a processed frame is shown
+    assert screenshot.startswith(b"\x89PNG")
