@@ -244,7 +244,29 @@ class GenerationRequest(BaseModel):
             raise error from None
 
 def guidance_scale_strategy(scale: float) -> dict[str, Any]:
-    """Shorthand used by the CLI (and later the server): plain CFG with this scale."""
+    """Shorthand used by the CLI, the server and batch manifests: plain CFG with this scale."""
     if not isinstance(scale, int | float) or math.isnan(scale) or scale < 0:
         raise InvalidRequestError("guidance_scale", f"must be a number >= 0, got {scale!r}")
     return {"name": "cfg", "scale": float(scale)}
+
+
+def merge_guidance_scale(strategy: dict[str, Any] | None, guidance_scale: float | None) -> dict[str, Any] | None:
+    """A strategy dict with ``guidance_scale`` as its guidance (giving both is an error)."""
+    if guidance_scale is None:
+        return strategy
+    strategy = dict(strategy or {})
+    if "guidance" in strategy:
+        raise InvalidRequestError("guidance_scale", "give either guidance_scale or strategy.guidance, not both")
+    strategy["guidance"] = guidance_scale_strategy(guidance_scale)
+    return strategy
+
+
+def parse_size(size: str | None, allow_auto: bool = True) -> tuple[int | None, int | None]:
+    """OpenAI's "WxH" -> (W, H); None (or "auto", where allowed): the model's default size."""
+    if size is None or (allow_auto and size == "auto"):
+        return None, None
+    width, sep, height = size.lower().partition("x")
+    if not sep or not width.isdigit() or not height.isdigit():
+        choices = "'512x512' or 'auto'" if allow_auto else "'512x512'"
+        raise InvalidRequestError("size", f"must look like {choices}, got {size!r}")
+    return int(width), int(height)

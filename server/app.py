@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import hmac
 import json
 import logging
 import platform
@@ -23,6 +22,7 @@ from typing import Annotated, Any
 
 import diffusers
 import torch
+from accel_diffusion.server.auth import api_key_matches
 from accel_diffusion.server.jobs import DrainingError, Job, JobStatus, JobStore, OutputOptions, QueueFullError
 from accel_diffusion.server.metrics import ServerMetrics
 from accel_diffusion.server.schemas import (
@@ -52,7 +52,7 @@ from accel_diffusion.strategy import GenerationRequest
 
 log = logging.getLogger("accel_diffusion.server")
 TERMINAL_EVENTS = ("job.completed", "job.failed", "job.cancelled")
-DISCONNECT_CHECK_S = 0.5  # a waiting request is woken by its job's events, and checks its client this often
+DISCONNECT_CHECK_S = 0.5  # a waiting request is woken when its job ends, and checks its client this often
 ERROR_STATUS = {"invalid_request_error": 400, "model_not_found": 404, "gpu_oom": 503}  # by error type; else 500
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse} for code in (400, 401, 404, 409, 413, 429, 500, 503)
@@ -172,11 +172,7 @@ def require_api_key(request: Request, authorization: Annotated[str | None, Heade
     if not keys:
         return
     scheme, _, token = (authorization or "").partition(" ")
-    given = token.strip().encode()
-    matched = False
-    for key in keys:  # compare with every key, in constant time, whatever matches
-        matched |= hmac.compare_digest(given, key)
-    if scheme.lower() != "bearer" or not matched:
+    if scheme.lower() != "bearer" or not api_key_matches(token, keys):
         raise HTTPException(401, "missing or invalid API key (Authorization: Bearer <key>)")
 
 
@@ -342,14 +338,8 @@ def _api_routes() -> APIRouter:
                       wait: Annotated[float, Query(ge=0, le=60, description="long-poll: answer once the job has "
                                                    "finished, or after this many seconds")] = 0) -> dict[str, Any]:
         job = _job(state, job_id)
-        if wait > 0 and not job.status.finished:
-            flag = job.watch(finish_only=True)  # woken once, at the end (not at every step)
-            try:
-                if not job.status.finished:
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(flag.wait(), wait)
-            finally:
-                job.unwatch(flag)
+        if wait > 0:
+            await job.wait_finished(wait)
         return job.public(state.worker.position(job))
 
     @router.post("/v1/jobs/{job_id}/cancel", tags=["jobs"])
@@ -430,22 +420,10 @@ def _job(state: ServerState, job_id: str) -> Job:
 
 async def _wait_or_cancel(job: Job, request: Request, state: ServerState) -> None:
     """Wait for a synchronous call's job; a client that disconnects cancels it."""
-    flag = job.watch(finish_only=True)
-    checked = time.monotonic()
-    try:
-        while True:
-            flag.clear()
-            if job.status.finished:
-                return
-            if time.monotonic() - checked >= DISCONNECT_CHECK_S:
-                checked = time.monotonic()
-                if await request.is_disconnected():
-                    state.worker.cancel(job)
-                    return
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(flag.wait(), DISCONNECT_CHECK_S)
-    finally:
-        job.unwatch(flag)
+    while not await job.wait_finished(DISCONNECT_CHECK_S):
+        if await request.is_disconnected():
+            state.worker.cancel(job)
+            return
 
 
 async def _sse(job: Job, last_id: int, request: Request, heartbeat_s: float = 15.0) -> AsyncIterator[str]:

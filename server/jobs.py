@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
 import uuid
@@ -84,6 +85,18 @@ class Job:
         with self._lock:
             self._waiters.append((asyncio.get_running_loop(), flag, finish_only))
         return flag
+
+    async def wait_finished(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for the job to finish (woken once, at the end, not at every
+        step); returns whether it has."""
+        flag = self.watch(finish_only=True)
+        try:
+            if not self.status.finished:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(flag.wait(), timeout)
+        finally:
+            self.unwatch(flag)
+        return self.status.finished
 
     def unwatch(self, flag: asyncio.Event) -> None:
         with self._lock:

@@ -10,29 +10,9 @@ from accel_diffusion.server.jobs import OutputOptions
 from pydantic import BaseModel, ConfigDict, Field
 
 from accel_diffusion.errors import InvalidRequestError
-from accel_diffusion.strategy import GenerationRequest, RequestLimits, guidance_scale_strategy
+from accel_diffusion.strategy import GenerationRequest, RequestLimits, merge_guidance_scale, parse_size
 
 OutputFormat = Literal["png", "jpeg", "webp"]
-
-
-def parse_size(size: str | None) -> tuple[int | None, int | None]:
-    """OpenAI's "WxH" (or "auto" / None: the model's default size)."""
-    if size is None or size == "auto":
-        return None, None
-    width, sep, height = size.lower().partition("x")
-    if not sep or not width.isdigit() or not height.isdigit():
-        raise InvalidRequestError("size", f"must look like '512x512' or 'auto', got {size!r}")
-    return int(width), int(height)
-
-
-def merge_guidance_scale(strategy: dict[str, Any] | None, guidance_scale: float | None) -> dict[str, Any] | None:
-    if guidance_scale is None:
-        return strategy
-    strategy = dict(strategy or {})
-    if "guidance" in strategy:
-        raise InvalidRequestError("guidance_scale", "give either guidance_scale or strategy.guidance, not both")
-    strategy["guidance"] = guidance_scale_strategy(guidance_scale)
-    return strategy
 
 
 def decode_base64(field: str, value: str) -> bytes:

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import io
 import json
 import time
@@ -35,6 +34,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import numpy as np
+from accel_diffusion.server.auth import api_key_matches
 from accel_diffusion.server.jobs import OutputOptions
 from fastapi import APIRouter, HTTPException, Request, WebSocket, WebSocketDisconnect
 from fastapi.responses import StreamingResponse
@@ -111,11 +111,7 @@ async def _mjpeg_parts(connection: _Connection, request: Request) -> AsyncIterat
 def _key_ok(websocket: WebSocket | Request, keys: list[bytes]) -> bool:
     """Bearer header, or ``?api_key=`` (browsers cannot set headers on a WebSocket or an ``<img>``)."""
     scheme, _, token = websocket.headers.get("authorization", "").partition(" ")
-    given = (token if scheme.lower() == "bearer" else websocket.query_params.get("api_key", "")).strip().encode()
-    matched = False
-    for key in keys:
-        matched |= hmac.compare_digest(given, key)
-    return matched
+    return api_key_matches(token if scheme.lower() == "bearer" else websocket.query_params.get("api_key", ""), keys)
 
 
 class _Connection:

@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from accel_diffusion.errors import InvalidRequestError
 from accel_diffusion.imageio import ImageFormat
 from accel_diffusion.registry import validation_error_to_request_error
-from accel_diffusion.strategy import GenerationRequest, guidance_scale_strategy
+from accel_diffusion.strategy import GenerationRequest, merge_guidance_scale, parse_size
 
 MAX_SEED = 2**63 - 1
 
@@ -118,15 +118,8 @@ def _normalize(item: BatchItem, base_dir: Path, default_model: str) -> tuple[dic
     if item.size is not None:
         if width is not None or height is not None:
             raise InvalidRequestError("size", "give either size or width/height, not both")
-        w, sep, h = item.size.lower().partition("x")
-        if not sep or not w.isdigit() or not h.isdigit():
-            raise InvalidRequestError("size", f"must look like '512x512', got {item.size!r}")
-        width, height = int(w), int(h)
-    strategy = item.strategy
-    if item.guidance_scale is not None:
-        if strategy is not None and "guidance" in strategy:
-            raise InvalidRequestError("guidance_scale", "give either guidance_scale or strategy.guidance, not both")
-        strategy = {**(strategy or {}), "guidance": guidance_scale_strategy(item.guidance_scale)}
+        width, height = parse_size(item.size, allow_auto=False)
+    strategy = merge_guidance_scale(item.strategy, item.guidance_scale)
     init_path = None
     init_hash = None
     if item.init_image is not None:

@@ -296,13 +296,15 @@ def _encode(model: LoadedPipeline, image: torch.Tensor, generators: list[torch.G
     """Init image (1, 3, H, W) in [-1, 1] -> one latent per generator (diffusers' img2img encoding)."""
     vae = model.pipeline.vae
     posterior = vae.encode(image.to(model.device, vae.dtype)).latent_dist  # deterministic; sampled per seed
-    latents = torch.cat([posterior.sample(g) for g in generators])
+    return _model_latents(vae, torch.cat([posterior.sample(g) for g in generators])).to(model.dtype)
+
+
+def _model_latents(vae: Any, latents: torch.Tensor) -> torch.Tensor:
+    """VAE latents -> the scaled (and, for VAEs that declare them, normalized) latents the UNet sees."""
     stats = _latent_stats(vae, latents)
     if stats is not None:
-        latents = (latents - stats[0]) * vae.config.scaling_factor / stats[1]
-    else:
-        latents = latents * vae.config.scaling_factor
-    return latents.to(model.dtype)
+        return (latents - stats[0]) * vae.config.scaling_factor / stats[1]
+    return latents * vae.config.scaling_factor
 
 
 def _decode(model: LoadedPipeline, latents: torch.Tensor) -> np.ndarray:

@@ -33,12 +33,11 @@ def _call_branches(model: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, kwa
     invariant = batch_invariance.active()
     if invariant is None or branches == 1:
         return call_model(model, x, t, **kwargs)
-    if x.shape[0] == branches:  # a lone image: one unit, already in order
-        with invariant.grouped(branches):
-            return call_model(model, x, t, **kwargs)
+    rows = x.shape[0]
     with invariant.grouped(branches):
-        output = call_model(model, _image_major(x, branches, x.shape[0]), t,
-                            **_image_major(kwargs, branches, x.shape[0]))
+        if rows == branches:  # a lone image: one unit, already in order
+            return call_model(model, x, t, **kwargs)
+        output = call_model(model, _image_major(x, branches, rows), t, **_image_major(kwargs, branches, rows))
     return _branch_major(output, branches)
 
 

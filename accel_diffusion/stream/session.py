@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from accel_diffusion.engine.engine import _decode, _image_to_tensor
+from accel_diffusion.engine.engine import _decode, _image_to_tensor, _model_latents
 from accel_diffusion.engine.loop import call_model
 from accel_diffusion.errors import InvalidRequestError
 from accel_diffusion.guidance.base import COND, UNCOND
@@ -213,7 +213,7 @@ class StreamSession:
     def _encode(self, pixels: torch.Tensor) -> torch.Tensor:
         vae = self.model.pipeline.vae
         latent = vae.encode(pixels.to(vae.dtype)).latent_dist.mode()  # deterministic per frame
-        return (latent * vae.config.scaling_factor).to(self.model.dtype)
+        return _model_latents(vae, latent).to(self.model.dtype)
 
     def _slots(self, newest: torch.Tensor, clean: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The UNet batch (slot 0 = the newest frame) and each slot's RCFG reference latent."""
