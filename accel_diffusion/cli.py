@@ -238,6 +238,7 @@ def strategies(kind: str | None, as_json: bool) -> None:
 TRAINERS = {
     "shapes": ("accel_diffusion.models.shapes.train", "train_shapes"),
     "judge": ("accel_diffusion.eval.shapes_judge", "train_judge"),
+    "shapes_tiny_vae": ("accel_diffusion.models.shapes.train_tiny_vae", "train_shapes_tiny_vae"),
 }
 
 
@@ -246,7 +247,8 @@ TRAINERS = {
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), required=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 def train(target: str, out_dir: str, seed: int) -> None:
-    """Train a built-in model from scratch into OUT: `shapes` (the text-to-image model) or `judge`."""
+    """Train a built-in model into OUT: `shapes` (the text-to-image model), `judge`, or `shapes_tiny_vae`
+    (a TAESD-style tiny autoencoder distilled from the shipped `shapes` VAE)."""
     import importlib
 
     module, function = TRAINERS[target]

@@ -3,15 +3,18 @@
     python benchmarks/stream.py --out benchmarks/results/stream_cpu.json
 
 In one run, for t_index_lists of 1, 2 and 4 steps:
-- the compute floor: UNet (batch 1) + VAE encode + VAE decode time for one frame, as fps;
+- the compute floor: UNet (batch 1) + VAE encode + VAE decode time for one frame, as fps, with the
+  pipeline's VAE and with the tiny TAESD-style autoencoder (`shapes_tiny_vae`);
 - diffusers' StableDiffusionImg2ImgPipeline called per frame with the same number of UNet calls
   (strength = steps / 50, prompt embeddings precomputed), with CFG 1.2 (batch 2 per call) and
   without guidance;
-- StreamSession fps with RCFG self (1.2), CFG (1.2) and no guidance;
+- StreamSession fps with RCFG self (1.2), CFG (1.2) and no guidance, each with the full and the tiny
+  autoencoder; and the ceiling of RCFG-self over CFG on this hardware: UNet time at batch 2n over n;
+- RCFG self vs CFG again on 128x128 frames (32x32 latents) at 4 steps, where the UNet is compute-bound;
 and the similarity filter on a static clip (fraction of frames skipped, fps); and end to end over
 the WebSocket (a server in its own process, the SDK's StreamClient, one frame in flight: send,
 await the result, send the next) at 1 step: fps, p50/p95 frame latency, and the ratio to the
-compute floor. Frames come from a moving synthetic clip (a disc crossing the frame); fps counts
+compute floor, with each autoencoder. Frames come from a moving synthetic clip (a disc crossing the frame); fps counts
 frames after the warm-up.
 """
 
@@ -38,6 +41,7 @@ from PIL import Image, ImageDraw
 sys.path.insert(0, str(Path(__file__).parent))
 from engine import machine
 
+from accel_diffusion.engine.engine import _decode
 from accel_diffusion.models.registry import ModelRegistry
 from accel_diffusion.stream import StreamSession
 
@@ -64,32 +68,57 @@ def fps_of(step: Any, frames: list[Image.Image], warmup: int) -> float:
     return (len(frames) - warmup) / (time.perf_counter() - begin)
 
 
-@torch.no_grad()
-def compute_floor(model: Any, frames: list[Image.Image]) -> dict[str, float]:
-    session = StreamSession(model, PROMPT, t_index_list=[45], guidance="none")
-    pixels = session._frame_tensor(frames[0])
-    latent = session._encode(pixels)
-    unet, vae = model.pipeline.unet, model.pipeline.vae
-    timings: dict[str, list[float]] = {"unet_ms": [], "encode_ms": [], "decode_ms": []}
+def _median_ms(fn: Any, repeats: int = 100) -> float:
     for _ in range(10):  # warm the kernels and the CPU up first
-        unet(latent, session.timesteps[:1], encoder_hidden_states=session._cond)
-        vae.decode(latent / vae.config.scaling_factor)
-    for _ in range(100):
+        fn()
+    samples = []
+    for _ in range(repeats):
         begin = time.perf_counter()
-        unet(latent, session.timesteps[:1], encoder_hidden_states=session._cond)
-        timings["unet_ms"].append(time.perf_counter() - begin)
-        begin = time.perf_counter()
-        session._encode(pixels)
-        timings["encode_ms"].append(time.perf_counter() - begin)
-        begin = time.perf_counter()
-        vae.decode(latent / vae.config.scaling_factor)
-        timings["decode_ms"].append(time.perf_counter() - begin)
-    result = {k: 1e3 * statistics.median(v) for k, v in timings.items()}
-    result["floor_fps_1_step"] = 1e3 / sum(result.values())
+        fn()
+        samples.append(time.perf_counter() - begin)
+    return 1e3 * statistics.median(samples)
+
+
+@torch.no_grad()
+def _codec_ms(model: Any, frame: Image.Image, vae_kind: str) -> dict[str, float]:
+    session = StreamSession(model, PROMPT, t_index_list=[45], guidance="none", vae=vae_kind)
+    pixels = session._frame_tensor(frame)
+    latent = session._encode(pixels)
+    result = {f"encode_ms_{vae_kind}_vae": _median_ms(lambda: session._encode(pixels)),
+              f"decode_ms_{vae_kind}_vae": _median_ms(lambda: _decode(model, latent, session._vae))}
+    if vae_kind == "full":
+        result["unet_ms"] = _median_ms(lambda: model.pipeline.unet(latent, session.timesteps[:1],
+                                                                   encoder_hidden_states=session._cond))
     return result
 
 
-async def websocket_loopback(frames: list[Image.Image]) -> dict[str, float]:
+@torch.no_grad()
+def compute_floor(model: Any, frames: list[Image.Image]) -> dict[str, float]:
+    """UNet (batch 1) + encode + decode of one frame, with the pipeline's VAE and with the tiny one."""
+    result: dict[str, float] = {}
+    for vae_kind in ("full", "tiny"):
+        result.update(_codec_ms(model, frames[0], vae_kind))
+    for vae_kind in ("full", "tiny"):
+        total = result["unet_ms"] + result[f"encode_ms_{vae_kind}_vae"] + result[f"decode_ms_{vae_kind}_vae"]
+        result[f"floor_fps_1_step_{vae_kind}_vae"] = 1e3 / total
+    return result
+
+
+@torch.no_grad()
+def unet_batch_ratio(model: Any, rows: int, latent_size: int = 8) -> float:
+    """UNet time at batch 2n over batch n: what RCFG-self (n rows) can at most gain over CFG (2n rows)
+    when the UNet were the whole frame."""
+    session = StreamSession(model, PROMPT, t_index_list=[45], guidance="none")
+    unet, cond = model.pipeline.unet, session._cond
+    latent = torch.randn(rows, 4, latent_size, latent_size, generator=torch.Generator().manual_seed(0))
+    timesteps = session.timesteps[:1].repeat(rows)
+    single = _median_ms(lambda: unet(latent, timesteps, encoder_hidden_states=cond.expand(rows, -1, -1)))
+    double = _median_ms(lambda: unet(torch.cat([latent, latent]), timesteps.repeat(2),
+                                     encoder_hidden_states=cond.expand(2 * rows, -1, -1)))
+    return double / single
+
+
+async def websocket_loopback(frames: list[Image.Image], vae: str) -> dict[str, float]:
     from accel_diffusion.clients import StreamClient
     from serving import free_port, start_server
 
@@ -97,7 +126,7 @@ async def websocket_loopback(frames: list[Image.Image]) -> dict[str, float]:
     server = start_server(port, queue_max=8)
     try:
         async with StreamClient(f"http://127.0.0.1:{port}", PROMPT, t_index_list=[45], guidance="none",
-                                output_format="jpeg") as stream:
+                                output_format="jpeg", vae=vae) as stream:
             encoded = []
             for frame in frames:
                 buffer = io.BytesIO()
@@ -142,13 +171,29 @@ def main() -> None:
                 return pipe(prompt_embeds=embeds, negative_prompt_embeds=negative, image=frame,
                             strength=steps / 50, num_inference_steps=50, guidance_scale=scale, output_type="np")
             row[label] = fps_of(img2img, frames, 2)
-        for guidance in ("rcfg_self", "cfg", "none"):
-            session = StreamSession(model, PROMPT, t_index_list=indices, guidance=guidance, guidance_scale=1.2)
-            row[f"stream_{guidance}"] = fps_of(session, frames, len(indices) + 1)
-        row["stream_rcfg_self_vs_diffusers_cfg"] = row["stream_rcfg_self"] / row["diffusers_img2img_cfg"]
-        row["stream_none_vs_diffusers_no_guidance"] = row["stream_none"] / row["diffusers_img2img_no_guidance"]
-        row["rcfg_self_vs_cfg"] = row["stream_rcfg_self"] / row["stream_cfg"]
+        for vae in ("full", "tiny"):
+            for guidance in ("rcfg_self", "cfg", "none"):
+                session = StreamSession(model, PROMPT, t_index_list=indices, guidance=guidance, guidance_scale=1.2,
+                                        vae=vae)
+                row[f"stream_{guidance}_{vae}_vae"] = fps_of(session, frames, len(indices) + 1)
+            # like for like against diffusers (which decodes with the pipeline's VAE) on the full VAE
+            row[f"stream_rcfg_self_{vae}_vae_vs_diffusers_cfg"] = (row[f"stream_rcfg_self_{vae}_vae"]
+                                                                  / row["diffusers_img2img_cfg"])
+            row[f"stream_none_{vae}_vae_vs_diffusers_no_guidance"] = (row[f"stream_none_{vae}_vae"]
+                                                                      / row["diffusers_img2img_no_guidance"])
+            row[f"rcfg_self_vs_cfg_{vae}_vae"] = row[f"stream_rcfg_self_{vae}_vae"] / row[f"stream_cfg_{vae}_vae"]
+        row["rcfg_self_vs_cfg_ceiling_unet_2n_over_n"] = unet_batch_ratio(model, steps)
         result[f"{steps}_steps"] = row
+    # the same comparison where the UNet is compute-bound (as SD at 512x512 is on a GPU): 128x128
+    # frames, 32x32 latents, 4 steps; the picture quality there is not the point, the arithmetic is
+    large: dict[str, float] = {}
+    for guidance in ("rcfg_self", "cfg"):
+        session = StreamSession(model, PROMPT, t_index_list=STEP_LISTS[4], guidance=guidance, guidance_scale=1.2,
+                                width=128, height=128)
+        large[f"stream_{guidance}"] = fps_of(session, clip(65), 5)
+    large["rcfg_self_vs_cfg"] = large["stream_rcfg_self"] / large["stream_cfg"]
+    large["rcfg_self_vs_cfg_ceiling_unet_2n_over_n"] = unet_batch_ratio(model, 4, latent_size=32)
+    result["compute_bound_128px_4_steps"] = large
     static = clip(4 * args.frames, moving=False)  # long enough that the first (processed) frames weigh little
     for label, threshold in (("static_without_filter", None), ("static_with_filter", 0.98)):
         session = StreamSession(model, PROMPT, t_index_list=[32, 45], guidance="rcfg_self",
@@ -159,9 +204,12 @@ def main() -> None:
                          "unet_calls": stats["unet_calls"], "frames": stats["frames"]}
     result["filter_compute_saved"] = 1 - (result["static_with_filter"]["unet_calls"]
                                           / result["static_without_filter"]["unet_calls"])
-    result["websocket_1_step"] = asyncio.run(websocket_loopback(frames))
-    result["websocket_1_step"]["vs_floor"] = (result["websocket_1_step"]["fps"]
-                                              / result["floor"]["floor_fps_1_step"])
+    floor = result["floor"]
+    for vae in ("full", "tiny"):
+        row = asyncio.run(websocket_loopback(clip(205), vae))  # 200 timed frames: the VM is noisy
+        row["vs_floor_full_vae"] = row["fps"] / floor["floor_fps_1_step_full_vae"]
+        row[f"vs_floor_{vae}_vae"] = row["fps"] / floor[f"floor_fps_1_step_{vae}_vae"]
+        result[f"websocket_1_step_{vae}_vae"] = row
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))
     print(json.dumps(result, indent=1))

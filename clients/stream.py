@@ -6,6 +6,9 @@
         await stream.update(prompt="a white cross")
         print(await stream.stats())
 
+A txt2img session (``mode="txt2img"``) takes no input: ``await stream.request()`` asks for the next
+output frame instead of ``send``.
+
 The server keeps only the latest waiting frame, so ``send`` never blocks on the model: frames sent
 faster than the model runs are dropped (``stats()["dropped"]``), and ``receive`` returns the
 results of the frames that ran, in order.
@@ -98,6 +101,10 @@ class StreamClient:
             frame.convert("RGB").save(buffer, format="PNG")
             frame = buffer.getvalue()
         await self._socket.send(bytes(frame))
+
+    async def request(self) -> None:
+        """Ask a txt2img session for its next output frame (``receive`` returns it)."""
+        await self._socket.send(json.dumps({"type": "frame.request"}))
 
     async def receive(self) -> StreamFrame:
         """The next processed frame; raises StreamError for an error message (the stream goes on)."""

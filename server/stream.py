@@ -4,12 +4,15 @@ Protocol (JSON text messages, binary frames):
 
 - client → ``{"type": "session.start", "prompt": ..., "model"?, "negative_prompt"?, "t_index_list"?,
   "guidance"?, "guidance_scale"?, "delta"?, "seed"?, "width"?, "height"?, "mode"?,
-  "similarity_threshold"?, "output_format"? ("jpeg" | "webp" | "png"), "quality"?}``;
+  "similarity_threshold"?, "vae"? ("auto" | "full" | "tiny"), "output_format"? ("jpeg" | "webp" | "png"),
+  "quality"?}``;
   server → ``{"type": "session.started", "session": {...}}``
 - client → binary: one input frame (JPEG / PNG / WebP bytes). Latest frame wins: while one frame is
   on the device, a newer one replaces the waiting one (``dropped`` counts those).
   server → ``{"type": "frame", "seq", "latency_ms", "skipped", "warming_up"}`` then, unless the
   session is still warming up, the output frame as binary.
+- txt2img sessions (``"mode": "txt2img"``) take no input: client → ``{"type": "frame.request"}`` asks
+  for the next output frame, answered like an input frame (latest request wins too).
 - client → ``{"type": "params.update", prompt? / t_index_list? / seed? / guidance_scale? / delta?}``;
   server → ``{"type": "params.updated"}``
 - client → ``{"type": "stats"}``; server → ``{"type": "stats", frames, processed, dropped, skipped, nfe, fps}``
@@ -47,7 +50,7 @@ from accel_diffusion.stream import StreamSession
 CLOSE_OVERLOADED = 1013
 CLOSE_POLICY = 1008
 START_FIELDS = {"type", "prompt", "model", "negative_prompt", "t_index_list", "guidance", "guidance_scale", "delta",
-                "seed", "width", "height", "mode", "similarity_threshold", "output_format", "quality"}
+                "seed", "width", "height", "mode", "similarity_threshold", "vae", "output_format", "quality"}
 UPDATE_FIELDS = {"type", "prompt", "negative_prompt", "t_index_list", "seed", "guidance_scale", "delta"}
 
 
@@ -120,7 +123,7 @@ class _Connection:
         self.state = state
         self.session: StreamSession | None = None
         self.output = OutputOptions("jpeg", 85)
-        self.waiting: tuple[int, float, np.ndarray] | None = None  # the latest frame not yet on the device
+        self.waiting: tuple[int, float, np.ndarray | None] | None = None  # the latest frame not yet on the device
         self.busy = False
         self.seq = 0
         self.dropped = 0
@@ -184,9 +187,15 @@ async def _on_text(connection: _Connection, text: str) -> None:
             await connection.websocket.send_json({"type": "params.updated"})
         elif kind == "stats":
             await connection.websocket.send_json(_stats(connection))
+        elif kind == "frame.request":
+            if connection.session is None or connection.session.mode != "txt2img":
+                raise InvalidRequestError("type", "frame.request is for txt2img sessions; img2img sessions are "
+                                          "sent binary frames")
+            _check_fields(data, {"type"})
+            _enqueue(connection, None)
         else:
             raise InvalidRequestError("type", f"unknown message type {kind!r}",
-                                      ["session.start", "params.update", "stats"])
+                                      ["session.start", "params.update", "stats", "frame.request"])
     except AccelDiffusionError as exc:
         await connection.error(exc.error_type, str(exc), getattr(exc, "field", None))
     except TypeError as exc:  # wrong argument types reaching the session
@@ -212,7 +221,7 @@ async def _start(connection: _Connection, data: dict[str, Any]) -> None:
         raise InvalidRequestError("output_format", f"unknown format {output_format!r}", ["jpeg", "webp", "png"])
     connection.output = OutputOptions(output_format, int(data.get("quality", 85)))
     options = {k: data[k] for k in ("negative_prompt", "t_index_list", "guidance", "guidance_scale", "delta",
-                                    "seed", "width", "height", "mode", "similarity_threshold") if k in data}
+                                    "seed", "width", "height", "mode", "similarity_threshold", "vae") if k in data}
     prompt = data.get("prompt")
     if not isinstance(prompt, str) or not prompt:
         raise InvalidRequestError("prompt", "a non-empty prompt is required")
@@ -223,7 +232,7 @@ async def _start(connection: _Connection, data: dict[str, Any]) -> None:
         "id": connection.id, "mjpeg_url": f"/v1/stream/{connection.id}/mjpeg", "model": model_id,
         "width": session.width, "height": session.height, "mode": session.mode,
         "t_index_list": session.t_index_list, "guidance": session.guidance, "warmup_frames": session.num_slots - 1,
-        "output_format": output_format}})
+        "vae": session.vae, "output_format": output_format}})
 
 
 async def _on_worker(connection: _Connection, task: Any) -> Any:
@@ -234,6 +243,10 @@ async def _on_frame(connection: _Connection, data: bytes) -> None:
     session = connection.session
     if session is None:
         await connection.error("invalid_request_error", "start a session first (session.start)", "type")
+        return
+    if session.mode == "txt2img":
+        await connection.error("invalid_frame", "a txt2img session takes no input frames; send "
+                               '{"type": "frame.request"} for the next output frame', "frame")
         return
     limit = connection.state.settings.max_frame_bytes
     if len(data) > limit:
@@ -251,6 +264,11 @@ async def _on_frame(connection: _Connection, data: bytes) -> None:
     except InvalidRequestError as exc:
         await connection.error("invalid_frame", exc.message, "frame")
         return
+    _enqueue(connection, pixels)
+
+
+def _enqueue(connection: _Connection, pixels: np.ndarray | None) -> None:
+    """Hand a frame (None: a txt2img frame request) to the device; a newer one replaces a waiting one."""
     connection.seq += 1
     if connection.waiting is not None:
         connection.dropped += 1  # latest frame wins

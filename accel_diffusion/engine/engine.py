@@ -307,15 +307,18 @@ def _model_latents(vae: Any, latents: torch.Tensor) -> torch.Tensor:
     return latents * vae.config.scaling_factor
 
 
-def _decode(model: LoadedPipeline, latents: torch.Tensor) -> np.ndarray:
-    """Latents -> float32 (N, H, W, 3) in [0, 1]. The VAE's precision was fixed at load time."""
-    vae = model.pipeline.vae
-    latents = latents.to(vae.dtype)
+def _vae_latents(vae: Any, latents: torch.Tensor) -> torch.Tensor:
+    """The inverse of ``_model_latents``: the UNet's latents -> what the VAE's decoder takes."""
     stats = _latent_stats(vae, latents)
     if stats is not None:
-        latents = latents * stats[1] / vae.config.scaling_factor + stats[0]
-    else:
-        latents = latents / vae.config.scaling_factor
-    image = vae.decode(latents, return_dict=False)[0]
+        return latents * stats[1] / vae.config.scaling_factor + stats[0]
+    return latents / vae.config.scaling_factor
+
+
+def _decode(model: LoadedPipeline, latents: torch.Tensor, vae: Any = None) -> np.ndarray:
+    """Latents -> float32 (N, H, W, 3) in [0, 1], with the pipeline's VAE unless another (a tiny
+    autoencoder of the same latent space) is given. The VAE's precision was fixed at load time."""
+    vae = model.pipeline.vae if vae is None else vae
+    image = vae.decode(_vae_latents(vae, latents.to(vae.dtype)), return_dict=False)[0]
     image = (image / 2 + 0.5).clamp(0, 1)
     return image.permute(0, 2, 3, 1).float().cpu().numpy()

@@ -42,6 +42,7 @@ class LoadedPipeline:
     load_seconds: float
     prompt_encoder: PromptEncoder | None = None
     scheduler_config: dict[str, Any] = field(default_factory=dict)
+    tiny_vae: Any = None  # an AutoencoderTiny of the VAE's latent space (stream sessions), when the spec names one
 
     @property
     def model_id(self) -> str:
@@ -65,6 +66,7 @@ class LoadedPipeline:
             "device": str(self.device),
             "dtype": str(self.dtype).removeprefix("torch."),
             "attention_backend": self.attention_backend,
+            "tiny_vae": self.spec.tiny_vae,
             "load_seconds": round(self.load_seconds, 3),
         }
 
@@ -149,6 +151,7 @@ def load_pipeline(spec: ModelSpec) -> LoadedPipeline:
         if isinstance(module, torch.nn.Module):
             module.eval().requires_grad_(False)
     encoder = PromptEncoder(pipeline, device, dtype) if family in ("sd", "sdxl") else None
+    tiny_vae = _load_tiny_vae(spec, pipeline, device, dtype, offline) if spec.tiny_vae else None
     loaded = LoadedPipeline(
         spec=spec,
         pipeline=pipeline,
@@ -159,9 +162,30 @@ def load_pipeline(spec: ModelSpec) -> LoadedPipeline:
         load_seconds=time.perf_counter() - start,
         prompt_encoder=encoder,
         scheduler_config=dict(pipeline.scheduler.config),
+        tiny_vae=tiny_vae,
     )
     logger.info("loaded %s", loaded.describe())
     return loaded
+
+
+def _load_tiny_vae(spec: ModelSpec, pipeline: DiffusionPipeline, device: torch.device, dtype: torch.dtype,
+                   offline: bool) -> Any:
+    """The spec's ``tiny_vae``: an ``AutoencoderTiny`` whose latents match the pipeline's VAE."""
+    from diffusers import AutoencoderTiny
+
+    location = str(spec.tiny_vae_location())
+    local = Path(location).is_dir()
+    if local:
+        _refuse_pickle_only(location)
+    try:
+        tiny = AutoencoderTiny.from_pretrained(location, dtype=dtype, use_safetensors=True,
+                                               local_files_only=offline or local)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"model {spec.id!r}: tiny_vae could not be loaded from {location!r}: {exc}") from exc
+    vae = getattr(pipeline, "vae", None)
+    if vae is None or tiny.config.latent_channels != vae.config.latent_channels:
+        raise ModelLoadError(f"model {spec.id!r}: tiny_vae {location!r} does not match the pipeline's VAE latents")
+    return tiny.to(device).eval().requires_grad_(False)
 
 
 def _pipeline_class(location: str, spec: ModelSpec) -> type[DiffusionPipeline]:

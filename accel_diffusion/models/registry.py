@@ -39,6 +39,9 @@ class ModelSpec(BaseModel):
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     device: str = Field("auto", description="'auto' (CUDA when present, else CPU), 'cpu', 'cuda', 'cuda:1', ...")
     attention: Literal["auto", "sdpa", "xformers"] = "auto"
+    tiny_vae: str | None = Field(
+        None, description="a TAESD-style AutoencoderTiny of the same latent space, for stream sessions: the name of "
+        "a built-in model directory, a local directory, or a hub id (at the same revision rules as the model)")
     description: str = ""
     default_steps: Annotated[int, Field(ge=1, le=1000)] = 25
     default_width: int | None = None
@@ -78,6 +81,15 @@ class ModelSpec(BaseModel):
         if self.source == "local":
             return str(Path(str(self.path)).expanduser())
         return str(self.hub_id)
+
+    def tiny_vae_location(self) -> str | None:
+        """Where ``tiny_vae`` loads from: a built-in directory of that name, else a local directory, else a hub id."""
+        if self.tiny_vae is None:
+            return None
+        if (BUILTIN_DIR / self.tiny_vae).is_dir():
+            return str(BUILTIN_DIR / self.tiny_vae)
+        local = Path(self.tiny_vae).expanduser()
+        return str(local) if local.is_dir() else self.tiny_vae
 
 
 class ModelRegistry:

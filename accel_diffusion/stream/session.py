@@ -21,6 +21,10 @@ Guidance (ε-space; γ = ``guidance_scale``, δ = ``delta``):
 - ``rcfg_onetime``: the same with X = the clean latent implied by one real negative-prompt
   evaluation of slot 0 when its frame enters (n + 1).
 
+Autoencoder (``vae``): ``full`` encodes and decodes frames with the pipeline's VAE; ``tiny`` with the
+model's TAESD-style ``AutoencoderTiny`` of the same latent space (the registry entry's ``tiny_vae``),
+as StreamDiffusion does with TAESD; ``auto`` (the default) takes the tiny one when the model has it.
+
 This is the diffusion-model form of the boundary step (c_skip = 0, c_out = 1), so it runs any
 ε- or v-prediction model; LCM-distilled UNets (guidance embeddings) are refused by the engine.
 """
@@ -44,6 +48,7 @@ from accel_diffusion.schedulers.noise_grid import train_alphas_cumprod
 from accel_diffusion.stream.similarity_filter import SimilarityFilter
 
 StreamGuidance = Literal["none", "cfg", "rcfg_self", "rcfg_onetime"]
+StreamVae = Literal["auto", "full", "tiny"]
 GRID_STEPS = 50
 
 
@@ -76,7 +81,7 @@ class StreamSession:
                  t_index_list: Sequence[int] = (32, 45), guidance: StreamGuidance = "rcfg_self",
                  guidance_scale: float = 1.2, delta: float = 1.0, seed: int = 0, width: int | None = None,
                  height: int | None = None, mode: Literal["img2img", "txt2img"] = "img2img",
-                 similarity_threshold: float | None = None, max_skip: int = 10) -> None:
+                 similarity_threshold: float | None = None, max_skip: int = 10, vae: StreamVae = "auto") -> None:
         if model.family != "sd":
             raise InvalidRequestError("model", f"stream sessions run Stable Diffusion 1.x/2.x models, "
                                       f"not {model.family!r}")
@@ -87,7 +92,14 @@ class StreamSession:
                                       ["none", "cfg", "rcfg_self", "rcfg_onetime"])
         if mode == "txt2img" and guidance.startswith("rcfg"):
             raise InvalidRequestError("guidance", "txt2img streams have no input latent for RCFG; use none or cfg")
+        if vae not in ("auto", "full", "tiny"):
+            raise InvalidRequestError("vae", f"unknown vae {vae!r}", ["auto", "full", "tiny"])
+        if vae == "tiny" and model.tiny_vae is None:
+            raise InvalidRequestError("vae", f"model {model.model_id!r} declares no tiny autoencoder (tiny_vae)",
+                                      ["auto", "full"])
         self.model = model
+        self.vae = "tiny" if vae == "tiny" or (vae == "auto" and model.tiny_vae is not None) else "full"
+        self._vae = model.tiny_vae if self.vae == "tiny" else model.pipeline.vae
         self.mode = mode
         self.guidance = guidance
         self.guidance_scale = float(guidance_scale)
@@ -199,7 +211,7 @@ class StreamSession:
             stats.warming_up = True
             return None
         self.state.last_estimate = estimates[-1:]
-        image = _decode(self.model, estimates[-1:])[0]
+        image = _decode(self.model, estimates[-1:], self._vae)[0]
         self.state.last_output = (np.clip(image, 0, 1) * 255).round().astype(np.uint8)
         return self.state.last_output
 
@@ -211,8 +223,10 @@ class StreamSession:
         return _image_to_tensor(frame.convert("RGB"), self.width, self.height).to(self.model.device)
 
     def _encode(self, pixels: torch.Tensor) -> torch.Tensor:
-        vae = self.model.pipeline.vae
-        latent = vae.encode(pixels.to(vae.dtype)).latent_dist.mode()  # deterministic per frame
+        vae = self._vae
+        encoded = vae.encode(pixels.to(vae.dtype))
+        # AutoencoderKL: the posterior's mode (deterministic per frame); AutoencoderTiny: its latents
+        latent = encoded.latent_dist.mode() if hasattr(encoded, "latent_dist") else encoded.latents
         return _model_latents(vae, latent).to(self.model.dtype)
 
     def _slots(self, newest: torch.Tensor, clean: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -54,6 +54,45 @@ def test_stream_client_round_trip_updates_errors_and_stats(server_url: str) -> N
     asyncio.run(main())
 
 
+def test_txt2img_stream_is_driven_by_frame_requests(server_url: str, tiny_models_file: Path) -> None:
+    from accel_diffusion.models.registry import ModelRegistry
+    from accel_diffusion.stream import StreamSession
+
+    async def main() -> list[np.ndarray]:
+        async with StreamClient(server_url, PROMPT, api_key="secret", mode="txt2img", t_index_list=[0, 20, 45],
+                                guidance="cfg", guidance_scale=3.0, seed=4, output_format="png") as stream:
+            assert stream.session["mode"] == "txt2img" and stream.session["warmup_frames"] == 2
+            received = []
+            for _ in range(4):
+                await stream.request()
+                received.append(await stream.receive())
+            assert [f.warming_up for f in received] == [True, True, False, False]
+            await stream.send(frame(0))  # a txt2img session takes no input frames
+            with pytest.raises(StreamError) as refused:
+                await stream.receive()
+            assert refused.value.param == "frame"
+            assert (await stream.stats())["nfe"] == 4 * 2 * 3
+            return [np.asarray(f.image) for f in received[2:]]
+
+    outputs = asyncio.run(main())
+    model = ModelRegistry.from_file(tiny_models_file).get("tiny")
+    library = StreamSession(model, PROMPT, mode="txt2img", t_index_list=[0, 20, 45], guidance="cfg",
+                            guidance_scale=3.0, seed=4)
+    expected = [library() for _ in range(4)][2:]
+    assert all(np.array_equal(a, b) for a, b in zip(outputs, expected, strict=True))
+
+
+def test_frame_requests_are_for_txt2img_sessions_only(server_url: str) -> None:
+    async def main() -> None:
+        async with StreamClient(server_url, PROMPT, api_key="secret", t_index_list=[45]) as stream:
+            await stream.request()
+            with pytest.raises(InvalidRequest) as refused:
+                await stream.receive()
+            assert refused.value.param == "type"
+
+    asyncio.run(main())
+
+
 def test_wrong_key_is_refused(server_url: str) -> None:
     async def main() -> None:
         async with StreamClient(server_url, PROMPT, api_key="wrong"):

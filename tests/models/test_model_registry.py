@@ -23,6 +23,33 @@ def test_default_registry_declares_the_builtins() -> None:
     assert shapes.default_strategy.guidance == {"name": "cfg", "scale": 5.0, "rescale": 0.0, "start": 0.0, "stop": 1.0}
     for model_id in registry.ids():
         assert Path(registry.spec(model_id).location(), "model_index.json").is_file(), model_id
+    assert shapes.tiny_vae_location() == str(BUILTIN_DIR / "shapes_tiny_vae")
+    assert registry.spec("gmm").tiny_vae_location() is None
+
+
+@pytest.mark.filterwarnings("ignore:The `local_dir_use_symlinks` argument is deprecated")
+def test_tiny_vae_locations_and_loading(tmp_path: Path, tiny_sd_dir: Path) -> None:
+    from diffusers import AutoencoderTiny
+
+    assert tiny_spec("a", tiny_sd_dir, tiny_vae="madebyollin/taesd").tiny_vae_location() == "madebyollin/taesd"
+    matching = tmp_path / "taesd"
+    AutoencoderTiny(encoder_block_out_channels=(8,) * 3, decoder_block_out_channels=(8,) * 3,
+                    num_encoder_blocks=(0, 1, 1), num_decoder_blocks=(1, 1, 0), latent_channels=4,
+                    ).save_pretrained(matching, safe_serialization=True)
+    spec = tiny_spec("with-tiny", tiny_sd_dir, tiny_vae=str(matching))
+    assert spec.tiny_vae_location() == str(matching)
+    loaded = load_pipeline(spec)
+    assert isinstance(loaded.tiny_vae, AutoencoderTiny) and not loaded.tiny_vae.training
+    assert not any(p.requires_grad for p in loaded.tiny_vae.parameters())
+    assert load_pipeline(tiny_spec("without", tiny_sd_dir)).tiny_vae is None
+    wrong = tmp_path / "taesd16"
+    AutoencoderTiny(encoder_block_out_channels=(8,) * 3, decoder_block_out_channels=(8,) * 3,
+                    num_encoder_blocks=(0, 1, 1), num_decoder_blocks=(1, 1, 0), latent_channels=16,
+                    ).save_pretrained(wrong, safe_serialization=True)
+    with pytest.raises(ModelLoadError, match="does not match"):
+        load_pipeline(tiny_spec("wrong", tiny_sd_dir, tiny_vae=str(wrong)))
+    with pytest.raises(ModelLoadError, match="tiny_vae could not be loaded"):
+        load_pipeline(tiny_spec("missing", tiny_sd_dir, tiny_vae="nobody/no-such-taesd"))
 
 
 def test_unknown_model_lists_choices() -> None:

@@ -52,6 +52,17 @@ def test_a_session_streams_frames_equal_to_the_library_session(tiny_models_file:
     assert all(np.array_equal(a, b) for a, b in zip(outputs, expected, strict=True))
 
 
+def test_the_session_reports_its_autoencoder_and_refuses_a_missing_tiny_one(tiny_models_file: Path) -> None:
+    with TestClient(create_app(make_settings(tiny_models_file))) as client:
+        with client.websocket_connect("/v1/stream") as ws:
+            ws.send_json({"type": "session.start", "prompt": PROMPT})
+            assert ws.receive_json()["session"]["vae"] == "full"  # the tiny test model has no tiny_vae
+        with client.websocket_connect("/v1/stream") as ws:
+            ws.send_json({"type": "session.start", "prompt": PROMPT, "vae": "tiny"})
+            error = ws.receive_json()
+            assert error["type"] == "error" and error["param"] == "vae"
+
+
 def test_bad_messages_and_frames_get_errors_and_the_session_goes_on(tiny_models_file: Path) -> None:
     with TestClient(create_app(make_settings(tiny_models_file))) as client, \
             client.websocket_connect("/v1/stream") as ws:

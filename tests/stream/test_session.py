@@ -120,3 +120,28 @@ def test_filtered_frames_cost_no_unet_call(shapes_model: LoadedPipeline) -> None
     stats = session.stats()
     assert stats["skipped"] == 30 and stats["unet_calls"] == 3  # processed, then 10 skips, forced, ...
     assert all(np.array_equal(o, outputs[0]) for o in outputs)
+
+
+def test_tiny_autoencoder_by_default_and_close_to_the_full_vae(shapes_model: LoadedPipeline) -> None:
+    from dataclasses import replace
+
+    from diffusers import AutoencoderKL, AutoencoderTiny
+
+    from accel_diffusion.eval.image_stats import psnr_per_image
+
+    tiny = StreamSession(shapes_model, PROMPT, t_index_list=(32, 45), guidance="rcfg_self", seed=1)
+    full = StreamSession(shapes_model, PROMPT, t_index_list=(32, 45), guidance="rcfg_self", seed=1, vae="full")
+    assert tiny.vae == "tiny" and isinstance(tiny._vae, AutoencoderTiny)
+    assert full.vae == "full" and isinstance(full._vae, AutoencoderKL)
+    clip = [np.asarray(f) for f in frames(1, seed=9)] * 3  # a still input: both settle on one picture
+    tiny_out = [tiny(f) for f in clip][-1]
+    full_out = [full(f) for f in clip][-1]
+    # the two autoencoders share one latent space: the same frames give nearly the same picture
+    assert psnr_per_image(full_out[None], tiny_out[None])[0] > 20.0
+    without = replace(shapes_model, tiny_vae=None)
+    assert StreamSession(without, PROMPT).vae == "full"
+    with pytest.raises(InvalidRequestError) as error:
+        StreamSession(without, PROMPT, vae="tiny")
+    assert error.value.field == "vae"
+    with pytest.raises(InvalidRequestError):
+        StreamSession(shapes_model, PROMPT, vae="taesd")
