@@ -4,7 +4,8 @@ Protocol (JSON text messages, binary frames):
 
 - client → ``{"type": "session.start", "prompt": ..., "model"?, "negative_prompt"?, "t_index_list"?,
   "guidance"?, "guidance_scale"?, "delta"?, "seed"?, "width"?, "height"?, "mode"?,
-  "similarity_threshold"?, "vae"? ("auto" | "full" | "tiny"), "output_format"? ("jpeg" | "webp" | "png"),
+  "similarity_threshold"?, "strength"? (diffusers' img2img strength; t_index_list then gives only the
+  number of steps), "vae"? ("auto" | "full" | "tiny"), "output_format"? ("jpeg" | "webp" | "png"),
   "quality"?}``;
   server → ``{"type": "session.started", "session": {...}}``
 - client → binary: one input frame (JPEG / PNG / WebP bytes). Latest frame wins: while one frame is
@@ -13,8 +14,8 @@ Protocol (JSON text messages, binary frames):
   session is still warming up, the output frame as binary.
 - txt2img sessions (``"mode": "txt2img"``) take no input: client → ``{"type": "frame.request"}`` asks
   for the next output frame, answered like an input frame (latest request wins too).
-- client → ``{"type": "params.update", prompt? / t_index_list? / seed? / guidance_scale? / delta?}``;
-  server → ``{"type": "params.updated"}``
+- client → ``{"type": "params.update", prompt? / t_index_list? / strength? / seed? / guidance_scale? / delta?}``;
+  server → ``{"type": "params.updated", "t_index_list"}`` (the steps now in use)
 - client → ``{"type": "stats"}``; server → ``{"type": "stats", frames, processed, dropped, skipped, nfe, fps}``
 - errors: ``{"type": "error", "code", "message", "param"}``; a bad frame or message leaves the
   session running. Close codes: 1013 when the server is at its session cap, 1008 for a bad or
@@ -50,8 +51,9 @@ from accel_diffusion.stream import StreamSession
 CLOSE_OVERLOADED = 1013
 CLOSE_POLICY = 1008
 START_FIELDS = {"type", "prompt", "model", "negative_prompt", "t_index_list", "guidance", "guidance_scale", "delta",
-                "seed", "width", "height", "mode", "similarity_threshold", "vae", "output_format", "quality"}
-UPDATE_FIELDS = {"type", "prompt", "negative_prompt", "t_index_list", "seed", "guidance_scale", "delta"}
+                "seed", "width", "height", "mode", "similarity_threshold", "vae", "strength", "output_format",
+                "quality"}
+UPDATE_FIELDS = {"type", "prompt", "negative_prompt", "t_index_list", "strength", "seed", "guidance_scale", "delta"}
 
 
 def stream_router() -> APIRouter:
@@ -184,7 +186,8 @@ async def _on_text(connection: _Connection, text: str) -> None:
             _check_fields(data, UPDATE_FIELDS)
             fields = {k: v for k, v in data.items() if k != "type"}
             await _on_worker(connection, lambda: connection.session.update(**fields))  # type: ignore[union-attr]
-            await connection.websocket.send_json({"type": "params.updated"})
+            await connection.websocket.send_json({"type": "params.updated",
+                                                  "t_index_list": connection.session.t_index_list})
         elif kind == "stats":
             await connection.websocket.send_json(_stats(connection))
         elif kind == "frame.request":
@@ -221,7 +224,8 @@ async def _start(connection: _Connection, data: dict[str, Any]) -> None:
         raise InvalidRequestError("output_format", f"unknown format {output_format!r}", ["jpeg", "webp", "png"])
     connection.output = OutputOptions(output_format, int(data.get("quality", 85)))
     options = {k: data[k] for k in ("negative_prompt", "t_index_list", "guidance", "guidance_scale", "delta",
-                                    "seed", "width", "height", "mode", "similarity_threshold", "vae") if k in data}
+                                    "seed", "width", "height", "mode", "similarity_threshold", "vae", "strength")
+               if k in data}
     prompt = data.get("prompt")
     if not isinstance(prompt, str) or not prompt:
         raise InvalidRequestError("prompt", "a non-empty prompt is required")

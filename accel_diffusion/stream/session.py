@@ -52,6 +52,22 @@ StreamVae = Literal["auto", "full", "tiny"]
 GRID_STEPS = 50
 
 
+def strength_t_index_list(strength: float, steps: int) -> list[int]:
+    """diffusers' img2img ``strength`` as a ``t_index_list`` of ``steps`` indices on the 50-step grid.
+
+    The first index is where diffusers' img2img with 50 steps starts, 50 − int(50 · strength) (the
+    noise level of the first step); the ``steps`` indices spread evenly over the rest of the grid, so
+    ``steps`` = int(50 · strength) gives exactly diffusers' img2img timesteps."""
+    if isinstance(strength, bool) or not isinstance(strength, int | float) or not 0 < strength <= 1:
+        raise InvalidRequestError("strength", f"must be a number in (0, 1], got {strength!r}")
+    span = min(int(GRID_STEPS * strength), GRID_STEPS)
+    if span < steps:
+        raise InvalidRequestError("strength", f"strength {strength} leaves {span} of the {GRID_STEPS} grid steps, "
+                                  f"fewer than the session's {steps}")
+    first = GRID_STEPS - span
+    return [first + (k * span) // steps for k in range(steps)]
+
+
 @dataclass
 class FrameStats:
     """What one call did: UNet evaluations (per image), UNet calls, whether the filter skipped it."""
@@ -81,7 +97,8 @@ class StreamSession:
                  t_index_list: Sequence[int] = (32, 45), guidance: StreamGuidance = "rcfg_self",
                  guidance_scale: float = 1.2, delta: float = 1.0, seed: int = 0, width: int | None = None,
                  height: int | None = None, mode: Literal["img2img", "txt2img"] = "img2img",
-                 similarity_threshold: float | None = None, max_skip: int = 10, vae: StreamVae = "auto") -> None:
+                 similarity_threshold: float | None = None, max_skip: int = 10, vae: StreamVae = "auto",
+                 strength: float | None = None) -> None:
         if model.family != "sd":
             raise InvalidRequestError("model", f"stream sessions run Stable Diffusion 1.x/2.x models, "
                                       f"not {model.family!r}")
@@ -120,7 +137,12 @@ class StreamSession:
         self.state = StreamState()
         self._prompt = prompt
         self._negative = negative_prompt
+        if strength is not None:
+            if mode == "txt2img":
+                raise InvalidRequestError("strength", "txt2img streams start from pure noise; strength is for img2img")
+            t_index_list = strength_t_index_list(strength, len(t_index_list))
         self._set_steps(t_index_list)
+        self.seed = seed
         self._set_seed(seed)
         self._set_prompt(prompt, negative_prompt)
 
@@ -158,9 +180,17 @@ class StreamSession:
 
     def update(self, *, prompt: str | None = None, negative_prompt: str | None = None,
                t_index_list: Sequence[int] | None = None, seed: int | None = None,
-               guidance_scale: float | None = None, delta: float | None = None) -> None:
+               guidance_scale: float | None = None, delta: float | None = None,
+               strength: float | None = None) -> None:
         """Change parameters mid-stream. Prompt, scale and delta apply from the next frame on with the
-        buffered frames kept; new steps or a new seed restart the slots (and their warm-up)."""
+        buffered frames kept; new steps (``t_index_list``, or ``strength`` with the current number of
+        steps) or a new seed restart the slots (and their warm-up)."""
+        if strength is not None:
+            if t_index_list is not None:
+                raise InvalidRequestError("strength", "give strength or t_index_list, not both")
+            if self.mode == "txt2img":
+                raise InvalidRequestError("strength", "txt2img streams start from pure noise; strength is for img2img")
+            t_index_list = strength_t_index_list(strength, self.num_slots)
         if prompt is not None or negative_prompt is not None:
             self._prompt = prompt if prompt is not None else self._prompt
             self._negative = negative_prompt if negative_prompt is not None else self._negative
@@ -169,9 +199,11 @@ class StreamSession:
             self.guidance_scale = float(guidance_scale)
         if delta is not None:
             self.delta = float(delta)
+        if seed is not None:
+            self.seed = seed
         if t_index_list is not None:
             self._set_steps(t_index_list)
-            self._set_seed(seed if seed is not None else 0)
+            self._set_seed(self.seed)
         elif seed is not None:
             self._set_seed(seed)
             self.state.latents = self.state.references = None

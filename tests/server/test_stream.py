@@ -52,11 +52,15 @@ def test_a_session_streams_frames_equal_to_the_library_session(tiny_models_file:
     assert all(np.array_equal(a, b) for a, b in zip(outputs, expected, strict=True))
 
 
-def test_the_session_reports_its_autoencoder_and_refuses_a_missing_tiny_one(tiny_models_file: Path) -> None:
+def test_strength_autoencoder_and_a_missing_tiny_one(tiny_models_file: Path) -> None:
     with TestClient(create_app(make_settings(tiny_models_file))) as client:
         with client.websocket_connect("/v1/stream") as ws:
-            ws.send_json({"type": "session.start", "prompt": PROMPT})
-            assert ws.receive_json()["session"]["vae"] == "full"  # the tiny test model has no tiny_vae
+            ws.send_json({"type": "session.start", "prompt": PROMPT, "t_index_list": [45], "strength": 0.3})
+            session = ws.receive_json()["session"]
+            assert session["vae"] == "full"  # the tiny test model has no tiny_vae
+            assert session["t_index_list"] == [35]
+            ws.send_json({"type": "params.update", "strength": 0.6})
+            assert ws.receive_json() == {"type": "params.updated", "t_index_list": [20]}
         with client.websocket_connect("/v1/stream") as ws:
             ws.send_json({"type": "session.start", "prompt": PROMPT, "vae": "tiny"})
             error = ws.receive_json()

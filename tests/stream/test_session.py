@@ -93,6 +93,43 @@ def test_updates_mid_stream(shapes_model: LoadedPipeline) -> None:
     assert error.value.field == "t_index_list"
 
 
+def test_strength_is_diffusers_img2img_strength_on_the_grid(shapes_model: LoadedPipeline) -> None:
+    from diffusers import DDIMScheduler, StableDiffusionImg2ImgPipeline
+
+    from accel_diffusion.stream import strength_t_index_list
+
+    components = {k: v for k, v in shapes_model.pipeline.components.items()
+                  if k in ("vae", "text_encoder", "tokenizer", "unet")}
+    scheduler = DDIMScheduler.from_config(shapes_model.pipeline.scheduler.config, timestep_spacing="trailing")
+    pipe = StableDiffusionImg2ImgPipeline(**components, scheduler=scheduler, safety_checker=None,
+                                          feature_extractor=None, requires_safety_checker=False)
+    pipe.scheduler.set_timesteps(50)
+    for strength in (0.3, 0.5, 0.74, 1.0):
+        steps = int(50 * strength)  # diffusers runs this many of its 50 steps
+        session = StreamSession(shapes_model, PROMPT, t_index_list=range(steps), strength=strength)
+        expected, count = pipe.get_timesteps(50, strength, "cpu")
+        assert count == steps and session.timesteps.tolist() == expected.tolist()
+    assert strength_t_index_list(0.3, 1) == [35] and strength_t_index_list(0.7, 2) == [15, 32]
+    assert strength_t_index_list(0.7, 4) == [15, 23, 32, 41]
+    for bad in (0.0, 1.5, "high", True):
+        with pytest.raises(InvalidRequestError):
+            strength_t_index_list(bad, 1)
+    with pytest.raises(InvalidRequestError, match="fewer than"):
+        strength_t_index_list(0.05, 3)  # 2 grid steps left for 3 slots
+
+
+def test_strength_updates_keep_the_steps_count_and_the_seed(shapes_model: LoadedPipeline) -> None:
+    session = StreamSession(shapes_model, PROMPT, t_index_list=(32, 45), guidance="none", seed=7)
+    noise = session.init_noise.clone()
+    session.update(strength=0.5)
+    assert session.t_index_list == [25, 37] and torch.equal(session.init_noise, noise)
+    with pytest.raises(InvalidRequestError) as error:
+        session.update(strength=0.5, t_index_list=(10, 20))
+    assert error.value.field == "strength"
+    with pytest.raises(InvalidRequestError):
+        StreamSession(shapes_model, PROMPT, mode="txt2img", guidance="none", strength=0.5)
+
+
 def test_malformed_frames_are_refused_and_the_session_goes_on(shapes_model: LoadedPipeline) -> None:
     session = StreamSession(shapes_model, PROMPT, t_index_list=(45,), guidance="none")
     good = frames(1)[0]
