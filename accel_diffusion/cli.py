@@ -97,6 +97,8 @@ def main(ctx: click.Context, models_file: str | None) -> None:
               help="Shorthand for --guidance '{\"name\":\"cfg\",\"scale\":S}'.")
 @click.option("--init-image", type=click.Path(dir_okay=False), default=None, help="img2img: start from this image.")
 @click.option("--strength", type=float, default=0.8, show_default=True, help="img2img: how much to change.")
+@click.option("--vae", type=click.Choice(["full", "tiny"]), default="full", show_default=True,
+              help="Autoencoder: the pipeline's VAE, or the model's tiny TAESD-style one (faster, approximate).")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default="outputs", show_default=True)
 @click.option("--batch-size", type=int, default=16, show_default=True, help="Images per engine call.")
 @click.pass_context
@@ -104,7 +106,7 @@ def generate(ctx: click.Context, model: str, prompts: tuple[str, ...], prompts_f
              negative_prompt: str | None, n: int, seed: int | None, width: int | None, height: int | None,
              steps: int | None, strategy: str | None, sampler: str | None, schedule: str | None,
              guidance: str | None, guidance_scale: float | None, init_image: str | None, strength: float,
-             out_dir: str, batch_size: int) -> None:
+             vae: str, out_dir: str, batch_size: int) -> None:
     """Generate images into OUT (PNG files plus results.json)."""
     from tqdm import tqdm
 
@@ -136,7 +138,7 @@ def generate(ctx: click.Context, model: str, prompts: tuple[str, ...], prompts_f
         requests.append(GenerationRequest.create(
             model=model, prompt=[p for p, _ in chunk], n=1, seed=base_seed + start,
             negative_prompt=negative_prompt, width=width, height=height, steps=steps,
-            strategy=parsed_strategy, init_image=init_image, strength=strength,
+            strategy=parsed_strategy, init_image=init_image, strength=strength, vae=vae,
         ))
     engine = Engine(_registry(ctx))
     engine.models.spec(model)

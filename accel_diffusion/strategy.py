@@ -11,7 +11,7 @@ import io
 import json
 import math
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import pydantic
 from PIL import Image, UnidentifiedImageError
@@ -129,6 +129,9 @@ class GenerationRequest(BaseModel):
     init_image: Image.Image | None = None
     strength: Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)] = 0.8
     preview_every: Annotated[int, Field(ge=0)] = 0
+    vae: Literal["full", "tiny"] = Field(
+        "full", description="the autoencoder for the init image and the output: the pipeline's VAE, or the model's "
+        "tiny TAESD-style one (registry tiny_vae; faster, approximate)")
 
     @field_validator("prompt")
     @classmethod

@@ -75,14 +75,25 @@ def picture_grid(engine: Engine, path: Path) -> None:
     grid.save(path, optimize=True)
 
 
+RCFG_INIT = ShapeSpec("circle", "white", "black", None, 9, 16, 16)
+RCFG_CONFIGS = [(steps, g) for steps in (4, 25) for g in (
+    {"name": "cfg", "scale": 5.0},
+    *({"name": "rcfg", "variant": variant, "scale": scale} for scale in (5.0, 1.2) for variant in ("self", "onetime")),
+)]
+
+
+def rcfg_vs_cfg_tiny_vae(engine: Engine, repeats: int) -> list[dict[str, Any]]:
+    """The paired speed-ups again with the model's tiny autoencoder at both ends, for CFG and RCFG alike."""
+    init = Image.fromarray(render(RCFG_INIT))
+    speedups = paired_speedups(engine, init, RCFG_CONFIGS, repeats, vae="tiny")
+    return [{"guidance": g, "steps": int(round(steps / 0.8) * 0.8), "speedup_vs_cfg": speedup}
+            for (steps, g), speedup in zip(RCFG_CONFIGS, speedups, strict=True)]
+
+
 def rcfg_vs_cfg(engine: Engine, judge: ShapesJudge, real: np.ndarray, repeats: int) -> list[dict[str, Any]]:
-    init = Image.fromarray(render(ShapeSpec("circle", "white", "black", None, 9, 16, 16)))
+    init = Image.fromarray(render(RCFG_INIT))
     rows = []
-    configs = [(steps, g) for steps in (4, 25) for g in (
-        {"name": "cfg", "scale": 5.0},
-        *({"name": "rcfg", "variant": variant, "scale": scale}
-          for scale in (5.0, 1.2) for variant in ("self", "onetime")),
-    )]
+    configs = RCFG_CONFIGS
     for steps, guidance in tqdm(configs, desc="rcfg vs cfg"):
         # steps / 0.8 scheduled steps so that strength 0.8 runs exactly `steps` denoising steps
         m = evaluate_shapes(engine, strategy={"guidance": guidance}, steps=round(steps / 0.8), judge=judge, real=real,
@@ -97,14 +108,15 @@ def rcfg_vs_cfg(engine: Engine, judge: ShapesJudge, real: np.ndarray, repeats: i
     return rows
 
 
-def paired_speedups(engine: Engine, init: Image.Image, configs: list[tuple[int, dict]], repeats: int) -> list[float]:
+def paired_speedups(engine: Engine, init: Image.Image, configs: list[tuple[int, dict]], repeats: int,
+                    vae: str = "full") -> list[float]:
     """Images/s relative to CFG at the same steps: batches of 49, each configuration timed back to back
     with its CFG twin `repeats` times; the median of the pair ratios (robust to the machine's drift)."""
     prompts = shapes_prompts()[:49]
 
     def request(steps: int, guidance: dict) -> GenerationRequest:
         return GenerationRequest.create(prompt=prompts, seed=0, steps=round(steps / 0.8), init_image=init,
-                                        strength=0.8, strategy={"guidance": guidance})
+                                        strength=0.8, strategy={"guidance": guidance}, vae=vae)
 
     def timed(req: GenerationRequest) -> float:
         start = time.perf_counter()
@@ -180,6 +192,15 @@ def markdown(result: dict[str, Any]) -> str:
         lines.append(f"| {r['steps']} | {name} | {r['nfe_per_image']} | {r['images_per_s']:.1f} "
                      f"| **{r['speedup_vs_cfg']:.2f}x** | {r['accuracy']:.3f} | {r['clipped_fraction']:.4f} "
                      f"| {r['frechet_distance']:.0f} |")
+    if "rcfg_vs_cfg_tiny_vae" in result:
+        lines += ["", "The same paired speed-ups with the tiny autoencoder (`vae: tiny`) at both ends, for CFG and "
+                  "RCFG:",
+                  "", "| steps | guidance, scale | speed-up vs CFG (paired, batch 49, tiny autoencoder) |",
+                  "|---|---|---|"]
+        for r in result["rcfg_vs_cfg_tiny_vae"]:
+            g = r["guidance"]
+            name = f"cfg {g['scale']:g}" if g["name"] == "cfg" else f"rcfg {g['variant']} {g['scale']:g}"
+            lines.append(f"| {r['steps']} | {name} | **{r['speedup_vs_cfg']:.2f}x** |")
     cost = result["apg_cost"]
     lines += ["", f"APG cost: whole 25-step generations of 49 images, APG / CFG time = "
                   f"**{cost['generation_time_ratio_apg_over_cfg']:.3f}** (median of {cost['repeats']} interleaved "
@@ -193,9 +214,17 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results/guidance_cpu.json")
     parser.add_argument("--grid", default="docs/images/guidance_grid.png")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--parts", choices=["all", "rcfg_tiny_vae"], default="all",
+                        help="rcfg_tiny_vae: only (re)measure the tiny-autoencoder speed-ups into the existing --out")
     args = parser.parse_args()
     torch.manual_seed(0)
     engine = Engine()
+    if args.parts == "rcfg_tiny_vae":
+        result = json.loads(Path(args.out).read_text())
+        result["rcfg_vs_cfg_tiny_vae"] = rcfg_vs_cfg_tiny_vae(engine, args.repeats)
+        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+        print(markdown(result))
+        return
     judge = ShapesJudge.load()
     real = real_renders()
     result = {"benchmark": "guidance", "model": "shapes", "machine": machine(),
@@ -203,6 +232,7 @@ def main() -> None:
     picture_grid(engine, Path(args.grid))
     result["rcfg_vs_cfg"] = rcfg_vs_cfg(engine, judge, real, args.repeats)
     result["apg_cost"] = apg_cost(engine, args.repeats)
+    result["rcfg_vs_cfg_tiny_vae"] = rcfg_vs_cfg_tiny_vae(engine, args.repeats)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(markdown(result))

@@ -345,7 +345,7 @@ def _job_body(prompt: str | list[str], *, model: str | None, n: int, size: str |
               height: int | None, seed: int | None, negative_prompt: str | None, steps: int | None,
               guidance_scale: float | None, strategy: dict[str, Any] | None, output_format: str,
               output_compression: int | None, image: ImageInput | None = None, strength: float | None = None,
-              preview_every: int = 0) -> dict[str, Any]:
+              preview_every: int = 0, vae: str | None = None) -> dict[str, Any]:
     """The ``POST /v1/jobs`` body; unset options are left out so that the server's defaults apply."""
     if size is not None and size != "auto":
         if width is not None or height is not None:
@@ -357,7 +357,7 @@ def _job_body(prompt: str | list[str], *, model: str | None, n: int, size: str |
     body: dict[str, Any] = {"prompt": prompt, "n": n, "output_format": output_format}
     optional = {"model": model, "width": width, "height": height, "seed": seed, "negative_prompt": negative_prompt,
                 "steps": steps, "guidance_scale": guidance_scale, "strategy": strategy,
-                "output_compression": output_compression, "strength": strength}
+                "output_compression": output_compression, "strength": strength, "vae": vae}
     body.update({key: value for key, value in optional.items() if value is not None})
     if image is not None:
         body["init_image"] = _encode_image(image)
@@ -563,13 +563,13 @@ class AccelClient:
     def submit(self, prompt: str | list[str], *, model: str | None = None, n: int = 1, size: str | None = None,
                width: int | None = None, height: int | None = None, seed: int | None = None,
                negative_prompt: str | None = None, steps: int | None = None, guidance_scale: float | None = None,
-               strategy: dict[str, Any] | None = None, output_format: str = "png",
+               strategy: dict[str, Any] | None = None, vae: str | None = None, output_format: str = "png",
                output_compression: int | None = None, image: ImageInput | None = None,
                strength: float | None = None, preview_every: int = 0) -> Job:
         """Queue a job (``POST /v1/jobs``; img2img when ``image`` is given) and return its handle."""
         body = _job_body(prompt, model=model, n=n, size=size, width=width, height=height, seed=seed,
                          negative_prompt=negative_prompt, steps=steps, guidance_scale=guidance_scale,
-                         strategy=strategy, output_format=output_format, output_compression=output_compression,
+                         strategy=strategy, vae=vae, output_format=output_format, output_compression=output_compression,
                          image=image, strength=strength, preview_every=preview_every)
         submitted_at = time.monotonic()
         info = self._request("POST", "/v1/jobs", body=body).json()
@@ -578,25 +578,26 @@ class AccelClient:
     def generate(self, prompt: str | list[str], *, model: str | None = None, n: int = 1, size: str | None = None,
                  width: int | None = None, height: int | None = None, seed: int | None = None,
                  negative_prompt: str | None = None, steps: int | None = None, guidance_scale: float | None = None,
-                 strategy: dict[str, Any] | None = None, output_format: str = "png",
+                 strategy: dict[str, Any] | None = None, vae: str | None = None, output_format: str = "png",
                  output_compression: int | None = None, timeout: float | None = None) -> GenerationOutput:
         """Text to image: submit a job and wait for it (a timeout cancels the job)."""
         job = self.submit(prompt, model=model, n=n, size=size, width=width, height=height, seed=seed,
                           negative_prompt=negative_prompt, steps=steps, guidance_scale=guidance_scale,
-                          strategy=strategy, output_format=output_format, output_compression=output_compression)
+                          strategy=strategy, vae=vae, output_format=output_format,
+                          output_compression=output_compression)
         return self._wait(job, timeout)
 
     def edit(self, image: ImageInput, prompt: str | list[str], *, strength: float = 0.8, model: str | None = None,
              n: int = 1, size: str | None = None, width: int | None = None, height: int | None = None,
              seed: int | None = None, negative_prompt: str | None = None, steps: int | None = None,
-             guidance_scale: float | None = None, strategy: dict[str, Any] | None = None,
+             guidance_scale: float | None = None, strategy: dict[str, Any] | None = None, vae: str | None = None,
              output_format: str = "png", output_compression: int | None = None,
              timeout: float | None = None) -> GenerationOutput:
         """Image to image from ``image`` (a path, image bytes, a binary file or a PIL image)."""
         job = self.submit(prompt, model=model, n=n, size=size, width=width, height=height, seed=seed,
                           negative_prompt=negative_prompt, steps=steps, guidance_scale=guidance_scale,
-                          strategy=strategy, output_format=output_format, output_compression=output_compression,
-                          image=image, strength=strength)
+                          strategy=strategy, vae=vae, output_format=output_format,
+                          output_compression=output_compression, image=image, strength=strength)
         return self._wait(job, timeout)
 
     def job(self, job_id: str) -> Job:
@@ -780,13 +781,14 @@ class AsyncAccelClient:
                      size: str | None = None, width: int | None = None, height: int | None = None,
                      seed: int | None = None, negative_prompt: str | None = None, steps: int | None = None,
                      guidance_scale: float | None = None, strategy: dict[str, Any] | None = None,
+                     vae: str | None = None,
                      output_format: str = "png", output_compression: int | None = None,
                      image: ImageInput | None = None, strength: float | None = None,
                      preview_every: int = 0) -> AsyncJob:
         """Queue a job (``POST /v1/jobs``; img2img when ``image`` is given) and return its handle."""
         body = _job_body(prompt, model=model, n=n, size=size, width=width, height=height, seed=seed,
                          negative_prompt=negative_prompt, steps=steps, guidance_scale=guidance_scale,
-                         strategy=strategy, output_format=output_format, output_compression=output_compression,
+                         strategy=strategy, vae=vae, output_format=output_format, output_compression=output_compression,
                          image=image, strength=strength, preview_every=preview_every)
         submitted_at = time.monotonic()
         info = (await self._request("POST", "/v1/jobs", body=body)).json()
@@ -796,12 +798,13 @@ class AsyncAccelClient:
                        size: str | None = None, width: int | None = None, height: int | None = None,
                        seed: int | None = None, negative_prompt: str | None = None, steps: int | None = None,
                        guidance_scale: float | None = None, strategy: dict[str, Any] | None = None,
+                       vae: str | None = None,
                        output_format: str = "png", output_compression: int | None = None,
                        timeout: float | None = None) -> GenerationOutput:
         """Text to image: submit a job and wait for it (a timeout or task cancellation cancels the job)."""
         job = await self.submit(prompt, model=model, n=n, size=size, width=width, height=height, seed=seed,
                                 negative_prompt=negative_prompt, steps=steps, guidance_scale=guidance_scale,
-                                strategy=strategy, output_format=output_format,
+                                strategy=strategy, vae=vae, output_format=output_format,
                                 output_compression=output_compression)
         return await self._wait(job, timeout)
 
@@ -809,12 +812,12 @@ class AsyncAccelClient:
                    model: str | None = None, n: int = 1, size: str | None = None, width: int | None = None,
                    height: int | None = None, seed: int | None = None, negative_prompt: str | None = None,
                    steps: int | None = None, guidance_scale: float | None = None,
-                   strategy: dict[str, Any] | None = None, output_format: str = "png",
+                   strategy: dict[str, Any] | None = None, vae: str | None = None, output_format: str = "png",
                    output_compression: int | None = None, timeout: float | None = None) -> GenerationOutput:
         """Image to image from ``image`` (a path, image bytes, a binary file or a PIL image)."""
         job = await self.submit(prompt, model=model, n=n, size=size, width=width, height=height, seed=seed,
                                 negative_prompt=negative_prompt, steps=steps, guidance_scale=guidance_scale,
-                                strategy=strategy, output_format=output_format,
+                                strategy=strategy, vae=vae, output_format=output_format,
                                 output_compression=output_compression, image=image, strength=strength)
         return await self._wait(job, timeout)
 

@@ -51,6 +51,7 @@ class OpenAIImageFields(OutputFields):
     num_inference_steps: int | None = None
     guidance_scale: float | None = None
     strategy: dict[str, Any] | None = None
+    vae: Literal["full", "tiny"] = "full"
 
     def _check_b64_json_only(self) -> None:
         if self.response_format == "url":
@@ -61,7 +62,7 @@ class OpenAIImageFields(OutputFields):
         return GenerationRequest.create(
             limits, model=self.model or default_model, prompt=self.prompt, n=self.n, seed=self.seed,
             negative_prompt=self.negative_prompt, width=width, height=height, steps=self.num_inference_steps,
-            strategy=merge_guidance_scale(self.strategy, self.guidance_scale), **extra,
+            strategy=merge_guidance_scale(self.strategy, self.guidance_scale), vae=self.vae, **extra,
         )
 
 
@@ -134,6 +135,7 @@ class JobCreateRequest(OutputFields):
     init_image: str | None = Field(None, description="base64 PNG/JPEG/WebP: img2img from this image")
     strength: float = 0.8
     preview_every: Annotated[int, Field(ge=0)] = 0
+    vae: Literal["full", "tiny"] = Field("full", description="tiny: the model's TAESD-style autoencoder (faster)")
 
     def to_generation_request(self, default_model: str, limits: RequestLimits) -> GenerationRequest:
         init = None if self.init_image is None else decode_base64("init_image", self.init_image)

@@ -295,7 +295,7 @@ def batch_key(job: Job) -> tuple[Any, ...] | None:
     request = job.request
     if request.init_image is not None or request.preview_every:
         return None
-    return (request.model, request.width, request.height, request.steps, request.negative_prompt,
+    return (request.model, request.width, request.height, request.steps, request.negative_prompt, request.vae,
             request.strategy.model_dump_json())
 
 

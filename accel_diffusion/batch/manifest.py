@@ -13,7 +13,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -46,6 +46,7 @@ class BatchItem(BaseModel):
     strength: float = 0.8
     output_format: ImageFormat = "png"
     output_compression: Annotated[int, Field(ge=0, le=100)] = 100
+    vae: Literal["full", "tiny"] = "full"
 
 
 @dataclass(frozen=True)
@@ -133,6 +134,8 @@ def _normalize(item: BatchItem, base_dir: Path, default_model: str) -> tuple[dic
         "strength": item.strength if init_path is not None else None, "init_image_sha256": init_hash,
         "output_format": item.output_format, "output_compression": item.output_compression,
     }
+    if item.vae != "full":  # only when set: the keys of lines without it stay what they were
+        request["vae"] = item.vae
     request["seed"] = item.seed if item.seed is not None else derived_seed(request)
     engine_fields = {k: v for k, v in request.items() if k != "init_image_sha256" and v is not None}
     return engine_fields | {"init_image_sha256": init_hash}, init_path

@@ -196,6 +196,7 @@ def _generate(model: LoadedPipeline, request: GenerationRequest, hooks: Generati
     seeds = list(seeds)
     generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
     batch = len(prompts)
+    vae = _request_vae(model, request.vae)
 
     t_encode = time.perf_counter()
     time_ids = _sdxl_time_ids(model, width, height) if model.family == "sdxl" else None
@@ -222,7 +223,7 @@ def _generate(model: LoadedPipeline, request: GenerationRequest, hooks: Generati
             raise InvalidRequestError(
                 "strength", f"{request.strength} x {num_steps} steps leaves no denoising step; raise strength or steps"
             )
-        init_latents = _encode(model, _image_to_tensor(request.init_image, width, height), generators)
+        init_latents = _encode(model, _image_to_tensor(request.init_image, width, height), generators, vae)
         prepared.guidance.begin(init_latents)
         noise = randn_tensor(init_latents.shape, generator=generators, device=model.device, dtype=model.dtype)
         latents = scheduler.add_noise(init_latents, noise, timesteps[:1].repeat(batch))
@@ -234,7 +235,7 @@ def _generate(model: LoadedPipeline, request: GenerationRequest, hooks: Generati
             done = step.index + 1
             if done % request.preview_every == 0 and done < step.num_steps:
                 # the step's denoised estimate: readable for every sampler (x_t is sigma-scaled for some)
-                hooks.on_preview(done, _decode(model, step.predicted_x0(guided)))  # type: ignore[misc]
+                hooks.on_preview(done, _decode(model, step.predicted_x0(guided), vae))  # type: ignore[misc]
 
     t_loop = time.perf_counter()
     latents = denoise(
@@ -250,7 +251,7 @@ def _generate(model: LoadedPipeline, request: GenerationRequest, hooks: Generati
         after_step=after_step,
     )
     t_decode = time.perf_counter()
-    images = _decode(model, latents)
+    images = _decode(model, latents, vae)
     t_end = time.perf_counter()
     return GenerationResult(
         images=images,
@@ -292,11 +293,27 @@ def _latent_stats(vae: Any, like: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     return torch.tensor(mean).view(1, -1, 1, 1).to(like), torch.tensor(std).view(1, -1, 1, 1).to(like)
 
 
-def _encode(model: LoadedPipeline, image: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
+def _encode(model: LoadedPipeline, image: torch.Tensor, generators: list[torch.Generator],
+            vae: Any = None) -> torch.Tensor:
     """Init image (1, 3, H, W) in [-1, 1] -> one latent per generator (diffusers' img2img encoding)."""
-    vae = model.pipeline.vae
-    posterior = vae.encode(image.to(model.device, vae.dtype)).latent_dist  # deterministic; sampled per seed
-    return _model_latents(vae, torch.cat([posterior.sample(g) for g in generators])).to(model.dtype)
+    vae = model.pipeline.vae if vae is None else vae
+    return _vae_encode(vae, image.to(model.device), generators).to(model.dtype)
+
+
+def _vae_encode(vae: Any, pixels: torch.Tensor, generators: list[torch.Generator] | None = None) -> torch.Tensor:
+    """Pixels in [-1, 1] -> the UNet's latents. An AutoencoderKL gives one posterior sample per generator
+    (its mode without generators); a tiny AutoencoderTiny its deterministic latents, once per generator."""
+    encoded = vae.encode(pixels.to(vae.dtype))
+    if hasattr(encoded, "latent_dist"):
+        posterior = encoded.latent_dist
+        latents = posterior.mode() if generators is None else torch.cat([posterior.sample(g) for g in generators])
+    else:
+        latents = encoded.latents
+        if generators is not None:
+            for generator in generators:  # draw what a posterior sample draws: the seeds' noise stays the same
+                randn_tensor(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
+            latents = latents.repeat(len(generators), 1, 1, 1)
+    return _model_latents(vae, latents)
 
 
 def _model_latents(vae: Any, latents: torch.Tensor) -> torch.Tensor:
@@ -305,6 +322,15 @@ def _model_latents(vae: Any, latents: torch.Tensor) -> torch.Tensor:
     if stats is not None:
         return (latents - stats[0]) * vae.config.scaling_factor / stats[1]
     return latents * vae.config.scaling_factor
+
+
+def _request_vae(model: LoadedPipeline, kind: str) -> Any:
+    """The autoencoder a request asked for: the pipeline's VAE ("full") or the model's tiny one ("tiny")."""
+    if kind == "full":
+        return model.pipeline.vae
+    if model.tiny_vae is None:
+        raise InvalidRequestError("vae", f"model {model.model_id!r} declares no tiny autoencoder (tiny_vae)", ["full"])
+    return model.tiny_vae
 
 
 def _vae_latents(vae: Any, latents: torch.Tensor) -> torch.Tensor:

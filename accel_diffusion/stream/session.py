@@ -39,7 +39,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from accel_diffusion.engine.engine import _decode, _image_to_tensor, _model_latents
+from accel_diffusion.engine.engine import _decode, _image_to_tensor, _vae_encode
 from accel_diffusion.engine.loop import call_model
 from accel_diffusion.errors import InvalidRequestError
 from accel_diffusion.guidance.base import COND, UNCOND
@@ -255,11 +255,7 @@ class StreamSession:
         return _image_to_tensor(frame.convert("RGB"), self.width, self.height).to(self.model.device)
 
     def _encode(self, pixels: torch.Tensor) -> torch.Tensor:
-        vae = self._vae
-        encoded = vae.encode(pixels.to(vae.dtype))
-        # AutoencoderKL: the posterior's mode (deterministic per frame); AutoencoderTiny: its latents
-        latent = encoded.latent_dist.mode() if hasattr(encoded, "latent_dist") else encoded.latents
-        return _model_latents(vae, latent).to(self.model.dtype)
+        return _vae_encode(self._vae, pixels).to(self.model.dtype)  # deterministic per frame
 
     def _slots(self, newest: torch.Tensor, clean: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The UNet batch (slot 0 = the newest frame) and each slot's RCFG reference latent."""

@@ -75,6 +75,8 @@ def test_the_openai_package_works_against_the_server(client: TestClient) -> None
     ({"prompt": "a", "response_format": "url"}, 400, "response_format"),
     ({"prompt": "a", "guidance_scale": -1}, 400, "guidance_scale"),
     ({"prompt": "a", "colour": "red"}, 400, "colour"),
+    ({"prompt": "a", "vae": "taesd"}, 400, "vae"),
+    ({"prompt": "a", "vae": "tiny"}, 400, "vae"),  # the tiny test model declares no tiny autoencoder
     ({"n": 1}, 400, "prompt"),
 ])
 def test_invalid_input_is_a_4xx_naming_the_field(client: TestClient, body: dict, status: int, param: str) -> None:
