@@ -42,7 +42,7 @@ class LoadedPipeline:
     load_seconds: float
     prompt_encoder: PromptEncoder | None = None
     scheduler_config: dict[str, Any] = field(default_factory=dict)
-    tiny_vae: Any = None  # an AutoencoderTiny of the VAE's latent space (stream sessions), when the spec names one
+    tiny_vae: Any = None  # an AutoencoderTiny of the VAE's latent space (streams, vae="tiny"), when the spec names one
 
     @property
     def model_id(self) -> str:

@@ -40,8 +40,8 @@ class ModelSpec(BaseModel):
     device: str = Field("auto", description="'auto' (CUDA when present, else CPU), 'cpu', 'cuda', 'cuda:1', ...")
     attention: Literal["auto", "sdpa", "xformers"] = "auto"
     tiny_vae: str | None = Field(
-        None, description="a TAESD-style AutoencoderTiny of the same latent space, for stream sessions: the name of "
-        "a built-in model directory, a local directory, or a hub id (at the same revision rules as the model)")
+        None, description="a TAESD-style AutoencoderTiny of the same latent space (stream sessions, requests "
+        "with vae=tiny): the name of a built-in model directory, a local directory, or a hub id")
     description: str = ""
     default_steps: Annotated[int, Field(ge=1, le=1000)] = 25
     default_width: int | None = None
