@@ -25,7 +25,6 @@ import asyncio
 import io
 import json
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -42,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from engine import machine
 
 from accel_diffusion.engine.engine import _decode
+from accel_diffusion.eval.timing import median_ms
 from accel_diffusion.models.registry import ModelRegistry
 from accel_diffusion.stream import StreamSession
 
@@ -68,26 +68,15 @@ def fps_of(step: Any, frames: list[Image.Image], warmup: int) -> float:
     return (len(frames) - warmup) / (time.perf_counter() - begin)
 
 
-def _median_ms(fn: Any, repeats: int = 100) -> float:
-    for _ in range(10):  # warm the kernels and the CPU up first
-        fn()
-    samples = []
-    for _ in range(repeats):
-        begin = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - begin)
-    return 1e3 * statistics.median(samples)
-
-
 @torch.no_grad()
 def _codec_ms(model: Any, frame: Image.Image, vae_kind: str) -> dict[str, float]:
     session = StreamSession(model, PROMPT, t_index_list=[45], guidance="none", vae=vae_kind)
     pixels = session._frame_tensor(frame)
     latent = session._encode(pixels)
-    result = {f"encode_ms_{vae_kind}_vae": _median_ms(lambda: session._encode(pixels)),
-              f"decode_ms_{vae_kind}_vae": _median_ms(lambda: _decode(model, latent, session._vae))}
+    result = {f"encode_ms_{vae_kind}_vae": median_ms(lambda: session._encode(pixels)),
+              f"decode_ms_{vae_kind}_vae": median_ms(lambda: _decode(model, latent, session._vae))}
     if vae_kind == "full":
-        result["unet_ms"] = _median_ms(lambda: model.pipeline.unet(latent, session.timesteps[:1],
+        result["unet_ms"] = median_ms(lambda: model.pipeline.unet(latent, session.timesteps[:1],
                                                                    encoder_hidden_states=session._cond))
     return result
 
@@ -112,8 +101,8 @@ def unet_batch_ratio(model: Any, rows: int, latent_size: int = 8) -> float:
     unet, cond = model.pipeline.unet, session._cond
     latent = torch.randn(rows, 4, latent_size, latent_size, generator=torch.Generator().manual_seed(0))
     timesteps = session.timesteps[:1].repeat(rows)
-    single = _median_ms(lambda: unet(latent, timesteps, encoder_hidden_states=cond.expand(rows, -1, -1)))
-    double = _median_ms(lambda: unet(torch.cat([latent, latent]), timesteps.repeat(2),
+    single = median_ms(lambda: unet(latent, timesteps, encoder_hidden_states=cond.expand(rows, -1, -1)))
+    double = median_ms(lambda: unet(torch.cat([latent, latent]), timesteps.repeat(2),
                                      encoder_hidden_states=cond.expand(2 * rows, -1, -1)))
     return double / single
 

@@ -71,3 +71,12 @@ def running_server(app: FastAPI) -> Iterator[tuple[uvicorn.Server, threading.Thr
     finally:
         server.should_exit = True
         thread.join(120)
+
+
+def init_png() -> bytes:
+    """A 32x32 PNG: a red square on black, the img2img input of the server and SDK tests."""
+    pixels = np.zeros((32, 32, 3), dtype=np.uint8)
+    pixels[8:24, 8:24] = (220, 40, 40)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()

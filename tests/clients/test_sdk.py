@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import io
 import json
 import socket
 import time
@@ -36,7 +35,7 @@ from accel_diffusion.clients import (
 from accel_diffusion.clients.sdk import parse_retry_after
 from accel_diffusion.server import create_app
 from PIL import Image
-from server_clients import make_settings, running_server
+from server_clients import init_png, make_settings, running_server
 
 from accel_diffusion.engine import Engine
 from accel_diffusion.models.registry import ModelRegistry
@@ -74,14 +73,6 @@ def direct(engine: Engine, **fields: Any) -> Any:
 
 def pixels(output: GenerationOutput) -> np.ndarray:
     return np.stack([np.asarray(image) for image in output.images])
-
-
-def init_png() -> bytes:
-    image = np.zeros((32, 32, 3), dtype=np.uint8)
-    image[8:24, 8:24] = (220, 40, 40)
-    buffer = io.BytesIO()
-    Image.fromarray(image).save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 def wait_for(predicate: Callable[[], bool], timeout: float = 30.0) -> None:

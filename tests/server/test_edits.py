@@ -3,28 +3,18 @@
 from __future__ import annotations
 
 import base64
-import io
 from pathlib import Path
 
 import numpy as np
 from fastapi.testclient import TestClient
 from openai import OpenAI
-from PIL import Image
-from server_clients import decode
+from server_clients import decode, init_png
 
 from accel_diffusion.engine import Engine
 from accel_diffusion.models.registry import ModelRegistry
 from accel_diffusion.strategy import GenerationRequest
 
 PROMPT = "a yellow triangle on a black background"
-
-
-def init_png() -> bytes:
-    pixels = np.zeros((32, 32, 3), dtype=np.uint8)
-    pixels[8:24, 8:24] = (220, 40, 40)
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 def expected(models_file: Path, **fields: object) -> np.ndarray:

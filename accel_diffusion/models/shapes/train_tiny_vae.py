@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 
 from accel_diffusion.engine.engine import _model_latents, _vae_latents
 from accel_diffusion.eval.shapes_judge import to_tensor
+from accel_diffusion.eval.timing import median_ms
 from accel_diffusion.models.shapes.cpu import flushing_denormals
 from accel_diffusion.models.shapes.render import render_dataset
 from accel_diffusion.models.shapes.train import _cosine, _dir_size
@@ -203,18 +204,6 @@ def write_model_card(out: Path, info: dict[str, Any]) -> None:
     (out / "README.md").write_text("\n".join(lines))
 
 
-@torch.no_grad()
-def _time_ms(fn: Any, repeats: int = 200) -> float:
-    for _ in range(20):
-        fn()
-    samples = []
-    for _ in range(repeats):
-        begin = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - begin)
-    return 1e3 * float(np.median(samples))
-
-
 @flushing_denormals()
 def train_shapes_tiny_vae(
     out_dir: str | Path = DEFAULT_OUT,
@@ -247,12 +236,13 @@ def train_shapes_tiny_vae(
     student.to(torch.float16).save_pretrained(str(out), safe_serialization=True)
     loaded = AutoencoderTiny.from_pretrained(str(out), dtype=torch.float32).eval()
     frame, latent = torch.zeros(1, 3, 32, 32), torch.zeros(1, 4, 8, 8)
-    timing = {
-        "KL encode": _time_ms(lambda: teacher.encode(frame).latent_dist.mode()),
-        "KL decode": _time_ms(lambda: teacher.decode(latent).sample),
-        "tiny encode": _time_ms(lambda: loaded.encode(frame).latents),
-        "tiny decode": _time_ms(lambda: loaded.decode(latent).sample),
-    }
+    with torch.no_grad():
+        timing = {name: median_ms(fn, repeats=200, warmup=20) for name, fn in (
+            ("KL encode", lambda: teacher.encode(frame).latent_dist.mode()),
+            ("KL decode", lambda: teacher.decode(latent).sample),
+            ("tiny encode", lambda: loaded.encode(frame).latents),
+            ("tiny decode", lambda: loaded.decode(latent).sample),
+        )}
     info: dict[str, Any] = {"args": args, "torch_threads": torch.get_num_threads(), "train_seconds": train_seconds,
                             "metrics": measure_tiny_vae(loaded, teacher), "timing_ms": timing}
     info["dir_bytes"] = _dir_size(out)
