@@ -9,8 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 from accel_diffusion.server import create_app
+from accel_diffusion.server import stream as stream_module
 from fastapi.testclient import TestClient
 from PIL import Image
+from PIL.PngImagePlugin import PngInfo
 from server_clients import make_settings
 from starlette.websockets import WebSocketDisconnect
 
@@ -93,6 +95,27 @@ def test_bad_messages_and_frames_get_errors_and_the_session_goes_on(tiny_models_
         ws.send_bytes(frame_bytes(1, "JPEG"))
         assert ws.receive_json()["type"] == "frame"
         assert Image.open(io.BytesIO(ws.receive_bytes())).format == "JPEG"
+
+
+def test_large_frames_decode_off_the_event_loop_with_the_same_checks(tiny_models_file: Path) -> None:
+    padded = io.BytesIO()  # a valid 32x32 frame made larger than the inline-decode size by a text chunk
+    metadata = PngInfo()
+    metadata.add_text("padding", "x" * (2 * stream_module.INLINE_DECODE_BYTES))
+    Image.open(io.BytesIO(frame_bytes(7))).save(padded, format="PNG", pnginfo=metadata)
+    assert len(padded.getvalue()) > stream_module.INLINE_DECODE_BYTES
+    with TestClient(create_app(make_settings(tiny_models_file))) as client, \
+            client.websocket_connect("/v1/stream") as ws:
+        ws.send_json({"type": "session.start", "prompt": PROMPT, "t_index_list": [45], "guidance": "none",
+                      "output_format": "png"})
+        assert ws.receive_json()["type"] == "session.started"
+        ws.send_bytes(bytes(2 * stream_module.INLINE_DECODE_BYTES))  # large and not an image
+        assert ws.receive_json()["code"] == "invalid_frame"
+        ws.send_bytes(padded.getvalue())
+        assert ws.receive_json()["type"] == "frame"
+        from_padded = np.asarray(Image.open(io.BytesIO(ws.receive_bytes())))
+    model = ModelRegistry.from_file(tiny_models_file).get("tiny")
+    library = StreamSession(model, PROMPT, t_index_list=[45], guidance="none")
+    assert np.array_equal(from_padded, library(np.asarray(Image.open(io.BytesIO(frame_bytes(7))))))
 
 
 def test_session_cap_and_slots_freed_on_disconnect(tiny_models_file: Path) -> None:
