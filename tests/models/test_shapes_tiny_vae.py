@@ -48,6 +48,7 @@ def test_shipped_as_fp16_safetensors_with_a_model_card() -> None:
     config = json.loads(files["config.json"].read_text())
     assert config["_class_name"] == "AutoencoderTiny" and config["latent_channels"] == 4
     assert config["scaling_factor"] == 1.0  # latents already in the UNet's space, as TAESD's
+    assert "block_out_channels" not in config  # diffusers saves it, then warns on every load
 
 
 @torch.no_grad()
@@ -84,3 +85,4 @@ def test_distillation_script_trains_and_saves_a_loadable_model(tmp_path: Path) -
     # 40 steps learn something (an untrained decoder is ~10 dB from the KL decoder), far from the shipped model
     assert 11.0 < metrics["tiny_decoder_vs_kl_decoder_psnr"] < 28.0
     assert (tmp_path / "tiny" / "README.md").read_text().startswith("# shapes_tiny_vae")
+    assert "block_out_channels" not in json.loads((tmp_path / "tiny" / "config.json").read_text())

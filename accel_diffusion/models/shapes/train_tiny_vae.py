@@ -46,6 +46,14 @@ DEFAULT_TEACHER = BUILTIN / "shapes" / "vae"
 DEFAULT_OUT = BUILTIN / "shapes_tiny_vae"
 
 
+def drop_unexpected_config_keys(config_path: Path) -> None:
+    """Remove ``block_out_channels``: AutoencoderTiny registers it on save but is not built from it,
+    so every load of a diffusers-saved tiny autoencoder would warn "passed ... but are not expected"."""
+    config = json.loads(config_path.read_text())
+    config.pop("block_out_channels", None)
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
 def make_tiny_vae(channels: int = 32) -> AutoencoderTiny:
     """32x32x3 <-> 8x8x4 ``AutoencoderTiny``: encoder blocks (0, 1, 2), decoder blocks (2, 1, 0)."""
     return AutoencoderTiny(
@@ -234,6 +242,7 @@ def train_shapes_tiny_vae(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     student.to(torch.float16).save_pretrained(str(out), safe_serialization=True)
+    drop_unexpected_config_keys(out / "config.json")
     loaded = AutoencoderTiny.from_pretrained(str(out), dtype=torch.float32).eval()
     frame, latent = torch.zeros(1, 3, 32, 32), torch.zeros(1, 4, 8, 8)
     with torch.no_grad():
