@@ -231,11 +231,15 @@ def _generate(model: LoadedPipeline, request: GenerationRequest, hooks: Generati
     counters = LoopCounters()
     after_step = None
     if request.preview_every and hooks.on_preview is not None:
+        # Previews decode with the model's tiny autoencoder when it has one, whatever the request's
+        # vae (as A1111's and ComfyUI's TAESD live previews do): a third of the VAE's cost here.
+        preview_vae = model.tiny_vae if model.tiny_vae is not None else vae
+
         def after_step(step: StepContext, guided: torch.Tensor, current: torch.Tensor) -> None:
             done = step.index + 1
             if done % request.preview_every == 0 and done < step.num_steps:
                 # the step's denoised estimate: readable for every sampler (x_t is sigma-scaled for some)
-                hooks.on_preview(done, _decode(model, step.predicted_x0(guided), vae))  # type: ignore[misc]
+                hooks.on_preview(done, _decode(model, step.predicted_x0(guided), preview_vae))  # type: ignore[misc]
 
     t_loop = time.perf_counter()
     latents = denoise(

@@ -26,7 +26,8 @@ class GenerationHooks:
     ``cancel`` is a ``threading.Event`` or a callable returning True once the generation should stop;
     the engine checks it before every model call and raises ``GenerationCancelled``.
     ``on_preview`` receives decoded float images (N, H, W, 3) in [0, 1] every ``preview_every``
-    steps (``GenerationRequest.preview_every``), which costs one VAE decode each time.
+    steps (``GenerationRequest.preview_every``), which costs one decode each time: with the model's
+    tiny autoencoder when it has one (``tiny_vae``), else with the request's autoencoder.
     """
 
     on_step: Callable[[StepEvent], None] | None = None

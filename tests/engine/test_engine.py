@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -315,11 +316,33 @@ def test_previews_show_the_denoised_estimate(shapes_model: LoadedPipeline, sampl
     (Euler's latents are sigma-scaled, so decoding x_t itself would not be)."""
     previews = {}
     request = GenerationRequest.create(model="shapes", prompt=PROMPTS[0], seed=2, steps=20, preview_every=5,
-                                       strategy={"sampler": sampler})
+                                       strategy={"sampler": sampler}, vae="tiny")  # previews' decoder too
     final = generate(shapes_model, request, GenerationHooks(on_preview=lambda k, im: previews.update({k: im})))
     assert sorted(previews) == [5, 10, 15]
     distance = {k: float(np.abs(im - final.images).mean()) for k, im in previews.items()}
     assert distance[15] < 0.03 and distance[15] < distance[5]
+
+
+def test_previews_decode_with_the_tiny_autoencoder(shapes_model: LoadedPipeline,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """A model with a tiny autoencoder previews through it (TAESD-style live previews); the final
+    images still come from the request's autoencoder."""
+    calls = {"vae": 0, "tiny": 0}
+
+    def counted(name: str, decode: Any) -> Any:
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            calls[name] += 1
+            return decode(*args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(shapes_model.pipeline.vae, "decode", counted("vae", shapes_model.pipeline.vae.decode))
+    monkeypatch.setattr(shapes_model.tiny_vae, "decode", counted("tiny", shapes_model.tiny_vae.decode))
+    request = GenerationRequest.create(model="shapes", prompt=PROMPTS[0], seed=2, steps=12, preview_every=4)
+    previews = {}
+    with_previews = generate(shapes_model, request, GenerationHooks(on_preview=lambda k, im: previews.update({k: im})))
+    assert sorted(previews) == [4, 8] and calls == {"vae": 1, "tiny": 2}
+    without = generate(shapes_model, request.model_copy(update={"preview_every": 0}))
+    assert np.array_equal(with_previews.images, without.images)
 
 
 def test_tiny_autoencoder_decodes_and_encodes_the_same_latents(shapes_model: LoadedPipeline) -> None:
