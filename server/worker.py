@@ -18,7 +18,7 @@ import torch
 from accel_diffusion.server.jobs import Job, JobStatus, OutputOptions, QueueFullError
 from accel_diffusion.server.metrics import ServerMetrics
 
-from accel_diffusion.engine import Engine, GenerationHooks
+from accel_diffusion.engine import Engine, GenerationHooks, batch_invariance
 from accel_diffusion.engine.engine import image_seeds
 from accel_diffusion.engine.hooks import StepEvent
 from accel_diffusion.errors import AccelDiffusionError, GenerationCancelled, InvalidRequestError
@@ -110,7 +110,9 @@ class DeviceWorker:
             if not future.set_running_or_notify_cancel():
                 continue
             try:
-                future.set_result(task())
+                with batch_invariance.suspended():  # called between a job's steps, inside its mode
+                    result = task()
+                future.set_result(result)
             except BaseException as exc:  # handed to the awaiting request
                 future.set_exception(exc)
 

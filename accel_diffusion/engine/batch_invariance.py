@@ -81,6 +81,18 @@ def active() -> BatchInvariantOps | None:
     return stack[-1] if stack else None
 
 
+@contextlib.contextmanager
+def suspended() -> Iterator[None]:
+    """Leave the mode active on this thread, if any, for work that is not part of its batch (a stream
+    frame run between a job's steps must not pay for the job's row-by-row kernels)."""
+    stack = getattr(_ACTIVE, "stack", [])
+    _ACTIVE.stack = []
+    try:
+        yield
+    finally:
+        _ACTIVE.stack = stack
+
+
 class BatchInvariantOps:
     """Within this context (on this thread), every unit (sample) of a batch gets the bits it would get alone."""
 

@@ -100,6 +100,27 @@ def test_the_wrappers_pass_through_outside_the_mode_and_on_other_threads() -> No
     assert torch.equal(F.conv2d(x, W_CONV, padding=1), F.conv2d.__wrapped__(x, W_CONV, padding=1))  # type: ignore
 
 
+def test_suspended_leaves_the_mode_for_its_block_and_restores_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(batch_invariance, "_VERDICTS", {})
+    calls: list[int] = []
+
+    def variant(x: torch.Tensor) -> torch.Tensor:
+        calls.append(x.shape[0])
+        return x + 1e-3 * x.shape[0]
+
+    wrapped = batch_invariance._wrapper(variant, 1, 2, linear=False)
+    x = torch.randn(4, 3)
+    with BatchInvariantOps() as mode:
+        with batch_invariance.suspended():
+            assert batch_invariance.active() is None
+            wrapped(x)
+        assert calls == [4] and batch_invariance.active() is mode
+        calls.clear()
+        wrapped(x)
+        assert 1 in calls  # split per sample again
+    assert batch_invariance.active() is None
+
+
 def test_sdpa_splits_a_per_sample_mask_and_keeps_a_broadcast_one() -> None:
     q, k, v = (torch.randn(3, 2, 8, 4) for _ in range(3))
     per_sample = torch.rand(3, 1, 8, 8) > 0.3
