@@ -18,8 +18,11 @@ Protocol (JSON text messages, binary frames):
   server → ``{"type": "params.updated", "t_index_list"}`` (the steps now in use)
 - client → ``{"type": "stats"}``; server → ``{"type": "stats", frames, processed, dropped, skipped, nfe, fps}``
 - errors: ``{"type": "error", "code", "message", "param"}``; a bad frame or message leaves the
-  session running. Close codes: 1013 when the server is at its session cap, 1008 for a bad or
-  missing API key, 1000 after ``stream_idle_timeout_s`` without input.
+  session running. Close codes: 1013 when the server is at its session cap, 1000 after
+  ``stream_idle_timeout_s`` without input. A bad or missing API key is refused before the handshake
+  (close 1008, which uvicorn sends as an HTTP 403 to the upgrade request).
+- Every message is sent under one lock per connection, and a frame's header and its image go
+  together, so a ``stats`` or ``error`` reply never lands between them.
 
 Each connection owns its ``StreamSession`` (latents, noise, filter): nothing is shared between
 users. The model work runs on the device worker's thread (``DeviceWorker.run_soon``), ahead of
@@ -32,6 +35,7 @@ import asyncio
 import contextlib
 import io
 import json
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -48,6 +52,7 @@ from accel_diffusion.errors import AccelDiffusionError, InvalidRequestError
 from accel_diffusion.imageio import encode_image
 from accel_diffusion.stream import StreamSession
 
+LOG = logging.getLogger(__name__)
 CLOSE_OVERLOADED = 1013
 CLOSE_POLICY = 1008
 START_FIELDS = {"type", "prompt", "model", "negative_prompt", "t_index_list", "guidance", "guidance_scale", "delta",
@@ -139,8 +144,17 @@ class _Connection:
         self.viewers: list[asyncio.Event] = []
         self.closed = False
 
+        self.send_lock = asyncio.Lock()
+
+    async def send(self, message: dict[str, Any], image: bytes | None = None) -> None:
+        """A JSON message, and the binary frame that belongs to it, with nothing in between."""
+        async with self.send_lock:
+            await self.websocket.send_json(message)
+            if image is not None:
+                await self.websocket.send_bytes(image)
+
     async def error(self, code: str, message: str, param: str | None = None) -> None:
-        await self.websocket.send_json({"type": "error", "code": code, "message": message, "param": param})
+        await self.send({"type": "error", "code": code, "message": message, "param": param})
 
 
 async def _serve(websocket: WebSocket, state: Any) -> None:
@@ -189,10 +203,9 @@ async def _on_text(connection: _Connection, text: str) -> None:
             _check_fields(data, UPDATE_FIELDS)
             fields = {k: v for k, v in data.items() if k != "type"}
             await _on_worker(connection, lambda: connection.session.update(**fields))  # type: ignore[union-attr]
-            await connection.websocket.send_json({"type": "params.updated",
-                                                  "t_index_list": connection.session.t_index_list})
+            await connection.send({"type": "params.updated", "t_index_list": connection.session.t_index_list})
         elif kind == "stats":
-            await connection.websocket.send_json(_stats(connection))
+            await connection.send(_stats(connection))
         elif kind == "frame.request":
             if connection.session is None or connection.session.mode != "txt2img":
                 raise InvalidRequestError("type", "frame.request is for txt2img sessions; img2img sessions are "
@@ -206,6 +219,9 @@ async def _on_text(connection: _Connection, text: str) -> None:
         await connection.error(exc.error_type, str(exc), getattr(exc, "field", None))
     except TypeError as exc:  # wrong argument types reaching the session
         await connection.error("invalid_request_error", str(exc))
+    except Exception as exc:  # a bug must not end the user's stream: report it, keep the connection
+        LOG.exception("stream control message %r failed", kind)
+        await connection.error("internal_error", f"{type(exc).__name__}: {exc}")
 
 
 def _check_fields(data: dict[str, Any], allowed: set[str]) -> None:
@@ -225,17 +241,17 @@ async def _start(connection: _Connection, data: dict[str, Any]) -> None:
     output_format = data.get("output_format", "jpeg")
     if output_format not in ("jpeg", "webp", "png"):
         raise InvalidRequestError("output_format", f"unknown format {output_format!r}", ["jpeg", "webp", "png"])
-    connection.output = OutputOptions(output_format, int(data.get("quality", 85)))
+    quality = data.get("quality", 85)
+    if isinstance(quality, bool) or not isinstance(quality, int) or not 0 <= quality <= 100:
+        raise InvalidRequestError("quality", f"must be an integer in [0, 100], got {quality!r}")
     options = {k: data[k] for k in ("negative_prompt", "t_index_list", "guidance", "guidance_scale", "delta",
                                     "seed", "width", "height", "mode", "similarity_threshold", "vae", "strength")
                if k in data}
-    prompt = data.get("prompt")
-    if not isinstance(prompt, str) or not prompt:
-        raise InvalidRequestError("prompt", "a non-empty prompt is required")
     model = state.registry.get(model_id)
-    connection.session = await _on_worker(connection, lambda: StreamSession(model, prompt, **options))
-    session = connection.session
-    await connection.websocket.send_json({"type": "session.started", "session": {
+    session = await _on_worker(connection, lambda: StreamSession(model, data.get("prompt"), limits=state.limits,
+                                                                 **options))
+    connection.session, connection.output = session, OutputOptions(output_format, quality)
+    await connection.send({"type": "session.started", "session": {
         "id": connection.id, "mjpeg_url": f"/v1/stream/{connection.id}/mjpeg", "model": model_id,
         "width": session.width, "height": session.height, "mode": session.mode,
         "t_index_list": session.t_index_list, "guidance": session.guidance, "warmup_frames": session.num_slots - 1,
@@ -302,24 +318,33 @@ async def _drain(connection: _Connection) -> None:
         while connection.waiting is not None:
             seq, received, pixels = connection.waiting
             connection.waiting = None
-            before = len(session.state.history)
-            output = await _on_worker(connection, lambda p=pixels: session(p))
-            stats = session.state.history[before] if len(session.state.history) > before else None
-            connection.processed += 1
-            encoded = None if output is None else await asyncio.to_thread(_encode, output, connection.output)
-            if output is not None and connection.viewers:
-                connection.latest_jpeg = (encoded if connection.output.output_format == "jpeg" else
-                                          await asyncio.to_thread(_encode, output, OutputOptions("jpeg", 85)))
-                for viewer in connection.viewers:
-                    viewer.set()
-            with contextlib.suppress(WebSocketDisconnect, RuntimeError):
-                await connection.websocket.send_json({
-                    "type": "frame", "seq": seq, "latency_ms": round(1e3 * (time.monotonic() - received), 2),
-                    "skipped": bool(stats and stats.skipped), "warming_up": output is None})
-                if encoded is not None:
-                    await connection.websocket.send_bytes(encoded)
+            try:
+                await _process(connection, session, seq, received, pixels)
+            except AccelDiffusionError as exc:
+                with contextlib.suppress(WebSocketDisconnect, RuntimeError):
+                    await connection.error(exc.error_type, str(exc), getattr(exc, "field", None))
+            except Exception as exc:  # report it and go on with the next frame
+                LOG.exception("stream frame %d failed", seq)
+                with contextlib.suppress(WebSocketDisconnect, RuntimeError):
+                    await connection.error("internal_error", f"{type(exc).__name__}: {exc}", "frame")
     finally:
         connection.busy = False
+
+
+async def _process(connection: _Connection, session: StreamSession, seq: int, received: float,
+                   pixels: np.ndarray | None) -> None:
+    output = await _on_worker(connection, lambda: session(pixels))
+    stats = session.state.last_frame
+    connection.processed += 1
+    encoded = None if output is None else await asyncio.to_thread(_encode, output, connection.output)
+    if output is not None and connection.viewers:
+        connection.latest_jpeg = (encoded if connection.output.output_format == "jpeg" else
+                                  await asyncio.to_thread(_encode, output, OutputOptions("jpeg", 85)))
+        for viewer in connection.viewers:
+            viewer.set()
+    with contextlib.suppress(WebSocketDisconnect, RuntimeError):
+        await connection.send({"type": "frame", "seq": seq, "latency_ms": round(1e3 * (time.monotonic() - received), 2),
+                               "skipped": bool(stats and stats.skipped), "warming_up": output is None}, encoded)
 
 
 def _encode(output: np.ndarray, options: OutputOptions) -> bytes:

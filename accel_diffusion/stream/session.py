@@ -31,8 +31,10 @@ This is the diffusion-model form of the boundary step (c_skip = 0, c_out = 1), s
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
@@ -45,11 +47,39 @@ from accel_diffusion.errors import InvalidRequestError
 from accel_diffusion.guidance.base import COND, UNCOND
 from accel_diffusion.models.loading import LoadedPipeline
 from accel_diffusion.schedulers.noise_grid import train_alphas_cumprod
+from accel_diffusion.strategy import DEFAULT_LIMITS, RequestLimits
 from accel_diffusion.stream.similarity_filter import SimilarityFilter
 
 StreamGuidance = Literal["none", "cfg", "rcfg_self", "rcfg_onetime"]
 StreamVae = Literal["auto", "full", "tiny"]
 GRID_STEPS = 50
+# StreamDiffusion's README defaults: img2img keeps part of the frame, txt2img starts from pure noise (index 0)
+DEFAULT_T_INDEX_LIST = {"img2img": (32, 45), "txt2img": (0, 16, 32, 45)}
+MAX_SEED = 2**63 - 1
+
+
+def _number(name: str, value: Any, low: float = 0.0, high: float = math.inf) -> float:
+    """A finite real in [low, high] (not a bool or a string), else InvalidRequestError on ``name``."""
+    if (isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value)
+            or not low <= value <= high):
+        bounds = f"in [{low:g}, {high:g}]" if math.isfinite(high) else f">= {low:g}"
+        raise InvalidRequestError(name, f"must be a number {bounds}, got {value!r}")
+    return float(value)
+
+
+def _integer(name: str, value: Any, low: int, high: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise InvalidRequestError(name, f"must be an integer in [{low}, {high}], got {value!r}")
+    return value
+
+
+def _text(name: str, value: Any, limits: RequestLimits, required: bool) -> str | None:
+    if value is None and not required:
+        return None
+    if not isinstance(value, str) or (required and not value) or len(value) > limits.max_prompt_chars:
+        raise InvalidRequestError(name, f"must be a {'non-empty ' if required else ''}string of at most "
+                                  f"{limits.max_prompt_chars} characters")
+    return value
 
 
 def strength_t_index_list(strength: float, steps: int) -> list[int]:
@@ -87,23 +117,32 @@ class StreamState:
     calls: int = 0
     last_output: np.ndarray | None = None
     last_estimate: torch.Tensor | None = None  # the output frame's clean latent x̂0, before decoding
-    history: list[FrameStats] = field(default_factory=list)
+    last_frame: FrameStats | None = None  # what the latest call did
+    # running totals over the session (a list per frame would grow for as long as the stream runs)
+    frames: int = 0
+    skipped: int = 0
+    nfe: int = 0
+    unet_calls: int = 0
 
 
 class StreamSession:
     """``session(frame) -> frame | None`` (img2img) or ``session() -> frame | None`` (txt2img)."""
 
     def __init__(self, model: LoadedPipeline, prompt: str, *, negative_prompt: str | None = None,
-                 t_index_list: Sequence[int] = (32, 45), guidance: StreamGuidance = "rcfg_self",
+                 t_index_list: Sequence[int] | None = None, guidance: StreamGuidance = "rcfg_self",
                  guidance_scale: float = 1.2, delta: float = 1.0, seed: int = 0, width: int | None = None,
                  height: int | None = None, mode: Literal["img2img", "txt2img"] = "img2img",
                  similarity_threshold: float | None = None, max_skip: int = 10, vae: StreamVae = "auto",
-                 strength: float | None = None) -> None:
+                 strength: float | None = None, limits: RequestLimits = DEFAULT_LIMITS) -> None:
+        """``t_index_list`` defaults to StreamDiffusion's [32, 45] for img2img and [0, 16, 32, 45] for
+        txt2img; ``limits`` bounds the frame size and prompt length as for generation requests."""
         if model.family != "sd":
             raise InvalidRequestError("model", f"stream sessions run Stable Diffusion 1.x/2.x models, "
                                       f"not {model.family!r}")
         if model.pipeline.unet.config.time_cond_proj_dim is not None:
             raise InvalidRequestError("model", "guidance-embedding (LCM-distilled) UNets are not supported yet")
+        if mode not in ("img2img", "txt2img"):
+            raise InvalidRequestError("mode", f"unknown stream mode {mode!r}", ["img2img", "txt2img"])
         if guidance not in ("none", "cfg", "rcfg_self", "rcfg_onetime"):
             raise InvalidRequestError("guidance", f"unknown stream guidance {guidance!r}",
                                       ["none", "cfg", "rcfg_self", "rcfg_onetime"])
@@ -115,68 +154,88 @@ class StreamSession:
             raise InvalidRequestError("vae", f"model {model.model_id!r} declares no tiny autoencoder (tiny_vae)",
                                       ["auto", "full"])
         self.model = model
+        self.limits = limits
         self.vae = "tiny" if vae == "tiny" or (vae == "auto" and model.tiny_vae is not None) else "full"
         self._vae = model.tiny_vae if self.vae == "tiny" else model.pipeline.vae
         self.mode = mode
         self.guidance = guidance
-        self.guidance_scale = float(guidance_scale)
-        self.delta = float(delta)
+        self.guidance_scale = _number("guidance_scale", guidance_scale)
+        self.delta = _number("delta", delta)
         default_w, default_h = model.default_size
-        self.width, self.height = width or default_w, height or default_h
         factor = model.vae_scale_factor
+        self.width = _integer("width", default_w if width is None else width, factor, limits.max_width)
+        self.height = _integer("height", default_h if height is None else height, factor, limits.max_height)
         if self.width % factor or self.height % factor:
             raise InvalidRequestError("width", f"width and height must be multiples of {factor}")
+        if self.width * self.height > limits.max_pixels:
+            raise InvalidRequestError("width", f"{self.width}x{self.height} is more than {limits.max_pixels} pixels")
         config = model.scheduler_config
         self.prediction_type = config.get("prediction_type", "epsilon")
         self._alphas_cumprod = torch.as_tensor(train_alphas_cumprod(
             config.get("num_train_timesteps", 1000), config.get("beta_start", 0.0001),
             config.get("beta_end", 0.02), config.get("beta_schedule", "linear"), config.get("trained_betas"),
         ), dtype=torch.float64)
-        self.filter = (SimilarityFilter(similarity_threshold, max_skip, seed)
-                       if similarity_threshold is not None else None)
+        seed = _integer("seed", seed, 0, MAX_SEED)
+        if similarity_threshold is None:
+            self.filter = None
+        else:
+            self.filter = SimilarityFilter(_number("similarity_threshold", similarity_threshold, 0.0, 1.0),
+                                           _integer("max_skip", max_skip, 0, 10_000), seed)
         self.state = StreamState()
-        self._prompt = prompt
-        self._negative = negative_prompt
+        if t_index_list is None:
+            t_index_list = DEFAULT_T_INDEX_LIST[mode]
         if strength is not None:
             if mode == "txt2img":
                 raise InvalidRequestError("strength", "txt2img streams start from pure noise; strength is for img2img")
-            t_index_list = strength_t_index_list(strength, len(t_index_list))
-        self._set_steps(t_index_list)
+            t_index_list = strength_t_index_list(strength, len(self._steps(t_index_list)[0]))
+        self._prompt = _text("prompt", prompt, limits, required=True)
+        self._negative = _text("negative_prompt", negative_prompt, limits, required=False)
+        self._cond, self._uncond = self._prompt_states(self._prompt, self._negative)
+        self._use_steps(self._steps(t_index_list))
         self.seed = seed
-        self._set_seed(seed)
-        self._set_prompt(prompt, negative_prompt)
+        self.init_noise = self._noise(seed, self.num_slots)
 
-    # -- preparation (once, and on update) --
+    # -- preparation (once, and on update): each helper validates and builds, nothing is stored until all succeed --
 
-    def _set_steps(self, t_index_list: Sequence[int]) -> None:
-        indices = list(t_index_list)
+    def _steps(self, t_index_list: Any) -> tuple[list[int], torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(indices, timesteps, α, σ) of a ``t_index_list``."""
+        sequence = isinstance(t_index_list, Sequence) and not isinstance(t_index_list, str | bytes)
+        indices = [int(i) for i in t_index_list] if sequence and all(
+            isinstance(i, numbers.Integral) and not isinstance(i, bool) for i in t_index_list) else []
         if not indices or indices != sorted(set(indices)) or indices[0] < 0 or indices[-1] >= GRID_STEPS:
-            raise InvalidRequestError("t_index_list", f"must be increasing indices in [0, {GRID_STEPS}), "
-                                      f"got {indices}")
+            raise InvalidRequestError("t_index_list", f"must be increasing integer indices in [0, {GRID_STEPS}), "
+                                      f"got {t_index_list!r}")
         train = len(self._alphas_cumprod)
         grid = [round(train - k * train / GRID_STEPS) - 1 for k in range(GRID_STEPS)]  # trailing: 999 … 19
-        self.t_index_list = indices
-        self.timesteps = torch.tensor([grid[i] for i in indices], device=self.model.device)
-        abar = self._alphas_cumprod[self.timesteps.cpu()]
+        timesteps = torch.tensor([grid[i] for i in indices], device=self.model.device)
+        abar = self._alphas_cumprod[timesteps.cpu()]
         shape = (len(indices), 1, 1, 1)
-        self._alpha = abar.sqrt().to(self.model.device, self.model.dtype).view(shape)
-        self._sigma = (1 - abar).sqrt().to(self.model.device, self.model.dtype).view(shape)
-        self.state.latents = self.state.references = None  # a new pipeline of slots: warm up again
+        alpha = abar.sqrt().to(self.model.device, self.model.dtype).view(shape)
+        sigma = (1 - abar).sqrt().to(self.model.device, self.model.dtype).view(shape)
+        return indices, timesteps, alpha, sigma
+
+    def _use_steps(self, steps: tuple[list[int], torch.Tensor, torch.Tensor, torch.Tensor]) -> None:
+        self.t_index_list, self.timesteps, self._alpha, self._sigma = steps
+        self._restart()
+
+    def _restart(self) -> None:
+        """A new pipeline of slots (new steps or noise): the session warms up again."""
+        self.state.latents = self.state.references = None
         self.state.calls = 0
 
-    def _set_seed(self, seed: int) -> None:
+    def _noise(self, seed: int, slots: int) -> torch.Tensor:
         unet = self.model.pipeline.unet
-        shape = (len(self.t_index_list), unet.config.in_channels, self.height // self.model.vae_scale_factor,
+        shape = (slots, unet.config.in_channels, self.height // self.model.vae_scale_factor,
                  self.width // self.model.vae_scale_factor)
         generator = torch.Generator("cpu").manual_seed(seed)
-        self.init_noise = torch.randn(shape, generator=generator).to(self.model.device, self.model.dtype)
+        return torch.randn(shape, generator=generator).to(self.model.device, self.model.dtype)
 
-    def _set_prompt(self, prompt: str, negative_prompt: str | None) -> None:
+    def _prompt_states(self, prompt: str, negative_prompt: str | None) -> tuple[torch.Tensor, torch.Tensor]:
         encoder = self.model.prompt_encoder
         assert encoder is not None
         conditioning = encoder.conditioning([prompt], negative_prompt, True)
-        self._cond = conditioning.branches[COND]["encoder_hidden_states"]
-        self._uncond = conditioning.branches[UNCOND]["encoder_hidden_states"]
+        return (conditioning.branches[COND]["encoder_hidden_states"],
+                conditioning.branches[UNCOND]["encoder_hidden_states"])
 
     def update(self, *, prompt: str | None = None, negative_prompt: str | None = None,
                t_index_list: Sequence[int] | None = None, seed: int | None = None,
@@ -184,30 +243,36 @@ class StreamSession:
                strength: float | None = None) -> None:
         """Change parameters mid-stream. Prompt, scale and delta apply from the next frame on with the
         buffered frames kept; new steps (``t_index_list``, or ``strength`` with the current number of
-        steps) or a new seed restart the slots (and their warm-up)."""
+        steps) or a new seed restart the slots (and their warm-up). All or nothing: an invalid value
+        raises InvalidRequestError and leaves the session as it was."""
         if strength is not None:
             if t_index_list is not None:
                 raise InvalidRequestError("strength", "give strength or t_index_list, not both")
             if self.mode == "txt2img":
                 raise InvalidRequestError("strength", "txt2img streams start from pure noise; strength is for img2img")
             t_index_list = strength_t_index_list(strength, self.num_slots)
+        scale = self.guidance_scale if guidance_scale is None else _number("guidance_scale", guidance_scale)
+        new_delta = self.delta if delta is None else _number("delta", delta)
+        new_seed = self.seed if seed is None else _integer("seed", seed, 0, MAX_SEED)
+        steps = None if t_index_list is None else self._steps(t_index_list)
+        texts = None
         if prompt is not None or negative_prompt is not None:
-            self._prompt = prompt if prompt is not None else self._prompt
-            self._negative = negative_prompt if negative_prompt is not None else self._negative
-            self._set_prompt(self._prompt, self._negative)
-        if guidance_scale is not None:
-            self.guidance_scale = float(guidance_scale)
-        if delta is not None:
-            self.delta = float(delta)
-        if seed is not None:
-            self.seed = seed
-        if t_index_list is not None:
-            self._set_steps(t_index_list)
-            self._set_seed(self.seed)
-        elif seed is not None:
-            self._set_seed(seed)
-            self.state.latents = self.state.references = None
-            self.state.calls = 0
+            texts = (_text("prompt", prompt, self.limits, required=True) if prompt is not None else self._prompt,
+                     _text("negative_prompt", negative_prompt, self.limits, required=False)
+                     if negative_prompt is not None else self._negative)
+        states = None if texts is None else self._prompt_states(*texts)
+        noise = None
+        if steps is not None or seed is not None:
+            noise = self._noise(new_seed, len(steps[0]) if steps is not None else self.num_slots)
+        # everything is valid and built: commit
+        self.guidance_scale, self.delta, self.seed = scale, new_delta, new_seed
+        if texts is not None and states is not None:
+            (self._prompt, self._negative), (self._cond, self._uncond) = texts, states
+        if steps is not None:
+            self._use_steps(steps)
+        if noise is not None:
+            self.init_noise = noise
+            self._restart()
 
     @property
     def num_slots(self) -> int:
@@ -221,13 +286,13 @@ class StreamSession:
 
         A frame the similarity filter skips costs no UNet call and returns the last output."""
         stats = FrameStats()
-        self.state.history.append(stats)
         if self.mode == "img2img":
             if frame is None:
                 raise InvalidRequestError("frame", "an img2img stream needs a frame per call")
             pixels = self._frame_tensor(frame)
             if self.filter is not None and self.filter.should_skip(pixels):
                 stats.skipped = True
+                self._count(stats)
                 return self.state.last_output
             clean = self._encode(pixels)
             newest = self._alpha[:1] * clean + self._sigma[:1] * self.init_noise[:1]
@@ -239,6 +304,7 @@ class StreamSession:
         estimates = (x - self._sigma * eps) / self._alpha
         self._advance(estimates, references)
         self.state.calls += 1
+        self._count(stats)
         if self.state.calls < self.num_slots:
             stats.warming_up = True
             return None
@@ -309,9 +375,16 @@ class StreamSession:
         if references is not None:
             self.state.references = references[:-1]
 
+    def _count(self, stats: FrameStats) -> None:
+        state = self.state
+        state.last_frame = stats
+        state.frames += 1
+        state.skipped += stats.skipped
+        state.nfe += stats.nfe
+        state.unet_calls += stats.unet_calls
+
     def stats(self) -> dict[str, Any]:
-        history = self.state.history
-        processed = [s for s in history if not s.skipped]
-        return {"frames": len(history), "skipped": len(history) - len(processed),
-                "nfe": sum(s.nfe for s in history), "unet_calls": sum(s.unet_calls for s in history),
-                "nfe_per_processed_frame": (sum(s.nfe for s in processed) / len(processed)) if processed else 0.0}
+        state = self.state
+        processed = state.frames - state.skipped
+        return {"frames": state.frames, "skipped": state.skipped, "nfe": state.nfe, "unet_calls": state.unet_calls,
+                "nfe_per_processed_frame": state.nfe / processed if processed else 0.0}

@@ -97,6 +97,59 @@ def test_bad_messages_and_frames_get_errors_and_the_session_goes_on(tiny_models_
         assert Image.open(io.BytesIO(ws.receive_bytes())).format == "JPEG"
 
 
+def test_bad_values_get_errors_on_a_connection_that_stays_open(tiny_models_file: Path) -> None:
+    start = {"type": "session.start", "prompt": PROMPT, "t_index_list": [32, 45], "guidance": "none",
+             "output_format": "png"}
+    with TestClient(create_app(make_settings(tiny_models_file))) as client, \
+            client.websocket_connect("/v1/stream") as ws:
+        for field, value in [("guidance_scale", "abc"), ("quality", "abc"), ("quality", 150), ("seed", 1.5),
+                             ("similarity_threshold", -0.1), ("width", -64), ("width", 16384), ("mode", "foo"),
+                             ("prompt", "")]:
+            ws.send_json({**start, field: value})
+            error = ws.receive_json()
+            assert error["type"] == "error" and error["param"] == field, (field, error)
+        ws.send_json(start)
+        assert ws.receive_json()["type"] == "session.started"
+        outputs = []
+        for k in range(3):
+            if k == 1:
+                for update in ({"t_index_list": [10.0, 20.0, 40.0]}, {"seed": "3"}, {"guidance_scale": [1]},
+                               {"prompt": "a white cross", "delta": "x"}):
+                    ws.send_json({"type": "params.update", **update})
+                    assert ws.receive_json()["type"] == "error"
+            ws.send_bytes(frame_bytes(k))
+            if not ws.receive_json()["warming_up"]:
+                outputs.append(np.asarray(Image.open(io.BytesIO(ws.receive_bytes()))))
+    model = ModelRegistry.from_file(tiny_models_file).get("tiny")
+    library = StreamSession(model, PROMPT, t_index_list=[32, 45], guidance="none")
+    expected = [library(np.asarray(Image.open(io.BytesIO(frame_bytes(k))))) for k in range(3)][1:]
+    assert all(np.array_equal(a, b) for a, b in zip(outputs, expected, strict=True))  # updates changed nothing
+
+
+def test_a_failing_frame_is_reported_and_the_next_one_is_served(tiny_models_file: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    original, calls = StreamSession.__call__, []
+
+    def fails_once(self: StreamSession, frame: object = None) -> object:
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("injected device fault")
+        return original(self, frame)
+
+    monkeypatch.setattr(StreamSession, "__call__", fails_once)
+    with TestClient(create_app(make_settings(tiny_models_file))) as client, \
+            client.websocket_connect("/v1/stream") as ws:
+        ws.send_json({"type": "session.start", "prompt": PROMPT, "t_index_list": [45], "guidance": "none"})
+        assert ws.receive_json()["type"] == "session.started"
+        ws.send_bytes(frame_bytes(0))
+        assert ws.receive_json()["type"] == "frame" and ws.receive_bytes()
+        ws.send_bytes(frame_bytes(1))
+        error = ws.receive_json()
+        assert error["code"] == "internal_error" and "injected device fault" in error["message"]
+        ws.send_bytes(frame_bytes(2))
+        assert ws.receive_json()["type"] == "frame" and ws.receive_bytes()
+
+
 def test_large_frames_decode_off_the_event_loop_with_the_same_checks(tiny_models_file: Path) -> None:
     padded = io.BytesIO()  # a valid 32x32 frame made larger than the inline-decode size by a text chunk
     metadata = PngInfo()

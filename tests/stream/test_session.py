@@ -93,6 +93,44 @@ def test_updates_mid_stream(shapes_model: LoadedPipeline) -> None:
     assert error.value.field == "t_index_list"
 
 
+def test_a_failed_update_changes_nothing(shapes_model: LoadedPipeline) -> None:
+    session = StreamSession(shapes_model, PROMPT, t_index_list=(32, 45), guidance="rcfg_self", seed=3)
+    twin = StreamSession(shapes_model, PROMPT, t_index_list=(32, 45), guidance="rcfg_self", seed=3)
+    inputs = frames(4)
+    session(inputs[0]), twin(inputs[0])
+    before = (session.t_index_list, session.init_noise.clone(), session._cond.clone(), session.guidance_scale)
+    bad_updates = [
+        {"prompt": "a white cross", "t_index_list": [10.0, 20.0, 40.0]},  # floats are not indices
+        {"guidance_scale": 2.0, "seed": 1.5},
+        {"prompt": "", "delta": 0.5},
+        {"negative_prompt": 3},
+        {"guidance_scale": "abc"},
+        {"delta": float("nan")},
+        {"seed": -1},
+        {"strength": 0.02},
+    ]
+    for update in bad_updates:
+        with pytest.raises(InvalidRequestError):
+            session.update(**update)
+    after = (session.t_index_list, session.init_noise, session._cond, session.guidance_scale)
+    assert after[0] == before[0] and all(torch.equal(a, b) for a, b in zip(after[1:3], before[1:3], strict=True))
+    assert after[3] == before[3] and session.delta == 1.0 and session._prompt == PROMPT
+    for frame in inputs[1:]:  # the buffered frame survived: outputs equal an untouched twin's
+        assert np.array_equal(session(frame), twin(frame))
+
+
+@pytest.mark.parametrize(("field", "value"), [
+    ("guidance_scale", "abc"), ("delta", -1.0), ("seed", 2**64), ("seed", "3"), ("width", -64), ("width", 34),
+    ("width", 16384), ("height", 4096), ("mode", "foo"), ("similarity_threshold", -0.1),
+    ("similarity_threshold", 1.5), ("max_skip", -1), ("t_index_list", "32"), ("t_index_list", [True]),
+])
+def test_invalid_session_parameters_name_their_field(shapes_model: LoadedPipeline, field: str, value: object) -> None:
+    options = {"similarity_threshold": 0.9} if field == "max_skip" else {}
+    with pytest.raises(InvalidRequestError) as error:
+        StreamSession(shapes_model, PROMPT, **{**options, field: value})
+    assert error.value.field == field or (field == "height" and error.value.field == "width")
+
+
 def test_strength_is_diffusers_img2img_strength_on_the_grid(shapes_model: LoadedPipeline) -> None:
     from diffusers import DDIMScheduler, StableDiffusionImg2ImgPipeline
 
@@ -141,7 +179,9 @@ def test_malformed_frames_are_refused_and_the_session_goes_on(shapes_model: Load
 
 
 def test_txt2img_stream_and_its_guidance_limits(shapes_model: LoadedPipeline) -> None:
-    session = StreamSession(shapes_model, PROMPT, t_index_list=(0, 16, 32, 45), guidance="none", mode="txt2img")
+    session = StreamSession(shapes_model, PROMPT, guidance="none", mode="txt2img")
+    assert session.t_index_list == [0, 16, 32, 45]  # StreamDiffusion's txt2img default: from pure noise
+    assert StreamSession(shapes_model, PROMPT, guidance="none").t_index_list == [32, 45]  # img2img's
     outputs = [session() for _ in range(5)]
     assert outputs[:3] == [None] * 3 and outputs[3] is not None and np.array_equal(outputs[3], outputs[4])
     with pytest.raises(InvalidRequestError) as error:
