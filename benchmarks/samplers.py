@@ -13,6 +13,10 @@
    at 4, 6, 8, 10, 15, 25 steps with CFG 5 and 10, 25 steps with CFG 7.5 and 15; diffusers'
    anchors and ours, all in this one run on the shipped model.
    grids: DEIS order 3 (tab, logrho) at 25 steps, CFG 5 on every grid: the cause of the collapse.
+   momentum_grids: HB 0.8 and GHVB 1.8 / 2.8 / 3.8 on five grids at 6, 8, 10 steps with CFG 5 and 7.5,
+   against DDIM (trailing): the momentum target's cells.
+   ceiling: 8 steps, CFG 5 with 10 seeds per prompt (1960 images) for the two best anchors and the
+   two best of ours, where 196 images tie at 1.000.
 3. overhead: time of one scheduler step (no model) on an SD-sized latent, ours vs diffusers'
    DPMSolverMultistepScheduler, interleaved.
 """
@@ -294,6 +298,69 @@ def grid_study() -> dict[str, Any]:
     return {"steps": 25, "cfg": 5.0, "rows": rows}
 
 
+MOMENTUM_SAMPLERS: list[tuple[str, dict]] = [
+    ("HB 0.8 on DPM++ 2M", {"name": "hb", "beta": 0.8}),
+    ("GHVB 1.8", {"name": "ghvb", "order": 1.8}),
+    ("GHVB 2.8", {"name": "ghvb", "order": 2.8}),
+    ("GHVB 3.8", {"name": "ghvb", "order": 3.8}),
+]
+MOMENTUM_GRIDS: list[tuple[str, dict]] = [
+    ("log_snr", {"name": "spacing", "spacing": "log_snr"}),
+    ("quadratic_t", {"name": "spacing", "spacing": "quadratic_t"}),
+    ("karras 7", {"name": "karras"}),
+    ("karras 3", {"name": "karras", "rho": 3.0}),
+    ("trailing", {"name": "spacing", "spacing": "trailing"}),
+]
+MOMENTUM_CELLS = [(scale, steps) for scale in (5.0, 7.5) for steps in (6, 8, 10)]
+
+
+def momentum_grid_study() -> dict[str, Any]:
+    """The momentum target's cells (6, 8, 10 steps at CFG 5 and 7.5) for HB 0.8 and GHVB 1.8 / 2.8 / 3.8
+    on five grids, against diffusers' DDIM (trailing) in the same run: is any grid enough to reach DDIM?"""
+    engine = Engine(ModelRegistry.default())
+    judge = ShapesJudge.load()
+    real = real_renders()
+    work = [("DDIM (trailing)", {"name": "ddim"}, "trailing", {"name": "spacing", "spacing": "trailing"})]
+    work += [(label, sampler, grid, schedule) for label, sampler in MOMENTUM_SAMPLERS
+             for grid, schedule in MOMENTUM_GRIDS]
+    rows = []
+    for (label, sampler, grid, schedule), (scale, steps) in tqdm(
+            [(w, cell) for w in work for cell in MOMENTUM_CELLS], desc="momentum grids"):
+        m = evaluate_shapes(engine, strategy={"sampler": sampler, "schedule": schedule,
+                                              "guidance": {"name": "cfg", "scale": scale}},
+                            steps=steps, judge=judge, real=real, progress=False)
+        rows.append({"sampler": label, "grid": grid, "cfg": scale, "steps": steps,
+                     "accuracy": m["prompt_accuracy"]["all"], "out_of_gamut": m["saturation"]["clipped_fraction"]})
+    return {"images_per_cell": 196, "rows": rows}
+
+
+CEILING_SEEDS_PER_PROMPT = 10
+CEILING_SAMPLERS: list[tuple[str, str, dict, dict]] = [
+    ("diffusers", "DDIM (trailing)", {"name": "ddim"}, {"name": "spacing", "spacing": "trailing"}),
+    ("diffusers", "Euler", {"name": "euler"}, {"name": "spacing"}),
+    ("ours", "GHVB 0.8 = HB on DDIM (karras rho 3)", {"name": "ghvb", "order": 0.8}, {"name": "karras", "rho": 3.0}),
+    ("ours", "DEIS order 1 = DDIM (karras)", {"name": "deis", "order": 1}, {"name": "karras"}),
+]
+
+
+def ceiling_study() -> dict[str, Any]:
+    """8 steps, CFG 5, where the 196-prompt table ties at 1.000: the same prompts with 10 seeds each
+    (1960 images per sampler) for the two best anchors and the two best of ours."""
+    engine = Engine(ModelRegistry.default())
+    judge = ShapesJudge.load()
+    real = real_renders()
+    rows = []
+    for group, label, sampler, schedule in tqdm(CEILING_SAMPLERS, desc="8-step ceiling"):
+        m = evaluate_shapes(engine, strategy={"sampler": sampler, "schedule": schedule,
+                                              "guidance": {"name": "cfg", "scale": 5.0}},
+                            steps=8, repeats=CEILING_SEEDS_PER_PROMPT, judge=judge, real=real, progress=False)
+        images = m["images"]
+        accuracy = m["prompt_accuracy"]["all"]
+        rows.append({"group": group, "sampler": label, "accuracy": accuracy, "images": images,
+                     "wrong": round((1.0 - accuracy) * images), "out_of_gamut": m["saturation"]["clipped_fraction"]})
+    return {"steps": 8, "cfg": 5.0, "seeds_per_prompt": CEILING_SEEDS_PER_PROMPT, "rows": rows}
+
+
 # --------------------------------------------------------------------------------------------
 # 3. step overhead
 # --------------------------------------------------------------------------------------------
@@ -399,6 +466,26 @@ def markdown(result: dict[str, Any]) -> str:
             out.append(f"| {label} | " + " | ".join(
                 f"{by_grid[g]['accuracy']:.3f} / {100 * by_grid[g]['out_of_gamut']:.1f}" for g in grids) + " |")
         out.append("")
+    if "momentum_grids" in result:
+        rows = result["momentum_grids"]["rows"]
+        out.append("shapes, momentum samplers on five grids, prompt accuracy / out-of-gamut % per (CFG, steps):\n")
+        out.append("| sampler | grid | " + " | ".join(f"CFG {c:g}, {s}" for c, s in MOMENTUM_CELLS) + " |")
+        out.append("|---|---|" + "---|" * len(MOMENTUM_CELLS))
+        for label, grid in dict.fromkeys((r["sampler"], r["grid"]) for r in rows):
+            by_cell = {(r["cfg"], r["steps"]): r for r in rows if (r["sampler"], r["grid"]) == (label, grid)}
+            out.append(f"| {label} | {grid} | " + " | ".join(
+                f"{by_cell[c]['accuracy']:.3f} / {100 * by_cell[c]['out_of_gamut']:.1f}" for c in MOMENTUM_CELLS)
+                + " |")
+        out.append("")
+    if "ceiling_8_steps" in result:
+        ceiling = result["ceiling_8_steps"]
+        out.append(f"shapes, 8 steps, CFG 5, {ceiling['seeds_per_prompt']} seeds per prompt:\n")
+        out.append("| sampler | images | wrong | accuracy | out-of-gamut % |")
+        out.append("|---|---|---|---|---|")
+        for row in ceiling["rows"]:
+            out.append(f"| {row['sampler']} | {row['images']} | {row['wrong']} | {row['accuracy']:.4f} | "
+                       f"{100 * row['out_of_gamut']:.2f} |")
+        out.append("")
     if "overhead" in result:
         over = result["overhead"]
         out.append("step overhead (one scheduler step, no model, 1x4x64x64 latent), median of interleaved runs:\n")
@@ -435,6 +522,10 @@ def main() -> None:
         result["shapes"] = fresh
     if "grids" in parts:
         result["grids"] = grid_study()
+    if "momentum_grids" in parts:
+        result["momentum_grids"] = momentum_grid_study()
+    if "ceiling" in parts:
+        result["ceiling_8_steps"] = ceiling_study()
     if "overhead" in parts:
         result["overhead"] = step_overhead()
     out.parent.mkdir(parents=True, exist_ok=True)
