@@ -318,7 +318,7 @@ def serve(ctx: click.Context, config_file: str | None, host: str | None, port: i
 
 def _env_int(name: str) -> int | None:
     value = os.environ.get(name, "").strip()
-    return int(value) if value.isdigit() else None
+    return int(value) if value.isascii() and value.isdigit() and len(value) < 19 else None
 
 
 @main.command()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -216,6 +217,8 @@ class GenerationRequest(BaseModel):
                              f"at most {limits.max_images} per request")
         if self.width and self.height and self.width * self.height > limits.max_pixels:
             raise ValueError(f"width: width x height = {self.width * self.height} pixels; at most {limits.max_pixels}")
+        if self.seed is not None and self.seed + total - 1 >= 2**63:  # image k uses seed + k
+            raise ValueError(f"seed: seed + images - 1 must stay below 2**63, got {self.seed} for {total} images")
         return self
 
     @property
@@ -268,8 +271,8 @@ def parse_size(size: str | None, allow_auto: bool = True) -> tuple[int | None, i
     """OpenAI's "WxH" -> (W, H); None (or "auto", where allowed): the model's default size."""
     if size is None or (allow_auto and size == "auto"):
         return None, None
-    width, sep, height = size.lower().partition("x")
-    if not sep or not width.isdigit() or not height.isdigit():
+    match = re.fullmatch(r"([0-9]{1,6})x([0-9]{1,6})", size.lower()) if isinstance(size, str) else None
+    if match is None:  # ASCII digits only: "²x²" passes str.isdigit() but not int()
         choices = "'512x512' or 'auto'" if allow_auto else "'512x512'"
         raise InvalidRequestError("size", f"must look like {choices}, got {size!r}")
-    return int(width), int(height)
+    return int(match[1]), int(match[2])

@@ -18,6 +18,7 @@ import email.utils
 import io
 import json
 import os
+import re
 import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator
@@ -218,7 +219,8 @@ class JobEvent:
     data: dict[str, Any]
 
     def preview_images(self) -> list[Image.Image]:
-        """The decoded images of a ``job.preview`` event (submit with ``preview_every``); [] for other events."""
+        """The decoded images of a ``job.preview`` event (submit with ``preview_every``); [] for other events
+        and for a preview a newer one has superseded (a job keeps its latest preview's images only)."""
         return [_decode_image(b64) for b64 in self.data.get("b64_json", [])] if self.type == "job.preview" else []
 
 
@@ -350,10 +352,10 @@ def _job_body(prompt: str | list[str], *, model: str | None, n: int, size: str |
     if size is not None and size != "auto":
         if width is not None or height is not None:
             raise InvalidRequest("size: give either size or width/height, not both", param="size")
-        w, sep, h = size.lower().partition("x")
-        if not sep or not w.strip().isdigit() or not h.strip().isdigit():
+        match = re.fullmatch(r"\s*([0-9]{1,6})\s*x\s*([0-9]{1,6})\s*", size.lower())
+        if match is None:
             raise InvalidRequest(f"size: must look like '512x512' or 'auto', got {size!r}", param="size")
-        width, height = int(w), int(h)
+        width, height = int(match[1]), int(match[2])
     body: dict[str, Any] = {"prompt": prompt, "n": n, "output_format": output_format}
     optional = {"model": model, "width": width, "height": height, "seed": seed, "negative_prompt": negative_prompt,
                 "steps": steps, "guidance_scale": guidance_scale, "strategy": strategy,
@@ -391,7 +393,7 @@ class SSEDecoder:
             return None  # a comment (the server's heartbeat)
         name, _, value = line.partition(":")
         value = value.removeprefix(" ")
-        if name == "id" and value.isdigit():
+        if name == "id" and re.fullmatch("[0-9]{1,18}", value):
             self._id = int(value)
         elif name == "event":
             self._event = value

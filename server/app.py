@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import hashlib
 import json
 import logging
 import platform
@@ -42,6 +43,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, RedirectResponse,
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from accel_diffusion import __version__
 from accel_diffusion.engine import Engine
@@ -88,11 +90,11 @@ class ServerState:
         if request.model not in self.settings.served_models:
             raise UnknownModelError("model", f"{request.model!r} is not served here", self.settings.served_models)
 
-    def submit(self, request: GenerationRequest, output: OutputOptions) -> tuple[Job, int]:
+    def submit(self, request: GenerationRequest, output: OutputOptions, owner: str | None = None) -> tuple[Job, int]:
         if self.draining:
             raise DrainingError("the server is shutting down; retry on another replica")
         self.check_model(request)
-        job = Job(request=request, output=output)
+        job = Job(request=request, output=output, owner=owner)
         position = self.worker.submit(job)
         self.jobs.add(job)
         return job, position
@@ -174,12 +176,31 @@ def require_api_key(request: Request, authorization: Annotated[str | None, Heade
     scheme, _, token = (authorization or "").partition(" ")
     if scheme.lower() != "bearer" or not api_key_matches(token, keys):
         raise HTTPException(401, "missing or invalid API key (Authorization: Bearer <key>)")
+    request.state.job_owner = job_owner(token)
+
+
+def job_owner(token: str) -> str:
+    """Who owns the jobs a key submits: a digest of the key (the key itself is not kept)."""
+    return hashlib.sha256(token.strip().encode()).hexdigest()[:32]
+
+
+def get_owner(request: Request) -> str | None:
+    """The caller's jobs owner; None without API keys (then every caller sees every job)."""
+    return getattr(request.state, "job_owner", None)
+
+
+Owner = Annotated[str | None, Depends(get_owner)]
 
 
 def error_response(status: int, type_: str, message: str, param: str | None = None,
                    headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse({"error": {"type": type_, "code": type_, "message": message, "param": param}},
                         status_code=status, headers=headers)
+
+
+class BodyTooLarge(HTTPException):
+    """Raised by the body reader once a (chunked) body passes ``max_body_bytes``; FastAPI lets an
+    HTTPException out of its body parsing as it is, so it answers 413."""
 
 
 class RequestIdAndLimits:
@@ -205,13 +226,24 @@ class RequestIdAndLimits:
             await send(message)
 
         length = headers.get(b"content-length", b"")
-        if length.isdigit() and int(length) > self.max_body_bytes:
+        if length.isdigit() and (len(length) > 18 or int(length) > self.max_body_bytes):
             response = error_response(413, "request_too_large",
-                                      f"body is {int(length)} bytes; at most {self.max_body_bytes}")
+                                      f"body is {length.decode()} bytes; at most {self.max_body_bytes}")
             await response(scope, receive, send_with_id)
             return
+        received = 0
+
+        async def counted_receive() -> dict[str, Any]:  # a chunked body has no Content-Length to check
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_body_bytes:
+                    raise BodyTooLarge(413, f"body is over {self.max_body_bytes} bytes")
+            return message
+
         try:
-            await self.app(scope, receive, send_with_id)
+            await self.app(scope, counted_receive, send_with_id)
         finally:
             state = getattr(scope.get("app").state, "server", None) if scope.get("app") else None
             route = scope.get("route")
@@ -243,10 +275,12 @@ def _install_error_handlers(app: FastAPI) -> None:
     async def draining(request: Request, exc: DrainingError) -> JSONResponse:
         return error_response(503, "unavailable", str(exc), headers={"Retry-After": "5"})
 
-    @app.exception_handler(HTTPException)
-    async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
-        kinds = {401: "unauthorized", 404: "not_found", 409: "conflict", 503: "unavailable"}
-        return error_response(exc.status_code, kinds.get(exc.status_code, "http_error"), str(exc.detail))
+    @app.exception_handler(StarletteHTTPException)  # FastAPI's and Starlette's own (unknown route, 405)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        kinds = {401: "unauthorized", 404: "not_found", 405: "method_not_allowed", 409: "conflict",
+                 413: "request_too_large", 503: "unavailable"}
+        return error_response(exc.status_code, kinds.get(exc.status_code, "http_error"), str(exc.detail),
+                              headers=getattr(exc, "headers", None))
 
     @app.exception_handler(Exception)
     async def internal(request: Request, exc: Exception) -> JSONResponse:
@@ -321,41 +355,42 @@ def _api_routes() -> APIRouter:
         return await _run_images(generation, body.output_options(), request, state)
 
     @router.post("/v1/jobs", tags=["jobs"], status_code=202)
-    async def create_job(body: JobCreateRequest, state: State, response: Response) -> dict[str, Any]:
+    async def create_job(body: JobCreateRequest, state: State, owner: Owner, response: Response) -> dict[str, Any]:
         generation = await asyncio.to_thread(body.to_generation_request, state.default_model, state.limits)
-        job, position = state.submit(generation, body.output_options())
+        job, position = state.submit(generation, body.output_options(), owner)
         response.headers["X-Queue-Position"] = str(position)
         response.headers["Location"] = f"/v1/jobs/{job.id}"
         return job.public(state.worker.position(job))
 
     @router.get("/v1/jobs", tags=["jobs"])
-    async def list_jobs(state: State, status: JobStatus | None = None) -> dict[str, Any]:
-        jobs = [j for j in state.jobs.all() if status is None or j.status is status]
+    async def list_jobs(state: State, owner: Owner, status: JobStatus | None = None) -> dict[str, Any]:
+        """The caller's jobs (with API keys, each key sees the jobs it submitted)."""
+        jobs = [j for j in state.jobs.all() if (status is None or j.status is status) and _visible(j, owner)]
         return {"object": "list", "data": [j.public(state.worker.position(j), include_result=False) for j in jobs]}
 
     @router.get("/v1/jobs/{job_id}", tags=["jobs"])
-    async def get_job(job_id: str, state: State,
+    async def get_job(job_id: str, state: State, owner: Owner,
                       wait: Annotated[float, Query(ge=0, le=60, description="long-poll: answer once the job has "
                                                    "finished, or after this many seconds")] = 0) -> dict[str, Any]:
-        job = _job(state, job_id)
+        job = _job(state, job_id, owner)
         if wait > 0:
             await job.wait_finished(wait)
         return job.public(state.worker.position(job))
 
     @router.post("/v1/jobs/{job_id}/cancel", tags=["jobs"])
-    async def cancel_job(job_id: str, state: State) -> dict[str, Any]:
-        job = _job(state, job_id)
+    async def cancel_job(job_id: str, state: State, owner: Owner) -> dict[str, Any]:
+        job = _job(state, job_id, owner)
         if not job.status.finished:
             state.worker.cancel(job)
         return job.public(state.worker.position(job))
 
     @router.get("/v1/jobs/{job_id}/events", tags=["jobs"], response_class=StreamingResponse,
                 responses={200: {"content": {"text/event-stream": {}}}})
-    async def job_events(job_id: str, request: Request, state: State,
+    async def job_events(job_id: str, request: Request, state: State, owner: Owner,
                          last_event_id: Annotated[str | None, Header(alias="Last-Event-ID")] = None
                          ) -> StreamingResponse:
-        job = _job(state, job_id)
-        start = int(last_event_id) if last_event_id and last_event_id.isdigit() else 0
+        job = _job(state, job_id, owner)
+        start = int(last_event_id) if last_event_id and last_event_id.isdecimal() and len(last_event_id) < 19 else 0
         return StreamingResponse(_sse(job, start, request), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
@@ -365,19 +400,21 @@ def _api_routes() -> APIRouter:
 async def _run_images(generation: GenerationRequest, output: OutputOptions, request: Request,
                       state: ServerState) -> Any:
     """Submit, wait (a disconnect cancels), answer in the OpenAI images shape or with an error."""
-    job, _ = state.submit(generation, output)
+    job, _ = state.submit(generation, output, get_owner(request))
     await _wait_or_cancel(job, request, state)
     if job.status is JobStatus.SUCCEEDED:
         assert job.result is not None
         images = job.result["images"]
         # built to the ImagesResponse schema and returned as is: re-validating megabytes of base64
         # through the response model on the event loop would only add latency
-        return JSONResponse({"created": int(job.created_at), "id": job.id,
-                             "data": [{"b64_json": im["b64_json"], "revised_prompt": None, "seed": im["seed"]}
-                                      for im in images],
-                             "seeds": [im["seed"] for im in images],
-                             "usage": {"images": len(images), "nfe_per_image": job.result["nfe"],
-                                       "compute_s": round(job.result["timings"]["total"], 4)}})
+        response = JSONResponse({"created": int(job.created_at), "id": job.id,
+                                 "data": [{"b64_json": im["b64_json"], "revised_prompt": None, "seed": im["seed"]}
+                                          for im in images],
+                                 "seeds": [im["seed"] for im in images],
+                                 "usage": {"images": len(images), "nfe_per_image": job.result["nfe"],
+                                           "compute_s": round(job.result["timings"]["total"], 4)}})
+        job.release_images()  # delivered: the job store keeps the metadata only
+        return response
     if job.status is JobStatus.CANCELLED:
         return error_response(409, "cancelled", f"job {job.id} was cancelled")
     error = job.error or {}
@@ -411,9 +448,14 @@ async def _edit_request(request: Request) -> ImageEditRequest:
         raise RequestValidationError(exc.errors()) from None
 
 
-def _job(state: ServerState, job_id: str) -> Job:
+def _visible(job: Job, owner: str | None) -> bool:
+    return owner is None or job.owner == owner
+
+
+def _job(state: ServerState, job_id: str, owner: str | None) -> Job:
+    """The job, if the caller may see it: another key's job is answered like a missing one."""
     job = state.jobs.get(job_id)
-    if job is None:
+    if job is None or not _visible(job, owner):
         raise HTTPException(404, f"no job {job_id!r} (finished jobs are kept for {state.settings.job_ttl_s:g} s)")
     return job
 
@@ -432,11 +474,15 @@ async def _sse(job: Job, last_id: int, request: Request, heartbeat_s: float = 15
     try:
         while True:
             flag.clear()
-            for event in job.events_after(last_id):
+            finished = job.status.finished  # read before the events: a terminal event is then in the list
+            events = job.events_after(last_id)
+            for event in events:
                 yield f"id: {event.id}\nevent: {event.type}\ndata: {json.dumps(event.data)}\n\n"
                 last_id = event.id
                 if event.type in TERMINAL_EVENTS:
                     return
+            if finished and not events:  # resumed at or past the terminal event: nothing more will come
+                return
             if time.monotonic() - last_beat > heartbeat_s:
                 yield ": heartbeat\n\n"
                 last_beat = time.monotonic()

@@ -44,9 +44,10 @@ class OutputOptions:
     output_compression: int = 100
 
 
-@dataclass
+@dataclass(eq=False)  # identity: queue lookups must not compare requests (and their images) field by field
 class Job:
-    """A generation request and everything the API reports about it. Thread-safe."""
+    """A generation request and everything the API reports about it. Thread-safe. Once finished, a job
+    does not change: a late start or progress (a cancelled job in a batch that runs on) is ignored."""
 
     request: GenerationRequest
     output: OutputOptions = field(default_factory=OutputOptions)
@@ -59,6 +60,7 @@ class Job:
     total_steps: int | None = None
     result: dict[str, Any] | None = None
     error: dict[str, Any] | None = None
+    owner: str | None = None  # a digest of the API key that submitted it (None without keys)
     cancel_event: threading.Event = field(default_factory=threading.Event)
     events: list[JobEvent] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -67,6 +69,9 @@ class Job:
     def emit(self, type_: str, data: dict[str, Any] | None = None) -> JobEvent:
         with self._lock:
             event = JobEvent(len(self.events) + 1, type_, data or {})
+            if type_ == "job.preview":  # keep the latest preview's images only (a replay shows the newest)
+                self.events = [JobEvent(e.id, e.type, {"step": e.data.get("step"), "superseded": True})
+                               if e.type == "job.preview" else e for e in self.events]
             self.events.append(event)
             finished = self.status.finished
             waiters = [(loop, flag) for loop, flag, finish_only in self._waiters if finished or not finish_only]
@@ -108,20 +113,25 @@ class Job:
 
     def start(self) -> None:
         with self._lock:
+            if self.status.finished:
+                return
             self.status = JobStatus.RUNNING
             self.started_at = time.time()
         self.emit("job.started")
 
     def progress(self, step: int, total: int) -> None:
         with self._lock:
+            if self.status.finished:
+                return
             self.step, self.total_steps = step, total
         self.emit("job.progress", {"step": step, "total": total, "fraction": step / total})
 
     def finish(self, status: JobStatus, result: dict[str, Any] | None = None,
-               error: dict[str, Any] | None = None) -> None:
+               error: dict[str, Any] | None = None) -> bool:
+        """Finish the job; False (and nothing changes) if it had already finished."""
         with self._lock:
             if self.status.finished:
-                return
+                return False
             self.status, self.result, self.error = status, result, error
             self.completed_at = time.time()
         if status is JobStatus.SUCCEEDED:
@@ -130,6 +140,17 @@ class Job:
             self.emit("job.failed", {"error": error})
         else:
             self.emit("job.cancelled", {"step": self.step})
+        return True
+
+    def release_images(self) -> None:
+        """Forget the result's base64 images once a synchronous call has returned them: a finished job
+        is kept for ``job_ttl_s`` (its metadata and seeds), not a second copy of what was delivered."""
+        with self._lock:
+            if self.result is not None:
+                self.result = {**self.result, "images": [{**im, "b64_json": None} for im in self.result["images"]],
+                               "images_released": True}
+                self.events = [JobEvent(e.id, e.type, {"result": self.result}) if e.type == "job.completed" else e
+                               for e in self.events]
 
     def public(self, queue_position: int | None = None, include_result: bool = True) -> dict[str, Any]:
         """The job object of the API."""

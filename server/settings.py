@@ -58,6 +58,13 @@ class ServerSettings(BaseSettings):
             raise ValueError("list the allowed origins explicitly; '*' is refused")
         return value
 
+    @field_validator("api_keys")
+    @classmethod
+    def _no_blank_keys(cls, value: list[SecretStr]) -> list[SecretStr]:
+        if any(not key.get_secret_value().strip() for key in value):
+            raise ValueError("an API key is empty or blank: it would match a request with no token")
+        return value
+
     @classmethod
     def from_file(cls, path: str | Path | None = None, **overrides: Any) -> ServerSettings:
         """Settings from a TOML file (a ``[server]`` table or top-level keys), then env, then ``overrides``."""

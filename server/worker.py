@@ -141,11 +141,12 @@ class DeviceWorker:
                 queued = True
             else:
                 queued = False
-        if queued:
-            job.finish(JobStatus.CANCELLED)
-            self.metrics.cancellations.inc()
-        elif job in self._batch and not all(j.cancel_event.is_set() for j in self._batch):
-            job.finish(JobStatus.CANCELLED)  # its batch runs on for the others; the job is done now
+        if queued or (job in self._batch and not all(j.cancel_event.is_set() for j in self._batch)):
+            # queued: done now; in a batch that runs on for the others: done now, its images dropped
+            self._cancelled(job)
+
+    def _cancelled(self, job: Job) -> None:
+        if job.finish(JobStatus.CANCELLED):  # counted once, by whoever finishes it
             self.metrics.cancellations.inc()
 
     def position(self, job: Job) -> int | None:
@@ -214,7 +215,7 @@ class DeviceWorker:
         jobs = [job for job in batch if not job.cancel_event.is_set()]
         for job in batch:
             if job.cancel_event.is_set():
-                job.finish(JobStatus.CANCELLED)
+                self._cancelled(job)
         if not jobs:
             return
         for job in jobs:
@@ -265,8 +266,7 @@ class DeviceWorker:
             self.metrics.batch_size.observe(len(jobs))
         except GenerationCancelled:
             for job in jobs:
-                job.finish(JobStatus.CANCELLED)
-                self.metrics.cancellations.inc()
+                self._cancelled(job)
         except InvalidRequestError as exc:
             for job in jobs:
                 job.finish(JobStatus.FAILED, error=error_body(exc))

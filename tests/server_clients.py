@@ -28,10 +28,11 @@ def decode(b64: str) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(base64.b64decode(b64))))
 
 
-def wait_finished(client: Any, job_id: str, timeout: float = 60.0) -> dict[str, Any]:
+def wait_finished(client: Any, job_id: str, timeout: float = 60.0,
+                  headers: dict[str, str] | None = None) -> dict[str, Any]:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        job = client.get(f"/v1/jobs/{job_id}").json()
+        job = client.get(f"/v1/jobs/{job_id}", headers=headers).json()
         if job["status"] in ("succeeded", "failed", "cancelled"):
             return job
         time.sleep(0.02)
@@ -51,7 +52,7 @@ def wait_status(client: Any, job_id: str, status: str, timeout: float = 60.0) ->
 def sse_events(text: str) -> list[dict[str, Any]]:
     events = []
     for block in text.strip().split("\n\n"):
-        fields = dict(line.split(": ", 1) for line in block.split("\n") if not line.startswith(":"))
+        fields = dict(line.split(": ", 1) for line in block.split("\n") if line and not line.startswith(":"))
         if fields:
             events.append({"id": int(fields["id"]), "event": fields["event"], "data": json.loads(fields["data"])})
     return events

@@ -141,14 +141,15 @@ def run_batch(manifest: str | Path, out_dir: str | Path, backend: Backend, shard
         started = time.perf_counter()
         try:
             images, meta = backend.run(p)
-        except Exception as exc:  # one request's failure is recorded; the batch goes on
+            meta["timings"] = {**meta.get("timings", {}), "wall": time.perf_counter() - started}
+            record = {"line": p.line, "id": p.item.id, "key": p.key, "mode": backend.mode, "request": p.request,
+                      **meta}
+            outputs.write_request(p.key, images, p.request["output_format"], record)
+        except Exception as exc:  # one request's failure (generation or writing it) is recorded; the batch goes on
             with lock:
                 report.failed += 1
                 errors.append(_failure(p, exc))
             return
-        meta["timings"] = {**meta.get("timings", {}), "wall": time.perf_counter() - started}
-        record = {"line": p.line, "id": p.item.id, "key": p.key, "mode": backend.mode, "request": p.request, **meta}
-        outputs.write_request(p.key, images, p.request["output_format"], record)
         with lock:
             report.generated += 1
             report.images += len(images)

@@ -53,6 +53,7 @@ def test_init_images_are_keyed_by_their_bytes(tmp_path: Path) -> None:
     ('{"prompt": "x", "n": 0}', "n"),
     ('{"prompt": "x", "steps": 0}', "steps"),
     ('{"prompt": "x", "size": "big"}', "size"),
+    ('{"prompt": "x", "size": "\u00b2x\u00b2"}', "size"),  # superscript digits: isdigit() but not int()
     ('{"prompt": "x", "size": "32x32", "width": 32}', "size"),
     ('{"prompt": "x", "width": 33, "height": 32}', "width"),
     ('{"prompt": "x", "strategy": {"sampler": {"name": "nope"}}}', "strategy.sampler.name"),

@@ -161,6 +161,27 @@ def test_a_request_failing_at_run_time_is_reported_and_the_others_finish(tmp_pat
     assert error["line"] == 2 and error["kind"] == "failed" and error["type"] == "model_not_found"
 
 
+def test_a_request_whose_outputs_cannot_be_written_is_a_failure_not_a_silent_gap(
+        tmp_path: Path, backend: LocalBackend, monkeypatch: pytest.MonkeyPatch) -> None:
+    from accel_diffusion.batch.outputs import BatchOutputs
+
+    original = BatchOutputs.write_request
+
+    def disk_full_on_b(self: BatchOutputs, key: str, images: list[bytes], output_format: str,
+                       record: dict) -> list[str]:
+        if record["request"]["prompt"] == "b":
+            raise OSError(28, "No space left on device")
+        return original(self, key, images, output_format, record)
+
+    monkeypatch.setattr(BatchOutputs, "write_request", disk_full_on_b)
+    manifest = tmp_path / "manifest.jsonl"
+    manifest.write_text("".join(json.dumps({"prompt": p, "seed": 1, "steps": 2}) + "\n" for p in "ab"))
+    report = run_batch(manifest, tmp_path / "out", backend, progress=False)
+    assert not report.ok and report.generated == 1 and report.failed == 1
+    error = json.loads((tmp_path / "out" / "errors.jsonl").read_text())
+    assert error["line"] == 2 and error["type"] == "OSError" and "No space left" in error["message"]
+
+
 def test_through_a_server_the_outputs_are_byte_identical_to_the_local_run(
         tmp_path: Path, reference: tuple[Path, Path], tiny_models_file: Path) -> None:
     from accel_diffusion.server import create_app

@@ -202,9 +202,10 @@ def test_invalid_requests_name_the_field(client: AccelClient) -> None:
             client.submit(PROMPT, **fields)
         assert raised.value.param == param and raised.value.status == 400, (fields, raised.value)
         assert raised.value.type == "invalid_request_error" and raised.value.request_id
-    with pytest.raises(InvalidRequest) as raised:
-        client.generate(PROMPT, size="big")
-    assert raised.value.param == "size" and raised.value.status is None  # checked before sending
+    for size in ("big", "\u00b2x\u00b2"):  # superscript digits pass str.isdigit() but not int()
+        with pytest.raises(InvalidRequest) as raised:
+            client.generate(PROMPT, size=size)
+        assert raised.value.param == "size" and raised.value.status is None  # checked before sending
     with pytest.raises(NotFound) as missing_model:
         client.generate(PROMPT, model="no-such-model", steps=2)
     assert missing_model.value.status == 404 and missing_model.value.type == "model_not_found"

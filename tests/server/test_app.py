@@ -78,6 +78,9 @@ def test_the_openai_package_works_against_the_server(client: TestClient) -> None
     ({"prompt": "a", "vae": "taesd"}, 400, "vae"),
     ({"prompt": "a", "vae": "tiny"}, 400, "vae"),  # the tiny test model declares no tiny autoencoder
     ({"n": 1}, 400, "prompt"),
+    ({"prompt": "a", "size": "²x²"}, 400, "size"),  # str.isdigit() digits that int() refuses
+    ({"prompt": "a", "size": "1" * 5000 + "x32"}, 400, "size"),
+    ({"prompt": "a", "seed": 2**63 - 1, "n": 2}, 400, "seed"),  # image 2's seed would overflow
 ])
 def test_invalid_input_is_a_4xx_naming_the_field(client: TestClient, body: dict, status: int, param: str) -> None:
     response = client.post("/v1/images/generations", json=body)
@@ -104,16 +107,22 @@ def test_job_lifecycle_and_sse_events(client: TestClient) -> None:
     assert [e["data"]["step"] for e in events if e["event"] == "job.progress"] == [1, 2, 3, 4]
     resumed = sse_events(client.get(f"/v1/jobs/{job_id}/events", headers={"Last-Event-ID": "5"}).text)
     assert [e["id"] for e in resumed] == [6, 7]
+    for past_the_end in ("7", "99"):  # a finished job's stream ends instead of sending heartbeats forever
+        response = client.get(f"/v1/jobs/{job_id}/events", headers={"Last-Event-ID": past_the_end})
+        assert response.status_code == 200 and sse_events(response.text) == []
+    huge = client.get(f"/v1/jobs/{job_id}/events", headers={"Last-Event-ID": "9" * 5000})
+    assert huge.status_code == 200 and len(sse_events(huge.text)) == 7  # not a number we take: from the start
     listed = client.get("/v1/jobs", params={"status": "succeeded"}).json()["data"]
     assert job_id in [j["id"] for j in listed] and all(j["result"] is None for j in listed)
 
 
-def test_previews_arrive_as_events(client: TestClient) -> None:
-    job_id = client.post("/v1/jobs", json={"prompt": PROMPT, "seed": 0, "steps": 4, "preview_every": 2}).json()["id"]
+def test_previews_arrive_as_events_and_a_job_keeps_the_latest_ones_images(client: TestClient) -> None:
+    job_id = client.post("/v1/jobs", json={"prompt": PROMPT, "seed": 0, "steps": 7, "preview_every": 2}).json()["id"]
     wait_finished(client, job_id)
     previews = [e for e in sse_events(client.get(f"/v1/jobs/{job_id}/events").text) if e["event"] == "job.preview"]
-    assert [p["data"]["step"] for p in previews] == [2]
-    assert decode(previews[0]["data"]["b64_json"][0]).shape == (32, 32, 3)
+    assert [p["data"]["step"] for p in previews] == [2, 4, 6]
+    assert decode(previews[-1]["data"]["b64_json"][0]).shape == (32, 32, 3)
+    assert all(p["data"].get("superseded") and "b64_json" not in p["data"] for p in previews[:-1])
 
 
 def test_cancel_queued_and_running_jobs(client: TestClient) -> None:
@@ -137,6 +146,22 @@ def test_cancel_queued_and_running_jobs(client: TestClient) -> None:
 def test_unknown_job_is_404(client: TestClient) -> None:
     response = client.get("/v1/jobs/job_nope")
     assert response.status_code == 404 and response.json()["error"]["type"] == "not_found"
+
+
+def test_starlettes_own_errors_are_openai_shaped(client: TestClient) -> None:
+    for response, status, kind in ((client.get("/v1/nope"), 404, "not_found"),
+                                   (client.delete("/v1/jobs"), 405, "method_not_allowed")):
+        assert response.status_code == status and set(response.json()["error"]) == {"type", "code", "message", "param"}
+        assert response.json()["error"]["type"] == kind
+    assert client.delete("/v1/jobs").headers["allow"]  # 405 keeps its Allow header
+
+
+def test_a_synchronous_calls_images_are_not_kept_after_delivery(client: TestClient) -> None:
+    body = client.post("/v1/images/generations", json={"prompt": PROMPT, "seed": 4, "num_inference_steps": 2}).json()
+    assert body["data"][0]["b64_json"]
+    job = client.get(f"/v1/jobs/{body['id']}").json()
+    assert job["status"] == "succeeded" and job["result"]["images_released"]
+    assert job["result"]["images"] == [{"seed": 4, "b64_json": None, "prompt": PROMPT}]
 
 
 def test_concurrent_clients_get_their_own_images(client: TestClient, tiny_models_file: Path) -> None:
@@ -202,10 +227,28 @@ def test_api_keys(tiny_models_file: Path, tmp_path: Path) -> None:
         assert client.get("/health/ready").status_code == 200 and client.get("/metrics").status_code == 200
 
 
+def test_each_api_key_sees_and_cancels_only_its_own_jobs(tiny_models_file: Path) -> None:
+    settings = make_settings(tiny_models_file, api_keys=["alice-key", "bob-key"])
+    alice, bob = ({"Authorization": f"Bearer {k}"} for k in ("alice-key", "bob-key"))
+    with TestClient(create_app(settings)) as client:
+        job_id = client.post("/v1/jobs", json={"prompt": PROMPT, "seed": 0, "steps": 2}, headers=alice).json()["id"]
+        for path in (f"/v1/jobs/{job_id}", f"/v1/jobs/{job_id}/events"):
+            assert client.get(path, headers=bob).status_code == 404  # answered like a job that does not exist
+        assert client.post(f"/v1/jobs/{job_id}/cancel", headers=bob).status_code == 404
+        assert job_id not in [j["id"] for j in client.get("/v1/jobs", headers=bob).json()["data"]]
+        assert job_id in [j["id"] for j in client.get("/v1/jobs", headers=alice).json()["data"]]
+        assert wait_finished(client, job_id, headers=alice)["status"] == "succeeded"
+
+
 def test_body_size_limit_and_cors_closed(tiny_models_file: Path) -> None:
     with TestClient(create_app(make_settings(tiny_models_file, max_body_bytes=2048))) as client:
         response = client.post("/v1/jobs", json={"prompt": "x" * 4000})
         assert response.status_code == 413 and response.json()["error"]["type"] == "request_too_large"
+        body = ('{"prompt": "' + "x" * 4000 + '"}').encode()
+        chunked = client.post("/v1/jobs", content=iter([body[:1000], body[1000:]]),  # no Content-Length
+                              headers={"Content-Type": "application/json"})
+        assert "content-length" not in chunked.request.headers
+        assert chunked.status_code == 413 and chunked.json()["error"]["type"] == "request_too_large"
         preflight = client.options("/v1/jobs", headers={"Origin": "https://evil.example",
                                                         "Access-Control-Request-Method": "POST"})
         assert "access-control-allow-origin" not in preflight.headers

@@ -39,3 +39,23 @@ def test_state_machine_and_events() -> None:
     assert [e.id for e in job.events_after(2)] == [3, 4]
     public = job.public(queue_position=None)
     assert public["status"] == "cancelled" and public["progress"] == {"step": 1, "total": 2, "fraction": 0.5}
+
+
+def test_a_finished_job_does_not_change_and_jobs_compare_by_identity() -> None:
+    job = make_job()
+    job.start()
+    assert job.finish(JobStatus.CANCELLED) is True
+    events = len(job.events)
+    job.start()  # a cancelled job in a batch that runs on for the others
+    job.progress(3, 4)
+    assert job.finish(JobStatus.SUCCEEDED, result={}) is False
+    assert job.status is JobStatus.CANCELLED and job.step == 0 and len(job.events) == events
+    twin = Job(request=job.request)
+    assert twin != job and twin not in [job]  # queue lookups never compare requests field by field
+
+
+def test_a_job_keeps_only_its_latest_previews_images() -> None:
+    job = make_job()
+    for step in (2, 4):
+        job.emit("job.preview", {"step": step, "b64_json": [f"image-{step}"]})
+    assert [e.data for e in job.events] == [{"step": 2, "superseded": True}, {"step": 4, "b64_json": ["image-4"]}]

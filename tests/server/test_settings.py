@@ -27,7 +27,8 @@ def test_defaults_and_limits() -> None:
     assert limits.max_steps == settings.max_steps and limits.max_images == settings.max_images
 
 
-@pytest.mark.parametrize("bad", [{"cors_origins": ["*"]}, {"port": 0}, {"served_models": []}, {"unknown": 1}])
+@pytest.mark.parametrize("bad", [{"cors_origins": ["*"]}, {"port": 0}, {"served_models": []}, {"unknown": 1},
+                                 {"api_keys": ["good", " "]}])  # a blank key would match "Bearer " alone
 def test_refused_settings(bad: dict) -> None:
     with pytest.raises(ValidationError):
         ServerSettings(**bad)
