@@ -12,6 +12,7 @@ from typing import Any
 import click
 
 from accel_diffusion.errors import AccelDiffusionError, InvalidRequestError
+from accel_diffusion.strategy import DEFAULT_LIMITS
 
 
 def _fail(error: AccelDiffusionError | str) -> None:
@@ -49,7 +50,7 @@ def _json_arg(value: str | None, field: str) -> Any:
 
 def _strategy_from_options(strategy: str | None, guidance_scale: float | None = None, **components: str | None) -> Any:
     """One Strategy from --strategy plus per-kind overrides (--sampler, --schedule, --guidance, --guidance-scale)."""
-    from accel_diffusion.strategy import Strategy, guidance_scale_strategy
+    from accel_diffusion.strategy import Strategy, merge_guidance_scale
 
     data = _json_arg(strategy, "strategy") or {}
     if not isinstance(data, dict):
@@ -57,9 +58,7 @@ def _strategy_from_options(strategy: str | None, guidance_scale: float | None = 
     for kind, value in components.items():
         if value is not None:
             data[kind] = _json_arg(value, f"strategy.{kind}")
-    if guidance_scale is not None:
-        data["guidance"] = guidance_scale_strategy(guidance_scale)
-    return Strategy.parse(data)
+    return Strategy.parse(merge_guidance_scale(data, guidance_scale))  # both a guidance and a scale: an error
 
 
 def _registry(ctx: click.Context) -> Any:
@@ -100,7 +99,8 @@ def main(ctx: click.Context, models_file: str | None) -> None:
 @click.option("--vae", type=click.Choice(["full", "tiny"]), default="full", show_default=True,
               help="Autoencoder: the pipeline's VAE, or the model's tiny TAESD-style one (faster, approximate).")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default="outputs", show_default=True)
-@click.option("--batch-size", type=int, default=16, show_default=True, help="Images per engine call.")
+@click.option("--batch-size", type=click.IntRange(1, DEFAULT_LIMITS.max_images), default=16, show_default=True,
+              help="Images per engine call.")
 @click.pass_context
 def generate(ctx: click.Context, model: str, prompts: tuple[str, ...], prompts_file: str | None,
              negative_prompt: str | None, n: int, seed: int | None, width: int | None, height: int | None,
@@ -124,8 +124,6 @@ def generate(ctx: click.Context, model: str, prompts: tuple[str, ...], prompts_f
         raise InvalidRequestError("prompt", "give at least one --prompt or a --prompts-file")
     if n < 1:
         raise InvalidRequestError("n", f"must be at least 1, got {n}", ">= 1")
-    if batch_size < 1:
-        raise InvalidRequestError("batch_size", f"must be at least 1, got {batch_size}", ">= 1")
     parsed_strategy = _strategy_from_options(strategy, guidance_scale, sampler=sampler, schedule=schedule,
                                              guidance=guidance)
 

@@ -30,6 +30,7 @@ from accel_diffusion.clients.sdk import (
     AccelError,
     AuthenticationError,
     InvalidRequest,
+    ServerError,
     ServiceUnavailable,
 )
 from PIL import Image
@@ -45,20 +46,22 @@ class StreamFrame:
 
 
 class StreamError(AccelError):
-    """An error message from the stream (a bad frame or parameter); the session goes on."""
+    """A frame failed (a bad input frame, or a fault while it ran); ``receive`` raises it in the frame's
+    place and the session goes on."""
 
 
 class StreamClient:
     def __init__(self, base_url: str, prompt: str, *, api_key: str | None = None, **options: Any) -> None:
         scheme, _, rest = base_url.rstrip("/").partition("://")
         key = api_key if api_key is not None else os.environ.get(API_KEY_ENV)
-        self.url = f"{'wss' if scheme == 'https' else 'ws'}://{rest}/v1/stream"
+        self.url = f"{'wss' if scheme in ('https', 'wss') else 'ws'}://{rest}/v1/stream"
         if key:
             self.url += f"?api_key={quote(key)}"
         self.start = {"type": "session.start", "prompt": prompt, **options}
         self.session: dict[str, Any] = {}
         self._socket: Any = None
-        self._frames: deque[StreamFrame] = deque()  # frames that arrived while awaiting a control reply
+        # frames (or a frame's error) that arrived while awaiting a control reply, in order
+        self._frames: deque[StreamFrame | StreamError] = deque()
 
     async def __aenter__(self) -> StreamClient:
         from websockets.asyncio.client import connect
@@ -68,10 +71,13 @@ class StreamClient:
             self._socket = await connect(self.url, max_size=None)
             await self._socket.send(json.dumps(self.start))
             reply = await self._control("session.started")
-        except InvalidStatus as exc:  # the server closed before accepting: a refused API key
+        except InvalidStatus as exc:  # the server refused the upgrade
             status = exc.response.status_code
-            raise AuthenticationError(f"stream refused (HTTP {status}): missing or invalid API key", status,
-                                      "authentication_error") from None
+            if status in (401, 403):  # the server closes before accepting when the API key is refused
+                raise AuthenticationError(f"stream refused (HTTP {status}): missing or invalid API key", status,
+                                          "authentication_error") from None
+            kind = ServerError if status >= 500 else AccelError
+            raise kind(f"stream refused (HTTP {status})", status, "http_error") from None
         except ConnectionClosed as exc:
             code = exc.rcvd.code if exc.rcvd else None
             if code == 1013:
@@ -107,30 +113,41 @@ class StreamClient:
         await self._socket.send(json.dumps({"type": "frame.request"}))
 
     async def receive(self) -> StreamFrame:
-        """The next processed frame; raises StreamError for an error message (the stream goes on)."""
-        if self._frames:
-            return self._frames.popleft()
-        await self._control("frame")
-        return self._frames.popleft()
+        """The next processed frame; raises StreamError in place of a frame that failed (the stream goes on)."""
+        if not self._frames:
+            await self._control("frame")
+        item = self._frames.popleft()
+        if isinstance(item, StreamError):
+            raise item
+        return item
 
-    async def update(self, **params: Any) -> None:
+    async def update(self, **params: Any) -> list[int]:
+        """Change parameters mid-stream; returns the session's ``t_index_list`` now in use. A refused
+        value raises InvalidRequest and leaves the session as it was."""
         await self._socket.send(json.dumps({"type": "params.update", **params}))
-        await self._control("params.updated")
+        return (await self._control("params.updated"))["t_index_list"]
 
     async def stats(self) -> dict[str, Any]:
         await self._socket.send(json.dumps({"type": "stats"}))
         return await self._control("stats")
 
     async def _control(self, expected: str) -> dict[str, Any]:
-        """Read until a message of type ``expected``; frames met on the way are kept for ``receive``."""
+        """Read until a message of type ``expected``; frames (and frames' errors) met on the way are kept
+        for ``receive``. A control error answers the control message awaited now (the server answers
+        control messages in order, and this client awaits each reply before sending the next)."""
         while True:
             message = await self._socket.recv()
             if isinstance(message, bytes):
                 raise AccelError("expected a control message, got a binary frame")
             data = json.loads(message)
             if data.get("type") == "error":
-                error = StreamError if data.get("code") == "invalid_frame" else InvalidRequest
-                raise error(data.get("message", "stream error"), None, data.get("code"), data.get("param"))
+                args = (data.get("message", "stream error"), None, data.get("code"), data.get("param"))
+                if data.get("param") == "frame":  # a frame failed: its error takes the frame's place
+                    self._frames.append(StreamError(*args))
+                    if expected == "frame":
+                        return data
+                    continue
+                raise (ServerError if data.get("code") == "internal_error" else InvalidRequest)(*args)
             if data.get("type") == "frame":
                 image = None
                 if not data["warming_up"]:

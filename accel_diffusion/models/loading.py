@@ -77,6 +77,11 @@ def resolve_device_dtype(spec: ModelSpec) -> tuple[torch.device, torch.dtype]:
     )
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ModelLoadError(f"model {spec.id!r} asks for device {spec.device!r}, but no CUDA device is available")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ModelLoadError(f"model {spec.id!r} asks for device {spec.device!r}, but there are only "
+                             f"{torch.cuda.device_count()} CUDA devices")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ModelLoadError(f"model {spec.id!r} asks for device 'mps', but MPS is not available")
     if spec.dtype == "auto":
         dtype = torch.float16 if device.type == "cuda" else torch.float32
     else:
@@ -118,11 +123,16 @@ def detect_family(pipeline: DiffusionPipeline) -> Family:
     return "sd"
 
 
+def hub_offline() -> bool:
+    """``HF_HUB_OFFLINE`` read as huggingface_hub reads it (1 / ON / YES / TRUE, any case)."""
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE")
+
+
 def load_pipeline(spec: ModelSpec) -> LoadedPipeline:
     """Load ``spec`` with ``from_pretrained`` and prepare it for the engine."""
     device, dtype = resolve_device_dtype(spec)
     location = spec.location()
-    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+    offline = hub_offline()
     if spec.source != "hub" and not Path(location).is_dir():
         raise ModelLoadError(f"model {spec.id!r}: directory {location!r} does not exist")
     _refuse_pickle_only(location)
@@ -179,6 +189,7 @@ def _load_tiny_vae(spec: ModelSpec, pipeline: DiffusionPipeline, device: torch.d
         _refuse_pickle_only(location)
     try:
         tiny = AutoencoderTiny.from_pretrained(location, dtype=dtype, use_safetensors=True,
+                                               revision=None if local else spec.tiny_vae_revision,
                                                local_files_only=offline or local)
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"model {spec.id!r}: tiny_vae could not be loaded from {location!r}: {exc}") from exc
@@ -192,7 +203,10 @@ def _pipeline_class(location: str, spec: ModelSpec) -> type[DiffusionPipeline]:
     """The pipeline class named in ``model_index.json``: diffusers' own, or this package's oracle."""
     index = Path(location) / "model_index.json"
     if index.is_file():
-        class_name = json.loads(index.read_text()).get("_class_name", "")
+        try:
+            class_name = json.loads(index.read_text()).get("_class_name", "")
+        except (ValueError, AttributeError) as exc:  # not JSON, or not an object
+            raise ModelLoadError(f"model {spec.id!r}: {str(index)!r} is not a valid model_index.json") from exc
         if class_name == "GmmPipeline":
             from accel_diffusion.models.gmm import GmmPipeline
 

@@ -42,10 +42,11 @@ class ModelSpec(BaseModel):
     tiny_vae: str | None = Field(
         None, description="a TAESD-style AutoencoderTiny of the same latent space (stream sessions, requests "
         "with vae=tiny): the name of a built-in model directory, a local directory, or a hub id")
+    tiny_vae_revision: str | None = Field(None, description="hub revision of a hub tiny_vae; pin it in production")
     description: str = ""
     default_steps: Annotated[int, Field(ge=1, le=1000)] = 25
-    default_width: int | None = None
-    default_height: int | None = None
+    default_width: Annotated[int, Field(ge=8, le=8192)] | None = None
+    default_height: Annotated[int, Field(ge=8, le=8192)] | None = None
     default_strategy: Strategy = Field(
         default_factory=lambda: Strategy(sampler={"name": "dpmpp_2m"}, schedule={"name": "spacing"},
                                          guidance={"name": "cfg", "scale": 7.5})
@@ -105,16 +106,21 @@ class ModelRegistry:
         """Read a TOML model file: ``[models.<id>]`` tables with ModelSpec fields."""
         path = Path(path or os.environ.get(MODELS_FILE_ENV) or DEFAULT_MODELS_FILE)
         try:
-            data = tomllib.loads(path.read_text())
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise InvalidRequestError("models_file", f"{str(path)!r} does not exist") from None
         except tomllib.TOMLDecodeError as exc:
             raise InvalidRequestError("models_file", f"{str(path)!r} is not valid TOML: {exc}") from None
+        except (OSError, UnicodeDecodeError) as exc:  # a directory, unreadable, not UTF-8
+            raise InvalidRequestError("models_file", f"{str(path)!r} cannot be read: {exc}") from None
         models = data.get("models", {})
         if not isinstance(models, dict) or not all(isinstance(e, dict) for e in models.values()):
             raise InvalidRequestError("models_file", f"{str(path)!r}: declare each model as a [models.<id>] table")
         specs = []
         for model_id, entry in models.items():
+            if "id" in entry:  # the table name is the id; an "id" key could silently shadow another model
+                raise InvalidRequestError(f"models.{model_id}.id", "the id is the table name [models.<id>]; "
+                                          "remove the 'id' key")
             try:
                 specs.append(ModelSpec.model_validate({"id": model_id, **entry}))
             except pydantic.ValidationError as exc:

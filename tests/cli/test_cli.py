@@ -70,6 +70,8 @@ def test_generate_img2img_and_strategy_file(runner: CliRunner, tiny_models_file:
         (["--schedule", "karras"], "schedule 'karras' cannot be used with sampler 'ddim'"),
         (["--sampler", "lcm", "--steps", "60"], "steps: 60 steps do not fit sampler 'lcm'"),
         (["--strategy", "ddim"], "strategy: must be a JSON object"),
+        (["--guidance", "rcfg", "--guidance-scale", "3"], "give either guidance_scale or strategy.guidance"),
+        (["--batch-size", "65"], "Invalid value for '--batch-size'"),
     ],
 )
 def test_bad_input_is_one_clear_line_and_writes_nothing(

@@ -44,8 +44,10 @@ def test_stream_client_round_trip_updates_errors_and_stats(server_url: str) -> N
                 await stream.update(t_index_list=[99])
             assert bad_update.value.param == "t_index_list"
             await stream.send(b"not an image")
-            with pytest.raises(StreamError):
+            assert await stream.update(guidance_scale=1.5) == [32, 45]  # the frame's error waits for receive
+            with pytest.raises(StreamError) as bad_frame:
                 await stream.receive()
+            assert bad_frame.value.param == "frame"
             await stream.send(Image.fromarray(frame(2)))
             assert (await stream.receive()).seq == 3
             stats = await stream.stats()

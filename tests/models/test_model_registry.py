@@ -80,6 +80,38 @@ def test_registry_file_validation(tmp_path: Path) -> None:
         ModelRegistry.from_file(bad)
     with pytest.raises(InvalidRequestError, match="does not exist"):
         ModelRegistry.from_file(tmp_path / "missing.toml")
+    with pytest.raises(InvalidRequestError, match="cannot be read"):
+        ModelRegistry.from_file(tmp_path)  # a directory
+    bad.write_bytes(b"\xff\xfe[models.x]")
+    with pytest.raises(InvalidRequestError, match="cannot be read"):
+        ModelRegistry.from_file(bad)
+    bad.write_text('[models.a]\nid = "b"\nsource = "local"\npath = "/a"\n[models.b]\nsource = "local"\npath = "/b"\n')
+    with pytest.raises(InvalidRequestError) as err:
+        ModelRegistry.from_file(bad)
+    assert err.value.field == "models.a.id"
+    bad.write_text('[models.x]\nsource = "local"\npath = "/x"\ndefault_width = -64\n')
+    with pytest.raises(InvalidRequestError) as err:
+        ModelRegistry.from_file(bad)
+    assert err.value.field == "models.x.default_width"
+
+
+@pytest.mark.parametrize(("value", "offline"), [("1", True), ("true", True), ("ON", True), ("yes", True),
+                                                ("0", False), ("no", False), ("off", False), ("FALSE", False),
+                                                ("", False)])
+def test_hf_hub_offline_is_read_as_huggingface_hub_reads_it(monkeypatch: pytest.MonkeyPatch, value: str,
+                                                            offline: bool) -> None:
+    from accel_diffusion.models.loading import hub_offline
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", value)
+    assert hub_offline() is offline
+
+
+def test_a_malformed_model_index_is_a_load_error(tmp_path: Path, tiny_sd_dir: Path) -> None:
+    copy = tmp_path / "broken"
+    shutil.copytree(tiny_sd_dir, copy)
+    (copy / "model_index.json").write_text("{not json")
+    with pytest.raises(ModelLoadError, match=r"not a valid model_index\.json"):
+        load_pipeline(tiny_spec("broken", copy))
 
 
 def test_hub_spec_and_env_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_sd_dir: Path) -> None:
@@ -148,6 +180,9 @@ def test_cuda_device_without_cuda_is_a_load_error(tiny_sd_dir: Path) -> None:
         pytest.skip("needs a machine without CUDA")
     with pytest.raises(ModelLoadError, match="no CUDA device is available"):
         load_pipeline(tiny_spec("gpu", tiny_sd_dir, device="cuda"))
+    if not torch.backends.mps.is_available():
+        with pytest.raises(ModelLoadError, match="MPS is not available"):
+            load_pipeline(tiny_spec("mac", tiny_sd_dir, device="mps"))
 
 
 def test_unsupported_pipelines_are_refused(tmp_path: Path) -> None:
