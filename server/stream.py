@@ -143,7 +143,6 @@ class _Connection:
         self.latest_jpeg: bytes | None = None  # for MJPEG viewers
         self.viewers: list[asyncio.Event] = []
         self.closed = False
-
         self.send_lock = asyncio.Lock()
 
     async def send(self, message: dict[str, Any], image: bytes | None = None) -> None:
