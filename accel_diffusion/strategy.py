@@ -77,6 +77,9 @@ class Strategy(BaseModel):
             raise validation_error_to_request_error(exc, prefix="strategy", model=cls) from None
 
 
+MAX_SEED = 2**63 - 1  # seeds are torch.Generator seeds: non-negative 64-bit signed integers
+
+
 class RequestLimits(BaseModel):
     """Configured bounds every request is checked against (the server tightens these)."""
 
@@ -122,7 +125,7 @@ class GenerationRequest(BaseModel):
     prompt: str | list[str]
     negative_prompt: str | None = None
     n: Annotated[int, Field(ge=1, description="images per prompt")] = 1
-    seed: Annotated[int, Field(ge=0, lt=2**63)] | None = None
+    seed: Annotated[int, Field(ge=0, le=MAX_SEED)] | None = None
     width: int | None = None
     height: int | None = None
     steps: int | None = None
@@ -217,7 +220,7 @@ class GenerationRequest(BaseModel):
                              f"at most {limits.max_images} per request")
         if self.width and self.height and self.width * self.height > limits.max_pixels:
             raise ValueError(f"width: width x height = {self.width * self.height} pixels; at most {limits.max_pixels}")
-        if self.seed is not None and self.seed + total - 1 >= 2**63:  # image k uses seed + k
+        if self.seed is not None and self.seed + total - 1 > MAX_SEED:  # image k uses seed + k
             raise ValueError(f"seed: seed + images - 1 must stay below 2**63, got {self.seed} for {total} images")
         return self
 

@@ -20,9 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from accel_diffusion.errors import InvalidRequestError
 from accel_diffusion.imageio import ImageFormat
 from accel_diffusion.registry import validation_error_to_request_error
-from accel_diffusion.strategy import GenerationRequest, merge_guidance_scale, parse_size
-
-MAX_SEED = 2**63 - 1
+from accel_diffusion.strategy import MAX_SEED, GenerationRequest, merge_guidance_scale, parse_size
 
 
 class BatchItem(BaseModel):

@@ -25,12 +25,10 @@ from accel_diffusion.models.registry import ModelRegistry
 from accel_diffusion.registry import get_registry
 from accel_diffusion.samplers.base import Sampler
 from accel_diffusion.schedules.base import Schedule
-from accel_diffusion.strategy import GenerationRequest, Strategy
+from accel_diffusion.strategy import MAX_SEED, GenerationRequest, Strategy
 
 if TYPE_CHECKING:
     from accel_diffusion.models.loading import LoadedPipeline
-
-MAX_SEED = 2**63 - 1
 
 
 @dataclass

@@ -47,15 +47,15 @@ from accel_diffusion.errors import InvalidRequestError
 from accel_diffusion.guidance.base import COND, UNCOND
 from accel_diffusion.models.loading import LoadedPipeline
 from accel_diffusion.schedulers.noise_grid import train_alphas_cumprod
-from accel_diffusion.strategy import DEFAULT_LIMITS, RequestLimits
+from accel_diffusion.strategy import DEFAULT_LIMITS, MAX_SEED, RequestLimits
 from accel_diffusion.stream.similarity_filter import SimilarityFilter
 
 StreamGuidance = Literal["none", "cfg", "rcfg_self", "rcfg_onetime"]
 StreamVae = Literal["auto", "full", "tiny"]
 GRID_STEPS = 50
 # StreamDiffusion's README defaults: img2img keeps part of the frame, txt2img starts from pure noise (index 0)
+Steps = tuple[list[int], torch.Tensor, torch.Tensor, torch.Tensor]  # t_index_list, timesteps, α, σ
 DEFAULT_T_INDEX_LIST = {"img2img": (32, 45), "txt2img": (0, 16, 32, 45)}
-MAX_SEED = 2**63 - 1
 
 
 def _number(name: str, value: Any, low: float = 0.0, high: float = math.inf) -> float:
@@ -182,22 +182,19 @@ class StreamSession:
             self.filter = SimilarityFilter(_number("similarity_threshold", similarity_threshold, 0.0, 1.0),
                                            _integer("max_skip", max_skip, 0, 10_000), seed)
         self.state = StreamState()
-        if t_index_list is None:
-            t_index_list = DEFAULT_T_INDEX_LIST[mode]
-        if strength is not None:
-            if mode == "txt2img":
-                raise InvalidRequestError("strength", "txt2img streams start from pure noise; strength is for img2img")
-            t_index_list = strength_t_index_list(strength, len(self._steps(t_index_list)[0]))
+        steps = self._steps(DEFAULT_T_INDEX_LIST[mode] if t_index_list is None else t_index_list)
+        if strength is not None:  # t_index_list then gives only the number of steps
+            steps = self._strength_steps(strength, len(steps[0]))
         self._prompt = _text("prompt", prompt, limits, required=True)
         self._negative = _text("negative_prompt", negative_prompt, limits, required=False)
         self._cond, self._uncond = self._prompt_states(self._prompt, self._negative)
-        self._use_steps(self._steps(t_index_list))
+        self._use_steps(steps)
         self.seed = seed
         self.init_noise = self._noise(seed, self.num_slots)
 
     # -- preparation (once, and on update): each helper validates and builds, nothing is stored until all succeed --
 
-    def _steps(self, t_index_list: Any) -> tuple[list[int], torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _steps(self, t_index_list: Any) -> Steps:
         """(indices, timesteps, α, σ) of a ``t_index_list``."""
         sequence = isinstance(t_index_list, Sequence) and not isinstance(t_index_list, str | bytes)
         indices = [int(i) for i in t_index_list] if sequence and all(
@@ -214,7 +211,13 @@ class StreamSession:
         sigma = (1 - abar).sqrt().to(self.model.device, self.model.dtype).view(shape)
         return indices, timesteps, alpha, sigma
 
-    def _use_steps(self, steps: tuple[list[int], torch.Tensor, torch.Tensor, torch.Tensor]) -> None:
+    def _strength_steps(self, strength: float, count: int) -> Steps:
+        """The steps of diffusers' img2img ``strength``: ``count`` indices (``strength_t_index_list``)."""
+        if self.mode == "txt2img":
+            raise InvalidRequestError("strength", "txt2img streams start from pure noise; strength is for img2img")
+        return self._steps(strength_t_index_list(strength, count))
+
+    def _use_steps(self, steps: Steps) -> None:
         self.t_index_list, self.timesteps, self._alpha, self._sigma = steps
         self._restart()
 
@@ -245,16 +248,16 @@ class StreamSession:
         buffered frames kept; new steps (``t_index_list``, or ``strength`` with the current number of
         steps) or a new seed restart the slots (and their warm-up). All or nothing: an invalid value
         raises InvalidRequestError and leaves the session as it was."""
-        if strength is not None:
-            if t_index_list is not None:
-                raise InvalidRequestError("strength", "give strength or t_index_list, not both")
-            if self.mode == "txt2img":
-                raise InvalidRequestError("strength", "txt2img streams start from pure noise; strength is for img2img")
-            t_index_list = strength_t_index_list(strength, self.num_slots)
+        if strength is not None and t_index_list is not None:
+            raise InvalidRequestError("strength", "give strength or t_index_list, not both")
         scale = self.guidance_scale if guidance_scale is None else _number("guidance_scale", guidance_scale)
         new_delta = self.delta if delta is None else _number("delta", delta)
         new_seed = self.seed if seed is None else _integer("seed", seed, 0, MAX_SEED)
-        steps = None if t_index_list is None else self._steps(t_index_list)
+        steps = None
+        if strength is not None:
+            steps = self._strength_steps(strength, self.num_slots)
+        elif t_index_list is not None:
+            steps = self._steps(t_index_list)
         texts = None
         if prompt is not None or negative_prompt is not None:
             texts = (_text("prompt", prompt, self.limits, required=True) if prompt is not None else self._prompt,
