@@ -29,6 +29,7 @@ import os
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -242,6 +243,21 @@ SHAPES_SAMPLERS: list[tuple[str, str, dict, dict]] = [
 ]
 
 
+def cfg_cell_evaluator() -> Callable[..., dict[str, Any]]:
+    """``evaluate(sampler, schedule, cfg_scale, steps, repeats=1)``: evaluate_shapes on the shipped model
+    with CFG, sharing one engine, judge and set of real renders across the cells of a study."""
+    engine = Engine(ModelRegistry.default())
+    judge = ShapesJudge.load()
+    real = real_renders()
+
+    def evaluate(sampler: dict, schedule: dict, scale: float, steps: int, repeats: int = 1) -> dict[str, Any]:
+        return evaluate_shapes(engine, strategy={"sampler": sampler, "schedule": schedule,
+                                                 "guidance": {"name": "cfg", "scale": scale}},
+                               steps=steps, repeats=repeats, judge=judge, real=real, progress=False)
+
+    return evaluate
+
+
 def shapes_cells() -> list[tuple[float, int]]:
     cells = [(5.0, steps) for steps in CFG5_STEPS]
     for scale, steps in HIGH_CFG:
@@ -250,16 +266,12 @@ def shapes_cells() -> list[tuple[float, int]]:
 
 
 def shapes_study(only: set[str] | None = None) -> dict[str, Any]:
-    engine = Engine(ModelRegistry.default())
-    judge = ShapesJudge.load()
-    real = real_renders()
+    evaluate = cfg_cell_evaluator()
     rows = []
     chosen = [s for s in SHAPES_SAMPLERS if only is None or s[1] in only]
     work = [(s, cell) for s in chosen for cell in shapes_cells()]
     for (group, label, sampler, schedule), (scale, steps) in tqdm(work, desc="shapes"):
-        m = evaluate_shapes(engine, strategy={"sampler": sampler, "schedule": schedule,
-                                              "guidance": {"name": "cfg", "scale": scale}},
-                            steps=steps, judge=judge, real=real, progress=False)
+        m = evaluate(sampler, schedule, scale, steps)
         rows.append({"group": group, "sampler": label, "cfg": scale, "steps": steps,
                      "accuracy": m["prompt_accuracy"]["all"], "frechet_distance": m["frechet_distance"],
                      "out_of_gamut": m["saturation"]["clipped_fraction"], "nfe_per_image": m["nfe_per_image"],
@@ -280,9 +292,7 @@ GRID_STUDY_SCHEDULES: list[tuple[str, dict]] = [
 
 def grid_study() -> dict[str, Any]:
     """Why order-3 DEIS collapses under guidance: the same solvers on every grid, 25 steps, CFG 5."""
-    engine = Engine(ModelRegistry.default())
-    judge = ShapesJudge.load()
-    real = real_renders()
+    evaluate = cfg_cell_evaluator()
     samplers = [("DEIS tab 3", {"name": "deis", "variant": "tab", "order": 3}),
                 ("DEIS logrho 3", {"name": "deis", "variant": "logrho", "order": 3}),
                 ("DEIS logrho 3, sigma_min end (= diffusers DEIS 3 on diffusers grids)",
@@ -290,9 +300,7 @@ def grid_study() -> dict[str, Any]:
     rows = []
     for (label, sampler), (grid, schedule) in tqdm([(a, b) for a in samplers for b in GRID_STUDY_SCHEDULES],
                                                    desc="grids"):
-        m = evaluate_shapes(engine, strategy={"sampler": sampler, "schedule": schedule,
-                                              "guidance": {"name": "cfg", "scale": 5.0}},
-                            steps=25, judge=judge, real=real, progress=False)
+        m = evaluate(sampler, schedule, 5.0, 25)
         rows.append({"sampler": label, "grid": grid, "accuracy": m["prompt_accuracy"]["all"],
                      "out_of_gamut": m["saturation"]["clipped_fraction"], "frechet_distance": m["frechet_distance"]})
     return {"steps": 25, "cfg": 5.0, "rows": rows}
@@ -317,18 +325,14 @@ MOMENTUM_CELLS = [(scale, steps) for scale in (5.0, 7.5) for steps in (6, 8, 10)
 def momentum_grid_study() -> dict[str, Any]:
     """The momentum target's cells (6, 8, 10 steps at CFG 5 and 7.5) for HB 0.8 and GHVB 1.8 / 2.8 / 3.8
     on five grids, against diffusers' DDIM (trailing) in the same run: is any grid enough to reach DDIM?"""
-    engine = Engine(ModelRegistry.default())
-    judge = ShapesJudge.load()
-    real = real_renders()
+    evaluate = cfg_cell_evaluator()
     work = [("DDIM (trailing)", {"name": "ddim"}, "trailing", {"name": "spacing", "spacing": "trailing"})]
     work += [(label, sampler, grid, schedule) for label, sampler in MOMENTUM_SAMPLERS
              for grid, schedule in MOMENTUM_GRIDS]
     rows = []
     for (label, sampler, grid, schedule), (scale, steps) in tqdm(
             [(w, cell) for w in work for cell in MOMENTUM_CELLS], desc="momentum grids"):
-        m = evaluate_shapes(engine, strategy={"sampler": sampler, "schedule": schedule,
-                                              "guidance": {"name": "cfg", "scale": scale}},
-                            steps=steps, judge=judge, real=real, progress=False)
+        m = evaluate(sampler, schedule, scale, steps)
         rows.append({"sampler": label, "grid": grid, "cfg": scale, "steps": steps,
                      "accuracy": m["prompt_accuracy"]["all"], "out_of_gamut": m["saturation"]["clipped_fraction"]})
     return {"images_per_cell": 196, "rows": rows}
@@ -346,14 +350,10 @@ CEILING_SAMPLERS: list[tuple[str, str, dict, dict]] = [
 def ceiling_study() -> dict[str, Any]:
     """8 steps, CFG 5, where the 196-prompt table ties at 1.000: the same prompts with 10 seeds each
     (1960 images per sampler) for the two best anchors and the two best of ours."""
-    engine = Engine(ModelRegistry.default())
-    judge = ShapesJudge.load()
-    real = real_renders()
+    evaluate = cfg_cell_evaluator()
     rows = []
     for group, label, sampler, schedule in tqdm(CEILING_SAMPLERS, desc="8-step ceiling"):
-        m = evaluate_shapes(engine, strategy={"sampler": sampler, "schedule": schedule,
-                                              "guidance": {"name": "cfg", "scale": 5.0}},
-                            steps=8, repeats=CEILING_SEEDS_PER_PROMPT, judge=judge, real=real, progress=False)
+        m = evaluate(sampler, schedule, 5.0, 8, repeats=CEILING_SEEDS_PER_PROMPT)
         images = m["images"]
         accuracy = m["prompt_accuracy"]["all"]
         rows.append({"group": group, "sampler": label, "accuracy": accuracy, "images": images,

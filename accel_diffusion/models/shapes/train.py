@@ -100,6 +100,16 @@ def _cosine(step: int, total: int, warmup: int, floor: float = 0.05) -> float:
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, p)))
 
 
+def _clipped_step(loss: torch.Tensor, params: Any, opt: torch.optim.Optimizer,
+                  sched: torch.optim.lr_scheduler.LRScheduler) -> None:
+    """One optimizer step on ``loss`` with the gradient norm clipped to 1, then one scheduler step."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    sched.step()
+
+
 def train_vae(
     images: np.ndarray, steps: int, batch_size: int, lr: float, kl_weight: float, gen: torch.Generator
 ) -> AutoencoderKL:
@@ -117,11 +127,7 @@ def train_vae(
         rec = vae.decode(z).sample
         kl = post.kl().mean()
         loss = F.l1_loss(rec, x) + F.mse_loss(rec, x) + kl_weight * kl
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        opt.step()
-        sched.step()
+        _clipped_step(loss, vae.parameters(), opt, sched)
         bar.set_postfix(loss=f"{loss.item():.4f}", kl=f"{kl.item():.0f}", refresh=False)
     return vae.eval()
 
@@ -177,11 +183,7 @@ def train_unet(
         pred = unet(zt, t, encoder_hidden_states=cond).sample
         per = ((pred - noise) ** 2).mean(dim=(1, 2, 3))
         loss = (per * weight[t]).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
+        _clipped_step(loss, params, opt, sched)
         d = min(ema_decay, (1 + step) / (10 + step))
         with torch.no_grad():
             torch._foreach_lerp_(ema_params, params, 1 - d)

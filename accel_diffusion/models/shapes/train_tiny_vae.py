@@ -39,7 +39,7 @@ from accel_diffusion.eval.shapes_judge import to_tensor
 from accel_diffusion.eval.timing import median_ms
 from accel_diffusion.models.shapes.cpu import flushing_denormals
 from accel_diffusion.models.shapes.render import render_dataset
-from accel_diffusion.models.shapes.train import _cosine, _dir_size
+from accel_diffusion.models.shapes.train import _clipped_step, _cosine, _dir_size
 
 BUILTIN = Path(__file__).resolve().parent.parent / "builtin"
 DEFAULT_TEACHER = BUILTIN / "shapes" / "vae"
@@ -115,11 +115,7 @@ def train_tiny(
         decoded = student.decode(z).sample
         decoder_loss = F.l1_loss(decoded, target) + F.mse_loss(decoded, target)
         loss = encoder_loss + decoder_loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
-        opt.step()
-        sched.step()
+        _clipped_step(loss, student.parameters(), opt, sched)
         bar.set_postfix(enc=f"{encoder_loss.item():.4f}", dec=f"{decoder_loss.item():.4f}", refresh=False)
     return student.eval()
 
