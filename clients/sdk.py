@@ -137,6 +137,11 @@ class JobCancelled(AccelError):
     """A job ended in ``cancelled``."""
 
 
+class ImagesReleased(AccelError):
+    """A finished job's images are no longer held by the server: a synchronous call returned them, or the
+    server's ``max_job_image_bytes`` evicted them (fetch results sooner, or raise that limit)."""
+
+
 class JobTimeout(AccelError, TimeoutError):
     """Waiting for a job took longer than the given timeout (the job itself may still run)."""
 
@@ -279,6 +284,9 @@ def _decode_image(b64: str) -> Image.Image:
 
 
 def _output(job_id: str, result: dict[str, Any], submitted_at: float) -> GenerationOutput:
+    if result.get("images_released"):
+        raise ImagesReleased("the server no longer holds this job's images (returned by a synchronous call, or "
+                             "evicted past its max_job_image_bytes)", job_id=job_id)
     items = result["images"]
     timings = {name: float(value) for name, value in (result.get("timings") or {}).items()}
     timings.setdefault("queue", 0.0)

@@ -69,7 +69,7 @@ class ServerState:
         self.registry = registry
         self.limits = settings.request_limits()
         self.metrics = ServerMetrics()
-        self.jobs = JobStore(settings.job_ttl_s, settings.max_finished_jobs)
+        self.jobs = JobStore(settings.job_ttl_s, settings.max_finished_jobs, settings.max_job_image_bytes)
         self.worker = DeviceWorker(Engine(registry), settings.queue_max, self.metrics,
                                    settings.max_batch_size, settings.max_batch_wait_ms, settings.batch_invariant)
         self.api_keys = [k.encode() for k in settings.all_api_keys()]
@@ -90,11 +90,12 @@ class ServerState:
         if request.model not in self.settings.served_models:
             raise UnknownModelError("model", f"{request.model!r} is not served here", self.settings.served_models)
 
-    def submit(self, request: GenerationRequest, output: OutputOptions, owner: str | None = None) -> tuple[Job, int]:
+    def submit(self, request: GenerationRequest, output: OutputOptions, owner: str | None = None,
+               delivered_by_caller: bool = False) -> tuple[Job, int]:
         if self.draining:
             raise DrainingError("the server is shutting down; retry on another replica")
         self.check_model(request)
-        job = Job(request=request, output=output, owner=owner)
+        job = Job(request=request, output=output, owner=owner, delivered_by_caller=delivered_by_caller)
         position = self.worker.submit(job)
         self.jobs.add(job)
         return job, position
@@ -400,7 +401,7 @@ def _api_routes() -> APIRouter:
 async def _run_images(generation: GenerationRequest, output: OutputOptions, request: Request,
                       state: ServerState) -> Any:
     """Submit, wait (a disconnect cancels), answer in the OpenAI images shape or with an error."""
-    job, _ = state.submit(generation, output, get_owner(request))
+    job, _ = state.submit(generation, output, get_owner(request), delivered_by_caller=True)
     await _wait_or_cancel(job, request, state)
     if job.status is JobStatus.SUCCEEDED:
         assert job.result is not None

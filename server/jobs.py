@@ -61,6 +61,9 @@ class Job:
     result: dict[str, Any] | None = None
     error: dict[str, Any] | None = None
     owner: str | None = None  # a digest of the API key that submitted it (None without keys)
+    # a synchronous call returns the images itself, then releases them: the store never evicts them first
+    delivered_by_caller: bool = False
+    image_bytes: int = 0  # base64 characters of the result's images held by this job
     cancel_event: threading.Event = field(default_factory=threading.Event)
     events: list[JobEvent] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -70,8 +73,7 @@ class Job:
         with self._lock:
             event = JobEvent(len(self.events) + 1, type_, data or {})
             if type_ == "job.preview":  # keep the latest preview's images only (a replay shows the newest)
-                self.events = [JobEvent(e.id, e.type, {"step": e.data.get("step"), "superseded": True})
-                               if e.type == "job.preview" else e for e in self.events]
+                self.events = [_superseded(e) if e.type == "job.preview" else e for e in self.events]
             self.events.append(event)
             finished = self.status.finished
             waiters = [(loop, flag) for loop, flag, finish_only in self._waiters if finished or not finish_only]
@@ -134,6 +136,9 @@ class Job:
                 return False
             self.status, self.result, self.error = status, result, error
             self.completed_at = time.time()
+            self.image_bytes = _image_bytes(result)
+            if status is JobStatus.SUCCEEDED:  # the result supersedes the previews (a cancelled job keeps its last)
+                self.events = [_superseded(e) if e.type == "job.preview" else e for e in self.events]
         if status is JobStatus.SUCCEEDED:
             self.emit("job.completed", {"result": result})
         elif status is JobStatus.FAILED:
@@ -143,10 +148,12 @@ class Job:
         return True
 
     def release_images(self) -> None:
-        """Forget the result's base64 images once a synchronous call has returned them: a finished job
-        is kept for ``job_ttl_s`` (its metadata and seeds), not a second copy of what was delivered."""
+        """Forget the result's base64 images: once a synchronous call has returned them, or when the job
+        store evicts them (``max_image_bytes``). The job stays for ``job_ttl_s`` with its metadata and
+        seeds, marked ``images_released``."""
         with self._lock:
-            if self.result is not None:
+            self.image_bytes = 0
+            if self.result is not None and "images" in self.result:
                 self.result = {**self.result, "images": [{**im, "b64_json": None} for im in self.result["images"]],
                                "images_released": True}
                 self.events = [JobEvent(e.id, e.type, {"result": self.result}) if e.type == "job.completed" else e
@@ -172,6 +179,14 @@ class Job:
             }
 
 
+def _image_bytes(result: dict[str, Any] | None) -> int:
+    return sum(len(im.get("b64_json") or "") for im in (result or {}).get("images", []))
+
+
+def _superseded(preview: JobEvent) -> JobEvent:
+    return JobEvent(preview.id, preview.type, {"step": preview.data.get("step"), "superseded": True})
+
+
 def request_echo(request: GenerationRequest, output: OutputOptions) -> dict[str, Any]:
     echo = request.model_dump(mode="json", exclude={"init_image"}, exclude_none=True)
     echo["img2img"] = request.init_image is not None
@@ -193,11 +208,15 @@ class DrainingError(Exception):
 
 
 class JobStore:
-    """All jobs by id; finished ones are dropped after ``ttl_s`` or beyond ``max_finished``."""
+    """All jobs by id; finished ones are dropped after ``ttl_s`` or beyond ``max_finished``, and the
+    images they hold are capped at ``max_image_bytes`` base64 characters in all: past it the oldest
+    finished jobs' images are released (the jobs stay, marked ``images_released``). A job whose caller
+    delivers the images itself (a synchronous call) is not evicted: the caller releases it."""
 
-    def __init__(self, ttl_s: float, max_finished: int) -> None:
+    def __init__(self, ttl_s: float, max_finished: int, max_image_bytes: int | None = None) -> None:
         self.ttl_s = ttl_s
         self.max_finished = max_finished
+        self.max_image_bytes = max_image_bytes
         self._jobs: OrderedDict[str, Job] = OrderedDict()
         self._lock = threading.Lock()
 
@@ -225,3 +244,13 @@ class JobStore:
             expired |= {j.id for j in [j for j in finished if j.id not in expired][:overflow]}
         for job_id in expired:
             del self._jobs[job_id]
+        if self.max_image_bytes is None:
+            return
+        holding = sorted((j for j in self._jobs.values() if j.image_bytes and not j.delivered_by_caller),
+                         key=lambda j: j.completed_at or 0.0)
+        held = sum(j.image_bytes for j in self._jobs.values() if j.image_bytes)
+        for job in holding:
+            if held <= self.max_image_bytes:
+                break
+            held -= job.image_bytes
+            job.release_images()

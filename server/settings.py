@@ -46,6 +46,9 @@ class ServerSettings(BaseSettings):
     cors_origins: list[str] = Field([], description="allowed browser origins; empty = CORS closed")
     job_ttl_s: Annotated[float, Field(gt=0)] = 3600.0
     max_finished_jobs: Annotated[int, Field(ge=1)] = 1000
+    max_job_image_bytes: int = Field(1 << 30, ge=0, description="base64 bytes of finished jobs' images kept in "
+                                     "all; past it the oldest jobs' images are released (the jobs stay, with "
+                                     "their metadata and seeds, marked images_released)")
     warmup_steps: Annotated[int, Field(ge=0)] = 2
     max_stream_sessions: Annotated[int, Field(ge=0)] = 4
     stream_idle_timeout_s: Annotated[float, Field(gt=0)] = 60.0

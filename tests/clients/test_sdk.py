@@ -23,6 +23,7 @@ from accel_diffusion.clients import (
     AsyncAccelClient,
     AuthenticationError,
     GenerationOutput,
+    ImagesReleased,
     InvalidRequest,
     JobCancelled,
     JobFailed,
@@ -468,6 +469,17 @@ def test_async_event_stream_resumes_too() -> None:
 
     assert asyncio.run(main()) == [1, 2, 3, 4, 5]
     assert [r.headers.get("Last-Event-ID") for r in seen] == [None, "2", "2"]
+
+
+def test_released_images_raise_images_released() -> None:
+    completed = next(data for _, kind, data in EVENTS if kind == "job.completed")
+    result = {**completed["result"], "images_released": True,
+              "images": [{**im, "b64_json": None} for im in completed["result"]["images"]]}
+    transport = httpx.MockTransport(lambda request: httpx.Response(
+        200, json={"id": "job_r", "status": "succeeded", "result": result}))
+    with AccelClient("http://sdk.test", transport=transport) as sdk, pytest.raises(ImagesReleased) as raised:
+        sdk.job("job_r").result()
+    assert raised.value.job_id == "job_r" and "max_job_image_bytes" in str(raised.value)
 
 
 def test_failed_jobs_raise_job_failed_with_the_error_type() -> None:

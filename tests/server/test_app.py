@@ -117,12 +117,21 @@ def test_job_lifecycle_and_sse_events(client: TestClient) -> None:
 
 
 def test_previews_arrive_as_events_and_a_job_keeps_the_latest_ones_images(client: TestClient) -> None:
-    job_id = client.post("/v1/jobs", json={"prompt": PROMPT, "seed": 0, "steps": 7, "preview_every": 2}).json()["id"]
-    wait_finished(client, job_id)
-    previews = [e for e in sse_events(client.get(f"/v1/jobs/{job_id}/events").text) if e["event"] == "job.preview"]
-    assert [p["data"]["step"] for p in previews] == [2, 4, 6]
-    assert decode(previews[-1]["data"]["b64_json"][0]).shape == (32, 32, 3)
+    long = client.post("/v1/jobs", json={"prompt": PROMPT, "seed": 0, "steps": 150, "preview_every": 2}).json()["id"]
+    deadline = time.monotonic() + 60
+    while client.get(f"/v1/jobs/{long}").json()["progress"]["step"] < 6 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    client.post(f"/v1/jobs/{long}/cancel")
+    wait_finished(client, long)
+    previews = [e for e in sse_events(client.get(f"/v1/jobs/{long}/events").text) if e["event"] == "job.preview"]
+    assert [p["data"]["step"] for p in previews][:3] == [2, 4, 6]
+    assert decode(previews[-1]["data"]["b64_json"][0]).shape == (32, 32, 3)  # a cancelled job keeps its last
     assert all(p["data"].get("superseded") and "b64_json" not in p["data"] for p in previews[:-1])
+    # a finished job's result supersedes its previews: it does not keep their images beside the result
+    done = client.post("/v1/jobs", json={"prompt": PROMPT, "seed": 0, "steps": 7, "preview_every": 2}).json()["id"]
+    wait_finished(client, done)
+    previews = [e for e in sse_events(client.get(f"/v1/jobs/{done}/events").text) if e["event"] == "job.preview"]
+    assert [p["data"] for p in previews] == [{"step": step, "superseded": True} for step in (2, 4, 6)]
 
 
 def test_cancel_queued_and_running_jobs(client: TestClient) -> None:

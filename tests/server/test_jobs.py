@@ -59,3 +59,45 @@ def test_a_job_keeps_only_its_latest_previews_images() -> None:
     for step in (2, 4):
         job.emit("job.preview", {"step": step, "b64_json": [f"image-{step}"]})
     assert [e.data for e in job.events] == [{"step": 2, "superseded": True}, {"step": 4, "b64_json": ["image-4"]}]
+
+
+def finished_with_images(store: JobStore, chars: int, delivered_by_caller: bool = False) -> Job:
+    job = Job(request=GenerationRequest.create(model="tiny", prompt="a"), delivered_by_caller=delivered_by_caller)
+    store.add(job)
+    job.finish(JobStatus.SUCCEEDED, result={"images": [{"seed": 1, "b64_json": "A" * chars}, {"seed": 2,
+                                                                                            "b64_json": "B"}]})
+    return job
+
+
+def test_the_images_held_by_finished_jobs_are_capped_oldest_first() -> None:
+    store = JobStore(ttl_s=60, max_finished=100, max_image_bytes=2500)
+    old, middle = finished_with_images(store, 999), finished_with_images(store, 999)
+    assert old.image_bytes == middle.image_bytes == 1000 and store.get(old.id) is old  # 2000 held: under the cap
+    new = finished_with_images(store, 999)
+    assert store.get(new.id) is new  # 3000 held: the oldest job's images go, the job stays
+    assert old.result is not None and old.result["images_released"] and old.image_bytes == 0
+    assert [im["b64_json"] for im in old.result["images"]] == [None, None]
+    assert [im["seed"] for im in old.result["images"]] == [1, 2]
+    assert middle.result is not None and "images_released" not in middle.result and new.image_bytes == 1000
+    completed = [e for e in old.events if e.type == "job.completed"]
+    assert completed[0].data["result"]["images_released"]  # an SSE replay does not carry them either
+
+
+def test_a_synchronous_calls_images_are_never_evicted_before_delivery() -> None:
+    store = JobStore(ttl_s=60, max_finished=100, max_image_bytes=0)
+    synchronous = finished_with_images(store, 5000, delivered_by_caller=True)
+    queued = finished_with_images(store, 10)
+    assert store.get(synchronous.id) is synchronous
+    assert synchronous.image_bytes == 5001 and queued.image_bytes == 0  # the other job's images went
+    synchronous.release_images()  # the caller delivered them
+    assert synchronous.image_bytes == 0 and synchronous.result is not None and synchronous.result["images_released"]
+
+
+def test_without_a_cap_images_are_kept_and_a_result_supersedes_the_previews() -> None:
+    store = JobStore(ttl_s=60, max_finished=100)
+    job = Job(request=GenerationRequest.create(model="tiny", prompt="a"))
+    store.add(job)
+    job.emit("job.preview", {"step": 2, "b64_json": ["image-2"]})
+    job.finish(JobStatus.SUCCEEDED, result={"images": [{"seed": 1, "b64_json": "A" * 10**6}]})
+    assert store.get(job.id) is job and job.image_bytes == 10**6
+    assert [e.data for e in job.events if e.type == "job.preview"] == [{"step": 2, "superseded": True}]
