@@ -1,5 +1,6 @@
 """The live img2img page (clients/web) in a real headless Chromium with a fake camera, driven over the
-DevTools protocol: processed frames arrive and the readout updates. A screenshot is kept in
+DevTools protocol: processed frames arrive and the readout updates, and after a dropped connection the
+page reconnects and the frames go on. A screenshot is kept in
 ``$TEST_ARTIFACTS_DIR`` (default ``test-artifacts/``)."""
 
 from __future__ import annotations
@@ -91,6 +92,20 @@ def test_the_web_page_streams_the_camera_through_the_model(tiny_models_file: Pat
                             break
                         await asyncio.sleep(0.25)
                     shot = await tools.call("Page.captureScreenshot", format="png")
+                    # a dropped connection: the page opens a new session and the frames go on
+                    before = state.get("frames", 0)
+                    await tools.value("socket.close(4000, 'dropped by the test')")
+                    after: dict[str, Any] = {}
+                    deadline = time.monotonic() + 60
+                    while time.monotonic() < deadline:
+                        after = await tools.value(
+                            "({frames: +document.getElementById('frames').textContent,"
+                            " reconnects: +document.getElementById('reconnects').textContent,"
+                            " status: document.getElementById('status').textContent})") or {}
+                        if after.get("frames", 0) >= before + 10 and after.get("reconnects"):
+                            break
+                        await asyncio.sleep(0.25)
+                    state["after_reconnect"] = after
                     return state, base64.b64decode(shot["data"])
 
             state, screenshot = asyncio.run(drive())
@@ -102,4 +117,7 @@ def test_the_web_page_streams_the_camera_through_the_model(tiny_models_file: Pat
     assert state["status"].startswith("streaming tiny"), state
     assert state["frames"] >= 10 and state["fps"] > 0 and float(state["latency"]) > 0, state
     assert state["output"].startswith("blob:") and state["loaded"] == 32, state  # a processed frame is shown
+    after = state["after_reconnect"]
+    assert after["reconnects"] == 1 and after["frames"] >= state["frames"] + 10, after
+    assert after["status"].startswith("streaming tiny"), after
     assert screenshot.startswith(b"\x89PNG")
