@@ -47,6 +47,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from accel_diffusion import __version__
 from accel_diffusion.engine import Engine
+from accel_diffusion.engine.engine import check_request
 from accel_diffusion.errors import InvalidRequestError, UnknownModelError
 from accel_diffusion.models.registry import ModelRegistry
 from accel_diffusion.registry import get_registry
@@ -87,8 +88,10 @@ class ServerState:
         return self.settings.served_models[0]
 
     def check_model(self, request: GenerationRequest) -> None:
+        """The model is served here, and the request's strategy can run on it (a 400 now, not a failed job)."""
         if request.model not in self.settings.served_models:
             raise UnknownModelError("model", f"{request.model!r} is not served here", self.settings.served_models)
+        check_request(self.registry.spec(request.model), request)
 
     def submit(self, request: GenerationRequest, output: OutputOptions, owner: str | None = None,
                delivered_by_caller: bool = False) -> tuple[Job, int]:

@@ -21,7 +21,7 @@ from accel_diffusion.engine.loop import denoise
 from accel_diffusion.engine.step import StepContext
 from accel_diffusion.errors import IncompatibleStrategyError, InvalidRequestError
 from accel_diffusion.guidance.base import Guidance
-from accel_diffusion.models.registry import ModelRegistry
+from accel_diffusion.models.registry import ModelRegistry, ModelSpec
 from accel_diffusion.registry import get_registry
 from accel_diffusion.samplers.base import Sampler
 from accel_diffusion.schedules.base import Schedule
@@ -81,9 +81,9 @@ class PreparedStrategy:
     guidance: Guidance
 
 
-def prepare_strategy(model: LoadedPipeline, requested: Strategy) -> PreparedStrategy:
+def prepare_strategy(spec: ModelSpec, requested: Strategy) -> PreparedStrategy:
     """Resolve ``requested`` over the model's default and build fresh components for one generation."""
-    strategy = requested.resolved_over(model.spec.default_strategy)
+    strategy = requested.resolved_over(spec.default_strategy)
     if strategy.student is not None or strategy.runtime is not None:
         kind = "student" if strategy.student is not None else "runtime"
         raise IncompatibleStrategyError(f"strategy.{kind}", f"{kind} components are not supported by generate()")
@@ -94,6 +94,13 @@ def prepare_strategy(model: LoadedPipeline, requested: Strategy) -> PreparedStra
         schedule=registry.build("schedule", strategy.schedule),
         guidance=registry.build("guidance", strategy.guidance),
     )
+
+
+def check_request(spec: ModelSpec, request: GenerationRequest) -> None:
+    """Refuse, before any work (a server calls this when it accepts a job), a request whose strategy
+    cannot run on this model spec: its components are built (every parameter validated) and the
+    guidance checked against the mode (txt2img or img2img)."""
+    prepare_strategy(spec, request.strategy).guidance.check_mode(request.init_image is not None)
 
 
 def image_seeds(seed: int | None, count: int) -> list[int]:
@@ -172,7 +179,8 @@ def _generate(model: LoadedPipeline, request: GenerationRequest, hooks: Generati
     pipe = model.pipeline
     if pipe.unet.config.time_cond_proj_dim is not None:
         raise IncompatibleStrategyError("model", "guidance-embedding (LCM-distilled) UNets are not supported yet")
-    prepared = prepare_strategy(model, request.strategy)
+    prepared = prepare_strategy(model.spec, request.strategy)
+    prepared.guidance.check_mode(request.init_image is not None)
     width, height = _request_size(model, request)
     requested_steps = request.steps or model.spec.default_steps
     scheduler = prepared.sampler.make_scheduler(model.scheduler_config, prepared.schedule.scheduler_options())

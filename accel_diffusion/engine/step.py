@@ -37,6 +37,9 @@ class StepContext:
         exact = getattr(self.scheduler, "alpha_sigma_at", None)
         if exact is not None:  # accel-diffusion's solvers know their (fractional-timestep) noise levels
             return exact(self.timestep)
+        sigma_ve = self._scheduler_sigma()
+        if sigma_ve is not None:  # the noise level the scheduler itself steps with (Karras etc. sigmas)
+            return 1.0 / (1.0 + sigma_ve**2) ** 0.5, sigma_ve / (1.0 + sigma_ve**2) ** 0.5
         alphas_cumprod = self.scheduler.alphas_cumprod
         t = float(self.timestep)
         low = int(t)
@@ -44,6 +47,22 @@ class StepContext:
         frac = t - low
         a2 = float(alphas_cumprod[low]) * (1 - frac) + float(alphas_cumprod[high]) * frac
         return a2**0.5, (1.0 - a2) ** 0.5
+
+    def _scheduler_sigma(self) -> float | None:
+        """sigmas[step] of a diffusers scheduler that steps on VE sigmas (Euler, DPM-Solver, ...): its
+        fractional timesteps are log-sigma interpolations that interpolating alphas_cumprod in t misses."""
+        scheduler = self.scheduler
+        sigmas = getattr(scheduler, "sigmas", None)
+        if not isinstance(sigmas, torch.Tensor) or not hasattr(scheduler, "alphas_cumprod"):
+            return None
+        if getattr(scheduler.config, "use_flow_sigmas", False):
+            return None
+        index = getattr(scheduler, "step_index", None)
+        if index is None and hasattr(scheduler, "index_for_timestep"):
+            index = scheduler.index_for_timestep(self.timestep)
+        if index is None or not 0 <= int(index) < len(sigmas):
+            return None
+        return float(sigmas[int(index)])
 
     @property
     def alpha(self) -> float:
@@ -53,37 +72,54 @@ class StepContext:
     def sigma(self) -> float:
         return self._alpha_sigma[1]
 
+    # The conversions run in float32 at least, in closed form (v -> eps is sigma x_t + alpha v, not
+    # (x_t - alpha x0) / sigma, which cancels in float16 where sigma is small); results come back in the
+    # input's dtype.
+
+    def _x_t(self, like: torch.Tensor) -> torch.Tensor:
+        return self.model_input[: like.shape[0]].to(_wide(like.dtype))
+
     def predicted_x0(self, model_output: torch.Tensor) -> torch.Tensor:
         """The denoised estimate x0 implied by ``model_output`` at this step (eps, v or sample prediction)."""
-        x_t = self.model_input[: model_output.shape[0]]
-        if self.prediction_type == "epsilon":
-            return (x_t - self.sigma * model_output) / self.alpha
-        if self.prediction_type == "v_prediction":
-            return self.alpha * x_t - self.sigma * model_output
         if self.prediction_type == "sample":
             return model_output
+        x_t, out = self._x_t(model_output), model_output.to(_wide(model_output.dtype))
+        if self.prediction_type == "epsilon":
+            return ((x_t - self.sigma * out) / self.alpha).to(model_output.dtype)
+        if self.prediction_type == "v_prediction":
+            return (self.alpha * x_t - self.sigma * out).to(model_output.dtype)
         raise ValueError(f"unsupported prediction_type {self.prediction_type!r}")
 
     def predicted_eps(self, model_output: torch.Tensor) -> torch.Tensor:
         """The noise estimate implied by ``model_output`` (eps = (x_t - alpha x0) / sigma)."""
         if self.prediction_type == "epsilon":
             return model_output
-        x_t = self.model_input[: model_output.shape[0]]
-        return (x_t - self.alpha * self.predicted_x0(model_output)) / self.sigma
+        x_t, out = self._x_t(model_output), model_output.to(_wide(model_output.dtype))
+        if self.prediction_type == "v_prediction":  # eps = sigma x_t + alpha v
+            return (self.sigma * x_t + self.alpha * out).to(model_output.dtype)
+        if self.prediction_type == "sample":
+            return ((x_t - self.alpha * out) / self.sigma).to(model_output.dtype)
+        raise ValueError(f"unsupported prediction_type {self.prediction_type!r}")
 
     def output_from_x0(self, x0: torch.Tensor) -> torch.Tensor:
         """The model output (in this model's parameterisation) whose x0 estimate is ``x0``."""
-        x_t = self.model_input[: x0.shape[0]]
         if self.prediction_type == "sample":
             return x0
-        eps = (x_t - self.alpha * x0) / self.sigma
+        x_t, wide = self._x_t(x0), x0.to(_wide(x0.dtype))
+        eps = (x_t - self.alpha * wide) / self.sigma
         if self.prediction_type == "epsilon":
-            return eps
-        return self.alpha * eps - self.sigma * x0  # v = alpha eps - sigma x0
+            return eps.to(x0.dtype)
+        return (self.alpha * eps - self.sigma * wide).to(x0.dtype)  # v = alpha eps - sigma x0
 
     def output_from_eps(self, eps: torch.Tensor) -> torch.Tensor:
         """The model output (in this model's parameterisation) whose noise estimate is ``eps``."""
         if self.prediction_type == "epsilon":
             return eps
-        x_t = self.model_input[: eps.shape[0]]
-        return self.output_from_x0((x_t - self.sigma * eps) / self.alpha)
+        x_t, wide = self._x_t(eps), eps.to(_wide(eps.dtype))
+        if self.prediction_type == "v_prediction":  # v = (eps - sigma x_t) / alpha
+            return ((wide - self.sigma * x_t) / self.alpha).to(eps.dtype)
+        return ((x_t - self.sigma * wide) / self.alpha).to(eps.dtype)  # sample: x0
+
+
+def _wide(dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype

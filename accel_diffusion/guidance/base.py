@@ -23,6 +23,11 @@ class Guidance(ABC):
     #: whether the engine must encode the negative prompt (unconditional branch) at all
     needs_uncond: bool = False
 
+    def check_mode(self, img2img: bool) -> None:
+        """Raise IncompatibleStrategyError if this guidance cannot run in this mode (checked when a
+        request is accepted, before any work, and again by ``begin``)."""
+        return None
+
     def begin(self, init_latents: torch.Tensor | None) -> None:
         """Called once per generation before the first step; ``init_latents`` are the clean (scaled)
         latents of the init image in img2img, else None. Resets any per-generation state."""

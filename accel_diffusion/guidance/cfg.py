@@ -18,9 +18,12 @@ class CfgGuidance(Guidance):
     """CFG: uncond + scale (cond - uncond); 2 model evaluations per guided step, 1 elsewhere.
 
     ``rescale`` > 0 rescales the guided prediction's per-sample std towards the conditional one
-    (Lin et al. 2023, §3.4), in txt2img and img2img alike. ``start``/``stop`` limit guidance to the
-    steps whose progress (step index / steps) lies in [start, stop): switching it off for the last
-    steps is a cheap speed-up (1 evaluation instead of 2 there). Unlike diffusers, which switches
+    (Lin et al. 2023, §3.4), in txt2img and img2img alike. Like diffusers (``rescale_noise_cfg``) it
+    works on the model's own output (epsilon or v); the paper's model predicts v.
+    ``start``/``stop`` limit guidance to the steps ``int(start N) <= i < int(stop N)`` of the N steps
+    that run (diffusers' guiders' rule; in img2img N counts the steps left after ``strength``, so
+    ``stop=0.5`` guides the first half of those): switching it off for the last steps is a cheap
+    speed-up (1 evaluation instead of 2 there). Unlike diffusers, which switches
     guidance off for scale <= 1, a scale in [0, 1) is applied as written (0 = the unconditional
     prediction); scale 1 is the conditional prediction alone.
     """
@@ -41,7 +44,7 @@ class CfgGuidance(Guidance):
         self.needs_uncond = scale != 1.0
 
     def guided(self, step: StepContext) -> bool:
-        return self.needs_uncond and self.start <= step.progress < self.stop
+        return self.needs_uncond and int(self.start * step.num_steps) <= step.index < int(self.stop * step.num_steps)
 
     def branches(self, step: StepContext) -> tuple[str, ...]:
         return (UNCOND, COND) if self.guided(step) else (COND,)

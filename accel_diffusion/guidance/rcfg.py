@@ -10,6 +10,7 @@ latent x_t as a noised version of a reference clean latent X:
   input; no negative-prompt evaluation at all: 1 model evaluation per step. img2img only.
 - ``variant="onetime"`` (onetime-negative): the first step also evaluates the negative prompt; X is
   that prediction's x0 estimate, used for every later step: 1 evaluation per step + 1.
+- At ``scale`` 1 the rule gives eps_cond whatever eps_bar is: no negative evaluation (1 per step).
 
 The rule is applied to noise estimates; v-prediction outputs are converted there and back.
 """
@@ -41,25 +42,28 @@ class RcfgGuidance(Guidance):
         self.scale = scale
         self.delta = delta
         self.variant = variant
-        self.needs_uncond = variant == "onetime"
+        # at scale 1 the rule is the conditional prediction alone: no negative evaluation (as StreamDiffusion)
+        self.needs_uncond = variant == "onetime" and scale != 1.0
         self._reference: torch.Tensor | None = None  # X, the clean latent the residual noise refers to
 
+    def check_mode(self, img2img: bool) -> None:
+        if self.variant == "self" and not img2img:
+            raise IncompatibleStrategyError(
+                "strategy.guidance.variant", "RCFG 'self' needs an init image (img2img); use 'onetime' for "
+                "text-to-image", ["onetime"])
+
     def begin(self, init_latents: torch.Tensor | None) -> None:
-        if self.variant == "self":
-            if init_latents is None:
-                raise IncompatibleStrategyError(
-                    "strategy.guidance.variant", "RCFG 'self' needs an init image (img2img); use 'onetime' for "
-                    "text-to-image", ["onetime"])
-            self._reference = init_latents
-        else:
-            self._reference = None
+        self.check_mode(init_latents is not None)
+        self._reference = init_latents if self.variant == "self" else None
 
     def branches(self, step: StepContext) -> tuple[str, ...]:
-        if self.variant == "onetime" and self._reference is None:
+        if self.needs_uncond and self._reference is None:
             return (UNCOND, COND)
         return (COND,)
 
     def combine(self, predictions: dict[str, torch.Tensor], step: StepContext) -> torch.Tensor:
+        if self.scale == 1.0:
+            return predictions[COND]
         eps_cond = step.predicted_eps(predictions[COND])
         if UNCOND in predictions:  # onetime, first step: the residual noise is the negative prediction itself
             eps_bar = step.predicted_eps(predictions[UNCOND])

@@ -31,6 +31,24 @@ def test_window_chooses_branches_by_progress() -> None:
     assert CfgGuidance(scale=1.0).branches(step_context()) == ("cond",)
 
 
+@pytest.mark.parametrize(("start", "stop", "steps"), [(0.0, 0.5, 25), (0.1, 0.5, 25), (0.13, 0.77, 9), (0.3, 1.0, 7)])
+def test_window_steps_match_diffusers_guiders(start: float, stop: float, steps: int) -> None:
+    from diffusers.guiders import ClassifierFreeGuidance
+
+    ours = CfgGuidance(scale=5.0, start=start, stop=stop)
+    theirs = ClassifierFreeGuidance(guidance_scale=5.0, start=start, stop=stop)
+    scheduler = step_context().scheduler
+    guided, expected = [], []
+    for i in range(steps):
+        guided.append(ours.guided(StepContext(i, steps, torch.tensor(0), torch.zeros(1), torch.zeros(1), scheduler,
+                                              "epsilon")))
+        theirs.set_state(step=i, num_inference_steps=steps, timestep=torch.tensor(0))
+        expected.append(theirs._is_cfg_enabled())
+    assert guided == expected
+    if (start, stop, steps) == (0.0, 0.5, 25):
+        assert sum(guided) == 12  # int(12.5): not 13
+
+
 def test_window_must_be_ordered() -> None:
     with pytest.raises(InvalidRequestError) as err:
         get_registry().normalize("guidance", {"name": "cfg", "start": 0.5, "stop": 0.5})
@@ -55,3 +73,16 @@ def test_window_on_the_engine_keeps_guided_steps_and_saves_nfe(tiny_sd) -> None:
     for k in range(1, 7):  # steps 1..6 are guided in both runs: identical
         assert (full_steps[k] == window_steps[k]).all(), k
     assert not (full_steps[7] == window_steps[7]).all()
+
+
+def test_window_in_img2img_counts_the_steps_that_run(tiny_sd) -> None:
+    """strength 0.5 of 10 steps runs 5; stop 0.6 guides int(0.6 * 5) = 3 of them."""
+    from PIL import Image
+
+    from accel_diffusion.engine import generate
+    from accel_diffusion.strategy import GenerationRequest
+
+    init = Image.new("RGB", (32, 32), (200, 40, 40))
+    request = GenerationRequest.create(model="tiny-sd", prompt="a red circle", seed=3, steps=10, init_image=init,
+                                       strength=0.5, strategy={"guidance": {"name": "cfg", "scale": 5.0, "stop": 0.6}})
+    assert generate(tiny_sd, request).nfe == 3 * 2 + 2

@@ -55,6 +55,7 @@ def _init() -> Image.Image:
     ({"name": "rcfg", "variant": "self", "scale": 2.0}, 6),       # 1 per step
     ({"name": "rcfg", "variant": "onetime", "scale": 2.0}, 7),    # 1 per step + 1
     ({"name": "cfg", "scale": 2.0}, 12),                           # 2 per step
+    ({"name": "rcfg", "variant": "onetime", "scale": 1.0}, 6),    # scale 1: the cond prediction, no negative
 ])
 def test_nfe_per_method_in_img2img(tiny_sd, guidance: dict, nfe: int) -> None:
     request = GenerationRequest.create(model="tiny-sd", prompt="a cross", seed=1, steps=8, strength=0.75,
@@ -72,3 +73,14 @@ def test_onetime_works_in_txt2img_and_self_needs_an_init_image(tiny_sd) -> None:
         generate(tiny_sd, GenerationRequest.create(model="tiny-sd", prompt="a cross", steps=5,
                                                    strategy={"guidance": {"name": "rcfg", "variant": "self"}}))
     assert err.value.field == "strategy.guidance.variant"
+
+
+def test_rcfg_at_scale_1_is_the_conditional_prediction(tiny_sd) -> None:
+    def run(guidance: dict) -> np.ndarray:
+        return generate(tiny_sd, GenerationRequest.create(
+            model="tiny-sd", prompt="a cross", seed=1, steps=8, strength=0.75, init_image=_init(),
+            strategy={"guidance": guidance})).images
+
+    plain = run({"name": "none"})
+    for variant in ("self", "onetime"):
+        assert (run({"name": "rcfg", "variant": variant, "scale": 1.0}) == plain).all(), variant

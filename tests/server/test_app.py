@@ -81,6 +81,8 @@ def test_the_openai_package_works_against_the_server(client: TestClient) -> None
     ({"prompt": "a", "size": "²x²"}, 400, "size"),  # str.isdigit() digits that int() refuses
     ({"prompt": "a", "size": "1" * 5000 + "x32"}, 400, "size"),
     ({"prompt": "a", "seed": 2**63 - 1, "n": 2}, 400, "seed"),  # image 2's seed would overflow
+    # refused when submitted, not accepted and failed later: RCFG self-negative needs an init image
+    ({"prompt": "a", "strategy": {"guidance": {"name": "rcfg", "variant": "self"}}}, 400, "strategy.guidance.variant"),
 ])
 def test_invalid_input_is_a_4xx_naming_the_field(client: TestClient, body: dict, status: int, param: str) -> None:
     response = client.post("/v1/images/generations", json=body)
