@@ -6,7 +6,8 @@
    i): prompt accuracy, pixels < 10 or > 250, mean HSV saturation, FD-shapes, for CFG and APG (its
    defaults: x0 space, eta 0, momentum -0.5, RMS threshold 0.01) at scales 3, 5, 7.5, 10, 15, 20.
 2. A picture grid of 4 prompts, CFG vs APG at scales 5, 10, 20.
-3. RCFG vs CFG at 4 and 25 steps: img2img from one render (strength 0.8) towards every prompt, for
+3. RCFG vs CFG at 4 and 25 steps: img2img from one render (strength 0.8 of 5 steps, 25/32 of 32) towards every
+   prompt, for
    CFG (scale 5), RCFG self-negative and onetime-negative (scales 5 and 1.2): images/s, NFE, accuracy.
 4. APG's cost: whole generations (batch 49, 25 steps) APG vs CFG, interleaved; and the combine alone.
 """
@@ -76,7 +77,9 @@ def picture_grid(engine: Engine, path: Path) -> None:
 
 
 RCFG_INIT = ShapeSpec("circle", "white", "black", None, 9, 16, 16)
-RCFG_CONFIGS = [(steps, g) for steps in (4, 25) for g in (
+# denoising steps run -> (scheduled steps, strength) with int(scheduled x strength) = steps exactly
+RCFG_STEPS = {4: (5, 0.8), 25: (32, 0.78125)}
+RCFG_CONFIGS = [(steps, g) for steps in RCFG_STEPS for g in (
     {"name": "cfg", "scale": 5.0},
     *({"name": "rcfg", "variant": variant, "scale": scale} for scale in (5.0, 1.2) for variant in ("self", "onetime")),
 )]
@@ -86,7 +89,7 @@ def rcfg_vs_cfg_tiny_vae(engine: Engine, repeats: int) -> list[dict[str, Any]]:
     """The paired speed-ups again with the model's tiny autoencoder at both ends, for CFG and RCFG alike."""
     init = Image.fromarray(render(RCFG_INIT))
     speedups = paired_speedups(engine, init, RCFG_CONFIGS, repeats, vae="tiny")
-    return [{"guidance": g, "steps": int(round(steps / 0.8) * 0.8), "speedup_vs_cfg": speedup}
+    return [{"guidance": g, "steps": steps, "speedup_vs_cfg": speedup}
             for (steps, g), speedup in zip(RCFG_CONFIGS, speedups, strict=True)]
 
 
@@ -95,9 +98,10 @@ def rcfg_vs_cfg(engine: Engine, judge: ShapesJudge, real: np.ndarray, repeats: i
     rows = []
     configs = RCFG_CONFIGS
     for steps, guidance in tqdm(configs, desc="rcfg vs cfg"):
-        # steps / 0.8 scheduled steps so that strength 0.8 runs exactly `steps` denoising steps
-        m = evaluate_shapes(engine, strategy={"guidance": guidance}, steps=round(steps / 0.8), judge=judge, real=real,
-                            progress=False, init_image=init, strength=0.8)
+        scheduled, strength = RCFG_STEPS[steps]
+        m = evaluate_shapes(engine, strategy={"guidance": guidance}, steps=scheduled, judge=judge, real=real,
+                            progress=False, init_image=init, strength=strength)
+        assert m["steps"] == steps, m["steps"]
         rows.append({"guidance": guidance, "steps": m["steps"], "nfe_per_image": m["nfe_per_image"],
                      "images_per_s": 1.0 / m["seconds_per_image"], "accuracy": m["prompt_accuracy"]["all"],
                      "clipped_fraction": m["saturation"]["clipped_fraction"],
@@ -115,8 +119,9 @@ def paired_speedups(engine: Engine, init: Image.Image, configs: list[tuple[int, 
     prompts = shapes_prompts()[:49]
 
     def request(steps: int, guidance: dict) -> GenerationRequest:
-        return GenerationRequest.create(prompt=prompts, seed=0, steps=round(steps / 0.8), init_image=init,
-                                        strength=0.8, strategy={"guidance": guidance}, vae=vae)
+        scheduled, strength = RCFG_STEPS[steps]
+        return GenerationRequest.create(prompt=prompts, seed=0, steps=scheduled, init_image=init,
+                                        strength=strength, strategy={"guidance": guidance}, vae=vae)
 
     def timed(req: GenerationRequest) -> float:
         start = time.perf_counter()
@@ -181,7 +186,8 @@ def markdown(result: dict[str, Any]) -> str:
         lines.append(f"| {scale:g} | {c['accuracy']:.3f} | **{a['accuracy']:.3f}** | {c['clipped_fraction']:.4f} "
                      f"| **{a['clipped_fraction']:.4f}** | {c['mean_saturation']:.3f} | {a['mean_saturation']:.3f} "
                      f"| {c['frechet_distance']:.0f} | {a['frechet_distance']:.0f} |")
-    lines += ["", "RCFG vs CFG (img2img from one white-circle render, strength 0.8, 196 target prompts; RCFG at CFG's "
+    lines += ["", "RCFG vs CFG (img2img from one white-circle render, strength 0.8 of 5 steps / 25/32 of 32 steps, 196 "
+              "target prompts; RCFG at CFG's "
               "scale 5 and at its reference default 1.2, delta 1):", "",
               "| steps | guidance, scale | NFE/image | images/s (eval pass) | speed-up vs CFG (paired, batch 49) "
               "| accuracy | clipped | FD |",
@@ -214,13 +220,16 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results/guidance_cpu.json")
     parser.add_argument("--grid", default="docs/images/guidance_grid.png")
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--parts", choices=["all", "rcfg_tiny_vae"], default="all",
-                        help="rcfg_tiny_vae: only (re)measure the tiny-autoencoder speed-ups into the existing --out")
+    parser.add_argument("--parts", choices=["all", "rcfg", "rcfg_tiny_vae"], default="all",
+                        help="rcfg: only (re)measure RCFG vs CFG (both autoencoders), rcfg_tiny_vae: only the "
+                        "tiny-autoencoder speed-ups, into the existing --out")
     args = parser.parse_args()
     torch.manual_seed(0)
     engine = Engine()
-    if args.parts == "rcfg_tiny_vae":
+    if args.parts != "all":
         result = json.loads(Path(args.out).read_text())
+        if args.parts == "rcfg":
+            result["rcfg_vs_cfg"] = rcfg_vs_cfg(engine, ShapesJudge.load(), real_renders(), args.repeats)
         result["rcfg_vs_cfg_tiny_vae"] = rcfg_vs_cfg_tiny_vae(engine, args.repeats)
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
         print(markdown(result))

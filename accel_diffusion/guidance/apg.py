@@ -17,7 +17,9 @@ The threshold ``norm_threshold`` is on the root-mean-square of delta by default 
 uses the plain L2 norm of the paper and diffusers, whose meaning grows with sqrt(H W C). The default
 r = 0.01 (RMS, x0 space) was chosen on the built-in `shapes` model (benchmarks/guidance.py): the update
 (scale - 1) * delta then stays within 0.19 RMS per latent element at scale 20. r is model-specific, as
-in the paper; SD/SDXL latents are scaled to unit variance like `shapes`, so it is a starting point there.
+in the paper. In RMS terms the values others use are looser: the paper's SDXL r = 15 (L2 norm over
+128x128x4 latents) is 15 / 256 = 0.059, ComfyUI's default 5 at SD 1.5's 64x64x4 is 5 / 128 = 0.039; for
+SD/SDXL start near 0.04-0.06 (at 0.01 guidance there stays weaker than those settings).
 """
 
 from __future__ import annotations
