@@ -16,6 +16,7 @@ results of the frames that ran, in order.
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import os
@@ -99,13 +100,10 @@ class StreamClient:
             self._socket = None
 
     async def send(self, frame: Image.Image | np.ndarray | bytes) -> None:
-        """Send one input frame (encoded as PNG unless given as bytes)."""
-        if isinstance(frame, np.ndarray):
-            frame = Image.fromarray(frame)
-        if isinstance(frame, Image.Image):
-            buffer = io.BytesIO()
-            frame.convert("RGB").save(buffer, format="PNG")
-            frame = buffer.getvalue()
+        """Send one input frame. An image or array is resized to the session's size (the server takes
+        frames of exactly that size) and encoded as PNG, off the event loop; bytes are sent as they are."""
+        if not isinstance(frame, bytes | bytearray):
+            frame = await asyncio.to_thread(_encode_frame, frame, (self.session["width"], self.session["height"]))
         await self._socket.send(bytes(frame))
 
     async def request(self) -> None:
@@ -157,3 +155,12 @@ class StreamClient:
                                                 data["warming_up"], image))
             if data.get("type") == expected:
                 return data
+
+
+def _encode_frame(frame: Image.Image | np.ndarray, size: tuple[int, int]) -> bytes:
+    image = (Image.fromarray(frame) if isinstance(frame, np.ndarray) else frame).convert("RGB")
+    if image.size != size:
+        image = image.resize(size, resample=Image.LANCZOS)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()

@@ -4,12 +4,13 @@ Protocol (JSON text messages, binary frames):
 
 - client → ``{"type": "session.start", "prompt": ..., "model"?, "negative_prompt"?, "t_index_list"?,
   "guidance"?, "guidance_scale"?, "delta"?, "seed"?, "width"?, "height"?, "mode"?,
-  "similarity_threshold"?, "strength"? (diffusers' img2img strength; t_index_list then gives only the
+  "similarity_threshold"?, "max_skip"?, "strength"? (diffusers' img2img strength; t_index_list then gives only the
   number of steps), "vae"? ("auto" | "full" | "tiny"), "output_format"? ("jpeg" | "webp" | "png"),
   "quality"?}``;
   server → ``{"type": "session.started", "session": {...}}``
-- client → binary: one input frame (JPEG / PNG / WebP bytes). Latest frame wins: while one frame is
-  on the device, a newer one replaces the waiting one (``dropped`` counts those).
+- client → binary: one input frame (JPEG / PNG / WebP bytes) of exactly the session's width x height
+  (another size is an ``invalid_frame`` error; the SDK resizes for you). Latest frame wins: while one
+  frame is on the device, a newer one replaces the waiting one (``dropped`` counts those).
   server → ``{"type": "frame", "seq", "latency_ms", "skipped", "warming_up"}`` then, unless the
   session is still warming up, the output frame as binary.
 - txt2img sessions (``"mode": "txt2img"``) take no input: client → ``{"type": "frame.request"}`` asks
@@ -17,9 +18,11 @@ Protocol (JSON text messages, binary frames):
 - client → ``{"type": "params.update", prompt? / t_index_list? / strength? / seed? / guidance_scale? / delta?}``;
   server → ``{"type": "params.updated", "t_index_list"}`` (the steps now in use)
 - client → ``{"type": "stats"}``; server → ``{"type": "stats", frames, processed, dropped, skipped, nfe, fps}``
-- errors: ``{"type": "error", "code", "message", "param"}``; a bad frame or message leaves the
-  session running. Close codes: 1013 when the server is at its session cap, 1000 after
-  ``stream_idle_timeout_s`` without input. A bad or missing API key is refused before the handshake
+- errors: ``{"type": "error", "code", "message", "param"}`` (``param`` is ``"frame"`` for anything a
+  frame caused); a bad frame or message leaves the session running. Close codes: 1013 when the
+  server is at its session cap, 1000 after ``stream_idle_timeout_s`` without input (frames, frame
+  requests, session or parameter messages: a ``stats`` poll does not keep a session alive).
+  A bad or missing API key is refused before the handshake
   (close 1008, which uvicorn sends as an HTTP 403 to the upgrade request).
 - Every message is sent under one lock per connection, and a frame's header and its image go
   together, so a ``stats`` or ``error`` reply never lands between them.
@@ -56,8 +59,8 @@ LOG = logging.getLogger(__name__)
 CLOSE_OVERLOADED = 1013
 CLOSE_POLICY = 1008
 START_FIELDS = {"type", "prompt", "model", "negative_prompt", "t_index_list", "guidance", "guidance_scale", "delta",
-                "seed", "width", "height", "mode", "similarity_threshold", "vae", "strength", "output_format",
-                "quality"}
+                "seed", "width", "height", "mode", "similarity_threshold", "max_skip", "vae", "strength",
+                "output_format", "quality"}
 # Frames up to this size (a 256x256 JPEG is ~10 KB) decode on the event loop in well under a
 # millisecond; larger ones go to a thread so they cannot stall other sessions' sends.
 INLINE_DECODE_BYTES = 32 * 1024
@@ -144,6 +147,8 @@ class _Connection:
         self.viewers: list[asyncio.Event] = []
         self.closed = False
         self.send_lock = asyncio.Lock()
+        self.drain_task: asyncio.Task[None] | None = None
+        self.last_input = time.monotonic()  # for the idle timeout: what the user sends, not stats polls
 
     async def send(self, message: dict[str, Any], image: bytes | None = None) -> None:
         """A JSON message, and the binary frame that belongs to it, with nothing in between."""
@@ -163,22 +168,30 @@ async def _serve(websocket: WebSocket, state: Any) -> None:
         await _receive_loop(connection, websocket, state)
     finally:
         connection.closed = True
+        connection.waiting = None  # a gone client's waiting frame is not run
         del state.stream_connections[connection.id]
         for viewer in connection.viewers:
             viewer.set()
+        if connection.drain_task is not None:  # the frame on the device finishes before the slot is free
+            with contextlib.suppress(Exception):
+                await connection.drain_task
 
 
 async def _receive_loop(connection: _Connection, websocket: WebSocket, state: Any) -> None:
     idle = state.settings.stream_idle_timeout_s
     while True:
+        remaining = idle - (time.monotonic() - connection.last_input)
         try:
-            message = await asyncio.wait_for(websocket.receive(), idle)
+            if remaining <= 0:
+                raise TimeoutError
+            message = await asyncio.wait_for(websocket.receive(), remaining)
         except TimeoutError:
             await websocket.close(1000, f"idle for {idle:g} s")
             return
         if message["type"] == "websocket.disconnect":
             return
         if message.get("bytes") is not None:
+            connection.last_input = time.monotonic()
             await _on_frame(connection, message["bytes"])
         elif message.get("text") is not None:
             await _on_text(connection, message["text"])
@@ -193,6 +206,8 @@ async def _on_text(connection: _Connection, text: str) -> None:
         await connection.error("invalid_request_error", "control messages are JSON objects", "message")
         return
     kind = data.get("type")
+    if kind != "stats":
+        connection.last_input = time.monotonic()
     try:
         if kind == "session.start":
             await _start(connection, data)
@@ -244,7 +259,8 @@ async def _start(connection: _Connection, data: dict[str, Any]) -> None:
     if isinstance(quality, bool) or not isinstance(quality, int) or not 0 <= quality <= 100:
         raise InvalidRequestError("quality", f"must be an integer in [0, 100], got {quality!r}")
     options = {k: data[k] for k in ("negative_prompt", "t_index_list", "guidance", "guidance_scale", "delta",
-                                    "seed", "width", "height", "mode", "similarity_threshold", "vae", "strength")
+                                    "seed", "width", "height", "mode", "similarity_threshold", "max_skip", "vae",
+                                    "strength")
                if k in data}
     model = state.registry.get(model_id)
     session = await _on_worker(connection, lambda: StreamSession(model, data.get("prompt"), limits=state.limits,
@@ -274,28 +290,31 @@ async def _on_frame(connection: _Connection, data: bytes) -> None:
     if len(data) > limit:
         await connection.error("invalid_frame", f"frame of {len(data)} bytes; at most {limit}", "frame")
         return
-    max_pixels = 4 * session.width * session.height
     try:
         if len(data) <= INLINE_DECODE_BYTES:
-            pixels = _decode_frame(data, max_pixels, session)
+            pixels = _decode_frame(data, session)
         else:  # a large frame takes milliseconds to decode: off the event loop, like the model work
-            pixels = await asyncio.to_thread(_decode_frame, data, max_pixels, session)
+            pixels = await asyncio.to_thread(_decode_frame, data, session)
     except InvalidRequestError as exc:
         await connection.error("invalid_frame", exc.message, "frame")
         return
     _enqueue(connection, pixels)
 
 
-def _decode_frame(data: bytes, max_pixels: int, session: StreamSession) -> np.ndarray:
-    """RGB pixels of an input frame; the size is checked from the header, before decoding."""
+def _decode_frame(data: bytes, session: StreamSession) -> np.ndarray:
+    """RGB pixels of an input frame; its size is checked from the header, before decoding."""
     try:
         with Image.open(io.BytesIO(data)) as image:
-            if image.width * image.height > max_pixels:
-                raise InvalidRequestError("frame", f"{image.width}x{image.height} is far larger than the session's "
-                                          f"{session.width}x{session.height}")
+            if image.size != (session.width, session.height):
+                raise InvalidRequestError("frame", f"a {image.width}x{image.height} frame; this session takes "
+                                          f"{session.width}x{session.height} frames")
             return np.asarray(image.convert("RGB"))
+    except InvalidRequestError:
+        raise
     except (UnidentifiedImageError, OSError) as exc:
         raise InvalidRequestError("frame", "not a JPEG, PNG or WebP image") from exc
+    except Exception as exc:  # e.g. Pillow's DecompressionBombError on a crafted header, a truncated file
+        raise InvalidRequestError("frame", f"unreadable image ({type(exc).__name__}: {exc})") from exc
 
 
 def _enqueue(connection: _Connection, pixels: np.ndarray | None) -> None:
@@ -306,7 +325,7 @@ def _enqueue(connection: _Connection, pixels: np.ndarray | None) -> None:
     connection.waiting = (connection.seq, time.monotonic(), pixels)
     if not connection.busy:
         connection.busy = True
-        asyncio.get_running_loop().create_task(_drain(connection))
+        connection.drain_task = asyncio.get_running_loop().create_task(_drain(connection))
 
 
 async def _drain(connection: _Connection) -> None:
@@ -314,14 +333,14 @@ async def _drain(connection: _Connection) -> None:
     session = connection.session
     assert session is not None
     try:
-        while connection.waiting is not None:
+        while connection.waiting is not None and not connection.closed:
             seq, received, pixels = connection.waiting
             connection.waiting = None
             try:
                 await _process(connection, session, seq, received, pixels)
-            except AccelDiffusionError as exc:
+            except AccelDiffusionError as exc:  # whatever its field, it answers the frame
                 with contextlib.suppress(WebSocketDisconnect, RuntimeError):
-                    await connection.error(exc.error_type, str(exc), getattr(exc, "field", None))
+                    await connection.error(exc.error_type, str(exc), "frame")
             except Exception as exc:  # report it and go on with the next frame
                 LOG.exception("stream frame %d failed", seq)
                 with contextlib.suppress(WebSocketDisconnect, RuntimeError):

@@ -102,7 +102,11 @@ class DeviceWorker:
         return future
 
     def _run_urgent(self) -> None:
-        while True:
+        """Run the tasks waiting now (not those that arrive meanwhile: streams that always have a next
+        frame waiting would otherwise hold the worker here for good)."""
+        with self._cond:
+            waiting = len(self._urgent)
+        for _ in range(waiting):
             with self._cond:
                 if not self._urgent:
                     return
@@ -178,8 +182,10 @@ class DeviceWorker:
             self._run_urgent()
             with self._cond:
                 self._cond.wait_for(lambda: self._queue or self._urgent or self._stopping)
-                if self._urgent:
+                if self._urgent and not self._queue:
                     continue
+                # urgent work just ran; with jobs waiting, start one now (newer urgent tasks run between
+                # its steps): streams that keep the urgent queue busy must not starve the job queue
                 if self._stopping and not self._queue:
                     return
                 batch = self._take_batch()

@@ -276,6 +276,8 @@ class StreamSession:
         if noise is not None:
             self.init_noise = noise
             self._restart()
+        if self.filter is not None:  # the next frame shows the new parameters, however still the scene
+            self.filter.reset()
 
     @property
     def num_slots(self) -> int:
@@ -293,7 +295,8 @@ class StreamSession:
             if frame is None:
                 raise InvalidRequestError("frame", "an img2img stream needs a frame per call")
             pixels = self._frame_tensor(frame)
-            if self.filter is not None and self.filter.should_skip(pixels):
+            warming_up = self.state.calls < self.num_slots - 1  # every warm-up call fills a slot: never skip one
+            if self.filter is not None and not warming_up and self.filter.should_skip(pixels):
                 stats.skipped = True
                 self._count(stats)
                 return self.state.last_output

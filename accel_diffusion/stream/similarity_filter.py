@@ -28,8 +28,9 @@ class SimilarityFilter:
         """The probability with which ``frame`` would be skipped now (0 with no reference)."""
         if self._reference is None or self.threshold >= 1:
             return 0.0
-        similarity = torch.nn.functional.cosine_similarity(frame.flatten().double(),
-                                                           self._reference.flatten().double(), dim=0).item()
+        dtype = torch.float32 if frame.device.type == "mps" else torch.float64  # MPS has no float64
+        similarity = torch.nn.functional.cosine_similarity(frame.flatten().to(dtype),
+                                                           self._reference.flatten().to(dtype), dim=0).item()
         return max(0.0, (similarity - self.threshold) / (1 - self.threshold))
 
     def should_skip(self, frame: torch.Tensor) -> bool:

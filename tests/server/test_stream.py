@@ -213,3 +213,89 @@ def test_latest_frame_wins_while_the_device_is_busy(tiny_models_file: Path) -> N
     assert seen == sorted(seen) and seen[0] == 1 and seen[-1] == 12
     assert stats["processed"] == len(seen) and stats["processed"] + stats["dropped"] == 12
     assert stats["dropped"] > 0
+
+
+def _png_header_only(width: int, height: int) -> bytes:
+    """A PNG whose header declares ``width`` x ``height`` (a decompression bomb for Pillow past ~179 MP)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+            + chunk(b"IEND", b""))
+
+
+def test_wrong_sized_crafted_and_truncated_frames_get_errors_and_the_session_goes_on(tiny_models_file: Path) -> None:
+    small, wide = io.BytesIO(), io.BytesIO()
+    Image.new("RGB", (16, 16)).save(small, format="PNG")
+    Image.new("RGB", (64, 32)).save(wide, format="PNG")
+    with TestClient(create_app(make_settings(tiny_models_file))) as client, \
+            client.websocket_connect("/v1/stream") as ws:
+        ws.send_json({"type": "session.start", "prompt": PROMPT, "t_index_list": [45], "guidance": "none"})
+        assert ws.receive_json()["session"]["width"] == 32
+        for bad in (small.getvalue(), wide.getvalue(), _png_header_only(20000, 20000), frame_bytes(3)[:200]):
+            ws.send_bytes(bad)
+            error = ws.receive_json()
+            assert error["type"] == "error" and error["code"] == "invalid_frame" and error["param"] == "frame", error
+        ws.send_bytes(frame_bytes(3))
+        assert ws.receive_json()["type"] == "frame" and ws.receive_bytes()
+
+
+def test_stats_polls_do_not_keep_an_idle_session_open(tiny_models_file: Path) -> None:
+    import time
+
+    with TestClient(create_app(make_settings(tiny_models_file, stream_idle_timeout_s=0.5))) as client, \
+            client.websocket_connect("/v1/stream") as ws, pytest.raises(WebSocketDisconnect) as closed:
+        ws.send_json({"type": "session.start", "prompt": PROMPT, "t_index_list": [45], "guidance": "none"})
+        assert ws.receive_json()["type"] == "session.started"
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:  # a page that only polls stats, as an abandoned tab does
+            ws.send_json({"type": "stats"})
+            assert ws.receive_json()["type"] == "stats"
+            time.sleep(0.1)
+    assert closed.value.code == 1000
+
+
+def test_a_disconnect_drops_the_waiting_frame_and_frees_the_slot_after_the_one_on_the_device(
+        tiny_models_file: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Over a real server (uvicorn), as a browser tab that closes mid-stream."""
+    import threading
+    import time
+
+    from server_clients import running_server
+    from websockets.exceptions import ConnectionClosed
+    from websockets.sync.client import connect
+
+    original, calls, started = StreamSession.__call__, [], threading.Event()
+
+    def slow(self: StreamSession, frame: object = None) -> object:
+        calls.append(time.monotonic())
+        started.set()
+        time.sleep(0.5)
+        return original(self, frame)
+
+    monkeypatch.setattr(StreamSession, "__call__", slow)
+    with running_server(create_app(make_settings(tiny_models_file, max_stream_sessions=1))) as (_, _, url):
+        ws_url = url.replace("http", "ws") + "/v1/stream"
+        with connect(ws_url) as ws:
+            ws.send(json.dumps({"type": "session.start", "prompt": PROMPT, "t_index_list": [45], "guidance": "none"}))
+            assert json.loads(ws.recv())["type"] == "session.started"
+            ws.send(frame_bytes(0))
+            assert started.wait(10)
+            ws.send(frame_bytes(1))  # waits behind the one on the device
+        closed_at, codes = time.monotonic(), []
+        while True:  # the slot frees once the frame on the device is done (1013 until then)
+            try:
+                with connect(ws_url) as again:
+                    again.send(json.dumps({"type": "stats"}))
+                    assert json.loads(again.recv())["type"] == "stats"
+                break
+            except ConnectionClosed as exc:
+                codes.append(exc.rcvd.code if exc.rcvd else None)
+                time.sleep(0.05)
+        freed_after = time.monotonic() - closed_at
+        time.sleep(1.0)
+    assert len(calls) == 1  # the gone client's waiting frame never ran
+    assert set(codes) <= {1013} and freed_after < 5

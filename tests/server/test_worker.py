@@ -48,3 +48,38 @@ def test_a_task_queued_during_a_job_runs_between_its_steps_without_the_batch_inv
     assert seen["mode in job"] is not None  # the job's steps run batch-invariantly ...
     assert seen["mode"] is None  # ... the task between them does not
     assert seen["running"] and 2 <= seen["step"] < 6
+
+
+def test_streams_that_keep_the_device_busy_do_not_starve_queued_jobs(tiny_models_file: Path) -> None:
+    """Two streams whose frames arrive back to back keep the urgent queue non-empty: a job still runs."""
+    import time
+
+    worker = DeviceWorker(Engine(ModelRegistry.from_file(tiny_models_file)), queue_max=4, metrics=ServerMetrics())
+    stop = threading.Event()
+
+    def frame() -> None:
+        time.sleep(0.002)
+
+    def stream() -> None:  # one frame in flight, the next sent as soon as it is done (as the server does)
+        while not stop.is_set():
+            worker.run_soon(frame).result()
+
+    job = Job(request=GenerationRequest.create(model="tiny", prompt="a", steps=2))
+    worker.start()
+    streams = [threading.Thread(target=stream) for _ in range(2)]
+    try:
+        for thread in streams:
+            thread.start()
+        time.sleep(0.2)
+        worker.submit(job)
+        deadline = time.monotonic() + 20
+        while not job.status.finished and time.monotonic() < deadline:
+            time.sleep(0.05)
+        finished_while_streaming = job.status.finished
+    finally:
+        stop.set()
+        for thread in streams:
+            thread.join()
+        worker.stop(timeout=60)
+    assert job.status is JobStatus.SUCCEEDED
+    assert finished_while_streaming

@@ -199,6 +199,20 @@ def test_filtered_frames_cost_no_unet_call(shapes_model: LoadedPipeline) -> None
     assert all(np.array_equal(o, outputs[0]) for o in outputs)
 
 
+def test_the_filter_never_skips_a_warm_up_frame_and_an_update_shows_at_once(shapes_model: LoadedPipeline) -> None:
+    session = StreamSession(shapes_model, PROMPT, t_index_list=(32, 45), guidance="none",
+                            similarity_threshold=0.5, max_skip=10)
+    still = frames(1)[0]
+    first = [session(still) for _ in range(2)]  # a still scene: skip probability 1 once there is a reference
+    assert first[0] is None and first[1] is not None  # the warm-up frame filled its slot; the next one is shown
+    assert session.stats()["skipped"] == 0
+    session(still)
+    assert session.state.last_frame.skipped
+    session.update(prompt="a white cross on a green background")
+    session(still)  # the new prompt is processed at once, not after up to max_skip replays of the old output
+    assert not session.state.last_frame.skipped and session.state.last_frame.unet_calls == 1
+
+
 def test_tiny_autoencoder_by_default_and_close_to_the_full_vae(shapes_model: LoadedPipeline) -> None:
     from dataclasses import replace
 
