@@ -168,6 +168,7 @@ def main() -> None:
             # like for like against diffusers (which decodes with the pipeline's VAE) on the full VAE
             row[f"stream_rcfg_self_{vae}_vae_vs_diffusers_cfg"] = (row[f"stream_rcfg_self_{vae}_vae"]
                                                                   / row["diffusers_img2img_cfg"])
+            row[f"stream_cfg_{vae}_vae_vs_diffusers_cfg"] = row[f"stream_cfg_{vae}_vae"] / row["diffusers_img2img_cfg"]
             row[f"stream_none_{vae}_vae_vs_diffusers_no_guidance"] = (row[f"stream_none_{vae}_vae"]
                                                                       / row["diffusers_img2img_no_guidance"])
             row[f"rcfg_self_vs_cfg_{vae}_vae"] = row[f"stream_rcfg_self_{vae}_vae"] / row[f"stream_cfg_{vae}_vae"]
