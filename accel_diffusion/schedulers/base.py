@@ -41,6 +41,23 @@ from accel_diffusion.schedulers.noise_grid import (
 )
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+# keys whose meaning or default belongs to one solver class (dropped when another one loads its config)
+SOLVER_SPECIFIC_KEYS = frozenset({"order", "variant", "beta", "base", "plms_order", "sigma_spacing"})
+
+
+def _solver_of(config: Any) -> str | None:
+    """Which of our solvers a config belongs to: a saved one names its class, a live ``scheduler.config``
+    does not (diffusers adds ``_class_name`` on save), so its solver-only keys tell."""
+    name = config.get("_class_name")
+    if name in ("DeisScheduler", "HeavyBallScheduler", "GhvbScheduler"):
+        return name
+    if "sigma_spacing" not in config:  # not one of ours: diffusers' own rules apply
+        return None
+    if "variant" in config:
+        return "DeisScheduler"
+    if "beta" in config and "base" in config:
+        return "HeavyBallScheduler"
+    return "GhvbScheduler" if "order" in config else None
 
 def _choice(name: str, value: Any, allowed: tuple[Any, ...]) -> None:
     if value not in allowed:
@@ -52,6 +69,16 @@ class VpSolverScheduler(SchedulerMixin, ConfigMixin):
 
     _compatibles: ClassVar[list[str]] = [e.name for e in KarrasDiffusionSchedulers]
     order = 1  # model calls per step (diffusers' meaning of ``scheduler.order``)
+
+    @classmethod
+    def extract_init_dict(cls, config_dict: dict[str, Any], **kwargs: Any) -> Any:
+        """``from_config`` of another accel-diffusion solver's config: its solver-specific keys (a GHVB
+        label 3.8 is no DEIS order, a DEIS variant no GHVB key, each solver has its own default grid)
+        are dropped, as diffusers drops another diffusers scheduler's keys. Keyword arguments still apply."""
+        source = _solver_of(config_dict)
+        if source is not None and source != cls.__name__:
+            config_dict = {k: v for k, v in config_dict.items() if k not in SOLVER_SPECIFIC_KEYS}
+        return super().extract_init_dict(config_dict, **kwargs)
 
     def _init_noise_process(self) -> None:
         cfg = self.config
@@ -133,6 +160,8 @@ class VpSolverScheduler(SchedulerMixin, ConfigMixin):
             rho_all = _as_float64(sigmas)
             if rho_all.ndim != 1 or len(rho_all) < 2:
                 raise ValueError("sigmas: need N + 1 >= 2 values (the model is called at the first N)")
+            if not np.isfinite(rho_all).all() or rho_all[-1] < 0:
+                raise ValueError("sigmas: must be finite and >= 0")
             _check_decreasing("sigmas", rho_all)
             if rho_all[-2] <= 0:
                 raise ValueError("sigmas: only the last value may be 0")
@@ -142,6 +171,8 @@ class VpSolverScheduler(SchedulerMixin, ConfigMixin):
             model_t = _as_float64(timesteps)
             if model_t.ndim != 1 or len(model_t) < 1:
                 raise ValueError("timesteps: need at least one timestep")
+            if not np.isfinite(model_t).all():
+                raise ValueError("timesteps: must be finite")
             _check_decreasing("timesteps", model_t)
             if model_t[0] > time.t_max or model_t[-1] < 0:
                 raise ValueError(f"timesteps: must lie in [0, {time.t_max:g}]")

@@ -82,24 +82,28 @@ class GhvbScheduler(VpSolverScheduler):
         self._reset_state()
 
     def _reset_state(self) -> None:
-        self._velocities: deque[torch.Tensor] = deque(maxlen=self.steps_used)
+        self._velocity: torch.Tensor | None = None
+        # d_n = eps_n - v_{n-1} = (v_n - v_{n-1}) / beta, newest first: the k - 1 the weights need
+        self._differences: deque[torch.Tensor] = deque(maxlen=self.steps_used - 1)
 
     def _on_set_timesteps(self) -> None:
         self._reset_state()
 
     def _solver_step(self, n: int, x: torch.Tensor, eps: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
-        # The weights divide by beta while consecutive velocities differ by O(beta): keep them in
-        # float64 (not on MPS, which has none), or a label like 2.01 loses 1e-3 to float32 rounding.
-        if eps.device.type != "mps":
-            eps = eps.to(torch.float64)
-        if self._velocities and self.beta != 1.0:
-            velocity = (1.0 - self.beta) * self._velocities[0] + self.beta * eps
-        else:
+        # A^beta_k(v_n, ..., v_{n-k+1}) = v_n - sum_i c_i d_{n-i} with c_i = beta sum_{j>i} w_j (the weights
+        # sum to 1, and v_{n-j} = v_n - beta (d_n + ... + d_{n-j+1})). The weights w_j carry 1 / beta while
+        # consecutive velocities differ by O(beta); beta w_j does not, so the step stays exact in the
+        # latents' own float32 (no float64, which MPS and some accelerators lack).
+        if self._velocity is None:
             velocity = eps
-        self._velocities.appendleft(velocity)
-        k = min(self.steps_used, len(self._velocities))
+        else:
+            difference = eps - self._velocity
+            velocity = self._velocity + self.beta * difference
+            self._differences.appendleft(difference)
+        self._velocity = velocity
+        k = min(self.steps_used, len(self._differences) + 1)
         weights = ghvb_weights(k, self.beta)
-        direction = weights[0] * velocity
-        for j in range(1, k):
-            direction = direction + weights[j] * self._velocities[j]
+        direction = velocity
+        for i in range(k - 1):
+            direction = direction - (self.beta * float(sum(weights[i + 1:]))) * self._differences[i]
         return self._xbar_step(n, x, (float(self._rho[n + 1] - self._rho[n]) * direction).to(x.dtype))

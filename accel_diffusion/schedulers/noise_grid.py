@@ -122,7 +122,7 @@ def sigma_grid(num_steps: int, spacing: str, time: ContinuousVpTime, karras_rho:
     if spacing == "uniform_t":
         return time.rho(time.t_max * (1.0 - u))
     if spacing == "quadratic_t":  # DEIS's default: uniform in sqrt(t) between t = T-1 and t = 0
-        return time.rho((np.sqrt(time.t_max) * (1.0 - u)) ** 2)
+        return time.rho(time.t_max * (1.0 - u) ** 2)  # not (sqrt(T) (1 - u))^2: that can round above T
     if spacing == "log_snr":
         return np.exp(np.log(time.rho_max) + u * (np.log(time.rho_min) - np.log(time.rho_max)))
     if spacing == "karras":

@@ -157,6 +157,35 @@ def test_grid_edge_cases() -> None:
                                    "rescale_betas_zero_snr": True})
 
 
+def test_invalid_explicit_grids_are_refused() -> None:
+    scheduler = DeisScheduler(**SD_SCHEDULE)
+    for sigmas in ([3.0, 1.0, -0.5], [3.0, float("nan"), 0.0], [float("inf"), 1.0, 0.0]):
+        with pytest.raises(ValueError, match="finite and >= 0"):
+            scheduler.set_timesteps(sigmas=sigmas)
+    with pytest.raises(ValueError, match="finite"):
+        scheduler.set_timesteps(timesteps=[999.0, float("nan"), 10.0])
+
+
+@pytest.mark.parametrize("train_steps", [1000, 4000, 4096])
+def test_the_default_grid_stays_inside_the_schedule(train_steps: int) -> None:
+    """(sqrt(T) (1 - u))^2 rounds above T = 3999 and 4095: the quadratic-t grid starts exactly at T."""
+    scheduler = DeisScheduler(num_train_timesteps=train_steps, beta_schedule="linear")
+    scheduler.set_timesteps(10)
+    assert float(scheduler.timesteps[0]) == train_steps - 1 and np.isfinite(scheduler.rho).all()
+
+
+def test_from_config_of_another_of_our_solvers_keeps_only_shared_keys() -> None:
+    ghvb = GhvbScheduler(**SD_SCHEDULE, order=3.8)
+    deis = DeisScheduler.from_config(ghvb.config)  # a GHVB label is no DEIS order
+    assert deis.config.order == DeisScheduler().config.order and deis.config.sigma_spacing == "quadratic_t"
+    assert deis.config.beta_schedule == "scaled_linear" and deis.config.beta_end == SD_SCHEDULE["beta_end"]
+    back = GhvbScheduler.from_config(DeisScheduler(**SD_SCHEDULE, order=3).config, order=2.8)
+    assert back.config.order == 2.8 and back.config.sigma_spacing == GhvbScheduler().config.sigma_spacing
+    assert GhvbScheduler.from_config(ghvb.config).config.order == 3.8  # its own config round-trips
+    hb = HeavyBallScheduler.from_config(DeisScheduler(**SD_SCHEDULE, variant="logrho").config)
+    assert "variant" not in hb.config and hb.config.beta == HeavyBallScheduler().config.beta
+
+
 def test_small_momentum_keeps_precision() -> None:
     """GHVB's weights divide by beta: label 2.01 (beta 0.01) in float32 stays close to float64."""
     model = gmm_model(gmm_denoiser())
