@@ -92,3 +92,25 @@ def test_rms_threshold_means_the_same_at_every_resolution() -> None:
         a = apg.guide(small["cond"], small["uncond"])
         b = apg.guide(large["cond"], large["uncond"])
         assert torch.allclose(a.repeat(1, 1, 2, 2), b, atol=1e-6) == same, norm
+
+
+def test_apg_through_the_engine_costs_cfgs_nfe_and_is_cfg_at_eta_one(tiny_sd) -> None:
+    """Two evaluations per step, txt2img and img2img; with eta 1, no threshold and no momentum the
+    engine's images are CFG's (x0 space: the conversions cancel to float rounding)."""
+    import numpy as np
+    from PIL import Image
+
+    from accel_diffusion.engine import generate
+    from accel_diffusion.strategy import GenerationRequest
+
+    def run(guidance: dict, **fields: object) -> object:
+        return generate(tiny_sd, GenerationRequest.create(model="tiny-sd", prompt="a red circle", seed=5, steps=6,
+                                                          strategy={"guidance": guidance}, **fields))
+
+    apg = {"name": "apg", "scale": 4.0}
+    assert run(apg).nfe == 12
+    init = Image.new("RGB", (32, 32), (30, 200, 40))
+    assert run(apg, init_image=init, strength=0.5).nfe == 6
+    plain = run({"name": "apg", "scale": 4.0, "eta": 1.0, "norm_threshold": 0.0, "momentum": 0.0})
+    cfg = run({"name": "cfg", "scale": 4.0})
+    assert np.abs(plain.images.astype(np.float64) - cfg.images).max() < 1e-4
