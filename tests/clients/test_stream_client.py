@@ -87,9 +87,8 @@ def test_txt2img_stream_is_driven_by_frame_requests(server_url: str, tiny_models
 def test_frame_requests_are_for_txt2img_sessions_only(server_url: str) -> None:
     async def main() -> None:
         async with StreamClient(server_url, PROMPT, api_key="secret", t_index_list=[45]) as stream:
-            await stream.request()
             with pytest.raises(InvalidRequest) as refused:
-                await stream.receive()
+                await stream.request()
             assert refused.value.param == "type"
 
     asyncio.run(main())
@@ -126,3 +125,30 @@ def test_mjpeg_view_shows_the_session_output(server_url: str) -> None:
     assert body.startswith(b"--frame\r\nContent-Type: image/jpeg\r\n")
     jpeg = body[body.index(b"\r\n\r\n") + 4:]
     assert Image.open(io.BytesIO(jpeg)).size == (32, 32)
+
+
+def test_one_task_receives_while_another_updates_and_polls(server_url: str) -> None:
+    async def main() -> None:
+        async with StreamClient(server_url, PROMPT, api_key="secret", t_index_list=[45], guidance="none") as stream:
+            async def frames() -> list[int]:
+                seqs = []
+                for k in range(6):
+                    await stream.send(frame(k))
+                    seqs.append((await stream.receive()).seq)
+                return seqs
+
+            async def controls() -> list[object]:
+                replies: list[object] = []
+                for k in range(6):
+                    replies.append(await stream.stats())
+                    replies.append(await stream.update(guidance_scale=1.0 + k / 10))
+                return replies
+
+            seqs, replies = await asyncio.gather(frames(), controls())
+            assert seqs == [1, 2, 3, 4, 5, 6]
+            assert [type(r) for r in replies] == [dict, list] * 6 and all(r == [45] for r in replies[1::2])
+            with pytest.raises(InvalidRequest):  # a refused update still answers its own call
+                await stream.update(t_index_list=[99])
+            assert (await stream.stats())["type"] == "stats"
+
+    asyncio.run(main())
