@@ -15,7 +15,8 @@ and the similarity filter on a static clip (fraction of frames skipped, fps); an
 the WebSocket (a server in its own process, the SDK's StreamClient, one frame in flight: send,
 await the result, send the next) at 1 step: fps, p50/p95 frame latency, and the ratio to the
 compute floor, with each autoencoder. Frames come from a moving synthetic clip (a disc crossing the frame); fps counts
-frames after the warm-up.
+frames after the warm-up, each figure the median of ``--rounds`` rounds interleaved with the other
+configurations of its row.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import asyncio
 import io
 import json
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -66,6 +68,19 @@ def fps_of(step: Any, frames: list[Image.Image], warmup: int) -> float:
     for frame in frames[warmup:]:
         step(frame)
     return (len(frames) - warmup) / (time.perf_counter() - begin)
+
+
+def fps_interleaved(steppers: dict[str, Any], frames: list[Image.Image], warmup: int, rounds: int) -> dict[str, float]:
+    """fps of each stepper, measured in ``rounds`` round-robin rounds (each on the whole clip), the
+    median per stepper: a slow spell of the machine lands on every configuration, not on one."""
+    for step in steppers.values():
+        for frame in frames[:warmup]:
+            step(frame)
+    samples: dict[str, list[float]] = {name: [] for name in steppers}
+    for _ in range(rounds):
+        for name, step in steppers.items():
+            samples[name].append(fps_of(step, frames, 0))
+    return {name: statistics.median(values) for name, values in samples.items()}
 
 
 @torch.no_grad()
@@ -143,6 +158,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="benchmarks/results/stream_cpu.json")
     parser.add_argument("--frames", type=int, default=60)
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds per fps figure (median)")
     args = parser.parse_args()
     model = ModelRegistry.default().get("shapes")
     frames = clip(args.frames + 8)
@@ -154,17 +170,18 @@ def main() -> None:
     pipe.set_progress_bar_config(disable=True)
     embeds, negative = pipe.encode_prompt(PROMPT, model.device, 1, True, "")
     for steps, indices in STEP_LISTS.items():
-        row: dict[str, float] = {}
+        steppers: dict[str, Any] = {}
         for label, scale in (("diffusers_img2img_cfg", 1.2), ("diffusers_img2img_no_guidance", 1.0)):
             def img2img(frame: Image.Image, scale: float = scale, steps: int = steps) -> Any:
                 return pipe(prompt_embeds=embeds, negative_prompt_embeds=negative, image=frame,
                             strength=steps / 50, num_inference_steps=50, guidance_scale=scale, output_type="np")
-            row[label] = fps_of(img2img, frames, 2)
+            steppers[label] = img2img
         for vae in ("full", "tiny"):
             for guidance in ("rcfg_self", "cfg", "none"):
-                session = StreamSession(model, PROMPT, t_index_list=indices, guidance=guidance, guidance_scale=1.2,
-                                        vae=vae)
-                row[f"stream_{guidance}_{vae}_vae"] = fps_of(session, frames, len(indices) + 1)
+                steppers[f"stream_{guidance}_{vae}_vae"] = StreamSession(
+                    model, PROMPT, t_index_list=indices, guidance=guidance, guidance_scale=1.2, vae=vae)
+        row: dict[str, float] = fps_interleaved(steppers, frames, len(indices) + 1, args.rounds)
+        for vae in ("full", "tiny"):
             # like for like against diffusers (which decodes with the pipeline's VAE) on the full VAE
             row[f"stream_rcfg_self_{vae}_vae_vs_diffusers_cfg"] = (row[f"stream_rcfg_self_{vae}_vae"]
                                                                   / row["diffusers_img2img_cfg"])
@@ -176,11 +193,10 @@ def main() -> None:
         result[f"{steps}_steps"] = row
     # the same comparison where the UNet is compute-bound (as SD at 512x512 is on a GPU): 128x128
     # frames, 32x32 latents, 4 steps; the picture quality there is not the point, the arithmetic is
-    large: dict[str, float] = {}
-    for guidance in ("rcfg_self", "cfg"):
-        session = StreamSession(model, PROMPT, t_index_list=STEP_LISTS[4], guidance=guidance, guidance_scale=1.2,
-                                width=128, height=128)
-        large[f"stream_{guidance}"] = fps_of(session, clip(65), 5)
+    large: dict[str, float] = fps_interleaved(
+        {f"stream_{guidance}": StreamSession(model, PROMPT, t_index_list=STEP_LISTS[4], guidance=guidance,
+                                             guidance_scale=1.2, width=128, height=128)
+         for guidance in ("rcfg_self", "cfg")}, clip(65), 5, args.rounds)
     large["rcfg_self_vs_cfg"] = large["stream_rcfg_self"] / large["stream_cfg"]
     large["rcfg_self_vs_cfg_ceiling_unet_2n_over_n"] = unet_batch_ratio(model, 4, latent_size=32)
     result["compute_bound_128px_4_steps"] = large
