@@ -152,14 +152,23 @@ class StreamClient:
         future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         async with self._send_lock:  # queued and sent in the same order
             self._replies.append((expected, future))
-            await self._socket.send(json.dumps(message))
+            try:
+                await self._socket.send(json.dumps(message))
+            except BaseException:  # not sent: no reply will come for it
+                self._replies.remove((expected, future))
+                raise
         return await future
 
     async def _read(self) -> None:
         """The socket's one reader: frames to ``receive``, replies and control errors to their calls."""
         try:
             while True:
-                data = json.loads(await self._socket.recv())
+                message = await self._socket.recv()
+                if isinstance(message, bytes):  # an image without its header: not this protocol's order
+                    self._frames.put_nowait(StreamError("a binary message without a frame header", None,
+                                                        "protocol_error", "frame"))
+                    continue
+                data = json.loads(message)
                 kind = data.get("type")
                 if kind == "error":
                     args = (data.get("message", "stream error"), None, data.get("code"), data.get("param"))
@@ -171,8 +180,14 @@ class StreamClient:
                 elif kind == "frame":
                     image = None
                     if not data["warming_up"]:
-                        image = Image.open(io.BytesIO(await self._socket.recv()))
-                        image.load()
+                        payload = await self._socket.recv()
+                        try:
+                            image = Image.open(io.BytesIO(payload))
+                            image.load()
+                        except Exception as exc:  # that frame is lost, the stream goes on
+                            self._frames.put_nowait(StreamError(f"an output frame could not be decoded: {exc}",
+                                                                None, "invalid_frame", "frame"))
+                            continue
                     self._frames.put_nowait(StreamFrame(data["seq"], data["latency_ms"], data["skipped"],
                                                         data["warming_up"], image))
                 else:

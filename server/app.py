@@ -405,26 +405,27 @@ async def _run_images(generation: GenerationRequest, output: OutputOptions, requ
                       state: ServerState) -> Any:
     """Submit, wait (a disconnect cancels), answer in the OpenAI images shape or with an error."""
     job, _ = state.submit(generation, output, get_owner(request), delivered_by_caller=True)
-    await _wait_or_cancel(job, request, state)
-    if job.status is JobStatus.SUCCEEDED:
-        assert job.result is not None
-        images = job.result["images"]
-        # built to the ImagesResponse schema and returned as is: re-validating megabytes of base64
-        # through the response model on the event loop would only add latency
-        response = JSONResponse({"created": int(job.created_at), "id": job.id,
+    try:
+        await _wait_or_cancel(job, request, state)
+        if job.status is JobStatus.SUCCEEDED:
+            assert job.result is not None
+            images = job.result["images"]
+            # built to the ImagesResponse schema and returned as is: re-validating megabytes of base64
+            # through the response model on the event loop would only add latency
+            return JSONResponse({"created": int(job.created_at), "id": job.id,
                                  "data": [{"b64_json": im["b64_json"], "revised_prompt": None, "seed": im["seed"]}
                                           for im in images],
                                  "seeds": [im["seed"] for im in images],
                                  "usage": {"images": len(images), "nfe_per_image": job.result["nfe"],
                                            "compute_s": round(job.result["timings"]["total"], 4)}})
-        job.release_images()  # delivered: the job store keeps the metadata only
-        return response
-    if job.status is JobStatus.CANCELLED:
-        return error_response(409, "cancelled", f"job {job.id} was cancelled")
-    error = job.error or {}
-    return error_response(ERROR_STATUS.get(error.get("type"), 500), error.get("type", "internal_error"),
-                          error.get("message", "failed"),
-                          error.get("param"))
+        if job.status is JobStatus.CANCELLED:
+            return error_response(409, "cancelled", f"job {job.id} was cancelled")
+        error = job.error or {}
+        return error_response(ERROR_STATUS.get(error.get("type"), 500), error.get("type", "internal_error"),
+                              error.get("message", "failed"),
+                              error.get("param"))
+    finally:  # delivered, refused, or the caller went away: the job store keeps the metadata only
+        job.release_images()
 
 
 async def _edit_request(request: Request) -> ImageEditRequest:

@@ -136,9 +136,11 @@ class Job:
                 return False
             self.status, self.result, self.error = status, result, error
             self.completed_at = time.time()
-            self.image_bytes = _image_bytes(result)
             if status is JobStatus.SUCCEEDED:  # the result supersedes the previews (a cancelled job keeps its last)
                 self.events = [_superseded(e) if e.type == "job.preview" else e for e in self.events]
+            self.image_bytes = _image_bytes(result) + sum(_image_bytes({"images": [{"b64_json": b64}]})
+                                                          for e in self.events if e.type == "job.preview"
+                                                          for b64 in e.data.get("b64_json") or [])
         if status is JobStatus.SUCCEEDED:
             self.emit("job.completed", {"result": result})
         elif status is JobStatus.FAILED:
@@ -153,6 +155,7 @@ class Job:
         seeds, marked ``images_released``."""
         with self._lock:
             self.image_bytes = 0
+            self.events = [_superseded(e) if e.type == "job.preview" else e for e in self.events]
             if self.result is not None and "images" in self.result:
                 self.result = {**self.result, "images": [{**im, "b64_json": None} for im in self.result["images"]],
                                "images_released": True}

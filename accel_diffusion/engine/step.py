@@ -57,10 +57,12 @@ class StepContext:
             return None
         if getattr(scheduler.config, "use_flow_sigmas", False):
             return None
-        index = getattr(scheduler, "step_index", None)
-        if index is None and hasattr(scheduler, "index_for_timestep"):
-            index = scheduler.index_for_timestep(self.timestep)
-        if index is None or not 0 <= int(index) < len(sigmas):
+        if not hasattr(scheduler, "index_for_timestep"):
+            return None
+        # from this step's timestep, not the scheduler's step_index: that has moved on once the
+        # scheduler stepped (a preview converts after the step), and is None before DPM's first step
+        index = scheduler.index_for_timestep(self.timestep)
+        if not 0 <= int(index) < len(sigmas):
             return None
         return float(sigmas[int(index)])
 

@@ -98,7 +98,7 @@ class GhvbScheduler(VpSolverScheduler):
             velocity = eps
         else:
             difference = eps - self._velocity
-            velocity = self._velocity + self.beta * difference
+            velocity = eps if self.beta == 1.0 else self._velocity + self.beta * difference  # beta 1: PLMS, exactly
             self._differences.appendleft(difference)
         self._velocity = velocity
         k = min(self.steps_used, len(self._differences) + 1)

@@ -52,8 +52,10 @@ def test_coefficients_follow_the_sigmas_a_diffusers_scheduler_steps_with() -> No
         scheduler.set_timesteps(8)
         for i, t in enumerate(scheduler.timesteps):
             model_input = scheduler.scale_model_input(x, t)  # Euler's sets its step index here, DPM's in step()
-            step = context(scheduler, t, model_input, index=i)
+            step, late = context(scheduler, t, model_input, index=i), context(scheduler, t, model_input, index=i)
             sigma = float(scheduler.sigmas[i])
             assert step.alpha == pytest.approx(1 / (1 + sigma**2) ** 0.5, rel=1e-9), (type(scheduler).__name__, i)
-            assert step.sigma == pytest.approx(sigma / (1 + sigma**2) ** 0.5, rel=1e-9)
             x = scheduler.step(torch.zeros_like(x), t, x).prev_sample
+            assert step.sigma == pytest.approx(sigma / (1 + sigma**2) ** 0.5, rel=1e-9)
+            # first read after the scheduler stepped (as a preview's is): still this step's sigma
+            assert late.sigma == pytest.approx(step.sigma, rel=1e-12), (type(scheduler).__name__, i)

@@ -101,3 +101,15 @@ def test_without_a_cap_images_are_kept_and_a_result_supersedes_the_previews() ->
     job.finish(JobStatus.SUCCEEDED, result={"images": [{"seed": 1, "b64_json": "A" * 10**6}]})
     assert store.get(job.id) is job and job.image_bytes == 10**6
     assert [e.data for e in job.events if e.type == "job.preview"] == [{"step": 2, "superseded": True}]
+
+
+def test_a_cancelled_jobs_last_preview_counts_towards_the_cap_and_is_released() -> None:
+    store = JobStore(ttl_s=60, max_finished=100, max_image_bytes=10)
+    job = Job(request=GenerationRequest.create(model="tiny", prompt="a"))
+    store.add(job)
+    job.emit("job.preview", {"step": 2, "b64_json": ["P" * 50]})
+    job.finish(JobStatus.CANCELLED)
+    assert job.image_bytes == 50  # a cancelled job keeps its last preview: counted
+    store.get(job.id)  # over the cap: released
+    assert job.image_bytes == 0 and [e.data for e in job.events if e.type == "job.preview"] == [
+        {"step": 2, "superseded": True}]
