@@ -73,6 +73,26 @@ def test_parity_with_diffusers_normalized_guidance() -> None:
         assert torch.allclose(ours.combine(preds, step), theirs, atol=1e-6), seed
 
 
+def test_parity_with_diffusers_adaptive_projected_guidance_over_two_generations() -> None:
+    """diffusers' guider class, driven as its pipelines drive it (set_state, prepare_inputs, forward), over
+    two 4-step generations: its momentum buffer restarts at step 0 and ours at begin()."""
+    from diffusers.guiders import AdaptiveProjectedGuidance
+
+    w, eta, r, beta, steps = 9.0, 0.3, 12.0, -0.5, 4
+    theirs = AdaptiveProjectedGuidance(guidance_scale=w - 1.0, adaptive_projected_guidance_momentum=beta,
+                                       adaptive_projected_guidance_rescale=r, eta=eta, use_original_formulation=True)
+    step = step_context()
+    for generation in range(2):
+        ours = ApgGuidance(scale=w, eta=eta, norm_threshold=r, momentum=beta, space="model_output", norm="l2")
+        ours.begin(None)
+        for i in range(steps):
+            preds = predictions(seed=10 * generation + i)
+            theirs.set_state(step=i, num_inference_steps=steps, timestep=torch.tensor(999 - 250 * i))
+            theirs.prepare_inputs({})
+            expected = theirs.forward(preds["cond"], preds["uncond"]).pred
+            assert torch.allclose(ours.combine(preds, step), expected, atol=1e-6), (generation, i)
+
+
 def test_x0_space_differs_from_model_output_space() -> None:
     step, preds = step_context(), predictions()
     outputs = []
