@@ -66,6 +66,22 @@ def test_logrho_equals_diffusers_deis_step_by_step(prediction_type: str, order: 
         assert float(final.abs().mean()) == pytest.approx(golden, abs=1e-3)
 
 
+def test_diffusers_full_loop_with_noise_golden_values() -> None:
+    """diffusers' DEIS ``test_full_loop_with_noise``: noise added at step 8 of 10, then its last two
+    steps (add_noise at an integer timestep, the step index found from the timestep)."""
+    scheduler = DeisScheduler(**DUMMY_CONFIG, variant="logrho", order=2, sigma_spacing=None,
+                              final_sigmas_type="sigma_min")
+    scheduler.set_timesteps(10)
+    timesteps = scheduler.timesteps[8:]
+    n = 4 * 3 * 8 * 8
+    noise = (torch.arange(n).reshape(3, 8, 8, 4) / n).permute(3, 0, 1, 2)
+    sample = scheduler.add_noise(dummy_sample(), noise, timesteps[:1])
+    for t in timesteps:
+        sample = scheduler.step(dummy_model(sample, t), t, sample).prev_sample
+    assert float(sample.abs().sum()) == pytest.approx(315.3016, abs=1e-2)
+    assert float(sample.abs().mean()) == pytest.approx(0.41054, abs=1e-3)
+
+
 def test_logrho_order_two_is_dpm_solver_2m_heun() -> None:
     dpm = DPMSolverMultistepScheduler(**DUMMY_CONFIG, algorithm_type="dpmsolver", solver_type="heun", solver_order=2,
                                       final_sigmas_type="sigma_min", lower_order_final=True)
