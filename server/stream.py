@@ -17,7 +17,8 @@ Protocol (JSON text messages, binary frames):
   for the next output frame, answered like an input frame (latest request wins too).
 - client → ``{"type": "params.update", prompt? / t_index_list? / strength? / seed? / guidance_scale? / delta?}``;
   server → ``{"type": "params.updated", "t_index_list"}`` (the steps now in use)
-- client → ``{"type": "stats"}``; server → ``{"type": "stats", frames, processed, dropped, skipped, nfe, fps}``
+- client → ``{"type": "stats"}``; server → ``{"type": "stats", received, processed, dropped, skipped, nfe, fps
+  (over the session), fps_recent (over the last 2 s), latency_ms (the last frame's)}``
 - errors: ``{"type": "error", "code", "message", "param"}`` (``param`` is ``"frame"`` for anything a
   frame caused); a bad frame or message leaves the session running. Close codes: 1013 when the
   server is at its session cap, 1000 after ``stream_idle_timeout_s`` without input (frames, frame
@@ -41,6 +42,7 @@ import json
 import logging
 import time
 import uuid
+from collections import deque
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -64,6 +66,7 @@ START_FIELDS = {"type", "prompt", "model", "negative_prompt", "t_index_list", "g
 # Frames up to this size (a 256x256 JPEG is ~10 KB) decode on the event loop in well under a
 # millisecond; larger ones go to a thread so they cannot stall other sessions' sends.
 INLINE_DECODE_BYTES = 32 * 1024
+RECENT_S = 2.0  # the window of the stats' fps_recent
 UPDATE_FIELDS = {"type", "prompt", "negative_prompt", "t_index_list", "strength", "seed", "guidance_scale", "delta"}
 
 
@@ -148,6 +151,8 @@ class _Connection:
         self.closed = False
         self.send_lock = asyncio.Lock()
         self.drain_task: asyncio.Task[None] | None = None
+        self.recent: deque[float] = deque()  # when frames finished, over the last RECENT_S seconds
+        self.latency_ms: float | None = None  # the last frame's, receipt to reply
         self.last_input = time.monotonic()  # for the idle timeout: what the user sends, not stats polls
 
     async def send(self, message: dict[str, Any], image: bytes | None = None) -> None:
@@ -360,8 +365,11 @@ async def _process(connection: _Connection, session: StreamSession, seq: int, re
                                   await asyncio.to_thread(_encode, output, OutputOptions("jpeg", 85)))
         for viewer in connection.viewers:
             viewer.set()
+    now = time.monotonic()
+    connection.latency_ms = round(1e3 * (now - received), 2)
+    connection.recent.append(now)
     with contextlib.suppress(WebSocketDisconnect, RuntimeError):
-        await connection.send({"type": "frame", "seq": seq, "latency_ms": round(1e3 * (time.monotonic() - received), 2),
+        await connection.send({"type": "frame", "seq": seq, "latency_ms": connection.latency_ms,
                                "skipped": bool(stats and stats.skipped), "warming_up": output is None}, encoded)
 
 
@@ -372,7 +380,11 @@ def _encode(output: np.ndarray, options: OutputOptions) -> bytes:
 def _stats(connection: _Connection) -> dict[str, Any]:
     session = connection.session
     history = session.stats() if session is not None else {"frames": 0, "skipped": 0, "nfe": 0}
-    elapsed = time.monotonic() - connection.started
+    now = time.monotonic()
+    elapsed = now - connection.started
+    while connection.recent and now - connection.recent[0] > RECENT_S:
+        connection.recent.popleft()
     return {"type": "stats", "received": connection.seq, "processed": connection.processed,
             "dropped": connection.dropped, "skipped": history["skipped"], "nfe": history["nfe"],
-            "fps": connection.processed / elapsed if elapsed > 0 else 0.0}
+            "fps": connection.processed / elapsed if elapsed > 0 else 0.0,  # over the session's life
+            "fps_recent": len(connection.recent) / RECENT_S, "latency_ms": connection.latency_ms}

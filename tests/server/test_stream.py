@@ -48,6 +48,7 @@ def test_a_session_streams_frames_equal_to_the_library_session(tiny_models_file:
         ws.send_json({"type": "stats"})
         stats = ws.receive_json()
         assert stats["received"] == 3 and stats["processed"] == 3 and stats["nfe"] == 3 * 2
+        assert stats["fps_recent"] > 0 and stats["latency_ms"] > 0  # now, not only over the session's life
     model = ModelRegistry.from_file(tiny_models_file).get("tiny")
     library = StreamSession(model, PROMPT, t_index_list=[32, 45], guidance="rcfg_self", seed=5)
     expected = [library(np.asarray(Image.open(io.BytesIO(frame_bytes(k))))) for k in range(3)][1:]
