@@ -212,7 +212,8 @@ class DeviceWorker:
                     batch.append(job)
                     images += job.request.num_images
             remaining = deadline - time.monotonic()
-            if images >= self.max_batch_size or remaining <= 0 or self._stopping:
+            # stream frames waiting: start with the batch as it is (they run between its steps)
+            if images >= self.max_batch_size or remaining <= 0 or self._stopping or self._urgent:
                 break
             self._cond.wait(remaining)
         return batch
