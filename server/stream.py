@@ -179,7 +179,7 @@ async def _serve(websocket: WebSocket, state: Any) -> None:
             viewer.set()
         if connection.drain_task is not None:  # the frame on the device finishes before the slot is free
             with contextlib.suppress(Exception):
-                await connection.drain_task
+                await asyncio.shield(connection.drain_task)  # a cancelled handler does not cancel the frame
 
 
 async def _receive_loop(connection: _Connection, websocket: WebSocket, state: Any) -> None:
