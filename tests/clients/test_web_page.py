@@ -44,6 +44,22 @@ class DevTools:
         result = await self.call("Runtime.evaluate", expression=expression, returnByValue=True)
         return result["result"].get("value")
 
+    async def poll(self, fields: dict[str, str], done: Any, timeout: float) -> dict[str, Any]:
+        """The page's ``fields`` (name -> JS expression), read every 0.25 s until ``done(state)`` or ``timeout``."""
+        expression = "({" + ", ".join(f"{name}: {js}" for name, js in fields.items()) + "})"
+        state: dict[str, Any] = {}
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            state = await self.value(expression) or {}
+            if done(state):
+                break
+            await asyncio.sleep(0.25)
+        return state
+
+
+def text(element: str, number: bool = False) -> str:
+    return f"{'+' if number else ''}document.getElementById('{element}').textContent"
+
 
 def start_chromium(profile: Path) -> tuple[subprocess.Popen, int]:
     command = [CHROMIUM, "--headless=new", "--no-sandbox", "--disable-gpu", "--no-first-run",
@@ -78,33 +94,19 @@ def test_the_web_page_streams_the_camera_through_the_model(tiny_models_file: Pat
                     await tools.call("Emulation.setDeviceMetricsOverride", width=900, height=720,
                                      deviceScaleFactor=1, mobile=False)
                     await tools.call("Page.navigate", url=f"{url}/web/")
-                    state: dict[str, Any] = {}
-                    deadline = time.monotonic() + 90
-                    while time.monotonic() < deadline:
-                        state = await tools.value(
-                            "({frames: +document.getElementById('frames').textContent,"
-                            " fps: +document.getElementById('fps').textContent,"
-                            " latency: document.getElementById('latency').textContent,"
-                            " output: document.getElementById('output').src,"
-                            " loaded: document.getElementById('output').naturalWidth,"
-                            " status: document.getElementById('status').textContent})") or {}
-                        if state.get("frames", 0) >= 10 and state.get("loaded"):
-                            break
-                        await asyncio.sleep(0.25)
+                    state = await tools.poll(
+                        {"frames": text("frames", True), "fps": text("fps", True), "latency": text("latency"),
+                         "output": "document.getElementById('output').src",
+                         "loaded": "document.getElementById('output').naturalWidth", "status": text("status")},
+                        lambda state: state.get("frames", 0) >= 10 and state.get("loaded"), 90)
                     shot = await tools.call("Page.captureScreenshot", format="png")
                     # a dropped connection: the page opens a new session and the frames go on
                     before = state.get("frames", 0)
                     await tools.value("socket.close(4000, 'dropped by the test')")
-                    after: dict[str, Any] = {}
-                    deadline = time.monotonic() + 60
-                    while time.monotonic() < deadline:
-                        after = await tools.value(
-                            "({frames: +document.getElementById('frames').textContent,"
-                            " reconnects: +document.getElementById('reconnects').textContent,"
-                            " status: document.getElementById('status').textContent})") or {}
-                        if after.get("frames", 0) >= before + 10 and after.get("reconnects"):
-                            break
-                        await asyncio.sleep(0.25)
+                    after = await tools.poll(
+                        {"frames": text("frames", True), "reconnects": text("reconnects", True),
+                         "status": text("status")},
+                        lambda after: after.get("frames", 0) >= before + 10 and after.get("reconnects"), 60)
                     state["after_reconnect"] = after
                     return state, base64.b64decode(shot["data"])
 
