@@ -146,6 +146,7 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
     app = FastAPI(title="accel-diffusion", version=__version__, lifespan=lifespan,
                   description="Diffusion generation with interchangeable acceleration strategies: an "
                               "OpenAI-compatible images API and a native jobs API with progress events.")
+    app.state.settings = settings  # for whoever runs the app (uvicorn's limits follow it: process.py)
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "Content-Type", "Last-Event-ID", "X-Request-Id"])

@@ -39,8 +39,26 @@ class DrainingServer(uvicorn.Server):
         self.should_exit = True
 
 
+UVICORN_WS_MAX_SIZE = 16 * 1024 * 1024
+
+
+def websocket_message_limit(settings: ServerSettings) -> int:
+    """The largest WebSocket message uvicorn accepts: twice the frame limit (at least uvicorn's 16 MiB).
+
+    A frame over ``max_frame_bytes`` but under this gets an ``invalid_frame`` error and the session goes
+    on; only a message past this closes the connection (1009, message too big) — without the margin an
+    operator who raised ``max_frame_bytes`` past 16 MiB would see every such frame close the socket.
+    """
+    return max(UVICORN_WS_MAX_SIZE, 2 * settings.max_frame_bytes)
+
+
+def uvicorn_config(app: FastAPI, settings: ServerSettings, drain_timeout_s: float = 600.0,
+                   log_level: str = "info") -> uvicorn.Config:
+    return uvicorn.Config(app, host=settings.host, port=settings.port, log_level=log_level,
+                          timeout_graceful_shutdown=int(drain_timeout_s),
+                          ws_max_size=websocket_message_limit(settings))
+
+
 def serve(settings: ServerSettings, drain_timeout_s: float = 600.0) -> None:
     app = create_app(settings)
-    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="info",
-                            timeout_graceful_shutdown=int(drain_timeout_s))
-    DrainingServer(config, app, drain_timeout_s).run()
+    DrainingServer(uvicorn_config(app, settings, drain_timeout_s), app, drain_timeout_s).run()

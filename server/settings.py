@@ -52,7 +52,9 @@ class ServerSettings(BaseSettings):
     warmup_steps: Annotated[int, Field(ge=0)] = 2
     max_stream_sessions: Annotated[int, Field(ge=0)] = 4
     stream_idle_timeout_s: Annotated[float, Field(gt=0)] = 60.0
-    max_frame_bytes: Annotated[int, Field(ge=1024)] = 4 * 1024 * 1024
+    max_frame_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="largest stream input frame; a larger one "
+                                 "gets an invalid_frame error (a WebSocket message past twice this, at least "
+                                 "16 MiB, closes the connection with 1009)")
 
     @field_validator("cors_origins")
     @classmethod

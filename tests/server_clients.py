@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import uvicorn
 from accel_diffusion.server import ServerSettings
-from accel_diffusion.server.process import DrainingServer
+from accel_diffusion.server.process import DrainingServer, uvicorn_config
 from fastapi import FastAPI
 from PIL import Image
 
@@ -60,7 +60,8 @@ def sse_events(text: str) -> list[dict[str, Any]]:
 
 @contextmanager
 def running_server(app: FastAPI) -> Iterator[tuple[uvicorn.Server, threading.Thread, str]]:
-    server = DrainingServer(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"), app, 60)
+    settings = app.state.settings.model_copy(update={"host": "127.0.0.1", "port": 0})
+    server = DrainingServer(uvicorn_config(app, settings, 60, log_level="warning"), app, 60)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 60

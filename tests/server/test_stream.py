@@ -300,3 +300,32 @@ def test_a_disconnect_drops_the_waiting_frame_and_frees_the_slot_after_the_one_o
         time.sleep(1.0)
     assert len(calls) == 1  # the gone client's waiting frame never ran
     assert codes and set(codes) == {1013} and freed_after < 5  # refused while the frame ran, then free
+
+
+def test_frames_past_uvicorns_default_message_cap_get_an_error_and_the_session_goes_on(
+        tiny_models_file: Path) -> None:
+    """Over a real uvicorn: its WebSocket message cap follows ``max_frame_bytes`` (twice it, at least 16 MiB),
+    so a frame over the frame limit is answered with an error rather than a closed socket (1009)."""
+    from accel_diffusion.server.process import UVICORN_WS_MAX_SIZE, websocket_message_limit
+    from server_clients import running_server
+    from websockets.exceptions import ConnectionClosed
+    from websockets.sync.client import connect
+
+    settings = make_settings(tiny_models_file, max_frame_bytes=12 * 1024 * 1024)
+    assert websocket_message_limit(settings) == 24 * 1024 * 1024
+    assert websocket_message_limit(make_settings(tiny_models_file)) == UVICORN_WS_MAX_SIZE
+    with running_server(create_app(settings)) as (_, _, url):
+        with connect(url.replace("http", "ws") + "/v1/stream", max_size=None) as ws:
+            ws.send(json.dumps({"type": "session.start", "prompt": PROMPT, "t_index_list": [45], "guidance": "none"}))
+            assert json.loads(ws.recv())["type"] == "session.started"
+            ws.send(b"\xff" * (UVICORN_WS_MAX_SIZE + 1))  # over the frame limit, under the message cap
+            error = json.loads(ws.recv())
+            assert error["code"] == "invalid_frame" and error["param"] == "frame" and "at most" in error["message"]
+            ws.send(b"\x00" * (10 * 1024 * 1024))  # under the frame limit: decoded (and refused as no image)
+            assert json.loads(ws.recv())["message"] == "not a JPEG, PNG or WebP image"
+            ws.send(frame_bytes(0))  # the session goes on
+            assert json.loads(ws.recv())["type"] == "frame" and ws.recv()
+            ws.send(b"\x00" * (24 * 1024 * 1024 + 1))  # past the message cap: the protocol closes the socket
+            with pytest.raises(ConnectionClosed) as closed:
+                ws.recv()
+    assert closed.value.rcvd is not None and closed.value.rcvd.code == 1009
