@@ -55,8 +55,10 @@ def free_port() -> int:
 
 
 def start_server(port: int, queue_max: int, max_batch_size: int = 1, max_batch_wait_ms: float = 0,
-                 batch_invariant: bool = True) -> subprocess.Popen:
-    env = {**os.environ, "ACCEL_DIFFUSION_QUEUE_MAX": str(queue_max),
+                 batch_invariant: bool = True, **settings: str) -> subprocess.Popen:
+    """``accel-diffusion serve`` in its own process; ``settings``: further server settings (as env)."""
+    env = {**os.environ, **{f"ACCEL_DIFFUSION_{k.upper()}": v for k, v in settings.items()},
+           "ACCEL_DIFFUSION_QUEUE_MAX": str(queue_max),
            "ACCEL_DIFFUSION_MAX_BATCH_SIZE": str(max_batch_size),
            "ACCEL_DIFFUSION_MAX_BATCH_WAIT_MS": str(max_batch_wait_ms),
            "ACCEL_DIFFUSION_BATCH_INVARIANT": str(batch_invariant).lower()}

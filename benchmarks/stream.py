@@ -10,11 +10,16 @@ In one run, for t_index_lists of 1, 2 and 4 steps:
   without guidance;
 - StreamSession fps with RCFG self (1.2), CFG (1.2) and no guidance, each with the full and the tiny
   autoencoder; and the ceiling of RCFG-self over CFG on this hardware: UNet time at batch 2n over n;
+- the same three stream configurations with the tiny autoencoder and ``acceleration="compile"``
+  (torch.compile, static shapes; graphs built before timing, their build time recorded), and the
+  compute floor with the compiled UNet;
 - RCFG self vs CFG again on 128x128 frames (32x32 latents) at 4 steps, where the UNet is compute-bound;
 and the similarity filter on a static clip (fraction of frames skipped, fps); and end to end over
 the WebSocket (a server in its own process, the SDK's StreamClient, one frame in flight: send,
 await the result, send the next) at 1 step: fps, p50/p95 frame latency, and the ratio to the
-compute floor, with each autoencoder. Frames come from a moving synthetic clip (a disc crossing the frame); fps counts
+compute floor, with each autoencoder, and with the tiny one and a compiled UNet (round-robin rounds,
+each with the floor measured just before it; medians over rounds).
+Frames come from a moving synthetic clip (a disc crossing the frame); fps counts
 frames after the warm-up, each figure the median of ``--rounds`` rounds interleaved with the other
 configurations of its row.
 """
@@ -109,6 +114,36 @@ def compute_floor(model: Any, frames: list[Image.Image]) -> dict[str, float]:
 
 
 @torch.no_grad()
+def compiled_unet_ms(model: Any) -> float:
+    """The compiled UNet's time for one frame's 1-step call, shaped as a session makes it."""
+    session = StreamSession(model, PROMPT, t_index_list=[45], guidance="none", acceleration="compile")
+    x = torch.zeros_like(session.init_noise)
+    return median_ms(lambda: session._eps(x, [0], session._cond.expand(1, -1, -1)))
+
+
+LOOPBACKS = (("full", "none"), ("tiny", "none"), ("tiny", "compile"))
+
+
+def websocket_rounds(model: Any, frames: list[Image.Image], rounds: int) -> dict[str, dict[str, Any]]:
+    """Each loopback configuration ``rounds`` times, round-robin, with the (eager) compute floor measured
+    at the start of every round: fps, latencies and each round's fps / floor are medians over rounds.
+    Runs before anything compiled has run in this process: the idle OpenMP threads of compiled kernels
+    take CPU from the server process beside it (measured: 51 instead of 75-80 fps on the tiny path)."""
+    samples: dict[str, list[dict[str, float]]] = {}
+    for _ in range(rounds):
+        floor = compute_floor(model, frames)
+        for vae, acceleration in LOOPBACKS:
+            name = f"websocket_1_step_{vae}_vae{'_compiled' if acceleration == 'compile' else ''}"
+            row = asyncio.run(websocket_loopback(clip(205), vae, acceleration))  # 200 timed frames
+            row["vs_floor_full_vae"] = row["fps"] / floor["floor_fps_1_step_full_vae"]
+            if vae == "tiny":
+                row["vs_floor_tiny_vae"] = row["fps"] / floor["floor_fps_1_step_tiny_vae"]
+            samples.setdefault(name, []).append(row)
+    return {name: {key: statistics.median(row[key] for row in rows) for key in rows[0]} | {"rounds": len(rows)}
+            for name, rows in samples.items()}
+
+
+@torch.no_grad()
 def unet_batch_ratio(model: Any, rows: int, latent_size: int = 8) -> float:
     """UNet time at batch 2n over batch n: what RCFG-self (n rows) can at most gain over CFG (2n rows)
     when the UNet were the whole frame."""
@@ -122,12 +157,12 @@ def unet_batch_ratio(model: Any, rows: int, latent_size: int = 8) -> float:
     return double / single
 
 
-async def websocket_loopback(frames: list[Image.Image], vae: str) -> dict[str, float]:
+async def websocket_loopback(frames: list[Image.Image], vae: str, acceleration: str = "none") -> dict[str, float]:
     from accel_diffusion.clients import StreamClient
     from serving import free_port, start_server
 
     port = free_port()
-    server = start_server(port, queue_max=8)
+    server = start_server(port, queue_max=8, stream_acceleration=acceleration)
     try:
         async with StreamClient(f"http://127.0.0.1:{port}", PROMPT, t_index_list=[45], guidance="none",
                                 output_format="jpeg", vae=vae) as stream:
@@ -162,8 +197,13 @@ def main() -> None:
     args = parser.parse_args()
     model = ModelRegistry.default().get("shapes")
     frames = clip(args.frames + 8)
+    loopbacks = websocket_rounds(model, frames, args.rounds)  # first: before any compiled kernel runs here
+    floor = compute_floor(model, frames)
+    floor["unet_ms_compiled"] = compiled_unet_ms(model)
+    floor["floor_fps_1_step_tiny_vae_compiled_unet"] = 1e3 / (
+        floor["unet_ms_compiled"] + floor["encode_ms_tiny_vae"] + floor["decode_ms_tiny_vae"])
     result: dict[str, Any] = {"benchmark": "stream", "model": "shapes", "frames": args.frames, "machine": machine(),
-                              "floor": compute_floor(model, frames)}
+                              "floor": floor}
     pipe = StableDiffusionImg2ImgPipeline(**{k: v for k, v in model.pipeline.components.items()
                                              if k in ("vae", "text_encoder", "tokenizer", "unet", "scheduler")},
                                           safety_checker=None, feature_extractor=None, requires_safety_checker=False)
@@ -180,7 +220,20 @@ def main() -> None:
             for guidance in ("rcfg_self", "cfg", "none"):
                 steppers[f"stream_{guidance}_{vae}_vae"] = StreamSession(
                     model, PROMPT, t_index_list=indices, guidance=guidance, guidance_scale=1.2, vae=vae)
+        build_s = {}
+        for guidance in ("rcfg_self", "cfg", "none"):  # each session builds its UNet graph (new shapes only)
+            begin = time.perf_counter()
+            steppers[f"stream_{guidance}_tiny_vae_compiled"] = StreamSession(
+                model, PROMPT, t_index_list=indices, guidance=guidance, guidance_scale=1.2, vae="tiny",
+                acceleration="compile")
+            build_s[f"compile_s_{guidance}"] = time.perf_counter() - begin
         row: dict[str, float] = fps_interleaved(steppers, frames, len(indices) + 1, args.rounds)
+        row.update(build_s)
+        for guidance in ("rcfg_self", "cfg", "none"):
+            row[f"compiled_vs_eager_{guidance}_tiny_vae"] = (row[f"stream_{guidance}_tiny_vae_compiled"]
+                                                             / row[f"stream_{guidance}_tiny_vae"])
+        row["rcfg_self_vs_cfg_tiny_vae_compiled"] = (row["stream_rcfg_self_tiny_vae_compiled"]
+                                                     / row["stream_cfg_tiny_vae_compiled"])
         for vae in ("full", "tiny"):
             # like for like against diffusers (which decodes with the pipeline's VAE) on the full VAE
             row[f"stream_rcfg_self_{vae}_vae_vs_diffusers_cfg"] = (row[f"stream_rcfg_self_{vae}_vae"]
@@ -210,12 +263,9 @@ def main() -> None:
                          "unet_calls": stats["unet_calls"], "frames": stats["frames"]}
     result["filter_compute_saved"] = 1 - (result["static_with_filter"]["unet_calls"]
                                           / result["static_without_filter"]["unet_calls"])
-    floor = result["floor"]
-    for vae in ("full", "tiny"):
-        row = asyncio.run(websocket_loopback(clip(205), vae))  # 200 timed frames: the VM is noisy
-        row["vs_floor_full_vae"] = row["fps"] / floor["floor_fps_1_step_full_vae"]
-        row[f"vs_floor_{vae}_vae"] = row["fps"] / floor[f"floor_fps_1_step_{vae}_vae"]
-        result[f"websocket_1_step_{vae}_vae"] = row
+    loopbacks["websocket_1_step_tiny_vae_compiled"]["vs_floor_tiny_vae_compiled_unet"] = (
+        loopbacks["websocket_1_step_tiny_vae_compiled"]["fps"] / floor["floor_fps_1_step_tiny_vae_compiled_unet"])
+    result.update(loopbacks)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))
     print(json.dumps(result, indent=1))

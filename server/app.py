@@ -52,6 +52,7 @@ from accel_diffusion.errors import InvalidRequestError, UnknownModelError
 from accel_diffusion.models.registry import ModelRegistry
 from accel_diffusion.registry import get_registry
 from accel_diffusion.strategy import GenerationRequest
+from accel_diffusion.stream import StreamSession
 
 log = logging.getLogger("accel_diffusion.server")
 TERMINAL_EVENTS = ("job.completed", "job.failed", "job.cancelled")
@@ -116,13 +117,20 @@ def served_registry(settings: ServerSettings) -> ModelRegistry:
 
 
 def warm_up(state: ServerState) -> None:
-    """Load every served model and run one short generation on it (so the first request is not slow)."""
+    """Load every served model and run one short generation on it (so the first request is not slow).
+
+    With ``stream_acceleration = "compile"`` also compile each SD model's UNet graph for a default
+    stream session (img2img, two steps, RCFG self: 2 rows), so that compilation fails at startup, if it
+    fails, and the first such session starts at once; other batch shapes compile when a session first
+    needs them."""
     for model_id in state.settings.served_models:
         model = state.registry.get(model_id)
         if state.settings.warmup_steps and model.family in ("sd", "sdxl"):
             state.worker.engine.generate(GenerationRequest.create(
                 model=model_id, prompt="warm-up", seed=0, steps=state.settings.warmup_steps),
                 batch_invariant=state.settings.batch_invariant)
+        if state.settings.stream_acceleration != "none" and model.family == "sd":
+            StreamSession(model, "warm-up", acceleration=state.settings.stream_acceleration, limits=state.limits)
 
 
 def create_app(settings: ServerSettings | None = None) -> FastAPI:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import tomllib
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -52,6 +52,9 @@ class ServerSettings(BaseSettings):
     warmup_steps: Annotated[int, Field(ge=0)] = 2
     max_stream_sessions: Annotated[int, Field(ge=0)] = 4
     stream_idle_timeout_s: Annotated[float, Field(gt=0)] = 60.0
+    stream_acceleration: Literal["none", "compile"] = Field(
+        "none", description="compile: stream sessions run the UNet under torch.compile with static shapes (a graph "
+        "per batch shape, built on the worker when first needed; the default session's at startup)")
     max_frame_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="largest stream input frame; a larger one "
                                  "gets an invalid_frame error (a WebSocket message past twice this, at least "
                                  "16 MiB, closes the connection with 1009)")

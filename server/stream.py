@@ -270,14 +270,14 @@ async def _start(connection: _Connection, data: dict[str, Any]) -> None:
                                     "strength")
                if k in data}
     model = state.registry.get(model_id)
-    session = await _on_worker(connection, lambda: StreamSession(model, data.get("prompt"), limits=state.limits,
-                                                                 **options))
+    session = await _on_worker(connection, lambda: StreamSession(
+        model, data.get("prompt"), limits=state.limits, acceleration=state.settings.stream_acceleration, **options))
     connection.session, connection.output = session, OutputOptions(output_format, quality)
     await connection.send({"type": "session.started", "session": {
         "id": connection.id, "mjpeg_url": f"/v1/stream/{connection.id}/mjpeg", "model": model_id,
         "width": session.width, "height": session.height, "mode": session.mode,
         "t_index_list": session.t_index_list, "guidance": session.guidance, "warmup_frames": session.num_slots - 1,
-        "vae": session.vae, "output_format": output_format}})
+        "vae": session.vae, "acceleration": session.acceleration, "output_format": output_format}})
 
 
 async def _on_worker(connection: _Connection, task: Any) -> Any:

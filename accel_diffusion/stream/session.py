@@ -21,6 +21,11 @@ Guidance (ε-space; γ = ``guidance_scale``, δ = ``delta``):
 - ``rcfg_onetime``: the same with X = the clean latent implied by one real negative-prompt
   evaluation of slot 0 when its frame enters (n + 1).
 
+Acceleration (``acceleration``): ``compile`` runs the UNet under ``torch.compile`` with static shapes
+(``LoadedPipeline.compiled_unet``, shared by the model's sessions), StreamDiffusion's fixed-batch
+TensorRT engines in spirit; the graph for the session's UNet batch is built when the session is
+made (and again when ``update`` changes the number of steps), not on the first frame.
+
 Autoencoder (``vae``): ``full`` encodes and decodes frames with the pipeline's VAE; ``tiny`` with the
 model's TAESD-style ``AutoencoderTiny`` of the same latent space (the registry entry's ``tiny_vae``),
 as StreamDiffusion does with TAESD; ``auto`` (the default) takes the tiny one when the model has it.
@@ -52,6 +57,7 @@ from accel_diffusion.stream.similarity_filter import SimilarityFilter
 
 StreamGuidance = Literal["none", "cfg", "rcfg_self", "rcfg_onetime"]
 StreamVae = Literal["auto", "full", "tiny"]
+StreamAcceleration = Literal["none", "compile"]
 GRID_STEPS = 50
 # StreamDiffusion's README defaults: img2img keeps part of the frame, txt2img starts from pure noise (index 0)
 Steps = tuple[list[int], torch.Tensor, torch.Tensor, torch.Tensor]  # t_index_list, timesteps, α, σ
@@ -133,7 +139,8 @@ class StreamSession:
                  guidance_scale: float = 1.2, delta: float = 1.0, seed: int = 0, width: int | None = None,
                  height: int | None = None, mode: Literal["img2img", "txt2img"] = "img2img",
                  similarity_threshold: float | None = None, max_skip: int = 10, vae: StreamVae = "auto",
-                 strength: float | None = None, limits: RequestLimits = DEFAULT_LIMITS) -> None:
+                 strength: float | None = None, acceleration: StreamAcceleration = "none",
+                 limits: RequestLimits = DEFAULT_LIMITS) -> None:
         """``t_index_list`` defaults to StreamDiffusion's [32, 45] for img2img and [0, 16, 32, 45] for
         txt2img; ``limits`` bounds the frame size and prompt length as for generation requests."""
         if model.family != "sd":
@@ -153,8 +160,12 @@ class StreamSession:
         if vae == "tiny" and model.tiny_vae is None:
             raise InvalidRequestError("vae", f"model {model.model_id!r} declares no tiny autoencoder (tiny_vae)",
                                       ["auto", "full"])
+        if acceleration not in ("none", "compile"):
+            raise InvalidRequestError("acceleration", f"unknown acceleration {acceleration!r}", ["none", "compile"])
         self.model = model
         self.limits = limits
+        self.acceleration = acceleration
+        self._unet = model.compiled_unet() if acceleration == "compile" else model.pipeline.unet
         self.vae = "tiny" if vae == "tiny" or (vae == "auto" and model.tiny_vae is not None) else "full"
         self._vae = model.tiny_vae if self.vae == "tiny" else model.pipeline.vae
         self.mode = mode
@@ -191,6 +202,7 @@ class StreamSession:
         self._use_steps(steps)
         self.seed = seed
         self.init_noise = self._noise(seed, self.num_slots)
+        self._build_graph()
 
     # -- preparation (once, and on update): each helper validates and builds, nothing is stored until all succeed --
 
@@ -271,17 +283,35 @@ class StreamSession:
         self.guidance_scale, self.delta, self.seed = scale, new_delta, new_seed
         if texts is not None and states is not None:
             (self._prompt, self._negative), (self._cond, self._uncond) = texts, states
+        rows_before = self._unet_rows
         if steps is not None:
             self._use_steps(steps)
         if noise is not None:
             self.init_noise = noise
             self._restart()
+        if self._unet_rows != rows_before:
+            self._build_graph()
         if self.filter is not None:  # the next frame shows the new parameters, however still the scene
             self.filter.reset()
 
     @property
     def num_slots(self) -> int:
         return len(self.t_index_list)
+
+    @property
+    def _unet_rows(self) -> int:
+        """Rows of the session's one UNet call per frame: n, 2n with CFG, n + 1 with RCFG onetime."""
+        n = self.num_slots
+        return {"cfg": 2 * n, "rcfg_onetime": n + 1}.get(self.guidance, n)
+
+    @torch.no_grad()
+    def _build_graph(self) -> None:
+        """With ``acceleration="compile"``: one call through the per-frame path on zero latents, so the
+        UNet graph of this batch is compiled now rather than on the first frame. Touches no state."""
+        if self.acceleration == "none":
+            return
+        x = torch.zeros_like(self.init_noise)
+        self._guided_noise(x, None if self.mode == "txt2img" else torch.zeros_like(x), FrameStats())
 
     # -- per frame --
 
@@ -341,7 +371,7 @@ class StreamSession:
 
     def _eps(self, x: torch.Tensor, slots: list[int], states: torch.Tensor) -> torch.Tensor:
         """The model's noise prediction for rows ``x``; row k sits at slot ``slots[k]`` (its timestep)."""
-        output = call_model(self.model.pipeline.unet, x, self.timesteps[slots], encoder_hidden_states=states)
+        output = call_model(self._unet, x, self.timesteps[slots], encoder_hidden_states=states)
         if self.prediction_type == "v_prediction":  # ε = α v + σ x
             return self._alpha[slots] * output + self._sigma[slots] * x
         return output

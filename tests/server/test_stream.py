@@ -55,6 +55,32 @@ def test_a_session_streams_frames_equal_to_the_library_session(tiny_models_file:
     assert all(np.array_equal(a, b) for a, b in zip(outputs, expected, strict=True))
 
 
+def test_compiled_stream_sessions_build_the_default_graph_at_startup(tiny_models_file: Path) -> None:
+    """stream_acceleration = "compile": the default session's UNet graph is compiled while the server
+    starts; a session of that shape then compiles nothing and streams the eager session's frames."""
+    from torch._dynamo.utils import counters
+
+    before = counters["stats"]["unique_graphs"]
+    start = {"type": "session.start", "prompt": PROMPT, "seed": 5, "output_format": "png"}
+    with TestClient(create_app(make_settings(tiny_models_file, stream_acceleration="compile"))) as client:
+        built = counters["stats"]["unique_graphs"]
+        assert built > before
+        with client.websocket_connect("/v1/stream") as ws:
+            ws.send_json(start)
+            session = ws.receive_json()["session"]
+            assert session["acceleration"] == "compile" and session["t_index_list"] == [32, 45]
+            outputs = []
+            for k in range(3):
+                ws.send_bytes(frame_bytes(k))
+                if not ws.receive_json()["warming_up"]:
+                    outputs.append(np.asarray(Image.open(io.BytesIO(ws.receive_bytes()))).astype(int))
+        assert counters["stats"]["unique_graphs"] == built
+    model = ModelRegistry.from_file(tiny_models_file).get("tiny")
+    library = StreamSession(model, PROMPT, seed=5)  # eager
+    expected = [library(np.asarray(Image.open(io.BytesIO(frame_bytes(k))))) for k in range(3)][1:]
+    assert len(outputs) == 2 and all(np.abs(a - b).max() <= 1 for a, b in zip(outputs, expected, strict=True))
+
+
 def test_strength_autoencoder_and_a_missing_tiny_one(tiny_models_file: Path) -> None:
     with TestClient(create_app(make_settings(tiny_models_file))) as client:
         with client.websocket_connect("/v1/stream") as ws:

@@ -93,6 +93,39 @@ def test_updates_mid_stream(shapes_model: LoadedPipeline) -> None:
     assert error.value.field == "t_index_list"
 
 
+def test_compiled_sessions_equal_eager_ones_and_build_their_graph_before_the_first_frame(
+        shapes_model: LoadedPipeline) -> None:
+    """acceleration="compile": the same frames as the eager UNet; each UNet batch's graph is compiled when
+    the session is made or its number of steps changes, and shared by the model's sessions."""
+    from torch._dynamo.utils import counters
+
+    def graphs() -> int:
+        return counters["stats"]["unique_graphs"]
+
+    inputs = frames(5)
+    eager = StreamSession(shapes_model, PROMPT, t_index_list=(32, 45), guidance="rcfg_self", seed=2)
+    before = graphs()
+    compiled = StreamSession(shapes_model, PROMPT, t_index_list=(32, 45), guidance="rcfg_self", seed=2,
+                             acceleration="compile")
+    assert graphs() > before and compiled._unet is shapes_model.compiled_unet()
+    built = graphs()
+    for frame in inputs[:3]:
+        expected, out = eager(frame), compiled(frame)
+        if expected is not None:
+            torch.testing.assert_close(compiled.state.last_estimate, eager.state.last_estimate, rtol=0, atol=1e-5)
+            assert np.abs(out.astype(int) - expected).max() <= 1
+    assert graphs() == built  # the frames ran the graph built ahead
+    again = StreamSession(shapes_model, PROMPT, t_index_list=(20, 45), guidance="rcfg_self", acceleration="compile")
+    assert graphs() == built and again(inputs[0]) is None  # same batch shape: the model's graph is reused
+    compiled.update(t_index_list=(45,)), eager.update(t_index_list=(45,))
+    assert graphs() > built  # one row per call now: built by the update
+    built = graphs()
+    for frame in inputs[3:]:
+        expected, out = eager(frame), compiled(frame)
+        torch.testing.assert_close(compiled.state.last_estimate, eager.state.last_estimate, rtol=0, atol=1e-5)
+    assert graphs() == built
+
+
 def test_a_failed_update_changes_nothing(shapes_model: LoadedPipeline) -> None:
     session = StreamSession(shapes_model, PROMPT, t_index_list=(32, 45), guidance="rcfg_self", seed=3)
     twin = StreamSession(shapes_model, PROMPT, t_index_list=(32, 45), guidance="rcfg_self", seed=3)
@@ -123,6 +156,7 @@ def test_a_failed_update_changes_nothing(shapes_model: LoadedPipeline) -> None:
     ("guidance_scale", "abc"), ("delta", -1.0), ("seed", 2**64), ("seed", "3"), ("width", -64), ("width", 34),
     ("width", 16384), ("height", 4096), ("mode", "foo"), ("similarity_threshold", -0.1),
     ("similarity_threshold", 1.5), ("max_skip", -1), ("t_index_list", "32"), ("t_index_list", [True]),
+    ("acceleration", "tensorrt"),
 ])
 def test_invalid_session_parameters_name_their_field(shapes_model: LoadedPipeline, field: str, value: object) -> None:
     options = {"similarity_threshold": 0.9} if field == "max_skip" else {}
