@@ -73,7 +73,7 @@ class Job:
         with self._lock:
             event = JobEvent(len(self.events) + 1, type_, data or {})
             if type_ == "job.preview":  # keep the latest preview's images only (a replay shows the newest)
-                self.events = [_superseded(e) if e.type == "job.preview" else e for e in self.events]
+                self.events = _without_preview_images(self.events)
             self.events.append(event)
             finished = self.status.finished
             waiters = [(loop, flag) for loop, flag, finish_only in self._waiters if finished or not finish_only]
@@ -137,9 +137,8 @@ class Job:
             self.status, self.result, self.error = status, result, error
             self.completed_at = time.time()
             if status is JobStatus.SUCCEEDED:  # the result supersedes the previews (a cancelled job keeps its last)
-                self.events = [_superseded(e) if e.type == "job.preview" else e for e in self.events]
-            self.image_bytes = _image_bytes(result) + sum(_image_bytes({"images": [{"b64_json": b64}]})
-                                                          for e in self.events if e.type == "job.preview"
+                self.events = _without_preview_images(self.events)
+            self.image_bytes = _image_bytes(result) + sum(len(b64 or "") for e in self.events if e.type == "job.preview"
                                                           for b64 in e.data.get("b64_json") or [])
         if status is JobStatus.SUCCEEDED:
             self.emit("job.completed", {"result": result})
@@ -155,7 +154,7 @@ class Job:
         seeds, marked ``images_released``."""
         with self._lock:
             self.image_bytes = 0
-            self.events = [_superseded(e) if e.type == "job.preview" else e for e in self.events]
+            self.events = _without_preview_images(self.events)
             if self.result is not None and "images" in self.result:
                 self.result = {**self.result, "images": [{**im, "b64_json": None} for im in self.result["images"]],
                                "images_released": True}
@@ -186,8 +185,10 @@ def _image_bytes(result: dict[str, Any] | None) -> int:
     return sum(len(im.get("b64_json") or "") for im in (result or {}).get("images", []))
 
 
-def _superseded(preview: JobEvent) -> JobEvent:
-    return JobEvent(preview.id, preview.type, {"step": preview.data.get("step"), "superseded": True})
+def _without_preview_images(events: list[JobEvent]) -> list[JobEvent]:
+    """The events with every preview's images dropped (each keeps its step, marked superseded)."""
+    return [JobEvent(e.id, e.type, {"step": e.data.get("step"), "superseded": True}) if e.type == "job.preview" else e
+            for e in events]
 
 
 def request_echo(request: GenerationRequest, output: OutputOptions) -> dict[str, Any]:
