@@ -83,11 +83,14 @@ def main(ctx: click.Context, models_file: str | None) -> None:
 @click.option("--prompt", "-p", "prompts", multiple=True, help="Prompt (repeat for several).")
 @click.option("--prompts-file", type=click.Path(exists=True, dir_okay=False), help="One prompt per line.")
 @click.option("--negative-prompt", default=None)
-@click.option("-n", "--n", "n", default=1, show_default=True, help="Images per prompt.")
+@click.option("-n", "--n", "n", type=int, default=None, help="Images per prompt (default 1).")
+@click.option("--num-images-per-prompt", type=int, default=None, help="diffusers' name of -n.")
 @click.option("--seed", type=int, default=None, help="Seed of the first image; image k uses seed + k.")
+@click.option("--size", default=None, help='"WxH", e.g. 512x512 (or --width and --height; default: the model\'s).')
 @click.option("--width", type=int, default=None)
 @click.option("--height", type=int, default=None)
 @click.option("--steps", type=int, default=None, help="Denoising steps (default: the model's).")
+@click.option("--num-inference-steps", type=int, default=None, help="diffusers' name of --steps.")
 @click.option("--strategy", default=None, help="Strategy as JSON, @file.json or a .json path.")
 @click.option("--sampler", default=None, help='Sampler name or JSON, e.g. ddim or {"name":"ddim","eta":0}.')
 @click.option("--schedule", default=None, help="Schedule name or JSON.")
@@ -103,8 +106,9 @@ def main(ctx: click.Context, models_file: str | None) -> None:
               help="Images per engine call.")
 @click.pass_context
 def generate(ctx: click.Context, model: str, prompts: tuple[str, ...], prompts_file: str | None,
-             negative_prompt: str | None, n: int, seed: int | None, width: int | None, height: int | None,
-             steps: int | None, strategy: str | None, sampler: str | None, schedule: str | None,
+             negative_prompt: str | None, n: int | None, num_images_per_prompt: int | None, seed: int | None,
+             size: str | None, width: int | None, height: int | None, steps: int | None,
+             num_inference_steps: int | None, strategy: str | None, sampler: str | None, schedule: str | None,
              guidance: str | None, guidance_scale: float | None, init_image: str | None, strength: float,
              vae: str, out_dir: str, batch_size: int) -> None:
     """Generate images into OUT (PNG files plus results.json)."""
@@ -112,6 +116,13 @@ def generate(ctx: click.Context, model: str, prompts: tuple[str, ...], prompts_f
 
     from accel_diffusion.engine import Engine, GenerationHooks
     from accel_diffusion.strategy import GenerationRequest
+    from accel_diffusion.vocabulary import errors_named_as_sent, to_canonical
+
+    # the diffusers/OpenAI spellings are aliases: one of each pair, and errors name the one given
+    sizes, sent = to_canonical({"n": n, "num_images_per_prompt": num_images_per_prompt, "size": size, "width": width,
+                                "height": height, "steps": steps, "num_inference_steps": num_inference_steps})
+    n = 1 if sizes["n"] is None else sizes["n"]
+    width, height, steps = sizes["width"], sizes["height"], sizes["steps"]
 
     all_prompts = list(prompts)
     if prompts_file:
@@ -123,7 +134,7 @@ def generate(ctx: click.Context, model: str, prompts: tuple[str, ...], prompts_f
     if not all_prompts:
         raise InvalidRequestError("prompt", "give at least one --prompt or a --prompts-file")
     if n < 1:
-        raise InvalidRequestError("n", f"must be at least 1, got {n}", ">= 1")
+        raise InvalidRequestError(sent.get("n", "n"), f"must be at least 1, got {n}", ">= 1")
     parsed_strategy = _strategy_from_options(strategy, guidance_scale, sampler=sampler, schedule=schedule,
                                              guidance=guidance)
 
@@ -133,15 +144,16 @@ def generate(ctx: click.Context, model: str, prompts: tuple[str, ...], prompts_f
     requests = []
     for start in range(0, len(jobs), batch_size):
         chunk = jobs[start:start + batch_size]
-        requests.append(GenerationRequest.create(
-            model=model, prompt=[p for p, _ in chunk], n=1, seed=base_seed + start,
-            negative_prompt=negative_prompt, width=width, height=height, steps=steps,
-            strategy=parsed_strategy, init_image=init_image, strength=strength, vae=vae,
-        ))
+        with errors_named_as_sent(sent):  # a bad --size names size, not width (so do the engine's errors)
+            requests.append(GenerationRequest.create(
+                model=model, prompt=[p for p, _ in chunk], n=1, seed=base_seed + start,
+                negative_prompt=negative_prompt, width=width, height=height, steps=steps,
+                strategy=parsed_strategy, init_image=init_image, strength=strength, vae=vae,
+            ))
     engine = Engine(_registry(ctx))
     engine.models.spec(model)
     results = []
-    with tqdm(total=len(jobs), desc="images", unit="img") as images_bar:
+    with errors_named_as_sent(sent), tqdm(total=len(jobs), desc="images", unit="img") as images_bar:
         for request in requests:
             with tqdm(desc="steps", unit="step", leave=False) as bar:
                 def on_step(event: Any, bar: Any = bar) -> None:
@@ -259,6 +271,7 @@ def train(target: str, out_dir: str, seed: int) -> None:
 @main.command("eval")
 @click.option("--model", "-m", default="shapes", show_default=True)
 @click.option("--steps", type=int, default=None)
+@click.option("--num-inference-steps", type=int, default=None, help="diffusers' name of --steps.")
 @click.option("--strategy", default=None, help="Strategy as JSON, @file.json or a .json path.")
 @click.option("--guidance-scale", type=float, default=None)
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
@@ -267,18 +280,24 @@ def train(target: str, out_dir: str, seed: int) -> None:
 @click.option("--batch-size", type=click.IntRange(min=1), default=49, show_default=True)
 @click.option("--out", "out_file", type=click.Path(dir_okay=False), default=None, help="Write the metrics as JSON.")
 @click.pass_context
-def eval_command(ctx: click.Context, model: str, steps: int | None, strategy: str | None,
-                 guidance_scale: float | None, seed: int, repeats: int, batch_size: int, out_file: str | None) -> None:
+def eval_command(ctx: click.Context, model: str, steps: int | None, num_inference_steps: int | None,
+                 strategy: str | None, guidance_scale: float | None, seed: int, repeats: int, batch_size: int,
+                 out_file: str | None) -> None:
     """Measure a model on `shapes` prompts: prompt accuracy, Fréchet distance, saturation, NFE, time."""
     from accel_diffusion.engine import Engine
+    from accel_diffusion.vocabulary import errors_named_as_sent, to_canonical
+
+    canonical, sent = to_canonical({"steps": steps, "num_inference_steps": num_inference_steps})
+    steps = canonical["steps"]
 
     try:
         from accel_diffusion.eval.shapes_eval import evaluate_shapes
     except ImportError as exc:
         _fail(f"eval needs the 'eval' extra ({exc.name} is missing): pip install 'accel-diffusion[eval]'")
     engine = Engine(_registry(ctx))
-    metrics = evaluate_shapes(engine, model=model, strategy=_strategy_from_options(strategy, guidance_scale),
-                              steps=steps, seed=seed, repeats=repeats, batch_size=batch_size)
+    with errors_named_as_sent(sent):
+        metrics = evaluate_shapes(engine, model=model, strategy=_strategy_from_options(strategy, guidance_scale),
+                                  steps=steps, seed=seed, repeats=repeats, batch_size=batch_size)
     text = json.dumps(metrics, indent=2)
     if out_file:
         Path(out_file).write_text(text + "\n")

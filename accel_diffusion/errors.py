@@ -7,7 +7,8 @@ without a traceback.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import difflib
+from collections.abc import Collection, Sequence
 
 
 class AccelDiffusionError(Exception):
@@ -38,6 +39,17 @@ class InvalidRequestError(AccelDiffusionError):
 
     def to_dict(self) -> dict[str, str | None]:
         return {"type": self.error_type, "field": self.field, "message": self.message, "allowed": self.allowed}
+
+
+class UnknownFieldError(InvalidRequestError):
+    """A request names a field its surface does not take; the message suggests the closest accepted
+    name ("did you mean `steps`?") and ``allowed`` lists them all."""
+
+    def __init__(self, field: str, accepted: Collection[str], what: str = "field") -> None:
+        close = difflib.get_close_matches(field, sorted(accepted), n=1, cutoff=0.6)
+        self.suggestion = close[0] if close else None
+        hint = f"; did you mean `{self.suggestion}`?" if self.suggestion else ""
+        super().__init__(field, f"unknown {what}{hint}", sorted(accepted))
 
 
 class UnknownModelError(InvalidRequestError):

@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 import pydantic
 from pydantic import BaseModel, ConfigDict
 
-from accel_diffusion.errors import InvalidRequestError, UnknownComponentError
+from accel_diffusion.errors import InvalidRequestError, UnknownComponentError, UnknownFieldError
 
 
 class ComponentKind(StrEnum):
@@ -222,7 +222,9 @@ def validation_error_to_request_error(
     ctx = first.get("ctx") or {}
     if first["type"] == "extra_forbidden":
         params = list(model.model_fields) if model is not None else []
-        message = f"unknown parameter for {info.kind.value} {info.name!r}" if info is not None else "unknown field"
+        what = f"parameter for {info.kind.value} {info.name!r}" if info is not None else "field"
+        unknown = UnknownFieldError(str(first["loc"][-1]), params, what)  # "did you mean `eta`?"
+        message = unknown.message
         allowed = (", ".join(params) if params else "no parameters") if model is not None else None
     elif first["type"] == "finite_number":
         message = "must be a finite number (not NaN or infinity)"

@@ -10,7 +10,6 @@ from __future__ import annotations
 import io
 import json
 import math
-import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -20,6 +19,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 
 from accel_diffusion.errors import InvalidRequestError
 from accel_diffusion.registry import ComponentKind, get_registry, validation_error_to_request_error
+from accel_diffusion.vocabulary import aliases_for, check_known, errors_named_as_sent, to_canonical
+from accel_diffusion.vocabulary import parse_size as parse_size  # its former home: imports of it keep working
 
 ComponentSpec = dict[str, Any]
 
@@ -81,18 +82,22 @@ MAX_SEED = 2**63 - 1  # seeds are torch.Generator seeds: non-negative 64-bit sig
 
 
 class RequestLimits(BaseModel):
-    """Configured bounds every request is checked against (the server tightens these)."""
+    """Configured bounds every request is checked against.
+
+    The defaults are the one definition of the limits of every surface: the Python API, the CLI,
+    batch manifests and stream sessions use them, and the server's settings default to them (a
+    deployment may change its own)."""
 
     model_config = ConfigDict(frozen=True)
 
-    max_width: int = 2048
-    max_height: int = 2048
-    max_pixels: int = 2048 * 2048
-    max_steps: int = 1000
+    max_width: int = 1024
+    max_height: int = 1024
+    max_pixels: int = 1024 * 1024
+    max_steps: int = 150
     max_images: int = 64
     max_prompts: int = 256
     max_prompt_chars: int = 2000
-    max_init_image_bytes: int = 32 * 1024 * 1024
+    max_init_image_bytes: int = 16 * 1024 * 1024
 
 
 DEFAULT_LIMITS = RequestLimits()
@@ -239,6 +244,15 @@ class GenerationRequest(BaseModel):
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], limits: RequestLimits | None = None) -> GenerationRequest:
+        """Also takes the aliases of ``accel_diffusion.vocabulary`` (``num_inference_steps``, ``size``,
+        ``num_images_per_prompt``); an error names the field as it was given."""
+        check_known(data, cls.model_fields.keys() | aliases_for(cls.model_fields))
+        data, sent = to_canonical(data)
+        with errors_named_as_sent(sent):
+            return cls._validate(data, limits)
+
+    @classmethod
+    def _validate(cls, data: dict[str, Any], limits: RequestLimits | None) -> GenerationRequest:
         try:
             return cls.model_validate(data, context={"limits": limits or DEFAULT_LIMITS})
         except InvalidRequestError:
@@ -268,14 +282,3 @@ def merge_guidance_scale(strategy: dict[str, Any] | None, guidance_scale: float 
         raise InvalidRequestError("guidance_scale", "give either guidance_scale or strategy.guidance, not both")
     strategy["guidance"] = guidance_scale_strategy(guidance_scale)
     return strategy
-
-
-def parse_size(size: str | None, allow_auto: bool = True) -> tuple[int | None, int | None]:
-    """OpenAI's "WxH" -> (W, H); None (or "auto", where allowed): the model's default size."""
-    if size is None or (allow_auto and size == "auto"):
-        return None, None
-    match = re.fullmatch(r"([0-9]{1,6})x([0-9]{1,6})", size.lower()) if isinstance(size, str) else None
-    if match is None:  # ASCII digits only: "²x²" passes str.isdigit() but not int()
-        choices = "'512x512' or 'auto'" if allow_auto else "'512x512'"
-        raise InvalidRequestError("size", f"must look like {choices}, got {size!r}")
-    return int(match[1]), int(match[2])

@@ -25,6 +25,7 @@ from accel_diffusion.clients.sdk import (
     RetryPolicy,
     ServerError,
     ServiceUnavailable,
+    UnknownArgument,
 )
 from accel_diffusion.clients.stream import StreamClient, StreamError, StreamFrame
 
@@ -56,4 +57,5 @@ __all__ = [
     "StreamClient",
     "StreamError",
     "StreamFrame",
+    "UnknownArgument",
 ]

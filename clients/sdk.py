@@ -14,7 +14,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import difflib
 import email.utils
+import functools
+import inspect
 import io
 import json
 import os
@@ -24,7 +27,7 @@ import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, ParamSpec, TypeVar
 
 import httpx
 from PIL import Image
@@ -53,6 +56,7 @@ __all__ = [
     "RetryPolicy",
     "ServerError",
     "ServiceUnavailable",
+    "UnknownArgument",
 ]
 
 DEFAULT_BASE_URL = "http://127.0.0.1:8000"
@@ -62,6 +66,8 @@ TERMINAL_STATUSES = frozenset({"succeeded", "failed", "cancelled"})
 RETRY_STATUSES = frozenset({429, 503})
 
 ImageInput = str | os.PathLike[str] | bytes | bytearray | Image.Image | BinaryIO
+P = ParamSpec("P")
+R = TypeVar("R")
 
 
 # ---- errors ---------------------------------------------------------------------------------
@@ -95,6 +101,11 @@ class AccelError(Exception):
 
 class InvalidRequest(AccelError):
     """400/422: a request field is missing, malformed or out of range; ``param`` names it."""
+
+
+class UnknownArgument(InvalidRequest, TypeError):
+    """A keyword argument a method does not take, answered with the closest one it does ("did you mean
+    `steps`?") before anything is sent; also a TypeError, as Python raises for those."""
 
 
 class AuthenticationError(AccelError):
@@ -190,6 +201,33 @@ def error_from_response(response: httpx.Response) -> AccelError:
     message = detail.get("message") or response.text[:500] or response.reason_phrase or f"HTTP {status}"
     return cls(str(message), status, type_, detail.get("param"), response.headers.get("x-request-id"),
                code=detail.get("code"), retry_after=parse_retry_after(response.headers.get("retry-after")))
+
+
+def _suggests_arguments(method: Callable[P, R]) -> Callable[P, R]:
+    """Check a method's keyword arguments by name first: a mistyped one raises UnknownArgument."""
+    accepted = sorted(set(inspect.signature(method).parameters) - {"self"})
+
+    def check(kwargs: dict[str, Any]) -> None:
+        for name in kwargs:
+            if name not in accepted:
+                close = difflib.get_close_matches(name, accepted, n=1, cutoff=0.6)
+                hint = f"; did you mean `{close[0]}`?" if close else ""
+                raise UnknownArgument(f"{name}: unknown argument of {method.__name__}(){hint}", param=name)
+
+    if inspect.iscoroutinefunction(method):
+        @functools.wraps(method)
+        async def checked_async(*args: Any, **kwargs: Any) -> Any:
+            check(kwargs)
+            return await method(*args, **kwargs)  # type: ignore[misc]
+
+        return checked_async  # type: ignore[return-value]
+
+    @functools.wraps(method)
+    def checked(*args: P.args, **kwargs: P.kwargs) -> R:
+        check(kwargs)
+        return method(*args, **kwargs)
+
+    return checked
 
 
 def _retryable_transport_error(exc: httpx.TransportError, idempotent: bool) -> bool:
@@ -351,22 +389,18 @@ def _encode_image(image: ImageInput) -> str:
     return base64.b64encode(data).decode("ascii")
 
 
-def _job_body(prompt: str | list[str], *, model: str | None, n: int, size: str | None, width: int | None,
-              height: int | None, seed: int | None, negative_prompt: str | None, steps: int | None,
+def _job_body(prompt: str | list[str], *, model: str | None, n: int | None, num_images_per_prompt: int | None,
+              size: str | None, width: int | None, height: int | None, seed: int | None,
+              negative_prompt: str | None, steps: int | None, num_inference_steps: int | None,
               guidance_scale: float | None, strategy: dict[str, Any] | None, output_format: str,
               output_compression: int | None, image: ImageInput | None = None, strength: float | None = None,
               preview_every: int = 0, vae: str | None = None) -> dict[str, Any]:
-    """The ``POST /v1/jobs`` body; unset options are left out so that the server's defaults apply."""
-    if size is not None and size != "auto":
-        if width is not None or height is not None:
-            raise InvalidRequest("size: give either size or width/height, not both", param="size")
-        match = re.fullmatch(r"\s*([0-9]{1,6})\s*x\s*([0-9]{1,6})\s*", size.lower())
-        if match is None:
-            raise InvalidRequest(f"size: must look like '512x512' or 'auto', got {size!r}", param="size")
-        width, height = int(match[1]), int(match[2])
-    body: dict[str, Any] = {"prompt": prompt, "n": n, "output_format": output_format}
-    optional = {"model": model, "width": width, "height": height, "seed": seed, "negative_prompt": negative_prompt,
-                "steps": steps, "guidance_scale": guidance_scale, "strategy": strategy,
+    """The ``POST /v1/jobs`` body; unset options are left out so that the server's defaults apply, and
+    aliases (``size``, ``num_inference_steps``, ...) are sent as given so that its errors name them."""
+    body: dict[str, Any] = {"prompt": prompt, "output_format": output_format}
+    optional = {"model": model, "n": n, "num_images_per_prompt": num_images_per_prompt, "size": size,
+                "width": width, "height": height, "seed": seed, "negative_prompt": negative_prompt, "steps": steps,
+                "num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale, "strategy": strategy,
                 "output_compression": output_compression, "strength": strength, "vae": vae}
     body.update({key: value for key, value in optional.items() if value is not None})
     if image is not None:
@@ -570,42 +604,54 @@ class AccelClient:
 
     # -- generation --
 
-    def submit(self, prompt: str | list[str], *, model: str | None = None, n: int = 1, size: str | None = None,
-               width: int | None = None, height: int | None = None, seed: int | None = None,
-               negative_prompt: str | None = None, steps: int | None = None, guidance_scale: float | None = None,
+    @_suggests_arguments
+    def submit(self, prompt: str | list[str], *, model: str | None = None, n: int | None = None,
+               num_images_per_prompt: int | None = None, size: str | None = None, width: int | None = None,
+               height: int | None = None, seed: int | None = None, negative_prompt: str | None = None,
+               steps: int | None = None, num_inference_steps: int | None = None, guidance_scale: float | None = None,
                strategy: dict[str, Any] | None = None, vae: str | None = None, output_format: str = "png",
                output_compression: int | None = None, image: ImageInput | None = None,
                strength: float | None = None, preview_every: int = 0) -> Job:
-        """Queue a job (``POST /v1/jobs``; img2img when ``image`` is given) and return its handle."""
-        body = _job_body(prompt, model=model, n=n, size=size, width=width, height=height, seed=seed,
-                         negative_prompt=negative_prompt, steps=steps, guidance_scale=guidance_scale,
+        """Queue a job (``POST /v1/jobs``; img2img when ``image`` is given) and return its handle.
+
+        ``num_inference_steps``, ``size`` and ``num_images_per_prompt`` are the diffusers/OpenAI names of
+        ``steps``, ``width``/``height`` and ``n`` (give one of each); the server checks every value."""
+        body = _job_body(prompt, model=model, n=n, num_images_per_prompt=num_images_per_prompt, size=size,
+                         width=width, height=height, seed=seed, negative_prompt=negative_prompt, steps=steps,
+                         num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
                          strategy=strategy, vae=vae, output_format=output_format, output_compression=output_compression,
                          image=image, strength=strength, preview_every=preview_every)
         submitted_at = time.monotonic()
         info = self._request("POST", "/v1/jobs", body=body).json()
         return Job(self, info["id"], info, submitted_at)
 
-    def generate(self, prompt: str | list[str], *, model: str | None = None, n: int = 1, size: str | None = None,
-                 width: int | None = None, height: int | None = None, seed: int | None = None,
-                 negative_prompt: str | None = None, steps: int | None = None, guidance_scale: float | None = None,
+    @_suggests_arguments
+    def generate(self, prompt: str | list[str], *, model: str | None = None, n: int | None = None,
+                 num_images_per_prompt: int | None = None, size: str | None = None, width: int | None = None,
+                 height: int | None = None, seed: int | None = None, negative_prompt: str | None = None,
+                 steps: int | None = None, num_inference_steps: int | None = None, guidance_scale: float | None = None,
                  strategy: dict[str, Any] | None = None, vae: str | None = None, output_format: str = "png",
                  output_compression: int | None = None, timeout: float | None = None) -> GenerationOutput:
         """Text to image: submit a job and wait for it (a timeout cancels the job)."""
-        job = self.submit(prompt, model=model, n=n, size=size, width=width, height=height, seed=seed,
-                          negative_prompt=negative_prompt, steps=steps, guidance_scale=guidance_scale,
+        job = self.submit(prompt, model=model, n=n, num_images_per_prompt=num_images_per_prompt, size=size,
+                          width=width, height=height, seed=seed, negative_prompt=negative_prompt, steps=steps,
+                          num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
                           strategy=strategy, vae=vae, output_format=output_format,
                           output_compression=output_compression)
         return self._wait(job, timeout)
 
+    @_suggests_arguments
     def edit(self, image: ImageInput, prompt: str | list[str], *, strength: float = 0.8, model: str | None = None,
-             n: int = 1, size: str | None = None, width: int | None = None, height: int | None = None,
-             seed: int | None = None, negative_prompt: str | None = None, steps: int | None = None,
+             n: int | None = None, num_images_per_prompt: int | None = None, size: str | None = None,
+             width: int | None = None, height: int | None = None, seed: int | None = None,
+             negative_prompt: str | None = None, steps: int | None = None, num_inference_steps: int | None = None,
              guidance_scale: float | None = None, strategy: dict[str, Any] | None = None, vae: str | None = None,
              output_format: str = "png", output_compression: int | None = None,
              timeout: float | None = None) -> GenerationOutput:
         """Image to image from ``image`` (a path, image bytes, a binary file or a PIL image)."""
-        job = self.submit(prompt, model=model, n=n, size=size, width=width, height=height, seed=seed,
-                          negative_prompt=negative_prompt, steps=steps, guidance_scale=guidance_scale,
+        job = self.submit(prompt, model=model, n=n, num_images_per_prompt=num_images_per_prompt, size=size,
+                          width=width, height=height, seed=seed, negative_prompt=negative_prompt, steps=steps,
+                          num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
                           strategy=strategy, vae=vae, output_format=output_format,
                           output_compression=output_compression, image=image, strength=strength)
         return self._wait(job, timeout)
@@ -787,46 +833,55 @@ class AsyncAccelClient:
 
     # -- generation --
 
-    async def submit(self, prompt: str | list[str], *, model: str | None = None, n: int = 1,
-                     size: str | None = None, width: int | None = None, height: int | None = None,
-                     seed: int | None = None, negative_prompt: str | None = None, steps: int | None = None,
+    @_suggests_arguments
+    async def submit(self, prompt: str | list[str], *, model: str | None = None, n: int | None = None,
+                     num_images_per_prompt: int | None = None, size: str | None = None, width: int | None = None,
+                     height: int | None = None, seed: int | None = None, negative_prompt: str | None = None,
+                     steps: int | None = None, num_inference_steps: int | None = None,
                      guidance_scale: float | None = None, strategy: dict[str, Any] | None = None,
                      vae: str | None = None,
                      output_format: str = "png", output_compression: int | None = None,
                      image: ImageInput | None = None, strength: float | None = None,
                      preview_every: int = 0) -> AsyncJob:
         """Queue a job (``POST /v1/jobs``; img2img when ``image`` is given) and return its handle."""
-        body = _job_body(prompt, model=model, n=n, size=size, width=width, height=height, seed=seed,
-                         negative_prompt=negative_prompt, steps=steps, guidance_scale=guidance_scale,
+        body = _job_body(prompt, model=model, n=n, num_images_per_prompt=num_images_per_prompt, size=size,
+                         width=width, height=height, seed=seed, negative_prompt=negative_prompt, steps=steps,
+                         num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
                          strategy=strategy, vae=vae, output_format=output_format, output_compression=output_compression,
                          image=image, strength=strength, preview_every=preview_every)
         submitted_at = time.monotonic()
         info = (await self._request("POST", "/v1/jobs", body=body)).json()
         return AsyncJob(self, info["id"], info, submitted_at)
 
-    async def generate(self, prompt: str | list[str], *, model: str | None = None, n: int = 1,
-                       size: str | None = None, width: int | None = None, height: int | None = None,
-                       seed: int | None = None, negative_prompt: str | None = None, steps: int | None = None,
+    @_suggests_arguments
+    async def generate(self, prompt: str | list[str], *, model: str | None = None, n: int | None = None,
+                       num_images_per_prompt: int | None = None, size: str | None = None, width: int | None = None,
+                       height: int | None = None, seed: int | None = None, negative_prompt: str | None = None,
+                       steps: int | None = None, num_inference_steps: int | None = None,
                        guidance_scale: float | None = None, strategy: dict[str, Any] | None = None,
                        vae: str | None = None,
                        output_format: str = "png", output_compression: int | None = None,
                        timeout: float | None = None) -> GenerationOutput:
         """Text to image: submit a job and wait for it (a timeout or task cancellation cancels the job)."""
-        job = await self.submit(prompt, model=model, n=n, size=size, width=width, height=height, seed=seed,
-                                negative_prompt=negative_prompt, steps=steps, guidance_scale=guidance_scale,
+        job = await self.submit(prompt, model=model, n=n, num_images_per_prompt=num_images_per_prompt, size=size,
+                                width=width, height=height, seed=seed, negative_prompt=negative_prompt, steps=steps,
+                                num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
                                 strategy=strategy, vae=vae, output_format=output_format,
                                 output_compression=output_compression)
         return await self._wait(job, timeout)
 
+    @_suggests_arguments
     async def edit(self, image: ImageInput, prompt: str | list[str], *, strength: float = 0.8,
-                   model: str | None = None, n: int = 1, size: str | None = None, width: int | None = None,
-                   height: int | None = None, seed: int | None = None, negative_prompt: str | None = None,
-                   steps: int | None = None, guidance_scale: float | None = None,
+                   model: str | None = None, n: int | None = None, num_images_per_prompt: int | None = None,
+                   size: str | None = None, width: int | None = None, height: int | None = None,
+                   seed: int | None = None, negative_prompt: str | None = None, steps: int | None = None,
+                   num_inference_steps: int | None = None, guidance_scale: float | None = None,
                    strategy: dict[str, Any] | None = None, vae: str | None = None, output_format: str = "png",
                    output_compression: int | None = None, timeout: float | None = None) -> GenerationOutput:
         """Image to image from ``image`` (a path, image bytes, a binary file or a PIL image)."""
-        job = await self.submit(prompt, model=model, n=n, size=size, width=width, height=height, seed=seed,
-                                negative_prompt=negative_prompt, steps=steps, guidance_scale=guidance_scale,
+        job = await self.submit(prompt, model=model, n=n, num_images_per_prompt=num_images_per_prompt, size=size,
+                                width=width, height=height, seed=seed, negative_prompt=negative_prompt, steps=steps,
+                                num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
                                 strategy=strategy, vae=vae, output_format=output_format,
                                 output_compression=output_compression, image=image, strength=strength)
         return await self._wait(job, timeout)

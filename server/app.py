@@ -337,10 +337,10 @@ def _api_routes() -> APIRouter:
     async def models(state: State) -> dict[str, Any]:
         data = []
         for model_id in state.settings.served_models:
-            spec = state.registry.spec(model_id)
+            spec, model = state.registry.spec(model_id), state.registry.get(model_id)  # loaded at start-up
+            size = "{}x{}".format(*model.default_size) if model.family in ("sd", "sdxl") else None  # as the engine
             data.append({"id": model_id, "object": "model", "created": 0, "owned_by": "accel-diffusion",
-                         "default_steps": spec.default_steps, "default_size": f"{spec.default_width}x"
-                         f"{spec.default_height}" if spec.default_width else None,
+                         "default_steps": spec.default_steps, "default_size": size,
                          "default_strategy": spec.default_strategy.model_dump(exclude_none=True)})
         return {"object": "list", "data": data}
 

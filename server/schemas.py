@@ -7,10 +7,11 @@ import binascii
 from typing import Annotated, Any, Literal
 
 from accel_diffusion.server.jobs import OutputOptions
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from accel_diffusion.errors import InvalidRequestError
-from accel_diffusion.strategy import GenerationRequest, RequestLimits, merge_guidance_scale, parse_size
+from accel_diffusion.strategy import GenerationRequest, RequestLimits, merge_guidance_scale
+from accel_diffusion.vocabulary import check_known
 
 OutputFormat = Literal["png", "jpeg", "webp"]
 
@@ -30,40 +31,59 @@ class OutputFields(BaseModel):
     output_format: OutputFormat = "png"
     output_compression: Annotated[int, Field(ge=0, le=100)] = 100
 
+    @model_validator(mode="before")
+    @classmethod
+    def _known_fields(cls, data: Any) -> Any:
+        if isinstance(data, dict):  # an unknown field: "did you mean `steps`?"
+            check_known(data, cls.model_fields)
+        return data
+
     def output_options(self) -> OutputOptions:
         return OutputOptions(self.output_format, self.output_compression)
 
 
-class OpenAIImageFields(OutputFields):
+# the fields passed on to GenerationRequest as they came (it resolves the aliases and names them in errors)
+ENGINE_FIELDS = ("negative_prompt", "n", "num_images_per_prompt", "seed", "size", "width", "height", "steps",
+                 "num_inference_steps", "vae")
+
+
+class GenerationFields(OutputFields):
+    """One vocabulary on every route: the engine's names (``steps``, ``width``/``height``, ``n``) and the
+    OpenAI/diffusers aliases (``num_inference_steps``, ``size``, ``num_images_per_prompt``); either, not both."""
+
+    model: str | None = None
+    negative_prompt: str | None = None
+    n: Annotated[int, Field(ge=1, description="images per prompt (default 1)")] | None = None
+    num_images_per_prompt: Annotated[int, Field(ge=1, description="diffusers' name of n")] | None = None
+    seed: Annotated[int, Field(ge=0)] | None = None
+    size: str | None = Field(None, description='"WxH" (multiples of 8) or "auto" (the model\'s default); or '
+                             "width and height")
+    width: int | None = None
+    height: int | None = None
+    steps: int | None = Field(None, description="denoising steps (default: the model's)")
+    num_inference_steps: int | None = Field(None, description="diffusers' name of steps")
+    guidance_scale: float | None = None
+    strategy: dict[str, Any] | None = None
+    vae: Literal["full", "tiny"] = Field("full", description="tiny: the model's TAESD-style autoencoder (faster)")
+
+    def _generation_request(self, default_model: str, limits: RequestLimits, **extra: Any) -> GenerationRequest:
+        fields = {name: getattr(self, name) for name in ENGINE_FIELDS if getattr(self, name) is not None}
+        strategy = merge_guidance_scale(self.strategy, self.guidance_scale)
+        return GenerationRequest.create(limits, model=self.model or default_model, strategy=strategy, **fields, **extra)
+
+
+class OpenAIImageFields(GenerationFields):
     """The fields the OpenAI images routes share, plus diffusion extras as top-level keys."""
 
     prompt: str
-    model: str | None = None
-    n: Annotated[int, Field(ge=1)] = 1
-    size: str | None = Field(None, description='"WxH" (multiples of 8) or "auto" (the model\'s default)')
     response_format: Literal["b64_json", "url"] | None = Field(None, description="only b64_json is served")
     quality: str | None = Field(None, description="accepted for compatibility; steps and strategy decide quality")
     background: str | None = None
     user: str | None = None
-    # diffusion extras
-    seed: Annotated[int, Field(ge=0)] | None = None
-    negative_prompt: str | None = None
-    num_inference_steps: int | None = None
-    guidance_scale: float | None = None
-    strategy: dict[str, Any] | None = None
-    vae: Literal["full", "tiny"] = "full"
 
     def _check_b64_json_only(self) -> None:
         if self.response_format == "url":
             raise InvalidRequestError("response_format", "only b64_json is served", ["b64_json"])
-
-    def _generation_request(self, default_model: str, limits: RequestLimits, **extra: Any) -> GenerationRequest:
-        width, height = parse_size(self.size)
-        return GenerationRequest.create(
-            limits, model=self.model or default_model, prompt=self.prompt, n=self.n, seed=self.seed,
-            negative_prompt=self.negative_prompt, width=width, height=height, steps=self.num_inference_steps,
-            strategy=merge_guidance_scale(self.strategy, self.guidance_scale), vae=self.vae, **extra,
-        )
 
 
 class ImageGenerationRequest(OpenAIImageFields):
@@ -78,7 +98,7 @@ class ImageGenerationRequest(OpenAIImageFields):
         self._check_b64_json_only()
         if self.stream:
             raise InvalidRequestError("stream", "streaming is served by POST /v1/jobs and GET /v1/jobs/{id}/events")
-        return self._generation_request(default_model, limits)
+        return self._generation_request(default_model, limits, prompt=self.prompt)
 
 
 class ImageEditRequest(OpenAIImageFields):
@@ -93,8 +113,8 @@ class ImageEditRequest(OpenAIImageFields):
         if self.mask is not None:
             raise InvalidRequestError("mask", "inpainting is not supported; send the image without a mask")
         self._check_b64_json_only()
-        return self._generation_request(default_model, limits, init_image=decode_base64("image", self.image),
-                                        strength=self.strength)
+        return self._generation_request(default_model, limits, prompt=self.prompt,
+                                        init_image=decode_base64("image", self.image), strength=self.strength)
 
 
 class ImageData(BaseModel):
@@ -119,30 +139,18 @@ class ImagesResponse(BaseModel):
     usage: ImagesUsage
 
 
-class JobCreateRequest(OutputFields):
+class JobCreateRequest(GenerationFields):
     """``POST /v1/jobs``: the engine's generation request, JSON-shaped (img2img: base64 ``init_image``)."""
 
-    model: str | None = None
     prompt: str | list[str]
-    negative_prompt: str | None = None
-    n: Annotated[int, Field(ge=1)] = 1
-    seed: Annotated[int, Field(ge=0)] | None = None
-    width: int | None = None
-    height: int | None = None
-    steps: int | None = None
-    guidance_scale: float | None = None
-    strategy: dict[str, Any] | None = None
     init_image: str | None = Field(None, description="base64 PNG/JPEG/WebP: img2img from this image")
     strength: float = 0.8
     preview_every: Annotated[int, Field(ge=0)] = 0
-    vae: Literal["full", "tiny"] = Field("full", description="tiny: the model's TAESD-style autoencoder (faster)")
 
     def to_generation_request(self, default_model: str, limits: RequestLimits) -> GenerationRequest:
         init = None if self.init_image is None else decode_base64("init_image", self.init_image)
-        fields = self.model_dump(exclude={"guidance_scale", "init_image", "output_format", "output_compression"})
-        fields.update(model=self.model or default_model, init_image=init,
-                      strategy=merge_guidance_scale(self.strategy, self.guidance_scale))
-        return GenerationRequest.create(limits, **fields)
+        return self._generation_request(default_model, limits, prompt=self.prompt, init_image=init,
+                                        strength=self.strength, preview_every=self.preview_every)
 
 
 class ErrorDetail(BaseModel):

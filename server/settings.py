@@ -9,7 +9,7 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from accel_diffusion.strategy import RequestLimits
+from accel_diffusion.strategy import DEFAULT_LIMITS, RequestLimits
 
 
 class ServerSettings(BaseSettings):
@@ -34,13 +34,15 @@ class ServerSettings(BaseSettings):
     batch_invariant: bool = Field(True, description="an image is bit-identical whether it ran alone or in a "
                                   "batch (per-sample kernels: slower batches); false: batches run faster and "
                                   "images agree only to float rounding")
-    max_width: Annotated[int, Field(ge=8)] = 1024
-    max_height: Annotated[int, Field(ge=8)] = 1024
-    max_pixels: Annotated[int, Field(ge=64)] = 1024 * 1024
-    max_steps: Annotated[int, Field(ge=1, le=1000)] = 150
-    max_images: Annotated[int, Field(ge=1)] = 16
-    max_prompt_chars: Annotated[int, Field(ge=1)] = 2000
-    max_body_bytes: Annotated[int, Field(ge=1024)] = 16 * 1024 * 1024
+    # request limits: the defaults are RequestLimits' (one definition for the server, CLI and Python API)
+    max_width: Annotated[int, Field(ge=8)] = DEFAULT_LIMITS.max_width
+    max_height: Annotated[int, Field(ge=8)] = DEFAULT_LIMITS.max_height
+    max_pixels: Annotated[int, Field(ge=64)] = DEFAULT_LIMITS.max_pixels
+    max_steps: Annotated[int, Field(ge=1, le=1000)] = DEFAULT_LIMITS.max_steps
+    max_images: Annotated[int, Field(ge=1)] = DEFAULT_LIMITS.max_images
+    max_prompt_chars: Annotated[int, Field(ge=1)] = DEFAULT_LIMITS.max_prompt_chars
+    max_body_bytes: Annotated[int, Field(ge=1024)] = Field(DEFAULT_LIMITS.max_init_image_bytes, description=(
+        "largest request body; also the largest init image"))
     api_keys: list[SecretStr] = Field([], description="Bearer tokens; empty = no authentication")
     api_keys_file: Path | None = Field(None, description="one API key per line (e.g. a mounted secret)")
     cors_origins: list[str] = Field([], description="allowed browser origins; empty = CORS closed")

@@ -3,7 +3,7 @@
 Protocol (JSON text messages, binary frames):
 
 - client → ``{"type": "session.start", "prompt": ..., "model"?, "negative_prompt"?, "t_index_list"?,
-  "guidance"?, "guidance_scale"?, "delta"?, "seed"?, "width"?, "height"?, "mode"?,
+  "guidance"?, "guidance_scale"?, "delta"?, "seed"?, "width"?, "height"? (or "size": "WxH"), "mode"?,
   "similarity_threshold"?, "max_skip"?, "strength"? (diffusers' img2img strength; t_index_list then gives only the
   number of steps), "vae"? ("auto" | "full" | "tiny"), "output_format"? ("jpeg" | "webp" | "png"),
   "quality"?}``;
@@ -55,16 +55,17 @@ from fastapi import APIRouter, HTTPException, Request, WebSocket, WebSocketDisco
 from fastapi.responses import StreamingResponse
 from PIL import Image, UnidentifiedImageError
 
-from accel_diffusion.errors import AccelDiffusionError, InvalidRequestError
+from accel_diffusion.errors import AccelDiffusionError, InvalidRequestError, UnknownFieldError
 from accel_diffusion.imageio import encode_image
 from accel_diffusion.stream import StreamSession
+from accel_diffusion.vocabulary import errors_named_as_sent, to_canonical
 
 LOG = logging.getLogger(__name__)
 CLOSE_OVERLOADED = 1013
 CLOSE_POLICY = 1008
 START_FIELDS = {"type", "prompt", "model", "negative_prompt", "t_index_list", "guidance", "guidance_scale", "delta",
-                "seed", "width", "height", "mode", "similarity_threshold", "max_skip", "vae", "strength",
-                "output_format", "quality"}
+                "seed", "width", "height", "size", "mode", "similarity_threshold", "max_skip", "vae", "strength",
+                "output_format", "quality"}  # size: "WxH", the alias of width/height (accel_diffusion.vocabulary)
 # Frames up to this size (a 256x256 JPEG is ~10 KB) decode on the event loop in well under a
 # millisecond; larger ones go to a thread so they cannot stall other sessions' sends.
 INLINE_DECODE_BYTES = 32 * 1024
@@ -248,7 +249,7 @@ async def _on_text(connection: _Connection, text: str) -> None:
 def _check_fields(data: dict[str, Any], allowed: set[str]) -> None:
     unknown = sorted(set(data) - allowed)
     if unknown:
-        raise InvalidRequestError(unknown[0], "unknown field", sorted(allowed - {"type"}))
+        raise UnknownFieldError(unknown[0], allowed - {"type"})
 
 
 async def _start(connection: _Connection, data: dict[str, Any]) -> None:
@@ -265,13 +266,16 @@ async def _start(connection: _Connection, data: dict[str, Any]) -> None:
     quality = data.get("quality", 85)
     if isinstance(quality, bool) or not isinstance(quality, int) or not 0 <= quality <= 100:
         raise InvalidRequestError("quality", f"must be an integer in [0, 100], got {quality!r}")
-    options = {k: data[k] for k in ("negative_prompt", "t_index_list", "guidance", "guidance_scale", "delta",
-                                    "seed", "width", "height", "mode", "similarity_threshold", "max_skip", "vae",
-                                    "strength")
-               if k in data}
+    canonical, sent = to_canonical(data)  # size -> width, height
+    options = {k: canonical[k] for k in ("negative_prompt", "t_index_list", "guidance", "guidance_scale", "delta",
+                                         "seed", "width", "height", "mode", "similarity_threshold", "max_skip", "vae",
+                                         "strength")
+               if canonical.get(k) is not None or k in data}
     model = state.registry.get(model_id)
-    session = await _on_worker(connection, lambda: StreamSession(
-        model, data.get("prompt"), limits=state.limits, acceleration=state.settings.stream_acceleration, **options))
+    with errors_named_as_sent(sent):  # a bad size names size
+        session = await _on_worker(connection, lambda: StreamSession(
+            model, data.get("prompt"), limits=state.limits, acceleration=state.settings.stream_acceleration,
+            **options))
     connection.session, connection.output = session, OutputOptions(output_format, quality)
     await connection.send({"type": "session.started", "session": {
         "id": connection.id, "mjpeg_url": f"/v1/stream/{connection.id}/mjpeg", "model": model_id,

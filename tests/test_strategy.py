@@ -39,10 +39,10 @@ def test_strategy_rejects_unknown_kind_and_bad_json() -> None:
 @pytest.mark.parametrize(
     ("fields", "field", "fragment"),
     [
-        ({"width": 33}, "width", "multiple of 8 between 8 and 2048"),
-        ({"height": 4096}, "height", "multiple of 8 between 8 and 2048"),
-        ({"steps": 0}, "steps", "between 1 and 1000"),
-        ({"steps": 1001}, "steps", "between 1 and 1000"),
+        ({"width": 33}, "width", "multiple of 8 between 8 and 1024"),
+        ({"height": 4096}, "height", "multiple of 8 between 8 and 1024"),
+        ({"steps": 0}, "steps", "between 1 and 150"),
+        ({"steps": 151}, "steps", "between 1 and 150"),
         ({"n": 0}, "n", "greater than or equal to 1"),
         ({"n": 65}, "n", "at most 64"),
         ({"strength": 1.5}, "strength", "<= 1.0"),
@@ -96,9 +96,37 @@ def test_init_image_size_is_limited_before_decoding(monkeypatch: pytest.MonkeyPa
     Image.new("RGB", (64, 48)).save(buffer, format="PNG")
     with pytest.raises(InvalidRequestError) as err:
         GenerationRequest.create(RequestLimits(max_width=32), prompt="a", init_image=buffer.getvalue())
-    assert err.value.field == "init_image" and "is 64x48; at most 32x2048" in err.value.message
-    with pytest.raises(InvalidRequestError, match="at most 2048x2048 and 1000 pixels"):
+    assert err.value.field == "init_image" and "is 64x48; at most 32x1024" in err.value.message
+    with pytest.raises(InvalidRequestError, match="at most 1024x1024 and 1000 pixels"):
         GenerationRequest.create(RequestLimits(max_pixels=1000), prompt="a", init_image=Image.new("RGB", (64, 48)))
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # PIL refuses > 2x this as a decompression bomb
     with pytest.raises(InvalidRequestError, match="too many pixels to decode safely"):
         GenerationRequest.create(prompt="a", init_image=buffer.getvalue())
+
+
+@pytest.mark.parametrize(("fields", "field", "fragment"), [
+    ({"size": "32x33"}, "size", "size: height must be a multiple of 8"),
+    ({"size": "2048x2048"}, "size", "size: width must be a multiple of 8 between 8 and 1024"),
+    ({"num_inference_steps": 151}, "num_inference_steps", "num_inference_steps: must be between 1 and 150"),
+    ({"num_images_per_prompt": 65}, "num_images_per_prompt", "at most 64 per request"),
+    ({"size": "32x32", "height": 32}, "size", "give either size or width/height, not both"),
+    ({"steps": 2, "num_inference_steps": 2}, "num_inference_steps", "give either num_inference_steps or steps"),
+    ({"stpes": 2}, "stpes", "stpes: unknown field; did you mean `steps`?"),
+    ({"negative": "x"}, "negative", "did you mean `negative_prompt`?"),
+])
+def test_aliases_and_unknown_fields_are_named_as_sent(fields: dict, field: str, fragment: str) -> None:
+    with pytest.raises(InvalidRequestError) as err:
+        GenerationRequest.create(prompt="a", **fields)
+    assert err.value.field == field and fragment in str(err.value)
+
+
+def test_the_diffusers_and_openai_spellings_make_the_canonical_request() -> None:
+    aliased = GenerationRequest.create(prompt="a", size="64x32", num_inference_steps=3, num_images_per_prompt=2)
+    assert aliased == GenerationRequest.create(prompt="a", width=64, height=32, steps=3, n=2)
+    assert GenerationRequest.create(prompt="a", size="auto") == GenerationRequest.create(prompt="a")
+
+
+def test_an_unknown_component_parameter_suggests_the_meant_one() -> None:
+    with pytest.raises(InvalidRequestError) as err:
+        Strategy.parse({"sampler": {"name": "ddim", "etta": 1}})
+    assert err.value.field == "strategy.sampler.etta" and "did you mean `eta`?" in err.value.message

@@ -1,26 +1,33 @@
 """Batch manifests: one JSON request per line, validated, keyed and assigned to shards.
 
 A line's *key* is a hash of its normalized request (every field with its default filled in, the
-model resolved, an init image by the hash of its bytes, the seed resolved). Outputs are named by it,
-which is what makes a rerun skip finished work and lets shards share one output folder. A line
-without a seed gets one derived from the rest of its request, so that a rerun (or another shard)
-makes the same images.
+model resolved, aliases such as ``num_inference_steps`` or ``size`` under their canonical names, an
+init image by the hash of its bytes, the seed resolved). Results are recorded by it, which is what
+makes a rerun skip finished work and lets shards share one output folder. Images are named by the
+line's ``id`` where that is unambiguous over the whole manifest (so every shard names them alike),
+else by the key. A line without a seed gets one derived from the rest of its request, so that a rerun
+(or another shard) makes the same images.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from accel_diffusion.errors import InvalidRequestError
 from accel_diffusion.imageio import ImageFormat
 from accel_diffusion.registry import validation_error_to_request_error
-from accel_diffusion.strategy import MAX_SEED, GenerationRequest, merge_guidance_scale, parse_size
+from accel_diffusion.strategy import MAX_SEED, GenerationRequest, merge_guidance_scale
+from accel_diffusion.vocabulary import errors_named_as_sent, to_canonical
+
+SAFE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 
 
 class BatchItem(BaseModel):
@@ -28,16 +35,18 @@ class BatchItem(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    id: str | None = Field(None, description="a label of yours, echoed in the results")
+    id: str | None = Field(None, description="a label of yours, echoed in the results and naming the images")
     model: str | None = None
     prompt: Annotated[str, Field(min_length=1)]
     negative_prompt: str | None = None
-    n: Annotated[int, Field(ge=1)] = 1
+    n: Annotated[int, Field(ge=1)] | None = Field(None, description="images (default 1)")
+    num_images_per_prompt: Annotated[int, Field(ge=1)] | None = Field(None, description="diffusers' name of n")
     seed: Annotated[int, Field(ge=0, le=MAX_SEED)] | None = None
-    size: str | None = Field(None, description='"WxH"; or width and height')
+    size: str | None = Field(None, description='"WxH" or "auto"; or width and height')
     width: int | None = None
     height: int | None = None
     steps: int | None = None
+    num_inference_steps: int | None = Field(None, description="diffusers' name of steps")
     guidance_scale: float | None = None
     strategy: dict[str, Any] | None = None
     init_image: str | None = None
@@ -46,20 +55,36 @@ class BatchItem(BaseModel):
     output_compression: Annotated[int, Field(ge=0, le=100)] = 100
     vae: Literal["full", "tiny"] = "full"
 
+    @field_validator("id")
+    @classmethod
+    def _safe_id(cls, value: str | None) -> str | None:
+        if value is not None and not SAFE_ID.fullmatch(value):
+            raise ValueError(f"{value!r} cannot name files: use 1 to 100 letters, digits, '.', '_' or '-', "
+                             "starting with a letter or digit")
+        return value
+
 
 @dataclass(frozen=True)
 class PlannedRequest:
-    """A valid manifest line, normalized: ``request`` holds the fields sent to the engine or server."""
+    """A valid manifest line, normalized: ``request`` holds the fields sent to the engine or server.
+
+    ``name`` names its images (``<name>-<k>.<ext>``): the line's id where ``read_manifest`` found it
+    unambiguous, else the key."""
 
     line: int
     key: str
     item: BatchItem
     request: dict[str, Any]
     init_image: Path | None
+    name: str = ""
+
+    @property
+    def output_name(self) -> str:
+        return self.name or self.key
 
     @property
     def num_images(self) -> int:
-        return self.item.n
+        return int(self.request["n"])
 
     def generation_request(self) -> GenerationRequest:
         fields = {k: v for k, v in self.request.items()
@@ -92,7 +117,26 @@ def read_manifest(path: str | Path, default_model: str) -> tuple[list[PlannedReq
                 planned.append(plan_line(number, text, path.parent, default_model))
             except InvalidRequestError as exc:
                 errors.append(LineError(number, exc.field, exc.message))
-    return planned, errors
+    return name_outputs(planned), errors
+
+
+def name_outputs(planned: list[PlannedRequest]) -> list[PlannedRequest]:
+    """Name each request's images by its lines' id when that is unambiguous: all its lines carry the
+    same id, and no other request's lines carry it or have it as their key (compared ignoring case, as
+    some file systems do). Other requests keep their key."""
+    ids_of_key: dict[str, set[str | None]] = {}
+    keys_of_id: dict[str, set[str]] = {}
+    for p in planned:
+        ids_of_key.setdefault(p.key, set()).add(p.item.id)
+        if p.item.id is not None:
+            keys_of_id.setdefault(p.item.id.casefold(), set()).add(p.key)
+    named = []
+    for p in planned:
+        (label, *others) = ids_of_key[p.key]
+        unique = (label is not None and not others and keys_of_id[label.casefold()] == {p.key}
+                  and label.casefold() not in ids_of_key)
+        named.append(dataclasses.replace(p, name=label if unique else ""))
+    return named
 
 
 def plan_line(number: int, text: str, base_dir: Path, default_model: str) -> PlannedRequest:
@@ -106,18 +150,19 @@ def plan_line(number: int, text: str, base_dir: Path, default_model: str) -> Pla
         item = BatchItem.model_validate(data)
     except ValidationError as exc:
         raise validation_error_to_request_error(exc, model=BatchItem) from None
-    request, init_path = _normalize(item, base_dir, default_model)
-    planned = PlannedRequest(number, request_key(request), item, request, init_path)
-    planned.generation_request()  # the engine's own validation: strategy, sizes, steps, image
+    sizes, sent = to_canonical(item.model_dump(include={"n", "num_images_per_prompt", "size", "width", "height",
+                                                         "steps", "num_inference_steps"}))
+    with errors_named_as_sent(sent):  # a bad size names size, a bad num_inference_steps names it
+        request, init_path = _normalize(item, sizes, base_dir, default_model)
+        planned = PlannedRequest(number, request_key(request), item, request, init_path)
+        planned.generation_request()  # the engine's own validation: strategy, sizes, steps, image
     return planned
 
 
-def _normalize(item: BatchItem, base_dir: Path, default_model: str) -> tuple[dict[str, Any], Path | None]:
-    width, height = item.width, item.height
-    if item.size is not None:
-        if width is not None or height is not None:
-            raise InvalidRequestError("size", "give either size or width/height, not both")
-        width, height = parse_size(item.size, allow_auto=False)
+def _normalize(item: BatchItem, sizes: dict[str, Any], base_dir: Path,
+               default_model: str) -> tuple[dict[str, Any], Path | None]:
+    """The request of a line, in canonical names (``sizes``: its n, width, height and steps)."""
+    width, height = sizes["width"], sizes["height"]
     strategy = merge_guidance_scale(item.strategy, item.guidance_scale)
     init_path = None
     init_hash = None
@@ -128,7 +173,8 @@ def _normalize(item: BatchItem, base_dir: Path, default_model: str) -> tuple[dic
         init_hash = hashlib.sha256(init_path.read_bytes()).hexdigest()
     request: dict[str, Any] = {
         "model": item.model or default_model, "prompt": item.prompt, "negative_prompt": item.negative_prompt,
-        "n": item.n, "width": width, "height": height, "steps": item.steps, "strategy": strategy,
+        "n": 1 if sizes["n"] is None else sizes["n"], "width": width, "height": height, "steps": sizes["steps"],
+        "strategy": strategy,
         "strength": item.strength if init_path is not None else None, "init_image_sha256": init_hash,
         "output_format": item.output_format, "output_compression": item.output_compression,
     }

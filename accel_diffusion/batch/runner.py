@@ -144,7 +144,7 @@ def run_batch(manifest: str | Path, out_dir: str | Path, backend: Backend, shard
             meta["timings"] = {**meta.get("timings", {}), "wall": time.perf_counter() - started}
             record = {"line": p.line, "id": p.item.id, "key": p.key, "mode": backend.mode, "request": p.request,
                       **meta}
-            outputs.write_request(p.key, images, p.request["output_format"], record)
+            outputs.write_request(p.key, images, p.request["output_format"], record, p.output_name)
         except Exception as exc:  # one request's failure (generation or writing it) is recorded; the batch goes on
             with lock:
                 report.failed += 1

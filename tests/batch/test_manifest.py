@@ -56,6 +56,13 @@ def test_init_images_are_keyed_by_their_bytes(tmp_path: Path) -> None:
     ('{"prompt": "x", "size": "\u00b2x\u00b2"}', "size"),  # superscript digits: isdigit() but not int()
     ('{"prompt": "x", "size": "32x32", "width": 32}', "size"),
     ('{"prompt": "x", "width": 33, "height": 32}', "width"),
+    ('{"prompt": "x", "size": "33x32"}', "size"),  # the field sent, not the width it became
+    ('{"prompt": "x", "num_inference_steps": 0}', "num_inference_steps"),
+    ('{"prompt": "x", "num_inference_steps": 2, "steps": 2}', "num_inference_steps"),
+    ('{"prompt": "x", "stpes": 2}', "stpes"),
+    ('{"prompt": "x", "id": "../x"}', "id"),
+    ('{"prompt": "x", "id": ".hidden"}', "id"),
+    ('{"prompt": "x", "id": "a b"}', "id"),
     ('{"prompt": "x", "strategy": {"sampler": {"name": "nope"}}}', "strategy.sampler.name"),
     ('{"prompt": "x", "output_format": "gif"}', "output_format"),
 ])
@@ -82,3 +89,31 @@ def test_shards_are_disjoint_stable_and_cover_everything(tmp_path: Path) -> None
     assert [[p.key for p in reordered if in_shard(p, i, 4)] for i in range(4)] == [s[::-1] for s in shards]
     errors = [LineError(line, "line", "bad") for line in range(1, 9)]
     assert sorted(e.line for i in range(3) for e in errors if in_shard(e, i, 3)) == list(range(1, 9))
+
+
+def test_the_diffusers_and_openai_spellings_are_the_same_request(tmp_path: Path) -> None:
+    aliased = plan_line(1, json.dumps({"prompt": "a cat", "num_inference_steps": 3, "size": "32x24",
+                                       "num_images_per_prompt": 2, "seed": 1}), tmp_path, "m")
+    canonical = plan_line(2, json.dumps({"prompt": "a cat", "steps": 3, "width": 32, "height": 24, "n": 2,
+                                         "seed": 1}), tmp_path, "m")
+    assert aliased.key == canonical.key and aliased.request == canonical.request and aliased.num_images == 2
+    with pytest.raises(InvalidRequestError) as error:
+        plan_line(3, '{"prompt": "x", "negative": "y"}', tmp_path, "m")
+    assert error.value.message == "unknown field; did you mean `negative_prompt`?"
+
+
+def test_images_are_named_by_the_line_id_where_it_is_unambiguous(tmp_path: Path) -> None:
+    manifest = tmp_path / "m.jsonl"
+    lines = [{"prompt": "a", "id": "cat"},
+             {"prompt": "b"},                                      # no id: the key
+             {"prompt": "c", "id": "twice"}, {"prompt": "d", "id": "twice"},  # one id, two requests: keys
+             {"prompt": "e", "id": "Case"}, {"prompt": "f", "id": "case"},    # equal on case-blind file systems
+             {"prompt": "g", "id": "same"}, {"prompt": "g", "id": "same"},    # a duplicate line: still its id
+             {"prompt": "h", "id": "one"}, {"prompt": "h", "id": "other"},    # one request, two ids: its key
+             {"prompt": "i", "id": "dog.v2_final-1"}]
+    manifest.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    planned, errors = read_manifest(manifest, "m")
+    assert not errors
+    names = [p.output_name for p in planned]
+    assert names[0] == "cat" and names[6:8] == ["same", "same"] and names[10] == "dog.v2_final-1"
+    assert [names[k] == planned[k].key for k in (1, 2, 3, 4, 5, 8, 9)] == [True] * 7

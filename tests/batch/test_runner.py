@@ -78,6 +78,41 @@ def test_outputs_are_the_engines_images_with_a_record_per_request(reference: tup
     assert len(list((out / "images").iterdir())) == 18 and not list((out / ".tmp").iterdir())
 
 
+def test_images_carry_the_line_id_and_an_edited_id_is_generated_again(tmp_path: Path,
+                                                                     backend: LocalBackend) -> None:
+    manifest, out = tmp_path / "manifest.jsonl", tmp_path / "out"
+
+    def run(lines: list[dict]) -> tuple[object, dict[str, dict]]:
+        manifest.write_text("".join(json.dumps({"seed": 7, "steps": 2, **line}) + "\n" for line in lines))
+        report = run_batch(manifest, out, backend, progress=False)
+        records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+        return report, {r["id"] or r["key"]: r for r in records}
+
+    lines = [{"prompt": PROMPTS[0], "id": "cat", "n": 2}, {"prompt": PROMPTS[1]},
+             {"prompt": PROMPTS[2], "id": "dup"}, {"prompt": PROMPTS[3], "id": "dup"}]
+    report, records = run(lines)
+    assert report.ok and report.generated == 4 and report.images == 5
+    assert records["cat"]["files"] == ["images/cat-0.png", "images/cat-1.png"]
+    unnamed = next(r for r in records.values() if r["id"] is None)
+    assert unnamed["files"] == [f"images/{unnamed['key']}-0.png"]
+    dups = [r for r in (json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()) if r["id"] == "dup"]
+    assert sorted(r["files"][0] for r in dups) == sorted(f"images/{r['key']}-0.png" for r in dups)  # collide: keys
+    first_cat = (out / "images" / "cat-0.png").read_bytes()
+    before = tree(out)
+
+    report, _ = run(lines)  # a rerun skips everything
+    assert report.generated == 0 and report.already_done == 4 and tree(out) == before
+
+    report, records = run([{**lines[0], "prompt": PROMPTS[3]}, *lines[1:]])  # the id now names another request
+    assert report.generated == 1 and report.already_done == 3
+    assert (out / "images" / "cat-0.png").read_bytes() != first_cat
+
+    report, _ = run(lines)  # back to the first request: its images were replaced, so it runs again
+    assert report.generated == 1 and report.already_done == 3
+    assert (out / "images" / "cat-0.png").read_bytes() == first_cat and tree(out) == {
+        **before, **{k: v for k, v in tree(out).items() if k not in before}}
+
+
 def test_a_rerun_skips_everything_and_changes_nothing(reference: tuple[Path, Path], backend: LocalBackend) -> None:
     manifest, out = reference
     before = tree(out)
@@ -168,10 +203,10 @@ def test_a_request_whose_outputs_cannot_be_written_is_a_failure_not_a_silent_gap
     original = BatchOutputs.write_request
 
     def disk_full_on_b(self: BatchOutputs, key: str, images: list[bytes], output_format: str,
-                       record: dict) -> list[str]:
+                       record: dict, name: str | None = None) -> list[str]:
         if record["request"]["prompt"] == "b":
             raise OSError(28, "No space left on device")
-        return original(self, key, images, output_format, record)
+        return original(self, key, images, output_format, record, name)
 
     monkeypatch.setattr(BatchOutputs, "write_request", disk_full_on_b)
     manifest = tmp_path / "manifest.jsonl"

@@ -53,12 +53,34 @@ def test_generate_img2img_and_strategy_file(runner: CliRunner, tiny_models_file:
     assert run["mode"] == "img2img" and run["steps"] == 2 and run["nfe"] == 2
 
 
+def test_generate_takes_the_diffusers_and_openai_spellings(runner: CliRunner, tiny_models_file: Path,
+                                                          tmp_path: Path) -> None:
+    """--size, --num-inference-steps and --num-images-per-prompt are --width/--height, --steps and -n."""
+    common = ["--models", str(tiny_models_file), "generate", "--model", "tiny", "-p", "a cross", "--seed", "2"]
+    aliased = runner.invoke(main, [*common, "--size", "24x32", "--num-inference-steps", "2",
+                                   "--num-images-per-prompt", "2", "--out", str(tmp_path / "a")])
+    canonical = runner.invoke(main, [*common, "--width", "24", "--height", "32", "--steps", "2", "-n", "2",
+                                     "--out", str(tmp_path / "c")])
+    assert aliased.exit_code == 0 and canonical.exit_code == 0, aliased.output + canonical.output
+    for name in ("0000_seed2.png", "0001_seed3.png"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "c" / name).read_bytes()
+        assert Image.open(tmp_path / "a" / name).size == (24, 32)
+    assert json.loads((tmp_path / "a" / "results.json").read_text())["runs"][0]["steps"] == 2
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
         (["--width", "30"], "width: must be a multiple of 8"),
-        (["--steps", "0"], "steps: must be between 1 and 1000"),
-        (["--steps", "1001"], "steps: must be between 1 and 1000"),
+        (["--steps", "0"], "steps: must be between 1 and 150"),
+        (["--steps", "151"], "steps: must be between 1 and 150"),  # the server's default limit too
+        (["--width", "1536", "--height", "8"], "width: must be a multiple of 8 between 8 and 1024"),
+        (["--size", "33x32"], "size: width must be a multiple of 8 between 8 and 1024, got 33"),
+        (["--size", "big"], "size: must look like '512x512' or 'auto', got 'big'"),
+        (["--size", "32x32", "--width", "32"], "size: give either size or width/height, not both"),
+        (["--num-inference-steps", "3"], "num_inference_steps: give either num_inference_steps or steps, not both"),
+        (["--num-images-per-prompt", "0"], "num_images_per_prompt: must be at least 1, got 0"),
+        (["--stpes", "3"], "No such option '--stpes'. (Did you mean one of: '--sampler', '--size', '--steps'?)"),
         (["-n", "0"], "n: must be at least 1, got 0"),
         (["--guidance-scale", "nan"], "guidance_scale: must be a number >= 0"),
         (["--guidance-scale", "-1"], "guidance_scale: must be a number >= 0"),

@@ -203,10 +203,17 @@ def test_invalid_requests_name_the_field(client: AccelClient) -> None:
             client.submit(PROMPT, **fields)
         assert raised.value.param == param and raised.value.status == 400, (fields, raised.value)
         assert raised.value.type == "invalid_request_error" and raised.value.request_id
-    for size in ("big", "\u00b2x\u00b2"):  # superscript digits pass str.isdigit() but not int()
+    for size in ("big", "\u00b2x\u00b2", "33x32"):  # superscript digits pass str.isdigit() but not int()
         with pytest.raises(InvalidRequest) as raised:
             client.generate(PROMPT, size=size)
-        assert raised.value.param == "size" and raised.value.status is None  # checked before sending
+        assert raised.value.param == "size" and raised.value.status == 400  # the field sent, not width
+    for fields, param in (({"num_inference_steps": 500}, "num_inference_steps"),
+                          ({"steps": 2, "num_inference_steps": 2}, "num_inference_steps"),
+                          ({"size": "32x32", "width": 32}, "size"), ({"n": 1, "num_images_per_prompt": 1},
+                                                                     "num_images_per_prompt")):
+        with pytest.raises(InvalidRequest) as raised:
+            client.submit(PROMPT, **fields)
+        assert raised.value.param == param and raised.value.status == 400, (fields, raised.value)
     with pytest.raises(NotFound) as missing_model:
         client.generate(PROMPT, model="no-such-model", steps=2)
     assert missing_model.value.status == 404 and missing_model.value.type == "model_not_found"
@@ -214,6 +221,31 @@ def test_invalid_requests_name_the_field(client: AccelClient) -> None:
     with pytest.raises(NotFound) as missing_job:
         client.job("job_missing").status()
     assert missing_job.value.status == 404
+
+
+def test_the_diffusers_spellings_make_the_same_images(client: AccelClient) -> None:
+    aliased = client.generate(PROMPT, size="24x32", num_inference_steps=2, num_images_per_prompt=2, seed=4)
+    canonical = client.generate(PROMPT, width=24, height=32, steps=2, n=2, seed=4)
+    assert (aliased.width, aliased.height, aliased.steps, aliased.seeds) == (24, 32, 2, [4, 5])
+    assert np.array_equal(pixels(aliased), pixels(canonical))
+
+
+def test_a_mistyped_argument_names_the_meant_one_before_sending(client: AccelClient, base_url: str) -> None:
+    from accel_diffusion.clients import UnknownArgument
+
+    with pytest.raises(InvalidRequest) as raised:
+        client.generate(PROMPT, stpes=2)  # type: ignore[call-arg]
+    assert raised.value.param == "stpes" and raised.value.status is None and isinstance(raised.value, TypeError)
+    assert raised.value.message == "stpes: unknown argument of generate(); did you mean `steps`?"
+    with pytest.raises(UnknownArgument, match="did you mean `num_inference_steps`"):
+        client.submit(PROMPT, num_inference_step=2)  # type: ignore[call-arg]
+
+    async def typo() -> None:
+        async with AsyncAccelClient(base_url, KEY) as sdk:
+            await sdk.edit(init_png(), PROMPT, sise="32x32")  # type: ignore[call-arg]
+
+    with pytest.raises(UnknownArgument, match="did you mean `size`"):
+        asyncio.run(typo())
 
 
 def test_api_keys(base_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -324,7 +356,7 @@ def test_429_and_503_are_retried_honouring_retry_after() -> None:
     assert sleeps == [2.0, 0.1 * 2**1, 0.25]  # Retry-After, else backoff_s * 2**attempt
     assert {r.headers["X-Request-Id"] for r in seen} == {seen[0].headers["X-Request-Id"]}  # one logical call
     assert all(r.headers["Authorization"] == "Bearer k" for r in seen)
-    assert json.loads(seen[0].content) == {"prompt": "p", "n": 1, "output_format": "png"}
+    assert json.loads(seen[0].content) == {"prompt": "p", "output_format": "png"}  # unset: the server's defaults
 
 
 def test_retries_run_out_into_the_typed_error() -> None:

@@ -65,11 +65,14 @@ def test_the_openai_package_works_against_the_server(client: TestClient) -> None
 
 
 @pytest.mark.parametrize(("body", "status", "param"), [
-    ({"prompt": "a", "size": "33x32"}, 400, "width"),
+    ({"prompt": "a", "size": "33x32"}, 400, "size"),  # the field sent, not the width it became
     ({"prompt": "a", "size": "big"}, 400, "size"),
     ({"prompt": "a", "model": "sd15"}, 404, "model"),
     ({"prompt": "a", "n": 99}, 400, "n"),
-    ({"prompt": "a", "num_inference_steps": 5000}, 400, "steps"),
+    ({"prompt": "a", "num_inference_steps": 5000}, 400, "num_inference_steps"),
+    ({"prompt": "a", "steps": 5000}, 400, "steps"),
+    ({"prompt": "a", "size": "32x32", "width": 32}, 400, "size"),  # one thing, two names
+    ({"prompt": "a", "steps": 2, "num_inference_steps": 2}, 400, "num_inference_steps"),
     ({"prompt": "a", "strategy": {"sampler": {"name": "nope"}}}, 400, "strategy.sampler.name"),
     ({"prompt": "a", "strategy": {"sampler": {"name": "ghvb", "order": 9}}}, 400, "strategy.sampler.order"),
     ({"prompt": "a", "response_format": "url"}, 400, "response_format"),
@@ -90,6 +93,82 @@ def test_invalid_input_is_a_4xx_naming_the_field(client: TestClient, body: dict,
     error = response.json()["error"]
     assert error["param"] == param and param in error["message"] and "Traceback" not in response.text
     assert set(error) == {"type", "code", "message", "param"}
+
+
+def test_every_route_takes_both_spellings_and_makes_the_same_images(client: TestClient) -> None:
+    """One vocabulary: the engine's names (steps, width/height, n) and the OpenAI/diffusers ones
+    (num_inference_steps, size, num_images_per_prompt) on the OpenAI images route and on /v1/jobs."""
+    canonical = {"prompt": PROMPT, "seed": 3, "steps": 2, "width": 24, "height": 32, "n": 2}
+    aliased = {"prompt": PROMPT, "seed": 3, "num_inference_steps": 2, "size": "24x32", "num_images_per_prompt": 2}
+    images = {}
+    for route in ("/v1/images/generations", "/v1/jobs"):
+        for spelling, body in (("canonical", canonical), ("aliased", aliased)):
+            response = client.post(route, json=body)
+            assert response.status_code in (200, 202), response.text
+            if route == "/v1/jobs":
+                job = wait_finished(client, response.json()["id"])
+                assert job["status"] == "succeeded", job
+                assert (job["result"]["width"], job["result"]["height"], job["result"]["steps"]) == (24, 32, 2)
+                data = job["result"]["images"]
+            else:
+                data = response.json()["data"]
+            images[route, spelling] = np.stack([decode(d["b64_json"]) for d in data])
+    reference = images["/v1/images/generations", "canonical"]
+    assert reference.shape == (2, 32, 24, 3) and len(images) == 4
+    assert all(np.array_equal(reference, other) for other in images.values())
+
+
+@pytest.mark.parametrize("route", ["/v1/images/generations", "/v1/jobs", "/v1/images/edits"])
+@pytest.mark.parametrize(("field", "meant"), [("stpes", "steps"), ("num_inference_step", "num_inference_steps"),
+                                              ("Size", "size"), ("negative", "negative_prompt")])
+def test_an_unknown_field_names_the_field_that_was_meant(client: TestClient, route: str, field: str,
+                                                         meant: str) -> None:
+    import base64
+
+    from server_clients import init_png
+
+    body = {"prompt": PROMPT, field: 2}
+    if route == "/v1/images/edits":
+        body["image"] = base64.b64encode(init_png()).decode()
+    response = client.post(route, json=body)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == field and error["type"] == "invalid_request_error"
+    assert error["message"].startswith(f"{field}: unknown field; did you mean `{meant}`?")
+
+
+def test_a_bad_alias_on_jobs_and_edits_names_the_alias(client: TestClient) -> None:
+    import base64
+
+    from server_clients import init_png
+
+    image = base64.b64encode(init_png()).decode()
+    for route, extra in (("/v1/jobs", {}), ("/v1/images/edits", {"image": image})):
+        for body, param, fragment in (({"size": "33x32"}, "size", "size: width must be a multiple of 8"),
+                                      ({"num_inference_steps": 500}, "num_inference_steps", "between 1 and 150"),
+                                      ({"size": "32x32", "height": 32}, "size", "not both")):
+            response = client.post(route, json={"prompt": PROMPT, **extra, **body})
+            assert response.status_code == 400, (route, body, response.text)
+            error = response.json()["error"]
+            assert error["param"] == param and fragment in error["message"], (route, body, error)
+
+
+def test_models_report_the_default_size_the_engine_uses(tiny_sd_dir: Path, tmp_path: Path) -> None:
+    """A registry entry without default_width/height gets the UNet's native size (sample_size x the VAE
+    factor), as the engine; a model that makes no images (gmm) has none."""
+    models = tmp_path / "models.toml"
+    models.write_text(f'[models.tiny]\nsource = "local"\npath = "{tiny_sd_dir}"\ndefault_steps = 4\n'
+                      'default_strategy = { sampler = { name = "ddim" }, schedule = { name = "spacing" }, '
+                      'guidance = { name = "cfg", scale = 5.0 } }\n'
+                      '[models.gmm]\nsource = "builtin"\npath = "gmm"\ndefault_steps = 20\n'
+                      'default_strategy = { sampler = { name = "ddim" }, schedule = { name = "spacing" }, '
+                      'guidance = { name = "none" } }\n')
+    with TestClient(create_app(make_settings(models, served_models=["tiny", "gmm"]))) as client:
+        listed = {m["id"]: m for m in client.get("/v1/models").json()["data"]}
+        assert (listed["tiny"]["default_size"], listed["tiny"]["default_steps"]) == ("16x16", 4)
+        assert (listed["gmm"]["default_size"], listed["gmm"]["default_steps"]) == (None, 20)
+        job = wait_finished(client, client.post("/v1/jobs", json={"prompt": PROMPT, "steps": 1}).json()["id"])
+        assert (job["result"]["width"], job["result"]["height"]) == (16, 16)  # what was reported
 
 
 def test_job_lifecycle_and_sse_events(client: TestClient) -> None:

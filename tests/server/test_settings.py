@@ -39,3 +39,11 @@ def test_secret_keys_do_not_leak_into_repr(tmp_path: Path) -> None:
     keys.write_text("k1\n\nk2\n")
     settings = ServerSettings(api_keys=["inline"], api_keys_file=keys)
     assert settings.all_api_keys() == ["inline", "k1", "k2"] and "inline" not in repr(settings)
+
+
+def test_the_servers_default_limits_are_the_librarys() -> None:
+    """One definition: a request the CLI or Python API accepts by default, a default server accepts too."""
+    from accel_diffusion.strategy import DEFAULT_LIMITS
+
+    assert ServerSettings().request_limits() == DEFAULT_LIMITS
+    assert (DEFAULT_LIMITS.max_width, DEFAULT_LIMITS.max_height, DEFAULT_LIMITS.max_steps) == (1024, 1024, 150)

@@ -153,6 +153,26 @@ def test_bad_values_get_errors_on_a_connection_that_stays_open(tiny_models_file:
     assert all(np.array_equal(a, b) for a, b in zip(outputs, expected, strict=True))  # updates changed nothing
 
 
+def test_session_start_takes_size_and_answers_unknown_fields_with_the_meant_one(tiny_models_file: Path) -> None:
+    start = {"type": "session.start", "prompt": PROMPT, "t_index_list": [45], "guidance": "none"}
+    with TestClient(create_app(make_settings(tiny_models_file))) as client, \
+            client.websocket_connect("/v1/stream") as ws:
+        for extra, param, fragment in (({"widht": 32}, "widht", "unknown field; did you mean `width`?"),
+                                       ({"size": "33x32"}, "size", "size: width and height must be multiples of"),
+                                       ({"size": "2048x32"}, "size", "size: width must be an integer in [2, 1024]"),
+                                       ({"size": "big"}, "size", "must look like '512x512'"),
+                                       ({"size": "32x32", "height": 32}, "size", "not both")):
+            ws.send_json({**start, **extra})
+            error = ws.receive_json()
+            assert error["type"] == "error" and error["param"] == param and fragment in error["message"], error
+        ws.send_json({**start, "size": "24x16"})
+        session = ws.receive_json()["session"]
+        assert (session["width"], session["height"]) == (24, 16)
+        ws.send_json({"type": "params.update", "promt": "a cross"})
+        error = ws.receive_json()
+        assert error["param"] == "promt" and "did you mean `prompt`?" in error["message"]
+
+
 def test_a_failing_frame_is_reported_and_the_next_one_is_served(tiny_models_file: Path,
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
     original, calls = StreamSession.__call__, []
