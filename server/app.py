@@ -41,6 +41,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, PlainTextResponse, RedirectResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
+from fastapi_offline import FastAPIOffline
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -151,9 +152,11 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
             state.ready = False
             await asyncio.to_thread(state.worker.stop, 600)
 
-    app = FastAPI(title="accel-diffusion", version=__version__, lifespan=lifespan,
-                  description="Diffusion generation with interchangeable acceleration strategies: an "
-                              "OpenAI-compatible images API and a native jobs API with progress events.")
+    # /docs (Swagger UI) and /redoc with their scripts served from /docs/static (fastapi-offline ships them):
+    # FastAPI's own pages load them from a CDN, and are blank on a machine offline
+    app = FastAPIOffline(title="accel-diffusion", version=__version__, lifespan=lifespan, static_url="/docs/static",
+                         description="Diffusion generation with interchangeable acceleration strategies: an "
+                                     "OpenAI-compatible images API and a native jobs API with progress events.")
     app.state.settings = settings  # for whoever runs the app (uvicorn's limits follow it: process.py)
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
