@@ -13,6 +13,7 @@ import click
 
 from accel_diffusion.errors import AccelDiffusionError, InvalidRequestError
 from accel_diffusion.strategy import DEFAULT_LIMITS
+from accel_diffusion.third_party_output import quiet_third_party_output
 
 
 def _fail(error: AccelDiffusionError | str) -> None:
@@ -152,6 +153,11 @@ def generate(ctx: click.Context, model: str, prompts: tuple[str, ...], prompts_f
             ))
     engine = Engine(_registry(ctx))
     engine.models.spec(model)
+    quiet_third_party_output()
+    click.echo(f"loading {model}…", err=True)
+    loaded = engine.models.get(model)
+    click.echo(f"loaded {model} in {loaded.load_seconds:.1f} s ({loaded.device}, "
+               f"{str(loaded.dtype).removeprefix('torch.')})", err=True)
     results = []
     with errors_named_as_sent(sent), tqdm(total=len(jobs), desc="images", unit="img") as images_bar:
         for request in requests:
@@ -264,6 +270,7 @@ def train(target: str, out_dir: str, seed: int) -> None:
     import importlib
 
     module, function = TRAINERS[target]
+    quiet_third_party_output()
     info = getattr(importlib.import_module(module), function)(out_dir, seed=seed)
     click.echo(json.dumps(info, indent=2, default=str))
 
@@ -294,6 +301,7 @@ def eval_command(ctx: click.Context, model: str, steps: int | None, num_inferenc
         from accel_diffusion.eval.shapes_eval import evaluate_shapes
     except ImportError as exc:
         _fail(f"eval needs the 'eval' extra ({exc.name} is missing): pip install 'accel-diffusion[eval]'")
+    quiet_third_party_output()
     engine = Engine(_registry(ctx))
     with errors_named_as_sent(sent):
         metrics = evaluate_shapes(engine, model=model, strategy=_strategy_from_options(strategy, guidance_scale),
@@ -330,6 +338,7 @@ def serve(ctx: click.Context, config_file: str | None, host: str | None, port: i
     except ValueError as exc:
         _fail(f"server settings: {exc}")
         return
+    quiet_third_party_output()
     run_server(settings)
 
 
@@ -379,6 +388,7 @@ def batch(ctx: click.Context, manifest: str, out_dir: str, local: bool, server_u
             _fail(f"--server needs the client extra: pip install 'accel-diffusion[client]' ({exc.name} is missing)")
             return
     else:
+        quiet_third_party_output()
         backend = LocalBackend(ctx.obj.get("models_file"))
     try:
         report = run_batch(manifest, out_dir, backend, shard_index, num_shards, progress=not quiet,

@@ -41,6 +41,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, PlainTextResponse, RedirectResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
+from fastapi_offline import FastAPIOffline
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -124,12 +125,18 @@ def warm_up(state: ServerState) -> None:
     fails, and the first such session starts at once; other batch shapes compile when a session first
     needs them."""
     for model_id in state.settings.served_models:
+        log.info("loading %s…", model_id)
         model = state.registry.get(model_id)
+        log.info("loaded %s in %.1f s (%s, %s)", model_id, model.load_seconds, model.device,
+                 str(model.dtype).removeprefix("torch."))
         if state.settings.warmup_steps and model.family in ("sd", "sdxl"):
+            log.info("warming up %s (%d steps)…", model_id, state.settings.warmup_steps)
             state.worker.engine.generate(GenerationRequest.create(
                 model=model_id, prompt="warm-up", seed=0, steps=state.settings.warmup_steps),
                 batch_invariant=state.settings.batch_invariant)
         if state.settings.stream_acceleration != "none" and model.family == "sd":
+            log.info("compiling %s's UNet for stream sessions (stream_acceleration = %r)…", model_id,
+                     state.settings.stream_acceleration)
             StreamSession(model, "warm-up", acceleration=state.settings.stream_acceleration, limits=state.limits)
 
 
@@ -138,12 +145,13 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        begin = time.perf_counter()
         state = ServerState(settings, served_registry(settings))
         app.state.server = state
         state.worker.start(prepare=lambda: warm_up(state))  # on the worker thread: all model work stays there
         await state.worker.wait_prepared()
         state.ready = True
-        log.info("serving %s", settings.served_models)
+        log.info("ready in %.1f s: serving %s", time.perf_counter() - begin, ", ".join(settings.served_models))
         try:
             yield
         finally:
@@ -151,9 +159,11 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
             state.ready = False
             await asyncio.to_thread(state.worker.stop, 600)
 
-    app = FastAPI(title="accel-diffusion", version=__version__, lifespan=lifespan,
-                  description="Diffusion generation with interchangeable acceleration strategies: an "
-                              "OpenAI-compatible images API and a native jobs API with progress events.")
+    # /docs (Swagger UI) and /redoc with their scripts served from /docs/static (fastapi-offline ships them):
+    # FastAPI's own pages load them from a CDN, and are blank on a machine offline
+    app = FastAPIOffline(title="accel-diffusion", version=__version__, lifespan=lifespan, static_url="/docs/static",
+                         description="Diffusion generation with interchangeable acceleration strategies: an "
+                                     "OpenAI-compatible images API and a native jobs API with progress events.")
     app.state.settings = settings  # for whoever runs the app (uvicorn's limits follow it: process.py)
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],

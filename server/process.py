@@ -4,9 +4,11 @@ jobs are refused while the server keeps answering; once the queue is empty and t
 
 from __future__ import annotations
 
+import copy
 import threading
 import time
 from types import FrameType
+from typing import Any
 
 import uvicorn
 from accel_diffusion.server.app import create_app
@@ -52,10 +54,19 @@ def websocket_message_limit(settings: ServerSettings) -> int:
     return max(UVICORN_WS_MAX_SIZE, 2 * settings.max_frame_bytes)
 
 
+def log_config(log_level: str = "info") -> dict[str, Any]:
+    """uvicorn's logging configuration, plus the server's own messages (loading, warming up, ready in N s) on
+    the console in uvicorn's format, at ``log_level``."""
+    config = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)
+    config["loggers"]["accel_diffusion.server"] = {"handlers": ["default"], "level": log_level.upper(),
+                                                   "propagate": False}
+    return config
+
+
 def uvicorn_config(app: FastAPI, settings: ServerSettings, drain_timeout_s: float = 600.0,
                    log_level: str = "info") -> uvicorn.Config:
     return uvicorn.Config(app, host=settings.host, port=settings.port, log_level=log_level,
-                          timeout_graceful_shutdown=int(drain_timeout_s),
+                          log_config=log_config(log_level), timeout_graceful_shutdown=int(drain_timeout_s),
                           ws_max_size=websocket_message_limit(settings))
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -16,7 +17,34 @@ import torch
 from accel_diffusion.models.loading import LoadedPipeline, load_pipeline
 from accel_diffusion.models.registry import ModelRegistry, ModelSpec
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# torch's thread count is process-global and changes results in the last bits (oneDNN's 1x1 convolutions round
+# differently on 1 and 2 threads): every test runs at this one unless a fixture below says otherwise
+SESSION_THREADS = min(2, os.cpu_count() or 1)
+torch.set_num_threads(SESSION_THREADS)
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """A test module that sets the thread count when imported sets it for every test collected with it."""
+    if torch.get_num_threads() != SESSION_THREADS:
+        raise pytest.UsageError(f"a test module set torch's thread count to {torch.get_num_threads()} when imported; "
+                                "use the single_thread fixture (or set and restore it in a test)")
+
+
+@pytest.fixture(autouse=True)
+def _torch_threads_restored() -> Iterator[None]:
+    """A test that changes the thread count (a trainer's ``threads=``) leaves it as it found it."""
+    before = torch.get_num_threads()
+    yield
+    if torch.get_num_threads() != before:
+        torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def single_thread() -> Iterator[None]:
+    """torch on one thread for a module's tests (``pytestmark = pytest.mark.usefixtures("single_thread")``)."""
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(SESSION_THREADS)
 
 TINY_STRATEGY = {"sampler": {"name": "dpmpp_2m"}, "schedule": {"name": "spacing"},
                  "guidance": {"name": "cfg", "scale": 5.0}}

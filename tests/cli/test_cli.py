@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -176,3 +182,49 @@ def test_generate_with_our_samplers(runner: CliRunner, tiny_models_file: Path, t
     run = json.loads((out / "results.json").read_text())["runs"][0]
     assert run["strategy"]["sampler"] == sampler and run["nfe"] == 10
     assert run["strategy"]["schedule"] == {"name": "spacing", "spacing": "log_snr"}
+
+
+# third-party notices that do not concern a user (accel_diffusion/third_party_output.py): none may reach the console
+THIRD_PARTY_NOISE = ("accelerate", "torchvision", "Loading pipeline components", "Loading weights", "```")
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "accel_diffusion.cli", *args]
+
+
+def test_generate_says_what_it_loads_and_prints_no_third_party_notices(tiny_models_file: Path,
+                                                                         tmp_path: Path) -> None:
+    done = subprocess.run(_cli("--models", str(tiny_models_file), "generate", "--model", "tiny", "-p", "a cross",
+                               "--seed", "1", "--steps", "2", "--out", str(tmp_path / "out")),
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.startswith("wrote 1 image(s) to ")
+    lines = done.stderr.splitlines()
+    assert lines[0] == "loading tiny…" and re.fullmatch(r"loaded tiny in \d+\.\d s \(cpu, float32\)", lines[1])
+    assert [word for word in THIRD_PARTY_NOISE if word in done.stderr] == []
+
+
+def test_serve_reports_loading_warm_up_and_ready_and_prints_no_third_party_notices(tiny_models_file: Path) -> None:
+    with socket.socket() as probe:  # a free port (the settings refuse port 0)
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen(_cli("--models", str(tiny_models_file), "serve", "--model", "tiny", "--port", str(port)),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    lines: list[str] = []
+    try:
+        assert server.stdout is not None
+        for line in server.stdout:  # start-up ends with uvicorn's "Uvicorn running on ..."
+            lines.append(line.rstrip("\n"))
+            if "Uvicorn running on" in line or len(lines) > 100:
+                break
+    finally:
+        server.send_signal(signal.SIGINT)
+        rest, _ = server.communicate(timeout=120)
+    output = "\n".join(lines)
+    ours = [line.removeprefix("INFO:").strip() for line in lines if "tiny" in line]
+    assert ours[:3] == ["loading tiny…", ours[1], "warming up tiny (2 steps)…"], output
+    assert re.fullmatch(r"loaded tiny in \d+\.\d s \(cpu, float32\)", ours[1]), output
+    assert re.fullmatch(r"ready in \d+\.\d s: serving tiny", ours[3]), output
+    assert [word for word in THIRD_PARTY_NOISE if word in output + rest] == []
+    assert server.returncode == 0

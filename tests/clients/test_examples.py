@@ -11,7 +11,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 from accel_diffusion.server import create_app
+from fastapi import FastAPI
 from PIL import Image
 from server_clients import make_settings, running_server
 
@@ -19,13 +21,20 @@ EXAMPLES = Path(__file__).resolve().parents[2] / "clients" / "examples"
 
 
 @pytest.fixture(scope="module")
-def server_url(tiny_models_file: Path) -> Iterator[str]:
-    with running_server(create_app(make_settings(tiny_models_file))) as (_, _, url):
+def server_app(tiny_models_file: Path) -> FastAPI:
+    return create_app(make_settings(tiny_models_file))
+
+
+@pytest.fixture(scope="module")
+def server_url(server_app: FastAPI) -> Iterator[str]:
+    with running_server(server_app) as (_, _, url):
         yield url
 
 
-def run(command: list[str], url: str) -> subprocess.CompletedProcess[str]:
+def run(command: list[str], url: str, threads: int | None = None) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "ACCEL_DIFFUSION_URL": url, "HF_HUB_OFFLINE": "1"}
+    if threads is not None:  # torch's thread count in the subprocess (torch reads it at start-up)
+        env["OMP_NUM_THREADS"] = str(threads)
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     return done
@@ -56,11 +65,14 @@ def test_curl_example(server_url: str, tmp_path: Path) -> None:
     assert_images([tmp_path / "square.png", tmp_path / "cross.png"])
 
 
-def test_batch_manifest_example_locally_and_through_the_server(server_url: str, tmp_path: Path,
+def test_batch_manifest_example_locally_and_through_the_server(server_app: FastAPI, server_url: str, tmp_path: Path,
                                                                tiny_models_file: Path) -> None:
+    """The same bytes locally and through the server, as the README promises for runs on the same device with the
+    same torch thread count: the local run gets the server worker's count, whatever this process runs at."""
+    worker_threads = server_app.state.server.worker.run_soon(torch.get_num_threads).result(timeout=60)
     manifest = str(EXAMPLES / "batch_manifest.jsonl")
     cli = [sys.executable, "-m", "accel_diffusion.cli", "--models", str(tiny_models_file), "batch", manifest, "--quiet"]
-    run([*cli, "--out", str(tmp_path / "local")], server_url)
+    run([*cli, "--out", str(tmp_path / "local")], server_url, threads=worker_threads)
     run([*cli, "--server", server_url, "--concurrency", "2", "--out", str(tmp_path / "server")], server_url)
     for out in ("local", "server"):
         records = [json.loads(line) for line in (tmp_path / out / "results.jsonl").read_text().splitlines()]

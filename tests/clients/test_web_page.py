@@ -61,9 +61,12 @@ def text(element: str, number: bool = False) -> str:
     return f"{'+' if number else ''}document.getElementById('{element}').textContent"
 
 
-def start_chromium(profile: Path) -> tuple[subprocess.Popen, int]:
-    command = [CHROMIUM, "--headless=new", "--no-sandbox", "--disable-gpu", "--no-first-run",
-               "--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream",
+def start_chromium(profile: Path, camera: str = "allowed") -> tuple[subprocess.Popen, int]:
+    """Headless Chromium with a fake camera that pages may use ("allowed"), one whose use is refused (no
+    permission prompt to accept: "refused"), or no camera at all ("none")."""
+    fake_camera = {"allowed": ["--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream"],
+                   "refused": ["--use-fake-device-for-media-stream"], "none": []}[camera]
+    command = [CHROMIUM, "--headless=new", "--no-sandbox", "--disable-gpu", "--no-first-run", *fake_camera,
                "--remote-debugging-port=0", f"--user-data-dir={profile}", "about:blank"]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     port_file = profile / "DevToolsActivePort"
@@ -123,3 +126,54 @@ def test_the_web_page_streams_the_camera_through_the_model(tiny_models_file: Pat
     assert after["reconnects"] == 1 and after["frames"] >= state["frames"] + 10, after
     assert after["status"].startswith("streaming tiny"), after
     assert screenshot.startswith(b"\x89PNG")
+
+
+@pytest.mark.parametrize(("camera", "problem"), [("none", "no camera found"), ("refused", "camera refused")])
+def test_without_a_camera_the_page_streams_a_test_pattern_and_then_a_chosen_file(
+        tiny_models_file: Path, tmp_path: Path, camera: str, problem: str) -> None:
+    from PIL import Image
+    from websockets.asyncio.client import connect
+
+    image_file = tmp_path / "shapes input.png"
+    Image.new("RGB", (64, 48), (30, 160, 60)).save(image_file)
+    reading = {"frames": text("frames", True), "status": text("status"), "note": text("source-note"),
+               "caption": text("source-caption"), "source": "document.getElementById('source').value",
+               "shown": "['camera', 'pattern', 'still'].filter((id) => !document.getElementById(id).hidden)",
+               "loaded": "document.getElementById('output').naturalWidth"}
+    with running_server(create_app(make_settings(tiny_models_file))) as (_, _, url):
+        browser, port = start_chromium(tmp_path / "profile", camera=camera)
+        try:
+            pages = httpx.get(f"http://127.0.0.1:{port}/json/list").json()
+            target = next(p for p in pages if p["type"] == "page")
+
+            async def drive() -> tuple[dict[str, Any], dict[str, Any], bytes]:
+                async with connect(target["webSocketDebuggerUrl"], max_size=None) as socket:
+                    tools = DevTools(socket)
+                    await tools.call("Page.enable")
+                    await tools.call("Emulation.setDeviceMetricsOverride", width=900, height=760,
+                                     deviceScaleFactor=1, mobile=False)
+                    await tools.call("Page.navigate", url=f"{url}/web/")
+                    pattern = await tools.poll(reading, lambda s: s.get("frames", 0) >= 5 and s.get("loaded"), 90)
+                    shot = await tools.call("Page.captureScreenshot", format="png")
+                    # the user picks a file (what the file chooser does): its frames replace the pattern's
+                    document = await tools.call("DOM.getDocument")
+                    node = await tools.call("DOM.querySelector", nodeId=document["root"]["nodeId"], selector="#file")
+                    await tools.call("DOM.setFileInputFiles", files=[str(image_file)], nodeId=node["nodeId"])
+                    before = pattern.get("frames", 0)
+                    chosen = await tools.poll(
+                        reading, lambda s: s.get("source") == "file" and s.get("frames", 0) >= before + 5, 60)
+                    return pattern, chosen, base64.b64decode(shot["data"])
+
+            pattern, chosen, screenshot = asyncio.run(drive())
+        finally:
+            browser.kill()
+            browser.wait(30)
+    artifacts = Path(os.environ.get("TEST_ARTIFACTS_DIR", "test-artifacts"))
+    artifacts.mkdir(parents=True, exist_ok=True)
+    (artifacts / f"web_page_camera_{camera}.png").write_bytes(screenshot)
+    assert pattern["frames"] >= 5 and pattern["loaded"] == 32, pattern  # processed frames of the pattern
+    assert pattern["status"].startswith("streaming tiny"), pattern
+    assert pattern["source"] == "pattern" and pattern["caption"] == "test pattern" and pattern["shown"] == ["pattern"]
+    assert pattern["note"].startswith(f"{problem}: streaming a test pattern instead"), pattern
+    assert chosen["source"] == "file" and chosen["caption"] == "shapes input.png" and chosen["shown"] == ["still"]
+    assert chosen["note"] == "" and chosen["frames"] >= pattern["frames"] + 5, chosen

@@ -13,7 +13,7 @@ from torch import nn
 
 from accel_diffusion.eval.frechet import FrechetDistance, frechet_distance
 
-torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("single_thread")  # float64 oracle numbers on one thread
 
 
 class ColourFeatures(nn.Module):

@@ -19,7 +19,7 @@ from accel_diffusion.eval.gmm_metrics import (
 )
 from accel_diffusion.models.gmm import default_mixture
 
-torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("single_thread")  # float64 oracle numbers on one thread
 
 
 def test_endpoint_error_golden() -> None:

@@ -27,7 +27,7 @@ from accel_diffusion.models.gmm import (
     pf_ode_endpoint,
 )
 
-torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("single_thread")  # float64 oracle numbers on one thread
 
 
 @pytest.fixture(scope="module")

@@ -3,6 +3,7 @@ cancellation, errors, auth, health and metrics."""
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from pathlib import Path
@@ -290,6 +291,22 @@ def test_models_strategies_health_version_metrics(client: TestClient) -> None:
     schema = client.get("/openapi.json").json()
     assert {"/v1/images/generations", "/v1/jobs", "/v1/jobs/{job_id}/events"} <= set(schema["paths"])
 
+
+
+@pytest.mark.parametrize("page", ["/docs", "/redoc"])
+def test_api_docs_load_nothing_from_the_network(client: TestClient, page: str) -> None:
+    """Swagger UI and ReDoc come with the server (a machine offline still gets working docs)."""
+    response = client.get(page)
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/html")
+    html = response.text
+    assert re.findall(r"(?:https?:)?//[\w.-]+\.[a-z]{2,}", html) == []  # no absolute or protocol-relative URL
+    assets = re.findall(r"""(?:src|href)=["']([^"']+)["']""", html)
+    assert len(assets) >= 2  # the page's script and its style sheet or icon
+    for asset in assets:
+        served = client.get(asset)
+        assert served.status_code == 200, asset
+        assert len(served.content) > 1000, asset
+    assert "/openapi.json" in html and client.get("/openapi.json").status_code == 200
 
 def test_queue_full_is_429_with_retry_after(tiny_models_file: Path) -> None:
     with TestClient(create_app(make_settings(tiny_models_file, queue_max=1))) as client:

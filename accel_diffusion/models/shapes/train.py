@@ -3,7 +3,8 @@
 Stages: render a fixed captioned dataset; train the VAE; encode the dataset to latent
 distributions once; train UNet + CLIP text encoder jointly (min-SNR-5 weighting, 10% empty
 prompts for classifier-free guidance, AdamW + cosine, EMA); save a standard diffusers
-``StableDiffusionPipeline`` directory; evaluate what was saved (loaded back from disk).
+``StableDiffusionPipeline`` directory (float32 weights by default, so that plain diffusers loads and runs it on a
+CPU with no ``torch_dtype``); evaluate what was saved (loaded back from disk).
 """
 
 from __future__ import annotations
@@ -262,6 +263,10 @@ def write_model_card(out: Path, info: dict[str, Any]) -> None:
         "channels 64/128, cross-attention at 4x4); DPMSolverMultistepScheduler with the training schedule",
         "(1000 steps, scaled_linear 0.00085-0.012, epsilon prediction).",
         "",
+        "Load it as any diffusers pipeline: `StableDiffusionPipeline.from_pretrained(DIR)` runs on a CPU with no",
+        "`torch_dtype`" + (" (float32 weights)." if a["dtype"] == "fp32" else
+                           f" only with `torch_dtype=torch.float32` ({a['dtype']} weights)."),
+        "",
         "## Training",
         "",
         f"`accel-diffusion train shapes --out DIR --seed {a['seed']}` (`accel_diffusion.models.shapes.train`),",
@@ -315,7 +320,7 @@ def train_shapes(
     unet_batch: int = 128,
     unet_lr: float = 4e-4,
     ema_decay: float = 0.999,
-    dtype: str = "fp16",
+    dtype: str = "fp32",
     evaluate: bool = True,
     judge_dir: str | Path | None = None,
     threads: int | None = 2,
@@ -398,7 +403,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--n-images", type=int, default=80_000)
     ap.add_argument("--vae-steps", type=int, default=2000)
     ap.add_argument("--unet-steps", type=int, default=2800)
-    ap.add_argument("--dtype", choices=["fp32", "fp16"], default="fp16")
+    ap.add_argument("--dtype", choices=["fp32", "fp16"], default="fp32",
+                    help="weights as saved (fp32: what plain diffusers loads and runs on a CPU with no torch_dtype)")
     ap.add_argument("--no-eval", action="store_true")
     a = ap.parse_args(argv)
     info = train_shapes(
