@@ -102,3 +102,26 @@ def test_init_image_size_is_limited_before_decoding(monkeypatch: pytest.MonkeyPa
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # PIL refuses > 2x this as a decompression bomb
     with pytest.raises(InvalidRequestError, match="too many pixels to decode safely"):
         GenerationRequest.create(prompt="a", init_image=buffer.getvalue())
+
+
+@pytest.mark.parametrize(("fields", "field"), [
+    ({"prompt": "a red \ud800 circle"}, "prompt"),
+    ({"prompt": ["a red circle", "a \udcff cross"]}, "prompt.1"),  # undecodable argv bytes (surrogateescape)
+    ({"negative_prompt": "\udfff"}, "negative_prompt"),
+    ({"model": "shapes\ud800"}, "model"),
+    ({"strategy": {"sampler": {"name": "ddim\ud800"}}}, "strategy.sampler.name"),
+    ({"strategy": '{"schedule": {"name": "spacing", "spacing": "\\ud800"}}'}, "strategy.schedule.spacing"),
+])
+def test_text_that_cannot_be_encoded_is_refused_naming_the_field(fields: dict, field: str) -> None:
+    with pytest.raises(InvalidRequestError) as err:
+        GenerationRequest.create(**{"prompt": "a red circle", **fields})
+    assert err.value.field == field and "unpaired UTF-16 surrogate" in err.value.message
+    str(err.value).encode("utf-8")  # the error itself can be printed and sent
+
+
+def test_a_strategy_with_a_lone_surrogate_is_refused_in_python_too() -> None:
+    with pytest.raises(InvalidRequestError) as err:
+        Strategy.parse({"guidance": {"name": "cfg", "\ud800": 1.0}})
+    assert err.value.field == "strategy.guidance.\ufffd" and "field name" in err.value.message
+    surrogate_pair = GenerationRequest.create(prompt="a red circle \U0001f534")  # astral characters are fine
+    assert surrogate_pair.prompt.endswith("\U0001f534")

@@ -15,12 +15,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from accel_diffusion.errors import InvalidRequestError
 from accel_diffusion.imageio import ImageFormat
 from accel_diffusion.registry import validation_error_to_request_error
 from accel_diffusion.strategy import MAX_SEED, GenerationRequest, merge_guidance_scale, parse_size
+from accel_diffusion.text import check_texts
 
 
 class BatchItem(BaseModel):
@@ -45,6 +46,13 @@ class BatchItem(BaseModel):
     output_format: ImageFormat = "png"
     output_compression: Annotated[int, Field(ge=0, le=100)] = 100
     vae: Literal["full", "tiny"] = "full"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _check_text(cls, data: Any) -> Any:
+        if isinstance(data, dict):  # before the line is hashed and echoed: a lone surrogate cannot be written
+            check_texts(data, "", skip=("init_image",))
+        return data
 
 
 @dataclass(frozen=True)

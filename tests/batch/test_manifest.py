@@ -82,3 +82,14 @@ def test_shards_are_disjoint_stable_and_cover_everything(tmp_path: Path) -> None
     assert [[p.key for p in reordered if in_shard(p, i, 4)] for i in range(4)] == [s[::-1] for s in shards]
     errors = [LineError(line, "line", "bad") for line in range(1, 9)]
     assert sorted(e.line for i in range(3) for e in errors if in_shard(e, i, 3)) == list(range(1, 9))
+
+
+def test_a_line_with_text_that_cannot_be_encoded_is_an_invalid_line_and_the_rest_runs(tmp_path: Path) -> None:
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text('{"prompt": "a"}\n{"prompt": "a \\ud800 circle"}\n{"prompt": "b", "id": "\\udfff"}\n'
+                        '{"prompt": "c", "negative_prompt": "\\udc80"}\n{"prompt": "d"}\n')
+    planned, errors = read_manifest(manifest, "m")
+    assert [p.line for p in planned] == [1, 5]
+    assert [(e.line, e.field) for e in errors] == [(2, "prompt"), (3, "id"), (4, "negative_prompt")]
+    assert all("unpaired UTF-16 surrogate" in e.message for e in errors)
+    json.dumps([e.as_dict() for e in errors], ensure_ascii=False).encode("utf-8")  # errors.jsonl can be written
