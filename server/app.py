@@ -47,7 +47,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from accel_diffusion import __version__
 from accel_diffusion.engine import Engine
-from accel_diffusion.engine.engine import check_request
+from accel_diffusion.engine.engine import check_limits, check_request
 from accel_diffusion.errors import InvalidRequestError, UnknownModelError
 from accel_diffusion.models.registry import ModelRegistry
 from accel_diffusion.registry import get_registry
@@ -72,7 +72,8 @@ class ServerState:
         self.limits = settings.request_limits()
         self.metrics = ServerMetrics()
         self.jobs = JobStore(settings.job_ttl_s, settings.max_finished_jobs, settings.max_job_image_bytes)
-        self.worker = DeviceWorker(Engine(registry), settings.queue_max, self.metrics,
+        # limits=None: requests are checked against this server's limits when they are submitted
+        self.worker = DeviceWorker(Engine(registry, limits=None), settings.queue_max, self.metrics,
                                    settings.max_batch_size, settings.max_batch_wait_ms, settings.batch_invariant)
         self.api_keys = [k.encode() for k in settings.all_api_keys()]
         self.ready = False
@@ -89,10 +90,12 @@ class ServerState:
         return self.settings.served_models[0]
 
     def check_model(self, request: GenerationRequest) -> None:
-        """The model is served here, and the request's strategy can run on it (a 400 now, not a failed job)."""
+        """The model is served here, the request's strategy can run on it, and the request with the
+        model's defaults filled in (steps, size) is within the limits (a 400 now, not a failed job)."""
         if request.model not in self.settings.served_models:
             raise UnknownModelError("model", f"{request.model!r} is not served here", self.settings.served_models)
         check_request(self.registry.spec(request.model), request)
+        check_limits(self.registry.get(request.model), request, self.limits)  # served models are loaded
 
     def submit(self, request: GenerationRequest, output: OutputOptions, owner: str | None = None,
                delivered_by_caller: bool = False) -> tuple[Job, int]:
