@@ -53,6 +53,7 @@ from accel_diffusion.models.registry import ModelRegistry
 from accel_diffusion.registry import get_registry
 from accel_diffusion.strategy import GenerationRequest
 from accel_diffusion.stream import StreamSession
+from accel_diffusion.text import replace_unencodable
 
 log = logging.getLogger("accel_diffusion.server")
 TERMINAL_EVENTS = ("job.completed", "job.failed", "job.cancelled")
@@ -155,6 +156,7 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
             await asyncio.to_thread(state.worker.stop, 600)
 
     app = FastAPI(title="accel-diffusion", version=__version__, lifespan=lifespan,
+                  default_response_class=EncodableJSONResponse,
                   description="Diffusion generation with interchangeable acceleration strategies: an "
                               "OpenAI-compatible images API and a native jobs API with progress events.")
     app.state.settings = settings  # for whoever runs the app (uvicorn's limits follow it: process.py)
@@ -208,10 +210,23 @@ def get_owner(request: Request) -> str | None:
 Owner = Annotated[str | None, Depends(get_owner)]
 
 
+class EncodableJSONResponse(JSONResponse):
+    """JSON that always encodes: a lone UTF-16 surrogate that got past validation (a job kept from before
+    it, a field name quoted in an error) is written as U+FFFD, instead of failing the response with a
+    500 (for every caller of ``GET /v1/jobs`` while such a job is kept)."""
+
+    def render(self, content: Any) -> bytes:
+        text = json.dumps(content, ensure_ascii=False, allow_nan=False, indent=None, separators=(",", ":"))
+        try:
+            return text.encode("utf-8")
+        except UnicodeEncodeError:
+            return replace_unencodable(text).encode("utf-8")
+
+
 def error_response(status: int, type_: str, message: str, param: str | None = None,
                    headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse({"error": {"type": type_, "code": type_, "message": message, "param": param}},
-                        status_code=status, headers=headers)
+    return EncodableJSONResponse({"error": {"type": type_, "code": type_, "message": message, "param": param}},
+                                 status_code=status, headers=headers)
 
 
 class BodyTooLarge(HTTPException):
