@@ -240,6 +240,8 @@ class DeviceWorker:
             else:  # one bad request must not fail the others: each runs alone, so only it fails
                 log.warning("a batch of %d jobs failed (%s: %s); running each alone", len(jobs),
                             type(exc).__name__, exc)
+                if _out_of_memory(exc) and torch.cuda.is_available():
+                    torch.cuda.empty_cache()  # the failed batch's activations, before the smaller runs
                 self._one_by_one(jobs)
         finally:
             self.last_job_seconds = time.perf_counter() - begin
@@ -316,7 +318,7 @@ class DeviceWorker:
         elif isinstance(exc, AccelDiffusionError):
             error = {"type": exc.error_type, "code": exc.error_type, "message": str(exc), "param": None}
         else:
-            oom = isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
+            oom = _out_of_memory(exc)
             kind = "gpu_oom" if oom else "internal_error"
             log.error("job %s failed", job.id, exc_info=exc)
             if oom and torch.cuda.is_available():
@@ -325,6 +327,10 @@ class DeviceWorker:
                      "message": "out of device memory" if oom else "internal error"}
         if job.finish(JobStatus.FAILED, error=error):
             self.metrics.errors.labels(type=error["type"]).inc()
+
+
+def _out_of_memory(exc: Exception) -> bool:
+    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
 
 
 def batch_key(job: Job) -> tuple[Any, ...] | None:
