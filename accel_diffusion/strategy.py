@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 
 from accel_diffusion.errors import InvalidRequestError
 from accel_diffusion.registry import ComponentKind, get_registry, validation_error_to_request_error
+from accel_diffusion.text import check_texts
 from accel_diffusion.vocabulary import aliases_for, check_known, errors_named_as_sent, to_canonical
 from accel_diffusion.vocabulary import parse_size as parse_size  # its former home: imports of it keep working
 
@@ -39,6 +40,12 @@ class Strategy(BaseModel):
     guidance: ComponentSpec | None = None
     student: ComponentSpec | None = None
     runtime: ComponentSpec | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _check_text(cls, data: Any) -> Any:
+        check_texts(data, "strategy")  # names and parameters are echoed back and may reach a tokenizer
+        return data
 
     @field_validator("sampler", "schedule", "guidance", "student", "runtime", mode="before")
     @classmethod
@@ -141,6 +148,15 @@ class GenerationRequest(BaseModel):
     vae: Literal["full", "tiny"] = Field(
         "full", description="the autoencoder for the init image and the output: the pipeline's VAE, or the model's "
         "tiny TAESD-style one (registry tiny_vae; faster, approximate)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _check_text(cls, data: Any) -> Any:
+        """Every text field (prompts, model, strategy, even unknown field names) is valid Unicode: a lone
+        surrogate would fail in the tokenizer, or when the request is echoed back as JSON."""
+        if isinstance(data, dict):
+            check_texts(data, "", skip=("init_image",))  # a path may be any bytes the file system allows
+        return data
 
     @field_validator("prompt")
     @classmethod

@@ -48,12 +48,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from accel_diffusion import __version__
 from accel_diffusion.engine import Engine
-from accel_diffusion.engine.engine import check_request
+from accel_diffusion.engine.engine import check_limits, check_request
 from accel_diffusion.errors import InvalidRequestError, UnknownModelError
 from accel_diffusion.models.registry import ModelRegistry
 from accel_diffusion.registry import get_registry
 from accel_diffusion.strategy import GenerationRequest
 from accel_diffusion.stream import StreamSession
+from accel_diffusion.text import replace_unencodable
 
 log = logging.getLogger("accel_diffusion.server")
 TERMINAL_EVENTS = ("job.completed", "job.failed", "job.cancelled")
@@ -73,7 +74,8 @@ class ServerState:
         self.limits = settings.request_limits()
         self.metrics = ServerMetrics()
         self.jobs = JobStore(settings.job_ttl_s, settings.max_finished_jobs, settings.max_job_image_bytes)
-        self.worker = DeviceWorker(Engine(registry), settings.queue_max, self.metrics,
+        # limits=None: requests are checked against this server's limits when they are submitted
+        self.worker = DeviceWorker(Engine(registry, limits=None), settings.queue_max, self.metrics,
                                    settings.max_batch_size, settings.max_batch_wait_ms, settings.batch_invariant)
         self.api_keys = [k.encode() for k in settings.all_api_keys()]
         self.ready = False
@@ -90,10 +92,12 @@ class ServerState:
         return self.settings.served_models[0]
 
     def check_model(self, request: GenerationRequest) -> None:
-        """The model is served here, and the request's strategy can run on it (a 400 now, not a failed job)."""
+        """The model is served here, the request's strategy can run on it, and the request with the
+        model's defaults filled in (steps, size) is within the limits (a 400 now, not a failed job)."""
         if request.model not in self.settings.served_models:
             raise UnknownModelError("model", f"{request.model!r} is not served here", self.settings.served_models)
         check_request(self.registry.spec(request.model), request)
+        check_limits(self.registry.get(request.model), request, self.limits)  # served models are loaded
 
     def submit(self, request: GenerationRequest, output: OutputOptions, owner: str | None = None,
                delivered_by_caller: bool = False) -> tuple[Job, int]:
@@ -162,6 +166,7 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
     # /docs (Swagger UI) and /redoc with their scripts served from /docs/static (fastapi-offline ships them):
     # FastAPI's own pages load them from a CDN, and are blank on a machine offline
     app = FastAPIOffline(title="accel-diffusion", version=__version__, lifespan=lifespan, static_url="/docs/static",
+                         default_response_class=EncodableJSONResponse,
                          description="Diffusion generation with interchangeable acceleration strategies: an "
                                      "OpenAI-compatible images API and a native jobs API with progress events.")
     app.state.settings = settings  # for whoever runs the app (uvicorn's limits follow it: process.py)
@@ -215,10 +220,30 @@ def get_owner(request: Request) -> str | None:
 Owner = Annotated[str | None, Depends(get_owner)]
 
 
+class EncodableJSONResponse(JSONResponse):
+    """JSON that always encodes: a lone UTF-16 surrogate that got past validation (a job kept from before
+    it, a field name quoted in an error) is written as U+FFFD, instead of failing the response with a
+    500 (for every caller of ``GET /v1/jobs`` while such a job is kept)."""
+
+    def render(self, content: Any) -> bytes:
+        text = json.dumps(content, ensure_ascii=False, allow_nan=False, indent=None, separators=(",", ":"))
+        try:
+            return text.encode("utf-8")
+        except UnicodeEncodeError:
+            return replace_unencodable(text).encode("utf-8")
+
+
 def error_response(status: int, type_: str, message: str, param: str | None = None,
                    headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse({"error": {"type": type_, "code": type_, "message": message, "param": param}},
-                        status_code=status, headers=headers)
+    return EncodableJSONResponse({"error": {"type": type_, "code": type_, "message": message, "param": param}},
+                                 status_code=status, headers=headers)
+
+
+def count_error(request: Request, type_: str) -> None:
+    """Count one error response in ``errors_total`` (a failed job is counted by the worker instead)."""
+    state = getattr(request.app.state, "server", None)
+    if state is not None:
+        state.metrics.errors.labels(type=type_).inc()
 
 
 class BodyTooLarge(HTTPException):
@@ -250,6 +275,9 @@ class RequestIdAndLimits:
 
         length = headers.get(b"content-length", b"")
         if length.isdigit() and (len(length) > 18 or int(length) > self.max_body_bytes):
+            state = getattr(scope["app"].state, "server", None) if scope.get("app") else None
+            if state is not None:
+                state.metrics.errors.labels(type="request_too_large").inc()
             response = error_response(413, "request_too_large",
                                       f"body is {length.decode()} bytes; at most {self.max_body_bytes}")
             await response(scope, receive, send_with_id)
@@ -278,7 +306,7 @@ class RequestIdAndLimits:
 def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(InvalidRequestError)
     async def invalid_request(request: Request, exc: InvalidRequestError) -> JSONResponse:
-        get_state(request).metrics.errors.labels(type=exc.error_type).inc()
+        count_error(request, exc.error_type)
         body = error_body(exc)
         return error_response(ERROR_STATUS.get(body["type"], 400), body["type"], body["message"], body["param"])
 
@@ -287,28 +315,33 @@ def _install_error_handlers(app: FastAPI) -> None:
         first = exc.errors()[0] if exc.errors() else {"loc": ("body",), "msg": "invalid request"}
         loc = [str(p) for p in first.get("loc", ()) if p != "body"]
         param = ".".join(loc) or None
+        count_error(request, "invalid_request_error")
         return error_response(400, "invalid_request_error", f"{param or 'body'}: {first.get('msg')}", param)
 
     @app.exception_handler(QueueFullError)
     async def queue_full(request: Request, exc: QueueFullError) -> JSONResponse:
-        get_state(request).metrics.errors.labels(type="queue_full").inc()
+        count_error(request, "queue_full")
         return error_response(429, "queue_full", str(exc), headers={"Retry-After": str(exc.retry_after_s)})
 
     @app.exception_handler(DrainingError)
     async def draining(request: Request, exc: DrainingError) -> JSONResponse:
+        count_error(request, "unavailable")
         return error_response(503, "unavailable", str(exc), headers={"Retry-After": "5"})
 
     @app.exception_handler(StarletteHTTPException)  # FastAPI's and Starlette's own (unknown route, 405)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         kinds = {401: "unauthorized", 404: "not_found", 405: "method_not_allowed", 409: "conflict",
                  413: "request_too_large", 503: "unavailable"}
-        return error_response(exc.status_code, kinds.get(exc.status_code, "http_error"), str(exc.detail),
+        kind = kinds.get(exc.status_code, "http_error")
+        count_error(request, kind)
+        return error_response(exc.status_code, kind, str(exc.detail),
                               headers=getattr(exc, "headers", None))
 
     @app.exception_handler(Exception)
     async def internal(request: Request, exc: Exception) -> JSONResponse:
         request_id = request.headers.get("x-request-id", "")
         log.exception("unhandled error (request %s)", request_id)
+        count_error(request, "internal_error")
         return error_response(500, "internal_error", "internal error; see the server log")
 
 

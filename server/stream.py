@@ -58,6 +58,7 @@ from PIL import Image, UnidentifiedImageError
 from accel_diffusion.errors import AccelDiffusionError, InvalidRequestError, UnknownFieldError
 from accel_diffusion.imageio import encode_image
 from accel_diffusion.stream import StreamSession
+from accel_diffusion.text import replace_unencodable
 from accel_diffusion.vocabulary import errors_named_as_sent, to_canonical
 
 LOG = logging.getLogger(__name__)
@@ -160,8 +161,9 @@ class _Connection:
 
     async def send(self, message: dict[str, Any], image: bytes | None = None) -> None:
         """A JSON message, and the binary frame that belongs to it, with nothing in between."""
-        async with self.send_lock:
-            await self.websocket.send_json(message)
+        text = replace_unencodable(json.dumps(message, separators=(",", ":"), ensure_ascii=False))
+        async with self.send_lock:  # (an error may quote a field name with a lone surrogate: sent as U+FFFD)
+            await self.websocket.send_text(text)
             if image is not None:
                 await self.websocket.send_bytes(image)
 

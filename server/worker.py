@@ -229,7 +229,47 @@ class DeviceWorker:
             job.start()
         self.metrics.in_flight.inc(len(jobs))
         begin = time.perf_counter()
-        last_step = [begin]
+        try:
+            self._generate(jobs)
+        except GenerationCancelled:
+            for job in jobs:
+                self._cancelled(job)
+        except Exception as exc:  # one batch's failure must not take the worker down
+            if len(jobs) == 1:
+                self._fail(jobs[0], exc)
+            else:  # one bad request must not fail the others: each runs alone, so only it fails
+                log.warning("a batch of %d jobs failed (%s: %s); running each alone", len(jobs),
+                            type(exc).__name__, exc)
+                if _out_of_memory(exc) and torch.cuda.is_available():
+                    torch.cuda.empty_cache()  # the failed batch's activations, before the smaller runs
+                self._one_by_one(jobs)
+        finally:
+            self.last_job_seconds = time.perf_counter() - begin
+            self.metrics.in_flight.dec(len(jobs))
+            for job in jobs:  # one observation per job that ran, not per batch
+                if job.started_at is not None:
+                    self.metrics.job_seconds.observe(max(0.0, (job.completed_at or time.time()) - job.started_at))
+
+    def _one_by_one(self, jobs: list[Job]) -> None:
+        """Run the jobs of a failed batch alone (the same images as in the batch: every image has its
+        own seed), so that only the job that fails alone fails."""
+        for index, job in enumerate(jobs):
+            self._running, self._batch = job, jobs[index:]  # a cancel of a later job finishes it at once
+            if job.status.finished:  # finished before the batch failed (cancelled, say)
+                continue
+            if job.cancel_event.is_set():
+                self._cancelled(job)
+                continue
+            try:
+                self._generate([job])
+            except GenerationCancelled:
+                self._cancelled(job)
+            except Exception as exc:
+                self._fail(job, exc)
+
+    def _generate(self, jobs: list[Job]) -> None:
+        """Run ``jobs`` as one engine batch and finish each with its images; raises what the engine raised."""
+        last_step = [time.perf_counter()]
 
         def on_step(event: StepEvent) -> None:
             self.metrics.step_seconds.observe(time.perf_counter() - last_step[0])
@@ -246,57 +286,51 @@ class DeviceWorker:
         def all_cancelled() -> bool:
             return all(job.cancel_event.is_set() for job in jobs)
 
-        try:
-            request, seeds = merged_request(jobs)
-            result = self.engine.generate(request, GenerationHooks(on_step=on_step, on_preview=on_preview,
-                                                                   cancel=all_cancelled), seeds=seeds,
-                                          batch_invariant=self.batch_invariant)
-            pixels = result.to_uint8()
-            offset = 0
-            for job in jobs:
-                count = job.request.num_images
-                if job.cancel_event.is_set():  # cancelled while its batch went on for the others
-                    job.finish(JobStatus.CANCELLED)
-                    offset += count
-                    continue
-                images = [{"b64_json": encode_image(pixels[offset + i], job.output), "seed": result.seeds[offset + i],
-                           "prompt": result.prompts[offset + i]} for i in range(count)]
+        request, seeds = merged_request(jobs)
+        result = self.engine.generate(request, GenerationHooks(on_step=on_step, on_preview=on_preview,
+                                                               cancel=all_cancelled), seeds=seeds,
+                                      batch_invariant=self.batch_invariant)
+        pixels = result.to_uint8()
+        offset = 0
+        for job in jobs:
+            count = job.request.num_images
+            if job.cancel_event.is_set():  # cancelled while its batch went on for the others
+                job.finish(JobStatus.CANCELLED)
                 offset += count
-                job.finish(JobStatus.SUCCEEDED, result={
-                    "images": images, "width": result.width, "height": result.height, "steps": result.steps,
-                    "nfe": result.nfe, "strategy": result.strategy.model_dump(exclude_none=True),
-                    "timings": {**result.timings, "queue": (job.started_at or job.created_at) - job.created_at},
-                    "attention_backend": result.attention_backend, "batch_size_used": len(jobs),
-                })
-                self.metrics.images.inc(count)
-                self.metrics.nfe.inc(result.nfe * count)
-            self.metrics.batch_size.observe(len(jobs))
-        except GenerationCancelled:
-            for job in jobs:
-                self._cancelled(job)
-        except InvalidRequestError as exc:
-            for job in jobs:
-                job.finish(JobStatus.FAILED, error=error_body(exc))
-            self.metrics.errors.labels(type=exc.error_type).inc()
-        except AccelDiffusionError as exc:
-            for job in jobs:
-                job.finish(JobStatus.FAILED, error={"type": exc.error_type, "code": exc.error_type,
-                                                    "message": str(exc), "param": None})
-            self.metrics.errors.labels(type=exc.error_type).inc()
-        except Exception as exc:  # one batch's failure must not take the worker down
-            oom = isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
+                continue
+            images = [{"b64_json": encode_image(pixels[offset + i], job.output), "seed": result.seeds[offset + i],
+                       "prompt": result.prompts[offset + i]} for i in range(count)]
+            offset += count
+            job.finish(JobStatus.SUCCEEDED, result={
+                "images": images, "width": result.width, "height": result.height, "steps": result.steps,
+                "nfe": result.nfe, "strategy": result.strategy.model_dump(exclude_none=True),
+                "timings": {**result.timings, "queue": (job.started_at or job.created_at) - job.created_at},
+                "attention_backend": result.attention_backend, "batch_size_used": len(jobs),
+            })
+            self.metrics.images.inc(count)
+            self.metrics.nfe.inc(result.nfe * count)
+        self.metrics.batch_size.observe(len(jobs))
+
+    def _fail(self, job: Job, exc: Exception) -> None:
+        """Finish ``job`` as failed with a typed error (no internals leak); counted once."""
+        if isinstance(exc, InvalidRequestError):
+            error = error_body(exc)
+        elif isinstance(exc, AccelDiffusionError):
+            error = {"type": exc.error_type, "code": exc.error_type, "message": str(exc), "param": None}
+        else:
+            oom = _out_of_memory(exc)
             kind = "gpu_oom" if oom else "internal_error"
-            log.exception("jobs %s failed", [job.id for job in jobs])
+            log.error("job %s failed", job.id, exc_info=exc)
             if oom and torch.cuda.is_available():
                 torch.cuda.empty_cache()  # give the failed batch's activations back before the next job
-            for job in jobs:
-                job.finish(JobStatus.FAILED, error={"type": kind, "code": kind, "param": None,
-                                                    "message": "out of device memory" if oom else "internal error"})
-            self.metrics.errors.labels(type=kind).inc()
-        finally:
-            self.last_job_seconds = time.perf_counter() - begin
-            self.metrics.in_flight.dec(len(jobs))
-            self.metrics.job_seconds.observe(self.last_job_seconds)
+            error = {"type": kind, "code": kind, "param": None,
+                     "message": "out of device memory" if oom else "internal error"}
+        if job.finish(JobStatus.FAILED, error=error):
+            self.metrics.errors.labels(type=error["type"]).inc()
+
+
+def _out_of_memory(exc: Exception) -> bool:
+    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
 
 
 def batch_key(job: Job) -> tuple[Any, ...] | None:

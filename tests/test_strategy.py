@@ -130,3 +130,26 @@ def test_an_unknown_component_parameter_suggests_the_meant_one() -> None:
     with pytest.raises(InvalidRequestError) as err:
         Strategy.parse({"sampler": {"name": "ddim", "etta": 1}})
     assert err.value.field == "strategy.sampler.etta" and "did you mean `eta`?" in err.value.message
+
+
+@pytest.mark.parametrize(("fields", "field"), [
+    ({"prompt": "a red \ud800 circle"}, "prompt"),
+    ({"prompt": ["a red circle", "a \udcff cross"]}, "prompt.1"),  # undecodable argv bytes (surrogateescape)
+    ({"negative_prompt": "\udfff"}, "negative_prompt"),
+    ({"model": "shapes\ud800"}, "model"),
+    ({"strategy": {"sampler": {"name": "ddim\ud800"}}}, "strategy.sampler.name"),
+    ({"strategy": '{"schedule": {"name": "spacing", "spacing": "\\ud800"}}'}, "strategy.schedule.spacing"),
+])
+def test_text_that_cannot_be_encoded_is_refused_naming_the_field(fields: dict, field: str) -> None:
+    with pytest.raises(InvalidRequestError) as err:
+        GenerationRequest.create(**{"prompt": "a red circle", **fields})
+    assert err.value.field == field and "unpaired UTF-16 surrogate" in err.value.message
+    str(err.value).encode("utf-8")  # the error itself can be printed and sent
+
+
+def test_a_strategy_with_a_lone_surrogate_is_refused_in_python_too() -> None:
+    with pytest.raises(InvalidRequestError) as err:
+        Strategy.parse({"guidance": {"name": "cfg", "\ud800": 1.0}})
+    assert err.value.field == "strategy.guidance.\ufffd" and "field name" in err.value.message
+    surrogate_pair = GenerationRequest.create(prompt="a red circle \U0001f534")  # astral characters are fine
+    assert surrogate_pair.prompt.endswith("\U0001f534")

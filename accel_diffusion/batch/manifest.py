@@ -19,12 +19,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from accel_diffusion.errors import InvalidRequestError
 from accel_diffusion.imageio import ImageFormat
 from accel_diffusion.registry import validation_error_to_request_error
 from accel_diffusion.strategy import MAX_SEED, GenerationRequest, merge_guidance_scale
+from accel_diffusion.text import check_texts
 from accel_diffusion.vocabulary import errors_named_as_sent, to_canonical
 
 SAFE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
@@ -62,6 +63,13 @@ class BatchItem(BaseModel):
             raise ValueError(f"{value!r} cannot name files: use 1 to 100 letters, digits, '.', '_' or '-', "
                              "starting with a letter or digit")
         return value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _check_text(cls, data: Any) -> Any:
+        if isinstance(data, dict):  # before the line is hashed and echoed: a lone surrogate cannot be written
+            check_texts(data, "", skip=("init_image",))
+        return data
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ from accel_diffusion.models.registry import ModelRegistry, ModelSpec
 from accel_diffusion.registry import get_registry
 from accel_diffusion.samplers.base import Sampler
 from accel_diffusion.schedules.base import Schedule
-from accel_diffusion.strategy import MAX_SEED, GenerationRequest, Strategy
+from accel_diffusion.strategy import DEFAULT_LIMITS, MAX_SEED, GenerationRequest, RequestLimits, Strategy
 
 if TYPE_CHECKING:
     from accel_diffusion.models.loading import LoadedPipeline
@@ -103,6 +103,34 @@ def check_request(spec: ModelSpec, request: GenerationRequest) -> None:
     prepare_strategy(spec, request.strategy).guidance.check_mode(request.init_image is not None)
 
 
+def check_limits(model: LoadedPipeline, request: GenerationRequest, limits: RequestLimits) -> None:
+    """Refuse a request whose *resolved* values pass ``limits``: the steps and size the engine will use,
+    the model's defaults filled in for what the request left out (and the steps an explicit
+    ``timesteps`` schedule decides). The edge checked only what the request gave; a server calls this
+    when it accepts a job, the Engine before it generates."""
+    if model.family not in ("sd", "sdxl"):
+        return  # not a text-to-image pipeline: the engine refuses it
+    steps = request.steps or model.spec.default_steps
+    scheduled = prepare_strategy(model.spec, request.strategy).schedule.num_steps(steps)
+    if scheduled > limits.max_steps and scheduled != steps:  # an explicit timesteps list decides
+        raise InvalidRequestError("strategy.schedule", f"runs {scheduled} steps; at most {limits.max_steps} allowed")
+    if scheduled > limits.max_steps:
+        source = "" if request.steps else " (the model's default, as the request gave none)"
+        raise InvalidRequestError("steps", f"is {steps}{source}; at most {limits.max_steps} allowed: "
+                                  f"send steps <= {limits.max_steps}")
+    width, height = _request_size(model, request)
+    origin = "the init image's" if request.init_image is not None else "the model's default"
+    for name, value, given, limit in (("width", width, request.width, limits.max_width),
+                                      ("height", height, request.height, limits.max_height)):
+        if value > limit:
+            source = "" if given is not None else f" ({origin}, as the request gave none)"
+            raise InvalidRequestError(name, f"is {value}{source}; at most {limit} allowed: send {name} <= {limit}")
+    if width * height > limits.max_pixels:
+        source = "" if request.width and request.height else f" ({origin} size filled in what the request left out)"
+        raise InvalidRequestError("width", f"{width}x{height} is {width * height} pixels{source}; at most "
+                                  f"{limits.max_pixels} allowed: send a smaller width and height")
+
+
 def image_seeds(seed: int | None, count: int) -> list[int]:
     base = random.SystemRandom().randrange(0, 2**31) if seed is None else seed
     if base + count - 1 > MAX_SEED:
@@ -145,14 +173,20 @@ def _sdxl_time_ids(model: LoadedPipeline, width: int, height: int) -> torch.Tens
 
 
 class Engine:
-    """Generates images for validated requests on models from a ``ModelRegistry``."""
+    """Generates images for validated requests on models from a ``ModelRegistry``.
 
-    def __init__(self, models: ModelRegistry | None = None) -> None:
+    ``limits`` bound every request's resolved steps and size (``check_limits``: the model's defaults
+    included); None leaves that to the caller (a server checks each request when it accepts it)."""
+
+    def __init__(self, models: ModelRegistry | None = None, limits: RequestLimits | None = DEFAULT_LIMITS) -> None:
         self.models = models or ModelRegistry.default()
+        self.limits = limits
 
     def generate(self, request: GenerationRequest, hooks: GenerationHooks = NO_HOOKS, *,
                  seeds: Sequence[int] | None = None, batch_invariant: bool = False) -> GenerationResult:
         model = self.models.get(request.model)
+        if self.limits is not None:
+            check_limits(model, request, self.limits)
         return generate(model, request, hooks, seeds=seeds, batch_invariant=batch_invariant)
 
 

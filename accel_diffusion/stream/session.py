@@ -54,6 +54,7 @@ from accel_diffusion.models.loading import LoadedPipeline
 from accel_diffusion.schedulers.noise_grid import train_alphas_cumprod
 from accel_diffusion.strategy import DEFAULT_LIMITS, MAX_SEED, RequestLimits
 from accel_diffusion.stream.similarity_filter import SimilarityFilter
+from accel_diffusion.text import check_text
 
 StreamGuidance = Literal["none", "cfg", "rcfg_self", "rcfg_onetime"]
 StreamVae = Literal["auto", "full", "tiny"]
@@ -85,7 +86,7 @@ def _text(name: str, value: Any, limits: RequestLimits, required: bool) -> str |
     if not isinstance(value, str) or (required and not value) or len(value) > limits.max_prompt_chars:
         raise InvalidRequestError(name, f"must be a {'non-empty ' if required else ''}string of at most "
                                   f"{limits.max_prompt_chars} characters")
-    return value
+    return check_text(name, value)  # a lone surrogate would fail in the tokenizer
 
 
 def strength_t_index_list(strength: float, steps: int) -> list[int]:

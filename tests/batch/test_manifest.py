@@ -117,3 +117,14 @@ def test_images_are_named_by_the_line_id_where_it_is_unambiguous(tmp_path: Path)
     names = [p.output_name for p in planned]
     assert names[0] == "cat" and names[6:8] == ["same", "same"] and names[10] == "dog.v2_final-1"
     assert [names[k] == planned[k].key for k in (1, 2, 3, 4, 5, 8, 9)] == [True] * 7
+
+
+def test_a_line_with_text_that_cannot_be_encoded_is_an_invalid_line_and_the_rest_runs(tmp_path: Path) -> None:
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text('{"prompt": "a"}\n{"prompt": "a \\ud800 circle"}\n{"prompt": "b", "id": "\\udfff"}\n'
+                        '{"prompt": "c", "negative_prompt": "\\udc80"}\n{"prompt": "d"}\n')
+    planned, errors = read_manifest(manifest, "m")
+    assert [p.line for p in planned] == [1, 5]
+    assert [(e.line, e.field) for e in errors] == [(2, "prompt"), (3, "id"), (4, "negative_prompt")]
+    assert all("unpaired UTF-16 surrogate" in e.message for e in errors)
+    json.dumps([e.as_dict() for e in errors], ensure_ascii=False).encode("utf-8")  # errors.jsonl can be written

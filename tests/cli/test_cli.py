@@ -100,6 +100,9 @@ def test_generate_takes_the_diffusers_and_openai_spellings(runner: CliRunner, ti
         (["--strategy", "ddim"], "strategy: must be a JSON object"),
         (["--guidance", "rcfg", "--guidance-scale", "3"], "give either guidance_scale or strategy.guidance"),
         (["--batch-size", "65"], "Invalid value for '--batch-size'"),
+        # undecodable bytes in argv arrive as lone surrogates (surrogateescape)
+        (["-p", "a \udcff cross"], "prompt.1: contains an unpaired UTF-16 surrogate (U+DCFF) at character 2"),
+        (["--negative-prompt", "\udcc3"], "negative_prompt: contains an unpaired UTF-16 surrogate (U+DCC3)"),
     ],
 )
 def test_bad_input_is_one_clear_line_and_writes_nothing(

@@ -21,8 +21,9 @@ from PIL import Image
 from accel_diffusion.engine import Engine, GenerationHooks, generate
 from accel_diffusion.errors import GenerationCancelled, IncompatibleStrategyError, InvalidRequestError
 from accel_diffusion.models.loading import LoadedPipeline, load_pipeline
+from accel_diffusion.models.registry import ModelRegistry
 from accel_diffusion.registry import get_registry
-from accel_diffusion.strategy import GenerationRequest
+from accel_diffusion.strategy import GenerationRequest, RequestLimits
 
 PROMPTS = ["a red circle on a blue background", "a white cross on a black background"]
 
@@ -301,6 +302,25 @@ def test_engine_uses_registry_and_reports(tiny_registry) -> None:
     with pytest.raises(InvalidRequestError) as err:
         engine.generate(GenerationRequest.create(model="nope", prompt="a"))
     assert err.value.field == "model" and "'tiny-sd'" in err.value.allowed
+
+
+def test_limits_apply_to_the_model_defaults_a_request_leaves_out(tiny_sd_dir: Path) -> None:
+    wide = tiny_spec("wide", tiny_sd_dir).model_copy(update={"default_width": 2056})
+    registry = ModelRegistry([tiny_spec("tiny-sd", tiny_sd_dir), wide])
+    with pytest.raises(InvalidRequestError) as err:  # the Python API's default limits: at most 2048 wide
+        Engine(registry).generate(GenerationRequest.create(model="wide", prompt="a", steps=1))
+    assert err.value.field == "width" and err.value.message.startswith("is 2056 (the model's default")
+    strict = Engine(registry, limits=RequestLimits(max_steps=8, max_height=24))
+    for fields, field, fragment in (
+            ({"height": 16}, "steps", "is 10 (the model's default, as the request gave none); at most 8"),
+            ({"steps": 2}, "height", "is 32 (the model's default, as the request gave none); at most 24"),
+            ({"steps": 2, "height": 16, "strategy": {"schedule": {"name": "timesteps",
+                                                                  "timesteps": list(range(900, -1, -100))}}},
+             "strategy.schedule", "runs 10 steps; at most 8")):
+        with pytest.raises(InvalidRequestError) as err:
+            strict.generate(GenerationRequest.create(model="tiny-sd", prompt="a", **fields))
+        assert err.value.field == field and fragment in err.value.message
+    assert strict.generate(GenerationRequest.create(model="tiny-sd", prompt="a", steps=2, height=16)).height == 16
 
 
 def test_strength_that_leaves_no_step_is_rejected(tiny_sd: LoadedPipeline) -> None:

@@ -427,3 +427,67 @@ def test_an_exception_inside_the_model_fails_that_job_typed_and_the_next_job_run
         assert "Traceback" not in failed.text and "blew up" not in failed.text  # no internals leak
         assert after.status_code == 200
         assert f'accel_diffusion_errors_total{{type="{kind}"}} 1.0' in client.get("/metrics").text
+
+
+@pytest.mark.parametrize(("route", "body", "param"), [
+    ("/v1/jobs", b'{"prompt": "a red \\ud800 circle", "seed": 0, "steps": 2}', "prompt"),
+    ("/v1/jobs", b'{"prompt": ["a cross", "\\udfff"], "steps": 2}', "prompt.1"),
+    ("/v1/jobs", b'{"prompt": "a cross", "negative_prompt": "\\udc80", "steps": 2}', "negative_prompt"),
+    ("/v1/jobs", b'{"prompt": "a cross", "strategy": {"sampler": {"name": "ddim", "eta\\ud800": 0}}}',
+     "strategy.sampler.eta\ufffd"),
+    ("/v1/images/generations", b'{"prompt": "a red \\ud800 circle", "num_inference_steps": 2}', "prompt"),
+    ("/v1/images/generations", b'{"prompt": "a cross", "model": "tiny\\ud800"}', "model"),
+])
+def test_text_that_cannot_be_encoded_is_a_400_naming_the_field_and_nothing_is_queued(
+        client: TestClient, route: str, body: bytes, param: str) -> None:
+    before = len(client.get("/v1/jobs").json()["data"])
+    response = client.post(route, content=body, headers={"Content-Type": "application/json"})
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"] == param
+    listed = client.get("/v1/jobs")
+    assert listed.status_code == 200 and len(listed.json()["data"]) == before
+
+
+def test_a_job_kept_with_text_that_cannot_be_encoded_does_not_break_the_job_routes(client: TestClient) -> None:
+    from accel_diffusion.server.jobs import Job, JobStatus
+
+    # as if accepted before the edge refused such text: GenerationRequest.model_construct skips validation
+    job = Job(request=GenerationRequest.model_construct(**{**GenerationRequest.create(prompt="x").__dict__,
+                                                           "prompt": "a red \ud800 circle"}))
+    job.finish(JobStatus.FAILED, error={"type": "internal_error", "code": "internal_error", "param": None,
+                                        "message": "bad \udfff"})
+    client.app.state.server.jobs.add(job)
+    listed = client.get("/v1/jobs")
+    assert listed.status_code == 200
+    assert next(j for j in listed.json()["data"] if j["id"] == job.id)["request"]["prompt"] == "a red \ufffd circle"
+    one = client.get(f"/v1/jobs/{job.id}")
+    assert one.status_code == 200 and one.json()["error"]["message"] == "bad \ufffd"
+    assert client.post("/v1/jobs", json={"prompt": PROMPT, "seed": 0, "steps": 2}).status_code == 202
+
+
+def test_limits_apply_to_the_request_with_the_models_defaults_filled_in(tiny_models_file: Path,
+                                                                        tmp_path: Path) -> None:
+    models = tmp_path / "models.toml"  # the tiny model with defaults above the server's limits
+    models.write_text(tiny_models_file.read_text().replace("default_steps = 4", "default_steps = 25")
+                      .replace("default_width = 32", "default_width = 64")
+                      .replace("default_height = 32", "default_height = 64").replace("ddim", "dpmpp_2m"))
+    settings = make_settings(models, max_steps=8, max_width=48, max_height=64, max_pixels=48 * 48)
+    ten_steps = {"name": "timesteps", "timesteps": list(range(900, -1, -100))}
+    refused = [
+        ("/v1/jobs", {"prompt": "a", "width": 32}, "steps", "is 25 (the model's default, as the request gave none)"),
+        ("/v1/images/generations", {"prompt": "a", "size": "32x32"}, "steps", "at most 8 allowed: send steps <= 8"),
+        ("/v1/jobs", {"prompt": "a", "steps": 4}, "width", "is 64 (the model's default, as the request gave none)"),
+        ("/v1/images/generations", {"prompt": "a", "size": "auto", "num_inference_steps": 4}, "width", "at most 48"),
+        ("/v1/jobs", {"prompt": "a", "steps": 4, "width": 40}, "width", "40x64 is 2560 pixels (the model's default"),
+        ("/v1/jobs", {"prompt": "a", "width": 32, "height": 32, "strategy": {"schedule": ten_steps}},
+         "strategy.schedule", "runs 10 steps; at most 8"),
+    ]
+    with TestClient(create_app(settings)) as client:
+        for route, body, param, fragment in refused:
+            response = client.post(route, json=body)
+            assert response.status_code == 400, (body, response.text)
+            error = response.json()["error"]
+            assert error["param"] == param and fragment in error["message"], (body, error)
+        assert client.get("/v1/jobs").json()["data"] == []  # nothing was queued
+        job = client.post("/v1/jobs", json={"prompt": "a", "steps": 2, "width": 32, "seed": 0}).json()  # 32x64
+        assert wait_finished(client, job["id"])["result"]["height"] == 64

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import pytest
 from accel_diffusion.server import create_app
 from fastapi.testclient import TestClient
 from server_clients import decode, make_settings, wait_finished, wait_status
@@ -67,3 +69,37 @@ def test_cancelling_one_job_of_a_batch_keeps_the_others(tiny_models_file: Path) 
         assert client.get(f"/v1/jobs/{ids[0]}").json()["status"] == "running"
         statuses = [wait_finished(client, job_id)["status"] for job_id in ids]
         assert statuses == ["succeeded", "cancelled", "succeeded"]
+
+
+def test_a_request_that_fails_inside_a_batch_fails_alone_and_the_others_get_their_own_images(
+        tiny_models_file: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    settings = make_settings(tiny_models_file, max_batch_size=8, max_batch_wait_ms=400)
+    with TestClient(create_app(settings)) as client:
+        encoder = client.app.state.server.registry.get("tiny").prompt_encoder
+        original, calls = encoder.conditioning, []
+
+        def refuses_poison(prompts: list[str], *args: Any, **kwargs: Any) -> Any:  # the real encoder, but for one word
+            calls.append(list(prompts))
+            if any("poison" in p for p in prompts):
+                raise RuntimeError("the text encoder refused a prompt")
+            return original(prompts, *args, **kwargs)
+
+        monkeypatch.setattr(encoder, "conditioning", refuses_poison)
+        bodies = [{"prompt": PROMPTS[0], "seed": 100, "steps": 3}, {"prompt": "poison", "seed": 5, "steps": 3},
+                  {"prompt": PROMPTS[1], "n": 2, "seed": 110, "steps": 3},
+                  {"prompt": ["a cross", "poison too"], "seed": 6, "steps": 3}]
+        ids = [client.post("/v1/jobs", json=body).json()["id"] for body in bodies]
+        jobs = [wait_finished(client, job_id) for job_id in ids]
+        metrics = client.get("/metrics").text
+    assert len(calls[0]) == 6  # the four jobs ran as one batch first, then each alone
+    assert [job["status"] for job in jobs] == ["succeeded", "failed", "succeeded", "failed"]
+    assert {jobs[1]["error"]["type"], jobs[3]["error"]["type"]} == {"internal_error"}
+    assert "refused" not in jobs[1]["error"]["message"]  # no internals leak
+    engine = Engine(ModelRegistry.from_file(tiny_models_file))
+    for i, job in zip((0, 1), (jobs[0], jobs[2]), strict=True):
+        assert job["result"]["batch_size_used"] == 1
+        assert [im["seed"] for im in job["result"]["images"]] == [100 + 10 * i + k for k in range(1 + i)]
+        batched = np.stack([decode(im["b64_json"]) for im in job["result"]["images"]])
+        assert np.array_equal(batched, _alone(engine, i, batch_invariant=True))  # bit-identical to a lone run
+    assert 'accel_diffusion_errors_total{type="internal_error"} 2.0' in metrics  # per failed job
+    assert "accel_diffusion_job_seconds_count 4.0" in metrics  # per job

@@ -375,3 +375,27 @@ def test_frames_past_uvicorns_default_message_cap_get_an_error_and_the_session_g
             with pytest.raises(ConnectionClosed) as closed:
                 ws.recv()
     assert closed.value.rcvd is not None and closed.value.rcvd.code == 1009
+
+
+def test_text_that_cannot_be_encoded_gets_an_error_naming_the_field_and_the_connection_goes_on(
+        tiny_models_file: Path) -> None:
+    """Over a real uvicorn (whose WebSocket layer encodes every text message as UTF-8): lone surrogates in a
+    prompt are refused naming it, and an error quoting such text is still sent."""
+    from server_clients import running_server
+    from websockets.sync.client import connect
+
+    start = {"type": "session.start", "prompt": PROMPT, "t_index_list": [45], "guidance": "none"}
+    with running_server(create_app(make_settings(tiny_models_file))) as (_, _, url), \
+            connect(url.replace("http", "ws") + "/v1/stream") as ws:
+        for message, param in (({**start, "prompt": "a red \ud800 circle"}, "prompt"),
+                               ({**start, "negative_prompt": "\udcff"}, "negative_prompt"),
+                               ({**start, "colour\ud800": 1}, "colour\ufffd")):  # an unknown field, quoted back
+            ws.send(json.dumps(message))  # ASCII JSON: the surrogates travel as \ud800 escapes
+            error = json.loads(ws.recv())
+            assert (error["type"], error["param"]) == ("error", param), error
+        ws.send(json.dumps(start))
+        assert json.loads(ws.recv())["type"] == "session.started"
+        ws.send(json.dumps({"type": "params.update", "prompt": "a white \udc80 cross"}))
+        assert json.loads(ws.recv())["param"] == "prompt"
+        ws.send(frame_bytes(0))
+        assert json.loads(ws.recv())["type"] == "frame" and ws.recv()

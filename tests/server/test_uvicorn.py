@@ -47,3 +47,19 @@ def test_disconnecting_client_cancels_its_job(tiny_models_file: Path) -> None:
             time.sleep(0.02)
         (job,) = store.all()
         assert job.status is JobStatus.CANCELLED and job.step < 150
+
+
+def test_a_prompt_that_cannot_be_encoded_is_a_400_and_the_batch_and_connection_go_on(tiny_models_file: Path) -> None:
+    """The report of issue #16 over TCP with batching on: a lone surrogate in a prompt is refused at the
+    edge, the keep-alive connection stays usable, and the jobs around it complete."""
+    app = create_app(make_settings(tiny_models_file, max_batch_size=4, max_batch_wait_ms=300))
+    with running_server(app) as (_, _, base), httpx.Client(base_url=base, timeout=60) as http:
+        good = [http.post("/v1/jobs", json={"prompt": "a cross", "seed": seed, "steps": 2}) for seed in (1, 2)]
+        bad = http.post("/v1/jobs", content=b'{"prompt": "a \\ud800 cross", "seed": 3, "steps": 2}',
+                        headers={"Content-Type": "application/json"})
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == "prompt"
+        listed = http.get("/v1/jobs")  # on the same keep-alive connection
+        assert listed.status_code == 200 and len(listed.json()["data"]) == 2
+        for response in good:
+            job = http.get(f"/v1/jobs/{response.json()['id']}", params={"wait": 30}).json()
+            assert job["status"] == "succeeded" and job["result"]["batch_size_used"] == 2

@@ -165,6 +165,17 @@ def test_invalid_session_parameters_name_their_field(shapes_model: LoadedPipelin
     assert error.value.field == field or (field == "height" and error.value.field == "width")
 
 
+def test_prompts_that_cannot_be_encoded_are_refused_naming_the_field(shapes_model: LoadedPipeline) -> None:
+    for prompt, negative, field in (("a red \ud800 circle", None, "prompt"), (PROMPT, "\udcff", "negative_prompt")):
+        with pytest.raises(InvalidRequestError) as error:
+            StreamSession(shapes_model, prompt, negative_prompt=negative, t_index_list=[45], guidance="none")
+        assert error.value.field == field and "unpaired UTF-16 surrogate" in error.value.message
+    session = StreamSession(shapes_model, PROMPT, t_index_list=[45], guidance="none")
+    with pytest.raises(InvalidRequestError) as error:
+        session.update(prompt="a white \udc80 cross")
+    assert error.value.field == "prompt" and session._prompt == PROMPT  # the session is as it was
+
+
 def test_strength_is_diffusers_img2img_strength_on_the_grid(shapes_model: LoadedPipeline) -> None:
     from diffusers import DDIMScheduler, StableDiffusionImg2ImgPipeline
 
