@@ -17,7 +17,16 @@ The grid (``set_timesteps``):
 
 ``final_sigmas_type`` says where the last step ends (unless ``sigmas`` gives it): "zero" (rho = 0,
 the clean sample) or "sigma_min" (rho at t = 0). Either way the last model call is followed by a
-step of non-zero length: unlike diffusers' DEIS with Karras sigmas, no model call is wasted.
+step of non-zero length: unlike diffusers' DEIS with Karras sigmas, no model call is wasted (a step
+count whose integer timesteps reach t = 0 with "sigma_min" drops that call, which no step follows).
+
+diffusers' multistep-solver keys, same meaning: ``use_exponential_sigmas`` and ``use_lu_lambdas``
+(both uniform in log rho: ``sigma_spacing="log_snr"``), ``use_beta_sigmas`` ("beta"),
+``lambda_min_clipped`` (the grid starts at lambda = -log rho <= it; for every grid, where diffusers
+applies it to integer spacings only), ``thresholding`` (dynamic thresholding of x̂0, then ε̂ from
+it), ``variance_type`` ("learned" / "learned_range": the model output carries variance channels
+after the mean ones; the mean half is used) and ``euler_at_final`` (the last step is first order,
+a DDIM step, for every solver).
 """
 
 from __future__ import annotations
@@ -37,10 +46,18 @@ from accel_diffusion.schedulers.noise_grid import (
     alpha_sigma_from_rho,
     diffusers_timesteps,
     sigma_grid,
-    train_alphas_cumprod,
+    train_betas,
+    unclipped_timesteps,
 )
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+# diffusers' (DDPM's) variance types; only the learned ones change what the model outputs
+VARIANCE_TYPES = (None, "fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log", "learned",
+                  "learned_range")
+LEARNED_VARIANCE_TYPES = ("learned", "learned_range")
+# diffusers' sigma-grid flags and the sigma_spacing each one selects
+GRID_FLAGS = {"use_karras_sigmas": "karras", "use_exponential_sigmas": "log_snr", "use_lu_lambdas": "log_snr",
+              "use_beta_sigmas": "beta"}
 # keys whose meaning or default belongs to one solver class (dropped when another one loads its config)
 SOLVER_SPECIFIC_KEYS = frozenset({"order", "variant", "beta", "base", "plms_order", "sigma_spacing"})
 
@@ -62,6 +79,18 @@ def _solver_of(config: Any) -> str | None:
 def _choice(name: str, value: Any, allowed: tuple[Any, ...]) -> None:
     if value not in allowed:
         raise ValueError(f"{name}: unsupported {value!r} (allowed: {', '.join(map(str, allowed))})")
+
+
+def threshold_sample(sample: torch.Tensor, ratio: float, max_value: float) -> torch.Tensor:
+    """Dynamic thresholding (Imagen), as diffusers' ``_threshold_sample``: per batch element, s is the
+    ``ratio`` quantile of |sample| clamped to [1, ``max_value``]; the sample is clamped to [-s, s]
+    and divided by s."""
+    dtype = sample.dtype
+    flat = sample.reshape(sample.shape[0], -1)
+    if dtype not in (torch.float32, torch.float64):
+        flat = flat.float()  # quantile needs float32/64 (and clamp has no CPU half)
+    s = torch.quantile(flat.abs(), ratio, dim=1).clamp(min=1, max=max_value).unsqueeze(1)
+    return (torch.clamp(flat, -s, s) / s).reshape(sample.shape).to(dtype)
 
 
 class VpSolverScheduler(SchedulerMixin, ConfigMixin):
@@ -90,10 +119,27 @@ class VpSolverScheduler(SchedulerMixin, ConfigMixin):
             raise ValueError(f"karras_rho: must be > 0, got {cfg.karras_rho}")
         if cfg.rescale_betas_zero_snr:
             raise ValueError("rescale_betas_zero_snr: zero terminal SNR (rho_max = inf) is not supported")
-        self.alphas_cumprod = train_alphas_cumprod(
+        _choice("variance_type", cfg.variance_type, VARIANCE_TYPES)
+        flags = [name for name in GRID_FLAGS if cfg[name]]
+        if len(flags) > 1:
+            raise ValueError(f"{', '.join(flags)}: each selects a sigma grid; set only one of them")
+        if not 0.0 < cfg.dynamic_thresholding_ratio <= 1.0:
+            raise ValueError(f"dynamic_thresholding_ratio: must be in (0, 1], got {cfg.dynamic_thresholding_ratio}")
+        if not cfg.sample_max_value > 0:
+            raise ValueError(f"sample_max_value: must be > 0, got {cfg.sample_max_value}")
+        self.betas = train_betas(
             cfg.num_train_timesteps, cfg.beta_start, cfg.beta_end, cfg.beta_schedule, cfg.trained_betas
         )
+        self.alphas = 1.0 - self.betas
+        self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)
         self.vp_time = ContinuousVpTime(self.alphas_cumprod)
+        lambda_top = -np.log(self.vp_time.rho_min)  # lambda = -log rho at t = 0, the largest
+        if np.isnan(cfg.lambda_min_clipped) or cfg.lambda_min_clipped >= lambda_top:
+            raise ValueError(f"lambda_min_clipped: {cfg.lambda_min_clipped} leaves no noise level (lambda = -log "
+                             f"rho runs from {-np.log(self.vp_time.rho_max):.4g} to {lambda_top:.4g}); pass a "
+                             f"value below {lambda_top:.4g}, or -inf for no clipping")
+        self._rho_top = min(self.vp_time.rho_max, float(np.exp(-cfg.lambda_min_clipped)))
+        self._last_timestep = unclipped_timesteps(self.alphas_cumprod, cfg.lambda_min_clipped)
         self.init_noise_sigma = 1.0
         self.num_inference_steps: int | None = None
         self.timesteps = torch.arange(cfg.num_train_timesteps - 1, -1, -1, dtype=torch.int64)
@@ -180,20 +226,28 @@ class VpSolverScheduler(SchedulerMixin, ConfigMixin):
         else:
             if num_inference_steps < 1:
                 raise ValueError(f"num_inference_steps: must be >= 1, got {num_inference_steps}")
-            spacing = "karras" if cfg.use_karras_sigmas else cfg.sigma_spacing
+            spacing = next((GRID_FLAGS[name] for name in GRID_FLAGS if cfg[name]), cfg.sigma_spacing)
             if spacing is None:
                 model_t = diffusers_timesteps(
-                    num_inference_steps, cfg.num_train_timesteps, cfg.timestep_spacing, cfg.steps_offset
+                    num_inference_steps, cfg.num_train_timesteps, cfg.timestep_spacing, cfg.steps_offset,
+                    self._last_timestep,
                 )
             else:
-                model_t = time.t(sigma_grid(num_inference_steps, spacing, time, cfg.karras_rho)[:-1]).astype(
-                    np.float32
-                )
+                grid = sigma_grid(num_inference_steps, spacing, time, cfg.karras_rho, self._rho_top)
+                model_t = time.t(grid[:-1]).astype(np.float32)
         # rho at the timesteps the model actually receives (after rounding to their dtype)
         rho_calls = time.rho(model_t.astype(np.float64))
         _check_decreasing("timesteps (after rounding)", rho_calls)
         if final is None:
             final = 0.0 if cfg.final_sigmas_type == "zero" else time.rho_min
+        if num_inference_steps is not None:
+            # many integer steps reach t = 0, where "sigma_min" ends: no step follows that call, so drop it
+            keep = rho_calls > final
+            if not keep.any():
+                raise ValueError(f"num_inference_steps: {num_inference_steps} steps with timestep_spacing="
+                                 f"{cfg.timestep_spacing!r} all fall on timestep {int(model_t[0])}, where "
+                                 "final_sigmas_type='sigma_min' ends; use fewer steps or final_sigmas_type='zero'")
+            model_t, rho_calls = model_t[keep], rho_calls[keep]
         if final >= rho_calls[-1]:
             raise ValueError("the final noise level must lie below the last model call's (a last timestep of 0 "
                              "needs final_sigmas_type='zero')")
@@ -239,7 +293,7 @@ class VpSolverScheduler(SchedulerMixin, ConfigMixin):
             raise ValueError(f"all {self.num_inference_steps} steps are done; call set_timesteps again")
         work_dtype = torch.float64 if sample.dtype == torch.float64 else torch.float32
         x = sample.to(work_dtype)
-        out = model_output.to(work_dtype)
+        out = self._mean_output(model_output, sample).to(work_dtype)
         eps, x0 = self._predictions(n, out, x)
         prev = self._solver_step(n, x, eps, x0).to(sample.dtype)
         self._step_index = n + 1
@@ -247,15 +301,41 @@ class VpSolverScheduler(SchedulerMixin, ConfigMixin):
             return (prev,)
         return SchedulerOutput(prev_sample=prev)
 
+    def _mean_output(self, model_output: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
+        """The model output without its variance channels (``variance_type`` "learned"/"learned_range")."""
+        variance_type = self.config.variance_type
+        if variance_type in LEARNED_VARIANCE_TYPES:
+            channels = sample.shape[1] if sample.ndim > 1 else 0
+            if sample.ndim < 2 or model_output.shape != (sample.shape[0], 2 * channels, *sample.shape[2:]):
+                raise ValueError(f"model_output: shape {tuple(model_output.shape)}; with variance_type="
+                                 f"{variance_type!r} the model outputs 2 x {channels} channels (mean, then "
+                                 f"variance) for a sample of shape {tuple(sample.shape)}")
+            return model_output[:, :channels]
+        if model_output.shape != sample.shape:
+            raise ValueError(f"model_output: shape {tuple(model_output.shape)} differs from the sample's "
+                             f"{tuple(sample.shape)} (a model that also outputs its variance needs "
+                             "variance_type='learned_range' or 'learned')")
+        return model_output
+
     def _predictions(self, n: int, out: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(ε̂, x̂0) at step n from the model output in the model's parameterisation."""
+        """(ε̂, x̂0) at step n from the model output in the model's parameterisation; with
+        ``thresholding``, x̂0 is thresholded and ε̂ recomputed from it (as diffusers' DEIS does)."""
         alpha, sigma = float(self._alpha[n]), float(self._sigma[n])
         kind = self.config.prediction_type
         if kind == "epsilon":
-            return out, (x - sigma * out) / alpha
-        if kind == "v_prediction":
-            return sigma * x + alpha * out, alpha * x - sigma * out
-        return (x - alpha * out) / sigma, out  # "sample"
+            eps, x0 = out, (x - sigma * out) / alpha
+        elif kind == "v_prediction":
+            eps, x0 = sigma * x + alpha * out, alpha * x - sigma * out
+        else:  # "sample"
+            eps, x0 = (x - alpha * out) / sigma, out
+        if self.config.thresholding:
+            x0 = threshold_sample(x0, self.config.dynamic_thresholding_ratio, self.config.sample_max_value)
+            eps = (x - alpha * x0) / sigma
+        return eps, x0
+
+    def _euler_at(self, n: int) -> bool:
+        """Whether ``euler_at_final`` makes step n (the last) a first-order (DDIM) step."""
+        return bool(self.config.euler_at_final) and n == self.num_inference_steps - 1
 
     def _xbar_step(self, n: int, x: torch.Tensor, increment: torch.Tensor) -> torch.Tensor:
         """x_{n+1} = alpha_{n+1} (x_n / alpha_n + increment), the update in x̄ = x / alpha coordinates."""

@@ -71,6 +71,15 @@ class DeisScheduler(VpSolverScheduler):
         use_karras_sigmas: bool = False,
         karras_rho: float = 7.0,
         final_sigmas_type: str = "zero",
+        use_exponential_sigmas: bool = False,
+        use_beta_sigmas: bool = False,
+        use_lu_lambdas: bool = False,
+        lambda_min_clipped: float = -float("inf"),
+        thresholding: bool = False,
+        dynamic_thresholding_ratio: float = 0.995,
+        sample_max_value: float = 1.0,
+        variance_type: str | None = None,
+        euler_at_final: bool = False,
         variant: str = "tab",
         order: int = 3,
         lower_order_final: bool = True,
@@ -113,7 +122,7 @@ class DeisScheduler(VpSolverScheduler):
         return [lagrange_basis(nodes[n - k + 1 : n + 1][::-1], values) @ weights for k in orders]
 
     def step_order(self, n: int) -> int:
-        """How many ε values step ``n`` uses (warm-up, ``lower_order_final``)."""
+        """How many ε values step ``n`` uses (warm-up, ``lower_order_final``, ``euler_at_final``)."""
         k = min(int(self.config.order), len(self._eps_history) + 1)
         n_steps = self.num_inference_steps
         if self.config.lower_order_final and n_steps < 15:
@@ -121,6 +130,8 @@ class DeisScheduler(VpSolverScheduler):
                 k = 1
             elif n == n_steps - 2:
                 k = min(k, 2)
+        if self._euler_at(n):
+            k = 1
         if self.config.variant == "logrho" and self._rho[n + 1] == 0.0:
             k = 1  # the step to rho = 0 is infinitely long in log rho: no polynomial extrapolates that far
         return k

@@ -73,6 +73,15 @@ class GhvbScheduler(VpSolverScheduler):
         use_karras_sigmas: bool = False,
         karras_rho: float = 7.0,
         final_sigmas_type: str = "zero",
+        use_exponential_sigmas: bool = False,
+        use_beta_sigmas: bool = False,
+        use_lu_lambdas: bool = False,
+        lambda_min_clipped: float = -float("inf"),
+        thresholding: bool = False,
+        dynamic_thresholding_ratio: float = 0.995,
+        sample_max_value: float = 1.0,
+        variance_type: str | None = None,
+        euler_at_final: bool = False,
         order: float = 3.8,
     ) -> None:
         if not 0.0 < order <= MAX_STEPS:
@@ -101,9 +110,9 @@ class GhvbScheduler(VpSolverScheduler):
             velocity = eps if self.beta == 1.0 else self._velocity + self.beta * difference  # beta 1: PLMS, exactly
             self._differences.appendleft(difference)
         self._velocity = velocity
-        k = min(self.steps_used, len(self._differences) + 1)
+        k = 1 if self._euler_at(n) else min(self.steps_used, len(self._differences) + 1)
         weights = ghvb_weights(k, self.beta)
-        direction = velocity
+        direction = eps if self._euler_at(n) else velocity  # euler_at_final: a DDIM step, no momentum
         for i in range(k - 1):
             direction = direction - (self.beta * float(sum(weights[i + 1:]))) * self._differences[i]
         return self._xbar_step(n, x, (float(self._rho[n + 1] - self._rho[n]) * direction).to(x.dtype))

@@ -55,6 +55,15 @@ class HeavyBallScheduler(VpSolverScheduler):
         use_karras_sigmas: bool = False,
         karras_rho: float = 7.0,
         final_sigmas_type: str = "zero",
+        use_exponential_sigmas: bool = False,
+        use_beta_sigmas: bool = False,
+        use_lu_lambdas: bool = False,
+        lambda_min_clipped: float = -float("inf"),
+        thresholding: bool = False,
+        dynamic_thresholding_ratio: float = 0.995,
+        sample_max_value: float = 1.0,
+        variance_type: str | None = None,
+        euler_at_final: bool = False,
         beta: float = 0.8,
         base: str = "dpmpp_2m",
         plms_order: int = 4,
@@ -99,7 +108,7 @@ class HeavyBallScheduler(VpSolverScheduler):
         direction = weights[0] * eps
         for j in range(1, k):
             direction = direction + weights[j] * self._history[j]
-        velocity = self._momentum(direction)
+        velocity = eps if self._euler_at(n) else self._momentum(direction)  # euler_at_final: a DDIM step
         return self._xbar_step(n, x, float(self._rho[n + 1] - self._rho[n]) * velocity)
 
     def _dpmpp_2m_step(self, n: int, x: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
@@ -111,6 +120,7 @@ class HeavyBallScheduler(VpSolverScheduler):
             or (last and self.config.final_sigmas_type == "zero")
             or (last and self.config.lower_order_final and self.num_inference_steps < 15)
             or rho_t == 0.0
+            or self._euler_at(n)
         )
         previous = self._history[0] if self._history else None
         self._history.appendleft(x0)

@@ -21,8 +21,28 @@ from diffusers.schedulers.scheduling_ddpm import betas_for_alpha_bar
 
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 DIFFUSERS_SPACINGS = ("linspace", "leading", "trailing")
-SIGMA_SPACINGS = ("uniform_t", "quadratic_t", "log_snr", "karras")
+SIGMA_SPACINGS = ("uniform_t", "quadratic_t", "log_snr", "karras", "beta")
 FINAL_SIGMAS_TYPES = ("zero", "sigma_min")
+BETA_SIGMAS_SHAPE = (0.6, 0.6)  # diffusers' use_beta_sigmas: quantiles of Beta(0.6, 0.6)
+
+
+def train_betas(
+    num_train_timesteps: int,
+    beta_start: float,
+    beta_end: float,
+    beta_schedule: str,
+    trained_betas: Sequence[float] | np.ndarray | None = None,
+) -> torch.Tensor:
+    """The training betas, computed like diffusers (float32)."""
+    if trained_betas is not None:
+        return torch.tensor(np.asarray(trained_betas), dtype=torch.float32)
+    if beta_schedule == "linear":
+        return torch.linspace(beta_start, beta_end, num_train_timesteps, dtype=torch.float32)
+    if beta_schedule == "scaled_linear":
+        return torch.linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps, dtype=torch.float32) ** 2
+    if beta_schedule == "squaredcos_cap_v2":
+        return betas_for_alpha_bar(num_train_timesteps)
+    raise ValueError(f"beta_schedule: unsupported {beta_schedule!r} (allowed: {', '.join(BETA_SCHEDULES)})")
 
 
 def train_alphas_cumprod(
@@ -33,17 +53,16 @@ def train_alphas_cumprod(
     trained_betas: Sequence[float] | np.ndarray | None = None,
 ) -> torch.Tensor:
     """alphā at the integer training timesteps, computed like diffusers (float32 betas and cumprod)."""
-    if trained_betas is not None:
-        betas = torch.tensor(np.asarray(trained_betas), dtype=torch.float32)
-    elif beta_schedule == "linear":
-        betas = torch.linspace(beta_start, beta_end, num_train_timesteps, dtype=torch.float32)
-    elif beta_schedule == "scaled_linear":
-        betas = torch.linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps, dtype=torch.float32) ** 2
-    elif beta_schedule == "squaredcos_cap_v2":
-        betas = betas_for_alpha_bar(num_train_timesteps)
-    else:
-        raise ValueError(f"beta_schedule: unsupported {beta_schedule!r} (allowed: {', '.join(BETA_SCHEDULES)})")
+    betas = train_betas(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas)
     return torch.cumprod(1.0 - betas, dim=0)
+
+
+def unclipped_timesteps(alphas_cumprod: torch.Tensor, lambda_min_clipped: float) -> int:
+    """How many training timesteps (from t = 0) have lambda = -log rho >= ``lambda_min_clipped``:
+    diffusers' multistep solvers space their integer timesteps over these only (float32, as they do)."""
+    lambda_t = torch.log(torch.sqrt(alphas_cumprod)) - torch.log(torch.sqrt(1 - alphas_cumprod))
+    clipped = int(torch.searchsorted(torch.flip(lambda_t, [0]), lambda_min_clipped))
+    return len(alphas_cumprod) - clipped
 
 
 def alpha_sigma_from_rho(rho: np.ndarray | float) -> tuple[np.ndarray, np.ndarray]:
@@ -94,40 +113,60 @@ class ContinuousVpTime:
         return self.rho_knots[(self.rho_knots > lo) & (self.rho_knots < hi)]
 
 
-def diffusers_timesteps(num_steps: int, num_train_timesteps: int, spacing: str, steps_offset: int) -> np.ndarray:
-    """Integer timesteps exactly as diffusers' multistep solvers (DPM-Solver, DEIS, UniPC) space them."""
+def diffusers_timesteps(
+    num_steps: int, num_train_timesteps: int, spacing: str, steps_offset: int, last_timestep: int | None = None
+) -> np.ndarray:
+    """Integer timesteps as diffusers' multistep solvers (DPM-Solver, DEIS, UniPC) space them.
+
+    ``last_timestep``: diffusers' ``lambda_min_clipped`` cut (``unclipped_timesteps``). Where diffusers
+    goes wrong, these do not: its "trailing" ``arange`` can overshoot by one step through rounding (61
+    steps of 1000 give 62 timesteps, the last -1), "leading" plus ``steps_offset`` can pass T - 1; here
+    there are at most ``num_steps`` timesteps, all in [0, T - 1], duplicates dropped.
+    """
+    last = num_train_timesteps if last_timestep is None else last_timestep
     if spacing == "linspace":
-        ts = np.linspace(0, num_train_timesteps - 1, num_steps + 1).round()[::-1][:-1].copy().astype(np.int64)
+        ts = np.linspace(0, last - 1, num_steps + 1).round()[::-1][:-1].copy().astype(np.int64)
     elif spacing == "leading":
-        ratio = num_train_timesteps // (num_steps + 1)
+        ratio = last // (num_steps + 1)
         ts = (np.arange(0, num_steps + 1) * ratio).round()[::-1][:-1].copy().astype(np.int64) + steps_offset
     elif spacing == "trailing":
         ratio = num_train_timesteps / num_steps
-        ts = np.arange(num_train_timesteps, 0, -ratio).round().copy().astype(np.int64) - 1
+        ts = np.arange(last, 0, -ratio)[:num_steps].round().copy().astype(np.int64) - 1
     else:
         raise ValueError(f"timestep_spacing: unsupported {spacing!r} (allowed: {', '.join(DIFFUSERS_SPACINGS)})")
+    ts = np.clip(ts, 0, num_train_timesteps - 1)
     _, first = np.unique(ts, return_index=True)  # many steps can round onto the same timestep (as diffusers)
     return ts[np.sort(first)]
 
 
-def sigma_grid(num_steps: int, spacing: str, time: ContinuousVpTime, karras_rho: float = 7.0) -> np.ndarray:
-    """N + 1 noise levels from rho_max to rho_min, uniform in t, sqrt(t), log rho or rho^(1/karras_rho).
+def sigma_grid(
+    num_steps: int, spacing: str, time: ContinuousVpTime, karras_rho: float = 7.0, rho_max: float | None = None
+) -> np.ndarray:
+    """N + 1 noise levels from rho_max to rho_min, uniform in t, sqrt(t), log rho, rho^(1/karras_rho),
+    or at the quantiles of Beta(0.6, 0.6) in rho ("beta", diffusers' ``use_beta_sigmas``).
 
     The first N are where the model is called; the last is rho_min (replaced by 0 for
-    ``final_sigmas_type="zero"``), so no model call is wasted on a zero-length step.
+    ``final_sigmas_type="zero"``), so no model call is wasted on a zero-length step. ``rho_max``
+    lowers the top of the grid (``lambda_min_clipped``); by default it is the schedule's.
     """
     if num_steps < 1:
         raise ValueError(f"num_inference_steps must be >= 1, got {num_steps}")
+    top = time.rho_max if rho_max is None else min(rho_max, time.rho_max)
+    t_top = time.t_max if top == time.rho_max else float(time.t(top))
     u = np.linspace(0.0, 1.0, num_steps + 1)
     if spacing == "uniform_t":
-        return time.rho(time.t_max * (1.0 - u))
+        return time.rho(t_top * (1.0 - u))
     if spacing == "quadratic_t":  # DEIS's default: uniform in sqrt(t) between t = T-1 and t = 0
-        return time.rho(time.t_max * (1.0 - u) ** 2)  # not (sqrt(T) (1 - u))^2: that can round above T
+        return time.rho(t_top * (1.0 - u) ** 2)  # not (sqrt(T) (1 - u))^2: that can round above T
     if spacing == "log_snr":
-        return np.exp(np.log(time.rho_max) + u * (np.log(time.rho_min) - np.log(time.rho_max)))
+        return np.exp(np.log(top) + u * (np.log(time.rho_min) - np.log(top)))
     if spacing == "karras":
         inv = 1.0 / karras_rho
-        return (time.rho_max**inv + u * (time.rho_min**inv - time.rho_max**inv)) ** karras_rho
+        return (top**inv + u * (time.rho_min**inv - top**inv)) ** karras_rho
+    if spacing == "beta":
+        from scipy.special import betaincinv  # the Beta quantile function (scipy.stats.beta.ppf); 0.7 s to import
+
+        return time.rho_min + betaincinv(*BETA_SIGMAS_SHAPE, 1.0 - u) * (top - time.rho_min)
     raise ValueError(f"sigma_spacing: unsupported {spacing!r} (allowed: {', '.join(SIGMA_SPACINGS)})")
 
 

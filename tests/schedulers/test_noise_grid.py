@@ -52,7 +52,17 @@ def test_integer_spacings_equal_diffusers_multistep_solvers(spacing: str, steps:
         np.testing.assert_array_equal(diffusers_timesteps(steps, 1000, spacing, 1), scheduler.timesteps.numpy())
 
 
-@pytest.mark.parametrize("spacing", ["uniform_t", "quadratic_t", "log_snr", "karras"])
+def test_integer_spacings_stay_inside_the_schedule_where_diffusers_leaves_it() -> None:
+    theirs = DPMSolverMultistepScheduler(timestep_spacing="trailing")
+    theirs.set_timesteps(61)
+    assert len(theirs.timesteps) == 62 and int(theirs.timesteps[-1]) == -1  # arange overshoots by one step
+    ours = diffusers_timesteps(61, 1000, "trailing", 0)
+    assert len(ours) == 61 and ours[-3:].tolist() == [48, 32, 15]
+    ours = diffusers_timesteps(999, 1000, "leading", 1)  # diffusers: 1000, 999, ..., 2
+    assert len(ours) == 998 and ours[:2].tolist() == [999, 998] and ours[-1] == 2
+
+
+@pytest.mark.parametrize("spacing", ["uniform_t", "quadratic_t", "log_snr", "karras", "beta"])
 def test_sigma_grids_have_exact_endpoints_and_their_shape(spacing: str) -> None:
     time = ContinuousVpTime(train_alphas_cumprod(1000, 0.00085, 0.012, "scaled_linear"))
     grid = sigma_grid(10, spacing, time)
@@ -64,6 +74,10 @@ def test_sigma_grids_have_exact_endpoints_and_their_shape(spacing: str) -> None:
         np.testing.assert_allclose(np.diff(np.sqrt(np.clip(time.t(grid), 0, None))), -np.sqrt(999) / 10, rtol=1e-9)
     elif spacing == "log_snr":
         np.testing.assert_allclose(np.diff(np.log(grid)), np.log(time.rho_min / time.rho_max) / 10, rtol=1e-12)
+    elif spacing == "beta":  # diffusers' beta sigmas (N points) are ours at N - 1 intervals
+        reference = DPMSolverMultistepScheduler(**SD_SCHEDULE, use_beta_sigmas=True)
+        reference.set_timesteps(11)
+        np.testing.assert_allclose(grid, reference.sigmas[:-1].double().numpy(), rtol=1e-6)
     else:  # diffusers' Karras sigmas (N points) are our N + 1 point grid's rule at N - 1 intervals
         reference = DPMSolverMultistepScheduler(**SD_SCHEDULE, use_karras_sigmas=True)
         reference.set_timesteps(11)
