@@ -19,6 +19,7 @@ from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from accel_diffusion.errors import InvalidRequestError
+from accel_diffusion.jsonbody import parse_json
 from accel_diffusion.registry import ComponentKind, get_registry, validation_error_to_request_error
 
 ComponentSpec = dict[str, Any]
@@ -65,10 +66,7 @@ class Strategy(BaseModel):
         if data is None:
             return cls()
         if isinstance(data, str):
-            try:
-                data = json.loads(data)
-            except json.JSONDecodeError as exc:
-                raise InvalidRequestError("strategy", f"is not valid JSON: {exc}") from None
+            data = parse_json(data, "strategy")
         if not isinstance(data, dict):
             raise InvalidRequestError("strategy", "must be a JSON object with keys among", list(cls.model_fields))
         try:

@@ -16,7 +16,7 @@ import logging
 import platform
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
 from importlib import resources
 from typing import Annotated, Any
@@ -40,6 +40,7 @@ from fastapi import APIRouter, Depends, FastAPI, Header, HTTPException, Query, R
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, PlainTextResponse, RedirectResponse, StreamingResponse
+from fastapi.routing import APIRoute
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import ValidationError
@@ -49,6 +50,7 @@ from accel_diffusion import __version__
 from accel_diffusion.engine import Engine
 from accel_diffusion.engine.engine import check_request
 from accel_diffusion.errors import InvalidRequestError, UnknownModelError
+from accel_diffusion.jsonbody import parse_json
 from accel_diffusion.models.registry import ModelRegistry
 from accel_diffusion.registry import get_registry
 from accel_diffusion.strategy import GenerationRequest
@@ -216,6 +218,42 @@ class BodyTooLarge(HTTPException):
     HTTPException out of its body parsing as it is, so it answers 413."""
 
 
+class InvalidJsonBody(HTTPException):
+    """A JSON body the bounded parser refused. An HTTPException, so that FastAPI's body reading lets it
+    out as it is (it turns any other exception into a bare 400); answered as the error it carries."""
+
+    def __init__(self, error: InvalidRequestError) -> None:
+        super().__init__(400, str(error))
+        self.error = error
+
+
+class BoundedJsonRequest(Request):
+    """A request whose JSON body goes through ``parse_json`` (bounded size and nesting depth), like every
+    other JSON the server reads, instead of Starlette's plain ``json.loads``."""
+
+    async def json(self) -> Any:
+        if not hasattr(self, "_bounded_json"):
+            try:
+                self._bounded_json = parse_json(await self.body(), "body",
+                                                max_bytes=self.app.state.settings.max_body_bytes)
+            except InvalidRequestError as exc:
+                raise InvalidJsonBody(exc) from None
+        return self._bounded_json
+
+
+class BoundedJsonRoute(APIRoute):
+    """The route class of every router with bodies: its handler (FastAPI's body parsing included) sees a
+    BoundedJsonRequest."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def bounded(request: Request) -> Response:
+            return await handler(BoundedJsonRequest(request.scope, request.receive))
+
+        return bounded
+
+
 class RequestIdAndLimits:
     """Pure ASGI middleware (Starlette's BaseHTTPMiddleware would hide client disconnects from the
     routes): echo or create X-Request-Id, refuse bodies above the limit, time every request."""
@@ -272,6 +310,10 @@ def _install_error_handlers(app: FastAPI) -> None:
         body = error_body(exc)
         return error_response(ERROR_STATUS.get(body["type"], 400), body["type"], body["message"], body["param"])
 
+    @app.exception_handler(InvalidJsonBody)
+    async def invalid_json_body(request: Request, exc: InvalidJsonBody) -> JSONResponse:
+        return await invalid_request(request, exc.error)
+
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         first = exc.errors()[0] if exc.errors() else {"loc": ("body",), "msg": "invalid request"}
@@ -305,7 +347,7 @@ def _install_error_handlers(app: FastAPI) -> None:
 # ---- routes ---------------------------------------------------------------------------------
 
 def _open_routes() -> APIRouter:
-    router = APIRouter()
+    router = APIRouter(route_class=BoundedJsonRoute)
 
     @router.get("/health/live", tags=["health"])
     async def live() -> dict[str, str]:
@@ -331,7 +373,7 @@ def _open_routes() -> APIRouter:
 
 
 def _api_routes() -> APIRouter:
-    router = APIRouter(responses=ERROR_RESPONSES)
+    router = APIRouter(responses=ERROR_RESPONSES, route_class=BoundedJsonRoute)
 
     @router.get("/v1/models", tags=["models"])
     async def models(state: State) -> dict[str, Any]:
@@ -451,9 +493,10 @@ async def _edit_request(request: Request) -> ImageEditRequest:
                 data[key] = (base64.b64encode(await value.read()).decode("ascii")
                              if hasattr(value, "read") else value)
             if isinstance(data.get("strategy"), str):
-                data["strategy"] = json.loads(data["strategy"])
+                data["strategy"] = parse_json(data["strategy"], "strategy",
+                                              max_bytes=request.app.state.settings.max_body_bytes)
         else:
-            data = await request.json()
+            data = await request.json()  # a BoundedJsonRequest's
     except (ValueError, UnicodeDecodeError) as exc:
         raise InvalidRequestError("body", f"not a valid form or JSON body ({exc.__class__.__name__})") from None
     try:

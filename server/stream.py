@@ -40,7 +40,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
-import json
 import logging
 import time
 import uuid
@@ -57,6 +56,7 @@ from PIL import Image, UnidentifiedImageError
 
 from accel_diffusion.errors import AccelDiffusionError, InvalidRequestError
 from accel_diffusion.imageio import encode_image
+from accel_diffusion.jsonbody import parse_json
 from accel_diffusion.stream import StreamSession
 
 LOG = logging.getLogger(__name__)
@@ -205,11 +205,13 @@ async def _receive_loop(connection: _Connection, websocket: WebSocket, state: An
 
 
 async def _on_text(connection: _Connection, text: str) -> None:
-    try:
-        data = json.loads(text)
-        if not isinstance(data, dict):
-            raise ValueError
-    except ValueError:
+    try:  # the server's one bounded JSON parser (size, nesting depth), as for HTTP bodies
+        data = parse_json(text, "message", max_bytes=connection.state.settings.max_body_bytes)
+    except InvalidRequestError as exc:
+        await connection.error(exc.error_type, f"control messages are JSON objects; this one {exc.message}",
+                               "message")
+        return
+    if not isinstance(data, dict):
         await connection.error("invalid_request_error", "control messages are JSON objects", "message")
         return
     kind = data.get("type")

@@ -124,6 +124,32 @@ def test_bad_messages_and_frames_get_errors_and_the_session_goes_on(tiny_models_
         assert Image.open(io.BytesIO(ws.receive_bytes())).format == "JPEG"
 
 
+def test_deep_large_and_non_object_messages_get_errors_and_the_session_goes_on(tiny_models_file: Path) -> None:
+    """Text messages go through the server's one bounded JSON parser: nesting past 32 levels (30 000 levels
+    made json.loads raise RecursionError, which dropped the socket), a message over max_body_bytes, a number
+    json.loads refuses, each an error message naming ``message``; the session then streams on."""
+    deep = '{"type": "stats", "x": ' + "[" * 30_000 + "]" * 30_000 + "}"
+    large = json.dumps({"type": "params.update", "prompt": "x" * 70_000})
+    with TestClient(create_app(make_settings(tiny_models_file, max_body_bytes=64 * 1024))) as client, \
+            client.websocket_connect("/v1/stream") as ws:
+        ws.send_json({"type": "session.start", "prompt": PROMPT, "t_index_list": [45], "guidance": "none"})
+        assert ws.receive_json()["type"] == "session.started"
+        for text, message in [
+            (deep, "this one nests arrays and objects 30001 levels deep; at most 32 allowed (send a flatter value)"),
+            (large, f"this one is {len(large)} bytes of JSON; at most 65536 allowed"),
+            ("1" * 5000, "this one is not valid JSON: Exceeds the limit (4300 digits) for integer string conversion"),
+            ("[1, 2]", ""),
+        ]:
+            ws.send_text(text)
+            error = ws.receive_json()
+            assert error["type"] == "error" and error["code"] == "invalid_request_error", error
+            assert error["param"] == "message", error
+            assert error["message"].startswith(f"control messages are JSON objects{'; ' if message else ''}{message}")
+        ws.send_bytes(frame_bytes(1))
+        assert ws.receive_json()["type"] == "frame"
+        assert Image.open(io.BytesIO(ws.receive_bytes())).size == (32, 32)
+
+
 def test_bad_values_get_errors_on_a_connection_that_stays_open(tiny_models_file: Path) -> None:
     start = {"type": "session.start", "prompt": PROMPT, "t_index_list": [32, 45], "guidance": "none",
              "output_format": "png"}
@@ -355,3 +381,4 @@ def test_frames_past_uvicorns_default_message_cap_get_an_error_and_the_session_g
             with pytest.raises(ConnectionClosed) as closed:
                 ws.recv()
     assert closed.value.rcvd is not None and closed.value.rcvd.code == 1009
+
