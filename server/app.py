@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import hashlib
 import json
 import logging
 import platform
@@ -23,7 +22,7 @@ from typing import Annotated, Any
 
 import diffusers
 import torch
-from accel_diffusion.server.auth import api_key_matches
+from accel_diffusion.server.auth import api_key_matches, key_owner
 from accel_diffusion.server.jobs import DrainingError, Job, JobStatus, JobStore, OutputOptions, QueueFullError
 from accel_diffusion.server.metrics import ServerMetrics
 from accel_diffusion.server.schemas import (
@@ -191,12 +190,7 @@ def require_api_key(request: Request, authorization: Annotated[str | None, Heade
     scheme, _, token = (authorization or "").partition(" ")
     if scheme.lower() != "bearer" or not api_key_matches(token, keys):
         raise HTTPException(401, "missing or invalid API key (Authorization: Bearer <key>)")
-    request.state.job_owner = job_owner(token)
-
-
-def job_owner(token: str) -> str:
-    """Who owns the jobs a key submits: a digest of the key (the key itself is not kept)."""
-    return hashlib.sha256(token.strip().encode()).hexdigest()[:32]
+    request.state.job_owner = key_owner(token)
 
 
 def get_owner(request: Request) -> str | None:

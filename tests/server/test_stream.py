@@ -382,3 +382,66 @@ def test_frames_past_uvicorns_default_message_cap_get_an_error_and_the_session_g
                 ws.recv()
     assert closed.value.rcvd is not None and closed.value.rcvd.code == 1009
 
+
+def test_a_sessions_mjpeg_view_answers_only_the_key_that_started_it(tiny_models_file: Path) -> None:
+    """With API keys, stream sessions belong to the key that started them, like jobs: another key's
+    MJPEG request is answered as if the session did not exist (404); no key is a 401."""
+    import httpx
+    from server_clients import running_server
+    from websockets.sync.client import connect
+
+    settings = make_settings(tiny_models_file, api_keys=["alice-key", "bob-key"])
+    alice, bob = ({"Authorization": f"Bearer {k}"} for k in ("alice-key", "bob-key"))
+    start = {"type": "session.start", "prompt": PROMPT, "t_index_list": [45], "guidance": "none"}
+    with running_server(create_app(settings)) as (_, _, url), httpx.Client(base_url=url, timeout=60) as http, \
+            connect(url.replace("http", "ws") + "/v1/stream", additional_headers=alice) as ws:
+        ws.send(json.dumps(start))
+        session = json.loads(ws.recv())["session"]
+        view = session["mjpeg_url"]
+        for refused in (http.get(view, headers=bob), http.get(view, params={"api_key": "bob-key"})):
+            assert refused.status_code == 404, refused.text
+            assert refused.json()["error"]["message"] == f"no stream session {session['id']!r}"
+        assert http.get(view).status_code == 401
+        with http.stream("GET", view, headers=alice) as response:
+            assert response.status_code == 200
+            assert response.headers["content-type"].startswith("multipart/x-mixed-replace")
+            for k in range(2):  # the second frame surely finds the viewer registered
+                ws.send(frame_bytes(k))
+                assert json.loads(ws.recv())["type"] == "frame" and ws.recv()
+            body = b""
+            for chunk in response.iter_bytes():
+                body += chunk
+                if b"\xff\xd9" in body:  # the end of the first JPEG
+                    break
+    assert body.startswith(b"--frame\r\nContent-Type: image/jpeg\r\n")
+    assert Image.open(io.BytesIO(body[body.index(b"\r\n\r\n") + 4:])).size == (32, 32)
+
+
+def test_the_api_key_in_a_websocket_subprotocol_header_or_query(tiny_models_file: Path) -> None:
+    """Browsers cannot set headers on a WebSocket: the key may come as the subprotocol
+    ``base64url.bearer.<key>`` next to ``accel-diffusion``, the only one echoed back. A key with characters a
+    subprotocol token cannot hold travels base64url-encoded; Authorization and ?api_key= keep working."""
+    import base64
+
+    key = "k/+=? 1;x"
+    encoded = base64.urlsafe_b64encode(key.encode()).decode().rstrip("=")
+    settings = make_settings(tiny_models_file, api_keys=[key])
+    with TestClient(create_app(settings)) as client:
+        with client.websocket_connect("/v1/stream", subprotocols=["accel-diffusion", f"base64url.bearer.{encoded}"]
+                                      ) as ws:
+            assert ws.accepted_subprotocol == "accel-diffusion"
+            ws.send_json({"type": "stats"})
+            assert ws.receive_json()["type"] == "stats"
+        for connect_kwargs in ({"headers": {"Authorization": f"Bearer {key}"}},
+                               {"subprotocols": [f"base64url.bearer.{encoded}"]}):  # none to echo: none echoed
+            with client.websocket_connect("/v1/stream", **connect_kwargs) as ws:
+                assert ws.accepted_subprotocol is None
+                ws.send_json({"type": "stats"})
+                assert ws.receive_json()["type"] == "stats"
+        wrong = base64.urlsafe_b64encode(b"wrong").decode().rstrip("=")
+        for protocols in (["accel-diffusion", f"base64url.bearer.{wrong}"], ["accel-diffusion", "base64url.bearer.%%"],
+                          ["accel-diffusion"]):
+            with pytest.raises(WebSocketDisconnect) as refused, \
+                    client.websocket_connect("/v1/stream", subprotocols=protocols) as ws:
+                ws.receive_json()
+            assert refused.value.code == 1008
