@@ -20,8 +20,9 @@ Protocol (JSON text messages, binary frames):
 - client → ``{"type": "stats"}``; server → ``{"type": "stats", received, processed, dropped, skipped, nfe, fps
   (over the session), fps_recent (over the last 2 s), latency_ms (the last frame's)}``
 - errors: ``{"type": "error", "code", "message", "param"}`` (``param`` is ``"frame"`` for anything a
-  frame caused); a bad frame or message leaves the session running, a frame over ``max_frame_bytes``
-  included. Close codes: 1009 for a message past twice ``max_frame_bytes`` (at least 16 MiB: the
+  frame caused, ``"message"`` for a text message that is not a JSON object: invalid, nested deeper than 32
+  levels, over ``max_body_bytes``); a bad frame or message leaves the session running, a frame over
+  ``max_frame_bytes`` included. Close codes: 1009 for a message past twice ``max_frame_bytes`` (at least 16 MiB: the
   WebSocket layer refuses it before it reaches the app), 1013 when the
   server is at its session cap, 1000 after ``stream_idle_timeout_s`` without input (frames, frame
   requests, session or parameter messages: a ``stats`` poll does not keep a session alive).
