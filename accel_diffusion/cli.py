@@ -12,6 +12,7 @@ from typing import Any
 import click
 
 from accel_diffusion.errors import AccelDiffusionError, InvalidRequestError
+from accel_diffusion.jsonbody import parse_json
 from accel_diffusion.strategy import DEFAULT_LIMITS
 from accel_diffusion.third_party_output import quiet_third_party_output
 
@@ -40,12 +41,12 @@ def _json_arg(value: str | None, field: str) -> Any:
         path = Path(value.removeprefix("@"))
         if not path.is_file():
             raise InvalidRequestError(field, f"file {str(path)!r} does not exist")
-        text = path.read_text()
-    if text.lstrip().startswith("{"):
         try:
-            return json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise InvalidRequestError(field, f"is not valid JSON: {exc}") from None
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise InvalidRequestError(field, f"file {str(path)!r} is not UTF-8 text") from None
+    if text.lstrip().startswith("{"):
+        return parse_json(text, field)
     return text
 
 

@@ -18,6 +18,7 @@ from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from accel_diffusion.errors import InvalidRequestError
+from accel_diffusion.jsonbody import parse_json
 from accel_diffusion.registry import ComponentKind, get_registry, validation_error_to_request_error
 from accel_diffusion.text import check_texts
 from accel_diffusion.vocabulary import aliases_for, check_known, errors_named_as_sent, to_canonical
@@ -73,10 +74,7 @@ class Strategy(BaseModel):
         if data is None:
             return cls()
         if isinstance(data, str):
-            try:
-                data = json.loads(data)
-            except json.JSONDecodeError as exc:
-                raise InvalidRequestError("strategy", f"is not valid JSON: {exc}") from None
+            data = parse_json(data, "strategy")
         if not isinstance(data, dict):
             raise InvalidRequestError("strategy", "must be a JSON object with keys among", list(cls.model_fields))
         try:

@@ -26,7 +26,6 @@ import os
 from collections import deque
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import quote
 
 import numpy as np
 from accel_diffusion.clients.sdk import (
@@ -59,8 +58,7 @@ class StreamClient:
         scheme, _, rest = base_url.rstrip("/").partition("://")
         key = api_key if api_key is not None else os.environ.get(API_KEY_ENV)
         self.url = f"{'wss' if scheme in ('https', 'wss') else 'ws'}://{rest}/v1/stream"
-        if key:
-            self.url += f"?api_key={quote(key)}"
+        self._headers = {"Authorization": f"Bearer {key}"} if key else {}  # a header: never in a URL or a log
         self.start = {"type": "session.start", "prompt": prompt, **options}
         self.session: dict[str, Any] = {}
         self._socket: Any = None
@@ -75,7 +73,7 @@ class StreamClient:
         from websockets.exceptions import ConnectionClosed, InvalidStatus
 
         try:
-            self._socket = await connect(self.url, max_size=None)
+            self._socket = await connect(self.url, max_size=None, additional_headers=self._headers)
             self._reader = asyncio.get_running_loop().create_task(self._read())
             reply = await self._call(self.start, "session.started")
         except InvalidStatus as exc:  # the server refused the upgrade

@@ -10,20 +10,19 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import hashlib
 import json
 import logging
 import platform
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
 from importlib import resources
 from typing import Annotated, Any
 
 import diffusers
 import torch
-from accel_diffusion.server.auth import api_key_matches
+from accel_diffusion.server.auth import api_key_matches, key_owner
 from accel_diffusion.server.jobs import DrainingError, Job, JobStatus, JobStore, OutputOptions, QueueFullError
 from accel_diffusion.server.metrics import ServerMetrics
 from accel_diffusion.server.schemas import (
@@ -40,6 +39,7 @@ from fastapi import APIRouter, Depends, FastAPI, Header, HTTPException, Query, R
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, PlainTextResponse, RedirectResponse, StreamingResponse
+from fastapi.routing import APIRoute
 from fastapi.staticfiles import StaticFiles
 from fastapi_offline import FastAPIOffline
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -50,6 +50,7 @@ from accel_diffusion import __version__
 from accel_diffusion.engine import Engine
 from accel_diffusion.engine.engine import check_limits, check_request
 from accel_diffusion.errors import InvalidRequestError, UnknownModelError
+from accel_diffusion.jsonbody import parse_json
 from accel_diffusion.models.registry import ModelRegistry
 from accel_diffusion.registry import get_registry
 from accel_diffusion.strategy import GenerationRequest
@@ -204,12 +205,7 @@ def require_api_key(request: Request, authorization: Annotated[str | None, Heade
     scheme, _, token = (authorization or "").partition(" ")
     if scheme.lower() != "bearer" or not api_key_matches(token, keys):
         raise HTTPException(401, "missing or invalid API key (Authorization: Bearer <key>)")
-    request.state.job_owner = job_owner(token)
-
-
-def job_owner(token: str) -> str:
-    """Who owns the jobs a key submits: a digest of the key (the key itself is not kept)."""
-    return hashlib.sha256(token.strip().encode()).hexdigest()[:32]
+    request.state.job_owner = key_owner(token)
 
 
 def get_owner(request: Request) -> str | None:
@@ -249,6 +245,42 @@ def count_error(request: Request, type_: str) -> None:
 class BodyTooLarge(HTTPException):
     """Raised by the body reader once a (chunked) body passes ``max_body_bytes``; FastAPI lets an
     HTTPException out of its body parsing as it is, so it answers 413."""
+
+
+class InvalidJsonBody(HTTPException):
+    """A JSON body the bounded parser refused. An HTTPException, so that FastAPI's body reading lets it
+    out as it is (it turns any other exception into a bare 400); answered as the error it carries."""
+
+    def __init__(self, error: InvalidRequestError) -> None:
+        super().__init__(400, str(error))
+        self.error = error
+
+
+class BoundedJsonRequest(Request):
+    """A request whose JSON body goes through ``parse_json`` (bounded size and nesting depth), like every
+    other JSON the server reads, instead of Starlette's plain ``json.loads``."""
+
+    async def json(self) -> Any:
+        if not hasattr(self, "_bounded_json"):
+            try:
+                self._bounded_json = parse_json(await self.body(), "body",
+                                                max_bytes=self.app.state.settings.max_body_bytes)
+            except InvalidRequestError as exc:
+                raise InvalidJsonBody(exc) from None
+        return self._bounded_json
+
+
+class BoundedJsonRoute(APIRoute):
+    """The route class of every router with bodies: its handler (FastAPI's body parsing included) sees a
+    BoundedJsonRequest."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def bounded(request: Request) -> Response:
+            return await handler(BoundedJsonRequest(request.scope, request.receive))
+
+        return bounded
 
 
 class RequestIdAndLimits:
@@ -310,6 +342,10 @@ def _install_error_handlers(app: FastAPI) -> None:
         body = error_body(exc)
         return error_response(ERROR_STATUS.get(body["type"], 400), body["type"], body["message"], body["param"])
 
+    @app.exception_handler(InvalidJsonBody)
+    async def invalid_json_body(request: Request, exc: InvalidJsonBody) -> JSONResponse:
+        return await invalid_request(request, exc.error)
+
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         first = exc.errors()[0] if exc.errors() else {"loc": ("body",), "msg": "invalid request"}
@@ -348,7 +384,7 @@ def _install_error_handlers(app: FastAPI) -> None:
 # ---- routes ---------------------------------------------------------------------------------
 
 def _open_routes() -> APIRouter:
-    router = APIRouter()
+    router = APIRouter(route_class=BoundedJsonRoute)
 
     @router.get("/health/live", tags=["health"])
     async def live() -> dict[str, str]:
@@ -374,7 +410,7 @@ def _open_routes() -> APIRouter:
 
 
 def _api_routes() -> APIRouter:
-    router = APIRouter(responses=ERROR_RESPONSES)
+    router = APIRouter(responses=ERROR_RESPONSES, route_class=BoundedJsonRoute)
 
     @router.get("/v1/models", tags=["models"])
     async def models(state: State) -> dict[str, Any]:
@@ -494,9 +530,10 @@ async def _edit_request(request: Request) -> ImageEditRequest:
                 data[key] = (base64.b64encode(await value.read()).decode("ascii")
                              if hasattr(value, "read") else value)
             if isinstance(data.get("strategy"), str):
-                data["strategy"] = json.loads(data["strategy"])
+                data["strategy"] = parse_json(data["strategy"], "strategy",
+                                              max_bytes=request.app.state.settings.max_body_bytes)
         else:
-            data = await request.json()
+            data = await request.json()  # a BoundedJsonRequest's
     except (ValueError, UnicodeDecodeError) as exc:
         raise InvalidRequestError("body", f"not a valid form or JSON body ({exc.__class__.__name__})") from None
     try:

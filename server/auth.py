@@ -1,7 +1,8 @@
-"""API keys: one constant-time comparison for every route that checks one."""
+"""API keys: one constant-time comparison for every route that checks one, and who a key is."""
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 
 
@@ -12,3 +13,8 @@ def api_key_matches(given: str, keys: list[bytes]) -> bool:
     for key in keys:
         matched |= hmac.compare_digest(token, key)
     return matched
+
+
+def key_owner(token: str) -> str:
+    """Who owns what a key starts (jobs, stream sessions): a digest of the key (the key itself is not kept)."""
+    return hashlib.sha256(token.strip().encode()).hexdigest()[:32]

@@ -43,6 +43,9 @@ class ServerSettings(BaseSettings):
     max_prompt_chars: Annotated[int, Field(ge=1)] = DEFAULT_LIMITS.max_prompt_chars
     max_body_bytes: Annotated[int, Field(ge=1024)] = Field(DEFAULT_LIMITS.max_init_image_bytes, description=(
         "largest request body; also the largest init image"))
+    request_read_timeout_s: float = Field(30.0, gt=0, description="a connection must send a complete request "
+                                          "(headers and body) within this many seconds of opening or of its "
+                                          "previous response, else it is closed (408 while in its headers)")
     api_keys: list[SecretStr] = Field([], description="Bearer tokens; empty = no authentication")
     api_keys_file: Path | None = Field(None, description="one API key per line (e.g. a mounted secret)")
     cors_origins: list[str] = Field([], description="allowed browser origins; empty = CORS closed")

@@ -20,13 +20,18 @@ Protocol (JSON text messages, binary frames):
 - client → ``{"type": "stats"}``; server → ``{"type": "stats", received, processed, dropped, skipped, nfe, fps
   (over the session), fps_recent (over the last 2 s), latency_ms (the last frame's)}``
 - errors: ``{"type": "error", "code", "message", "param"}`` (``param`` is ``"frame"`` for anything a
-  frame caused); a bad frame or message leaves the session running, a frame over ``max_frame_bytes``
-  included. Close codes: 1009 for a message past twice ``max_frame_bytes`` (at least 16 MiB: the
+  frame caused, ``"message"`` for a text message that is not a JSON object: invalid, nested deeper than 32
+  levels, over ``max_body_bytes``); a bad frame or message leaves the session running, a frame over
+  ``max_frame_bytes`` included. Close codes: 1009 for a message past twice ``max_frame_bytes`` (at least 16 MiB: the
   WebSocket layer refuses it before it reaches the app), 1013 when the
   server is at its session cap, 1000 after ``stream_idle_timeout_s`` without input (frames, frame
   requests, session or parameter messages: a ``stats`` poll does not keep a session alive).
   A bad or missing API key is refused before the handshake
-  (close 1008, which uvicorn sends as an HTTP 403 to the upgrade request).
+  (close 1008, which uvicorn sends as an HTTP 403 to the upgrade request). The key goes in an
+  ``Authorization: Bearer`` header, or (browsers cannot set headers on a WebSocket) in the subprotocols
+  ``["accel-diffusion", "base64url.bearer.<key, base64url-encoded>"]``, of which the server echoes only
+  ``accel-diffusion``; ``?api_key=`` still works (the access log redacts it). With API keys, a session's
+  MJPEG view answers only the key that started it (another key gets 404, as for jobs).
 - Every message is sent under one lock per connection, and a frame's header and its image go
   together, so a ``stats`` or ``error`` reply never lands between them.
 
@@ -38,6 +43,7 @@ queued jobs and between a running job's steps, never on the event loop.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import io
 import json
@@ -49,7 +55,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import numpy as np
-from accel_diffusion.server.auth import api_key_matches
+from accel_diffusion.server.auth import api_key_matches, key_owner
 from accel_diffusion.server.jobs import OutputOptions
 from fastapi import APIRouter, HTTPException, Request, WebSocket, WebSocketDisconnect
 from fastapi.responses import StreamingResponse
@@ -57,11 +63,14 @@ from PIL import Image, UnidentifiedImageError
 
 from accel_diffusion.errors import AccelDiffusionError, InvalidRequestError, UnknownFieldError
 from accel_diffusion.imageio import encode_image
+from accel_diffusion.jsonbody import parse_json
 from accel_diffusion.stream import StreamSession
 from accel_diffusion.text import replace_unencodable
 from accel_diffusion.vocabulary import errors_named_as_sent, to_canonical
 
 LOG = logging.getLogger(__name__)
+SUBPROTOCOL = "accel-diffusion"  # echoed when offered; offer it with the key's subprotocol (browsers need one back)
+BEARER_SUBPROTOCOL = "base64url.bearer."  # + the API key, base64url-encoded without padding
 CLOSE_OVERLOADED = 1013
 CLOSE_POLICY = 1008
 START_FIELDS = {"type", "prompt", "model", "negative_prompt", "t_index_list", "guidance", "guidance_scale", "delta",
@@ -80,16 +89,19 @@ def stream_router() -> APIRouter:
     @router.websocket("/v1/stream")
     async def stream(websocket: WebSocket) -> None:
         state = websocket.app.state.server
-        if state.api_keys and not _key_ok(websocket, state.api_keys):
+        key = _sent_key(websocket)
+        if state.api_keys and not api_key_matches(key, state.api_keys):
             await websocket.close(CLOSE_POLICY, "missing or invalid API key")
             return
-        await websocket.accept()
+        # a browser that offered subprotocols fails the connection unless one is echoed: the non-secret one
+        await websocket.accept(subprotocol=SUBPROTOCOL if SUBPROTOCOL in websocket.scope.get("subprotocols", [])
+                               else None)
         if state.stream_sessions >= state.settings.max_stream_sessions:
             await websocket.close(CLOSE_OVERLOADED, f"at most {state.settings.max_stream_sessions} stream sessions")
             return
         state.stream_sessions += 1
         try:
-            await _serve(websocket, state)
+            await _serve(websocket, state, key_owner(key) if state.api_keys else None)
         except WebSocketDisconnect:
             pass
         finally:
@@ -98,12 +110,14 @@ def stream_router() -> APIRouter:
     @router.get("/v1/stream/{session_id}/mjpeg", tags=["stream"], response_class=StreamingResponse,
                 responses={200: {"content": {"multipart/x-mixed-replace": {}}}})
     async def mjpeg(session_id: str, request: Request) -> StreamingResponse:
-        """The session's output frames as MJPEG, for an ``<img src=...>``; ends with the session."""
+        """The session's output frames as MJPEG, for an ``<img src=...>``; ends with the session. With API
+        keys, only the key that started the session sees it (another key's session answers 404)."""
         state = request.app.state.server
-        if state.api_keys and not _key_ok(request, state.api_keys):
+        key = _sent_key(request)
+        if state.api_keys and not api_key_matches(key, state.api_keys):
             raise HTTPException(401, "missing or invalid API key (Authorization: Bearer <key>, or ?api_key=)")
         connection = state.stream_connections.get(session_id)
-        if connection is None:
+        if connection is None or (state.api_keys and connection.owner != key_owner(key)):
             raise HTTPException(404, f"no stream session {session_id!r}")
         return StreamingResponse(_mjpeg_parts(connection, request),
                                  media_type="multipart/x-mixed-replace; boundary=frame",
@@ -131,16 +145,28 @@ async def _mjpeg_parts(connection: _Connection, request: Request) -> AsyncIterat
         connection.viewers.remove(flag)
 
 
-def _key_ok(websocket: WebSocket | Request, keys: list[bytes]) -> bool:
-    """Bearer header, or ``?api_key=`` (browsers cannot set headers on a WebSocket or an ``<img>``)."""
-    scheme, _, token = websocket.headers.get("authorization", "").partition(" ")
-    return api_key_matches(token if scheme.lower() == "bearer" else websocket.query_params.get("api_key", ""), keys)
+def _sent_key(connection: WebSocket | Request) -> str:
+    """The API key a stream caller sent ("" if none): an ``Authorization: Bearer`` header; on a WebSocket the
+    subprotocol ``base64url.bearer.<key>`` (the key base64url-encoded: what a browser can send); else
+    ``?api_key=`` (kept for old clients and ``<img src>``; the access log redacts it)."""
+    scheme, _, token = connection.headers.get("authorization", "").partition(" ")
+    if scheme.lower() == "bearer":
+        return token
+    for protocol in connection.scope.get("subprotocols", []):
+        if protocol.startswith(BEARER_SUBPROTOCOL):
+            encoded = protocol.removeprefix(BEARER_SUBPROTOCOL)
+            try:
+                return base64.urlsafe_b64decode(encoded + "=" * (-len(encoded) % 4)).decode("utf-8")
+            except (ValueError, UnicodeDecodeError):
+                return ""
+    return connection.query_params.get("api_key", "")
 
 
 class _Connection:
-    def __init__(self, websocket: WebSocket, state: Any) -> None:
+    def __init__(self, websocket: WebSocket, state: Any, owner: str | None) -> None:
         self.websocket = websocket
         self.state = state
+        self.owner = owner  # the digest of the key that started it (None without API keys): MJPEG viewers
         self.session: StreamSession | None = None
         self.output = OutputOptions("jpeg", 85)
         self.waiting: tuple[int, float, np.ndarray | None] | None = None  # the latest frame not yet on the device
@@ -171,8 +197,8 @@ class _Connection:
         await self.send({"type": "error", "code": code, "message": message, "param": param})
 
 
-async def _serve(websocket: WebSocket, state: Any) -> None:
-    connection = _Connection(websocket, state)
+async def _serve(websocket: WebSocket, state: Any, owner: str | None) -> None:
+    connection = _Connection(websocket, state, owner)
     state.stream_connections[connection.id] = connection
     try:
         await _receive_loop(connection, websocket, state)
@@ -208,11 +234,13 @@ async def _receive_loop(connection: _Connection, websocket: WebSocket, state: An
 
 
 async def _on_text(connection: _Connection, text: str) -> None:
-    try:
-        data = json.loads(text)
-        if not isinstance(data, dict):
-            raise ValueError
-    except ValueError:
+    try:  # the server's one bounded JSON parser (size, nesting depth), as for HTTP bodies
+        data = parse_json(text, "message", max_bytes=connection.state.settings.max_body_bytes)
+    except InvalidRequestError as exc:
+        await connection.error(exc.error_type, f"control messages are JSON objects; this one {exc.message}",
+                               "message")
+        return
+    if not isinstance(data, dict):
         await connection.error("invalid_request_error", "control messages are JSON objects", "message")
         return
     kind = data.get("type")

@@ -59,9 +59,9 @@ def sse_events(text: str) -> list[dict[str, Any]]:
 
 
 @contextmanager
-def running_server(app: FastAPI) -> Iterator[tuple[uvicorn.Server, threading.Thread, str]]:
+def running_server(app: FastAPI, log_level: str = "warning") -> Iterator[tuple[uvicorn.Server, threading.Thread, str]]:
     settings = app.state.settings.model_copy(update={"host": "127.0.0.1", "port": 0})
-    server = DrainingServer(uvicorn_config(app, settings, 60, log_level="warning"), app, 60)
+    server = DrainingServer(uvicorn_config(app, settings, 60, log_level=log_level), app, 60)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 60

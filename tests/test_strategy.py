@@ -31,6 +31,9 @@ def test_strategy_rejects_unknown_kind_and_bad_json() -> None:
     with pytest.raises(InvalidRequestError) as err:
         Strategy.parse("{not json")
     assert err.value.field == "strategy"
+    with pytest.raises(InvalidRequestError) as err:  # json.loads alone: RecursionError
+        Strategy.parse('{"sampler": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    assert err.value.field == "strategy" and "100001 levels deep; at most 32 allowed" in err.value.message
     with pytest.raises(UnknownComponentError) as err:
         Strategy.parse({"student": {"name": "fdistill"}})
     assert "no student components" in err.value.message

@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from accel_diffusion.errors import InvalidRequestError
 from accel_diffusion.imageio import ImageFormat
+from accel_diffusion.jsonbody import parse_json
 from accel_diffusion.registry import validation_error_to_request_error
 from accel_diffusion.strategy import MAX_SEED, GenerationRequest, merge_guidance_scale
 from accel_diffusion.text import check_texts
@@ -148,10 +149,7 @@ def name_outputs(planned: list[PlannedRequest]) -> list[PlannedRequest]:
 
 
 def plan_line(number: int, text: str, base_dir: Path, default_model: str) -> PlannedRequest:
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise InvalidRequestError("line", f"not valid JSON: {exc.msg} (column {exc.colno})") from None
+    data = parse_json(text, "line")
     if not isinstance(data, dict):
         raise InvalidRequestError("line", "must be a JSON object")
     try:

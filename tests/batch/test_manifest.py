@@ -48,6 +48,10 @@ def test_init_images_are_keyed_by_their_bytes(tmp_path: Path) -> None:
 @pytest.mark.parametrize(("line", "field"), [
     ("{not json", "line"),
     ("[1, 2]", "line"),
+    pytest.param('{"prompt": "x", "strategy": ' + "[" * 100_000 + "]" * 100_000 + "}", "line",
+                 id="nested-100000-deep"),  # json.loads alone: RecursionError
+    pytest.param('{"prompt": "x", "seed": ' + "1" * 5000 + "}", "line",
+                 id="5000-digit-number"),  # json.loads: a ValueError, not a JSONDecodeError
     ('{"prompt": "x", "colour": "red"}', "colour"),
     ('{"prompt": ""}', "prompt"),
     ('{"prompt": "x", "n": 0}', "n"),

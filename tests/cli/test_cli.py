@@ -98,6 +98,9 @@ def test_generate_takes_the_diffusers_and_openai_spellings(runner: CliRunner, ti
         (["--schedule", "karras"], "schedule 'karras' cannot be used with sampler 'ddim'"),
         (["--sampler", "lcm", "--steps", "60"], "steps: 60 steps do not fit sampler 'lcm'"),
         (["--strategy", "ddim"], "strategy: must be a JSON object"),
+        (["--strategy", '{"sampler": ' + "[" * 100_000 + "]" * 100_000 + "}"],  # was a RecursionError traceback
+         "strategy: nests arrays and objects 100001 levels deep; at most 32 allowed"),
+        (["--sampler", '{"name": "ddim", "eta": ' + "1" * 5000 + "}"], "strategy.sampler: is not valid JSON: Exceeds"),
         (["--guidance", "rcfg", "--guidance-scale", "3"], "give either guidance_scale or strategy.guidance"),
         (["--batch-size", "65"], "Invalid value for '--batch-size'"),
         # undecodable bytes in argv arrive as lone surrogates (surrogateescape)

@@ -103,6 +103,15 @@ def test_wrong_key_is_refused(server_url: str) -> None:
         asyncio.run(main())
 
 
+def test_the_key_travels_in_a_header_never_in_the_url(server_url: str) -> None:
+    async def main() -> None:
+        async with StreamClient(server_url, PROMPT, api_key="secret", t_index_list=[45], guidance="none") as stream:
+            assert stream.url == server_url.replace("http", "ws") + "/v1/stream"  # no ?api_key= to be logged
+            assert stream.session["mjpeg_url"] == f"/v1/stream/{stream.session['id']}/mjpeg"
+
+    asyncio.run(main())
+
+
 def test_mjpeg_view_shows_the_session_output(server_url: str) -> None:
     async def main() -> bytes:
         async with StreamClient(server_url, PROMPT, api_key="secret", t_index_list=[45],

@@ -177,3 +177,36 @@ def test_without_a_camera_the_page_streams_a_test_pattern_and_then_a_chosen_file
     assert pattern["note"].startswith(f"{problem}: streaming a test pattern instead"), pattern
     assert chosen["source"] == "file" and chosen["caption"] == "shapes input.png" and chosen["shown"] == ["still"]
     assert chosen["note"] == "" and chosen["frames"] >= pattern["frames"] + 5, chosen
+
+
+def test_the_web_page_sends_the_api_key_as_a_websocket_subprotocol(
+        tiny_models_file: Path, tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    """With API keys, the page takes its key from the URL fragment (never sent to the server) and offers it as
+    the subprotocol ``base64url.bearer.<key>``; Chromium accepts the echoed ``accel-diffusion`` and the
+    frames flow. The key appears in no log line."""
+    from websockets.asyncio.client import connect
+
+    key = "page/key+=1"
+    app = create_app(make_settings(tiny_models_file, api_keys=[key]))
+    with running_server(app, log_level="info") as (_, _, url):
+        browser, port = start_chromium(tmp_path / "profile")
+        try:
+            target = next(p for p in httpx.get(f"http://127.0.0.1:{port}/json/list").json() if p["type"] == "page")
+
+            async def drive() -> dict[str, Any]:
+                async with connect(target["webSocketDebuggerUrl"], max_size=None) as socket:
+                    tools = DevTools(socket)
+                    await tools.call("Page.enable")
+                    await tools.call("Page.navigate", url=f"{url}/web/#api_key={key}")
+                    return await tools.poll({"frames": text("frames", True), "status": text("status"),
+                                             "protocol": "socket && socket.protocol"},
+                                            lambda state: state.get("frames", 0) >= 3, 90)
+
+            state = asyncio.run(drive())
+        finally:
+            browser.kill()
+            browser.wait(30)
+    assert state["frames"] >= 3 and state["status"].startswith("streaming tiny"), state
+    assert state["protocol"] == "accel-diffusion", state
+    log = "".join(capfd.readouterr())
+    assert '"WebSocket /v1/stream" [accepted]' in log and key not in log, log

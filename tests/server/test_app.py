@@ -172,6 +172,32 @@ def test_models_report_the_default_size_the_engine_uses(tiny_sd_dir: Path, tmp_p
         assert (job["result"]["width"], job["result"]["height"]) == (16, 16)  # what was reported
 
 
+DEEP = "[" * 100_000 + "]" * 100_000  # json.loads alone raises RecursionError on it
+
+
+@pytest.mark.parametrize(("path", "request_kwargs", "param"), [
+    ("/v1/images/generations", {"content": '{"prompt": "a", "strategy": {"sampler": ' + DEEP + "}}"}, "body"),
+    ("/v1/jobs", {"content": '{"prompt": "a", "strategy": ' + DEEP + "}"}, "body"),
+    ("/v1/jobs", {"content": DEEP, "headers": {"Content-Type": "application/vnd.api+json"}}, "body"),
+    ("/v1/images/edits", {"content": '{"prompt": "a", "image": "", "strategy": ' + DEEP + "}"}, "body"),
+    ("/v1/images/edits", {"files": {"image": ("in.png", b"x", "image/png")},
+                          "data": {"prompt": "a", "strategy": DEEP}}, "strategy"),
+    ("/v1/jobs", {"content": '{"prompt": "a", "strategy": ' + "[" * 33 + "]" * 33 + "}"}, "body"),
+], ids=["generations", "jobs", "jobs-json-suffix", "edits-json", "edits-multipart", "jobs-34-levels"])
+def test_deeply_nested_json_is_a_400_naming_the_field_on_every_route(
+        client: TestClient, path: str, request_kwargs: dict, param: str) -> None:
+    """Every JSON a route reads goes through one bounded parser: a 400 that says what to change, never a
+    500 (a RecursionError) or a bare "error parsing the body"."""
+    if "content" in request_kwargs:
+        request_kwargs = {"headers": {"Content-Type": "application/json"}} | request_kwargs
+    response = client.post(path, **request_kwargs)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["type"] == "invalid_request_error" and error["param"] == param
+    assert error["message"].startswith(f"{param}: nests arrays and objects ")
+    assert error["message"].endswith(" levels deep; at most 32 allowed (send a flatter value)")
+
+
 def test_job_lifecycle_and_sse_events(client: TestClient) -> None:
     created = client.post("/v1/jobs", json={"prompt": [PROMPT, "a cross"], "seed": 3, "steps": 4,
                                             "strategy": {"sampler": {"name": "deis"}}})

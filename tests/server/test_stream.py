@@ -124,6 +124,32 @@ def test_bad_messages_and_frames_get_errors_and_the_session_goes_on(tiny_models_
         assert Image.open(io.BytesIO(ws.receive_bytes())).format == "JPEG"
 
 
+def test_deep_large_and_non_object_messages_get_errors_and_the_session_goes_on(tiny_models_file: Path) -> None:
+    """Text messages go through the server's one bounded JSON parser: nesting past 32 levels (30 000 levels
+    made json.loads raise RecursionError, which dropped the socket), a message over max_body_bytes, a number
+    json.loads refuses, each an error message naming ``message``; the session then streams on."""
+    deep = '{"type": "stats", "x": ' + "[" * 30_000 + "]" * 30_000 + "}"
+    large = json.dumps({"type": "params.update", "prompt": "x" * 70_000})
+    with TestClient(create_app(make_settings(tiny_models_file, max_body_bytes=64 * 1024))) as client, \
+            client.websocket_connect("/v1/stream") as ws:
+        ws.send_json({"type": "session.start", "prompt": PROMPT, "t_index_list": [45], "guidance": "none"})
+        assert ws.receive_json()["type"] == "session.started"
+        for text, message in [
+            (deep, "this one nests arrays and objects 30001 levels deep; at most 32 allowed (send a flatter value)"),
+            (large, f"this one is {len(large)} bytes of JSON; at most 65536 allowed"),
+            ("1" * 5000, "this one is not valid JSON: Exceeds the limit (4300 digits) for integer string conversion"),
+            ("[1, 2]", ""),
+        ]:
+            ws.send_text(text)
+            error = ws.receive_json()
+            assert error["type"] == "error" and error["code"] == "invalid_request_error", error
+            assert error["param"] == "message", error
+            assert error["message"].startswith(f"control messages are JSON objects{'; ' if message else ''}{message}")
+        ws.send_bytes(frame_bytes(1))
+        assert ws.receive_json()["type"] == "frame"
+        assert Image.open(io.BytesIO(ws.receive_bytes())).size == (32, 32)
+
+
 def test_bad_values_get_errors_on_a_connection_that_stays_open(tiny_models_file: Path) -> None:
     start = {"type": "session.start", "prompt": PROMPT, "t_index_list": [32, 45], "guidance": "none",
              "output_format": "png"}
@@ -399,3 +425,67 @@ def test_text_that_cannot_be_encoded_gets_an_error_naming_the_field_and_the_conn
         assert json.loads(ws.recv())["param"] == "prompt"
         ws.send(frame_bytes(0))
         assert json.loads(ws.recv())["type"] == "frame" and ws.recv()
+
+
+def test_a_sessions_mjpeg_view_answers_only_the_key_that_started_it(tiny_models_file: Path) -> None:
+    """With API keys, stream sessions belong to the key that started them, like jobs: another key's
+    MJPEG request is answered as if the session did not exist (404); no key is a 401."""
+    import httpx
+    from server_clients import running_server
+    from websockets.sync.client import connect
+
+    settings = make_settings(tiny_models_file, api_keys=["alice-key", "bob-key"])
+    alice, bob = ({"Authorization": f"Bearer {k}"} for k in ("alice-key", "bob-key"))
+    start = {"type": "session.start", "prompt": PROMPT, "t_index_list": [45], "guidance": "none"}
+    with running_server(create_app(settings)) as (_, _, url), httpx.Client(base_url=url, timeout=60) as http, \
+            connect(url.replace("http", "ws") + "/v1/stream", additional_headers=alice) as ws:
+        ws.send(json.dumps(start))
+        session = json.loads(ws.recv())["session"]
+        view = session["mjpeg_url"]
+        for refused in (http.get(view, headers=bob), http.get(view, params={"api_key": "bob-key"})):
+            assert refused.status_code == 404, refused.text
+            assert refused.json()["error"]["message"] == f"no stream session {session['id']!r}"
+        assert http.get(view).status_code == 401
+        with http.stream("GET", view, headers=alice) as response:
+            assert response.status_code == 200
+            assert response.headers["content-type"].startswith("multipart/x-mixed-replace")
+            for k in range(2):  # the second frame surely finds the viewer registered
+                ws.send(frame_bytes(k))
+                assert json.loads(ws.recv())["type"] == "frame" and ws.recv()
+            body = b""
+            for chunk in response.iter_bytes():
+                body += chunk
+                if b"\xff\xd9" in body:  # the end of the first JPEG
+                    break
+    assert body.startswith(b"--frame\r\nContent-Type: image/jpeg\r\n")
+    assert Image.open(io.BytesIO(body[body.index(b"\r\n\r\n") + 4:])).size == (32, 32)
+
+
+def test_the_api_key_in_a_websocket_subprotocol_header_or_query(tiny_models_file: Path) -> None:
+    """Browsers cannot set headers on a WebSocket: the key may come as the subprotocol
+    ``base64url.bearer.<key>`` next to ``accel-diffusion``, the only one echoed back. A key with characters a
+    subprotocol token cannot hold travels base64url-encoded; Authorization and ?api_key= keep working."""
+    import base64
+
+    key = "k/+=? 1;x"
+    encoded = base64.urlsafe_b64encode(key.encode()).decode().rstrip("=")
+    settings = make_settings(tiny_models_file, api_keys=[key])
+    with TestClient(create_app(settings)) as client:
+        with client.websocket_connect("/v1/stream", subprotocols=["accel-diffusion", f"base64url.bearer.{encoded}"]
+                                      ) as ws:
+            assert ws.accepted_subprotocol == "accel-diffusion"
+            ws.send_json({"type": "stats"})
+            assert ws.receive_json()["type"] == "stats"
+        for connect_kwargs in ({"headers": {"Authorization": f"Bearer {key}"}},
+                               {"subprotocols": [f"base64url.bearer.{encoded}"]}):  # none to echo: none echoed
+            with client.websocket_connect("/v1/stream", **connect_kwargs) as ws:
+                assert ws.accepted_subprotocol is None
+                ws.send_json({"type": "stats"})
+                assert ws.receive_json()["type"] == "stats"
+        wrong = base64.urlsafe_b64encode(b"wrong").decode().rstrip("=")
+        for protocols in (["accel-diffusion", f"base64url.bearer.{wrong}"], ["accel-diffusion", "base64url.bearer.%%"],
+                          ["accel-diffusion"]):
+            with pytest.raises(WebSocketDisconnect) as refused, \
+                    client.websocket_connect("/v1/stream", subprotocols=protocols) as ws:
+                ws.receive_json()
+            assert refused.value.code == 1008

@@ -1,9 +1,13 @@
 """The app behind a real uvicorn on 127.0.0.1: generation over TCP, a client that disconnects from a
-synchronous call cancels its job, and shutdown lets the running job finish."""
+synchronous call cancels its job, shutdown lets the running job finish, no API key reaches a log line,
+and a connection that sends half a request is closed after ``request_read_timeout_s``."""
 
 from __future__ import annotations
 
+import base64
+import json
 import signal
+import socket
 import time
 from pathlib import Path
 
@@ -63,3 +67,104 @@ def test_a_prompt_that_cannot_be_encoded_is_a_400_and_the_batch_and_connection_g
         for response in good:
             job = http.get(f"/v1/jobs/{response.json()['id']}", params={"wait": 30}).json()
             assert job["status"] == "succeeded" and job["result"]["batch_size_used"] == 2
+
+
+def test_no_api_key_reaches_the_log(tiny_models_file: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    """uvicorn writes request URLs in its access log and WebSocket lines: the values of query secrets
+    (``?api_key=``, ``token``, ...) are redacted there, whatever the answer, and the SDK, web page and
+    subprotocol forms never put the key in a URL."""
+    from websockets.exceptions import InvalidStatus
+    from websockets.sync.client import connect
+
+    key = "sk-live-4f7b9c"
+    app = create_app(make_settings(tiny_models_file, api_keys=[key]))
+    with running_server(app, log_level="info") as (_, _, base), httpx.Client(base_url=base, timeout=60) as http:
+        ws_url = base.replace("http", "ws") + "/v1/stream"
+        assert http.get("/v1/stream/nope/mjpeg", params={"api_key": key}).status_code == 404
+        assert http.get("/v1/models", params={"token": key, "x": 1, "access_token": key}).status_code == 401
+        assert http.get("/web/", params={"api_key": key}).status_code == 200
+        with connect(f"{ws_url}?api_key={key}") as ws:  # the old form, kept for compatibility
+            ws.send(json.dumps({"type": "stats"}))
+            assert json.loads(ws.recv())["type"] == "stats"
+        with pytest.raises(InvalidStatus), connect(f"{ws_url}?api_key={key}-wrong"):
+            pass
+        encoded = base64.urlsafe_b64encode(key.encode()).decode().rstrip("=")
+        with connect(ws_url, subprotocols=["accel-diffusion", f"base64url.bearer.{encoded}"]) as ws:
+            assert ws.subprotocol == "accel-diffusion"
+    log = "".join(capfd.readouterr())
+    assert key not in log and encoded not in log, log
+    for line in ('"GET /v1/stream/nope/mjpeg?api_key=[redacted] HTTP/1.1" 404',
+                 '"GET /v1/models?token=[redacted]&x=1&access_token=[redacted] HTTP/1.1" 401',
+                 '"GET /web/?api_key=[redacted] HTTP/1.1" 200', '"WebSocket /v1/stream?api_key=[redacted]" [accepted]',
+                 '"WebSocket /v1/stream?api_key=[redacted]" 403', '"WebSocket /v1/stream" [accepted]'):
+        assert line in log, (line, log)
+
+
+def _closed_after(sock: socket.socket, limit_s: float) -> tuple[float, bytes]:
+    """Seconds until the server closed ``sock`` (at most ``limit_s``), and what it sent before."""
+    begin, received = time.monotonic(), b""
+    sock.settimeout(limit_s)
+    while True:
+        chunk = sock.recv(4096)
+        if not chunk:
+            return time.monotonic() - begin, received
+        received += chunk
+
+
+def test_half_sent_requests_are_closed_after_the_read_timeout(tiny_models_file: Path) -> None:
+    """A connection that sends nothing, half a header, a header trickled a byte at a time, or half a body is
+    closed once ``request_read_timeout_s`` has passed (408 while in its headers); a request that arrived
+    whole keeps its connection however long the app takes (a 2 s long poll, a WebSocket, keep-alive requests)."""
+    from websockets.sync.client import connect
+
+    timeout = 1.0
+    app = create_app(make_settings(tiny_models_file, request_read_timeout_s=timeout))
+    with running_server(app) as (_, _, base), httpx.Client(base_url=base, timeout=60) as http:
+        host, port = base.removeprefix("http://").split(":")
+        address = (host, int(port))
+        job_id = http.post("/v1/jobs", json={"prompt": "a cross", "n": 4, "seed": 0, "steps": 150}).json()["id"]
+        began = time.monotonic()
+        polled = http.get(f"/v1/jobs/{job_id}", params={"wait": 2 * timeout})  # the app takes longer than the bound
+        assert polled.status_code == 200 and polled.json()["status"] in ("queued", "running")
+        assert time.monotonic() - began >= 2 * timeout
+        http.post(f"/v1/jobs/{job_id}/cancel")
+        with connect(base.replace("http", "ws") + "/v1/stream") as ws:  # a WebSocket outlives the bound
+            time.sleep(1.5 * timeout)
+            ws.send(json.dumps({"type": "stats"}))
+            assert json.loads(ws.recv())["type"] == "stats"
+
+        half_body = (b"POST /v1/jobs HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 100\r\n\r\n{")
+        for sent, expected in [(b"", b"HTTP/1.1 408 "), (b"GET /health/live HTTP/1.1\r\nHost: x\r\n", b"HTTP/1.1 408 "),
+                               (half_body, b"")]:
+            with socket.create_connection(address) as sock:
+                sock.sendall(sent)
+                elapsed, received = _closed_after(sock, 10 * timeout)
+            assert timeout * 0.9 <= elapsed <= timeout + 2, (sent, elapsed)
+            assert received.startswith(expected), (sent, received)
+            if expected:
+                assert received.endswith(b"request not complete within 1 s"), received
+
+        with socket.create_connection(address) as sock:  # slow loris: a byte every 0.15 s never resets the bound
+            sock.settimeout(0.15)
+            begin, received = time.monotonic(), b""
+            for byte in b"GET /health/live HTTP/1.1\r\nX-Padding: " + b"a" * 400:
+                try:
+                    sock.send(bytes([byte]))
+                    chunk = sock.recv(4096)
+                except TimeoutError:
+                    continue  # still open: the next byte
+                except OSError:  # reset after the close
+                    break
+                if not chunk:
+                    break
+                received += chunk
+            elapsed = time.monotonic() - begin
+            assert timeout * 0.9 <= elapsed <= timeout + 2 and received.startswith(b"HTTP/1.1 408 "), elapsed
+
+        with socket.create_connection(address) as sock:  # keep-alive: each request gets its own bound
+            for _ in range(3):
+                sock.sendall(b"GET /health/live HTTP/1.1\r\nHost: x\r\n\r\n")
+                sock.settimeout(10)
+                assert sock.recv(4096).startswith(b"HTTP/1.1 200 ")
+                time.sleep(0.6 * timeout)
