@@ -23,6 +23,7 @@ from typing import Annotated, Any
 import diffusers
 import torch
 from accel_diffusion.server.auth import api_key_matches, key_owner
+from accel_diffusion.server.hosts import HostAndOriginCheck
 from accel_diffusion.server.jobs import DrainingError, Job, JobStatus, JobStore, OutputOptions, QueueFullError
 from accel_diffusion.server.metrics import ServerMetrics
 from accel_diffusion.server.schemas import (
@@ -174,6 +175,7 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "Content-Type", "Last-Event-ID", "X-Request-Id"])
+    app.add_middleware(HostAndOriginCheck, settings=settings)  # outside CORS: a refused Origin gets no CORS answer
     app.add_middleware(RequestIdAndLimits, max_body_bytes=settings.max_body_bytes)
     _install_error_handlers(app)
     app.include_router(_open_routes())

@@ -6,10 +6,13 @@ import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
+from accel_diffusion.server.hosts import is_loopback
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from accel_diffusion.strategy import DEFAULT_LIMITS, RequestLimits
+
+LOOPBACK_HOSTS = ["127.0.0.1", "localhost", "::1", "[::1]"]
 
 
 class ServerSettings(BaseSettings):
@@ -49,6 +52,14 @@ class ServerSettings(BaseSettings):
     api_keys: list[SecretStr] = Field([], description="Bearer tokens; empty = no authentication")
     api_keys_file: Path | None = Field(None, description="one API key per line (e.g. a mounted secret)")
     cors_origins: list[str] = Field([], description="allowed browser origins; empty = CORS closed")
+    allowed_hosts: list[str] | None = Field(None, description="Host header names served (IPs, names, "
+                                            "'*.example.com' for its subdomains, '*' for any); others get 421. "
+                                            "Default: the loopback names when host is a loopback address, "
+                                            "else '*'. /health/* answers any Host (probes send the pod IP)")
+    allowed_origins: list[str] = Field([], description="browser origins (scheme://name[:port]) besides the "
+                                       "server's own and cors_origins that may open WS /v1/stream and send "
+                                       "requests (e.g. the public origin when a proxy rewrites Host); "
+                                       "a request with another Origin header gets 403")
     job_ttl_s: Annotated[float, Field(gt=0)] = 3600.0
     max_finished_jobs: Annotated[int, Field(ge=1)] = 1000
     max_job_image_bytes: int = Field(1 << 30, ge=0, description="base64 bytes of finished jobs' images kept in "
@@ -69,6 +80,24 @@ class ServerSettings(BaseSettings):
     def _no_wildcard(cls, value: list[str]) -> list[str]:
         if "*" in value:
             raise ValueError("list the allowed origins explicitly; '*' is refused")
+        return value
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _bare_host_names(cls, value: list[str] | None) -> list[str] | None:
+        for name in value or []:
+            if not name.strip() or any(c in name for c in "/ ") or name.count(":") == 1:
+                raise ValueError(f"{name!r}: give host names without scheme, path or port "
+                                 "(e.g. 'gen.example.com', '*.example.com', '*')")
+        return value
+
+    @field_validator("allowed_origins")
+    @classmethod
+    def _explicit_origins(cls, value: list[str]) -> list[str]:
+        for origin in value:
+            if "*" in origin or "://" not in origin or "/" in origin.split("://", 1)[1].rstrip("/"):
+                raise ValueError(f"{origin!r}: give origins as scheme://name[:port] (e.g. "
+                                 "'https://gen.example.com'), each explicitly; wildcards are refused")
         return value
 
     @field_validator("api_keys")
@@ -102,6 +131,12 @@ class ServerSettings(BaseSettings):
                              max_steps=self.max_steps, max_images=self.max_images,
                              max_prompt_chars=self.max_prompt_chars,
                              max_init_image_bytes=self.max_body_bytes)
+
+    def served_hosts(self) -> list[str]:
+        """``allowed_hosts``, or its default: the loopback names when bound to loopback, else any."""
+        if self.allowed_hosts is not None:
+            return self.allowed_hosts
+        return list(LOOPBACK_HOSTS) if is_loopback(self.host) else ["*"]
 
     def all_api_keys(self) -> list[str]:
         keys = [k.get_secret_value() for k in self.api_keys]

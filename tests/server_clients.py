@@ -16,12 +16,15 @@ import numpy as np
 import uvicorn
 from accel_diffusion.server import ServerSettings
 from accel_diffusion.server.process import DrainingServer, uvicorn_config
+from accel_diffusion.server.settings import LOOPBACK_HOSTS
 from fastapi import FastAPI
 from PIL import Image
 
 
 def make_settings(models_file: Path, **overrides: Any) -> ServerSettings:
-    return ServerSettings(**{"models_file": models_file, "served_models": ["tiny"], "warmup_steps": 1, **overrides})
+    """Settings on the tiny model; the hosts served are the loopback names and TestClient's "testserver"."""
+    return ServerSettings(**{"models_file": models_file, "served_models": ["tiny"], "warmup_steps": 1,
+                             "allowed_hosts": ["testserver", *LOOPBACK_HOSTS], **overrides})
 
 
 def decode(b64: str) -> np.ndarray:

@@ -47,3 +47,24 @@ def test_the_servers_default_limits_are_the_librarys() -> None:
 
     assert ServerSettings().request_limits() == DEFAULT_LIMITS
     assert (DEFAULT_LIMITS.max_width, DEFAULT_LIMITS.max_height, DEFAULT_LIMITS.max_steps) == (1024, 1024, 150)
+
+
+def test_served_hosts_default_to_the_loopback_names_when_bound_to_loopback() -> None:
+    loopback = ["127.0.0.1", "localhost", "::1", "[::1]"]
+    assert [ServerSettings(host=h).served_hosts() for h in ("127.0.0.1", "localhost", "::1", "127.0.0.2")] == \
+        [loopback] * 4
+    assert ServerSettings(host="0.0.0.0").served_hosts() == ["*"]
+    assert ServerSettings(host="0.0.0.0", allowed_hosts=["gen.example.com"]).served_hosts() == ["gen.example.com"]
+
+
+@pytest.mark.parametrize(("bad", "named"), [
+    ({"allowed_hosts": ["https://gen.example.com"]}, "without scheme"),
+    ({"allowed_hosts": ["gen.example.com:8000"]}, "without scheme, path or port"),
+    ({"allowed_hosts": [""]}, "host names"),
+    ({"allowed_origins": ["*"]}, "wildcards are refused"),
+    ({"allowed_origins": ["gen.example.com"]}, "scheme://name[:port]"),
+    ({"allowed_origins": ["https://gen.example.com/web/"]}, "scheme://name[:port]")])
+def test_refused_hosts_and_origins_say_what_to_give(bad: dict, named: str) -> None:
+    with pytest.raises(ValidationError) as refused:
+        ServerSettings(**bad)
+    assert named in str(refused.value) and next(iter(bad)) in str(refused.value)
