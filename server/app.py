@@ -15,6 +15,7 @@ import logging
 import platform
 import time
 import uuid
+import weakref
 from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
 from importlib import resources
@@ -24,7 +25,15 @@ import diffusers
 import torch
 from accel_diffusion.server.auth import api_key_matches, key_owner
 from accel_diffusion.server.hosts import HostAndOriginCheck
-from accel_diffusion.server.jobs import DrainingError, Job, JobStatus, JobStore, OutputOptions, QueueFullError
+from accel_diffusion.server.jobs import (
+    DrainingError,
+    Job,
+    JobStatus,
+    JobStore,
+    OutputOptions,
+    QueueFullError,
+    QuotaExceededError,
+)
 from accel_diffusion.server.metrics import ServerMetrics
 from accel_diffusion.server.schemas import (
     ErrorResponse,
@@ -75,10 +84,15 @@ class ServerState:
         self.registry = registry
         self.limits = settings.request_limits()
         self.metrics = ServerMetrics()
-        self.jobs = JobStore(settings.job_ttl_s, settings.max_finished_jobs, settings.max_job_image_bytes)
+        self.jobs = JobStore(settings.job_ttl_s, settings.max_finished_jobs, settings.max_job_image_bytes,
+                             key_max_finished=settings.key_max_finished_jobs,
+                             key_max_image_bytes=settings.key_max_job_image_bytes,
+                             max_listeners=settings.max_sse_listeners, key_max_listeners=settings.key_max_sse_listeners,
+                             job_max_listeners=settings.max_sse_listeners_per_job)
         # limits=None: requests are checked against this server's limits when they are submitted
         self.worker = DeviceWorker(Engine(registry, limits=None), settings.queue_max, self.metrics,
-                                   settings.max_batch_size, settings.max_batch_wait_ms, settings.batch_invariant)
+                                   settings.max_batch_size, settings.max_batch_wait_ms, settings.batch_invariant,
+                                   key_max_running=settings.key_max_running_jobs)
         self.api_keys = [k.encode() for k in settings.all_api_keys()]
         self.ready = False
         self.draining = False
@@ -106,6 +120,9 @@ class ServerState:
         if self.draining:
             raise DrainingError("the server is shutting down; retry on another replica")
         self.check_model(request)
+        if self.jobs.count(owner, JobStatus.QUEUED) >= self.settings.key_max_queued_jobs:
+            raise QuotaExceededError("key_max_queued_jobs", self.settings.key_max_queued_jobs,
+                                     "jobs queued for this API key", max(1, round(self.worker.last_job_seconds)))
         job = Job(request=request, output=output, owner=owner, delivered_by_caller=delivered_by_caller)
         position = self.worker.submit(job)
         self.jobs.add(job)
@@ -361,6 +378,12 @@ def _install_error_handlers(app: FastAPI) -> None:
         count_error(request, "queue_full")
         return error_response(429, "queue_full", str(exc), headers={"Retry-After": str(exc.retry_after_s)})
 
+    @app.exception_handler(QuotaExceededError)
+    async def quota_exceeded(request: Request, exc: QuotaExceededError) -> JSONResponse:
+        count_error(request, "quota_exceeded")
+        return error_response(429, "quota_exceeded", str(exc), exc.quota,
+                              headers={"Retry-After": str(exc.retry_after_s)})
+
     @app.exception_handler(DrainingError)
     async def draining(request: Request, exc: DrainingError) -> JSONResponse:
         count_error(request, "unavailable")
@@ -485,7 +508,10 @@ def _api_routes() -> APIRouter:
                          ) -> StreamingResponse:
         job = _job(state, job_id, owner)
         start = int(last_event_id) if last_event_id and last_event_id.isdecimal() and len(last_event_id) < 19 else 0
-        return StreamingResponse(_sse(job, start, request), media_type="text/event-stream",
+        release = state.jobs.open_listener(job, owner)  # 429 past the listener caps
+        events = _sse(job, start, request, release)
+        weakref.finalize(events, release)  # a stream never started (the client left first) is released too
+        return StreamingResponse(events, media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     return router
@@ -564,12 +590,13 @@ async def _wait_or_cancel(job: Job, request: Request, state: ServerState) -> Non
             return
 
 
-async def _sse(job: Job, last_id: int, request: Request, heartbeat_s: float = 15.0) -> AsyncIterator[str]:
-    flag = job.watch()
+async def _sse(job: Job, last_id: int, request: Request, release: Callable[[], None],
+               heartbeat_s: float = 15.0) -> AsyncIterator[str]:
+    watch = job.watch()
     last_beat = checked = time.monotonic()
     try:
         while True:
-            flag.clear()
+            changed = watch.next()  # before reading the events: set by any event after them
             finished = job.status.finished  # read before the events: a terminal event is then in the list
             events = job.events_after(last_id)
             for event in events:
@@ -587,6 +614,7 @@ async def _sse(job: Job, last_id: int, request: Request, heartbeat_s: float = 15
                 if await request.is_disconnected():
                     return
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(flag.wait(), DISCONNECT_CHECK_S)
+                await asyncio.wait_for(changed.wait(), DISCONNECT_CHECK_S)
     finally:
-        job.unwatch(flag)
+        job.unwatch(watch)
+        release()

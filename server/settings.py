@@ -65,6 +65,21 @@ class ServerSettings(BaseSettings):
     max_job_image_bytes: int = Field(1 << 30, ge=0, description="base64 bytes of finished jobs' images kept in "
                                      "all; past it the oldest jobs' images are released (the jobs stay, with "
                                      "their metadata and seeds, marked images_released)")
+    # per-key quotas (each API key; without keys the one tenant), under the global caps above and below
+    key_max_queued_jobs: int = Field(16, ge=1, description="a key's queued jobs; past it a new job gets 429 "
+                                     "quota_exceeded (the server's is queue_max)")
+    key_max_running_jobs: int = Field(16, ge=1, description="a key's jobs in one running batch (the others "
+                                      "wait for the next batch)")
+    key_max_finished_jobs: int = Field(250, ge=1, description="a key's finished jobs kept; past it that key's "
+                                       "oldest are dropped (past max_finished_jobs, the key keeping the most's)")
+    key_max_job_image_bytes: int = Field(256 << 20, ge=0, description="base64 bytes of a key's finished jobs' "
+                                         "images kept; past it that key's oldest are released (past "
+                                         "max_job_image_bytes, the key holding the most's)")
+    max_sse_listeners: int = Field(256, ge=1, description="job event streams open at once on the server")
+    key_max_sse_listeners: int = Field(32, ge=1, description="job event streams open at once for a key")
+    max_sse_listeners_per_job: int = Field(8, ge=1, description="event streams open at once on one job")
+    key_max_stream_sessions: int = Field(2, ge=0, description="stream sessions open at once for a key (the "
+                                         "server's is max_stream_sessions)")
     warmup_steps: Annotated[int, Field(ge=0)] = 2
     max_stream_sessions: Annotated[int, Field(ge=0)] = 4
     stream_idle_timeout_s: Annotated[float, Field(gt=0)] = 60.0

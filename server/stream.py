@@ -198,6 +198,11 @@ class _Connection:
 
 
 async def _serve(websocket: WebSocket, state: Any, owner: str | None) -> None:
+    quota = state.settings.key_max_stream_sessions  # per key (keyless: one tenant), under max_stream_sessions
+    if sum(c.owner == owner for c in state.stream_connections.values()) >= quota:
+        await websocket.close(CLOSE_OVERLOADED, f"at most {quota} stream sessions per API key "
+                                                "(key_max_stream_sessions)")
+        return
     connection = _Connection(websocket, state, owner)
     state.stream_connections[connection.id] = connection
     try:

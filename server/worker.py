@@ -37,13 +37,15 @@ class DeviceWorker:
     """A bounded FIFO of jobs and the thread that runs them on ``engine``."""
 
     def __init__(self, engine: Engine, queue_max: int, metrics: ServerMetrics, max_batch_size: int = 1,
-                 max_batch_wait_ms: float = 0.0, batch_invariant: bool = True) -> None:
+                 max_batch_wait_ms: float = 0.0, batch_invariant: bool = True,
+                 key_max_running: int | None = None) -> None:
         self.engine = engine
         self.queue_max = queue_max
         self.metrics = metrics
         self.max_batch_size = max_batch_size
         self.max_batch_wait_s = max_batch_wait_ms / 1000
         self.batch_invariant = batch_invariant
+        self.key_max_running = key_max_running  # one owner's jobs in a batch
         self._queue: deque[Job] = deque()
         self._urgent: deque[tuple[Callable[[], Any], Future[Any]]] = deque()
         self._cond = threading.Condition()
@@ -198,7 +200,8 @@ class DeviceWorker:
 
     def _take_batch(self) -> list[Job]:
         """The next job, plus queued compatible ones (same batch key) while the batch has room;
-        waits up to ``max_batch_wait_ms`` for more. Called with the lock held."""
+        waits up to ``max_batch_wait_ms`` for more. At most ``key_max_running`` jobs of one owner join a
+        batch (the others wait for a later one). Called with the lock held."""
         batch = [self._queue.popleft()]
         key = batch_key(batch[0])
         if key is None or self.max_batch_size <= 1:
@@ -207,6 +210,9 @@ class DeviceWorker:
         deadline = time.monotonic() + self.max_batch_wait_s
         while images < self.max_batch_size:
             for job in list(self._queue):
+                running = sum(j.owner == job.owner for j in batch)
+                if self.key_max_running is not None and running >= self.key_max_running:
+                    continue
                 if batch_key(job) == key and images + job.request.num_images <= self.max_batch_size:
                     self._queue.remove(job)
                     batch.append(job)

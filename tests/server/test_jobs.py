@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+import threading
 import time
+from typing import Any
 
-from accel_diffusion.server.jobs import Job, JobStatus, JobStore
+import pytest
+from accel_diffusion.server.jobs import Job, JobStatus, JobStore, QuotaExceededError
 
 from accel_diffusion.strategy import GenerationRequest
 
@@ -113,3 +117,86 @@ def test_a_cancelled_jobs_last_preview_counts_towards_the_cap_and_is_released() 
     store.get(job.id)  # over the cap: released
     assert job.image_bytes == 0 and [e.data for e in job.events if e.type == "job.preview"] == [
         {"step": 2, "superseded": True}]
+
+
+def owned(store: JobStore, owner: str | None, status: JobStatus = JobStatus.CANCELLED, chars: int = 0) -> Job:
+    job = Job(request=GenerationRequest.create(model="tiny", prompt="a"), owner=owner)
+    store.add(job)
+    job.finish(status, result={"images": [{"seed": 1, "b64_json": "A" * chars}]} if chars else None)
+    return job
+
+
+def test_one_owners_churn_never_evicts_another_owners_finished_jobs() -> None:
+    store = JobStore(ttl_s=60, max_finished=20)  # the global cap only: the owner keeping the most gives up
+    bob = owned(store, "bob")
+    alice = [owned(store, "alice") for _ in range(21)]
+    kept = store.all()
+    assert bob in kept and len(kept) == 20 and [j for j in kept if j.owner == "alice"] == alice[2:]
+    quota = JobStore(ttl_s=60, max_finished=20, key_max_finished=5)  # a key's own quota: its own oldest go
+    carol = owned(quota, None)  # without API keys: one tenant, like any key
+    dave = [owned(quota, "dave") for _ in range(8)]
+    assert quota.all() == [carol, *dave[3:]]
+
+
+def test_image_bytes_are_released_from_the_owner_holding_the_most() -> None:
+    store = JobStore(ttl_s=60, max_finished=100, max_image_bytes=500)
+    bob = owned(store, "bob", JobStatus.SUCCEEDED, chars=100)  # the oldest images of all
+    alice = [owned(store, "alice", JobStatus.SUCCEEDED, chars=100) for _ in range(6)]
+    store.all()
+    assert bob.image_bytes == 100 and [j.image_bytes for j in alice] == [0, 0, 100, 100, 100, 100]
+    quota = JobStore(ttl_s=60, max_finished=100, max_image_bytes=10_000, key_max_image_bytes=250)
+    carol = owned(quota, "carol", JobStatus.SUCCEEDED, chars=100)
+    dave = [owned(quota, "dave", JobStatus.SUCCEEDED, chars=100) for _ in range(4)]
+    quota.all()
+    assert carol.image_bytes == 100 and [j.image_bytes for j in dave] == [0, 0, 100, 100]
+
+
+def test_listeners_are_capped_per_job_per_owner_and_in_all_and_released_once() -> None:
+    store = JobStore(ttl_s=60, max_finished=100, max_listeners=4, key_max_listeners=3, job_max_listeners=2)
+    first, second = make_job(), make_job()
+    releases = [store.open_listener(first, "alice"), store.open_listener(first, "alice")]
+    with pytest.raises(QuotaExceededError) as per_job:
+        store.open_listener(first, "bob")
+    releases.append(store.open_listener(second, "alice"))
+    with pytest.raises(QuotaExceededError) as per_key:
+        store.open_listener(second, "alice")
+    releases.append(store.open_listener(second, "bob"))
+    with pytest.raises(QuotaExceededError) as in_all:
+        store.open_listener(make_job(), "carol")
+    assert (per_job.value.quota, per_key.value.quota, in_all.value.quota) == (
+        "max_sse_listeners_per_job", "key_max_sse_listeners", "max_sse_listeners")
+    releases[0]()
+    releases[0]()  # released once: a second call frees nothing more
+    releases.append(store.open_listener(first, "bob"))
+    with pytest.raises(QuotaExceededError):
+        store.open_listener(make_job(), "carol")
+
+
+def test_an_event_wakes_all_of_a_loops_listeners_with_one_call_from_the_worker_thread() -> None:
+    async def fan_out() -> int:
+        loop = asyncio.get_running_loop()
+        calls = 0
+        call_soon_threadsafe = loop.call_soon_threadsafe
+
+        def counted(*args: Any, **kwargs: Any) -> Any:  # counts, then schedules for real
+            nonlocal calls
+            calls += 1
+            return call_soon_threadsafe(*args, **kwargs)
+
+        loop.call_soon_threadsafe = counted  # type: ignore[method-assign]
+        job = make_job()
+        watches = [job.watch() for _ in range(400)]
+        waits = [watch.next().wait() for watch in watches]
+        on_worker(job.progress, 1, 2)
+        await asyncio.wait_for(asyncio.gather(*waits), 5)
+        for watch in watches:
+            job.unwatch(watch)
+        on_worker(job.progress, 2, 2)  # nobody listens: nothing is scheduled
+        return calls
+
+    def on_worker(step: Any, *args: int) -> None:  # on another thread, as the worker's
+        thread = threading.Thread(target=step, args=args)
+        thread.start()
+        thread.join()
+
+    assert asyncio.run(fan_out()) == 1
