@@ -275,10 +275,14 @@ def test_wrong_sized_crafted_and_truncated_frames_get_errors_and_the_session_goe
             client.websocket_connect("/v1/stream") as ws:
         ws.send_json({"type": "session.start", "prompt": PROMPT, "t_index_list": [45], "guidance": "none"})
         assert ws.receive_json()["session"]["width"] == 32
+        messages = []
         for bad in (small.getvalue(), wide.getvalue(), _png_header_only(20000, 20000), frame_bytes(3)[:200]):
             ws.send_bytes(bad)
             error = ws.receive_json()
             assert error["type"] == "error" and error["code"] == "invalid_frame" and error["param"] == "frame", error
+            messages.append(error["message"])
+        assert messages[2] == ("unreadable image (truncated, corrupt, or declaring too many pixels); send a complete "
+                               "JPEG, PNG or WebP of the session's size")  # not Pillow's exception text
         ws.send_bytes(frame_bytes(3))
         assert ws.receive_json()["type"] == "frame" and ws.receive_bytes()
 
