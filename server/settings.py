@@ -82,7 +82,14 @@ class ServerSettings(BaseSettings):
                                          "server's is max_stream_sessions)")
     warmup_steps: Annotated[int, Field(ge=0)] = 2
     max_stream_sessions: Annotated[int, Field(ge=0)] = 4
-    stream_idle_timeout_s: Annotated[float, Field(gt=0)] = 60.0
+    stream_idle_timeout_s: float = Field(60.0, gt=0, description="a stream connection with no input for this "
+                                         "long (accepted frames, frame requests, session or parameter messages "
+                                         "that succeed) is closed with 1000")
+    stream_control_rate: float = Field(20.0, gt=0, description="text messages per second a stream connection may "
+                                       "send, frame.request aside, after a burst of stream_control_burst; past it "
+                                       "a message is dropped with a rate_limited error")
+    stream_control_burst: int = Field(40, ge=1, description="text messages a stream connection may send at once; "
+                                      "this many dropped in a row close the connection with 1008")
     stream_acceleration: Literal["none", "compile"] = Field(
         "none", description="compile: stream sessions run the UNet under torch.compile with static shapes (a graph "
         "per batch shape, built on the worker when first needed; the default session's at startup)")

@@ -19,13 +19,24 @@ Protocol (JSON text messages, binary frames):
   server → ``{"type": "params.updated", "t_index_list"}`` (the steps now in use)
 - client → ``{"type": "stats"}``; server → ``{"type": "stats", received, processed, dropped, skipped, nfe, fps
   (over the session), fps_recent (over the last 2 s), latency_ms (the last frame's)}``
-- errors: ``{"type": "error", "code", "message", "param"}`` (``param`` is ``"frame"`` for anything a
+- errors: ``{"type": "error", "code", "message", "param", "request_id"}`` (``param`` is ``"frame"`` for anything a
   frame caused, ``"message"`` for a text message that is not a JSON object: invalid, nested deeper than 32
-  levels, over ``max_body_bytes``); a bad frame or message leaves the session running, a frame over
-  ``max_frame_bytes`` included. Close codes: 1009 for a message past twice ``max_frame_bytes`` (at least 16 MiB: the
-  WebSocket layer refuses it before it reaches the app), 1013 when the
-  server is at its session cap, 1000 after ``stream_idle_timeout_s`` without input (frames, frame
-  requests, session or parameter messages: a ``stats`` poll does not keep a session alive).
+  levels, over ``max_body_bytes``, or dropped past the rate limit); a bad frame or message leaves the session
+  running, a frame over ``max_frame_bytes`` included. A user's mistake gets its message; a failure inside the
+  server or the model gets ``internal_error`` (``gpu_oom`` when the device ran out of memory) and a message
+  written for the user, the exception going only to the server log, under ``request_id`` (the connection's:
+  the upgrade request's ``X-Request-Id`` if it is a plain token, else a new one).
+- Session slots: a connection takes one of ``max_stream_sessions`` at a successful ``session.start`` (not when
+  it connects; a refused start takes none) and frees it when it ends, after the frame on the device.
+- Rate limit: text messages other than ``frame.request`` (which, like frames, is input: latest wins) are
+  limited per connection to ``stream_control_rate`` a second in bursts of ``stream_control_burst``; one past it
+  is dropped with a ``rate_limited`` error, and ``stream_control_burst`` dropped in a row close the connection
+  (1008).
+- Close codes: 1009 for a message past twice ``max_frame_bytes`` (at least 16 MiB: the
+  WebSocket layer refuses it before it reaches the app), 1013 for a ``session.start`` when the
+  server is at its session cap, 1008 for a flood of control messages, 1000 after ``stream_idle_timeout_s``
+  without input taken (accepted frames, frame requests, session or parameter messages that succeed: a ``stats``
+  poll, a refused message or a refused frame does not keep a connection open).
   A bad or missing API key is refused before the handshake
   (close 1008, which uvicorn sends as an HTTP 403 to the upgrade request). The key goes in an
   ``Authorization: Bearer`` header, or (browsers cannot set headers on a WebSocket) in the subprotocols
@@ -48,6 +59,7 @@ import contextlib
 import io
 import json
 import logging
+import re
 import time
 import uuid
 from collections import deque
@@ -57,6 +69,7 @@ from typing import Any
 import numpy as np
 from accel_diffusion.server.auth import api_key_matches, key_owner
 from accel_diffusion.server.jobs import OutputOptions
+from accel_diffusion.server.worker import _out_of_memory
 from fastapi import APIRouter, HTTPException, Request, WebSocket, WebSocketDisconnect
 from fastapi.responses import StreamingResponse
 from PIL import Image, UnidentifiedImageError
@@ -80,6 +93,7 @@ START_FIELDS = {"type", "prompt", "model", "negative_prompt", "t_index_list", "g
 # millisecond; larger ones go to a thread so they cannot stall other sessions' sends.
 INLINE_DECODE_BYTES = 32 * 1024
 RECENT_S = 2.0  # the window of the stats' fps_recent
+REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")  # an X-Request-Id taken as sent (else one is made: log-safe)
 UPDATE_FIELDS = {"type", "prompt", "negative_prompt", "t_index_list", "strength", "seed", "guidance_scale", "delta"}
 
 
@@ -96,16 +110,8 @@ def stream_router() -> APIRouter:
         # a browser that offered subprotocols fails the connection unless one is echoed: the non-secret one
         await websocket.accept(subprotocol=SUBPROTOCOL if SUBPROTOCOL in websocket.scope.get("subprotocols", [])
                                else None)
-        if state.stream_sessions >= state.settings.max_stream_sessions:
-            await websocket.close(CLOSE_OVERLOADED, f"at most {state.settings.max_stream_sessions} stream sessions")
-            return
-        state.stream_sessions += 1
-        try:
+        with contextlib.suppress(WebSocketDisconnect):  # a session slot is taken at session.start, not here
             await _serve(websocket, state, key_owner(key) if state.api_keys else None)
-        except WebSocketDisconnect:
-            pass
-        finally:
-            state.stream_sessions -= 1
 
     @router.get("/v1/stream/{session_id}/mjpeg", tags=["stream"], response_class=StreamingResponse,
                 responses={200: {"content": {"multipart/x-mixed-replace": {}}}})
@@ -162,6 +168,14 @@ def _sent_key(connection: WebSocket | Request) -> str:
     return connection.query_params.get("api_key", "")
 
 
+class _Close(Exception):  # not an error: the handler closes the connection with this code
+    """Raised by a message handler: close the connection with ``code`` and ``reason``."""
+
+    def __init__(self, code: int, reason: str) -> None:
+        super().__init__(reason)
+        self.code, self.reason = code, reason
+
+
 class _Connection:
     def __init__(self, websocket: WebSocket, state: Any, owner: str | None) -> None:
         self.websocket = websocket
@@ -183,7 +197,13 @@ class _Connection:
         self.drain_task: asyncio.Task[None] | None = None
         self.recent: deque[float] = deque()  # when frames finished, over the last RECENT_S seconds
         self.latency_ms: float | None = None  # the last frame's, receipt to reply
-        self.last_input = time.monotonic()  # for the idle timeout: what the user sends, not stats polls
+        self.last_input = time.monotonic()  # for the idle timeout: accepted input, not stats polls or errors
+        self.holds_slot = False  # one of max_stream_sessions, from a successful session.start to the end
+        sent_id = websocket.headers.get("x-request-id", "")  # as for HTTP: the upgrade's, else a new one
+        self.request_id = sent_id if REQUEST_ID.fullmatch(sent_id) else uuid.uuid4().hex
+        self.tokens = float(state.settings.stream_control_burst)  # the control-message rate limit's bucket
+        self.refilled = time.monotonic()
+        self.limited_in_a_row = 0
 
     async def send(self, message: dict[str, Any], image: bytes | None = None) -> None:
         """A JSON message, and the binary frame that belongs to it, with nothing in between."""
@@ -194,7 +214,39 @@ class _Connection:
                 await self.websocket.send_bytes(image)
 
     async def error(self, code: str, message: str, param: str | None = None) -> None:
-        await self.send({"type": "error", "code": code, "message": message, "param": param})
+        await self.send({"type": "error", "code": code, "message": message, "param": param,
+                         "request_id": self.request_id})
+
+    async def failed(self, exc: Exception, what: str, param: str | None = None) -> None:
+        """Answer an exception: a user's mistake with its message; anything else with a code and a message
+        written for the user, the exception text going only to the log, under the request id."""
+        if isinstance(exc, InvalidRequestError):
+            await self.error(exc.error_type, str(exc), exc.field)
+            return
+        if isinstance(exc, AccelDiffusionError):  # raised on purpose, with a message for users (as for jobs)
+            await self.error(exc.error_type, str(exc), param)
+            return
+        oom = _out_of_memory(exc)
+        LOG.error("stream request %s: %s failed", self.request_id, what, exc_info=exc)
+        await self.error("gpu_oom" if oom else "internal_error",
+                         f"{'out of device memory' if oom else 'internal error'} on this {what} (not a fault of "
+                         f"your input; the stream goes on); the server log has the details under request_id "
+                         f"{self.request_id}", param)
+
+    def take_control_token(self) -> bool:
+        """The per-connection token bucket of control messages: stream_control_rate a second, bursts of
+        stream_control_burst."""
+        settings = self.state.settings
+        now = time.monotonic()
+        self.tokens = min(float(settings.stream_control_burst),
+                          self.tokens + (now - self.refilled) * settings.stream_control_rate)
+        self.refilled = now
+        if self.tokens >= 1:
+            self.tokens -= 1
+            self.limited_in_a_row = 0
+            return True
+        self.limited_in_a_row += 1
+        return False
 
 
 async def _serve(websocket: WebSocket, state: Any, owner: str | None) -> None:
@@ -213,9 +265,13 @@ async def _serve(websocket: WebSocket, state: Any, owner: str | None) -> None:
         del state.stream_connections[connection.id]
         for viewer in connection.viewers:
             viewer.set()
-        if connection.drain_task is not None:  # the frame on the device finishes before the slot is free
-            with contextlib.suppress(Exception):
-                await asyncio.shield(connection.drain_task)  # a cancelled handler does not cancel the frame
+        try:
+            if connection.drain_task is not None:  # the frame on the device finishes before the slot is free
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(connection.drain_task)  # a cancelled handler does not cancel the frame
+        finally:
+            if connection.holds_slot:
+                state.stream_sessions -= 1
 
 
 async def _receive_loop(connection: _Connection, websocket: WebSocket, state: Any) -> None:
@@ -231,26 +287,34 @@ async def _receive_loop(connection: _Connection, websocket: WebSocket, state: An
             return
         if message["type"] == "websocket.disconnect":
             return
-        if message.get("bytes") is not None:
-            connection.last_input = time.monotonic()
-            await _on_frame(connection, message["bytes"])
-        elif message.get("text") is not None:
-            await _on_text(connection, message["text"])
+        try:
+            if message.get("bytes") is not None:
+                if await _on_frame(connection, message["bytes"]):
+                    connection.last_input = time.monotonic()  # only input that was taken keeps the session
+            elif message.get("text") is not None:
+                await _on_text(connection, message["text"])
+        except _Close as close:
+            await websocket.close(close.code, close.reason)
+            return
 
 
 async def _on_text(connection: _Connection, text: str) -> None:
+    problem = None
     try:  # the server's one bounded JSON parser (size, nesting depth), as for HTTP bodies
         data = parse_json(text, "message", max_bytes=connection.state.settings.max_body_bytes)
     except InvalidRequestError as exc:
-        await connection.error(exc.error_type, f"control messages are JSON objects; this one {exc.message}",
+        data, problem = None, exc
+    kind = data.get("type") if isinstance(data, dict) else None
+    if kind != "frame.request" and not connection.take_control_token():  # frame requests are input, like frames
+        await _rate_limited(connection)
+        return
+    if problem is not None:
+        await connection.error(problem.error_type, f"control messages are JSON objects; this one {problem.message}",
                                "message")
         return
     if not isinstance(data, dict):
         await connection.error("invalid_request_error", "control messages are JSON objects", "message")
         return
-    kind = data.get("type")
-    if kind != "stats":
-        connection.last_input = time.monotonic()
     try:
         if kind == "session.start":
             await _start(connection, data)
@@ -272,13 +336,23 @@ async def _on_text(connection: _Connection, text: str) -> None:
         else:
             raise InvalidRequestError("type", f"unknown message type {kind!r}",
                                       ["session.start", "params.update", "stats", "frame.request"])
-    except AccelDiffusionError as exc:
-        await connection.error(exc.error_type, str(exc), getattr(exc, "field", None))
-    except TypeError as exc:  # wrong argument types reaching the session
-        await connection.error("invalid_request_error", str(exc))
+    except _Close:
+        raise
     except Exception as exc:  # a bug must not end the user's stream: report it, keep the connection
-        LOG.exception("stream control message %r failed", kind)
-        await connection.error("internal_error", f"{type(exc).__name__}: {exc}")
+        await connection.failed(exc, f"{kind} message" if isinstance(kind, str) else "message")
+        return
+    if kind != "stats":  # a session, parameter or frame request that was taken: a stats poll keeps nothing open
+        connection.last_input = time.monotonic()
+
+
+async def _rate_limited(connection: _Connection) -> None:
+    settings = connection.state.settings
+    rate, burst = settings.stream_control_rate, settings.stream_control_burst
+    if connection.limited_in_a_row >= burst:
+        raise _Close(CLOSE_POLICY, f"over {rate:g} control messages a second, {burst} dropped in a row")
+    wait = (1 - connection.tokens) / rate
+    await connection.error("rate_limited", f"over {rate:g} control messages a second (bursts of {burst}); this "
+                           f"message was dropped: send the next in {wait:.2f} s or later", "message")
 
 
 def _check_fields(data: dict[str, Any], allowed: set[str]) -> None:
@@ -307,10 +381,20 @@ async def _start(connection: _Connection, data: dict[str, Any]) -> None:
                                          "strength")
                if canonical.get(k) is not None or k in data}
     model = state.registry.get(model_id)
-    with errors_named_as_sent(sent):  # a bad size names size
-        session = await _on_worker(connection, lambda: StreamSession(
-            model, data.get("prompt"), limits=state.limits, acceleration=state.settings.stream_acceleration,
-            **options))
+    cap = state.settings.max_stream_sessions
+    if state.stream_sessions >= cap:  # checked and taken with no await between: no two starts share a slot
+        raise _Close(CLOSE_OVERLOADED, f"at most {cap} stream sessions; try again later")
+    state.stream_sessions += 1
+    connection.holds_slot = True
+    try:
+        with errors_named_as_sent(sent):  # a bad size names size
+            session = await _on_worker(connection, lambda: StreamSession(
+                model, data.get("prompt"), limits=state.limits, acceleration=state.settings.stream_acceleration,
+                **options))
+    except BaseException:  # a refused session.start holds no slot
+        state.stream_sessions -= 1
+        connection.holds_slot = False
+        raise
     connection.session, connection.output = session, OutputOptions(output_format, quality)
     await connection.send({"type": "session.started", "session": {
         "id": connection.id, "mjpeg_url": f"/v1/stream/{connection.id}/mjpeg", "model": model_id,
@@ -323,19 +407,20 @@ async def _on_worker(connection: _Connection, task: Any) -> Any:
     return await asyncio.wrap_future(connection.state.worker.run_soon(task))
 
 
-async def _on_frame(connection: _Connection, data: bytes) -> None:
+async def _on_frame(connection: _Connection, data: bytes) -> bool:
+    """Take an input frame to the device (True), or answer it with an error (False)."""
     session = connection.session
     if session is None:
         await connection.error("invalid_request_error", "start a session first (session.start)", "type")
-        return
+        return False
     if session.mode == "txt2img":
         await connection.error("invalid_frame", "a txt2img session takes no input frames; send "
                                '{"type": "frame.request"} for the next output frame', "frame")
-        return
+        return False
     limit = connection.state.settings.max_frame_bytes
     if len(data) > limit:
         await connection.error("invalid_frame", f"frame of {len(data)} bytes; at most {limit}", "frame")
-        return
+        return False
     try:
         if len(data) <= INLINE_DECODE_BYTES:
             pixels = _decode_frame(data, session)
@@ -343,8 +428,9 @@ async def _on_frame(connection: _Connection, data: bytes) -> None:
             pixels = await asyncio.to_thread(_decode_frame, data, session)
     except InvalidRequestError as exc:
         await connection.error("invalid_frame", exc.message, "frame")
-        return
+        return False
     _enqueue(connection, pixels)
+    return True
 
 
 def _decode_frame(data: bytes, session: StreamSession) -> np.ndarray:
@@ -360,7 +446,8 @@ def _decode_frame(data: bytes, session: StreamSession) -> np.ndarray:
     except (UnidentifiedImageError, OSError) as exc:
         raise InvalidRequestError("frame", "not a JPEG, PNG or WebP image") from exc
     except Exception as exc:  # e.g. Pillow's DecompressionBombError on a crafted header, a truncated file
-        raise InvalidRequestError("frame", f"unreadable image ({type(exc).__name__}: {exc})") from exc
+        raise InvalidRequestError("frame", "unreadable image (truncated, corrupt, or declaring too many pixels); "
+                                  "send a complete JPEG, PNG or WebP of the session's size") from exc
 
 
 def _enqueue(connection: _Connection, pixels: np.ndarray | None) -> None:
@@ -384,13 +471,12 @@ async def _drain(connection: _Connection) -> None:
             connection.waiting = None
             try:
                 await _process(connection, session, seq, received, pixels)
-            except AccelDiffusionError as exc:  # whatever its field, it answers the frame
+            except Exception as exc:  # report it (whatever its field, it answers the frame), go on with the next
                 with contextlib.suppress(WebSocketDisconnect, RuntimeError):
-                    await connection.error(exc.error_type, str(exc), "frame")
-            except Exception as exc:  # report it and go on with the next frame
-                LOG.exception("stream frame %d failed", seq)
-                with contextlib.suppress(WebSocketDisconnect, RuntimeError):
-                    await connection.error("internal_error", f"{type(exc).__name__}: {exc}", "frame")
+                    if isinstance(exc, InvalidRequestError):
+                        await connection.error(exc.error_type, str(exc), "frame")
+                    else:
+                        await connection.failed(exc, f"frame (seq {seq})", "frame")
     finally:
         connection.busy = False
 

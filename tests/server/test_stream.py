@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import json
+import logging
+import time
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +17,8 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 from server_clients import make_settings
 from starlette.websockets import WebSocketDisconnect
+from websockets.exceptions import ConnectionClosed
+from websockets.sync.client import connect
 
 from accel_diffusion.models.registry import ModelRegistry
 from accel_diffusion.stream import StreamSession
@@ -199,30 +203,6 @@ def test_session_start_takes_size_and_answers_unknown_fields_with_the_meant_one(
         assert error["param"] == "promt" and "did you mean `prompt`?" in error["message"]
 
 
-def test_a_failing_frame_is_reported_and_the_next_one_is_served(tiny_models_file: Path,
-                                                               monkeypatch: pytest.MonkeyPatch) -> None:
-    original, calls = StreamSession.__call__, []
-
-    def fails_once(self: StreamSession, frame: object = None) -> object:
-        calls.append(1)
-        if len(calls) == 2:
-            raise RuntimeError("injected device fault")
-        return original(self, frame)
-
-    monkeypatch.setattr(StreamSession, "__call__", fails_once)
-    with TestClient(create_app(make_settings(tiny_models_file))) as client, \
-            client.websocket_connect("/v1/stream") as ws:
-        ws.send_json({"type": "session.start", "prompt": PROMPT, "t_index_list": [45], "guidance": "none"})
-        assert ws.receive_json()["type"] == "session.started"
-        ws.send_bytes(frame_bytes(0))
-        assert ws.receive_json()["type"] == "frame" and ws.receive_bytes()
-        ws.send_bytes(frame_bytes(1))
-        error = ws.receive_json()
-        assert error["code"] == "internal_error" and "injected device fault" in error["message"]
-        ws.send_bytes(frame_bytes(2))
-        assert ws.receive_json()["type"] == "frame" and ws.receive_bytes()
-
-
 def test_large_frames_decode_off_the_event_loop_with_the_same_checks(tiny_models_file: Path) -> None:
     padded = io.BytesIO()  # a valid 32x32 frame made larger than the inline-decode size by a text chunk
     metadata = PngInfo()
@@ -242,19 +222,6 @@ def test_large_frames_decode_off_the_event_loop_with_the_same_checks(tiny_models
     model = ModelRegistry.from_file(tiny_models_file).get("tiny")
     library = StreamSession(model, PROMPT, t_index_list=[45], guidance="none")
     assert np.array_equal(from_padded, library(np.asarray(Image.open(io.BytesIO(frame_bytes(7))))))
-
-
-def test_session_cap_and_slots_freed_on_disconnect(tiny_models_file: Path) -> None:
-    with TestClient(create_app(make_settings(tiny_models_file, max_stream_sessions=1))) as client:
-        with client.websocket_connect("/v1/stream") as first:
-            first.send_json({"type": "stats"})
-            assert first.receive_json()["type"] == "stats"
-            with client.websocket_connect("/v1/stream") as second, pytest.raises(WebSocketDisconnect) as closed:
-                second.receive_json()
-            assert closed.value.code == 1013
-        with client.websocket_connect("/v1/stream") as again:  # the first one's slot is free again
-            again.send_json({"type": "stats"})
-            assert again.receive_json()["type"] == "stats"
 
 
 def test_api_key_and_idle_timeout(tiny_models_file: Path) -> None:
@@ -308,10 +275,14 @@ def test_wrong_sized_crafted_and_truncated_frames_get_errors_and_the_session_goe
             client.websocket_connect("/v1/stream") as ws:
         ws.send_json({"type": "session.start", "prompt": PROMPT, "t_index_list": [45], "guidance": "none"})
         assert ws.receive_json()["session"]["width"] == 32
+        messages = []
         for bad in (small.getvalue(), wide.getvalue(), _png_header_only(20000, 20000), frame_bytes(3)[:200]):
             ws.send_bytes(bad)
             error = ws.receive_json()
             assert error["type"] == "error" and error["code"] == "invalid_frame" and error["param"] == "frame", error
+            messages.append(error["message"])
+        assert messages[2] == ("unreadable image (truncated, corrupt, or declaring too many pixels); send a complete "
+                               "JPEG, PNG or WebP of the session's size")  # not Pillow's exception text
         ws.send_bytes(frame_bytes(3))
         assert ws.receive_json()["type"] == "frame" and ws.receive_bytes()
 
@@ -362,8 +333,8 @@ def test_a_disconnect_drops_the_waiting_frame_and_frees_the_slot_after_the_one_o
         while True:  # the slot frees once the frame on the device is done (1013 until then)
             try:
                 with connect(ws_url) as again:
-                    again.send(json.dumps({"type": "stats"}))
-                    assert json.loads(again.recv())["type"] == "stats"
+                    again.send(json.dumps({"type": "session.start", "prompt": PROMPT, "t_index_list": [45]}))
+                    assert json.loads(again.recv())["type"] == "session.started"
                 break
             except ConnectionClosed as exc:
                 codes.append(exc.rcvd.code if exc.rcvd else None)
@@ -489,3 +460,170 @@ def test_the_api_key_in_a_websocket_subprotocol_header_or_query(tiny_models_file
                     client.websocket_connect("/v1/stream", subprotocols=protocols) as ws:
                 ws.receive_json()
             assert refused.value.code == 1008
+
+
+def test_a_slot_is_taken_at_a_successful_session_start_and_freed_when_the_connection_ends(
+        tiny_models_file: Path) -> None:
+    """Over a real uvicorn: open connections hold no slot of ``max_stream_sessions`` until a ``session.start``
+    succeeds (a refused one holds none); a start past the cap is closed with 1013; the end frees the slot."""
+    from server_clients import running_server
+
+    start = {"type": "session.start", "prompt": PROMPT, "t_index_list": [45], "guidance": "none"}
+    app = create_app(make_settings(tiny_models_file, max_stream_sessions=1))
+    with running_server(app) as (_, _, url):
+        ws_url = url.replace("http", "ws") + "/v1/stream"
+        with connect(ws_url) as first, connect(ws_url) as second, connect(ws_url) as third:
+            for ws in (first, second, third):  # three connections open under a cap of 1
+                ws.send(json.dumps({"type": "stats"}))
+                assert json.loads(ws.recv())["type"] == "stats"
+            assert app.state.server.stream_sessions == 0
+            first.send(json.dumps({**start, "guidance": "magic"}))
+            assert json.loads(first.recv())["param"] == "guidance"
+            assert app.state.server.stream_sessions == 0  # a refused start holds no slot
+            second.send(json.dumps(start))
+            assert json.loads(second.recv())["type"] == "session.started"
+            assert app.state.server.stream_sessions == 1
+            first.send(json.dumps(start))
+            with pytest.raises(ConnectionClosed) as closed:
+                first.recv()
+            assert closed.value.rcvd is not None and closed.value.rcvd.code == 1013
+            assert closed.value.rcvd.reason == "at most 1 stream sessions; try again later"
+            second.close()
+            deadline = time.monotonic() + 10
+            while app.state.server.stream_sessions and time.monotonic() < deadline:
+                time.sleep(0.01)
+            third.send(json.dumps(start))  # the ended session's slot is free again
+            assert json.loads(third.recv())["type"] == "session.started"
+            assert app.state.server.stream_sessions == 1
+        deadline = time.monotonic() + 10
+        while app.state.server.stream_sessions and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert app.state.server.stream_sessions == 0
+
+
+def test_only_input_the_server_takes_keeps_a_stream_open(tiny_models_file: Path) -> None:
+    """Over a real uvicorn: taken frames keep a session open past ``stream_idle_timeout_s``; refused messages
+    (invalid JSON, an unknown type, a refused update, a frame that is no image) do not, however often sent."""
+    from server_clients import running_server
+
+    settings = make_settings(tiny_models_file, stream_idle_timeout_s=1.0)
+    with running_server(create_app(settings)) as (_, _, url), connect(url.replace("http", "ws") + "/v1/stream") as ws:
+        ws.send(json.dumps({"type": "session.start", "prompt": PROMPT, "t_index_list": [45], "guidance": "none"}))
+        assert json.loads(ws.recv())["type"] == "session.started"
+        opened = time.monotonic()
+        for k in range(6):  # ~1.2 s of frames: past the timeout, and still open
+            ws.send(frame_bytes(k))
+            last_input = time.monotonic()
+            assert json.loads(ws.recv())["type"] == "frame" and ws.recv()
+            time.sleep(0.2)
+        assert time.monotonic() - opened > 1.0
+        refused = ["{nope", json.dumps({"type": "dance"}), json.dumps({"type": "params.update", "seed": -1}),
+                   b"not an image"]
+        errors = []
+        with pytest.raises(ConnectionClosed) as closed:
+            for k in range(50):  # 5 s of refused messages, ten a second
+                ws.send(refused[k % len(refused)])
+                errors.append(json.loads(ws.recv()))
+                time.sleep(0.1)
+        idle_for = time.monotonic() - last_input
+    assert closed.value.rcvd is not None and closed.value.rcvd.code == 1000
+    assert closed.value.rcvd.reason == "idle for 1 s"
+    assert 1.0 <= idle_for < 2.5, idle_for
+    assert errors and {e["type"] for e in errors} == {"error"}
+    assert {e["code"] for e in errors} == {"invalid_request_error", "invalid_frame"}
+
+
+def test_control_messages_past_the_rate_are_dropped_and_a_flood_closes_the_connection(
+        tiny_models_file: Path) -> None:
+    """Over a real uvicorn, at ``stream_control_rate`` 2 a second in bursts of 3: the fourth message at once is
+    dropped with a ``rate_limited`` error; a token comes back in 0.5 s; ``stream_control_burst`` messages
+    dropped in a row close the connection with 1008. Frames are not control messages."""
+    from server_clients import running_server
+
+    settings = make_settings(tiny_models_file, stream_control_rate=2.0, stream_control_burst=3)
+    start = {"type": "session.start", "prompt": PROMPT, "t_index_list": [45], "guidance": "none"}
+    with running_server(create_app(settings)) as (_, _, url), connect(url.replace("http", "ws") + "/v1/stream") as ws:
+        for _ in range(3):  # the burst
+            ws.send(json.dumps({"type": "stats"}))
+            assert json.loads(ws.recv())["type"] == "stats"
+        ws.send(json.dumps(start))
+        error = json.loads(ws.recv())
+        assert (error["type"], error["code"], error["param"]) == ("error", "rate_limited", "message"), error
+        assert error["message"].startswith("over 2 control messages a second (bursts of 3); this message was "
+                                           "dropped: send the next in 0.")
+        ws.send(frame_bytes(0))  # frames are not rate-limited, and the dropped session.start never ran
+        assert json.loads(ws.recv())["message"] == "start a session first (session.start)"
+        time.sleep(0.6)  # one token back
+        ws.send(json.dumps(start))
+        assert json.loads(ws.recv())["type"] == "session.started"
+        codes = []
+        with pytest.raises(ConnectionClosed) as closed:
+            for _ in range(10):
+                ws.send(json.dumps({"type": "stats"}))
+                codes.append(json.loads(ws.recv())["code"])
+    assert codes == ["rate_limited", "rate_limited"]  # the third dropped in a row closes
+    assert closed.value.rcvd is not None and closed.value.rcvd.code == 1008
+    assert closed.value.rcvd.reason == "over 2 control messages a second, 3 dropped in a row"
+
+
+def test_internal_errors_send_a_code_and_the_request_id_and_only_the_log_has_the_exception(
+        tiny_models_file: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Over a real uvicorn: a frame or a control message that fails inside the model answers with a code, a
+    message for the user and the connection's request id (the upgrade's X-Request-Id, else a new one); the
+    exception's text is only in the server log, under that id. Users' mistakes keep their messages; the
+    frame after a failed one is served."""
+    from server_clients import running_server
+
+    original, calls = StreamSession.__call__, []
+
+    def fails_once(self: StreamSession, frame: object = None) -> object:
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("CUDA error: device-side assert triggered at /opt/torch/secret_kernel.cu:42")
+        return original(self, frame)
+
+    def update_fails(self: StreamSession, **fields: object) -> None:
+        raise KeyError("internal table unet.up_blocks.3")
+
+    monkeypatch.setattr(StreamSession, "__call__", fails_once)
+    monkeypatch.setattr(StreamSession, "update", update_fails)
+    start = {"type": "session.start", "prompt": PROMPT, "t_index_list": [45], "guidance": "none"}
+    logged: list[logging.LogRecord] = []
+    capture = logging.Handler(logging.ERROR)
+    capture.emit = logged.append  # type: ignore[method-assign]  # (the server's logger does not propagate)
+    with running_server(create_app(make_settings(tiny_models_file))) as (_, _, url):
+        # (after the server's start: its logging configuration clears its loggers' handlers)
+        monkeypatch.setattr(stream_module.LOG, "handlers", [capture])
+        ws_url = url.replace("http", "ws") + "/v1/stream"
+        with connect(ws_url, additional_headers={"X-Request-Id": "trace-42"}) as ws:
+            ws.send(json.dumps(start))
+            assert json.loads(ws.recv())["type"] == "session.started"
+            ws.send(frame_bytes(0))
+            assert json.loads(ws.recv())["type"] == "frame" and ws.recv()
+            ws.send(frame_bytes(1))
+            frame_error = json.loads(ws.recv())
+            ws.send(json.dumps({"type": "params.update", "prompt": "a white cross"}))
+            update_error = json.loads(ws.recv())
+            ws.send(json.dumps({"type": "params.update", "promt": "a white cross"}))
+            user_error = json.loads(ws.recv())
+            ws.send(frame_bytes(2))
+            assert json.loads(ws.recv())["type"] == "frame" and ws.recv()
+        with connect(ws_url, additional_headers={"X-Request-Id": "not a usable id"}) as ws:
+            ws.send("{nope")
+            made_id = json.loads(ws.recv())["request_id"]
+    assert frame_error == {
+        "type": "error", "code": "internal_error", "param": "frame", "request_id": "trace-42",
+        "message": "internal error on this frame (seq 2) (not a fault of your input; the stream goes on); the "
+                   "server log has the details under request_id trace-42"}
+    assert update_error == {
+        "type": "error", "code": "internal_error", "param": None, "request_id": "trace-42",
+        "message": "internal error on this params.update message (not a fault of your input; the stream goes "
+                   "on); the server log has the details under request_id trace-42"}
+    assert user_error["code"] == "invalid_request_error" and user_error["param"] == "promt"
+    assert user_error["request_id"] == "trace-42"
+    assert user_error["message"].startswith("promt: unknown field; did you mean `prompt`?")
+    assert [r.getMessage() for r in logged] == ["stream request trace-42: frame (seq 2) failed",
+                                                "stream request trace-42: params.update message failed"]
+    text = "\n".join(logging.Formatter().format(r) for r in logged)
+    assert "secret_kernel.cu" in text and "unet.up_blocks.3" in text  # the log has the rest
+    assert len(made_id) == 32 and int(made_id, 16) >= 0
