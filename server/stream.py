@@ -250,11 +250,6 @@ class _Connection:
 
 
 async def _serve(websocket: WebSocket, state: Any, owner: str | None) -> None:
-    quota = state.settings.key_max_stream_sessions  # per key (keyless: one tenant), under max_stream_sessions
-    if sum(c.owner == owner for c in state.stream_connections.values()) >= quota:
-        await websocket.close(CLOSE_OVERLOADED, f"at most {quota} stream sessions per API key "
-                                                "(key_max_stream_sessions)")
-        return
     connection = _Connection(websocket, state, owner)
     state.stream_connections[connection.id] = connection
     try:
@@ -384,6 +379,9 @@ async def _start(connection: _Connection, data: dict[str, Any]) -> None:
     cap = state.settings.max_stream_sessions
     if state.stream_sessions >= cap:  # checked and taken with no await between: no two starts share a slot
         raise _Close(CLOSE_OVERLOADED, f"at most {cap} stream sessions; try again later")
+    quota = state.settings.key_max_stream_sessions  # per key (keyless: one tenant), under max_stream_sessions
+    if sum(c.holds_slot and c.owner == connection.owner for c in state.stream_connections.values()) >= quota:
+        raise _Close(CLOSE_OVERLOADED, f"at most {quota} stream sessions per API key (key_max_stream_sessions)")
     state.stream_sessions += 1
     connection.holds_slot = True
     try:

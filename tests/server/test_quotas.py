@@ -101,16 +101,23 @@ def test_event_stream_listeners_are_capped_per_job_per_key_and_in_all(tiny_model
 
 
 def test_a_key_at_its_stream_session_quota_is_closed_and_the_other_key_is_served(tiny_models_file: Path) -> None:
+    """A key's sessions are counted where the server's are: at a successful session.start (a connection
+    that has started nothing holds no session)."""
     settings = two_keys(tiny_models_file, key_max_stream_sessions=1, max_stream_sessions=4)
+    start = {"type": "session.start", "prompt": "a red circle", "t_index_list": [45], "guidance": "none"}
     with TestClient(create_app(settings)) as client:
-        with client.websocket_connect("/v1/stream?api_key=alice-key") as first:
-            first.send_json({"type": "stats"})
-            assert first.receive_json()["type"] == "stats"
-            with client.websocket_connect("/v1/stream?api_key=alice-key") as second, \
-                    pytest.raises(WebSocketDisconnect) as closed:
-                second.receive_json()
-            assert (closed.value.code, closed.value.reason) == (
-                1013, "at most 1 stream sessions per API key (key_max_stream_sessions)")
-            with client.websocket_connect("/v1/stream?api_key=bob-key") as bobs:
-                bobs.send_json({"type": "stats"})
-                assert bobs.receive_json()["type"] == "stats"
+        with client.websocket_connect("/v1/stream?api_key=alice-key") as idle:
+            idle.send_json({"type": "stats"})  # connected, no session: holds none of the quota
+            assert idle.receive_json()["type"] == "stats"
+            with client.websocket_connect("/v1/stream?api_key=alice-key") as first:
+                first.send_json(start)
+                assert first.receive_json()["type"] == "session.started"
+                with client.websocket_connect("/v1/stream?api_key=alice-key") as second, \
+                        pytest.raises(WebSocketDisconnect) as closed:
+                    second.send_json(start)
+                    second.receive_json()
+                assert (closed.value.code, closed.value.reason) == (
+                    1013, "at most 1 stream sessions per API key (key_max_stream_sessions)")
+                with client.websocket_connect("/v1/stream?api_key=bob-key") as bobs:
+                    bobs.send_json(start)
+                    assert bobs.receive_json()["type"] == "session.started"
