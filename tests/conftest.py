@@ -11,6 +11,8 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(Path(__file__).parent))
 
+import shutil
+
 import pytest
 import torch
 
@@ -45,6 +47,19 @@ def single_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(SESSION_THREADS)
+
+def require_tool(name: str, *alternatives: str) -> str:
+    """The path of the program ``name`` (or of the first of ``alternatives`` found). Without one the calling test is
+    skipped on a user's machine, and fails under ``CI=true``: CI (``.ci/run``) installs it, so a skip there would
+    hide a test that never ran."""
+    for candidate in (name, *alternatives):
+        if path := shutil.which(candidate):
+            return path
+    reason = f"needs {name!r} on PATH (Debian: apt-get install {name}; .ci/run installs it)"
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"CI=true: {reason}", pytrace=False)
+    pytest.skip(reason)
+
 
 TINY_STRATEGY = {"sampler": {"name": "dpmpp_2m"}, "schedule": {"name": "spacing"},
                  "guidance": {"name": "cfg", "scale": 5.0}}

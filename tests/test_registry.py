@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import typing
 
 import pytest
 
@@ -110,3 +111,30 @@ def test_component_without_typed_args_is_rejected() -> None:
     assert registry.build("sampler", {"name": "good", "k": 4}).k == 4
     with pytest.raises(ValueError, match="already registered"):
         registry.register("sampler", "good")(Good)
+
+
+def test_every_builtin_sampler_and_schedule_name_is_pinned() -> None:
+    """A component name means one thing: each built-in sampler and schedule has a pin in tests/component_pins.py
+    (an independent diffusers reference, or golden values), so adding one without a pin fails here."""
+    from component_pins import OWN_GOLDEN, REFERENCES, SCHEDULE_PINS
+
+    registry = get_registry()
+    assert {spec["name"] for spec, *_ in REFERENCES.values()} | set(OWN_GOLDEN) == set(registry.names("sampler"))
+    assert set(OWN_GOLDEN).isdisjoint(spec["name"] for spec, *_ in REFERENCES.values())
+    assert {spec["name"] for spec, *_ in SCHEDULE_PINS.values()} == set(registry.names("schedule"))
+    spacings = {spec.get("spacing", "model") for spec, *_ in SCHEDULE_PINS.values() if spec["name"] == "spacing"}
+    assert spacings == set(typing.get_args(registry.info("schedule", "spacing").config_model
+                                                       .model_fields["spacing"].annotation))
+
+
+@pytest.mark.parametrize("name", ["deis", "ghvb", "hb"])
+def test_own_samplers_at_their_defaults_give_the_recorded_golden_values(name: str) -> None:
+    """deis, hb and ghvb have no diffusers twin at their defaults: a run through the engine's loop on the gmm
+    oracle is pinned by values recorded as literals (their diffusers special cases: tests/schedulers)."""
+    from component_pins import OWN_GOLDEN, engine_run
+
+    scheduler, x = engine_run({"name": name})
+    mean_abs, first = OWN_GOLDEN[name]
+    assert len(scheduler.timesteps) == 8
+    assert float(x.abs().mean()) == pytest.approx(mean_abs, rel=1e-9)
+    assert [float(v) for v in x[0]] == pytest.approx(first, rel=1e-9)

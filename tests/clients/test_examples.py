@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -13,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from accel_diffusion.server import create_app
+from conftest import require_tool
 from fastapi import FastAPI
 from PIL import Image
 from server_clients import make_settings, running_server
@@ -57,8 +57,9 @@ def test_openai_example(server_url: str, tmp_path: Path) -> None:
     assert_images([tmp_path / "triangle-0.png", tmp_path / "triangle-1.png"])
 
 
-@pytest.mark.skipif(not (shutil.which("curl") and shutil.which("jq")), reason="needs curl and jq")
 def test_curl_example(server_url: str, tmp_path: Path) -> None:
+    require_tool("curl")
+    require_tool("jq")
     done = run(["bash", str(EXAMPLES / "curl_generate.sh"), str(tmp_path)], server_url)
     assert done.stdout.splitlines()[1:-1] == ["event: job.queued", "event: job.started"] + [
         "event: job.progress"] * 4 + ["event: job.completed"]

@@ -9,7 +9,6 @@ import asyncio
 import base64
 import json
 import os
-import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -18,10 +17,14 @@ from typing import Any
 import httpx
 import pytest
 from accel_diffusion.server import create_app
+from conftest import require_tool
 from server_clients import make_settings, running_server
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium package")
+
+@pytest.fixture(autouse=True)
+def chromium() -> str:
+    """Debian's chromium: skipped without it, except under CI=true, where it fails (tests/conftest.py)."""
+    return require_tool("chromium", "chromium-browser")
 
 
 class DevTools:
@@ -66,7 +69,8 @@ def start_chromium(profile: Path, camera: str = "allowed") -> tuple[subprocess.P
     permission prompt to accept: "refused"), or no camera at all ("none")."""
     fake_camera = {"allowed": ["--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream"],
                    "refused": ["--use-fake-device-for-media-stream"], "none": []}[camera]
-    command = [CHROMIUM, "--headless=new", "--no-sandbox", "--disable-gpu", "--no-first-run", *fake_camera,
+    browser = require_tool("chromium", "chromium-browser")
+    command = [browser, "--headless=new", "--no-sandbox", "--disable-gpu", "--no-first-run", *fake_camera,
                "--remote-debugging-port=0", f"--user-data-dir={profile}", "about:blank"]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     port_file = profile / "DevToolsActivePort"

@@ -1,0 +1,15 @@
+"""What the `spacing` schedule means: the timesteps it visits per rule, and runs equal to diffusers' rules.
+
+The pins live in tests/component_pins.py (SCHEDULE_PINS), where tests/test_registry.py checks every registered
+schedule has one.
+"""
+
+from __future__ import annotations
+
+import pytest
+from component_pins import check_schedule_pin, schedule_labels
+
+
+@pytest.mark.parametrize("label", schedule_labels("spacing"))
+def test_spacing_visits_the_pinned_timesteps_and_runs_like_diffusers(label: str) -> None:
+    check_schedule_pin(label)
