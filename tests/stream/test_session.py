@@ -59,7 +59,9 @@ def test_stream_batch_equals_sequential_denoising_of_each_frame(shapes_model: Lo
             continue
         with torch.no_grad():
             expected = sequential_estimate(session, inputs[k - (len(STEPS) - 1)])
-        torch.testing.assert_close(session.state.last_estimate, expected, rtol=0, atol=1e-5)
+        # a batch of n rows vs one row: float32 GEMM blocking differs, ~1e-5 relative after n UNet calls (this
+        # machine's CPU: 1.2e-5 at a value of 1.26 in the RCFG modes, which 1e-5 absolute alone refused)
+        torch.testing.assert_close(session.state.last_estimate, expected, rtol=2e-5, atol=1e-5)
         assert out.shape == (32, 32, 3) and out.dtype == np.uint8
 
 
