@@ -34,7 +34,7 @@ from accel_diffusion.server.jobs import (
     QueueFullError,
     QuotaExceededError,
 )
-from accel_diffusion.server.metrics import ServerMetrics
+from accel_diffusion.server.metrics import ServerMetrics, count_error, server_state
 from accel_diffusion.server.schemas import (
     ErrorResponse,
     ImageEditRequest,
@@ -254,13 +254,6 @@ def error_response(status: int, type_: str, message: str, param: str | None = No
                                  status_code=status, headers=headers)
 
 
-def count_error(request: Request, type_: str) -> None:
-    """Count one error response in ``errors_total`` (a failed job is counted by the worker instead)."""
-    state = getattr(request.app.state, "server", None)
-    if state is not None:
-        state.metrics.errors.labels(type=type_).inc()
-
-
 class BodyTooLarge(HTTPException):
     """Raised by the body reader once a (chunked) body passes ``max_body_bytes``; FastAPI lets an
     HTTPException out of its body parsing as it is, so it answers 413."""
@@ -326,9 +319,7 @@ class RequestIdAndLimits:
 
         length = headers.get(b"content-length", b"")
         if length.isdigit() and (len(length) > 18 or int(length) > self.max_body_bytes):
-            state = getattr(scope["app"].state, "server", None) if scope.get("app") else None
-            if state is not None:
-                state.metrics.errors.labels(type="request_too_large").inc()
+            count_error(scope.get("app"), "request_too_large")
             response = error_response(413, "request_too_large",
                                       f"body is {length.decode()} bytes; at most {self.max_body_bytes}")
             await response(scope, receive, send_with_id)
@@ -347,7 +338,7 @@ class RequestIdAndLimits:
         try:
             await self.app(scope, counted_receive, send_with_id)
         finally:
-            state = getattr(scope.get("app").state, "server", None) if scope.get("app") else None
+            state = server_state(scope.get("app"))
             route = scope.get("route")
             if state is not None:
                 state.metrics.request_seconds.labels(route=getattr(route, "path", "other")).observe(
@@ -357,7 +348,7 @@ class RequestIdAndLimits:
 def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(InvalidRequestError)
     async def invalid_request(request: Request, exc: InvalidRequestError) -> JSONResponse:
-        count_error(request, exc.error_type)
+        count_error(request.app, exc.error_type)
         body = error_body(exc)
         return error_response(ERROR_STATUS.get(body["type"], 400), body["type"], body["message"], body["param"])
 
@@ -370,23 +361,23 @@ def _install_error_handlers(app: FastAPI) -> None:
         first = exc.errors()[0] if exc.errors() else {"loc": ("body",), "msg": "invalid request"}
         loc = [str(p) for p in first.get("loc", ()) if p != "body"]
         param = ".".join(loc) or None
-        count_error(request, "invalid_request_error")
+        count_error(request.app, "invalid_request_error")
         return error_response(400, "invalid_request_error", f"{param or 'body'}: {first.get('msg')}", param)
 
     @app.exception_handler(QueueFullError)
     async def queue_full(request: Request, exc: QueueFullError) -> JSONResponse:
-        count_error(request, "queue_full")
+        count_error(request.app, "queue_full")
         return error_response(429, "queue_full", str(exc), headers={"Retry-After": str(exc.retry_after_s)})
 
     @app.exception_handler(QuotaExceededError)
     async def quota_exceeded(request: Request, exc: QuotaExceededError) -> JSONResponse:
-        count_error(request, "quota_exceeded")
+        count_error(request.app, "quota_exceeded")
         return error_response(429, "quota_exceeded", str(exc), exc.quota,
                               headers={"Retry-After": str(exc.retry_after_s)})
 
     @app.exception_handler(DrainingError)
     async def draining(request: Request, exc: DrainingError) -> JSONResponse:
-        count_error(request, "unavailable")
+        count_error(request.app, "unavailable")
         return error_response(503, "unavailable", str(exc), headers={"Retry-After": "5"})
 
     @app.exception_handler(StarletteHTTPException)  # FastAPI's and Starlette's own (unknown route, 405)
@@ -394,7 +385,7 @@ def _install_error_handlers(app: FastAPI) -> None:
         kinds = {401: "unauthorized", 404: "not_found", 405: "method_not_allowed", 409: "conflict",
                  413: "request_too_large", 503: "unavailable"}
         kind = kinds.get(exc.status_code, "http_error")
-        count_error(request, kind)
+        count_error(request.app, kind)
         return error_response(exc.status_code, kind, str(exc.detail),
                               headers=getattr(exc, "headers", None))
 
@@ -402,7 +393,7 @@ def _install_error_handlers(app: FastAPI) -> None:
     async def internal(request: Request, exc: Exception) -> JSONResponse:
         request_id = request.headers.get("x-request-id", "")
         log.exception("unhandled error (request %s)", request_id)
-        count_error(request, "internal_error")
+        count_error(request.app, "internal_error")
         return error_response(500, "internal_error", "internal error; see the server log")
 
 

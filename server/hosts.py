@@ -14,6 +14,7 @@ import ipaddress
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
+from accel_diffusion.server.metrics import count_error
 from fastapi.responses import JSONResponse
 
 if TYPE_CHECKING:
@@ -97,9 +98,7 @@ class HostAndOriginCheck:
         if refusal is None:
             await self.app(scope, receive, send)
             return
-        state = getattr(scope["app"].state, "server", None) if scope.get("app") else None
-        if state is not None:
-            state.metrics.errors.labels(type=refusal["error"]["type"]).inc()
+        count_error(scope.get("app"), refusal["error"]["type"])
         if scope["type"] == "websocket" and "websocket.http.response" not in scope.get("extensions", {}):
             await send({"type": "websocket.close", "code": 1008, "reason": refusal["error"]["message"][:120]})
             return

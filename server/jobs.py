@@ -335,10 +335,10 @@ class JobStore:
                 if released:
                     return
                 released = True
-                self._listeners[job.id] -= 1
-                self._owner_listeners[owner] -= 1
-                self._listeners += Counter()  # drop the zeros
-                self._owner_listeners += Counter()
+                for counts, key in ((self._listeners, job.id), (self._owner_listeners, owner)):
+                    counts[key] -= 1
+                    if not counts[key]:  # no zeros kept for jobs and keys no longer listened to
+                        del counts[key]
 
         return release
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 
@@ -27,3 +29,16 @@ class ServerMetrics:
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
+
+
+def server_state(app: Any) -> Any:
+    """The app's ServerState (``app.state.server``), or None before its lifespan made it or for a scope
+    without an app."""
+    return getattr(app.state, "server", None) if app is not None else None
+
+
+def count_error(app: Any, type_: str) -> None:
+    """Count one error response in ``errors_total`` (a failed job is counted by the worker instead)."""
+    state = server_state(app)
+    if state is not None:
+        state.metrics.errors.labels(type=type_).inc()

@@ -69,7 +69,7 @@ from typing import Any
 import numpy as np
 from accel_diffusion.server.auth import api_key_matches, key_owner
 from accel_diffusion.server.jobs import OutputOptions
-from accel_diffusion.server.worker import _out_of_memory
+from accel_diffusion.server.worker import out_of_memory
 from fastapi import APIRouter, HTTPException, Request, WebSocket, WebSocketDisconnect
 from fastapi.responses import StreamingResponse
 from PIL import Image, UnidentifiedImageError
@@ -226,7 +226,7 @@ class _Connection:
         if isinstance(exc, AccelDiffusionError):  # raised on purpose, with a message for users (as for jobs)
             await self.error(exc.error_type, str(exc), param)
             return
-        oom = _out_of_memory(exc)
+        oom = out_of_memory(exc)
         LOG.error("stream request %s: %s failed", self.request_id, what, exc_info=exc)
         await self.error("gpu_oom" if oom else "internal_error",
                          f"{'out of device memory' if oom else 'internal error'} on this {what} (not a fault of "

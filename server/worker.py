@@ -246,7 +246,7 @@ class DeviceWorker:
             else:  # one bad request must not fail the others: each runs alone, so only it fails
                 log.warning("a batch of %d jobs failed (%s: %s); running each alone", len(jobs),
                             type(exc).__name__, exc)
-                if _out_of_memory(exc) and torch.cuda.is_available():
+                if out_of_memory(exc) and torch.cuda.is_available():
                     torch.cuda.empty_cache()  # the failed batch's activations, before the smaller runs
                 self._one_by_one(jobs)
         finally:
@@ -324,7 +324,7 @@ class DeviceWorker:
         elif isinstance(exc, AccelDiffusionError):
             error = {"type": exc.error_type, "code": exc.error_type, "message": str(exc), "param": None}
         else:
-            oom = _out_of_memory(exc)
+            oom = out_of_memory(exc)
             kind = "gpu_oom" if oom else "internal_error"
             log.error("job %s failed", job.id, exc_info=exc)
             if oom and torch.cuda.is_available():
@@ -335,7 +335,8 @@ class DeviceWorker:
             self.metrics.errors.labels(type=error["type"]).inc()
 
 
-def _out_of_memory(exc: Exception) -> bool:
+def out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` is the device running out of memory (jobs and stream frames classify it the same)."""
     return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
 
 
