@@ -25,7 +25,7 @@ def test_require_tool_skips_on_a_users_machine_and_fails_under_ci(monkeypatch: p
 
 
 def stub_path(tmp_path: Path, apt_get_status: int) -> Path:
-    """A PATH with no chromium, curl, jq or kubectl: apt-get and python3 record their arguments, apt-get exits as told."""
+    """A PATH without chromium, curl, jq, kubectl: apt-get and python3 record their arguments, apt-get exits as told."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     (bin_dir / "dirname").symlink_to(shutil.which("dirname"))
