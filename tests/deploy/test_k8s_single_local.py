@@ -117,13 +117,15 @@ def test_the_single_pod_starts_serves_and_drains_as_in_a_cluster(tmp_path: Path)
         pre_stop = container["lifecycle"]["preStop"]["exec"]["command"]
         assert subprocess.run(pre_stop, timeout=60).returncode == 0
         auth = {"Authorization": f"Bearer {key}"}
-        status, job = get(f"{base}/v1/jobs", 10, auth, {"prompt": "a red circle", "steps": 60, "n": 4, "seed": 1})
+        status, job = get(f"{base}/v1/jobs", 10, auth, {"prompt": "a red circle", "steps": 30, "n": 4, "seed": 1})
         assert status == 202
         events = urllib.request.urlopen(urllib.request.Request(f"{base}/v1/jobs/{job['id']}/events", headers=auth),
                                         timeout=120)
         stopping = time.monotonic()
         server.send_signal(signal.SIGTERM)
-        time.sleep(0.3)
+        deadline = time.monotonic() + 10  # the signal reaches the event loop: readiness turns 503
+        while get(f"{base}/health/ready", 3)[0] == 200 and time.monotonic() < deadline:
+            time.sleep(0.02)
         assert get(f"{base}/health/ready", 3)[0] == 503
         assert get(f"{base}/health/live", 3)[0] == 200
         assert get(f"{base}/v1/jobs", 10, auth, {"prompt": "a white cross", "steps": 2})[0] == 503
