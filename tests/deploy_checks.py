@@ -14,7 +14,7 @@ import shlex
 import subprocess
 import sys
 import tomllib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -257,3 +257,27 @@ def probe_problems(where: str, container: dict[str, Any], routes: set[str], port
 
 
 METRIC_NAME = re.compile(r"\baccel_diffusion_[a-z_]+\b")
+
+
+def lay_out_pod(docs: list[dict[str, Any]], pod: dict[str, Any], container: dict[str, Any],
+                root: Path) -> Callable[[str], str]:
+    """Make the container's volume mounts as folders under ``root`` (ConfigMap files written, paths in them
+    moved too) and return the function that moves a path in the pod, within any text, to its place here."""
+    mounts = sorted((m["mountPath"] for m in container["volumeMounts"]), key=len, reverse=True)
+    in_pod = re.compile(r"(?<![\w./-])(" + "|".join(map(re.escape, mounts)) + r")(?![\w.-])")
+
+    def local(text: str) -> str:
+        return in_pod.sub(lambda m: f"{root}{m.group(1)}", text)
+
+    for mount in mounts:
+        (root / mount.lstrip("/")).mkdir(parents=True, exist_ok=True)
+    for path, text in config_files(docs, pod, container).items():
+        Path(local(path)).write_text(local(text))
+    return local
+
+
+def pod_env(container: dict[str, Any], local: Callable[[str], str]) -> dict[str, str]:
+    """This process's environment without the server's and the hub's variables, plus the container's (paths
+    moved by ``local``)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCEL_DIFFUSION_", "HF_"))}
+    return env | {name: local(value) for name, value in literal_env(container).items()}

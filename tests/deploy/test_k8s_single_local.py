@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import signal
 import socket
 import subprocess
@@ -19,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from conftest import require_tool
-from deploy_checks import K8S, ROOT, config_files, literal_env, named, render
+from deploy_checks import K8S, ROOT, lay_out_pod, named, pod_env, render
 
 
 def free_port() -> int:
@@ -60,18 +59,7 @@ def test_the_single_pod_starts_serves_and_drains_as_in_a_cluster(tmp_path: Path)
     (deployment,) = named(docs, "Deployment", "accel-diffusion-server")
     pod = deployment["spec"]["template"]["spec"]
     (container,) = pod["containers"]
-    root = tmp_path / "pod"
-    mounts = sorted((m["mountPath"] for m in container["volumeMounts"]), key=len, reverse=True)
-
-    in_pod = re.compile(r"(?<![\w./-])(" + "|".join(map(re.escape, mounts)) + r")(?![\w.-])")
-
-    def local(text: str) -> str:  # a path in the pod (in a value, a file, an argument) -> its place here
-        return in_pod.sub(lambda m: f"{root}{m.group(1)}", text)
-
-    for mount in mounts:
-        (root / mount.lstrip("/")).mkdir(parents=True, exist_ok=True)
-    for path, text in config_files(docs, pod, container).items():
-        Path(local(path)).write_text(local(text))
+    local = lay_out_pod(docs, pod, container, tmp_path / "pod")
     volumes = {v["name"]: v for v in pod["volumes"]}
     key = "k8s-" + os.urandom(8).hex()
     for mount in container["volumeMounts"]:
@@ -80,9 +68,8 @@ def test_the_single_pod_starts_serves_and_drains_as_in_a_cluster(tmp_path: Path)
                 Path(local(f"{mount['mountPath']}/{item['path']}")).write_text(key + "\n")
 
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCEL_DIFFUSION_", "HF_"))}
-    env |= {name: local(value) for name, value in literal_env(container).items()}
-    env |= {"ACCEL_DIFFUSION_HOST": "127.0.0.1", "ACCEL_DIFFUSION_PORT": str(port)}  # the pod IP and port, here
+    env = pod_env(container, local) | {"ACCEL_DIFFUSION_HOST": "127.0.0.1",  # the pod IP and port, here
+                                       "ACCEL_DIFFUSION_PORT": str(port)}
     (ports,) = container["ports"]
     assert container["command"] == ["accel-diffusion"]
     argv = [sys.executable, "-m", "accel_diffusion.cli", *(local(a) for a in container["args"])]
