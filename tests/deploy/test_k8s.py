@@ -258,6 +258,9 @@ def test_the_model_fill_job_fills_what_the_servers_read(single: list[dict[str, A
     (job,) = named(single, "Job", "accel-diffusion-model-fill")
     fill = job["spec"]["template"]["spec"]["containers"][0]
     name, params = click_parse(hf, fill["args"])
+    from importlib.metadata import entry_points  # the image's `hf`: huggingface_hub's script (a diffusers dependency)
+
+    assert [e.value for e in entry_points(group="console_scripts", name="hf")] == ["huggingface_hub.cli.hf:main"]
     container, pod = server_container(single)
     files = config_files(single, pod, container)
     models = tomllib.loads(files["/etc/accel-diffusion/models.toml"])["models"]
