@@ -92,7 +92,7 @@ class ServerState:
         # limits=None: requests are checked against this server's limits when they are submitted
         self.worker = DeviceWorker(Engine(registry, limits=None), settings.queue_max, self.metrics,
                                    settings.max_batch_size, settings.max_batch_wait_ms, settings.batch_invariant,
-                                   key_max_running=settings.key_max_running_jobs)
+                                   key_max_running=settings.key_max_running_jobs, stream_share=settings.stream_share)
         self.api_keys = [k.encode() for k in settings.all_api_keys()]
         self.ready = False
         self.draining = False

@@ -26,6 +26,8 @@ class ServerMetrics:
                                     buckets=(1, 2, 4, 8, 16, 32, 64))
         self.cancellations = Counter("accel_diffusion_cancellations", "cancelled jobs", registry=r)
         self.errors = Counter("accel_diffusion_errors", "failed jobs and rejected requests", ["type"], registry=r)
+        self.device_seconds = Counter("accel_diffusion_device_seconds", "worker time by lane (stream frames, "
+                                      "job steps), as the fair share measured it (s)", ["lane"], registry=r)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

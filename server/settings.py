@@ -96,6 +96,14 @@ class ServerSettings(BaseSettings):
     max_frame_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="largest stream input frame; a larger one "
                                  "gets an invalid_frame error (a WebSocket message past twice this, at least "
                                  "16 MiB, closes the connection with 1009)")
+    stream_share: float = Field(0.5, gt=0, lt=1, description="the device worker's time that stream frames get "
+                                "while jobs wait too (the jobs get the rest; a lane alone gets all), shared by "
+                                "measured wall time")
+    stream_max_width: int = Field(512, ge=8, description="widest stream session (under max_width); a wider "
+                                  "session.start gets stream_limit_exceeded")
+    stream_max_height: int = Field(512, ge=8, description="tallest stream session (under max_height)")
+    stream_max_steps: int = Field(4, ge=1, le=50, description="most denoising steps (t_index_list entries) of "
+                                  "a stream frame")
 
     @field_validator("cors_origins")
     @classmethod

@@ -47,8 +47,12 @@ Protocol (JSON text messages, binary frames):
   together, so a ``stats`` or ``error`` reply never lands between them.
 
 Each connection owns its ``StreamSession`` (latents, noise, filter): nothing is shared between
-users. The model work runs on the device worker's thread (``DeviceWorker.run_soon``), ahead of
-queued jobs and between a running job's steps, never on the event loop.
+users. The model work runs on the device worker's thread (``DeviceWorker.run_soon``), in its stream lane:
+between a running job's steps and before queued jobs while the lane is within ``stream_share`` of the
+device time (``FairShare``), never on the event loop. A session is bounded by ``stream_max_width``,
+``stream_max_height`` and ``stream_max_steps`` (past them ``session.start`` or ``params.update`` gets a
+``stream_limit_exceeded`` error naming the field). When the connection closes, its frame still waiting for
+the worker is dropped (a frame already running finishes).
 """
 
 from __future__ import annotations
@@ -64,6 +68,7 @@ import time
 import uuid
 from collections import deque
 from collections.abc import AsyncIterator
+from concurrent.futures import Future
 from typing import Any
 
 import numpy as np
@@ -77,7 +82,9 @@ from PIL import Image, UnidentifiedImageError
 from accel_diffusion.errors import AccelDiffusionError, InvalidRequestError, UnknownFieldError
 from accel_diffusion.imageio import encode_image
 from accel_diffusion.jsonbody import parse_json
+from accel_diffusion.strategy import RequestLimits
 from accel_diffusion.stream import StreamSession
+from accel_diffusion.stream.session import DEFAULT_T_INDEX_LIST
 from accel_diffusion.text import replace_unencodable
 from accel_diffusion.vocabulary import errors_named_as_sent, to_canonical
 
@@ -168,6 +175,40 @@ def _sent_key(connection: WebSocket | Request) -> str:
     return connection.query_params.get("api_key", "")
 
 
+class StreamLimitError(InvalidRequestError):
+    """A stream session past this server's stream limits (``stream_max_width``, ``stream_max_height``,
+    ``stream_max_steps``): the field is named and the setting that bounds it."""
+
+    error_type = "stream_limit_exceeded"
+
+
+def stream_limits(settings: Any, limits: RequestLimits) -> RequestLimits:
+    """The request limits of stream sessions: the server's, narrowed by its stream settings."""
+    width = min(limits.max_width, settings.stream_max_width)
+    height = min(limits.max_height, settings.stream_max_height)
+    return limits.model_copy(update={"max_width": width, "max_height": height,
+                                     "max_pixels": min(limits.max_pixels, width * height),
+                                     "max_steps": min(limits.max_steps, settings.stream_max_steps)})
+
+
+def _check_stream_size(options: dict[str, Any], default_size: tuple[int, int], limits: RequestLimits) -> None:
+    """Refuse a session larger than the stream limits (the model's default size counts when none is sent)."""
+    for name, default, limit in (("width", default_size[0], limits.max_width),
+                                 ("height", default_size[1], limits.max_height)):
+        value = options.get(name, default)
+        if isinstance(value, int) and not isinstance(value, bool) and value > limit:
+            sent = "" if name in options else " (the model's default)"
+            raise StreamLimitError(name, f"{value}{sent} is more than stream sessions take here: at most {limit} "
+                                   f"(stream_max_{name}); send a smaller {name}")
+
+
+def _check_stream_steps(t_index_list: Any, limits: RequestLimits) -> None:
+    """Refuse more denoising steps a frame than ``stream_max_steps``."""
+    if isinstance(t_index_list, list | tuple) and len(t_index_list) > limits.max_steps:
+        raise StreamLimitError("t_index_list", f"{len(t_index_list)} steps a frame; stream sessions take at most "
+                               f"{limits.max_steps} here (stream_max_steps): send fewer indices")
+
+
 class _Close(Exception):  # not an error: the handler closes the connection with this code
     """Raised by a message handler: close the connection with ``code`` and ``reason``."""
 
@@ -195,6 +236,7 @@ class _Connection:
         self.closed = False
         self.send_lock = asyncio.Lock()
         self.drain_task: asyncio.Task[None] | None = None
+        self.frame_future: Future[Any] | None = None  # the frame handed to the worker (cancelled if it waits at close)
         self.recent: deque[float] = deque()  # when frames finished, over the last RECENT_S seconds
         self.latency_ms: float | None = None  # the last frame's, receipt to reply
         self.last_input = time.monotonic()  # for the idle timeout: accepted input, not stats polls or errors
@@ -256,7 +298,9 @@ async def _serve(websocket: WebSocket, state: Any, owner: str | None) -> None:
         await _receive_loop(connection, websocket, state)
     finally:
         connection.closed = True
-        connection.waiting = None  # a gone client's waiting frame is not run
+        connection.waiting = None  # a gone client's waiting frame is not run ...
+        if connection.frame_future is not None:
+            connection.frame_future.cancel()  # ... nor the one waiting on the worker (a running one finishes)
         del state.stream_connections[connection.id]
         for viewer in connection.viewers:
             viewer.set()
@@ -317,6 +361,8 @@ async def _on_text(connection: _Connection, text: str) -> None:
             if connection.session is None:
                 raise InvalidRequestError("type", "start a session first (session.start)")
             _check_fields(data, UPDATE_FIELDS)
+            _check_stream_steps(data.get("t_index_list"), stream_limits(connection.state.settings,
+                                                                        connection.state.limits))
             fields = {k: v for k, v in data.items() if k != "type"}
             await _on_worker(connection, lambda: connection.session.update(**fields))  # type: ignore[union-attr]
             await connection.send({"type": "params.updated", "t_index_list": connection.session.t_index_list})
@@ -376,6 +422,12 @@ async def _start(connection: _Connection, data: dict[str, Any]) -> None:
                                          "strength")
                if canonical.get(k) is not None or k in data}
     model = state.registry.get(model_id)
+    limits = stream_limits(state.settings, state.limits)
+    with errors_named_as_sent(sent):  # refused before it takes a slot; a size past the limits names size
+        _check_stream_size(options, model.default_size, limits)
+    mode = options.get("mode", "img2img")
+    _check_stream_steps(options.get("t_index_list", DEFAULT_T_INDEX_LIST.get(mode) if isinstance(mode, str) else None),
+                        limits)
     cap = state.settings.max_stream_sessions
     if state.stream_sessions >= cap:  # checked and taken with no await between: no two starts share a slot
         raise _Close(CLOSE_OVERLOADED, f"at most {cap} stream sessions; try again later")
@@ -387,7 +439,7 @@ async def _start(connection: _Connection, data: dict[str, Any]) -> None:
     try:
         with errors_named_as_sent(sent):  # a bad size names size
             session = await _on_worker(connection, lambda: StreamSession(
-                model, data.get("prompt"), limits=state.limits, acceleration=state.settings.stream_acceleration,
+                model, data.get("prompt"), limits=limits, acceleration=state.settings.stream_acceleration,
                 **options))
     except BaseException:  # a refused session.start holds no slot
         state.stream_sessions -= 1
@@ -481,7 +533,15 @@ async def _drain(connection: _Connection) -> None:
 
 async def _process(connection: _Connection, session: StreamSession, seq: int, received: float,
                    pixels: np.ndarray | None) -> None:
-    output = await _on_worker(connection, lambda: session(pixels))
+    future = connection.frame_future = connection.state.worker.run_soon(lambda: session(pixels))
+    try:
+        output = await asyncio.wrap_future(future)
+    except asyncio.CancelledError:
+        if future.cancelled() and connection.closed:  # dropped at close before it ran: nothing to answer
+            return
+        raise
+    finally:
+        connection.frame_future = None
     stats = session.state.last_frame
     connection.processed += 1
     encoded = None if output is None else await asyncio.to_thread(_encode, output, connection.output)

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from accel_diffusion.server.fair_share import FairShare
 from accel_diffusion.server.jobs import Job, JobStatus, OutputOptions, QueueFullError
 from accel_diffusion.server.metrics import ServerMetrics
 
@@ -34,11 +35,13 @@ def encode_image(image: np.ndarray, output: OutputOptions) -> str:
 
 
 class DeviceWorker:
-    """A bounded FIFO of jobs and the thread that runs them on ``engine``."""
+    """A bounded FIFO of jobs, a lane of stream tasks, and the thread that runs them on ``engine``,
+    sharing its time between the two by measured cost (``FairShare``: the stream lane gets
+    ``stream_share`` of it while both have work)."""
 
     def __init__(self, engine: Engine, queue_max: int, metrics: ServerMetrics, max_batch_size: int = 1,
                  max_batch_wait_ms: float = 0.0, batch_invariant: bool = True,
-                 key_max_running: int | None = None) -> None:
+                 key_max_running: int | None = None, stream_share: float = 0.5) -> None:
         self.engine = engine
         self.queue_max = queue_max
         self.metrics = metrics
@@ -57,6 +60,8 @@ class DeviceWorker:
         self._prepared = threading.Event()
         self._prepare_error: BaseException | None = None
         self.last_job_seconds = 1.0
+        self.fair_share = FairShare(stream_share)  # touched on the worker thread only
+        self.stream_tasks_dropped = 0  # cancelled before they ran (a closed session's frame): never run
 
     def start(self, prepare: Callable[[], None] | None = None) -> None:
         """Start the thread; it first runs ``prepare`` (load and warm the models) and then jobs.
@@ -92,9 +97,10 @@ class DeviceWorker:
         self._thread.join(timeout)
 
     def run_soon(self, task: Callable[[], Any]) -> Future[Any]:
-        """Run a short model task (a stream frame, a stream session's set-up) on the worker thread
-        ahead of queued jobs, and between the denoising steps of a running one; its Future resolves
-        with the result. Model work stays on this one thread (see ``start``)."""
+        """Run a short model task (a stream frame, a stream session's set-up) on the worker thread, in
+        the stream lane: between the denoising steps of a running job and before queued jobs while the
+        lane is within its share of the device time; its Future resolves with the result (cancel it to
+        drop the task if it has not started). Model work stays on this one thread (see ``start``)."""
         future: Future[Any] = Future()
         with self._cond:
             if self._stopping:
@@ -103,24 +109,40 @@ class DeviceWorker:
             self._cond.notify_all()
         return future
 
-    def _run_urgent(self) -> None:
-        """Run the tasks waiting now (not those that arrive meanwhile: streams that always have a next
-        frame waiting would otherwise hold the worker here for good)."""
-        with self._cond:
-            waiting = len(self._urgent)
-        for _ in range(waiting):
+    def _stream_turns(self, job_running: bool) -> None:
+        """Run stream tasks while the fair share gives the stream lane the next turn (all of them while
+        no job runs or waits), one by one: the share is decided again after each."""
+        while True:
             with self._cond:
-                if not self._urgent:
+                jobs_waiting = job_running or bool(self._queue)
+                while self._urgent and self._urgent[0][1].cancelled():  # dropped: never run, never charged
+                    self._urgent.popleft()
+                    self.stream_tasks_dropped += 1
+                if self.fair_share.next(bool(self._urgent), jobs_waiting) != "stream":
                     return
                 task, future = self._urgent.popleft()
             if not future.set_running_or_notify_cancel():
+                self.stream_tasks_dropped += 1
                 continue
+            begin = time.perf_counter()
             try:
                 with batch_invariance.suspended():  # called between a job's steps, inside its mode
                     result = task()
                 future.set_result(result)
             except BaseException as exc:  # handed to the awaiting request
                 future.set_exception(exc)
+            finally:
+                self._charge("stream", time.perf_counter() - begin)
+
+    def _charge(self, lane: str, seconds: float) -> None:
+        self.fair_share.charge(lane, seconds)  # type: ignore[arg-type]
+        self.metrics.device_seconds.labels(lane=lane).inc(max(0.0, seconds))
+
+    @property
+    def stream_depth(self) -> int:
+        """Stream tasks waiting for the worker (not the one running)."""
+        with self._cond:
+            return len(self._urgent)
 
     def submit(self, job: Job) -> int:
         """Queue ``job``; returns its position (0 = next). Raises QueueFullError."""
@@ -181,15 +203,13 @@ class DeviceWorker:
             return
         self._prepared.set()
         while True:
-            self._run_urgent()
+            self._stream_turns(job_running=False)  # the stream lane's turns before the next job (all, without one)
             with self._cond:
                 self._cond.wait_for(lambda: self._queue or self._urgent or self._stopping)
-                if self._urgent and not self._queue:
-                    continue
-                # urgent work just ran; with jobs waiting, start one now (newer urgent tasks run between
-                # its steps): streams that keep the urgent queue busy must not starve the job queue
                 if self._stopping and not self._queue:
                     return
+                if self._urgent and self.fair_share.next(True, bool(self._queue)) == "stream":
+                    continue
                 batch = self._take_batch()
                 self.metrics.queue_depth.set(len(self._queue))
                 self._running, self._batch = batch[0], batch
@@ -278,8 +298,10 @@ class DeviceWorker:
         last_step = [time.perf_counter()]
 
         def on_step(event: StepEvent) -> None:
-            self.metrics.step_seconds.observe(time.perf_counter() - last_step[0])
-            self._run_urgent()  # stream frames wait one denoising step at most, not a whole job
+            seconds = time.perf_counter() - last_step[0]
+            self.metrics.step_seconds.observe(seconds)
+            self._charge("jobs", seconds)  # the batch's step (the first: with its prompt encoding)
+            self._stream_turns(job_running=True)  # the stream lane's turns, as its share allows
             last_step[0] = time.perf_counter()
             for job in jobs:
                 job.progress(event.step, event.total)
@@ -293,9 +315,12 @@ class DeviceWorker:
             return all(job.cancel_event.is_set() for job in jobs)
 
         request, seeds = merged_request(jobs)
-        result = self.engine.generate(request, GenerationHooks(on_step=on_step, on_preview=on_preview,
-                                                               cancel=all_cancelled), seeds=seeds,
-                                      batch_invariant=self.batch_invariant)
+        try:
+            result = self.engine.generate(request, GenerationHooks(on_step=on_step, on_preview=on_preview,
+                                                                   cancel=all_cancelled), seeds=seeds,
+                                          batch_invariant=self.batch_invariant)
+        finally:
+            self._charge("jobs", time.perf_counter() - last_step[0])  # the decode after the last step
         pixels = result.to_uint8()
         offset = 0
         for job in jobs:
