@@ -239,7 +239,7 @@ class _Connection:
         self.frame_future: Future[Any] | None = None  # the frame handed to the worker (cancelled if it waits at close)
         self.recent: deque[float] = deque()  # when frames finished, over the last RECENT_S seconds
         self.latency_ms: float | None = None  # the last frame's, receipt to reply
-        self.last_input = time.monotonic()  # for the idle timeout: accepted input, not stats polls or errors
+        self.last_input = time.monotonic()  # for the idle timeout: accepted input or a frame answered, not stats polls
         self.holds_slot = False  # one of max_stream_sessions, from a successful session.start to the end
         sent_id = websocket.headers.get("x-request-id", "")  # as for HTTP: the upgrade's, else a new one
         self.request_id = sent_id if REQUEST_ID.fullmatch(sent_id) else uuid.uuid4().hex
@@ -318,10 +318,12 @@ async def _receive_loop(connection: _Connection, websocket: WebSocket, state: An
     while True:
         remaining = idle - (time.monotonic() - connection.last_input)
         try:
-            if remaining <= 0:
+            if remaining <= 0 and not connection.busy:
                 raise TimeoutError
-            message = await asyncio.wait_for(websocket.receive(), remaining)
+            message = await asyncio.wait_for(websocket.receive(), remaining if remaining > 0 else idle)
         except TimeoutError:
+            if connection.busy:  # its frame is on the device: the client waits for us, it is not idle
+                continue  # (the timer restarts when the frame is answered)
             await websocket.close(1000, f"idle for {idle:g} s")
             return
         if message["type"] == "websocket.disconnect":
@@ -529,6 +531,7 @@ async def _drain(connection: _Connection) -> None:
                         await connection.failed(exc, f"frame (seq {seq})", "frame")
     finally:
         connection.busy = False
+        connection.last_input = time.monotonic()  # the idle timer counts from the last answer, not across a frame
 
 
 async def _process(connection: _Connection, session: StreamSession, seq: int, received: float,

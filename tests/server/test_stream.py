@@ -237,6 +237,23 @@ def test_api_key_and_idle_timeout(tiny_models_file: Path) -> None:
         assert idle.value.code == 1000
 
 
+def test_a_frame_slower_than_the_idle_timeout_is_answered_not_closed_as_idle(tiny_models_file: Path) -> None:
+    """The client waiting for its frame is not idle: the timer stops while the frame is on the device and
+    restarts from the answer."""
+    with TestClient(create_app(make_settings(tiny_models_file, stream_idle_timeout_s=0.4))) as client, \
+            client.websocket_connect("/v1/stream") as ws:
+        ws.send_json({"type": "session.start", "prompt": PROMPT, "t_index_list": [45], "guidance": "none"})
+        assert ws.receive_json()["type"] == "session.started"
+        client.app.state.server.worker.run_soon(lambda: time.sleep(1.5))  # the device: busy for 3.75 idle timeouts
+        ws.send_bytes(frame_bytes(1))
+        info = ws.receive_json()
+        assert info["type"] == "frame" and info["seq"] == 1 and info["latency_ms"] >= 1000
+        assert ws.receive_bytes()
+        with pytest.raises(WebSocketDisconnect) as idle:  # and idle again after the answer
+            ws.receive_json()
+        assert idle.value.code == 1000
+
+
 def test_latest_frame_wins_while_the_device_is_busy(tiny_models_file: Path) -> None:
     with TestClient(create_app(make_settings(tiny_models_file))) as client, \
             client.websocket_connect("/v1/stream") as ws:
