@@ -1,0 +1,386 @@
+"""The Redis job queue and store (``queue_backend = "redis"``): what several API and worker processes share.
+
+Keys (``prefix`` = ``redis_prefix``, default ``ad``):
+
+- ``{p}:q:{model}``: a Stream, one entry (``job={id}``) per queued job, consumer group ``workers``. A worker
+  claims entries with XREADGROUP, holds them by renewing their lease (XCLAIM of its own entries, JUSTID), and a
+  dead worker's entries are reclaimed by another one with XAUTOCLAIM once idle for ``lease_s``.
+- ``{p}:job:{id}``: a hash: request, output options, owner, status, attempt, consumer, timestamps, progress.
+- ``{p}:ev:{id}``: a Stream of the job's events (``type``, ``attempt``, ``data``); its entry ids are the SSE ids,
+  so ``Last-Event-ID`` resumes on any replica (XRANGE from just after it).
+- ``{p}:res:{id}``: the job's terminal record (status, result, error), set once (SET NX) by the one script that
+  finishes a job (``complete``): it checks that the caller still owns the queue entry, so a worker whose lease
+  was taken over writes nothing, and a second run's result loses to the first. Exactly-once results on top of
+  at-least-once execution.
+- ``{p}:cancel:{id}``: a cancel flag; a queued job is cancelled at once, a running one by its worker at its next
+  step.
+
+Finished jobs' keys expire after ``job_ttl_s``. Everything runs on Redis 7.0 (Debian 12).
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import redis
+from accel_diffusion.server.jobs import OutputOptions, request_echo
+
+from accel_diffusion.strategy import GenerationRequest, RequestLimits
+
+GROUP = "workers"
+TERMINAL = {"succeeded": "job.completed", "failed": "job.failed", "cancelled": "job.cancelled"}
+EVENTS_MAXLEN = 1000
+
+# KEYS: queue, job, events, result. ARGV: group, entry id, consumer, attempt, status, record json, event type,
+# event data json, ttl s, completed_at. -1: the caller no longer holds the entry (its lease was taken over:
+# nothing is written); 0: the job already has its result (an earlier run's; the entry is acked); 1: written.
+_COMPLETE = """
+local pending = redis.call('XPENDING', KEYS[1], ARGV[1], 'IDLE', 0, ARGV[2], ARGV[2], 1)
+if #pending == 0 or pending[1][2] ~= ARGV[3] then return -1 end
+if tostring(redis.call('HGET', KEYS[2], 'attempt')) ~= ARGV[4] then return -1 end
+if not redis.call('SET', KEYS[4], ARGV[6], 'NX', 'EX', ARGV[9]) then
+  redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
+  return 0
+end
+redis.call('HSET', KEYS[2], 'status', ARGV[5], 'completed_at', ARGV[10])
+redis.call('XADD', KEYS[3], 'MAXLEN', '~', 1000, '*', 'type', ARGV[7], 'attempt', ARGV[4], 'data', ARGV[8])
+redis.call('EXPIRE', KEYS[2], ARGV[9])
+redis.call('EXPIRE', KEYS[3], ARGV[9])
+redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
+return 1
+"""
+
+# KEYS: job, events, cancel flag, result. ARGV: consumer, started_at, ttl s, cancelled record json. The attempt
+# that starts now (a reclaimed job's attempt goes up by one), or 0 when the job must not run (finished, expired,
+# or cancelled: a job cancelled while its dead worker ran it is finished as cancelled here): the caller acks it.
+_START = """
+local status = redis.call('HGET', KEYS[1], 'status')
+if not status or (status ~= 'queued' and status ~= 'running') then return 0 end
+if redis.call('EXISTS', KEYS[3]) == 1 then
+  if redis.call('SET', KEYS[4], ARGV[4], 'NX', 'EX', ARGV[3]) then
+    redis.call('HSET', KEYS[1], 'status', 'cancelled', 'completed_at', ARGV[2])
+    redis.call('XADD', KEYS[2], 'MAXLEN', '~', 1000, '*', 'type', 'job.cancelled', 'attempt',
+               redis.call('HGET', KEYS[1], 'attempt'), 'data', '{"step": 0}')
+    redis.call('EXPIRE', KEYS[1], ARGV[3])
+    redis.call('EXPIRE', KEYS[2], ARGV[3])
+  end
+  return 0
+end
+local attempt = redis.call('HINCRBY', KEYS[1], 'attempt', 1)
+redis.call('HSET', KEYS[1], 'status', 'running', 'consumer', ARGV[1], 'started_at', ARGV[2], 'step', 0)
+return attempt
+"""
+
+# KEYS: job, events. ARGV: attempt, type, data json, step, total. Appends the event of the job's current attempt
+# only (a worker whose job was reclaimed by another adds nothing): 1 appended, 0 not.
+_EMIT = """
+if tostring(redis.call('HGET', KEYS[1], 'attempt')) ~= ARGV[1] then return 0 end
+if redis.call('HGET', KEYS[1], 'status') ~= 'running' then return 0 end
+if ARGV[4] ~= '' then redis.call('HSET', KEYS[1], 'step', ARGV[4], 'total', ARGV[5]) end
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', 1000, '*', 'type', ARGV[2], 'attempt', ARGV[1], 'data', ARGV[3])
+return 1
+"""
+
+# KEYS: job, events, cancel flag, result. ARGV: ttl s, completed_at, record json. Sets the flag; a queued job
+# is finished as cancelled now (1); a running one is left to its worker (0); a finished one is unchanged (-1).
+_CANCEL = """
+local status = redis.call('HGET', KEYS[1], 'status')
+if not status then return -1 end
+if status ~= 'queued' and status ~= 'running' then return -1 end
+redis.call('SET', KEYS[3], '1', 'EX', ARGV[1])
+if status == 'running' then return 0 end
+if not redis.call('SET', KEYS[4], ARGV[3], 'NX', 'EX', ARGV[1]) then return -1 end
+redis.call('HSET', KEYS[1], 'status', 'cancelled', 'completed_at', ARGV[2])
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', 1000, '*', 'type', 'job.cancelled', 'attempt', '0',
+           'data', '{"step": 0}')
+redis.call('EXPIRE', KEYS[1], ARGV[1])
+redis.call('EXPIRE', KEYS[2], ARGV[1])
+return 1
+"""
+
+
+# KEYS: queue. ARGV: group, consumer, entry ids. Renews the lease of the entries the consumer still holds and
+# returns them (a plain XCLAIM would take back an entry another worker reclaimed meanwhile).
+_RENEW = """
+local kept = {}
+for i = 3, #ARGV do
+  local pending = redis.call('XPENDING', KEYS[1], ARGV[1], 'IDLE', 0, ARGV[i], ARGV[i], 1)
+  if #pending > 0 and pending[1][2] == ARGV[2] then
+    redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[i], 'JUSTID')
+    kept[#kept + 1] = ARGV[i]
+  end
+end
+return kept
+"""
+
+
+@dataclass(frozen=True)
+class QueueEvent:
+    """One event of a job as the API streams it: ``id`` is the Redis Stream entry id (the SSE id)."""
+
+    id: str
+    type: str
+    data: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class ClaimedJob:
+    """A queue entry a worker holds: the job to run and the attempt it runs as."""
+
+    entry_id: str
+    model: str
+    job_id: str
+    request: GenerationRequest
+    output: OutputOptions
+    owner: str | None
+    created_at: float
+    attempt: int
+
+
+@dataclass(frozen=True)
+class QueueStats:
+    """One model's queue: jobs not yet claimed (``waiting``), claimed and unfinished (``pending``), and the age
+    of the oldest waiting job in seconds (0 when none waits)."""
+
+    waiting: int
+    pending: int
+    oldest_age_s: float
+
+    @property
+    def depth(self) -> int:
+        return self.waiting + self.pending
+
+
+def dump_request(request: GenerationRequest) -> str:
+    """The request as JSON (an init image as base64 PNG)."""
+    data = request.model_dump(mode="json", exclude={"init_image"}, exclude_none=True)
+    if request.init_image is not None:
+        buffer = io.BytesIO()
+        request.init_image.save(buffer, format="PNG")
+        data["init_image"] = base64.b64encode(buffer.getvalue()).decode("ascii")
+    return json.dumps(data)
+
+
+def load_request(text: str, limits: RequestLimits) -> GenerationRequest:
+    data = json.loads(text)
+    if "init_image" in data:
+        data["init_image"] = base64.b64decode(data["init_image"])
+    return GenerationRequest.model_validate(data, context={"limits": limits})
+
+
+class RedisJobQueue:
+    """The job queue, job records, events, cancel flags and results of every process on one Redis.
+
+    ``lease_s``: how long a claimed job stays its worker's without a renewal (workers renew every third of it;
+    past it another worker reclaims the job). ``ttl_s``: how long a finished job's keys are kept.
+    """
+
+    def __init__(self, url: str, prefix: str = "ad", lease_s: float = 30.0, ttl_s: float = 3600.0,
+                 limits: RequestLimits | None = None) -> None:
+        # socket_timeout above the longest BLOCK used (claim): redis-py's default 5 s would retry a long BLOCK
+        self.redis = redis.Redis.from_url(url, decode_responses=True, socket_timeout=10, socket_connect_timeout=5,
+                                          health_check_interval=10)
+        self.prefix = prefix
+        self.lease_ms = max(1, round(lease_s * 1000))
+        self.ttl_s = max(1, round(ttl_s))
+        self.limits = limits or RequestLimits()
+        self._complete = self.redis.register_script(_COMPLETE)
+        self._start = self.redis.register_script(_START)
+        self._emit = self.redis.register_script(_EMIT)
+        self._cancel = self.redis.register_script(_CANCEL)
+        self._renew = self.redis.register_script(_RENEW)
+        self._groups: set[str] = set()
+
+    def close(self) -> None:
+        self.redis.close()
+
+    # ---- keys --------------------------------------------------------------------------------
+
+    def queue_key(self, model: str) -> str:
+        return f"{self.prefix}:q:{model}"
+
+    def _job(self, job_id: str) -> str:
+        return f"{self.prefix}:job:{job_id}"
+
+    def _events(self, job_id: str) -> str:
+        return f"{self.prefix}:ev:{job_id}"
+
+    def _result(self, job_id: str) -> str:
+        return f"{self.prefix}:res:{job_id}"
+
+    def _cancel_flag(self, job_id: str) -> str:
+        return f"{self.prefix}:cancel:{job_id}"
+
+    def ensure_group(self, model: str) -> None:
+        """Create the model's queue and its consumer group (from the start: jobs queued before it are seen)."""
+        if model in self._groups:
+            return
+        try:
+            self.redis.xgroup_create(self.queue_key(model), GROUP, id="0", mkstream=True)
+        except redis.ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+        self._groups.add(model)
+
+    # ---- API side ----------------------------------------------------------------------------
+
+    def enqueue(self, job_id: str, request: GenerationRequest, output: OutputOptions, owner: str | None,
+                created_at: float | None = None) -> str:
+        """Record and queue a job (one transaction: its record, its ``job.queued`` event, its queue entry)."""
+        self.ensure_group(request.model)
+        created_at = time.time() if created_at is None else created_at
+        record = {"id": job_id, "model": request.model, "owner": owner or "", "status": "queued",
+                  "request": dump_request(request), "echo": json.dumps(request_echo(request, output)),
+                  "output": json.dumps(asdict(output)), "created_at": repr(created_at), "attempt": 0,
+                  "step": 0, "total": request.steps or 0}
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.hset(self._job(job_id), mapping=record)
+        pipe.xadd(self._events(job_id), {"type": "job.queued", "attempt": "0", "data": json.dumps({"position": None})},
+                  maxlen=EVENTS_MAXLEN)
+        pipe.xadd(self.queue_key(request.model), {"job": job_id})
+        return pipe.execute()[2]
+
+    def get(self, job_id: str) -> dict[str, str] | None:
+        """The job's record, or None (unknown or expired)."""
+        return self.redis.hgetall(self._job(job_id)) or None
+
+    def public(self, record: dict[str, str], include_result: bool = True) -> dict[str, Any]:
+        """The job object of the API (as ``Job.public``) from its record."""
+        terminal = self.redis.get(self._result(record["id"])) if record["status"] not in ("queued", "running") else None
+        final = json.loads(terminal) if terminal else {}
+        total = int(record.get("total") or 0) or None
+        step = int(record.get("step") or 0)
+        return {
+            "id": record["id"], "object": "job", "status": record["status"], "queue_position": None,
+            "created_at": float(record["created_at"]),
+            "started_at": float(record["started_at"]) if record.get("started_at") else None,
+            "completed_at": float(record["completed_at"]) if record.get("completed_at") else None,
+            "progress": {"step": step, "total": total, "fraction": step / total if total else 0.0},
+            "request": json.loads(record["echo"]),
+            "result": final.get("result") if include_result else None,
+            "error": final.get("error"),
+        }
+
+    def owner(self, record: dict[str, str]) -> str | None:
+        return record.get("owner") or None
+
+    def events_after(self, job_id: str, last_id: str | None = None, count: int | None = None) -> list[QueueEvent]:
+        """The job's events after ``last_id`` (an SSE id; None: from the first). The terminal event of a
+        succeeded job carries its result, read from the result record."""
+        start = f"({last_id}" if last_id else "-"
+        events = []
+        for entry_id, fields in self.redis.xrange(self._events(job_id), start, "+", count=count):
+            data = json.loads(fields["data"])
+            if fields["type"] == "job.completed":
+                final = json.loads(self.redis.get(self._result(job_id)) or "{}")
+                data = {"result": final.get("result")}
+            events.append(QueueEvent(entry_id, fields["type"], data))
+        return events
+
+    def cancel(self, job_id: str) -> int:
+        """Cancel a job: 1 a queued job, cancelled now; 0 a running one, stopped by its worker at its next step;
+        -1 finished or unknown (nothing changes)."""
+        record = json.dumps({"status": "cancelled", "result": None, "error": None})
+        return int(self._cancel(keys=[self._job(job_id), self._events(job_id), self._cancel_flag(job_id),
+                                      self._result(job_id)], args=[self.ttl_s, repr(time.time()), record]))
+
+    def stats(self, model: str) -> QueueStats:
+        """The model's queue depth and oldest waiting job's age, the same from every process."""
+        self.ensure_group(model)
+        key = self.queue_key(model)
+        group = next(g for g in self.redis.xinfo_groups(key) if g["name"] == GROUP)
+        pending = int(group["pending"])
+        waiting = group.get("lag")
+        last = group["last-delivered-id"]
+        if waiting is None:  # lag unknown (entries deleted): count the entries after the last delivered
+            waiting = len(self.redis.xrange(key, f"({last}", "+"))
+        oldest_age = 0.0
+        if waiting:
+            first = self.redis.xrange(key, f"({last}", "+", count=1)
+            if first:
+                oldest_age = max(0.0, time.time() - int(first[0][0].split("-")[0]) / 1000)
+        return QueueStats(int(waiting), pending, oldest_age)
+
+    def ping(self) -> bool:
+        return bool(self.redis.ping())
+
+    # ---- worker side -------------------------------------------------------------------------
+
+    def claim(self, models: list[str], consumer: str, count: int, block_ms: int = 1000) -> list[ClaimedJob]:
+        """Up to ``count`` jobs for ``consumer``: first ones whose worker's lease ran out (reclaimed), else new
+        ones (waiting up to ``block_ms``). Jobs that must not run (cancelled while queued) are acked and skipped."""
+        for model in models:
+            self.ensure_group(model)
+        claimed: list[tuple[str, str, str]] = []
+        for model in models:
+            if len(claimed) >= count:
+                break
+            reply = self.redis.execute_command("XAUTOCLAIM", self.queue_key(model), GROUP, consumer, self.lease_ms,
+                                               "0-0", "COUNT", count - len(claimed))
+            for entry_id, fields in reply[1]:
+                claimed.append((model, entry_id, (fields or {}).get("job", "")))
+            if len(reply) > 2 and reply[2]:  # entries deleted from the stream: nothing to run
+                self.redis.xack(self.queue_key(model), GROUP, *reply[2])
+        if not claimed:
+            reply = self.redis.xreadgroup(GROUP, consumer, {self.queue_key(m): ">" for m in models}, count=count,
+                                          block=block_ms)
+            for key, entries in reply or []:
+                model = key.removeprefix(f"{self.prefix}:q:")
+                for entry_id, fields in entries:
+                    claimed.append((model, entry_id, fields.get("job", "")))
+        jobs = []
+        for model, entry_id, job_id in claimed:
+            job = self._start_claimed(model, entry_id, job_id, consumer)
+            if job is not None:
+                jobs.append(job)
+        return jobs
+
+    def _start_claimed(self, model: str, entry_id: str, job_id: str, consumer: str) -> ClaimedJob | None:
+        cancelled = json.dumps({"status": "cancelled", "result": None, "error": None})
+        attempt = int(self._start(keys=[self._job(job_id), self._events(job_id), self._cancel_flag(job_id),
+                                        self._result(job_id)],
+                                  args=[consumer, repr(time.time()), self.ttl_s, cancelled])) if job_id else 0
+        record = self.get(job_id) if attempt else None
+        if record is None:
+            self.redis.xack(self.queue_key(model), GROUP, entry_id)
+            return None
+        return ClaimedJob(entry_id, model, job_id, load_request(record["request"], self.limits),
+                          OutputOptions(**json.loads(record["output"])), record.get("owner") or None,
+                          float(record["created_at"]), attempt)
+
+    def renew(self, model: str, consumer: str, entry_ids: list[str]) -> list[str]:
+        """Renew the lease of ``consumer``'s entries; returns those it still holds (a lost one was reclaimed)."""
+        if not entry_ids:
+            return []
+        return list(self._renew(keys=[self.queue_key(model)], args=[GROUP, consumer, *entry_ids]))
+
+    def emit(self, job: ClaimedJob, type_: str, data: dict[str, Any], step: int | None = None,
+             total: int | None = None) -> bool:
+        """Append an event of the job's running attempt (False: the job is no longer this attempt's)."""
+        return bool(self._emit(keys=[self._job(job.job_id), self._events(job.job_id)],
+                               args=[job.attempt, type_, json.dumps(data), "" if step is None else step,
+                                     "" if total is None else total]))
+
+    def complete(self, job: ClaimedJob, consumer: str, status: str, result: dict[str, Any] | None = None,
+                 error: dict[str, Any] | None = None, step: int = 0) -> int:
+        """Finish the job once (see the module doc): 1 written, 0 it already had a result, -1 no longer ours."""
+        record = json.dumps({"status": status, "result": result, "error": error})
+        data = {"error": error} if status == "failed" else {"step": step} if status == "cancelled" else {}
+        return int(self._complete(
+            keys=[self.queue_key(job.model), self._job(job.job_id), self._events(job.job_id), self._result(job.job_id)],
+            args=[GROUP, job.entry_id, consumer, job.attempt, status, record, TERMINAL[status], json.dumps(data),
+                  self.ttl_s, repr(time.time())]))
+
+    def cancel_requested(self, job_ids: list[str]) -> set[str]:
+        """Which of the jobs have a cancel flag."""
+        if not job_ids:
+            return set()
+        pipe = self.redis.pipeline(transaction=False)
+        for job_id in job_ids:
+            pipe.exists(self._cancel_flag(job_id))
+        return {job_id for job_id, flagged in zip(job_ids, pipe.execute(), strict=True) if flagged}
