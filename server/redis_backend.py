@@ -29,6 +29,8 @@ from typing import Any
 
 import redis
 from accel_diffusion.server.jobs import OutputOptions, request_echo
+from redis.backoff import ExponentialWithJitterBackoff
+from redis.retry import Retry
 
 from accel_diffusion.strategy import GenerationRequest, RequestLimits
 
@@ -182,9 +184,11 @@ class RedisJobQueue:
 
     def __init__(self, url: str, prefix: str = "ad", lease_s: float = 30.0, ttl_s: float = 3600.0,
                  limits: RequestLimits | None = None) -> None:
-        # socket_timeout above the longest BLOCK used (claim): redis-py's default 5 s would retry a long BLOCK
-        self.redis = redis.Redis.from_url(url, decode_responses=True, socket_timeout=10, socket_connect_timeout=5,
-                                          health_check_interval=10)
+        # socket_timeout above the longest BLOCK used (claim): redis-py's default 5 s would retry a long BLOCK;
+        # few, short retries: while Redis is down a request answers 503 in well under a second
+        self.redis = redis.Redis.from_url(url, decode_responses=True, socket_timeout=10, socket_connect_timeout=2,
+                                          health_check_interval=10,
+                                          retry=Retry(ExponentialWithJitterBackoff(base=0.01, cap=0.2), 3))
         self.prefix = prefix
         self.lease_ms = max(1, round(lease_s * 1000))
         self.ttl_s = max(1, round(ttl_s))
@@ -212,6 +216,9 @@ class RedisJobQueue:
 
     def _result(self, job_id: str) -> str:
         return f"{self.prefix}:res:{job_id}"
+
+    def _owned(self, owner: str | None) -> str:
+        return f"{self.prefix}:owner:{owner or '-'}"
 
     def _cancel_flag(self, job_id: str) -> str:
         return f"{self.prefix}:cancel:{job_id}"
@@ -243,7 +250,24 @@ class RedisJobQueue:
         pipe.xadd(self._events(job_id), {"type": "job.queued", "attempt": "0", "data": json.dumps({"position": None})},
                   maxlen=EVENTS_MAXLEN)
         pipe.xadd(self.queue_key(request.model), {"job": job_id})
+        pipe.zadd(self._owned(owner), {job_id: created_at})
         return pipe.execute()[2]
+
+    def jobs_of(self, owner: str | None) -> list[dict[str, str]]:
+        """The records of ``owner``'s jobs still kept, oldest first (expired ones leave the owner's index)."""
+        index = self._owned(owner)
+        job_ids = self.redis.zrange(index, 0, -1)
+        pipe = self.redis.pipeline(transaction=False)
+        for job_id in job_ids:
+            pipe.hgetall(self._job(job_id))
+        records = pipe.execute() if job_ids else []
+        gone = [job_id for job_id, record in zip(job_ids, records, strict=True) if not record]
+        if gone:
+            self.redis.zrem(index, *gone)
+        return [record for record in records if record]
+
+    def status(self, job_id: str) -> str | None:
+        return self.redis.hget(self._job(job_id), "status")
 
     def get(self, job_id: str) -> dict[str, str] | None:
         """The job's record, or None (unknown or expired)."""
