@@ -2,10 +2,10 @@
 (any replica answers any job), the per-model queue metrics every API replica exports from Redis, and, in the
 worker roles, the runner that feeds the DeviceWorker from the queue.
 
-The routes keep the memory mode's shapes, status codes and per-key ownership (another key's job is 404 on every
-replica); what differs: SSE ids are Redis Stream entry ids (``Last-Event-ID`` resumes on any replica), and
-``queue_position`` is null. While Redis is unreachable a route answers 503 with Retry-After, readiness fails,
-and both recover when it is back.
+The routes keep the memory mode's shapes, status codes, SSE ids (1, 2, ... per job: ``Last-Event-ID`` resumes on
+any replica) and per-key ownership (another key's job is 404 on every replica); ``queue_position`` is null.
+While Redis is unreachable a route answers 503 with Retry-After, readiness fails, and both recover when it is
+back.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import re
 import socket
 import time
 import uuid
@@ -54,7 +53,6 @@ T = TypeVar("T")
 FINISHED = ("succeeded", "failed", "cancelled")
 POLL_S = 0.05  # how often a waiting request or an event stream looks at Redis
 RETRY_AFTER_S = 2
-STREAM_ID = re.compile(r"\d{1,20}-\d{1,20}")
 
 
 class RedisServing:
@@ -73,7 +71,8 @@ class RedisServing:
         self.runner = None
         if settings.role != "api":
             name = settings.worker_name or f"{socket.gethostname()}-{os.getpid()}"
-            self.runner = RedisJobRunner(queue(), state.worker, settings.served_models, name, settings.max_batch_size)
+            self.runner = RedisJobRunner(queue(), state.worker, settings.served_models, name, settings.max_batch_size,
+                                         accepting=lambda: not state.draining)
         state.metrics.registry.register(QueueCollector(self.queue, settings.served_models))
 
     def start(self) -> None:
@@ -251,7 +250,7 @@ def redis_api_routes(memory_routes: APIRouter) -> APIRouter:
                          last_event_id: Annotated[str | None, Header(alias="Last-Event-ID")] = None
                          ) -> StreamingResponse:
         await visible_record(state, job_id, owner)
-        start = last_event_id if last_event_id and STREAM_ID.fullmatch(last_event_id) else None
+        start = int(last_event_id) if last_event_id and last_event_id.isdecimal() and len(last_event_id) < 19 else 0
         release = state.jobs.open_listener(ListenedJob(job_id), owner)  # type: ignore[arg-type]  # 429 past caps
         events = _sse(state, job_id, start, request, release)
         weakref.finalize(events, release)
@@ -285,7 +284,7 @@ async def _run_images(generation: GenerationRequest, output: OutputOptions, requ
                           error.get("message", "failed"), error.get("param"))
 
 
-async def _sse(state: ServerState, job_id: str, last_id: str | None, request: Request, release: Callable[[], None],
+async def _sse(state: ServerState, job_id: str, last_id: int, request: Request, release: Callable[[], None],
                heartbeat_s: float = 15.0) -> AsyncIterator[str]:
     queue = serving(state).queue
     last_beat = checked = time.monotonic()

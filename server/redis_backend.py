@@ -6,8 +6,9 @@ Keys (``prefix`` = ``redis_prefix``, default ``ad``):
   claims entries with XREADGROUP, holds them by renewing their lease (XCLAIM of its own entries, JUSTID), and a
   dead worker's entries are reclaimed by another one with XAUTOCLAIM once idle for ``lease_s``.
 - ``{p}:job:{id}``: a hash: request, output options, owner, status, attempt, consumer, timestamps, progress.
-- ``{p}:ev:{id}``: a Stream of the job's events (``type``, ``attempt``, ``data``); its entry ids are the SSE ids,
-  so ``Last-Event-ID`` resumes on any replica (XRANGE from just after it).
+- ``{p}:ev:{id}``: a Stream of the job's events (``type``, ``attempt``, ``data``) with entry ids ``0-1``, ``0-2``...
+  (a counter in the job's hash): the SSE id is that number, as in memory mode, so ``Last-Event-ID`` resumes on
+  any replica (XRANGE from just after it) and clients see the same ids whatever the backend.
 - ``{p}:res:{id}``: the job's terminal record (status, result, error), set once (SET NX) by the one script that
   finishes a job (``complete``): it checks that the caller still owns the queue entry, so a worker whose lease
   was taken over writes nothing, and a second run's result loses to the first. Exactly-once results on top of
@@ -50,7 +51,8 @@ if not redis.call('SET', KEYS[4], ARGV[6], 'NX', 'EX', ARGV[9]) then
   return 0
 end
 redis.call('HSET', KEYS[2], 'status', ARGV[5], 'completed_at', ARGV[10])
-redis.call('XADD', KEYS[3], 'MAXLEN', '~', 1000, '*', 'type', ARGV[7], 'attempt', ARGV[4], 'data', ARGV[8])
+redis.call('XADD', KEYS[3], 'MAXLEN', '~', 1000, '0-' .. redis.call('HINCRBY', KEYS[2], 'events', 1),
+           'type', ARGV[7], 'attempt', ARGV[4], 'data', ARGV[8])
 redis.call('EXPIRE', KEYS[2], ARGV[9])
 redis.call('EXPIRE', KEYS[3], ARGV[9])
 redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
@@ -66,8 +68,8 @@ if not status or (status ~= 'queued' and status ~= 'running') then return 0 end
 if redis.call('EXISTS', KEYS[3]) == 1 then
   if redis.call('SET', KEYS[4], ARGV[4], 'NX', 'EX', ARGV[3]) then
     redis.call('HSET', KEYS[1], 'status', 'cancelled', 'completed_at', ARGV[2])
-    redis.call('XADD', KEYS[2], 'MAXLEN', '~', 1000, '*', 'type', 'job.cancelled', 'attempt',
-               redis.call('HGET', KEYS[1], 'attempt'), 'data', '{"step": 0}')
+    redis.call('XADD', KEYS[2], 'MAXLEN', '~', 1000, '0-' .. redis.call('HINCRBY', KEYS[1], 'events', 1),
+               'type', 'job.cancelled', 'attempt', redis.call('HGET', KEYS[1], 'attempt'), 'data', '{"step": 0}')
     redis.call('EXPIRE', KEYS[1], ARGV[3])
     redis.call('EXPIRE', KEYS[2], ARGV[3])
   end
@@ -84,7 +86,8 @@ _EMIT = """
 if tostring(redis.call('HGET', KEYS[1], 'attempt')) ~= ARGV[1] then return 0 end
 if redis.call('HGET', KEYS[1], 'status') ~= 'running' then return 0 end
 if ARGV[4] ~= '' then redis.call('HSET', KEYS[1], 'step', ARGV[4], 'total', ARGV[5]) end
-redis.call('XADD', KEYS[2], 'MAXLEN', '~', 1000, '*', 'type', ARGV[2], 'attempt', ARGV[1], 'data', ARGV[3])
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', 1000, '0-' .. redis.call('HINCRBY', KEYS[1], 'events', 1),
+           'type', ARGV[2], 'attempt', ARGV[1], 'data', ARGV[3])
 return 1
 """
 
@@ -98,8 +101,8 @@ redis.call('SET', KEYS[3], '1', 'EX', ARGV[1])
 if status == 'running' then return 0 end
 if not redis.call('SET', KEYS[4], ARGV[3], 'NX', 'EX', ARGV[1]) then return -1 end
 redis.call('HSET', KEYS[1], 'status', 'cancelled', 'completed_at', ARGV[2])
-redis.call('XADD', KEYS[2], 'MAXLEN', '~', 1000, '*', 'type', 'job.cancelled', 'attempt', '0',
-           'data', '{"step": 0}')
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', 1000, '0-' .. redis.call('HINCRBY', KEYS[1], 'events', 1),
+           'type', 'job.cancelled', 'attempt', '0', 'data', '{"step": 0}')
 redis.call('EXPIRE', KEYS[1], ARGV[1])
 redis.call('EXPIRE', KEYS[2], ARGV[1])
 return 1
@@ -123,9 +126,10 @@ return kept
 
 @dataclass(frozen=True)
 class QueueEvent:
-    """One event of a job as the API streams it: ``id`` is the Redis Stream entry id (the SSE id)."""
+    """One event of a job as the API streams it: ``id`` increases by one per event of the job, starting at 1,
+    as in memory mode (the SSE id; entry ``0-<id>`` of the job's event stream)."""
 
-    id: str
+    id: int
     type: str
     data: dict[str, Any]
 
@@ -243,12 +247,12 @@ class RedisJobQueue:
         created_at = time.time() if created_at is None else created_at
         record = {"id": job_id, "model": request.model, "owner": owner or "", "status": "queued",
                   "request": dump_request(request), "echo": json.dumps(request_echo(request, output)),
-                  "output": json.dumps(asdict(output)), "created_at": repr(created_at), "attempt": 0,
+                  "output": json.dumps(asdict(output)), "created_at": repr(created_at), "attempt": 0, "events": 1,
                   "step": 0, "total": request.steps or 0}
         pipe = self.redis.pipeline(transaction=True)
         pipe.hset(self._job(job_id), mapping=record)
         pipe.xadd(self._events(job_id), {"type": "job.queued", "attempt": "0", "data": json.dumps({"position": None})},
-                  maxlen=EVENTS_MAXLEN)
+                  id="0-1", maxlen=EVENTS_MAXLEN)
         pipe.xadd(self.queue_key(request.model), {"job": job_id})
         pipe.zadd(self._owned(owner), {job_id: created_at})
         return pipe.execute()[2]
@@ -293,17 +297,17 @@ class RedisJobQueue:
     def owner(self, record: dict[str, str]) -> str | None:
         return record.get("owner") or None
 
-    def events_after(self, job_id: str, last_id: str | None = None, count: int | None = None) -> list[QueueEvent]:
-        """The job's events after ``last_id`` (an SSE id; None: from the first). The terminal event of a
-        succeeded job carries its result, read from the result record."""
-        start = f"({last_id}" if last_id else "-"
+    def events_after(self, job_id: str, last_id: int = 0, count: int | None = None) -> list[QueueEvent]:
+        """The job's events after ``last_id`` (an SSE id; 0: from the first). The terminal event of a succeeded
+        job carries its result, read from the result record."""
+        start = f"(0-{last_id}" if last_id else "-"
         events = []
         for entry_id, fields in self.redis.xrange(self._events(job_id), start, "+", count=count):
             data = json.loads(fields["data"])
             if fields["type"] == "job.completed":
                 final = json.loads(self.redis.get(self._result(job_id)) or "{}")
                 data = {"result": final.get("result")}
-            events.append(QueueEvent(entry_id, fields["type"], data))
+            events.append(QueueEvent(int(entry_id.split("-")[1]), fields["type"], data))
         return events
 
     def cancel(self, job_id: str) -> int:

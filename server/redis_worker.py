@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,16 +53,18 @@ class RedisJob(Job):
 class RedisJobRunner:
     """Feeds ``worker`` from the Redis queue of ``models`` as consumer ``consumer`` (a stable, unique name:
     the pod's). Two threads: one claims (only when the device is idle, up to ``batch_size`` jobs), one renews
-    the leases of the jobs held every third of the lease and polls their cancel flags every ``poll_s``."""
+    the leases of the jobs held every third of the lease and polls their cancel flags every ``poll_s``. While
+``accepting()`` is false (the server drains) it claims nothing."""
 
     def __init__(self, queue: RedisJobQueue, worker: DeviceWorker, models: list[str], consumer: str,
-                 batch_size: int = 1, poll_s: float = 0.1) -> None:
+                 batch_size: int = 1, poll_s: float = 0.1, accepting: Callable[[], bool] = lambda: True) -> None:
         self.queue = queue
         self.worker = worker
         self.models = models
         self.consumer = consumer
         self.batch_size = batch_size
         self.poll_s = poll_s
+        self.accepting = accepting  # False while the server drains: the jobs held finish, no new one is claimed
         self._held: dict[str, RedisJob] = {}  # by queue entry id
         self._lock = threading.Lock()
         self._stopping = threading.Event()
@@ -88,7 +91,7 @@ class RedisJobRunner:
             with self._lock:
                 for entry_id in [e for e, job in self._held.items() if job.status.finished]:
                     del self._held[entry_id]
-            if self.worker.busy or self.worker.queue_depth:
+            if self.worker.busy or self.worker.queue_depth or not self.accepting():
                 time.sleep(0.01)
                 continue
             try:

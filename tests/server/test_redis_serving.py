@@ -57,13 +57,13 @@ def wait_job(client: TestClient, job_id: str, statuses: tuple[str, ...], headers
     raise TimeoutError(f"{job_id} never reached {statuses}")
 
 
-def sse(text: str) -> list[tuple[str, str]]:
+def sse(text: str) -> list[tuple[int, str]]:
     """(id, event) of each event of an SSE body."""
     events = []
     for block in text.strip().split("\n\n"):
         fields = dict(line.split(": ", 1) for line in block.split("\n") if line and not line.startswith(":"))
         if fields:
-            events.append((fields["id"], fields["event"]))
+            events.append((int(fields["id"]), fields["event"]))
     return events
 
 
@@ -101,9 +101,9 @@ def test_submit_on_one_replica_follow_fetch_and_list_on_another(tiny_models_file
             GenerationRequest.create(model="tiny", prompt="a red circle", steps=2, seed=5)).to_uint8()[0]
         np.testing.assert_array_equal(decode(job["result"]["images"][0]["b64_json"]), expected)
         events = sse(one.get(f"/v1/jobs/{job_id}/events", headers=AUTH1).text)
-        assert [e for _, e in events] == ["job.queued", "job.started", "job.progress", "job.progress",
-                                          "job.completed"]
-        resumed = sse(two.get(f"/v1/jobs/{job_id}/events", headers={**AUTH1, "Last-Event-ID": events[1][0]}).text)
+        assert events == [(1, "job.queued"), (2, "job.started"), (3, "job.progress"), (4, "job.progress"),
+                          (5, "job.completed")]
+        resumed = sse(two.get(f"/v1/jobs/{job_id}/events", headers={**AUTH1, "Last-Event-ID": "2"}).text)
         assert resumed == events[2:]  # resumed on the other replica: no gap, no duplicate
         assert [j["id"] for j in two.get("/v1/jobs", headers=AUTH1).json()["data"]] == [job_id]
         sync = two.post("/v1/images/generations", json={"model": "tiny", "prompt": "a red circle", "steps": 2,
@@ -221,3 +221,45 @@ def test_a_worker_killed_mid_job_has_its_job_reclaimed_and_completed_once(tiny_m
         if doomed.poll() is None:
             doomed.kill()
             doomed.wait(10)
+
+
+def test_the_sdk_and_the_batch_cli_work_unchanged_through_two_replicas(tiny_models_file: Path, redis_url: str,
+                                                                       tmp_path: Path) -> None:
+    from accel_diffusion.clients import AccelClient
+    from round_robin_proxy import running_proxy
+    from server_clients import running_server
+
+    from accel_diffusion.batch import LocalBackend, ServerBackend, run_batch
+
+    prefix = "b" + uuid.uuid4().hex[:8]
+    manifest = tmp_path / "manifest.jsonl"
+    manifest.write_text("".join(f'{{"prompt": "shape {i}", "seed": {20 + i}, "steps": 2, "n": {1 + i % 2}, '
+                                f'"id": "r{i}"}}\n' for i in range(4)))
+    with ExitStack() as stack:
+        urls = [stack.enter_context(running_server(create_app(redis_settings(tiny_models_file, redis_url, prefix,
+                                                                             "api"))))[2] for _ in range(2)]
+        stack.enter_context(TestClient(create_app(redis_settings(tiny_models_file, redis_url, prefix, "worker",
+                                                                 max_batch_size=2))))
+        proxy, proxy_url = stack.enter_context(running_proxy(urls))
+        with AccelClient(urls[0], api_key=KEY1) as first, AccelClient(urls[1], api_key=KEY1) as second:
+            job = first.submit("a red circle", model="tiny", steps=2, seed=5)  # submitted on one replica,
+            output = second.job(job.id).result(timeout=120)  # followed and fetched on the other
+            events = list(second.job(job.id).events())
+        assert output.seeds == [5] and [e.id for e in events] == [1, 2, 3, 4, 5]
+        assert [e.type for e in events][-1] == "job.completed"
+        expected = Engine(ModelRegistry.from_file(tiny_models_file)).generate(
+            GenerationRequest.create(model="tiny", prompt="a red circle", steps=2, seed=5)).to_uint8()[0]
+        np.testing.assert_array_equal(np.asarray(output.images[0]), expected)
+        backend = ServerBackend(proxy_url, concurrency=4, api_key=KEY1)  # every request to the next replica
+        try:
+            report = run_batch(manifest, tmp_path / "served", backend, progress=False, default_model="tiny")
+        finally:
+            backend.close()
+        assert report.ok and report.generated == 4 and report.images == 6
+        assert min(proxy.sent) >= 4  # both replicas answered part of it
+    local = run_batch(manifest, tmp_path / "local", LocalBackend(tiny_models_file), progress=False,
+                      default_model="tiny")
+    assert local.ok
+    served = sorted((tmp_path / "served" / "images").iterdir())
+    assert [p.name for p in served] == [p.name for p in sorted((tmp_path / "local" / "images").iterdir())]
+    assert all(p.read_bytes() == (tmp_path / "local" / "images" / p.name).read_bytes() for p in served)
