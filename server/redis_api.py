@@ -65,7 +65,8 @@ class RedisServing:
 
         def queue() -> RedisJobQueue:
             return RedisJobQueue(settings.redis_url or "", settings.redis_prefix, settings.lease_s, settings.job_ttl_s,
-                                 settings.request_limits())
+                                 settings.request_limits(), settings.max_job_image_bytes,
+                                 settings.key_max_job_image_bytes)
 
         self.queue = queue()
         self.runner = None
@@ -268,6 +269,8 @@ async def _run_images(generation: GenerationRequest, output: OutputOptions, requ
                       state: ServerState) -> Any:
     job_id = await submit(state, generation, output, get_owner(request))
     job = await wait_finished(state, job_id, float("inf"), request)
+    if job["status"] in FINISHED:  # returned once: the job record keeps the seeds, not the images
+        await call(serving(state).queue.release_images, job_id)
     if job["status"] == "succeeded":
         result = job["result"]
         images = result["images"]

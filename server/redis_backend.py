@@ -183,11 +183,14 @@ class RedisJobQueue:
     """The job queue, job records, events, cancel flags and results of every process on one Redis.
 
     ``lease_s``: how long a claimed job stays its worker's without a renewal (workers renew every third of it;
-    past it another worker reclaims the job). ``ttl_s``: how long a finished job's keys are kept.
+    past it another worker reclaims the job). ``ttl_s``: how long a finished job's keys are kept. Finished jobs
+    hold at most ``max_image_bytes`` base64 characters of images in all and ``key_max_image_bytes`` per owner:
+    past them the oldest jobs' images are released (``images_released``), the owner holding the most first.
     """
 
     def __init__(self, url: str, prefix: str = "ad", lease_s: float = 30.0, ttl_s: float = 3600.0,
-                 limits: RequestLimits | None = None) -> None:
+                 limits: RequestLimits | None = None, max_image_bytes: int | None = None,
+                 key_max_image_bytes: int | None = None) -> None:
         # socket_timeout above the longest BLOCK used (claim): redis-py's default 5 s would retry a long BLOCK;
         # few, short retries: while Redis is down a request answers 503 in well under a second
         self.redis = redis.Redis.from_url(url, decode_responses=True, socket_timeout=10, socket_connect_timeout=2,
@@ -197,6 +200,8 @@ class RedisJobQueue:
         self.lease_ms = max(1, round(lease_s * 1000))
         self.ttl_s = max(1, round(ttl_s))
         self.limits = limits or RequestLimits()
+        self.max_image_bytes = max_image_bytes
+        self.key_max_image_bytes = key_max_image_bytes
         self._complete = self.redis.register_script(_COMPLETE)
         self._start = self.redis.register_script(_START)
         self._emit = self.redis.register_script(_EMIT)
@@ -412,3 +417,69 @@ class RedisJobQueue:
         for job_id in job_ids:
             pipe.exists(self._cancel_flag(job_id))
         return {job_id for job_id, flagged in zip(job_ids, pipe.execute(), strict=True) if flagged}
+
+    # ---- images held by finished jobs --------------------------------------------------------
+
+    def _images(self, what: str) -> str:
+        return f"{self.prefix}:img:{what}"
+
+    def hold_images(self, job_id: str, owner: str | None, nbytes: int) -> None:
+        """Count a just-finished job's images (once: after its completion was written), then apply the caps."""
+        if nbytes <= 0:
+            return
+        who = owner or "-"
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.hset(self._images("bytes"), job_id, nbytes)
+        pipe.hset(self._images("owner"), job_id, who)
+        pipe.zadd(self._images("age"), {job_id: time.time()})
+        pipe.zadd(self._images(f"age:{who}"), {job_id: time.time()})
+        pipe.zincrby(self._images("owners"), nbytes, who)
+        pipe.execute()
+        self.apply_image_caps(who)
+
+    def release_images(self, job_id: str) -> bool:
+        """Drop a finished job's images (its record stays, marked ``images_released``): once a synchronous call
+        has returned them, or past a cap. False if it held none."""
+        nbytes, who = self.redis.hget(self._images("bytes"), job_id), self.redis.hget(self._images("owner"), job_id)
+        if nbytes is None or not self.redis.hdel(self._images("bytes"), job_id):  # someone else released it
+            return False
+        who = who or "-"
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.hdel(self._images("owner"), job_id)
+        pipe.zrem(self._images("age"), job_id)
+        pipe.zrem(self._images(f"age:{who}"), job_id)
+        pipe.zincrby(self._images("owners"), -int(nbytes), who)
+        pipe.zremrangebyscore(self._images("owners"), "-inf", 0)
+        pipe.execute()
+        text = self.redis.get(self._result(job_id))
+        if text:
+            record = json.loads(text)
+            result = record.get("result") or {}
+            if "images" in result:
+                result["images"] = [{**im, "b64_json": None} for im in result["images"]]
+                result["images_released"] = True
+                self.redis.set(self._result(job_id), json.dumps(record), xx=True, keepttl=True)
+        return True
+
+    def held_image_bytes(self, owner: str | None = None) -> int:
+        """Base64 characters held by finished jobs: ``owner``'s, or all."""
+        if owner is not None:
+            return int(self.redis.zscore(self._images("owners"), owner or "-") or 0)
+        return int(sum(score for _, score in self.redis.zrange(self._images("owners"), 0, -1, withscores=True)))
+
+    def apply_image_caps(self, owner: str) -> None:
+        """Forget expired jobs' images, then release the oldest past the per-owner and the global cap."""
+        for job_id in self.redis.zrangebyscore(self._images("age"), "-inf", time.time() - self.ttl_s):
+            self.release_images(job_id)
+        if self.key_max_image_bytes is not None:
+            while self.held_image_bytes(owner) > self.key_max_image_bytes:
+                oldest = self.redis.zrange(self._images(f"age:{owner}"), 0, 0)
+                if not oldest:
+                    break
+                self.release_images(oldest[0])
+        while self.max_image_bytes is not None and self.held_image_bytes() > self.max_image_bytes:
+            most = self.redis.zrevrange(self._images("owners"), 0, 0)  # the owner holding the most gives some up
+            oldest = self.redis.zrange(self._images(f"age:{most[0]}"), 0, 0) if most else []
+            if not oldest:
+                break
+            self.release_images(oldest[0])

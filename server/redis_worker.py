@@ -39,6 +39,9 @@ class RedisJob(Job):
             if type_ in TERMINAL_TYPES:
                 self.outcome = self.queue.complete(self.claim, self.consumer, self.status.value, self.result,
                                                    self.error, self.step)
+                if self.outcome == 1:  # written once: its images count against the caps once
+                    images = (self.result or {}).get("images", [])
+                    self.queue.hold_images(self.id, self.owner, sum(len(im.get("b64_json") or "") for im in images))
             elif type_ == "job.progress":
                 self.queue.emit(self.claim, type_, event.data, event.data["step"], event.data["total"])
             elif type_ == "job.started":

@@ -148,6 +148,36 @@ def test_queued_jobs_survive_a_redis_crash_with_persistence(tmp_path: Path) -> N
         server.stop()
 
 
+def test_finished_jobs_images_are_capped_per_key_and_in_all_oldest_first(redis_url: str, prefix: str) -> None:
+    queue = RedisJobQueue(redis_url, prefix=prefix, ttl_s=60, max_image_bytes=25, key_max_image_bytes=15)
+
+    def finish(job_id: str, owner: str, nbytes: int) -> None:
+        queue.enqueue(job_id, request(), OutputOptions(), owner=owner)
+        [claim] = queue.claim(["tiny"], "w", 1, block_ms=100)
+        assert queue.complete(claim, "w", "succeeded", {"images": [{"b64_json": "A" * nbytes, "seed": 1}]}) == 1
+        queue.hold_images(job_id, owner, nbytes)
+        time.sleep(0.01)  # distinct completion times
+
+    def released(job_id: str) -> bool:
+        result = queue.public(queue.get(job_id))["result"]
+        return bool(result.get("images_released")) and result["images"][0]["b64_json"] is None
+
+    finish("a1", "a", 10)
+    finish("a2", "a", 10)  # a holds 20 > 15: its oldest goes
+    assert [released(j) for j in ("a1", "a2")] == [True, False]
+    assert (queue.held_image_bytes("a"), queue.held_image_bytes()) == (10, 10)
+    finish("b1", "b", 8)
+    finish("b2", "b", 5)  # 23 in all: under 25
+    assert queue.held_image_bytes() == 23 and not any(released(j) for j in ("a2", "b1", "b2"))
+    finish("b3", "b", 4)  # b holds 17 > 15: b1 goes (b: 9, all: 19)
+    assert released("b1") and queue.held_image_bytes() == 19
+    finish("c1", "c", 9)  # 28 > 25: the owner holding the most (a, 10) gives up its oldest
+    assert released("a2") and not released("c1") and queue.held_image_bytes() == 18
+    assert queue.release_images("c1") and not queue.release_images("c1")  # once
+    assert released("c1") and queue.held_image_bytes() == 9
+    assert queue.events_after("c1")[-1].data["result"]["images_released"] is True
+
+
 # ---- the runner on a real DeviceWorker ------------------------------------------------------
 
 @pytest.fixture(scope="module")

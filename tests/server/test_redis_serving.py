@@ -110,6 +110,9 @@ def test_submit_on_one_replica_follow_fetch_and_list_on_another(tiny_models_file
                                                         "seed": 5}, headers=AUTH2)
         assert sync.status_code == 200
         np.testing.assert_array_equal(decode(sync.json()["data"][0]["b64_json"]), expected)
+        kept = one.get(f"/v1/jobs/{sync.json()['id']}", headers=AUTH2).json()["result"]  # returned once: released
+        assert kept["images_released"] is True and (kept["images"][0]["b64_json"], kept["images"][0]["seed"]) == (
+            None, 5)
         assert 'accel_diffusion_shared_queue_depth{model="tiny"} 0.0' in one.get("/metrics").text
         for client in (one, two):  # API replicas never loaded a model; the worker did
             assert client.app.state.server.registry._loaded == {}
