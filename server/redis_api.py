@@ -36,7 +36,7 @@ from accel_diffusion.server.app import (
     error_response,
     get_owner,
 )
-from accel_diffusion.server.jobs import DrainingError, OutputOptions, QueueFullError
+from accel_diffusion.server.jobs import DrainingError, OutputOptions, QueueFullError, QuotaExceededError
 from accel_diffusion.server.redis_backend import RedisJobQueue
 from accel_diffusion.server.redis_worker import RedisJobRunner
 from accel_diffusion.server.schemas import ImageGenerationRequest, ImagesResponse, JobCreateRequest
@@ -149,6 +149,9 @@ async def submit(state: ServerState, request: GenerationRequest, output: OutputO
         raise DrainingError("the server is shutting down; retry on another replica")
     check_model(state, request)
     queue = serving(state).queue
+    if await call(queue.queued_count, owner) >= state.settings.key_max_queued_jobs:
+        raise QuotaExceededError("key_max_queued_jobs", state.settings.key_max_queued_jobs,
+                                 "jobs queued for this API key", RETRY_AFTER_S)
     stats = await call(queue.stats, request.model)
     if stats.waiting >= state.settings.queue_max:
         raise QueueFullError(state.settings.queue_max, RETRY_AFTER_S)

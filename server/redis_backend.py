@@ -39,9 +39,10 @@ GROUP = "workers"
 TERMINAL = {"succeeded": "job.completed", "failed": "job.failed", "cancelled": "job.cancelled"}
 EVENTS_MAXLEN = 1000
 
-# KEYS: queue, job, events, result. ARGV: group, entry id, consumer, attempt, status, record json, event type,
-# event data json, ttl s, completed_at. -1: the caller no longer holds the entry (its lease was taken over:
+# KEYS: queue, job, events, result, preview. ARGV: group, entry id, consumer, attempt, status, record json, event
+# type, event data json, ttl s, completed_at. -1: the caller no longer holds the entry (its lease was taken over:
 # nothing is written); 0: the job already has its result (an earlier run's; the entry is acked); 1: written.
+# A succeeded job's result supersedes its preview (dropped); a failed or cancelled one keeps its last.
 _COMPLETE = """
 local pending = redis.call('XPENDING', KEYS[1], ARGV[1], 'IDLE', 0, ARGV[2], ARGV[2], 1)
 if #pending == 0 or pending[1][2] ~= ARGV[3] then return -1 end
@@ -55,7 +56,19 @@ redis.call('XADD', KEYS[3], 'MAXLEN', '~', 1000, '0-' .. redis.call('HINCRBY', K
            'type', ARGV[7], 'attempt', ARGV[4], 'data', ARGV[8])
 redis.call('EXPIRE', KEYS[2], ARGV[9])
 redis.call('EXPIRE', KEYS[3], ARGV[9])
+if ARGV[5] == 'succeeded' then redis.call('DEL', KEYS[5]) else redis.call('EXPIRE', KEYS[5], ARGV[9]) end
 redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
+return 1
+"""
+
+# KEYS: job, events, preview. ARGV: attempt, event data json, preview json, ttl s. A preview event of the job's
+# running attempt; its images replace the previous preview's (only the latest is kept, as in memory mode).
+_PREVIEW = """
+if tostring(redis.call('HGET', KEYS[1], 'attempt')) ~= ARGV[1] then return 0 end
+if redis.call('HGET', KEYS[1], 'status') ~= 'running' then return 0 end
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', 1000, '0-' .. redis.call('HINCRBY', KEYS[1], 'events', 1),
+           'type', 'job.preview', 'attempt', ARGV[1], 'data', ARGV[2])
+redis.call('SET', KEYS[3], ARGV[3], 'EX', ARGV[4])
 return 1
 """
 
@@ -207,6 +220,7 @@ class RedisJobQueue:
         self._emit = self.redis.register_script(_EMIT)
         self._cancel = self.redis.register_script(_CANCEL)
         self._renew = self.redis.register_script(_RENEW)
+        self._preview = self.redis.register_script(_PREVIEW)
         self._groups: set[str] = set()
 
     def close(self) -> None:
@@ -228,6 +242,9 @@ class RedisJobQueue:
 
     def _owned(self, owner: str | None) -> str:
         return f"{self.prefix}:owner:{owner or '-'}"
+
+    def _preview_key(self, job_id: str) -> str:
+        return f"{self.prefix}:prev:{job_id}"
 
     def _cancel_flag(self, job_id: str) -> str:
         return f"{self.prefix}:cancel:{job_id}"
@@ -275,6 +292,14 @@ class RedisJobQueue:
             self.redis.zrem(index, *gone)
         return [record for record in records if record]
 
+    def queued_count(self, owner: str | None) -> int:
+        """How many of ``owner``'s jobs are queued (not yet started)."""
+        job_ids = self.redis.zrange(self._owned(owner), 0, -1)
+        pipe = self.redis.pipeline(transaction=False)
+        for job_id in job_ids:
+            pipe.hget(self._job(job_id), "status")
+        return sum(status == "queued" for status in (pipe.execute() if job_ids else []))
+
     def status(self, job_id: str) -> str | None:
         return self.redis.hget(self._job(job_id), "status")
 
@@ -304,14 +329,21 @@ class RedisJobQueue:
 
     def events_after(self, job_id: str, last_id: int = 0, count: int | None = None) -> list[QueueEvent]:
         """The job's events after ``last_id`` (an SSE id; 0: from the first). The terminal event of a succeeded
-        job carries its result, read from the result record."""
+        job carries its result, read from the result record; the latest preview its images (if the job has not
+        succeeded), earlier ones are marked superseded."""
         start = f"(0-{last_id}" if last_id else "-"
         events = []
+        preview: dict[str, Any] | None = None
         for entry_id, fields in self.redis.xrange(self._events(job_id), start, "+", count=count):
             data = json.loads(fields["data"])
             if fields["type"] == "job.completed":
                 final = json.loads(self.redis.get(self._result(job_id)) or "{}")
                 data = {"result": final.get("result")}
+            elif fields["type"] == "job.preview":  # the latest preview's images; earlier ones are superseded
+                if preview is None:
+                    preview = json.loads(self.redis.get(self._preview_key(job_id)) or "{}")
+                data = ({**data, "b64_json": preview["b64_json"]} if preview.get("step") == data["step"]
+                        else {"step": data["step"], "superseded": True})
             events.append(QueueEvent(int(entry_id.split("-")[1]), fields["type"], data))
         return events
 
@@ -399,13 +431,22 @@ class RedisJobQueue:
                                args=[job.attempt, type_, json.dumps(data), "" if step is None else step,
                                      "" if total is None else total]))
 
+    def emit_preview(self, job: ClaimedJob, data: dict[str, Any]) -> bool:
+        """A ``job.preview`` event (``step``, ``output_format``, ``b64_json``) of the job's running attempt; its
+        images are kept for the latest preview only."""
+        event = {"step": data["step"], "output_format": data.get("output_format")}
+        preview = {"step": data["step"], "b64_json": data.get("b64_json") or []}
+        return bool(self._preview(keys=[self._job(job.job_id), self._events(job.job_id), self._preview_key(job.job_id)],
+                                  args=[job.attempt, json.dumps(event), json.dumps(preview), self.ttl_s]))
+
     def complete(self, job: ClaimedJob, consumer: str, status: str, result: dict[str, Any] | None = None,
                  error: dict[str, Any] | None = None, step: int = 0) -> int:
         """Finish the job once (see the module doc): 1 written, 0 it already had a result, -1 no longer ours."""
         record = json.dumps({"status": status, "result": result, "error": error})
         data = {"error": error} if status == "failed" else {"step": step} if status == "cancelled" else {}
         return int(self._complete(
-            keys=[self.queue_key(job.model), self._job(job.job_id), self._events(job.job_id), self._result(job.job_id)],
+            keys=[self.queue_key(job.model), self._job(job.job_id), self._events(job.job_id), self._result(job.job_id),
+                  self._preview_key(job.job_id)],
             args=[GROUP, job.entry_id, consumer, job.attempt, status, record, TERMINAL[status], json.dumps(data),
                   self.ttl_s, repr(time.time())]))
 

@@ -44,6 +44,8 @@ class RedisJob(Job):
                     self.queue.hold_images(self.id, self.owner, sum(len(im.get("b64_json") or "") for im in images))
             elif type_ == "job.progress":
                 self.queue.emit(self.claim, type_, event.data, event.data["step"], event.data["total"])
+            elif type_ == "job.preview":
+                self.queue.emit_preview(self.claim, event.data)
             elif type_ == "job.started":
                 self.queue.emit(self.claim, type_, {"attempt": self.claim.attempt})
             else:

@@ -225,7 +225,8 @@ def test_the_runner_runs_batches_and_gives_the_images_of_memory_mode(redis_url: 
 def test_a_running_job_cancelled_on_another_replica_stops_at_its_next_step(redis_url: str, prefix: str,
                                                                             device: DeviceWorker) -> None:
     api = make_queue(redis_url, prefix)
-    api.enqueue("job_1", request(steps=150), OutputOptions(), owner=None)
+    api.enqueue("job_1", GenerationRequest.create(model="tiny", prompt="a", steps=150, preview_every=1),
+                OutputOptions(), owner=None)
     runner = RedisJobRunner(make_queue(redis_url, prefix), device, ["tiny"], "worker-1", poll_s=0.05)
     runner.start()
     try:
@@ -238,6 +239,9 @@ def test_a_running_job_cancelled_on_another_replica_stops_at_its_next_step(redis
     finally:
         runner.stop(10)
     assert job["status"] == "cancelled" and job["progress"]["step"] < 150
+    previews = [e for e in api.events_after("job_1") if e.type == "job.preview"]
+    assert len(previews) >= 2 and all(e.data == {"step": e.data["step"], "superseded": True} for e in previews[:-1])
+    assert len(previews[-1].data["b64_json"]) == 1 and decode(previews[-1].data["b64_json"][0]).shape == (32, 32, 3)
     assert types(api, "job_1").count("job.cancelled") == 1 and types(api, "job_1")[-1] == "job.cancelled"
     assert api.redis.xpending(api.queue_key("tiny"), "workers")["pending"] == 0
 
@@ -256,3 +260,18 @@ def test_a_draining_worker_claims_nothing(redis_url: str, prefix: str, device: D
         assert wait_status(api, "job_1", ("succeeded", "failed"))["status"] == "succeeded"
     finally:
         runner.stop(10)
+
+
+def test_a_succeeded_jobs_result_supersedes_its_previews(redis_url: str, prefix: str, device: DeviceWorker) -> None:
+    api = make_queue(redis_url, prefix)
+    api.enqueue("job_1", GenerationRequest.create(model="tiny", prompt="a", steps=3, seed=1, preview_every=1),
+                OutputOptions(), owner=None)
+    runner = RedisJobRunner(make_queue(redis_url, prefix), device, ["tiny"], "worker-1")
+    runner.start()
+    try:
+        assert wait_status(api, "job_1", ("succeeded", "failed"))["status"] == "succeeded"
+    finally:
+        runner.stop(10)
+    previews = [e.data for e in api.events_after("job_1") if e.type == "job.preview"]
+    assert previews == [{"step": step, "superseded": True} for step in (1, 2)]  # none at the last step
+    assert not api.redis.exists(f"{prefix}:prev:job_1")

@@ -143,6 +143,19 @@ def test_cancel_on_another_replica_queued_and_running(tiny_models_file: Path, re
             assert "job.started" not in events or job_id == running_id
 
 
+def test_the_queued_jobs_quota_holds_per_key_across_replicas(tiny_models_file: Path, redis_url: str) -> None:
+    prefix = "q" + uuid.uuid4().hex[:8]
+    with ExitStack() as stack:
+        one, two = (stack.enter_context(TestClient(create_app(redis_settings(
+            tiny_models_file, redis_url, prefix, "api", key_max_queued_jobs=2)))) for _ in range(2))
+        body = {"model": "tiny", "prompt": "a"}
+        assert [c.post("/v1/jobs", json=body, headers=AUTH1).status_code for c in (one, two)] == [202, 202]
+        refused = two.post("/v1/jobs", json=body, headers=AUTH1)
+        assert refused.status_code == 429 and refused.json()["error"]["param"] == "key_max_queued_jobs"
+        assert refused.headers["Retry-After"] == "2"
+        assert one.post("/v1/jobs", json=body, headers=AUTH2).status_code == 202  # another key's quota
+
+
 def test_an_api_replica_refuses_stream_sessions(tiny_models_file: Path, redis_url: str) -> None:
     settings = redis_settings(tiny_models_file, redis_url, "x", "api", api_keys=[])
     with TestClient(create_app(settings)) as client, client.websocket_connect("/v1/stream") as ws:
