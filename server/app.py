@@ -188,6 +188,7 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
             state.ready = False
             if state.redis is not None:
                 await asyncio.to_thread(state.redis.stop)
+                await state.redis.aclose()
             if settings.role != "api":
                 await asyncio.to_thread(state.worker.stop, 600)
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Annotated, Any, TypeVar
 
 import redis
+import redis.asyncio
 from accel_diffusion.server.app import (
     DISCONNECT_CHECK_S,
     ERROR_RESPONSES,
@@ -44,6 +45,8 @@ from fastapi import APIRouter, Header, HTTPException, Query, Request, Response
 from fastapi.responses import StreamingResponse
 from fastapi.routing import APIRoute
 from prometheus_client.core import GaugeMetricFamily
+from redis.asyncio.retry import Retry as AsyncRetry
+from redis.backoff import ExponentialWithJitterBackoff
 
 from accel_diffusion.engine.engine import check_request
 from accel_diffusion.errors import UnknownModelError
@@ -51,7 +54,6 @@ from accel_diffusion.strategy import GenerationRequest
 
 T = TypeVar("T")
 FINISHED = ("succeeded", "failed", "cancelled")
-POLL_S = 0.05  # how often a waiting request or an event stream looks at Redis
 RETRY_AFTER_S = 2
 
 
@@ -69,6 +71,10 @@ class RedisServing:
                                  settings.key_max_job_image_bytes)
 
         self.queue = queue()
+        # waits for a job's next event (XREAD BLOCK) on the event loop: no thread held while a request waits
+        retry = AsyncRetry(ExponentialWithJitterBackoff(base=0.01, cap=0.2), 3)
+        self.waiter = redis.asyncio.Redis.from_url(settings.redis_url, decode_responses=True, socket_timeout=10,
+                                                   socket_connect_timeout=2, max_connections=4096, retry=retry)
         self.runner = None
         if settings.role != "api":
             name = settings.worker_name or f"{socket.gethostname()}-{os.getpid()}"
@@ -79,6 +85,9 @@ class RedisServing:
     def start(self) -> None:
         if self.runner is not None:
             self.runner.start()
+
+    async def aclose(self) -> None:
+        await self.waiter.aclose()
 
     def stop(self) -> None:
         if self.runner is not None:
@@ -120,13 +129,17 @@ class ListenedJob:
     id: str
 
 
+def unavailable(exc: Exception) -> HTTPException:
+    return HTTPException(503, f"the job store (Redis) is unreachable ({type(exc).__name__}); retry in "
+                         f"{RETRY_AFTER_S} s", headers={"Retry-After": str(RETRY_AFTER_S)})
+
+
 async def call(function: Callable[..., T], *args: Any) -> T:
     """A Redis call off the event loop; Redis unreachable -> 503 with Retry-After."""
     try:
         return await asyncio.to_thread(function, *args)
     except redis.RedisError as exc:
-        raise HTTPException(503, f"the job store (Redis) is unreachable ({type(exc).__name__}); retry in "
-                            f"{RETRY_AFTER_S} s", headers={"Retry-After": str(RETRY_AFTER_S)}) from None
+        raise unavailable(exc) from None
 
 
 def serving(state: ServerState) -> RedisServing:
@@ -177,13 +190,23 @@ async def public(state: ServerState, job_id: str, include_result: bool = True) -
     return await call(queue.public, record, include_result)
 
 
+async def wait_event(state: ServerState, job_id: str, after: int, timeout_s: float) -> None:
+    """Return once the job has an event after number ``after``, or after ``timeout_s``."""
+    redis_serving = serving(state)
+    try:
+        await redis_serving.waiter.xread({redis_serving.queue.events_key(job_id): f"0-{after}"}, count=1,
+                                         block=max(1, round(timeout_s * 1000)))
+    except redis.RedisError as exc:
+        raise unavailable(exc) from None
+
+
 async def wait_finished(state: ServerState, job_id: str, timeout: float,
                         request: Request | None = None) -> dict[str, Any]:
     """The job once finished, or after ``timeout``; with ``request``, a client that leaves cancels the job."""
     deadline = time.monotonic() + timeout
     checked = time.monotonic()
     while True:
-        status = await call(serving(state).queue.status, job_id)
+        status, events = await call(serving(state).queue.progress_mark, job_id)
         if status in FINISHED or status is None or time.monotonic() >= deadline:
             return await public(state, job_id)
         if request is not None and time.monotonic() - checked >= DISCONNECT_CHECK_S:
@@ -191,7 +214,7 @@ async def wait_finished(state: ServerState, job_id: str, timeout: float,
             if await request.is_disconnected():
                 await call(serving(state).queue.cancel, job_id)
                 return await public(state, job_id)
-        await asyncio.sleep(POLL_S)
+        await wait_event(state, job_id, events, min(DISCONNECT_CHECK_S, max(0.001, deadline - time.monotonic())))
 
 
 def redis_api_routes(memory_routes: APIRouter) -> APIRouter:
@@ -314,7 +337,7 @@ async def _sse(state: ServerState, job_id: str, last_id: int, request: Request, 
                 checked = time.monotonic()
                 if await request.is_disconnected():
                     return
-            await asyncio.sleep(POLL_S)
+            await wait_event(state, job_id, last_id, DISCONNECT_CHECK_S)
     except HTTPException:  # Redis went away mid-stream: the client reconnects with Last-Event-ID
         return
     finally:

@@ -300,6 +300,14 @@ class RedisJobQueue:
             pipe.hget(self._job(job_id), "status")
         return sum(status == "queued" for status in (pipe.execute() if job_ids else []))
 
+    def progress_mark(self, job_id: str) -> tuple[str | None, int]:
+        """The job's status and its number of events so far (the id of its last one)."""
+        status, events = self.redis.hmget(self._job(job_id), ["status", "events"])
+        return status, int(events or 0)
+
+    def events_key(self, job_id: str) -> str:
+        return self._events(job_id)
+
     def status(self, job_id: str) -> str | None:
         return self.redis.hget(self._job(job_id), "status")
 
