@@ -37,7 +37,7 @@ from accel_diffusion.server.app import (
     error_response,
     get_owner,
 )
-from accel_diffusion.server.jobs import DrainingError, OutputOptions, QueueFullError, QuotaExceededError
+from accel_diffusion.server.jobs import DrainingError, JobStatus, OutputOptions, QueueFullError, QuotaExceededError
 from accel_diffusion.server.redis_backend import RedisJobQueue
 from accel_diffusion.server.redis_worker import RedisJobRunner
 from accel_diffusion.server.schemas import ImageGenerationRequest, ImagesResponse, JobCreateRequest
@@ -251,7 +251,7 @@ def redis_api_routes(memory_routes: APIRouter) -> APIRouter:
         return await public(state, job_id)
 
     @router.get("/v1/jobs", tags=["jobs"])
-    async def list_jobs(state: State, owner: Owner, status: str | None = None) -> dict[str, Any]:
+    async def list_jobs(state: State, owner: Owner, status: JobStatus | None = None) -> dict[str, Any]:
         """The caller's jobs (with API keys, each key sees the jobs it submitted)."""
         queue = serving(state).queue
         records = await call(queue.jobs_of, owner)

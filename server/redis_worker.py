@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis
-from accel_diffusion.server.jobs import Job, JobEvent
+from accel_diffusion.server.jobs import Job, JobEvent, QueueFullError
 from accel_diffusion.server.redis_backend import TERMINAL, ClaimedJob, RedisJobQueue
 from accel_diffusion.server.worker import DeviceWorker
 
@@ -109,9 +109,12 @@ class RedisJobRunner:
                 job = RedisJob(request=claim.request, output=claim.output, id=claim.job_id,
                                created_at=claim.created_at, owner=claim.owner, claim=claim, queue=self.queue,
                                consumer=self.consumer)
+                try:
+                    self.worker.submit(job)
+                except QueueFullError:  # the worker is stopping: the job's lease runs out, another worker runs it
+                    continue
                 with self._lock:
                     self._held[claim.entry_id] = job
-                self.worker.submit(job)
 
     def _lease_loop(self) -> None:
         renew_every = self.queue.lease_ms / 3000
