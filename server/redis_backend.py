@@ -379,6 +379,18 @@ class RedisJobQueue:
                 oldest_age = max(0.0, time.time() - int(first[0][0].split("-")[0]) / 1000)
         return QueueStats(int(waiting), pending, oldest_age)
 
+    def trim(self, model: str) -> int:
+        """Drop the queue entries before the oldest one still pending or undelivered (finished jobs' entries); the
+        backlog (``lag``) stays countable, as only delivered entries go. Returns how many were dropped."""
+        self.ensure_group(model)
+        key = self.queue_key(model)
+        oldest_pending = self.redis.xpending(key, GROUP)["min"]
+        group = next(g for g in self.redis.xinfo_groups(key) if g["name"] == GROUP)
+        keep_from = oldest_pending or group["last-delivered-id"]
+        if keep_from in (None, "0-0"):
+            return 0
+        return int(self.redis.xtrim(key, minid=keep_from, approximate=False))
+
     def ping(self) -> bool:
         return bool(self.redis.ping())
 

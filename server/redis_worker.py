@@ -18,6 +18,7 @@ from accel_diffusion.server.worker import DeviceWorker
 
 log = logging.getLogger("accel_diffusion.server")
 TERMINAL_TYPES = frozenset(TERMINAL.values())
+TRIM_EVERY_S = 30.0
 
 
 @dataclass(eq=False)
@@ -118,13 +119,17 @@ class RedisJobRunner:
 
     def _lease_loop(self) -> None:
         renew_every = self.queue.lease_ms / 3000
-        renewed = time.monotonic()
+        renewed = trimmed = time.monotonic()
         while not self._stopping.wait(min(self.poll_s, renew_every)):
             jobs = [job for job in self.held if not job.status.finished]
             try:
                 if time.monotonic() - renewed >= renew_every:
                     renewed = time.monotonic()
                     self._renew(jobs)
+                if time.monotonic() - trimmed >= TRIM_EVERY_S:  # finished jobs' queue entries
+                    trimmed = time.monotonic()
+                    for model in self.models:
+                        self.queue.trim(model)
                 for job_id in self.queue.cancel_requested([job.id for job in jobs]):
                     self.worker.cancel(next(job for job in jobs if job.id == job_id))
             except redis.RedisError as exc:

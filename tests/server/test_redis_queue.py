@@ -130,6 +130,22 @@ def test_queue_depth_and_oldest_age_are_the_same_from_every_process(redis_url: s
     assert one.stats("other").depth == 0
 
 
+def test_the_queue_drops_finished_entries_and_keeps_pending_and_waiting_ones(redis_url: str, prefix: str) -> None:
+    queue = make_queue(redis_url, prefix)
+    for index in range(5):
+        queue.enqueue(f"job_{index}", request(), OutputOptions(), owner=None)
+    claims = queue.claim(["tiny"], "w", 3, block_ms=100)  # job_0..2 delivered
+    for claim in (claims[0], claims[2]):
+        assert queue.complete(claim, "w", "succeeded", {"images": []}) == 1
+    assert queue.trim("tiny") == 1  # job_0 only: job_1 is still pending
+    assert queue.redis.xlen(queue.queue_key("tiny")) == 4
+    assert queue.complete(claims[1], "w", "succeeded", {"images": []}) == 1
+    assert queue.trim("tiny") == 1  # up to the last delivered (job_2), which stays as the group's mark
+    stats = queue.stats("tiny")
+    assert (stats.waiting, stats.pending) == (2, 0)  # the backlog is still counted exactly
+    assert [c.job_id for c in queue.claim(["tiny"], "w", 5, block_ms=100)] == ["job_3", "job_4"]
+
+
 def test_queued_jobs_survive_a_redis_crash_with_persistence(tmp_path: Path) -> None:
     server = RedisServer(require_tool("redis-server"), tmp_path, persistent=True)
     server.start()
