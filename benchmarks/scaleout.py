@@ -8,7 +8,10 @@ Every server process runs `accel-diffusion serve` with one torch thread (OMP_NUM
 (a) for memory mode (one process), 1 API + 1 worker, and 1 API + 2 workers: p50 latency of sequential
     POST /v1/images/generations (the Redis hop = its p50 minus memory mode's), then 16 concurrent clients:
     images/s and p50/p95 latency;
-(b) kill a worker: 1 API + 2 workers (lease_s 2), jobs submitted through POST /v1/jobs, one worker SIGKILLed
+(b) the Redis hop with drift cancelled: memory mode and 1 API + 1 worker up at once, blocks of 5 sequential
+    requests alternating between them: p50 of the Redis fleet minus p50 of memory mode, and the same for each
+    request's latency minus the engine time the server reports (what serving adds beside the model);
+(c) kill a worker: 1 API + 2 workers (lease_s 2), jobs submitted through POST /v1/jobs, one worker SIGKILLed
     while it runs one; every job followed to its end: completed / lost (not succeeded) / duplicated (more than
     one job.completed event), and how many jobs ran a second attempt.
 """
@@ -59,8 +62,9 @@ def start_redis(directory: Path) -> tuple[subprocess.Popen, str]:
             time.sleep(0.05)
 
 
-def sequential(port: int, count: int) -> float:
-    """p50 latency (ms) of ``count`` sequential synchronous generations on one keep-alive connection."""
+def sequential(port: int, count: int, overheads: list[float] | None = None) -> float:
+    """p50 latency (ms) of ``count`` sequential synchronous generations on one keep-alive connection; each
+    request's latency minus the engine time the server reports (``usage.compute_s``) goes to ``overheads``."""
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
     body = json.dumps(BODY)
     latencies = []
@@ -72,6 +76,8 @@ def sequential(port: int, count: int) -> float:
         assert response.status == 200, payload[:200]
         if index >= 2:
             latencies.append(time.perf_counter() - begin)
+            if overheads is not None:
+                overheads.append(latencies[-1] - json.loads(payload)["usage"]["compute_s"])
     connection.close()
     return 1e3 * statistics.median(latencies)
 
@@ -105,6 +111,28 @@ def throughput(url: str | None, workers: int, prefix: str, sequential_count: int
     finally:
         stop(processes)
     return row
+
+
+def hop(url: str, blocks: int, block: int = 5) -> dict[str, Any]:
+    """The Redis hop with drift cancelled: memory mode and 1 API + 1 worker up at once (idle ones take no CPU),
+    sequential requests alternating between them in blocks of ``block``."""
+    memory, memory_port = start_fleet(None, 0, "")
+    fleet, redis_port = start_fleet(url, 1, "hop")
+    try:
+        latencies: dict[str, list[float]] = {"memory": [], "redis": []}
+        overheads: dict[str, list[float]] = {"memory": [], "redis": []}
+        for _ in range(blocks):
+            for name, port in (("memory", memory_port), ("redis", redis_port)):
+                latencies[name].append(sequential(port, block, overheads[name]))
+                time.sleep(0.5)
+    finally:
+        stop(memory + fleet)
+    p50 = {name: statistics.median(values) for name, values in latencies.items()}
+    beside = {name: 1e3 * statistics.median(values) for name, values in overheads.items()}
+    return {"blocks": blocks, "block": block, "memory_p50_ms": p50["memory"], "redis_p50_ms": p50["redis"],
+            "redis_hop_p50_ms": p50["redis"] - p50["memory"], "block_p50s_ms": latencies,
+            "latency_minus_compute_p50_ms": beside,
+            "redis_hop_beside_compute_p50_ms": beside["redis"] - beside["memory"]}
 
 
 def kill_a_worker(url: str, jobs: int) -> dict[str, Any]:
@@ -145,7 +173,8 @@ def main() -> None:
     parser.add_argument("--sequential", type=int, default=20, help="sequential requests per configuration")
     parser.add_argument("--per-client", type=int, default=4, help="requests per client (16 clients)")
     parser.add_argument("--kill-jobs", type=int, default=24)
-    parser.add_argument("--parts", default="throughput,kill", help="comma-separated: throughput, kill")
+    parser.add_argument("--hop-blocks", type=int, default=6, help="alternating blocks of 5 sequential requests")
+    parser.add_argument("--parts", default="throughput,hop,kill", help="comma-separated: throughput, hop, kill")
     args = parser.parse_args()
     directory = Path(tempfile.mkdtemp(prefix="scaleout-redis-"))
     redis_process, url = start_redis(directory)
@@ -165,6 +194,8 @@ def main() -> None:
             save("redis_1_api_2_workers", throughput(url, 2, "two", args.sequential, args.per_client))
             save("redis_hop_p50_ms", result["redis_1_api_1_worker"]["sequential_p50_ms"]
                  - result["memory"]["sequential_p50_ms"])
+        if "hop" in parts:
+            save("hop", hop(url, args.hop_blocks))
         if "kill" in parts:
             save("kill_a_worker", kill_a_worker(url, args.kill_jobs))
     finally:
