@@ -319,9 +319,12 @@ def eval_command(ctx: click.Context, model: str, steps: int | None, num_inferenc
 @click.option("--host", default=None, help="bind address (default 127.0.0.1)")
 @click.option("--port", type=int, default=None, help="port (default 8000)")
 @click.option("--model", "served", multiple=True, help="model id to serve (repeatable; default: shapes)")
+@click.option("--role", type=click.Choice(["all", "api", "worker"]), default=None,
+              help="with queue_backend = 'redis': api (queue and answer jobs, no model), worker (run queued jobs) "
+                   "or all (default)")
 @click.pass_context
 def serve(ctx: click.Context, config_file: str | None, host: str | None, port: int | None,
-          served: tuple[str, ...]) -> None:
+          served: tuple[str, ...], role: str | None) -> None:
     """Run the HTTP server (OpenAI-compatible images API + jobs API) with uvicorn."""
     try:
         from accel_diffusion.server import ServerSettings
@@ -329,7 +332,7 @@ def serve(ctx: click.Context, config_file: str | None, host: str | None, port: i
     except ImportError as exc:
         _fail(f"the server needs its extra: pip install 'accel-diffusion[server]' ({exc.name} is missing)")
         return
-    overrides: dict[str, Any] = {k: v for k, v in (("host", host), ("port", port)) if v is not None}
+    overrides: dict[str, Any] = {k: v for k, v in (("host", host), ("port", port), ("role", role)) if v is not None}
     if served:
         overrides["served_models"] = list(served)
     if ctx.obj.get("models_file"):

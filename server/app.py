@@ -98,6 +98,7 @@ class ServerState:
         self.draining = False
         self.stream_sessions = 0
         self.stream_connections: dict[str, Any] = {}  # session id -> its WebSocket connection (MJPEG viewers)
+        self.redis: Any = None  # queue_backend = "redis": its RedisServing (server/redis_api.py), made in lifespan
 
     @property
     def idle(self) -> bool:
@@ -171,8 +172,13 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
         begin = time.perf_counter()
         state = ServerState(settings, served_registry(settings))
         app.state.server = state
-        state.worker.start(prepare=lambda: warm_up(state))  # on the worker thread: all model work stays there
-        await state.worker.wait_prepared()
+        if settings.role != "api":  # an API-only replica (Redis backend) loads no model
+            state.worker.start(prepare=lambda: warm_up(state))  # on the worker thread: all model work stays there
+            await state.worker.wait_prepared()
+        if settings.queue_backend == "redis":
+            from accel_diffusion.server.redis_api import RedisServing
+            state.redis = RedisServing(state)
+            state.redis.start()
         state.ready = True
         log.info("ready in %.1f s: serving %s", time.perf_counter() - begin, ", ".join(settings.served_models))
         try:
@@ -180,7 +186,11 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
         finally:
             state.draining = True
             state.ready = False
-            await asyncio.to_thread(state.worker.stop, 600)
+            if state.redis is not None:
+                await asyncio.to_thread(state.redis.stop)
+                await state.redis.aclose()
+            if settings.role != "api":
+                await asyncio.to_thread(state.worker.stop, 600)
 
     # /docs (Swagger UI) and /redoc with their scripts served from /docs/static (fastapi-offline ships them):
     # FastAPI's own pages load them from a CDN, and are blank on a machine offline
@@ -196,7 +206,11 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
     app.add_middleware(RequestIdAndLimits, max_body_bytes=settings.max_body_bytes)
     _install_error_handlers(app)
     app.include_router(_open_routes())
-    app.include_router(_api_routes(), dependencies=[Depends(require_api_key)])
+    api_routes = _api_routes()
+    if settings.queue_backend == "redis":  # the jobs and images routes on the shared queue
+        from accel_diffusion.server.redis_api import redis_api_routes
+        api_routes = redis_api_routes(api_routes)
+    app.include_router(api_routes, dependencies=[Depends(require_api_key)])
     app.include_router(stream_router())  # checks API keys itself (browsers cannot set WebSocket headers)
     web = resources.files("accel_diffusion.clients") / "web"
     if web.is_dir():  # the live img2img page (clients/web): static, its API calls carry the key
@@ -408,6 +422,12 @@ def _open_routes() -> APIRouter:
 
     @router.get("/health/ready", tags=["health"], responses={503: {"model": ErrorResponse}})
     async def ready(state: State) -> Any:
+        if state.ready and not state.draining and state.redis is not None:  # ready while Redis answers
+            with contextlib.suppress(Exception):
+                if await asyncio.to_thread(state.redis.queue.ping):
+                    return {"status": "ready", "models": state.settings.served_models}
+            return error_response(503, "unavailable", "the job store (Redis) is unreachable",
+                                  headers={"Retry-After": "2"})
         if state.ready and not state.draining:
             return {"status": "ready", "models": state.settings.served_models}
         return error_response(503, "unavailable", "draining" if state.draining else "loading models")

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import importlib.util
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from accel_diffusion.server.hosts import is_loopback
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from accel_diffusion.strategy import DEFAULT_LIMITS, RequestLimits
@@ -104,6 +105,32 @@ class ServerSettings(BaseSettings):
     stream_max_height: int = Field(512, ge=8, description="tallest stream session (under max_height)")
     stream_max_steps: int = Field(4, ge=1, le=50, description="most denoising steps (t_index_list entries) of "
                                   "a stream frame")
+
+    # scale-out (docs: README "Scale-out: a shared Redis queue")
+    queue_backend: Literal["memory", "redis"] = Field(
+        "memory", description="where jobs, their queue, events and results live: in this process (one server), or "
+        "in Redis at redis_url, shared by every API and worker process (pip install 'accel-diffusion[redis]')")
+    redis_url: str | None = Field(None, description="with queue_backend = 'redis': e.g. redis://127.0.0.1:6379/0")
+    redis_prefix: str = Field("ad", min_length=1, description="prefix of every Redis key (several deployments "
+                              "can share one Redis)")
+    role: Literal["all", "api", "worker"] = Field(
+        "all", description="with queue_backend = 'redis': 'api' validates, queues and answers jobs and never loads a "
+        "model; 'worker' loads the models and runs the queued jobs; 'all' both")
+    lease_s: float = Field(30.0, gt=0, description="a worker holds a claimed job this long past its last renewal "
+                           "(renewed every third of it); a dead worker's job runs again elsewhere after it")
+    worker_name: str | None = Field(None, description="this worker's consumer name in the Redis queue, stable "
+                                    "and unique per worker (default: host name and process id)")
+
+    @model_validator(mode="after")
+    def _backend_and_role(self) -> ServerSettings:
+        if self.queue_backend == "redis" and not self.redis_url:
+            raise ValueError("queue_backend = 'redis' needs redis_url (e.g. redis://127.0.0.1:6379/0)")
+        if self.queue_backend == "redis" and importlib.util.find_spec("redis") is None:
+            raise ValueError("queue_backend = 'redis' needs the redis client: pip install 'accel-diffusion[redis]'")
+        if self.role != "all" and self.queue_backend != "redis":
+            raise ValueError(f"role = {self.role!r} needs queue_backend = 'redis' (with the memory backend one "
+                             "process is both api and worker: role = 'all')")
+        return self
 
     @field_validator("cors_origins")
     @classmethod

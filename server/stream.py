@@ -409,6 +409,9 @@ async def _start(connection: _Connection, data: dict[str, Any]) -> None:
         raise InvalidRequestError("type", "this connection already has a session; use params.update")
     _check_fields(data, START_FIELDS)
     state = connection.state
+    if state.settings.role == "api":  # a session runs on the process holding its connection
+        raise _Close(CLOSE_POLICY, "stream sessions need a local model: this replica runs role = 'api'; "
+                     "connect to one with role 'all' or 'worker'")
     model_id = data.get("model") or state.default_model
     if model_id not in state.settings.served_models:
         raise InvalidRequestError("model", f"{model_id!r} is not served here", state.settings.served_models)

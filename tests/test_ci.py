@@ -25,7 +25,7 @@ def test_require_tool_skips_on_a_users_machine_and_fails_under_ci(monkeypatch: p
 
 
 def stub_path(tmp_path: Path, apt_get_status: int) -> Path:
-    """A PATH without chromium, curl, jq, kubectl: apt-get and python3 record their arguments, apt-get exits as told."""
+    """A PATH without chromium, curl, jq, kubectl, redis-server: apt-get and python3 record their arguments, apt-get exits as told."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     (bin_dir / "dirname").symlink_to(shutil.which("dirname"))
@@ -48,7 +48,7 @@ def run_ci(tmp_path: Path, apt_get_status: int, ci: str | None) -> tuple[subproc
 def test_ci_run_installs_chromium_curl_and_jq_then_runs_the_readme_command(tmp_path: Path) -> None:
     done, calls = run_ci(tmp_path, apt_get_status=0, ci="true")
     assert done.returncode == 0, done.stderr
-    assert calls == ["apt-get install -y -q --no-install-recommends chromium curl jq kubectl",
+    assert calls == ["apt-get install -y -q --no-install-recommends chromium curl jq kubectl redis-server",
                      "python3 -m pip install -q torch==2.13.0", "python3 -m pip install -q -e .[dev]",
                      "python3 -m pytest -q -p no:cacheprovider"]
     assert README_COMMAND in (REPO / ".ci" / "run").read_text()
@@ -58,13 +58,13 @@ def test_ci_run_installs_chromium_curl_and_jq_then_runs_the_readme_command(tmp_p
 def test_ci_run_fails_under_ci_when_the_install_fails(tmp_path: Path) -> None:
     done, calls = run_ci(tmp_path, apt_get_status=100, ci="true")
     assert done.returncode == 1
-    assert "CI=true: could not install chromium curl jq kubectl" in done.stderr
-    assert calls == ["apt-get install -y -q --no-install-recommends chromium curl jq kubectl", "apt-get update -q"]
+    assert "CI=true: could not install chromium curl jq kubectl redis-server" in done.stderr
+    assert calls == ["apt-get install -y -q --no-install-recommends chromium curl jq kubectl redis-server", "apt-get update -q"]
 
 
 def test_ci_run_on_a_users_machine_goes_on_without_the_tools(tmp_path: Path) -> None:
     done, calls = run_ci(tmp_path, apt_get_status=100, ci=None)
     assert done.returncode == 0
-    assert "chromium curl jq kubectl not installed: the tests that need them are skipped" in done.stderr
+    assert "chromium curl jq kubectl redis-server not installed: the tests that need them are skipped" in done.stderr
     assert calls[-1] == "python3 -m pytest -q -p no:cacheprovider"
 

@@ -1,0 +1,546 @@
+"""The Redis job queue and store (``queue_backend = "redis"``): what several API and worker processes share.
+
+Keys (``prefix`` = ``redis_prefix``, default ``ad``):
+
+- ``{p}:q:{model}``: a Stream, one entry (``job={id}``) per queued job, consumer group ``workers``. A worker
+  claims entries with XREADGROUP, holds them by renewing their lease (XCLAIM of its own entries, JUSTID), and a
+  dead worker's entries are reclaimed by another one with XAUTOCLAIM once idle for ``lease_s``.
+- ``{p}:job:{id}``: a hash: request, output options, owner, status, attempt, consumer, timestamps, progress.
+- ``{p}:ev:{id}``: a Stream of the job's events (``type``, ``attempt``, ``data``) with entry ids ``0-1``, ``0-2``...
+  (a counter in the job's hash): the SSE id is that number, as in memory mode, so ``Last-Event-ID`` resumes on
+  any replica (XRANGE from just after it) and clients see the same ids whatever the backend.
+- ``{p}:res:{id}``: the job's terminal record (status, result, error), set once (SET NX) by the one script that
+  finishes a job (``complete``): it checks that the caller still owns the queue entry, so a worker whose lease
+  was taken over writes nothing, and a second run's result loses to the first. Exactly-once results on top of
+  at-least-once execution.
+- ``{p}:cancel:{id}``: a cancel flag; a queued job is cancelled at once, a running one by its worker at its next
+  step.
+
+Finished jobs' keys expire after ``job_ttl_s``. Everything runs on Redis 7.0 (Debian 12).
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import redis
+from accel_diffusion.server.jobs import OutputOptions, request_echo
+from redis.backoff import ExponentialWithJitterBackoff
+from redis.retry import Retry
+
+from accel_diffusion.strategy import GenerationRequest, RequestLimits
+
+GROUP = "workers"
+TERMINAL = {"succeeded": "job.completed", "failed": "job.failed", "cancelled": "job.cancelled"}
+EVENTS_MAXLEN = 1000
+
+# KEYS: queue, job, events, result, preview. ARGV: group, entry id, consumer, attempt, status, record json, event
+# type, event data json, ttl s, completed_at. -1: the caller no longer holds the entry (its lease was taken over:
+# nothing is written); 0: the job already has its result (an earlier run's; the entry is acked); 1: written.
+# A succeeded job's result supersedes its preview (dropped); a failed or cancelled one keeps its last.
+_COMPLETE = """
+local pending = redis.call('XPENDING', KEYS[1], ARGV[1], 'IDLE', 0, ARGV[2], ARGV[2], 1)
+if #pending == 0 or pending[1][2] ~= ARGV[3] then return -1 end
+if tostring(redis.call('HGET', KEYS[2], 'attempt')) ~= ARGV[4] then return -1 end
+if not redis.call('SET', KEYS[4], ARGV[6], 'NX', 'EX', ARGV[9]) then
+  redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
+  return 0
+end
+redis.call('HSET', KEYS[2], 'status', ARGV[5], 'completed_at', ARGV[10])
+redis.call('XADD', KEYS[3], 'MAXLEN', '~', 1000, '0-' .. redis.call('HINCRBY', KEYS[2], 'events', 1),
+           'type', ARGV[7], 'attempt', ARGV[4], 'data', ARGV[8])
+redis.call('EXPIRE', KEYS[2], ARGV[9])
+redis.call('EXPIRE', KEYS[3], ARGV[9])
+if ARGV[5] == 'succeeded' then redis.call('DEL', KEYS[5]) else redis.call('EXPIRE', KEYS[5], ARGV[9]) end
+redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
+return 1
+"""
+
+# KEYS: job, events, preview. ARGV: attempt, event data json, preview json, ttl s. A preview event of the job's
+# running attempt; its images replace the previous preview's (only the latest is kept, as in memory mode).
+_PREVIEW = """
+if tostring(redis.call('HGET', KEYS[1], 'attempt')) ~= ARGV[1] then return 0 end
+if redis.call('HGET', KEYS[1], 'status') ~= 'running' then return 0 end
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', 1000, '0-' .. redis.call('HINCRBY', KEYS[1], 'events', 1),
+           'type', 'job.preview', 'attempt', ARGV[1], 'data', ARGV[2])
+redis.call('SET', KEYS[3], ARGV[3], 'EX', ARGV[4])
+return 1
+"""
+
+# KEYS: job, events, cancel flag, result. ARGV: consumer, started_at, ttl s, cancelled record json. The attempt
+# that starts now (a reclaimed job's attempt goes up by one), or 0 when the job must not run (finished, expired,
+# or cancelled: a job cancelled while its dead worker ran it is finished as cancelled here): the caller acks it.
+_START = """
+local status = redis.call('HGET', KEYS[1], 'status')
+if not status or (status ~= 'queued' and status ~= 'running') then return 0 end
+if redis.call('EXISTS', KEYS[3]) == 1 then
+  if redis.call('SET', KEYS[4], ARGV[4], 'NX', 'EX', ARGV[3]) then
+    redis.call('HSET', KEYS[1], 'status', 'cancelled', 'completed_at', ARGV[2])
+    redis.call('XADD', KEYS[2], 'MAXLEN', '~', 1000, '0-' .. redis.call('HINCRBY', KEYS[1], 'events', 1),
+               'type', 'job.cancelled', 'attempt', redis.call('HGET', KEYS[1], 'attempt'), 'data', '{"step": 0}')
+    redis.call('EXPIRE', KEYS[1], ARGV[3])
+    redis.call('EXPIRE', KEYS[2], ARGV[3])
+  end
+  return 0
+end
+local attempt = redis.call('HINCRBY', KEYS[1], 'attempt', 1)
+redis.call('HSET', KEYS[1], 'status', 'running', 'consumer', ARGV[1], 'started_at', ARGV[2], 'step', 0)
+return attempt
+"""
+
+# KEYS: job, events. ARGV: attempt, type, data json, step, total. Appends the event of the job's current attempt
+# only (a worker whose job was reclaimed by another adds nothing): 1 appended, 0 not.
+_EMIT = """
+if tostring(redis.call('HGET', KEYS[1], 'attempt')) ~= ARGV[1] then return 0 end
+if redis.call('HGET', KEYS[1], 'status') ~= 'running' then return 0 end
+if ARGV[4] ~= '' then redis.call('HSET', KEYS[1], 'step', ARGV[4], 'total', ARGV[5]) end
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', 1000, '0-' .. redis.call('HINCRBY', KEYS[1], 'events', 1),
+           'type', ARGV[2], 'attempt', ARGV[1], 'data', ARGV[3])
+return 1
+"""
+
+# KEYS: job, events, cancel flag, result. ARGV: ttl s, completed_at, record json. Sets the flag; a queued job
+# is finished as cancelled now (1); a running one is left to its worker (0); a finished one is unchanged (-1).
+_CANCEL = """
+local status = redis.call('HGET', KEYS[1], 'status')
+if not status then return -1 end
+if status ~= 'queued' and status ~= 'running' then return -1 end
+redis.call('SET', KEYS[3], '1', 'EX', ARGV[1])
+if status == 'running' then return 0 end
+if not redis.call('SET', KEYS[4], ARGV[3], 'NX', 'EX', ARGV[1]) then return -1 end
+redis.call('HSET', KEYS[1], 'status', 'cancelled', 'completed_at', ARGV[2])
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', 1000, '0-' .. redis.call('HINCRBY', KEYS[1], 'events', 1),
+           'type', 'job.cancelled', 'attempt', '0', 'data', '{"step": 0}')
+redis.call('EXPIRE', KEYS[1], ARGV[1])
+redis.call('EXPIRE', KEYS[2], ARGV[1])
+return 1
+"""
+
+
+# KEYS: queue. ARGV: group, consumer, entry ids. Renews the lease of the entries the consumer still holds and
+# returns them (a plain XCLAIM would take back an entry another worker reclaimed meanwhile).
+_RENEW = """
+local kept = {}
+for i = 3, #ARGV do
+  local pending = redis.call('XPENDING', KEYS[1], ARGV[1], 'IDLE', 0, ARGV[i], ARGV[i], 1)
+  if #pending > 0 and pending[1][2] == ARGV[2] then
+    redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[i], 'JUSTID')
+    kept[#kept + 1] = ARGV[i]
+  end
+end
+return kept
+"""
+
+
+@dataclass(frozen=True)
+class QueueEvent:
+    """One event of a job as the API streams it: ``id`` increases by one per event of the job, starting at 1,
+    as in memory mode (the SSE id; entry ``0-<id>`` of the job's event stream)."""
+
+    id: int
+    type: str
+    data: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class ClaimedJob:
+    """A queue entry a worker holds: the job to run and the attempt it runs as."""
+
+    entry_id: str
+    model: str
+    job_id: str
+    request: GenerationRequest
+    output: OutputOptions
+    owner: str | None
+    created_at: float
+    attempt: int
+
+
+@dataclass(frozen=True)
+class QueueStats:
+    """One model's queue: jobs not yet claimed (``waiting``), claimed and unfinished (``pending``), and the age
+    of the oldest waiting job in seconds (0 when none waits)."""
+
+    waiting: int
+    pending: int
+    oldest_age_s: float
+
+    @property
+    def depth(self) -> int:
+        return self.waiting + self.pending
+
+
+def dump_request(request: GenerationRequest) -> str:
+    """The request as JSON (an init image as base64 PNG)."""
+    data = request.model_dump(mode="json", exclude={"init_image"}, exclude_none=True)
+    if request.init_image is not None:
+        buffer = io.BytesIO()
+        request.init_image.save(buffer, format="PNG")
+        data["init_image"] = base64.b64encode(buffer.getvalue()).decode("ascii")
+    return json.dumps(data)
+
+
+def load_request(text: str, limits: RequestLimits) -> GenerationRequest:
+    data = json.loads(text)
+    if "init_image" in data:
+        data["init_image"] = base64.b64decode(data["init_image"])
+    return GenerationRequest.model_validate(data, context={"limits": limits})
+
+
+class RedisJobQueue:
+    """The job queue, job records, events, cancel flags and results of every process on one Redis.
+
+    ``lease_s``: how long a claimed job stays its worker's without a renewal (workers renew every third of it;
+    past it another worker reclaims the job). ``ttl_s``: how long a finished job's keys are kept. Finished jobs
+    hold at most ``max_image_bytes`` base64 characters of images in all and ``key_max_image_bytes`` per owner:
+    past them the oldest jobs' images are released (``images_released``), the owner holding the most first.
+    """
+
+    def __init__(self, url: str, prefix: str = "ad", lease_s: float = 30.0, ttl_s: float = 3600.0,
+                 limits: RequestLimits | None = None, max_image_bytes: int | None = None,
+                 key_max_image_bytes: int | None = None) -> None:
+        # socket_timeout above the longest BLOCK used (claim): redis-py's default 5 s would retry a long BLOCK;
+        # few, short retries: while Redis is down a request answers 503 in well under a second
+        self.redis = redis.Redis.from_url(url, decode_responses=True, socket_timeout=10, socket_connect_timeout=2,
+                                          health_check_interval=10,
+                                          retry=Retry(ExponentialWithJitterBackoff(base=0.01, cap=0.2), 3))
+        self.prefix = prefix
+        self.lease_ms = max(1, round(lease_s * 1000))
+        self.ttl_s = max(1, round(ttl_s))
+        self.limits = limits or RequestLimits()
+        self.max_image_bytes = max_image_bytes
+        self.key_max_image_bytes = key_max_image_bytes
+        self._complete = self.redis.register_script(_COMPLETE)
+        self._start = self.redis.register_script(_START)
+        self._emit = self.redis.register_script(_EMIT)
+        self._cancel = self.redis.register_script(_CANCEL)
+        self._renew = self.redis.register_script(_RENEW)
+        self._preview = self.redis.register_script(_PREVIEW)
+        self._groups: set[str] = set()
+
+    def close(self) -> None:
+        self.redis.close()
+
+    # ---- keys --------------------------------------------------------------------------------
+
+    def queue_key(self, model: str) -> str:
+        return f"{self.prefix}:q:{model}"
+
+    def _job(self, job_id: str) -> str:
+        return f"{self.prefix}:job:{job_id}"
+
+    def _events(self, job_id: str) -> str:
+        return f"{self.prefix}:ev:{job_id}"
+
+    def _result(self, job_id: str) -> str:
+        return f"{self.prefix}:res:{job_id}"
+
+    def _owned(self, owner: str | None) -> str:
+        return f"{self.prefix}:owner:{owner or '-'}"
+
+    def _preview_key(self, job_id: str) -> str:
+        return f"{self.prefix}:prev:{job_id}"
+
+    def _cancel_flag(self, job_id: str) -> str:
+        return f"{self.prefix}:cancel:{job_id}"
+
+    def ensure_group(self, model: str) -> None:
+        """Create the model's queue and its consumer group (from the start: jobs queued before it are seen)."""
+        if model in self._groups:
+            return
+        try:
+            self.redis.xgroup_create(self.queue_key(model), GROUP, id="0", mkstream=True)
+        except redis.ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+        self._groups.add(model)
+
+    # ---- API side ----------------------------------------------------------------------------
+
+    def enqueue(self, job_id: str, request: GenerationRequest, output: OutputOptions, owner: str | None,
+                created_at: float | None = None) -> str:
+        """Record and queue a job (one transaction: its record, its ``job.queued`` event, its queue entry)."""
+        self.ensure_group(request.model)
+        created_at = time.time() if created_at is None else created_at
+        record = {"id": job_id, "model": request.model, "owner": owner or "", "status": "queued",
+                  "request": dump_request(request), "echo": json.dumps(request_echo(request, output)),
+                  "output": json.dumps(asdict(output)), "created_at": repr(created_at), "attempt": 0, "events": 1,
+                  "step": 0, "total": request.steps or 0}
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.hset(self._job(job_id), mapping=record)
+        pipe.xadd(self._events(job_id), {"type": "job.queued", "attempt": "0", "data": json.dumps({"position": None})},
+                  id="0-1", maxlen=EVENTS_MAXLEN)
+        pipe.xadd(self.queue_key(request.model), {"job": job_id})
+        pipe.zadd(self._owned(owner), {job_id: created_at})
+        return pipe.execute()[2]
+
+    def jobs_of(self, owner: str | None) -> list[dict[str, str]]:
+        """The records of ``owner``'s jobs still kept, oldest first (expired ones leave the owner's index)."""
+        index = self._owned(owner)
+        job_ids = self.redis.zrange(index, 0, -1)
+        pipe = self.redis.pipeline(transaction=False)
+        for job_id in job_ids:
+            pipe.hgetall(self._job(job_id))
+        records = pipe.execute() if job_ids else []
+        gone = [job_id for job_id, record in zip(job_ids, records, strict=True) if not record]
+        if gone:
+            self.redis.zrem(index, *gone)
+        return [record for record in records if record]
+
+    def queued_count(self, owner: str | None) -> int:
+        """How many of ``owner``'s jobs are queued (not yet started)."""
+        job_ids = self.redis.zrange(self._owned(owner), 0, -1)
+        pipe = self.redis.pipeline(transaction=False)
+        for job_id in job_ids:
+            pipe.hget(self._job(job_id), "status")
+        return sum(status == "queued" for status in (pipe.execute() if job_ids else []))
+
+    def progress_mark(self, job_id: str) -> tuple[str | None, int]:
+        """The job's status and its number of events so far (the id of its last one)."""
+        status, events = self.redis.hmget(self._job(job_id), ["status", "events"])
+        return status, int(events or 0)
+
+    def events_key(self, job_id: str) -> str:
+        return self._events(job_id)
+
+    def status(self, job_id: str) -> str | None:
+        return self.redis.hget(self._job(job_id), "status")
+
+    def get(self, job_id: str) -> dict[str, str] | None:
+        """The job's record, or None (unknown or expired)."""
+        return self.redis.hgetall(self._job(job_id)) or None
+
+    def public(self, record: dict[str, str], include_result: bool = True) -> dict[str, Any]:
+        """The job object of the API (as ``Job.public``) from its record."""
+        terminal = self.redis.get(self._result(record["id"])) if record["status"] not in ("queued", "running") else None
+        final = json.loads(terminal) if terminal else {}
+        total = int(record.get("total") or 0) or None
+        step = int(record.get("step") or 0)
+        return {
+            "id": record["id"], "object": "job", "status": record["status"], "queue_position": None,
+            "created_at": float(record["created_at"]),
+            "started_at": float(record["started_at"]) if record.get("started_at") else None,
+            "completed_at": float(record["completed_at"]) if record.get("completed_at") else None,
+            "progress": {"step": step, "total": total, "fraction": step / total if total else 0.0},
+            "request": json.loads(record["echo"]),
+            "result": final.get("result") if include_result else None,
+            "error": final.get("error"),
+        }
+
+    def owner(self, record: dict[str, str]) -> str | None:
+        return record.get("owner") or None
+
+    def events_after(self, job_id: str, last_id: int = 0, count: int | None = None) -> list[QueueEvent]:
+        """The job's events after ``last_id`` (an SSE id; 0: from the first). The terminal event of a succeeded
+        job carries its result, read from the result record; the latest preview its images (if the job has not
+        succeeded), earlier ones are marked superseded."""
+        start = f"(0-{last_id}" if last_id else "-"
+        events = []
+        preview: dict[str, Any] | None = None
+        for entry_id, fields in self.redis.xrange(self._events(job_id), start, "+", count=count):
+            data = json.loads(fields["data"])
+            if fields["type"] == "job.completed":
+                final = json.loads(self.redis.get(self._result(job_id)) or "{}")
+                data = {"result": final.get("result")}
+            elif fields["type"] == "job.preview":  # the latest preview's images; earlier ones are superseded
+                if preview is None:
+                    preview = json.loads(self.redis.get(self._preview_key(job_id)) or "{}")
+                data = ({**data, "b64_json": preview["b64_json"]} if preview.get("step") == data["step"]
+                        else {"step": data["step"], "superseded": True})
+            events.append(QueueEvent(int(entry_id.split("-")[1]), fields["type"], data))
+        return events
+
+    def cancel(self, job_id: str) -> int:
+        """Cancel a job: 1 a queued job, cancelled now; 0 a running one, stopped by its worker at its next step;
+        -1 finished or unknown (nothing changes)."""
+        record = json.dumps({"status": "cancelled", "result": None, "error": None})
+        return int(self._cancel(keys=[self._job(job_id), self._events(job_id), self._cancel_flag(job_id),
+                                      self._result(job_id)], args=[self.ttl_s, repr(time.time()), record]))
+
+    def stats(self, model: str) -> QueueStats:
+        """The model's queue depth and oldest waiting job's age, the same from every process."""
+        self.ensure_group(model)
+        key = self.queue_key(model)
+        group = next(g for g in self.redis.xinfo_groups(key) if g["name"] == GROUP)
+        pending = int(group["pending"])
+        waiting = group.get("lag")
+        last = group["last-delivered-id"]
+        if waiting is None:  # lag unknown (entries deleted): count the entries after the last delivered
+            waiting = len(self.redis.xrange(key, f"({last}", "+"))
+        oldest_age = 0.0
+        if waiting:
+            first = self.redis.xrange(key, f"({last}", "+", count=1)
+            if first:
+                oldest_age = max(0.0, time.time() - int(first[0][0].split("-")[0]) / 1000)
+        return QueueStats(int(waiting), pending, oldest_age)
+
+    def trim(self, model: str) -> int:
+        """Drop the queue entries before the oldest one still pending or undelivered (finished jobs' entries); the
+        backlog (``lag``) stays countable, as only delivered entries go. Returns how many were dropped."""
+        self.ensure_group(model)
+        key = self.queue_key(model)
+        oldest_pending = self.redis.xpending(key, GROUP)["min"]
+        group = next(g for g in self.redis.xinfo_groups(key) if g["name"] == GROUP)
+        keep_from = oldest_pending or group["last-delivered-id"]
+        if keep_from in (None, "0-0"):
+            return 0
+        return int(self.redis.xtrim(key, minid=keep_from, approximate=False))
+
+    def ping(self) -> bool:
+        return bool(self.redis.ping())
+
+    # ---- worker side -------------------------------------------------------------------------
+
+    def claim(self, models: list[str], consumer: str, count: int, block_ms: int = 1000) -> list[ClaimedJob]:
+        """Up to ``count`` jobs for ``consumer``: first ones whose worker's lease ran out (reclaimed), else new
+        ones (waiting up to ``block_ms``). Jobs that must not run (cancelled while queued) are acked and skipped."""
+        for model in models:
+            self.ensure_group(model)
+        claimed: list[tuple[str, str, str]] = []
+        for model in models:
+            if len(claimed) >= count:
+                break
+            reply = self.redis.execute_command("XAUTOCLAIM", self.queue_key(model), GROUP, consumer, self.lease_ms,
+                                               "0-0", "COUNT", count - len(claimed))
+            for entry_id, fields in reply[1]:
+                claimed.append((model, entry_id, (fields or {}).get("job", "")))
+            if len(reply) > 2 and reply[2]:  # entries deleted from the stream: nothing to run
+                self.redis.xack(self.queue_key(model), GROUP, *reply[2])
+        if not claimed:
+            reply = self.redis.xreadgroup(GROUP, consumer, {self.queue_key(m): ">" for m in models}, count=count,
+                                          block=block_ms)
+            for key, entries in reply or []:
+                model = key.removeprefix(f"{self.prefix}:q:")
+                for entry_id, fields in entries:
+                    claimed.append((model, entry_id, fields.get("job", "")))
+        jobs = []
+        for model, entry_id, job_id in claimed:
+            job = self._start_claimed(model, entry_id, job_id, consumer)
+            if job is not None:
+                jobs.append(job)
+        return jobs
+
+    def _start_claimed(self, model: str, entry_id: str, job_id: str, consumer: str) -> ClaimedJob | None:
+        cancelled = json.dumps({"status": "cancelled", "result": None, "error": None})
+        attempt = int(self._start(keys=[self._job(job_id), self._events(job_id), self._cancel_flag(job_id),
+                                        self._result(job_id)],
+                                  args=[consumer, repr(time.time()), self.ttl_s, cancelled])) if job_id else 0
+        record = self.get(job_id) if attempt else None
+        if record is None:
+            self.redis.xack(self.queue_key(model), GROUP, entry_id)
+            return None
+        return ClaimedJob(entry_id, model, job_id, load_request(record["request"], self.limits),
+                          OutputOptions(**json.loads(record["output"])), record.get("owner") or None,
+                          float(record["created_at"]), attempt)
+
+    def renew(self, model: str, consumer: str, entry_ids: list[str]) -> list[str]:
+        """Renew the lease of ``consumer``'s entries; returns those it still holds (a lost one was reclaimed)."""
+        if not entry_ids:
+            return []
+        return list(self._renew(keys=[self.queue_key(model)], args=[GROUP, consumer, *entry_ids]))
+
+    def emit(self, job: ClaimedJob, type_: str, data: dict[str, Any], step: int | None = None,
+             total: int | None = None) -> bool:
+        """Append an event of the job's running attempt (False: the job is no longer this attempt's)."""
+        return bool(self._emit(keys=[self._job(job.job_id), self._events(job.job_id)],
+                               args=[job.attempt, type_, json.dumps(data), "" if step is None else step,
+                                     "" if total is None else total]))
+
+    def emit_preview(self, job: ClaimedJob, data: dict[str, Any]) -> bool:
+        """A ``job.preview`` event (``step``, ``output_format``, ``b64_json``) of the job's running attempt; its
+        images are kept for the latest preview only."""
+        event = {"step": data["step"], "output_format": data.get("output_format")}
+        preview = {"step": data["step"], "b64_json": data.get("b64_json") or []}
+        return bool(self._preview(keys=[self._job(job.job_id), self._events(job.job_id), self._preview_key(job.job_id)],
+                                  args=[job.attempt, json.dumps(event), json.dumps(preview), self.ttl_s]))
+
+    def complete(self, job: ClaimedJob, consumer: str, status: str, result: dict[str, Any] | None = None,
+                 error: dict[str, Any] | None = None, step: int = 0) -> int:
+        """Finish the job once (see the module doc): 1 written, 0 it already had a result, -1 no longer ours."""
+        record = json.dumps({"status": status, "result": result, "error": error})
+        data = {"error": error} if status == "failed" else {"step": step} if status == "cancelled" else {}
+        return int(self._complete(
+            keys=[self.queue_key(job.model), self._job(job.job_id), self._events(job.job_id), self._result(job.job_id),
+                  self._preview_key(job.job_id)],
+            args=[GROUP, job.entry_id, consumer, job.attempt, status, record, TERMINAL[status], json.dumps(data),
+                  self.ttl_s, repr(time.time())]))
+
+    def cancel_requested(self, job_ids: list[str]) -> set[str]:
+        """Which of the jobs have a cancel flag."""
+        if not job_ids:
+            return set()
+        pipe = self.redis.pipeline(transaction=False)
+        for job_id in job_ids:
+            pipe.exists(self._cancel_flag(job_id))
+        return {job_id for job_id, flagged in zip(job_ids, pipe.execute(), strict=True) if flagged}
+
+    # ---- images held by finished jobs --------------------------------------------------------
+
+    def _images(self, what: str) -> str:
+        return f"{self.prefix}:img:{what}"
+
+    def hold_images(self, job_id: str, owner: str | None, nbytes: int) -> None:
+        """Count a just-finished job's images (once: after its completion was written), then apply the caps."""
+        if nbytes <= 0:
+            return
+        who = owner or "-"
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.hset(self._images("bytes"), job_id, nbytes)
+        pipe.hset(self._images("owner"), job_id, who)
+        pipe.zadd(self._images("age"), {job_id: time.time()})
+        pipe.zadd(self._images(f"age:{who}"), {job_id: time.time()})
+        pipe.zincrby(self._images("owners"), nbytes, who)
+        pipe.execute()
+        self.apply_image_caps(who)
+
+    def release_images(self, job_id: str) -> bool:
+        """Drop a finished job's images (its record stays, marked ``images_released``): once a synchronous call
+        has returned them, or past a cap. False if it held none."""
+        nbytes, who = self.redis.hget(self._images("bytes"), job_id), self.redis.hget(self._images("owner"), job_id)
+        if nbytes is None or not self.redis.hdel(self._images("bytes"), job_id):  # someone else released it
+            return False
+        who = who or "-"
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.hdel(self._images("owner"), job_id)
+        pipe.zrem(self._images("age"), job_id)
+        pipe.zrem(self._images(f"age:{who}"), job_id)
+        pipe.zincrby(self._images("owners"), -int(nbytes), who)
+        pipe.zremrangebyscore(self._images("owners"), "-inf", 0)
+        pipe.execute()
+        text = self.redis.get(self._result(job_id))
+        if text:
+            record = json.loads(text)
+            result = record.get("result") or {}
+            if "images" in result:
+                result["images"] = [{**im, "b64_json": None} for im in result["images"]]
+                result["images_released"] = True
+                self.redis.set(self._result(job_id), json.dumps(record), xx=True, keepttl=True)
+        return True
+
+    def held_image_bytes(self, owner: str | None = None) -> int:
+        """Base64 characters held by finished jobs: ``owner``'s, or all."""
+        if owner is not None:
+            return int(self.redis.zscore(self._images("owners"), owner or "-") or 0)
+        return int(sum(score for _, score in self.redis.zrange(self._images("owners"), 0, -1, withscores=True)))
+
+    def apply_image_caps(self, owner: str) -> None:
+        """Forget expired jobs' images, then release the oldest past the per-owner and the global cap."""
+        for job_id in self.redis.zrangebyscore(self._images("age"), "-inf", time.time() - self.ttl_s):
+            self.release_images(job_id)
+        if self.key_max_image_bytes is not None:
+            while self.held_image_bytes(owner) > self.key_max_image_bytes:
+                oldest = self.redis.zrange(self._images(f"age:{owner}"), 0, 0)
+                if not oldest:
+                    break
+                self.release_images(oldest[0])
+        while self.max_image_bytes is not None and self.held_image_bytes() > self.max_image_bytes:
+            most = self.redis.zrevrange(self._images("owners"), 0, 0)  # the owner holding the most gives some up
+            oldest = self.redis.zrange(self._images(f"age:{most[0]}"), 0, 0) if most else []
+            if not oldest:
+                break
+            self.release_images(oldest[0])
