@@ -102,3 +102,39 @@ class PatchComm:
         volume = _nbytes(tensor) * (self.world_size - 1)
         self.stats.add(kind, sent=volume, received=volume)
         return parts
+
+    def all_gather_async(self, tensor: torch.Tensor, kind: str) -> tuple[list[torch.Tensor], dist.Work | None]:
+        """Start an all-gather; the parts are valid once the returned work (None on one rank) is waited on."""
+        tensor = tensor.contiguous()
+        if self.world_size == 1:
+            return [tensor], None
+        parts = [torch.empty_like(tensor) for _ in range(self.world_size)]
+        work = dist.all_gather(parts, tensor, group=self.group, async_op=True)
+        volume = _nbytes(tensor) * (self.world_size - 1)
+        self.stats.add(kind, sent=volume, received=volume)
+        return parts, work
+
+    def exchange_neighbours(self, to_above: torch.Tensor, to_below: torch.Tensor, kind: str, tag: int,
+                            ) -> tuple[torch.Tensor | None, torch.Tensor | None, list[dist.Work]]:
+        """Send ``to_above`` to rank - 1 and ``to_below`` to rank + 1; receive rank - 1's ``to_below`` and
+        rank + 1's ``to_above`` (None past the image's edges). Point to point, started, not waited on."""
+        works: list[dist.Work] = []
+        from_above = from_below = None
+        sent = 0
+        if self.rank > 0:
+            peer = dist.get_global_rank(self.group, self.rank - 1) if self.group is not None else self.rank - 1
+            to_above = to_above.contiguous()
+            from_above = torch.empty_like(to_below)  # every rank's pieces have the same shapes
+            works += [dist.isend(to_above, peer, group=self.group, tag=tag),
+                      dist.irecv(from_above, peer, group=self.group, tag=tag)]
+            sent += _nbytes(to_above)
+        if self.rank < self.world_size - 1:
+            peer = dist.get_global_rank(self.group, self.rank + 1) if self.group is not None else self.rank + 1
+            to_below = to_below.contiguous()
+            from_below = torch.empty_like(to_above)
+            works += [dist.isend(to_below, peer, group=self.group, tag=tag),
+                      dist.irecv(from_below, peer, group=self.group, tag=tag)]
+            sent += _nbytes(to_below)
+        received = sum(_nbytes(t) for t in (from_above, from_below) if t is not None)
+        self.stats.add(kind, sent=sent, received=received)
+        return from_above, from_below, works

@@ -11,7 +11,15 @@ layers (read off the unsplit model by ``layer_inventory``), one call sends and r
                        (N - 1) B 2 G 4
 - output gather: the prediction's C_out channels, H x W latent:
                        (N - 1) B C_out (H / N) W e
-``naive`` moves only the output gather. Sent equals received for every rank: all are all-gathers.
+``full_sync`` and ``distrifusion`` move the same bytes at every step (DistriFusion displaces the exchange
+in time, it does not shrink it). ``pcpp`` exchanges point to point with the n_i neighbours of rank i
+(1 at the image's edges, 2 inside; on average 2 (N - 1) / N):
+
+- conv halo:           n_i B C_in p W e
+- attention KV:        n_i B r W_l 2 C e, with r = max(1, round(rho H_l / N)) rows of the neighbour's
+                       patch at that layer's H_l x W_l resolution
+- norm statistics and output gather: as above (all-gathers).
+``naive`` moves only the output gather. Sent equals received for every rank.
 """
 
 from __future__ import annotations
@@ -22,6 +30,8 @@ import torch
 from diffusers import UNet2DConditionModel
 from diffusers.models.attention_processor import Attention
 from torch import nn
+
+from accel_diffusion.parallel.self_attention import neighbour_rows
 
 
 @dataclass
@@ -67,15 +77,36 @@ def layer_inventory(unet: UNet2DConditionModel, height: int, width: int, encoder
 
 
 def call_bytes(inventory: LayerInventory, *, world_size: int, batch: int, height: int, width: int,
-               element_size: int = 4, mode: str = "full_sync") -> dict[str, int]:
-    """Bytes one rank sends (and receives) in one call, per kind (the keys of ``comm.KINDS``)."""
+               element_size: int = 4, mode: str = "full_sync", rank: int = 0, rho: float = 0.5) -> dict[str, int]:
+    """Bytes rank ``rank`` sends (and receives) in one call, per kind (the keys of ``comm.KINDS``)."""
     n, b, e = world_size, batch, element_size
     output = (n - 1) * b * inventory.out_channels * (height // n) * width * e
+    norms = sum((n - 1) * b * 2 * g * 4 for g in inventory.norms)
     if mode == "naive":
         return {"conv_halo": 0, "attention_kv": 0, "norm_stats": 0, "output_gather": output}
+    if mode == "pcpp":
+        neighbours = (rank > 0) + (rank < n - 1)
+        attention = 0
+        for tokens, c in inventory.attentions:
+            level_width = round(width * (tokens / (height * width)) ** 0.5)
+            shared_rows = neighbour_rows(rho, tokens // level_width // n)
+            attention += neighbours * b * shared_rows * level_width * 2 * c * e
+        return {
+            "conv_halo": sum(neighbours * b * c * p * w * e for c, p, w in inventory.convs),
+            "attention_kv": attention,
+            "norm_stats": norms,
+            "output_gather": output,
+        }
     return {
         "conv_halo": sum((n - 1) * b * c * 2 * p * w * e for c, p, w in inventory.convs),
         "attention_kv": sum((n - 1) * b * (tokens // n) * 2 * c * e for tokens, c in inventory.attentions),
-        "norm_stats": sum((n - 1) * b * 2 * g * 4 for g in inventory.norms),
+        "norm_stats": norms,
         "output_gather": output,
     }
+
+
+def mean_step_bytes(inventory: LayerInventory, **kwargs: object) -> float:
+    """Bytes sent per call, averaged over the ranks (``call_bytes`` summed over kinds)."""
+    world_size = int(kwargs["world_size"])  # type: ignore[call-overload]
+    return sum(sum(call_bytes(inventory, **{**kwargs, "rank": r}).values())  # type: ignore[arg-type]
+               for r in range(world_size)) / world_size
