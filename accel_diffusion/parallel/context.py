@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import itertools
+from dataclasses import dataclass, field
 
 from accel_diffusion.parallel.comm import PatchComm
 
@@ -25,6 +26,8 @@ class PatchContext:
     step: int = 0  # the UNet call of this generation
     local_rows: int = 0  # latent rows of this rank in the current call
     latent_width: int = 0
+    # P2P tags, one per exchanging layer, numbered in the UNet's module order: the same on every rank
+    tags: itertools.count = field(default_factory=lambda: itertools.count(1))
 
     @property
     def rank(self) -> int:

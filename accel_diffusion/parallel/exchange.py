@@ -9,21 +9,17 @@ transfer overlaps the rest of this step's compute.
 
 from __future__ import annotations
 
-import itertools
-
 import torch
 import torch.distributed as dist
 
 from accel_diffusion.parallel.context import PatchContext
-
-_tags = itertools.count(1)
 
 
 class Exchange:
     def __init__(self, context: PatchContext, kind: str) -> None:
         self.context = context
         self.kind = kind
-        self.tag = next(_tags)  # point-to-point messages of different layers never pair up
+        self.tag = next(context.tags)  # point-to-point messages of different layers never pair up
         self._pending: object = None  # what the works in flight fill in
         self._works: list[dist.Work] = []
         self._stale: object = None
