@@ -79,20 +79,25 @@ class PreparedStrategy:
     sampler: Sampler
     schedule: Schedule
     guidance: Guidance
+    runtime: Any = None  # a runtime component (parallel/component.py), or None: the UNet as it is
 
 
 def prepare_strategy(spec: ModelSpec, requested: Strategy) -> PreparedStrategy:
     """Resolve ``requested`` over the model's default and build fresh components for one generation."""
     strategy = requested.resolved_over(spec.default_strategy)
-    if strategy.student is not None or strategy.runtime is not None:
-        kind = "student" if strategy.student is not None else "runtime"
-        raise IncompatibleStrategyError(f"strategy.{kind}", f"{kind} components are not supported by generate()")
+    if strategy.student is not None:
+        raise IncompatibleStrategyError("strategy.student", "student components are not supported by generate()")
     registry = get_registry()
+    runtime = None
+    if strategy.runtime is not None:  # patch_parallel: the UNet call spread over torch.distributed ranks
+        runtime = registry.build("runtime", strategy.runtime)
+        runtime.check_available()
     return PreparedStrategy(
         strategy=strategy,
         sampler=registry.build("sampler", strategy.sampler),
         schedule=registry.build("schedule", strategy.schedule),
         guidance=registry.build("guidance", strategy.guidance),
+        runtime=runtime,
     )
 
 
@@ -234,6 +239,8 @@ def _generate(model: LoadedPipeline, request: GenerationRequest, hooks: Generati
     elif len(seeds) != len(prompts) or not all(0 <= s <= MAX_SEED for s in seeds):
         raise InvalidRequestError("seed", f"need {len(prompts)} seeds in [0, 2**63), got {list(seeds)}")
     seeds = list(seeds)
+    if prepared.runtime is not None:
+        seeds = prepared.runtime.shared_seeds(seeds)
     generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
     batch = len(prompts)
     vae = _request_vae(model, request.vae)
@@ -248,6 +255,10 @@ def _generate(model: LoadedPipeline, request: GenerationRequest, hooks: Generati
     t_latents = time.perf_counter()
     unet = pipe.unet
     latent_shape = (batch, unet.config.in_channels, height // model.vae_scale_factor, width // model.vae_scale_factor)
+    denoiser: torch.nn.Module = unet
+    if prepared.runtime is not None:
+        prepared.runtime.check_latent(unet, latent_shape[2], model.vae_scale_factor)
+        denoiser = prepared.runtime.wrap(unet)
     if request.init_image is None:
         latents = randn_tensor(latent_shape, generator=generators, device=model.device, dtype=model.dtype)
         latents = latents * scheduler.init_noise_sigma
@@ -282,18 +293,25 @@ def _generate(model: LoadedPipeline, request: GenerationRequest, hooks: Generati
                 hooks.on_preview(done, _decode(model, step.predicted_x0(guided), preview_vae))  # type: ignore[misc]
 
     t_loop = time.perf_counter()
-    latents = denoise(
-        unet,
-        latents,
-        scheduler,
-        timesteps,
-        prepared.guidance,
-        conditioning,
-        step_kwargs=_step_kwargs(prepared.sampler, scheduler, generators),
-        hooks=hooks,
-        counters=counters,
-        after_step=after_step,
-    )
+    try:
+        latents = denoise(
+            denoiser,
+            latents,
+            scheduler,
+            timesteps,
+            prepared.guidance,
+            conditioning,
+            step_kwargs=_step_kwargs(prepared.sampler, scheduler, generators),
+            hooks=hooks,
+            counters=counters,
+            after_step=after_step,
+        )
+    finally:
+        if denoiser is not unet:
+            denoiser.detach()  # type: ignore[operator]
+    extra: dict[str, Any] = {"mode": "img2img" if request.init_image is not None else "txt2img"}
+    if denoiser is not unet:
+        extra["communication"] = prepared.runtime.report(denoiser)
     t_decode = time.perf_counter()
     images = _decode(model, latents, vae)
     t_end = time.perf_counter()
@@ -317,7 +335,7 @@ def _generate(model: LoadedPipeline, request: GenerationRequest, hooks: Generati
             "total": t_end - t_start,
         },
         attention_backend=model.attention_backend,
-        extra={"mode": "img2img" if request.init_image is not None else "txt2img"},
+        extra=extra,
     )
 
 
