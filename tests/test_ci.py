@@ -25,7 +25,8 @@ def test_require_tool_skips_on_a_users_machine_and_fails_under_ci(monkeypatch: p
 
 
 def stub_path(tmp_path: Path, apt_get_status: int) -> Path:
-    """A PATH without chromium, curl, jq, kubectl, redis-server: apt-get and python3 record their arguments, apt-get exits as told."""
+    """A PATH without chromium, curl, jq, kubectl or redis-server: apt-get and python3 record their arguments,
+    apt-get exits as told."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     (bin_dir / "dirname").symlink_to(shutil.which("dirname"))
@@ -59,7 +60,8 @@ def test_ci_run_fails_under_ci_when_the_install_fails(tmp_path: Path) -> None:
     done, calls = run_ci(tmp_path, apt_get_status=100, ci="true")
     assert done.returncode == 1
     assert "CI=true: could not install chromium curl jq kubectl redis-server" in done.stderr
-    assert calls == ["apt-get install -y -q --no-install-recommends chromium curl jq kubectl redis-server", "apt-get update -q"]
+    assert calls == ["apt-get install -y -q --no-install-recommends chromium curl jq kubectl redis-server",
+                     "apt-get update -q"]
 
 
 def test_ci_run_on_a_users_machine_goes_on_without_the_tools(tmp_path: Path) -> None:
