@@ -54,19 +54,22 @@ def test_same_seed_same_bits_and_another_seed_differs(teacher: GmmTeacher) -> No
 
 
 def test_stop_and_resume_equals_uninterrupted(teacher: GmmTeacher, tmp_path: Path) -> None:
+    def evaluate(student: torch.nn.Module) -> dict:
+        return teacher.evaluate(student, n=300)
+
     full = FDistill(teacher, **SMALL)
-    full_result = train(full, CONFIG, out_dir=tmp_path / "full", evaluate=teacher.evaluate)
+    full_result = train(full, CONFIG, out_dir=tmp_path / "full", evaluate=evaluate)
 
     def stop_at_50(done: int, losses: dict[str, float]) -> None:
         if done == 50:
             raise StopTraining
 
     first = FDistill(teacher, **SMALL)
-    partial = train(first, CONFIG, out_dir=tmp_path / "cut", evaluate=teacher.evaluate, on_iteration=stop_at_50)
+    partial = train(first, CONFIG, out_dir=tmp_path / "cut", evaluate=evaluate, on_iteration=stop_at_50)
     assert partial.iterations == 50
     assert torch.load(tmp_path / "cut" / CHECKPOINT_NAME, weights_only=True)["iteration"] == 40
     resumed = FDistill(teacher, **SMALL)  # a fresh process would build the method anew
-    result = train(resumed, CONFIG, out_dir=tmp_path / "cut", evaluate=teacher.evaluate)
+    result = train(resumed, CONFIG, out_dir=tmp_path / "cut", evaluate=evaluate)
     assert result.resumed_from == 40 and result.iterations == 60
     _assert_identical(_state(full, full_result.ema), _state(resumed, result.ema))
     assert result.history == full_result.history  # evaluations at 30 (from the checkpoint) and 60
@@ -77,7 +80,6 @@ def test_stop_and_resume_equals_uninterrupted(teacher: GmmTeacher, tmp_path: Pat
 
 KILLED_RUN = textwrap.dedent("""
     import os, signal, sys, torch
-    torch.set_num_threads(1)
     from accel_diffusion.students.fdistill import FDistill
     from accel_diffusion.students.teachers import GmmTeacher
     from accel_diffusion.students.trainer import TrainConfig, train
@@ -92,7 +94,6 @@ KILLED_RUN = textwrap.dedent("""
 
 def test_resume_after_sigkill_equals_uninterrupted(teacher: GmmTeacher, tmp_path: Path) -> None:
     """A real kill -9 of a training process at iteration 50; the resumed run ends on the uninterrupted bits."""
-    torch.set_num_threads(1)
     code = KILLED_RUN.format(small=SMALL, config=CONFIG.model_dump())
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "killed")], env=env, capture_output=True,
