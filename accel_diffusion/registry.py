@@ -48,6 +48,7 @@ _BUILTIN_COMPONENT_MODULES = (
     "accel_diffusion.guidance.cfg",
     "accel_diffusion.guidance.apg",
     "accel_diffusion.guidance.rcfg",
+    "accel_diffusion.students.component",
 )
 
 
