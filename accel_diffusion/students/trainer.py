@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import os
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -172,7 +173,7 @@ def train(
             bar.set_postfix({k: f"{v:.4g}" for k, v in losses.items() if k != "student_updated"}, refresh=False)
             if evaluate is not None and config.eval_every and done % config.eval_every == 0:
                 history.append({"iteration": done, **evaluate(ema)})
-                bar.write(f"iteration {done}: {history[-1]}")
+                bar.write(f"iteration {done}: {history[-1]}", file=sys.stderr)
             if path is not None and config.checkpoint_every and done % config.checkpoint_every == 0:
                 checkpoint(done)
             if on_iteration is not None:
