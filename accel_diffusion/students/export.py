@@ -12,10 +12,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from diffusers import DDIMScheduler
+from diffusers import DDIMScheduler, ModelMixin
 
 from accel_diffusion.models.gmm import GmmPipeline
-from accel_diffusion.students.networks import MlpGenerator
 from accel_diffusion.students.teachers import GmmTeacher
 
 TRAINING_INFO = "training_info.json"
@@ -56,9 +55,10 @@ def write_model_card(out_dir: str | Path, *, name: str, method: str, teacher: st
     (out / "README.md").write_text("\n".join(lines), encoding="utf-8")
 
 
-def save_gmm_student(student: MlpGenerator, out_dir: str | Path, teacher: GmmTeacher, *, name: str, method: str,
+def save_gmm_student(student: ModelMixin, out_dir: str | Path, teacher: GmmTeacher, *, name: str, method: str,
                      recipe: dict[str, Any], command: str, wall_seconds: float, quality: dict[str, Any]) -> Path:
-    """Save a one-step student of the ``gmm`` oracle as a ``GmmPipeline`` directory (safetensors + card)."""
+    """Save a one-step student of the ``gmm`` oracle (a ``ModelMixin`` mapping z to x0: ``MlpGenerator``,
+    SlimFlow's ``FlowGenerator``) as a ``GmmPipeline`` directory (safetensors + card)."""
     out = Path(out_dir)
     pipe = GmmPipeline(denoiser=student, scheduler=one_step_scheduler(teacher))
     pipe.save_pretrained(str(out), safe_serialization=True)

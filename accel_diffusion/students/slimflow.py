@@ -21,6 +21,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from diffusers import ModelMixin
+from diffusers.configuration_utils import ConfigMixin, register_to_config
 from torch import nn
 
 from accel_diffusion.students.networks import MlpDenoiser, StudentOutput
@@ -51,16 +53,35 @@ def annealing_beta(kind: str, k: int, horizon: int, b: float = 0.0) -> float:
     raise ValueError(f"schedule: unknown {kind!r} (allowed: {', '.join(SCHEDULES)})")
 
 
-class FlowGenerator(nn.Module):
-    """The one-step sampler of a velocity network: ``G(z) = z + v(z, eps)`` (output ``.sample`` like MlpGenerator)."""
+class FlowGenerator(ModelMixin, ConfigMixin):
+    """The one-step sampler of a velocity network: ``G(z) = z + v(z, eps)``, called like :class:`MlpGenerator`.
 
-    def __init__(self, velocity: MlpDenoiser) -> None:
+    Its config is the velocity network's, so it saves and loads with ``save_pretrained``/``from_pretrained``.
+    """
+
+    config_name = "config.json"
+
+    @register_to_config
+    def __init__(self, dim: int = 2, hidden: int = 128, layers: int = 3, embed_dim: int = 32,
+                 num_train_timesteps: int = 1000) -> None:
         super().__init__()
-        self.velocity = velocity
+        self.velocity = MlpDenoiser(dim=dim, hidden=hidden, layers=layers, embed_dim=embed_dim,
+                                    num_train_timesteps=num_train_timesteps)
 
-    def forward(self, z: torch.Tensor) -> StudentOutput:
+    @classmethod
+    def from_velocity(cls, velocity: MlpDenoiser) -> FlowGenerator:
+        """A generator sharing ``velocity``'s weights (the module itself, not a copy)."""
+        generator = cls(**{k: velocity.config[k] for k in ("dim", "hidden", "layers", "embed_dim",
+                                                           "num_train_timesteps")})
+        generator.velocity = velocity
+        return generator
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor | float | int | None = None,
+                return_dict: bool = True) -> StudentOutput | tuple[torch.Tensor]:
+        z = sample.float()
         t = torch.full((z.shape[0],), EPS * 999, device=z.device)
-        return StudentOutput(sample=z + self.velocity(z, t).sample)
+        out = (z + self.velocity(z, t).sample).to(sample.dtype)
+        return StudentOutput(sample=out) if return_dict else (out,)
 
 
 def _velocity(network: MlpDenoiser, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -122,7 +143,7 @@ class FlowGuidedDistillation:
         self.z, self.x1 = pairs
         self.guide = copy.deepcopy(reflow).requires_grad_(False)
         self.velocity = copy.deepcopy(reflow).requires_grad_(True)
-        self.student = FlowGenerator(self.velocity)
+        self.student = FlowGenerator.from_velocity(self.velocity)
         self.guided_weight, self.batch_size, self.grad_clip = guided_weight, batch_size, grad_clip
         self.optimizer = torch.optim.Adam(self.velocity.parameters(), lr=lr, foreach=True)
 

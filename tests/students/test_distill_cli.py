@@ -38,3 +38,21 @@ def test_distill_refuses_an_unknown_teacher(tmp_path: Path) -> None:
     result = CliRunner().invoke(main, ["distill", "--method", "fdistill", "--divergence", "tv", "--out",
                                        str(tmp_path / "x")])
     assert result.exit_code == 2 and "divergence" in result.output and "'js'" in result.output, result.output
+
+
+def test_distill_slimflow_gmm_writes_a_flow_student(tmp_path: Path) -> None:
+    from accel_diffusion.students.slimflow import FlowGenerator
+
+    out = tmp_path / "gmm_slimflow"
+    result = CliRunner().invoke(main, ["distill", "--method", "slimflow", "--out", str(out), "--iterations", "30"])
+    assert result.exit_code == 0, result.output
+    card = json.loads((out / "training_info.json").read_text())
+    recipe = card["recipe"]["method"]
+    assert recipe["reflow_iterations"] == 30 and recipe["distillation_iterations"] == 10
+    assert json.loads((out / "model_index.json").read_text())["denoiser"] == ["accel_diffusion.students.slimflow",
+                                                                             "FlowGenerator"]
+    plain = FlowGenerator.from_pretrained(str(out / "denoiser"))
+    pipe = GmmPipeline.from_pretrained(str(out))
+    z = torch.randn(8, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    samples = pipe(num_inference_steps=1, latents=z, output_type="pt").samples
+    assert torch.equal(samples, plain(z.float()).sample.double()) and not (out / STATE_DIR).exists()

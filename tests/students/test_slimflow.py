@@ -45,7 +45,7 @@ def test_slimflow_student_meets_the_documented_bound() -> None:
     result = train(reflow, TrainConfig(iterations=1500, seed=0, ema_decay=0.99, progress=False),
                    on_iteration=lambda done, losses: seen_beta.append(losses["beta"]))
     assert seen_beta[0] == 1.0 and seen_beta[375] == 0.5 and seen_beta[-1] == 0.0  # ends on pure pairs
-    reflow_mmd = teacher.evaluate(FlowGenerator(result.ema))["mmd"]
+    reflow_mmd = teacher.evaluate(FlowGenerator.from_velocity(result.ema))["mmd"]
     distill = FlowGuidedDistillation(pairs, result.ema)
     assert torch.equal(distill.velocity.head.weight, result.ema.head.weight)  # the student starts as the 2-RF
     student = train(distill, TrainConfig(iterations=500, seed=1, ema_decay=0.99, progress=False)).ema
