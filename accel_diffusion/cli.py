@@ -276,6 +276,26 @@ def train(target: str, out_dir: str, seed: int) -> None:
     click.echo(json.dumps(info, indent=2, default=str))
 
 
+@main.command()
+@click.option("--method", type=click.Choice(["fdistill", "disback", "slimflow"]), required=True)
+@click.option("--teacher", default="gmm", show_default=True, help="The model to distil (recipes: gmm).")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), required=True)
+@click.option("--iterations", type=click.IntRange(min=1), default=1500, show_default=True, help="Training budget.")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
+@click.option("--divergence", default="js", show_default=True, help="fdistill: rkl, sf, js, sh, kl, jf or neyman.")
+@click.option("--resume/--no-resume", default=True, show_default=True,
+              help="Continue an interrupted run from OUT/training_state.")
+def distill(method: str, teacher: str, out_dir: str, iterations: int, seed: int, divergence: str,
+            resume: bool) -> None:
+    """Distil a one-step student of TEACHER into OUT (a model directory with a model card)."""
+    from accel_diffusion.students.distill import distill as run_distill
+
+    quiet_third_party_output()
+    info = run_distill(method, teacher, out_dir, iterations=iterations, seed=seed, divergence=divergence,
+                       resume=resume)
+    click.echo(json.dumps(info, indent=2, default=str))
+
+
 @main.command("eval")
 @click.option("--model", "-m", default="shapes", show_default=True)
 @click.option("--steps", type=int, default=None)

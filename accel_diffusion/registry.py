@@ -49,6 +49,7 @@ _BUILTIN_COMPONENT_MODULES = (
     "accel_diffusion.guidance.apg",
     "accel_diffusion.guidance.rcfg",
     "accel_diffusion.parallel.component",
+    "accel_diffusion.students.component",
 )
 
 

@@ -18,7 +18,7 @@ def test_builtin_components_registered() -> None:
     ]
     assert registry.names("schedule") == ["karras", "spacing", "timesteps"]
     assert registry.names("guidance") == ["apg", "cfg", "none", "rcfg"]
-    assert registry.names("student") == [] and registry.names("runtime") == ["patch_parallel"]
+    assert registry.names("student") == ["one_step"] and registry.names("runtime") == ["patch_parallel"]
 
 
 def test_normalize_fills_defaults_and_round_trips_json() -> None:

@@ -36,7 +36,7 @@ def test_strategy_rejects_unknown_kind_and_bad_json() -> None:
     assert err.value.field == "strategy" and "100001 levels deep; at most 32 allowed" in err.value.message
     with pytest.raises(UnknownComponentError) as err:
         Strategy.parse({"student": {"name": "fdistill"}})
-    assert "no student components" in err.value.message
+    assert "unknown student 'fdistill'" in err.value.message and "'one_step'" in str(err.value.allowed)
 
 
 @pytest.mark.parametrize(

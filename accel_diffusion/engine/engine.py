@@ -80,13 +80,12 @@ class PreparedStrategy:
     schedule: Schedule
     guidance: Guidance
     runtime: Any = None  # a runtime component (parallel/component.py), or None: the UNet as it is
+    student: Any = None  # a ``student`` component (students/component.py) when the strategy names one
 
 
 def prepare_strategy(spec: ModelSpec, requested: Strategy) -> PreparedStrategy:
     """Resolve ``requested`` over the model's default and build fresh components for one generation."""
     strategy = requested.resolved_over(spec.default_strategy)
-    if strategy.student is not None:
-        raise IncompatibleStrategyError("strategy.student", "student components are not supported by generate()")
     registry = get_registry()
     runtime = None
     if strategy.runtime is not None:  # patch_parallel: the UNet call spread over torch.distributed ranks
@@ -98,14 +97,23 @@ def prepare_strategy(spec: ModelSpec, requested: Strategy) -> PreparedStrategy:
         schedule=registry.build("schedule", strategy.schedule),
         guidance=registry.build("guidance", strategy.guidance),
         runtime=runtime,
+        student=registry.build("student", strategy.student) if strategy.student is not None else None,
     )
+
+
+def check_student(prepared: PreparedStrategy, spec: ModelSpec, request: GenerationRequest) -> None:
+    """A student refuses the guidance, sampler and step count it cannot run (a 400 naming the field)."""
+    if prepared.student is not None:
+        prepared.student.check(prepared.strategy, request.steps or spec.default_steps, request.steps is not None)
 
 
 def check_request(spec: ModelSpec, request: GenerationRequest) -> None:
     """Refuse, before any work (a server calls this when it accepts a job), a request whose strategy
     cannot run on this model spec: its components are built (every parameter validated) and the
     guidance checked against the mode (txt2img or img2img)."""
-    prepare_strategy(spec, request.strategy).guidance.check_mode(request.init_image is not None)
+    prepared = prepare_strategy(spec, request.strategy)
+    prepared.guidance.check_mode(request.init_image is not None)
+    check_student(prepared, spec, request)
 
 
 def check_limits(model: LoadedPipeline, request: GenerationRequest, limits: RequestLimits) -> None:
@@ -220,6 +228,7 @@ def _generate(model: LoadedPipeline, request: GenerationRequest, hooks: Generati
         raise IncompatibleStrategyError("model", "guidance-embedding (LCM-distilled) UNets are not supported yet")
     prepared = prepare_strategy(model.spec, request.strategy)
     prepared.guidance.check_mode(request.init_image is not None)
+    check_student(prepared, model.spec, request)
     width, height = _request_size(model, request)
     requested_steps = request.steps or model.spec.default_steps
     scheduler = prepared.sampler.make_scheduler(model.scheduler_config, prepared.schedule.scheduler_options())

@@ -29,13 +29,23 @@ class GmmPipelineOutput(BaseOutput):
 
 
 class GmmPipeline(DiffusionPipeline):
-    """Unconditional sampling from :class:`GmmDenoiser` with any diffusers scheduler."""
+    """Unconditional sampling from :class:`GmmDenoiser` with any diffusers scheduler.
+
+    The ``denoiser`` may also be a one-step student of the mixture (``accel_diffusion.students``), saved
+    with a one-step scheduler: then one step returns the student's samples.
+    """
 
     model_cpu_offload_seq = "denoiser"
 
     def __init__(self, denoiser: GmmDenoiser, scheduler: SchedulerMixin) -> None:
         super().__init__()
         self.register_modules(denoiser=denoiser, scheduler=scheduler)
+
+    @property
+    def dim(self) -> int:
+        """Dimension of the samples: the mixture's, or a one-step student's ``config.dim``."""
+        mixture = getattr(self.denoiser, "mixture", None)
+        return int(mixture.dim) if mixture is not None else int(self.denoiser.config.dim)
 
     @torch.no_grad()
     def __call__(
@@ -53,7 +63,7 @@ class GmmPipeline(DiffusionPipeline):
             raise ValueError(f"output_type: unsupported {output_type!r} (allowed: 'np', 'pt')")
         self.scheduler.set_timesteps(num_inference_steps)
         if latents is None:
-            latents = torch.randn(batch_size, self.denoiser.mixture.dim, generator=generator, dtype=torch.float64)
+            latents = torch.randn(batch_size, self.dim, generator=generator, dtype=torch.float64)
         x = latents.to(torch.float64) * self.scheduler.init_noise_sigma
         step_params = inspect.signature(self.scheduler.step).parameters
         extra: dict[str, Any] = {}

@@ -1,0 +1,1 @@
+"""One-step students: the shared distillation loop and one file per method (spec: students-parallel-stream.md)."""

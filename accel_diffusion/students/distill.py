@@ -1,0 +1,117 @@
+"""``accel-diffusion distill``: train a student of a teacher with one method, write it as a model directory.
+
+One documented recipe per (method, teacher); ``--iterations`` is the budget, ``--seed`` fixes every random
+number, and a run that was interrupted resumes from ``OUT/training_state/checkpoint.pt`` with the same result
+as an uninterrupted run (the state is removed once the model is written). Methods: ``fdistill``, ``disback``,
+``slimflow``. Teachers: ``gmm`` (the analytic oracle); ``shapes`` students are the next step of issue #17.
+"""
+
+from __future__ import annotations
+
+import shlex
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from accel_diffusion.errors import InvalidRequestError
+from accel_diffusion.students.disback import DisBack, fit_denoiser, record_degradation
+from accel_diffusion.students.export import save_gmm_student
+from accel_diffusion.students.fdistill import DIVERGENCES, FDistill
+from accel_diffusion.students.networks import MlpDenoiser, MlpGenerator
+from accel_diffusion.students.slimflow import AnnealingReflow, FlowGenerator, FlowGuidedDistillation, teacher_pairs
+from accel_diffusion.students.teachers import GmmTeacher
+from accel_diffusion.students.trainer import TrainConfig, train
+
+METHODS = ("fdistill", "disback", "slimflow")
+TEACHERS = ("gmm",)
+STATE_DIR = "training_state"
+
+GMM_FDISTILL = {"hidden": 64, "lr_student": 1e-3, "student_update_freq": 3}
+"""The gmm f-distill recipe (tests/students/test_fdistill_gmm.py measures it at 1,500 iterations)."""
+GMM_DISBACK = {"hidden": 64, "layers": 3, "teacher_fit_iterations": 1500, "degradation_iterations": 600,
+               "degradation_interval": 100, "backtrack_interval": 40}
+"""The gmm DisBack recipe: an MLP teacher fitted to the oracle, a path of 7 nodes, 40 generator steps a node."""
+GMM_SLIMFLOW = {"pairs": 4000, "hidden": 64, "layers": 3, "schedule": "linear"}
+"""The gmm SlimFlow recipe: annealing reflow for ``iterations`` (β → 0 over the first half), then flow-guided
+distillation for a third of that (tests/students/test_slimflow.py measures it at 1,500 iterations)."""
+
+
+def distill(method: str, teacher: str, out_dir: str | Path, *, iterations: int = 1500, seed: int = 0,
+            divergence: str = "js", resume: bool = True, progress: bool = True) -> dict[str, Any]:
+    """Train and write the student; returns its training info (the model card's numbers)."""
+    if method not in METHODS:
+        raise InvalidRequestError("method", f"unknown {method!r}", list(METHODS))
+    if teacher not in TEACHERS:
+        raise InvalidRequestError("teacher", f"{teacher!r} has no distillation recipe yet", list(TEACHERS))
+    if divergence not in DIVERGENCES:
+        raise InvalidRequestError("divergence", f"unknown {divergence!r}", list(DIVERGENCES))
+    if iterations < 1:
+        raise InvalidRequestError("iterations", f"must be >= 1, got {iterations}")
+    out = Path(out_dir)
+    gmm = GmmTeacher()
+    started = time.perf_counter()
+    config = TrainConfig(iterations=iterations, seed=seed, ema_decay=0.99, eval_every=max(iterations // 5, 1),
+                         checkpoint_every=max(iterations // 10, 1), progress=progress)
+    if method == "slimflow":
+        result, recipe_method = _slimflow(gmm, seed, iterations, out / STATE_DIR, resume, progress)
+    else:
+        if method == "fdistill":
+            runner: Any = FDistill(gmm, divergence=divergence, init_seed=seed, **GMM_FDISTILL)
+            recipe_method = runner.config
+        else:
+            runner, recipe_method = _disback(gmm, seed)
+        result = train(runner, config, out_dir=out / STATE_DIR, evaluate=gmm.evaluate, resume=resume)
+    quality = gmm.evaluate(result.ema)
+    command = shlex.join(["accel-diffusion", "distill", "--method", method, "--teacher", teacher, "--out",
+                          str(out), "--iterations", str(iterations), "--seed", str(seed)]
+                         + (["--divergence", divergence] if method == "fdistill" else []))
+    wall = time.perf_counter() - started
+    save_gmm_student(result.ema, out, gmm, name=out.name, method=method,
+                     recipe={"method": recipe_method, "train": config.model_dump(), "history": result.history},
+                     command=command, wall_seconds=wall, quality=quality)
+    shutil.rmtree(out / STATE_DIR, ignore_errors=True)
+    return {"out": str(out), "method": method, "teacher": teacher, "iterations": iterations,
+            "resumed_from": result.resumed_from, "wall_seconds": round(wall, 3), "quality": quality}
+
+
+def _disback(gmm: GmmTeacher, seed: int) -> tuple[DisBack, dict[str, Any]]:
+    """Stage 1 (deterministic from the seed, so a resumed run recomputes the same path) and the stage-2 method."""
+    r = GMM_DISBACK
+    network = {"dim": gmm.dim, "hidden": r["hidden"], "layers": r["layers"],
+               "num_train_timesteps": gmm.num_train_timesteps}
+    rng = torch.Generator().manual_seed(seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        teacher_network = MlpDenoiser(**network)
+        initial = MlpGenerator(dim=gmm.dim, hidden=r["hidden"], layers=r["layers"],
+                               timestep=gmm.num_train_timesteps - 1)
+    fit_denoiser(gmm, teacher_network, r["teacher_fit_iterations"], rng)
+    path = record_degradation(teacher_network, initial, gmm, iterations=r["degradation_iterations"],
+                              interval=r["degradation_interval"], rng=rng)
+    method = DisBack(gmm, path, initial, network, interval=r["backtrack_interval"])
+    return method, {**r, **method.config}
+
+
+def _slimflow(gmm: GmmTeacher, seed: int, iterations: int, state: Path, resume: bool,
+              progress: bool) -> tuple[Any, dict[str, Any]]:
+    """Annealing reflow on exact teacher pairs, then flow-guided distillation; each stage resumable."""
+    r = GMM_SLIMFLOW
+    network = {"dim": gmm.dim, "hidden": r["hidden"], "layers": r["layers"],
+               "num_train_timesteps": gmm.num_train_timesteps}
+    pairs = teacher_pairs(gmm, r["pairs"], torch.Generator().manual_seed(seed))
+    reflow = AnnealingReflow(pairs, network, schedule=r["schedule"], horizon=iterations // 2, init_seed=seed)
+    stage1 = train(reflow, TrainConfig(iterations=iterations, seed=seed, ema_decay=0.99, progress=progress,
+                                       checkpoint_every=max(iterations // 10, 1)),
+                   out_dir=state / "reflow", resume=resume)
+    distillation = FlowGuidedDistillation(pairs, stage1.ema)
+    steps = max(iterations // 3, 1)
+    stage2 = train(distillation, TrainConfig(iterations=steps, seed=seed + 1, ema_decay=0.99, progress=progress,
+                                             eval_every=max(steps // 5, 1), checkpoint_every=max(steps // 10, 1)),
+                   out_dir=state / "distill", evaluate=gmm.evaluate, resume=resume)
+    stage2.resumed_from = stage1.resumed_from
+    return stage2, {**r, "reflow": reflow.config | {"pairs": r["pairs"]}, "distillation": distillation.config,
+                    "reflow_iterations": iterations, "distillation_iterations": steps,
+                    "reflow_1step_mmd": gmm.evaluate(FlowGenerator.from_velocity(stage1.ema))["mmd"]}

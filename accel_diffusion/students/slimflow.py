@@ -1,0 +1,179 @@
+"""SlimFlow: small one-step students with rectified flow (Zhu, Liu, Liu; ECCV 2024, arXiv 2407.12718).
+
+Spec: ``specs/students-parallel-stream.md`` §3. Conventions of the reference code: ``x_t = t·x1 + (1 − t)·x0``
+with x0 the noise and x1 the data, velocity target ``x1 − x0``, t ∈ [eps, 1], the network called at t·999, and
+one-step sampling ``x1 = z + v(z, eps)``.
+
+- :func:`teacher_pairs`: (z, x1 = the teacher's ODE endpoint of z) — on ``gmm`` the exact PF-ODE;
+- :func:`annealing_beta`: the noise-pairing schedule β_k (``linear`` = warmup_K, ``exp``, ``cos``, ``fixed``);
+- :class:`AnnealingReflow`: a small 2-RF trained on the pairs with the annealed noise
+  ``z̃ = sqrt(1 − β²)·z + β·ε`` (β = 1: random pairing, an easy 1-RF problem; β = 0: pure reflow pairs);
+- :class:`FlowGuidedDistillation`: the student starts as the 2-RF; loss = pair term
+  ``D(z + v_s(z, eps), x1)`` + guided term ``D(z + v_s, x_{t'} + (1 − t')·v_2RF(x_{t'}, t'))`` with
+  ``x_{t'} = z + t'·sg(v_s)``, t' ~ U[0.2, 0.8] (a 2-step target whose first step is the student's); D = L2.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from diffusers import ModelMixin
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from torch import nn
+
+from accel_diffusion.students.networks import MlpDenoiser, StudentOutput
+from accel_diffusion.students.teachers import GmmTeacher
+
+EPS = 1e-3
+SCHEDULES = ("linear", "exp", "cos", "fixed")
+
+
+def teacher_pairs(teacher: GmmTeacher, n: int, rng: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """n noises z ~ N(0, I) (the VP sample at the top timestep) and their exact PF-ODE endpoints, float32."""
+    z = torch.randn(n, teacher.dim, generator=rng, dtype=torch.float64)
+    rho = float(teacher.denoiser.timestep_to_rho(teacher.num_train_timesteps - 1))
+    x1 = teacher.mixture.pf_ode_endpoint(z, rho, 0.0, rtol=1e-7, atol=1e-9)
+    return z.float(), torch.as_tensor(x1).float()
+
+
+def annealing_beta(kind: str, k: int, horizon: int, b: float = 0.0) -> float:
+    """β_k of the annealed pairing: 1 = random noise, 0 = the teacher's pairs (spec §3.3)."""
+    if kind == "linear":
+        return 1.0 - min(1.0, k / horizon)
+    if kind == "exp":
+        return math.exp(-k / horizon)
+    if kind == "cos":
+        return (1.0 + math.cos(math.pi * min(1.0, k / horizon))) / 2.0
+    if kind == "fixed":
+        return b
+    raise ValueError(f"schedule: unknown {kind!r} (allowed: {', '.join(SCHEDULES)})")
+
+
+class FlowGenerator(ModelMixin, ConfigMixin):
+    """The one-step sampler of a velocity network: ``G(z) = z + v(z, eps)``, called like :class:`MlpGenerator`.
+
+    Its config is the velocity network's, so it saves and loads with ``save_pretrained``/``from_pretrained``.
+    """
+
+    config_name = "config.json"
+
+    @register_to_config
+    def __init__(self, dim: int = 2, hidden: int = 128, layers: int = 3, embed_dim: int = 32,
+                 num_train_timesteps: int = 1000) -> None:
+        super().__init__()
+        self.velocity = MlpDenoiser(dim=dim, hidden=hidden, layers=layers, embed_dim=embed_dim,
+                                    num_train_timesteps=num_train_timesteps)
+
+    @classmethod
+    def from_velocity(cls, velocity: MlpDenoiser) -> FlowGenerator:
+        """A generator sharing ``velocity``'s weights (the module itself, not a copy)."""
+        generator = cls(**{k: velocity.config[k] for k in ("dim", "hidden", "layers", "embed_dim",
+                                                           "num_train_timesteps")})
+        generator.velocity = velocity
+        return generator
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor | float | int | None = None,
+                return_dict: bool = True) -> StudentOutput | tuple[torch.Tensor]:
+        z = sample.float()
+        t = torch.full((z.shape[0],), EPS * 999, device=z.device)
+        out = (z + self.velocity(z, t).sample).to(sample.dtype)
+        return StudentOutput(sample=out) if return_dict else (out,)
+
+
+def _velocity(network: MlpDenoiser, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    return network(x, t * 999).sample
+
+
+class AnnealingReflow:
+    """Stage 1 for :func:`~accel_diffusion.students.trainer.train`: a small 2-RF on annealed teacher pairs."""
+
+    def __init__(self, pairs: tuple[torch.Tensor, torch.Tensor], network_config: dict[str, Any], *,
+                 schedule: str = "linear", horizon: int = 500, beta: float = 0.0, batch_size: int = 256,
+                 lr: float = 2e-3, grad_clip: float = 1.0, init_seed: int = 0) -> None:
+        annealing_beta(schedule, 0, max(horizon, 1), beta)
+        self.config: dict[str, Any] = {"schedule": schedule, "horizon": horizon, "beta": beta,
+                                       "batch_size": batch_size, "lr": lr, "grad_clip": grad_clip,
+                                       "pairs": int(pairs[0].shape[0]), "network": network_config}
+        self.z, self.x1 = pairs
+        self.schedule, self.horizon, self.beta = schedule, horizon, beta
+        self.batch_size, self.grad_clip = batch_size, grad_clip
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(init_seed)
+            self.student = MlpDenoiser(**network_config)
+        self.optimizer = torch.optim.Adam(self.student.parameters(), lr=lr, foreach=True)
+
+    def modules(self) -> dict[str, nn.Module]:
+        return {"student": self.student}
+
+    def optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        return {"student": self.optimizer}
+
+    def extra_state(self) -> dict[str, Any]:
+        return {}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        return None
+
+    def train_step(self, iteration: int, rng: torch.Generator) -> dict[str, float]:
+        index = torch.randint(0, self.z.shape[0], (self.batch_size,), generator=rng)
+        z, x1 = self.z[index], self.x1[index]
+        beta = annealing_beta(self.schedule, iteration, max(self.horizon, 1), self.beta)
+        noise = math.sqrt(1.0 - beta * beta) * z + beta * torch.randn(z.shape, generator=rng)
+        t = EPS + (1 - EPS) * torch.rand(self.batch_size, generator=rng)
+        x_t = t[:, None] * x1 + (1 - t[:, None]) * noise
+        loss = F.mse_loss(_velocity(self.student, x_t, t), x1 - noise)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.student.parameters(), self.grad_clip)
+        self.optimizer.step()
+        return {"student_updated": 1.0, "loss_flow": float(loss.detach()), "beta": beta}
+
+
+class FlowGuidedDistillation:
+    """Stage 2: distil the 2-RF into a one-step student (initialised from it) with pair + guided L2 terms."""
+
+    def __init__(self, pairs: tuple[torch.Tensor, torch.Tensor], reflow: MlpDenoiser, *, guided_weight: float = 1.0,
+                 batch_size: int = 256, lr: float = 1e-3, grad_clip: float = 1.0) -> None:
+        self.config: dict[str, Any] = {"guided_weight": guided_weight, "batch_size": batch_size, "lr": lr,
+                                       "grad_clip": grad_clip}
+        self.z, self.x1 = pairs
+        self.guide = copy.deepcopy(reflow).requires_grad_(False)
+        self.velocity = copy.deepcopy(reflow).requires_grad_(True)
+        self.student = FlowGenerator.from_velocity(self.velocity)
+        self.guided_weight, self.batch_size, self.grad_clip = guided_weight, batch_size, grad_clip
+        self.optimizer = torch.optim.Adam(self.velocity.parameters(), lr=lr, foreach=True)
+
+    def modules(self) -> dict[str, nn.Module]:
+        return {"student": self.student}
+
+    def optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        return {"student": self.optimizer}
+
+    def extra_state(self) -> dict[str, Any]:
+        return {}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        return None
+
+    def train_step(self, iteration: int, rng: torch.Generator) -> dict[str, float]:
+        index = torch.randint(0, self.z.shape[0], (self.batch_size,), generator=rng)
+        loss_pair = F.mse_loss(self.student(self.z[index]).sample, self.x1[index])
+        z = torch.randn(self.batch_size, self.z.shape[1], generator=rng)
+        eps_t = torch.full((self.batch_size,), EPS)
+        v_s = _velocity(self.velocity, z, eps_t)
+        t = 0.2 + 0.6 * torch.rand(self.batch_size, generator=rng)
+        with torch.no_grad():
+            x_t = z + t[:, None] * v_s.detach()
+            target = x_t + (1 - t[:, None]) * _velocity(self.guide, x_t, t)
+        loss_guided = F.mse_loss(z + v_s, target)
+        loss = loss_pair + self.guided_weight * loss_guided
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.velocity.parameters(), self.grad_clip)
+        self.optimizer.step()
+        return {"student_updated": 1.0, "loss_pair": float(loss_pair.detach()),
+                "loss_guided": float(loss_guided.detach())}
