@@ -268,8 +268,9 @@ class _Connection:
         if isinstance(exc, AccelDiffusionError):  # raised on purpose, with a message for users (as for jobs)
             await self.error(exc.error_type, str(exc), param)
             return
-        oom = out_of_memory(exc)
+        oom = out_of_memory(exc)  # (the worker has freed the device memory of the failed work: DeviceWorker.run_soon)
         LOG.error("stream request %s: %s failed", self.request_id, what, exc_info=exc)
+        self.state.metrics.errors.labels(type="gpu_oom" if oom else "internal_error").inc()
         await self.error("gpu_oom" if oom else "internal_error",
                          f"{'out of device memory' if oom else 'internal error'} on this {what} (not a fault of "
                          f"your input; the stream goes on); the server log has the details under request_id "

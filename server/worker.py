@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import gc
 import logging
 import threading
 import time
+import traceback
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -99,8 +101,10 @@ class DeviceWorker:
     def run_soon(self, task: Callable[[], Any]) -> Future[Any]:
         """Run a short model task (a stream frame, a stream session's set-up) on the worker thread, in
         the stream lane: between the denoising steps of a running job and before queued jobs while the
-        lane is within its share of the device time; its Future resolves with the result (cancel it to
-        drop the task if it has not started). Model work stays on this one thread (see ``start``)."""
+        lane is within its share of the device time; its Future resolves with the result, or with the
+        exception it raised (cancel it to drop the task if it has not started); after an out-of-memory
+        one, the task's frames are cleared and the device's cache emptied before the next task. Model
+        work stays on this one thread (see ``start``)."""
         future: Future[Any] = Future()
         with self._cond:
             if self._stopping:
@@ -125,14 +129,20 @@ class DeviceWorker:
                 self.stream_tasks_dropped += 1
                 continue
             begin = time.perf_counter()
+            oom = False
             try:
                 with batch_invariance.suspended():  # called between a job's steps, inside its mode
                     result = task()
                 future.set_result(result)
-            except BaseException as exc:  # handed to the awaiting request
+            except BaseException as exc:  # handed to the awaiting request (which classifies it: gpu_oom, ...)
+                oom = out_of_memory(exc)
+                if oom:
+                    drop_traceback_locals(exc)  # the future keeps the exception: not the frame's tensors
                 future.set_exception(exc)
             finally:
                 self._charge("stream", time.perf_counter() - begin)
+            if oom:  # out of the except block: nothing holds the failed frame's tensors any more
+                release_device_memory()
 
     def _charge(self, lane: str, seconds: float) -> None:
         self.fair_share.charge(lane, seconds)  # type: ignore[arg-type]
@@ -255,19 +265,26 @@ class DeviceWorker:
             job.start()
         self.metrics.in_flight.inc(len(jobs))
         begin = time.perf_counter()
+        oom = retry = False
         try:
-            self._generate(jobs)
-        except GenerationCancelled:
-            for job in jobs:
-                self._cancelled(job)
-        except Exception as exc:  # one batch's failure must not take the worker down
-            if len(jobs) == 1:
-                self._fail(jobs[0], exc)
-            else:  # one bad request must not fail the others: each runs alone, so only it fails
-                log.warning("a batch of %d jobs failed (%s: %s); running each alone", len(jobs),
-                            type(exc).__name__, exc)
-                if out_of_memory(exc) and torch.cuda.is_available():
-                    torch.cuda.empty_cache()  # the failed batch's activations, before the smaller runs
+            try:
+                self._generate(jobs)
+            except GenerationCancelled:
+                for job in jobs:
+                    self._cancelled(job)
+            except Exception as exc:  # one batch's failure must not take the worker down
+                if len(jobs) == 1:
+                    oom = self._fail(jobs[0], exc)
+                else:  # one bad request must not fail the others: each runs alone, so only it fails
+                    log.warning("a batch of %d jobs failed (%s: %s); running each alone", len(jobs),
+                                type(exc).__name__, exc)
+                    oom, retry = out_of_memory(exc), True
+                    drop_traceback_locals(exc)
+            # out of the except block (its traceback kept the failed batch's activations alive): free them
+            # before the next job, or before the smaller runs of the retry
+            if oom:
+                release_device_memory()
+            if retry:
                 self._one_by_one(jobs)
         finally:
             self.last_job_seconds = time.perf_counter() - begin
@@ -286,12 +303,15 @@ class DeviceWorker:
             if job.cancel_event.is_set():
                 self._cancelled(job)
                 continue
+            oom = False
             try:
                 self._generate([job])
             except GenerationCancelled:
                 self._cancelled(job)
             except Exception as exc:
-                self._fail(job, exc)
+                oom = self._fail(job, exc)
+            if oom:
+                release_device_memory()
 
     def _generate(self, jobs: list[Job]) -> None:
         """Run ``jobs`` as one engine batch and finish each with its images; raises what the engine raised."""
@@ -342,8 +362,10 @@ class DeviceWorker:
             self.metrics.nfe.inc(result.nfe * count)
         self.metrics.batch_size.observe(len(jobs))
 
-    def _fail(self, job: Job, exc: Exception) -> None:
-        """Finish ``job`` as failed with a typed error (no internals leak); counted once."""
+    def _fail(self, job: Job, exc: Exception) -> bool:
+        """Finish ``job`` as failed with a typed error (no internals leak); counted once. Returns whether the
+        device ran out of memory: the caller then calls ``release_device_memory`` after its except block."""
+        oom = False
         if isinstance(exc, InvalidRequestError):
             error = error_body(exc)
         elif isinstance(exc, AccelDiffusionError):
@@ -352,17 +374,33 @@ class DeviceWorker:
             oom = out_of_memory(exc)
             kind = "gpu_oom" if oom else "internal_error"
             log.error("job %s failed", job.id, exc_info=exc)
-            if oom and torch.cuda.is_available():
-                torch.cuda.empty_cache()  # give the failed batch's activations back before the next job
+            drop_traceback_locals(exc)  # (a log handler that keeps the record keeps code and line numbers only)
             error = {"type": kind, "code": kind, "param": None,
                      "message": "out of device memory" if oom else "internal error"}
         if job.finish(JobStatus.FAILED, error=error):
             self.metrics.errors.labels(type=error["type"]).inc()
+        return oom
 
 
 def out_of_memory(exc: BaseException) -> bool:
     """Whether ``exc`` is the device running out of memory (jobs and stream frames classify it the same)."""
     return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
+
+
+def drop_traceback_locals(exc: BaseException) -> None:
+    """Clear the local variables of the finished frames ``exc``'s traceback holds: the failed call's inputs and
+    activations. Whoever keeps the exception (a Future, a log record) keeps its code and line numbers only."""
+    traceback.clear_frames(exc.__traceback__)
+
+
+def release_device_memory() -> None:
+    """Give the CUDA caching allocator's free blocks back after an out-of-memory failure, so that the next job
+    or frame starts from an empty cache. Call it outside any except block, after ``drop_traceback_locals``: while
+    an exception is handled, its traceback keeps the failed call's tensors alive, and emptying the cache then
+    frees nothing of theirs."""
+    gc.collect()  # tensors kept only by reference cycles among the failed call's objects
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def batch_key(job: Job) -> tuple[Any, ...] | None:

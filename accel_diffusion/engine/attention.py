@@ -1,22 +1,48 @@
-"""Attention backend selection: xformers memory-efficient attention on CUDA when installed, else SDPA."""
+"""Attention backend selection: xformers memory-efficient attention on CUDA when installed, else SDPA;
+and the attention batch-invariant mode runs whatever was selected: SDPA, under its wrappers."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
-from typing import Literal
+from collections.abc import Iterator, Sequence
+from typing import Any, Literal
 
 import torch
 from diffusers import ModelMixin
-from diffusers.models.attention_processor import AttnProcessor2_0
+from diffusers.models.attention_processor import (
+    AttnAddedKVProcessor,
+    AttnAddedKVProcessor2_0,
+    AttnProcessor,
+    AttnProcessor2_0,
+    XFormersAttnAddedKVProcessor,
+    XFormersAttnProcessor,
+)
 
 logger = logging.getLogger(__name__)
 
 AttentionPreference = Literal["auto", "sdpa", "xformers"]
+AttentionBackend = Literal["xformers", "sdpa"]
+
+# Processors whose every reduction runs through a function BatchInvariantOps wraps
+# (F.scaled_dot_product_attention, or torch.baddbmm / torch.bmm, with F.linear for the projections).
+PROVABLE_PROCESSORS: tuple[type, ...] = (AttnProcessor2_0, AttnProcessor, AttnAddedKVProcessor2_0,
+                                         AttnAddedKVProcessor)
+# xformers' kernel (xformers.ops.memory_efficient_attention) is outside the wrappers: its SDPA equivalent
+SDPA_EQUIVALENTS: dict[type, type] = {XFormersAttnProcessor: AttnProcessor2_0,
+                                      XFormersAttnAddedKVProcessor: AttnAddedKVProcessor2_0}
 
 
 def xformers_available() -> bool:
     return importlib.util.find_spec("xformers") is not None
+
+
+def select_backend(preference: AttentionPreference, device_type: str, xformers_installed: bool) -> AttentionBackend:
+    """The backend a model is loaded with: xformers for "auto" or "xformers" on CUDA when it is installed, else
+    SDPA (xformers has no CPU kernels)."""
+    use_xformers = preference in ("auto", "xformers") and device_type == "cuda" and xformers_installed
+    return "xformers" if use_xformers else "sdpa"
 
 
 def configure_attention(models: list[ModelMixin], device: torch.device, preference: AttentionPreference) -> str:
@@ -25,15 +51,51 @@ def configure_attention(models: list[ModelMixin], device: torch.device, preferen
     xformers has no CPU kernels, so it is only used on CUDA; asking for it elsewhere (or without the
     package) falls back to torch's scaled_dot_product_attention with a warning.
     """
-    use_xformers = preference in ("auto", "xformers") and device.type == "cuda" and xformers_available()
-    if preference == "xformers" and not use_xformers:
+    backend = select_backend(preference, device.type, xformers_available())
+    if preference == "xformers" and backend != "xformers":
         reason = "no CUDA device" if device.type != "cuda" else "the xformers package is not installed"
         logger.warning("xformers attention requested but unavailable (%s); using torch SDPA", reason)
     for model in models:
         if not hasattr(model, "set_attn_processor") or not getattr(model, "attn_processors", None):
             continue
-        if use_xformers:
+        if backend == "xformers":
             model.enable_xformers_memory_efficient_attention()
         else:
             model.set_attn_processor(AttnProcessor2_0())
-    return "xformers" if use_xformers else "sdpa"
+    return backend
+
+
+def batch_invariant_processors(processors: dict[str, Any]) -> dict[str, Any] | None:
+    """The processors the batch-invariant mode runs instead of ``processors`` (name -> processor): an xformers
+    processor becomes its SDPA equivalent, whose kernel call the mode wraps; a provable one stays. None when
+    nothing changes. A processor of another kind stays, with a warning: the mode cannot prove it."""
+    replaced, changed = {}, False
+    for name, processor in processors.items():
+        equivalent = SDPA_EQUIVALENTS.get(type(processor))
+        if equivalent is not None:
+            replaced[name], changed = equivalent(), True
+            continue
+        if not isinstance(processor, PROVABLE_PROCESSORS):
+            logger.warning("attention processor %s (%s) is not one the batch-invariant mode can prove: its kernels "
+                           "are outside the mode's wrappers", name, type(processor).__name__)
+        replaced[name] = processor
+    return replaced if changed else None
+
+
+@contextlib.contextmanager
+def batch_invariant_attention(models: Sequence[Any]) -> Iterator[AttentionBackend]:
+    """Within this context, ``models`` attend through processors the batch-invariant mode can prove (SDPA
+    under its wrappers, even on CUDA with xformers installed); their own processors come back after. Yields the
+    backend that runs ("sdpa"). Only the thread that owns the models may use them meanwhile (the worker does)."""
+    swapped: list[tuple[Any, dict[str, Any]]] = []
+    try:
+        for model in models:
+            original = getattr(model, "attn_processors", None) if hasattr(model, "set_attn_processor") else None
+            replaced = batch_invariant_processors(original) if original else None
+            if replaced is not None:
+                model.set_attn_processor(replaced)
+                swapped.append((model, original))
+        yield "sdpa"
+    finally:
+        for model, original in reversed(swapped):
+            model.set_attn_processor(original)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import random
 import time
@@ -15,6 +14,7 @@ import torch
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
+from accel_diffusion.engine.attention import batch_invariant_attention
 from accel_diffusion.engine.batch_invariance import BatchInvariantOps
 from accel_diffusion.engine.hooks import NO_HOOKS, GenerationHooks, LoopCounters
 from accel_diffusion.engine.loop import denoise
@@ -210,10 +210,20 @@ def generate(model: LoadedPipeline, request: GenerationRequest, hooks: Generatio
     ``seeds`` (one per image) replaces ``request.seed + k``: the server uses it to run several
     requests as one batch while every image keeps its own request's seed. ``batch_invariant`` runs
     the model under ``BatchInvariantOps``, so that an image's pixels are the same bits whatever
-    else shares its batch (at a cost in speed; see engine/batch_invariance.py).
+    else shares its batch (at a cost in speed; see engine/batch_invariance.py). Its attention then runs as
+    SDPA under the mode's wrappers, also where the model was loaded with xformers (engine/attention.py:
+    ``batch_invariant_attention``), and the result's ``attention_backend`` says "sdpa".
     """
-    with torch.no_grad(), BatchInvariantOps() if batch_invariant else contextlib.nullcontext():
-        return _generate(model, request, hooks, seeds)
+    if not batch_invariant:
+        with torch.no_grad():
+            return _generate(model, request, hooks, seeds)
+    # the model's attention runs as SDPA under the mode's wrappers (xformers' kernel is outside them)
+    modules = [getattr(model.pipeline, "unet", None), getattr(model.pipeline, "vae", None), model.tiny_vae]
+    with torch.no_grad(), BatchInvariantOps(), batch_invariant_attention([m for m in modules if m is not None]) as \
+            backend:
+        result = _generate(model, request, hooks, seeds)
+    result.attention_backend = backend
+    return result
 
 
 def _generate(model: LoadedPipeline, request: GenerationRequest, hooks: GenerationHooks,
