@@ -96,6 +96,9 @@ class ServerSettings(BaseSettings):
     max_frame_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="largest stream input frame; a larger one "
                                  "gets an invalid_frame error (a WebSocket message past twice this, at least "
                                  "16 MiB, closes the connection with 1009)")
+    schedules_dir: Path | None = Field(None, description="folder of searched schedules (`accel-diffusion search` "
+                                       "artifacts, <id>.json) looked up before the shipped ones; listed by "
+                                       "GET /v1/schedules")
 
     @field_validator("cors_origins")
     @classmethod

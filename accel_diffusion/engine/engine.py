@@ -81,26 +81,29 @@ class PreparedStrategy:
     guidance: Guidance
 
 
-def prepare_strategy(spec: ModelSpec, requested: Strategy) -> PreparedStrategy:
-    """Resolve ``requested`` over the model's default and build fresh components for one generation."""
+def prepare_strategy(spec: ModelSpec, requested: Strategy, steps: int | None = None) -> PreparedStrategy:
+    """Resolve ``requested`` over the model's default and build fresh components for one generation;
+    the schedule refuses a model, strategy or requested ``steps`` it was not made for."""
     strategy = requested.resolved_over(spec.default_strategy)
     if strategy.student is not None or strategy.runtime is not None:
         kind = "student" if strategy.student is not None else "runtime"
         raise IncompatibleStrategyError(f"strategy.{kind}", f"{kind} components are not supported by generate()")
     registry = get_registry()
-    return PreparedStrategy(
+    prepared = PreparedStrategy(
         strategy=strategy,
         sampler=registry.build("sampler", strategy.sampler),
         schedule=registry.build("schedule", strategy.schedule),
         guidance=registry.build("guidance", strategy.guidance),
     )
+    prepared.schedule.check_request(spec.id, strategy, steps)
+    return prepared
 
 
 def check_request(spec: ModelSpec, request: GenerationRequest) -> None:
     """Refuse, before any work (a server calls this when it accepts a job), a request whose strategy
     cannot run on this model spec: its components are built (every parameter validated) and the
     guidance checked against the mode (txt2img or img2img)."""
-    prepare_strategy(spec, request.strategy).guidance.check_mode(request.init_image is not None)
+    prepare_strategy(spec, request.strategy, request.steps).guidance.check_mode(request.init_image is not None)
 
 
 def check_limits(model: LoadedPipeline, request: GenerationRequest, limits: RequestLimits) -> None:
@@ -111,7 +114,7 @@ def check_limits(model: LoadedPipeline, request: GenerationRequest, limits: Requ
     if model.family not in ("sd", "sdxl"):
         return  # not a text-to-image pipeline: the engine refuses it
     steps = request.steps or model.spec.default_steps
-    scheduled = prepare_strategy(model.spec, request.strategy).schedule.num_steps(steps)
+    scheduled = prepare_strategy(model.spec, request.strategy, request.steps).schedule.num_steps(steps)
     if scheduled > limits.max_steps and scheduled != steps:  # an explicit timesteps list decides
         raise InvalidRequestError("strategy.schedule", f"runs {scheduled} steps; at most {limits.max_steps} allowed")
     if scheduled > limits.max_steps:
@@ -213,7 +216,7 @@ def _generate(model: LoadedPipeline, request: GenerationRequest, hooks: Generati
     pipe = model.pipeline
     if pipe.unet.config.time_cond_proj_dim is not None:
         raise IncompatibleStrategyError("model", "guidance-embedding (LCM-distilled) UNets are not supported yet")
-    prepared = prepare_strategy(model.spec, request.strategy)
+    prepared = prepare_strategy(model.spec, request.strategy, request.steps)
     prepared.guidance.check_mode(request.init_image is not None)
     width, height = _request_size(model, request)
     requested_steps = request.steps or model.spec.default_steps
