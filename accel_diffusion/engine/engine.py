@@ -285,18 +285,19 @@ def _generate(model: LoadedPipeline, request: GenerationRequest, hooks: Generati
                 hooks.on_preview(done, _decode(model, step.predicted_x0(guided), preview_vae))  # type: ignore[misc]
 
     t_loop = time.perf_counter()
-    latents = denoise(
-        unet,
-        latents,
-        scheduler,
-        timesteps,
-        prepared.guidance,
-        conditioning,
-        step_kwargs=_step_kwargs(prepared.sampler, scheduler, generators),
-        hooks=hooks,
-        counters=counters,
-        after_step=after_step,
-    )
+    with prepared.schedule.model_context(unet):  # e.g. a searched schedule's skipped UNet blocks
+        latents = denoise(
+            unet,
+            latents,
+            scheduler,
+            timesteps,
+            prepared.guidance,
+            conditioning,
+            step_kwargs=_step_kwargs(prepared.sampler, scheduler, generators),
+            hooks=hooks,
+            counters=counters,
+            after_step=after_step,
+        )
     t_decode = time.perf_counter()
     images = _decode(model, latents, vae)
     t_end = time.perf_counter()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from typing import TYPE_CHECKING, Any
 
@@ -30,6 +31,10 @@ class Schedule:
 
     def check_compatible(self, scheduler: SchedulerMixin, sampler_name: str) -> None:
         """Raise IncompatibleStrategyError if ``scheduler`` cannot follow this schedule."""
+
+    def model_context(self, unet: torch.nn.Module) -> contextlib.AbstractContextManager[Any]:
+        """What the UNet runs under during the loop (a searched schedule's block skipping); nothing by default."""
+        return contextlib.nullcontext()
 
     def check_request(self, model_id: str, strategy: Strategy, steps: int | None) -> None:
         """Raise InvalidRequestError if this schedule was not made for this model, resolved strategy or

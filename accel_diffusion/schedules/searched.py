@@ -10,6 +10,7 @@ a searched sequence is specific to all four (specs/samplers.md §4.5).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -108,8 +109,6 @@ class SearchedArtifact(BaseModel):
             raise ValueError("timesteps: must be strictly decreasing")
         if self.skipped_blocks and len(self.skipped_blocks) != self.steps:
             raise ValueError(f"skipped_blocks: {len(self.skipped_blocks)} lists given for steps = {self.steps}")
-        if any(self.skipped_blocks):
-            raise ValueError("skipped_blocks: this version cannot skip UNet blocks yet; only empty lists are read")
         return self
 
     def save(self, folder: str | Path) -> Path:
@@ -197,6 +196,18 @@ class SearchedSchedule(Schedule):
 
     def set_timesteps(self, scheduler: SchedulerMixin, num_steps: int, device: torch.device) -> None:
         self._timesteps.set_timesteps(scheduler, num_steps, device)
+
+    def model_context(self, unet: torch.nn.Module) -> contextlib.AbstractContextManager[Any]:
+        """The UNet skips, at each step's timestep, the blocks the artifact lists for that step."""
+        if not any(self.artifact.skipped_blocks):
+            return contextlib.nullcontext()
+        from accel_diffusion.engine.block_skip import BlockSkip
+
+        skips = dict(zip(self.artifact.timesteps, self.artifact.skipped_blocks, strict=True))
+        try:
+            return BlockSkip(unet, skips)
+        except ValueError as exc:
+            raise IncompatibleStrategyError("strategy.schedule.id", f"searched schedule {self.id!r}: {exc}") from None
 
     def check_request(self, model_id: str, strategy: Strategy, steps: int | None) -> None:
         artifact, what = self.artifact, f"searched schedule {self.id!r} was made for"

@@ -84,7 +84,6 @@ def test_artifact_round_trips_through_its_file(folder: Path) -> None:
     ({"format": "other@2"}, "format: is 'other@2'; this version reads 'accel-diffusion/searched-schedule@1'"),
     ({"timesteps": [999, 700, 400]}, "timesteps: 3 given for steps = 4"),
     ({"timesteps": [999, 400, 700, 100]}, "must be strictly decreasing"),
-    ({"skipped_blocks": [["down_blocks.0"], [], [], []]}, "cannot skip UNet blocks yet"),
     ({"skipped_blocks": [[], []]}, "skipped_blocks: 2 lists given for steps = 4"),
     ({"sampler": {"name": "dpmpp_9m"}}, "unknown sampler 'dpmpp_9m'"),
     ({"id": "other-id"}, "has id 'other-id'; its file must be other-id.json"),
@@ -144,6 +143,31 @@ def test_engine_runs_the_searched_timesteps(folder: Path, tiny_registry: ModelRe
     assert np.array_equal(searched.images, explicit.images)
     assert searched.strategy.schedule == {"name": "searched", "id": "tiny-dpmpp-4"}
     assert np.array_equal(engine.generate(request(steps=4)).images, searched.images)
+
+
+def test_the_artifacts_skipped_blocks_are_skipped_at_their_steps(folder: Path, tiny_registry: ModelRegistry) -> None:
+    from accel_diffusion.engine.block_skip import BlockSkip, skippable_blocks
+
+    engine = Engine(tiny_registry)
+    unet = tiny_registry.get("tiny-sd").pipeline.unet
+    blocks = skippable_blocks(unet)
+    skipped = [[], [blocks[0], blocks[-1]], [], [blocks[1]]]
+    tiny_artifact("skips", skipped_blocks=skipped).save(folder)
+    tiny_artifact("skips-none", skipped_blocks=[[], [], [], []]).save(folder)
+    explicit = request(strategy={"schedule": {"name": "timesteps", "timesteps": TINY_TIMESTEPS}})
+    plain = engine.generate(explicit).images
+    assert np.array_equal(engine.generate(request(strategy={"schedule": {"name": "searched", "id": "skips-none"}}))
+                          .images, plain)
+    searched = engine.generate(request(strategy={"schedule": {"name": "searched", "id": "skips"}})).images
+    assert not np.array_equal(searched, plain)
+    with BlockSkip(unet, {999: [], 700: [blocks[0], blocks[-1]], 100: [blocks[1]]}) as by_hand:
+        assert np.array_equal(engine.generate(explicit).images, searched)
+    assert by_hand.skipped_calls == 3  # one batched call per step (cond and uncond together)
+    tiny_artifact("bad-skips", skipped_blocks=[[], ["up_blocks.9.resnets.0"], [], []]).save(folder)
+    with pytest.raises(IncompatibleStrategyError) as error:
+        engine.generate(request(strategy={"schedule": {"name": "searched", "id": "bad-skips"}}))
+    assert error.value.field == "strategy.schedule.id"
+    assert "timestep 700: no skippable block 'up_blocks.9.resnets.0'" in error.value.message
 
 
 @pytest.mark.parametrize(("fields", "field", "fragment"), [
