@@ -325,3 +325,85 @@ def _rng_to_json(state: tuple[Any, ...]) -> list[Any]:
 def _rng_from_json(data: list[Any]) -> tuple[Any, ...]:
     version, internal, gauss = data
     return (version, tuple(internal), gauss)
+
+
+# --- stage 2: which UNet blocks to skip at which step ------------------------------------------------------
+
+SkipPlan = tuple[tuple[int, ...], ...]  # per step, the sorted indices (into the UNet's skippable blocks) skipped
+
+
+@dataclass(frozen=True)
+class SkipSpace:
+    """Per-step skip sets over ``num_blocks`` blocks (L) for ``num_steps`` steps, under the compute budget
+    ``sum over steps of (L - |skipped|) <= budget`` (§4.1's N_max) and at most ``max_skip`` skipped per step."""
+
+    num_steps: int
+    num_blocks: int
+    budget: int
+    max_skip: int
+
+    def __post_init__(self) -> None:
+        if self.num_steps < 1 or self.num_blocks < 1 or not 0 <= self.max_skip <= self.num_blocks:
+            raise ValueError("need num_steps >= 1, num_blocks >= 1 and 0 <= max_skip <= num_blocks")
+        lowest = self.num_steps * (self.num_blocks - self.max_skip)
+        if not lowest <= self.budget:
+            raise ValueError(f"budget {self.budget} is below the cheapest plan's cost {lowest} "
+                             f"({self.num_steps} steps x {self.num_blocks - self.max_skip} blocks)")
+
+    def cost(self, plan: SkipPlan) -> int:
+        """Blocks run over the whole generation."""
+        return sum(self.num_blocks - len(step) for step in plan)
+
+    def check(self, plan: SkipPlan) -> SkipPlan:
+        plan = tuple(tuple(sorted({int(i) for i in step})) for step in plan)
+        if len(plan) != self.num_steps:
+            raise ValueError(f"plan has {len(plan)} steps, not {self.num_steps}")
+        if any(i < 0 or i >= self.num_blocks for step in plan for i in step):
+            raise ValueError(f"a block index leaves 0 .. {self.num_blocks - 1}")
+        if any(len(step) > self.max_skip for step in plan):
+            raise ValueError(f"a step skips more than {self.max_skip} blocks")
+        if self.cost(plan) > self.budget:
+            raise ValueError(f"plan runs {self.cost(plan)} blocks; the budget is {self.budget}")
+        return plan
+
+    def skip_nothing(self) -> SkipPlan:
+        return tuple(() for _ in range(self.num_steps))
+
+
+def _over_budget_repair(steps: list[set[int]], rng: random.Random, space: SkipSpace) -> SkipPlan:
+    """Add skips at random steps (with room) until the plan fits the budget."""
+    while sum(space.num_blocks - len(s) for s in steps) > space.budget:
+        room = [k for k, s in enumerate(steps) if len(s) < space.max_skip]
+        k = rng.choice(room)
+        steps[k].add(rng.choice([i for i in range(space.num_blocks) if i not in steps[k]]))
+    return tuple(tuple(sorted(s)) for s in steps)
+
+
+def random_plan(rng: random.Random, space: SkipSpace) -> SkipPlan:
+    steps = [set(rng.sample(range(space.num_blocks), rng.randint(0, space.max_skip))) for _ in range(space.num_steps)]
+    return _over_budget_repair(steps, rng, space)
+
+
+def mutate_plan(parent: SkipPlan, rng: random.Random, space: SkipSpace, prob: float) -> SkipPlan:
+    """Each step's skip set is changed with probability ``prob`` (a block added or removed: the reference
+    compared instead of assigning here, so its skip sets never changed); at least one step always
+    changes, and the child fits the budget."""
+    for _ in range(100):
+        steps = [set(s) for s in parent]
+        chosen = [k for k in range(space.num_steps) if rng.random() < prob] or [rng.randrange(space.num_steps)]
+        for k in chosen:
+            can_add = len(steps[k]) < space.max_skip
+            if steps[k] and (not can_add or rng.random() < 0.5):
+                steps[k].remove(rng.choice(sorted(steps[k])))
+            elif can_add:
+                steps[k].add(rng.choice([i for i in range(space.num_blocks) if i not in steps[k]]))
+        child = _over_budget_repair(steps, rng, space)
+        if child != parent:
+            return child
+    raise ValueError("this skip space has no plan other than the parent")
+
+
+def crossover_plan(first: SkipPlan, second: SkipPlan, rng: random.Random, space: SkipSpace) -> SkipPlan:
+    """Each step's skip set from one parent or the other, repaired to fit the budget."""
+    steps = [set(a if rng.random() < 0.5 else b) for a, b in zip(first, second, strict=True)]
+    return _over_budget_repair(steps, rng, space)

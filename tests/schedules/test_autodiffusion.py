@@ -15,9 +15,13 @@ from accel_diffusion.schedules.autodiffusion import (
     EvolutionarySearch,
     SearchConfig,
     SearchSpace,
+    SkipSpace,
     crossover,
+    crossover_plan,
     mutate,
+    mutate_plan,
     random_candidate,
+    random_plan,
 )
 
 SMALL = SearchConfig(population=20, select=5, mutations=10, crossovers=6, mutation_prob=0.25, mutation_radius=3,
@@ -231,3 +235,39 @@ def test_the_top_candidates_are_rescored_and_ranked_by_the_costlier_fitness() ->
     assert sorted(rescored) == sorted(c for c, _ in result.ranked[:3])
     assert [f for _, f in result.rescored] == sorted(-c[0] for c in rescored)
     assert result.best == result.rescored[0]
+
+
+@st.composite
+def skip_space_and_rng(draw: st.DrawFn) -> tuple[SkipSpace, random.Random]:
+    steps, blocks = draw(st.integers(1, 10)), draw(st.integers(1, 16))
+    max_skip = draw(st.integers(1, blocks))
+    lowest = steps * (blocks - max_skip)
+    # at the lowest budget with every block skippable, skipping everything is the only plan: nothing to mutate
+    budget = draw(st.integers(lowest + (max_skip == blocks), steps * blocks))
+    return SkipSpace(steps, blocks, budget, max_skip), random.Random(draw(st.integers(0, 2**32)))
+
+
+@settings(max_examples=300, deadline=None)
+@given(skip_space_and_rng(), st.floats(0.0, 1.0))
+def test_skip_plan_operators_keep_the_budget_and_mutation_always_changes_a_skip_set(case, prob) -> None:
+    space, rng = case
+    first, second = random_plan(rng, space), random_plan(rng, space)
+    child = mutate_plan(first, rng, space, prob)
+    crossed = crossover_plan(first, second, rng, space)
+    for plan in (first, second, child, crossed):
+        assert space.check(plan) == plan  # sorted, in range, <= max_skip per step, within the budget
+        assert space.cost(plan) <= space.budget
+    assert child != first  # the reference's skip-set mutation (`==` for `=`) never changed anything
+
+
+def test_skip_space_costs_and_refusals() -> None:
+    space = SkipSpace(num_steps=4, num_blocks=12, budget=40, max_skip=3)
+    assert space.cost(space.skip_nothing()) == 48  # over budget: a plan must skip 8 block calls
+    plan = random_plan(random.Random(0), space)
+    assert space.cost(plan) <= 40 and sum(len(s) for s in plan) >= 8
+    with pytest.raises(ValueError, match="runs 48 blocks; the budget is 40"):
+        space.check(space.skip_nothing())
+    with pytest.raises(ValueError, match="below the cheapest plan's cost 36"):
+        SkipSpace(num_steps=4, num_blocks=12, budget=35, max_skip=3)
+    with pytest.raises(ValueError, match="no plan other than the parent"):
+        mutate_plan(((),), random.Random(0), SkipSpace(1, 3, 3, 0), 1.0)
