@@ -21,7 +21,8 @@ Three bugs of the reference code are absent here (tested in tests/schedules/test
 The search is deterministic for a seed (one ``random.Random``), and resumable: with ``state_path`` it
 writes its whole state (every fitness so far, the generation being evaluated, the generator's state)
 after each evaluation, and a later run with the same arguments continues from there, giving the same
-result as an uninterrupted run. ``time_budget_s`` stops it cleanly (state saved) once spent.
+result as an uninterrupted run. ``time_budget_s`` stops a run cleanly (state saved) once it has run that long;
+a resumed run gets the budget afresh.
 """
 
 from __future__ import annotations
@@ -233,7 +234,8 @@ class EvolutionarySearch:
         if state["rng"] is not None:
             rng.setstate(_rng_from_json(state["rng"]))
         visited: dict[Candidate, float] = {tuple(c): f for c, f in state["visited"]}
-        started = time.perf_counter() - state["elapsed_s"]
+        started = time.perf_counter() - state["elapsed_s"]  # wall time over every run of this search
+        run_started = time.perf_counter()  # the budget is per run: a resumed run gets it afresh
         total = self.config.population * (self.config.epochs + 1)
         bar = tqdm(total=total, initial=min(len(visited), total), desc="search", disable=not self.progress,
                    unit="cand")
@@ -248,7 +250,7 @@ class EvolutionarySearch:
                 for candidate in (tuple(c) for c in state["generation"]):
                     if candidate in visited:
                         continue
-                    if self.time_budget_s is not None and time.perf_counter() - started >= self.time_budget_s:
+                    if self.time_budget_s is not None and time.perf_counter() - run_started >= self.time_budget_s:
                         raise _Stop
                     visited[candidate] = float(self.fitness(candidate))
                     state["visited"].append([list(candidate), visited[candidate]])

@@ -205,8 +205,27 @@ def test_time_budget_stops_cleanly_and_the_search_resumes(tmp_path) -> None:
     fitness, calls = distance_to(target)
     stopped = EvolutionarySearch(space, fitness, config, state_path=state, time_budget_s=0.0).run()
     assert not stopped.finished and stopped.evaluations == 0 and calls == []
-    resumed = EvolutionarySearch(space, fitness, config, state_path=state).run()
-    assert resumed.finished and resumed.ranked == full.ranked and calls == full_calls
+    resumed = EvolutionarySearch(space, fitness, config, state_path=state, time_budget_s=600.0).run()
+    assert resumed.finished and resumed.ranked == full.ranked and calls == full_calls  # the budget is per run
+
+
+def test_each_resumed_run_gets_the_time_budget_afresh(tmp_path) -> None:
+    import time
+
+    space, state = SearchSpace(4, 100), tmp_path / "search.json"
+    config = SearchConfig(population=10, select=3, mutations=4, crossovers=3, epochs=3, seed=1)
+
+    def slow(candidate: tuple[int, ...]) -> float:
+        time.sleep(0.03)
+        return float(sum(candidate))
+
+    counts = []
+    for _ in range(3):
+        result = EvolutionarySearch(space, slow, config, state_path=state, time_budget_s=0.1).run()
+        counts.append(result.evaluations)
+    assert not result.finished
+    assert counts[0] >= 1 and counts[1] > counts[0] and counts[2] > counts[1]  # each run made progress
+    assert result.wall_time_s >= 0.3  # the wall time adds up over the runs
 
 
 def test_a_state_file_of_another_search_is_refused(tmp_path) -> None:
