@@ -431,3 +431,9 @@ def batch(ctx: click.Context, manifest: str, out_dir: str, local: bool, server_u
 
 if __name__ == "__main__":
     main()
+
+
+# `accel-diffusion search` (AutoDiffusion) lives beside the search it runs
+from accel_diffusion.schedules.search_command import search_command  # noqa: E402
+
+main.add_command(search_command)

@@ -44,6 +44,7 @@ _BUILTIN_COMPONENT_MODULES = (
     "accel_diffusion.schedules.spacing",
     "accel_diffusion.schedules.karras",
     "accel_diffusion.schedules.explicit",
+    "accel_diffusion.schedules.searched",
     "accel_diffusion.guidance.none",
     "accel_diffusion.guidance.cfg",
     "accel_diffusion.guidance.apg",

@@ -63,6 +63,7 @@ from accel_diffusion.errors import InvalidRequestError, UnknownModelError
 from accel_diffusion.jsonbody import parse_json
 from accel_diffusion.models.registry import ModelRegistry
 from accel_diffusion.registry import get_registry
+from accel_diffusion.schedules.searched import list_artifacts, use_schedules_dir
 from accel_diffusion.strategy import GenerationRequest
 from accel_diffusion.stream import StreamSession
 from accel_diffusion.text import replace_unencodable
@@ -166,6 +167,7 @@ def warm_up(state: ServerState) -> None:
 
 def create_app(settings: ServerSettings | None = None) -> FastAPI:
     settings = settings or ServerSettings()
+    use_schedules_dir(settings.schedules_dir)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -466,6 +468,11 @@ def _api_routes() -> APIRouter:
             components.setdefault(info.kind.value, []).append(
                 {"name": info.name, "description": info.summary, "config_schema": info.json_schema()})
         return {"object": "list", "components": components}
+
+    @router.get("/v1/schedules", tags=["models"])
+    async def schedules() -> dict[str, Any]:
+        """Searched schedules a strategy may name: {"schedule": {"name": "searched", "id": ...}}."""
+        return {"object": "list", "data": [a.summary() for a in await asyncio.to_thread(list_artifacts)]}
 
     @router.post("/v1/images/generations", tags=["images"], response_model=ImagesResponse)
     async def images_generations(body: ImageGenerationRequest, request: Request, state: State) -> Any:

@@ -131,6 +131,9 @@ class ServerSettings(BaseSettings):
             raise ValueError(f"role = {self.role!r} needs queue_backend = 'redis' (with the memory backend one "
                              "process is both api and worker: role = 'all')")
         return self
+    schedules_dir: Path | None = Field(None, description="folder of searched schedules (`accel-diffusion search` "
+                                       "artifacts, <id>.json) looked up before the shipped ones; listed by "
+                                       "GET /v1/schedules")
 
     @field_validator("cors_origins")
     @classmethod

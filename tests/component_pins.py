@@ -98,6 +98,9 @@ SCHEDULE_PINS: dict[str, tuple[dict[str, Any], str, list[float], tuple[dict[str,
                     [999.0, 939.332397, 865.028564, 768.457886, 636.189392, 448.467285, 210.609909, 36.766853], None),
     "timesteps": ({"name": "timesteps", "timesteps": [999, 800, 600, 400, 200, 1]}, "dpmpp_2m",
                   [999, 800, 600, 400, 200, 1], ({}, {"timesteps": [999, 800, 600, 400, 200, 1]})),
+    # the artifact of tests/searched_fixtures.py (a real search on this oracle): its timesteps, as diffusers runs them
+    "searched": ({"name": "searched", "id": "gmm-dpmpp_2m-4"}, "dpmpp_2m", [823, 488, 438, 63],
+                 ({}, {"timesteps": [823, 488, 438, 63]})),
 }
 
 # accel-diffusion's own samplers at their defaults (spacing "model": their own grids), through the engine's loop;

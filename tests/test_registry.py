@@ -16,17 +16,24 @@ def test_builtin_components_registered() -> None:
     assert registry.names("sampler") == [
         "ddim", "deis", "diffusers_deis", "dpmpp_2m", "euler", "ghvb", "hb", "lcm", "unipc"
     ]
-    assert registry.names("schedule") == ["karras", "spacing", "timesteps"]
+    assert registry.names("schedule") == ["karras", "searched", "spacing", "timesteps"]
     assert registry.names("guidance") == ["apg", "cfg", "none", "rcfg"]
     assert registry.names("student") == ["one_step"] and registry.names("runtime") == ["patch_parallel"]
 
 
-def test_normalize_fills_defaults_and_round_trips_json() -> None:
+def test_normalize_fills_defaults_and_round_trips_json(monkeypatch: pytest.MonkeyPatch) -> None:
+    from searched_fixtures import GMM_SEARCHED_ID, gmm_searched_dir
+
+    from accel_diffusion.schedules.searched import SCHEDULES_DIR_ENV
+
+    monkeypatch.setenv(SCHEDULES_DIR_ENV, str(gmm_searched_dir()))
     registry = get_registry()
     for info in registry.all():
         params = {p["name"]: p["default"] for p in info.parameters() if not p["required"]}
         if info.name == "timesteps":
             params["timesteps"] = [999, 500, 1]
+        if info.name == "searched":
+            params["id"] = GMM_SEARCHED_ID
         spec = registry.normalize(info.kind, {"name": info.name, **params})
         assert spec == registry.normalize(info.kind, json.loads(json.dumps(spec)))
         assert registry.normalize(info.kind, spec) == spec

@@ -83,15 +83,16 @@ class PreparedStrategy:
     student: Any = None  # a ``student`` component (students/component.py) when the strategy names one
 
 
-def prepare_strategy(spec: ModelSpec, requested: Strategy) -> PreparedStrategy:
-    """Resolve ``requested`` over the model's default and build fresh components for one generation."""
+def prepare_strategy(spec: ModelSpec, requested: Strategy, steps: int | None = None) -> PreparedStrategy:
+    """Resolve ``requested`` over the model's default and build fresh components for one generation;
+    the schedule refuses a model, strategy or requested ``steps`` it was not made for."""
     strategy = requested.resolved_over(spec.default_strategy)
     registry = get_registry()
     runtime = None
     if strategy.runtime is not None:  # patch_parallel: the UNet call spread over torch.distributed ranks
         runtime = registry.build("runtime", strategy.runtime)
         runtime.check_available()
-    return PreparedStrategy(
+    prepared = PreparedStrategy(
         strategy=strategy,
         sampler=registry.build("sampler", strategy.sampler),
         schedule=registry.build("schedule", strategy.schedule),
@@ -99,6 +100,8 @@ def prepare_strategy(spec: ModelSpec, requested: Strategy) -> PreparedStrategy:
         runtime=runtime,
         student=registry.build("student", strategy.student) if strategy.student is not None else None,
     )
+    prepared.schedule.check_request(spec.id, strategy, steps)
+    return prepared
 
 
 def check_student(prepared: PreparedStrategy, spec: ModelSpec, request: GenerationRequest) -> None:
@@ -111,7 +114,7 @@ def check_request(spec: ModelSpec, request: GenerationRequest) -> None:
     """Refuse, before any work (a server calls this when it accepts a job), a request whose strategy
     cannot run on this model spec: its components are built (every parameter validated) and the
     guidance checked against the mode (txt2img or img2img)."""
-    prepared = prepare_strategy(spec, request.strategy)
+    prepared = prepare_strategy(spec, request.strategy, request.steps)
     prepared.guidance.check_mode(request.init_image is not None)
     check_student(prepared, spec, request)
 
@@ -124,7 +127,7 @@ def check_limits(model: LoadedPipeline, request: GenerationRequest, limits: Requ
     if model.family not in ("sd", "sdxl"):
         return  # not a text-to-image pipeline: the engine refuses it
     steps = request.steps or model.spec.default_steps
-    scheduled = prepare_strategy(model.spec, request.strategy).schedule.num_steps(steps)
+    scheduled = prepare_strategy(model.spec, request.strategy, request.steps).schedule.num_steps(steps)
     if scheduled > limits.max_steps and scheduled != steps:  # an explicit timesteps list decides
         raise InvalidRequestError("strategy.schedule", f"runs {scheduled} steps; at most {limits.max_steps} allowed")
     if scheduled > limits.max_steps:
@@ -236,7 +239,7 @@ def _generate(model: LoadedPipeline, request: GenerationRequest, hooks: Generati
     pipe = model.pipeline
     if pipe.unet.config.time_cond_proj_dim is not None:
         raise IncompatibleStrategyError("model", "guidance-embedding (LCM-distilled) UNets are not supported yet")
-    prepared = prepare_strategy(model.spec, request.strategy)
+    prepared = prepare_strategy(model.spec, request.strategy, request.steps)
     prepared.guidance.check_mode(request.init_image is not None)
     check_student(prepared, model.spec, request)
     width, height = _request_size(model, request)
@@ -313,18 +316,19 @@ def _generate(model: LoadedPipeline, request: GenerationRequest, hooks: Generati
 
     t_loop = time.perf_counter()
     try:
-        latents = denoise(
-            denoiser,
-            latents,
-            scheduler,
-            timesteps,
-            prepared.guidance,
-            conditioning,
-            step_kwargs=_step_kwargs(prepared.sampler, scheduler, generators),
-            hooks=hooks,
-            counters=counters,
-            after_step=after_step,
-        )
+        with prepared.schedule.model_context(unet):  # e.g. a searched schedule's skipped UNet blocks
+            latents = denoise(
+                denoiser,
+                latents,
+                scheduler,
+                timesteps,
+                prepared.guidance,
+                conditioning,
+                step_kwargs=_step_kwargs(prepared.sampler, scheduler, generators),
+                hooks=hooks,
+                counters=counters,
+                after_step=after_step,
+            )
     finally:
         if denoiser is not unet:
             denoiser.detach()  # type: ignore[operator]

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from diffusers import SchedulerMixin
 
 from accel_diffusion.errors import IncompatibleStrategyError
+
+if TYPE_CHECKING:
+    from accel_diffusion.strategy import Strategy
 
 
 class Schedule:
@@ -27,6 +31,14 @@ class Schedule:
 
     def check_compatible(self, scheduler: SchedulerMixin, sampler_name: str) -> None:
         """Raise IncompatibleStrategyError if ``scheduler`` cannot follow this schedule."""
+
+    def model_context(self, unet: torch.nn.Module) -> contextlib.AbstractContextManager[Any]:
+        """What the UNet runs under during the loop (a searched schedule's block skipping); nothing by default."""
+        return contextlib.nullcontext()
+
+    def check_request(self, model_id: str, strategy: Strategy, steps: int | None) -> None:
+        """Raise InvalidRequestError if this schedule was not made for this model, resolved strategy or
+        requested step count (None: the request left steps to the model or the schedule)."""
 
 
 def scheduler_accepts(scheduler: SchedulerMixin, method: str, argument: str) -> bool:

@@ -1,0 +1,110 @@
+"""Skip UNet blocks at chosen timesteps (AutoDiffusion's architecture search space, specs/samplers.md §4.1).
+
+The blocks are the ResNet blocks and the attention (Transformer2D) blocks of a diffusers
+``UNet2DConditionModel``, named by their module path (``down_blocks.1.attentions.0``). A skipped
+ResNet block returns its skip connection (identity or its 1x1 shortcut convolution, after the
+block's own up/down-sampling, over its output scale factor); a skipped attention block is the
+identity. Which blocks are skipped depends on the timestep the UNet is called at, read by a
+forward pre-hook on the UNet, so the denoising loop itself does not change.
+
+``BlockSkip`` patches the blocks only while it is active (a ``with`` block) and restores them on
+exit; with nothing to skip it patches nothing, and a block not skipped at a timestep runs its own
+forward: the UNet's output is then bit-identical to the plain UNet's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Mapping
+from types import TracebackType
+from typing import Any
+
+import torch
+from diffusers.models.modeling_outputs import Transformer2DModelOutput
+from diffusers.models.resnet import ResnetBlock2D
+from diffusers.models.transformers.transformer_2d import Transformer2DModel
+
+SKIPPABLE = (ResnetBlock2D, Transformer2DModel)
+
+
+def skippable_blocks(unet: torch.nn.Module) -> list[str]:
+    """The UNet's skippable blocks in the order a forward pass runs them (down, mid, up)."""
+    names = [name for name, module in unet.named_modules() if isinstance(module, SKIPPABLE)]
+    stage = {"down_blocks": 0, "mid_block": 1, "up_blocks": 2}
+    return sorted(names, key=lambda name: (stage.get(name.split(".")[0], 3), names.index(name)))
+
+
+def _resnet_shortcut(block: ResnetBlock2D, input_tensor: torch.Tensor) -> torch.Tensor:
+    if block.upsample is not None:
+        input_tensor = block.upsample(input_tensor)
+    elif block.downsample is not None:
+        input_tensor = block.downsample(input_tensor)
+    if block.conv_shortcut is not None:
+        input_tensor = block.conv_shortcut(input_tensor)
+    return input_tensor / block.output_scale_factor
+
+
+class BlockSkip:
+    """While active, the UNet skips the blocks ``skips[t]`` when called at timestep ``t``.
+
+    ``skips`` maps a timestep (as the loop passes it to the UNet) to the names of the blocks to skip
+    there; timesteps not in it run the whole UNet. ``skipped_calls`` counts the block calls skipped.
+    """
+
+    def __init__(self, unet: torch.nn.Module, skips: Mapping[float, Collection[str]]) -> None:
+        known = skippable_blocks(unet)
+        for t, names in skips.items():
+            unknown = sorted(set(names) - set(known))
+            if unknown:
+                raise ValueError(f"timestep {t}: no skippable block {unknown[0]!r} in this UNet "
+                                 f"(its blocks: {', '.join(known)})")
+        self.unet = unet
+        self.skips = {float(t): frozenset(names) for t, names in skips.items() if names}
+        self.skipped_calls = 0
+        self._now: frozenset[str] = frozenset()
+        self._patched: list[torch.nn.Module] = []
+        self._hook: Any = None
+
+    def __enter__(self) -> BlockSkip:
+        targets = set().union(*self.skips.values()) if self.skips else set()
+        if not targets:
+            return self
+        modules = dict(self.unet.named_modules())
+        for name in sorted(targets):
+            module = modules[name]
+            module.forward = self._skipping_forward(name, module)  # an instance attribute: removed on exit
+            self._patched.append(module)
+        self._hook = self.unet.register_forward_pre_hook(self._at_timestep, with_kwargs=True)
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
+                 traceback: TracebackType | None) -> None:
+        for module in self._patched:
+            del module.forward
+        self._patched.clear()
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+        self._now = frozenset()
+
+    def _at_timestep(self, module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        timestep = args[1] if len(args) > 1 else kwargs["timestep"]
+        value = float(torch.as_tensor(timestep).flatten()[0])
+        self._now = self.skips.get(value, frozenset())
+
+    def _skipping_forward(self, name: str, module: torch.nn.Module) -> Any:
+        original = type(module).forward
+
+        if isinstance(module, ResnetBlock2D):
+            def forward(input_tensor: torch.Tensor, temb: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+                if name in self._now:
+                    self.skipped_calls += 1
+                    return _resnet_shortcut(module, input_tensor)
+                return original(module, input_tensor, temb, *args, **kwargs)
+        else:
+            def forward(hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+                if name in self._now:
+                    self.skipped_calls += 1
+                    return (hidden_states,) if not kwargs.get("return_dict", True) else Transformer2DModelOutput(
+                        sample=hidden_states)
+                return original(module, hidden_states, *args, **kwargs)
+        return forward

@@ -1,0 +1,119 @@
+"""How good a candidate timestep sequence is on `shapes`: the fitness of an AutoDiffusion search.
+
+Every candidate is run through the engine on the same fixed prompts and seeds (image k: seed + k), so
+candidates are compared on the same samples and the same initial noise. Three measurements, all
+with the project's own eval code:
+
+- ``paired_distance``: mean per-image RMS pixel distance (0-1 scale) to the teacher's image from the
+  same noise and prompt, the teacher being the same sampler and guidance at ``teacher_steps`` steps;
+- ``teacher_fd``: Fréchet distance to the teacher's images in the shapes judge's feature space;
+- ``prompt_accuracy``: the judge's prompt accuracy (as a fitness: 1 - accuracy, lower is better).
+
+A fitness is ``ShapesScheduleFitness(...)`` called on a candidate: lower is better.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import numpy as np
+
+from accel_diffusion.eval.frechet import frechet_distance
+from accel_diffusion.eval.image_stats import saturation_stats
+from accel_diffusion.eval.shapes_eval import JudgeFeatures, shapes_prompts
+from accel_diffusion.eval.shapes_judge import ShapesJudge
+from accel_diffusion.strategy import GenerationRequest
+
+FitnessKind = Literal["paired_distance", "teacher_fd", "prompt_accuracy"]
+FITNESS_KINDS: tuple[str, ...] = ("paired_distance", "teacher_fd", "prompt_accuracy")
+
+
+def fitness_prompts(count: int, seed: int, exclude: Sequence[str] = ()) -> list[str]:
+    """``count`` distinct shapes prompts drawn by ``seed`` from the 196, none of ``exclude`` (held-out sets)."""
+    pool = [p for p in shapes_prompts() if p not in set(exclude)]
+    if not 1 <= count <= len(pool):
+        raise ValueError(f"count must be between 1 and {len(pool)} (the prompts left), got {count}")
+    return random.Random(seed).sample(pool, count)
+
+
+class ShapesScheduleFitness:
+    """Scores timestep sequences for one model, sampler and guidance on fixed prompts and seeds."""
+
+    def __init__(
+        self,
+        engine: Any,
+        *,
+        sampler: dict[str, Any],
+        guidance: dict[str, Any],
+        kind: FitnessKind = "paired_distance",
+        model: str = "shapes",
+        prompts: Sequence[str] | None = None,
+        images: int = 49,
+        seed: int = 0,
+        teacher_steps: int = 50,
+        judge: ShapesJudge | None = None,
+        batch_size: int = 49,
+    ) -> None:
+        if kind not in FITNESS_KINDS:
+            raise ValueError(f"kind must be one of {', '.join(FITNESS_KINDS)}, got {kind!r}")
+        self.engine = engine
+        self.model = model
+        self.sampler = dict(sampler)
+        self.guidance = dict(guidance)
+        self.kind = kind
+        self.prompts = list(prompts) if prompts is not None else fitness_prompts(images, seed)
+        self.seed = seed
+        self.teacher_steps = teacher_steps
+        self.judge = judge or ShapesJudge.load()
+        self.batch_size = batch_size
+        self._teacher: np.ndarray | None = None
+        self.unet_evaluations = 0  # per image, summed over every run (teacher included)
+
+    def generate(self, schedule: dict[str, Any], steps: int | None = None) -> np.ndarray:
+        """uint8 images, one per prompt (image k with seed + k), through the engine."""
+        out = []
+        for start in range(0, len(self.prompts), self.batch_size):
+            chunk = self.prompts[start:start + self.batch_size]
+            request = GenerationRequest.create(
+                model=self.model, prompt=chunk, seed=self.seed + start, steps=steps,
+                strategy={"sampler": self.sampler, "schedule": schedule, "guidance": self.guidance})
+            result = self.engine.generate(request)
+            self.unet_evaluations += result.nfe * len(chunk)
+            out.append(result.to_uint8())
+        return np.concatenate(out)
+
+    def teacher(self) -> np.ndarray:
+        if self._teacher is None:
+            self._teacher = self.generate({"name": "spacing"}, self.teacher_steps)
+        return self._teacher
+
+    def candidate_images(self, timesteps: Sequence[int]) -> np.ndarray:
+        return self.generate({"name": "timesteps", "timesteps": [int(t) for t in timesteps]})
+
+    def measure(self, images: np.ndarray) -> dict[str, float]:
+        """Every measurement of ``images`` (one per prompt, from the fitness's seeds)."""
+        teacher = self.teacher()
+        diff = images.astype(np.float64) / 255.0 - teacher.astype(np.float64) / 255.0
+        return {
+            "paired_distance": float(np.sqrt((diff ** 2).mean(axis=(1, 2, 3))).mean()),
+            "teacher_fd": frechet_distance(teacher, images, JudgeFeatures(self.judge)),
+            "prompt_accuracy": self.judge.prompt_accuracy(images, self.prompts)["all"],
+            "out_of_gamut": saturation_stats(images)["clipped_fraction"],
+        }
+
+    def scores(self, timesteps: Sequence[int]) -> dict[str, float]:
+        return self.measure(self.candidate_images(timesteps))
+
+    def value(self, scores: dict[str, float]) -> float:
+        """The fitness (lower is better) of a ``scores`` dict."""
+        return 1.0 - scores["prompt_accuracy"] if self.kind == "prompt_accuracy" else scores[self.kind]
+
+    def __call__(self, timesteps: Sequence[int]) -> float:
+        images = self.candidate_images(timesteps)
+        if self.kind == "paired_distance":  # the cheap one: no judge features needed
+            teacher = self.teacher()
+            diff = images.astype(np.float64) / 255.0 - teacher.astype(np.float64) / 255.0
+            return float(np.sqrt((diff ** 2).mean(axis=(1, 2, 3))).mean())
+        return self.value(self.measure(images))
