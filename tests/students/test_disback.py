@@ -12,6 +12,8 @@ from accel_diffusion.students.networks import MlpDenoiser, MlpGenerator
 from accel_diffusion.students.teachers import GmmTeacher
 from accel_diffusion.students.trainer import StopTraining, TrainConfig, train
 
+pytestmark = pytest.mark.usefixtures("single_thread")  # small MLPs: one thread is fastest, and fair
+
 NET = {"dim": 2, "hidden": 32, "layers": 2, "num_train_timesteps": 1000}
 
 

@@ -12,12 +12,15 @@ costs 600 fake-score iterations and no generator step.
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from accel_diffusion.students.disback import DisBack, fit_denoiser, record_degradation
 from accel_diffusion.students.networks import MlpDenoiser, MlpGenerator
 from accel_diffusion.students.teachers import GmmTeacher
 from accel_diffusion.students.trainer import TrainConfig, train
+
+pytestmark = pytest.mark.usefixtures("single_thread")  # small MLPs: one thread is fastest, and fair
 
 TARGET_MMD = 0.3
 

@@ -5,12 +5,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 from click.testing import CliRunner
 
 from accel_diffusion.cli import main
 from accel_diffusion.models.gmm import GmmPipeline
 from accel_diffusion.students.distill import STATE_DIR
+
+pytestmark = pytest.mark.usefixtures("single_thread")  # small MLPs: one thread is fastest, and fair
 
 
 def test_distill_fdistill_gmm_writes_a_loadable_student(tmp_path: Path) -> None:

@@ -15,6 +15,8 @@ from accel_diffusion.students.fdistill import FDistill
 from accel_diffusion.students.teachers import GmmTeacher
 from accel_diffusion.students.trainer import TrainConfig, train
 
+pytestmark = pytest.mark.usefixtures("single_thread")  # small MLPs: one thread is fastest, and fair
+
 RECIPE = {"hidden": 64, "lr_student": 1e-3, "student_update_freq": 3}
 CONFIG = TrainConfig(iterations=1500, seed=0, ema_decay=0.99, progress=False)
 

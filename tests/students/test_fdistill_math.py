@@ -21,6 +21,8 @@ from accel_diffusion.students.fdistill import (
     h_weight,
 )
 
+pytestmark = pytest.mark.usefixtures("single_thread")  # small MLPs: one thread is fastest, and fair
+
 ALPHA, SIGMA = 0.8, 0.6
 MU_P, S_P = 0.5, 1.0
 THETA = (0.1, 0.9)  # student mean and std

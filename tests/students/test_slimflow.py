@@ -24,6 +24,8 @@ from accel_diffusion.students.slimflow import (
 from accel_diffusion.students.teachers import GmmTeacher
 from accel_diffusion.students.trainer import TrainConfig, train
 
+pytestmark = pytest.mark.usefixtures("single_thread")  # small MLPs: one thread is fastest, and fair
+
 NET = {"dim": 2, "hidden": 64, "layers": 3, "num_train_timesteps": 1000}
 
 

@@ -15,6 +15,8 @@ from accel_diffusion.engine import Engine
 from accel_diffusion.models.registry import ModelRegistry
 from accel_diffusion.strategy import GenerationRequest
 
+pytestmark = pytest.mark.usefixtures("single_thread")  # small MLPs: one thread is fastest, and fair
+
 ENTRY = """
 [models.tiny-student]
 source = "local"

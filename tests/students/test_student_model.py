@@ -20,6 +20,8 @@ from accel_diffusion.students.networks import MlpGenerator
 from accel_diffusion.students.teachers import GmmTeacher
 from accel_diffusion.students.trainer import TrainConfig, train
 
+pytestmark = pytest.mark.usefixtures("single_thread")  # small MLPs: one thread is fastest, and fair
+
 ENTRY = """
 [models.gmm_student]
 source = "local"

@@ -15,6 +15,8 @@ from accel_diffusion.students.fdistill import FDistill
 from accel_diffusion.students.teachers import GmmTeacher
 from accel_diffusion.students.trainer import CHECKPOINT_NAME, StopTraining, TrainConfig, train
 
+pytestmark = pytest.mark.usefixtures("single_thread")  # small MLPs: one thread is fastest, and fair
+
 SMALL = {"divergence": "js", "hidden": 32, "layers": 2, "batch_size": 64, "warmup_iterations": 10,
          "student_update_freq": 3}
 CONFIG = TrainConfig(iterations=60, seed=7, checkpoint_every=20, eval_every=30, progress=False)
