@@ -81,7 +81,7 @@ def crd_schema(kind: str) -> dict[str, Any]:
 
 def validate(doc: dict[str, Any]) -> None:
     """Strict OpenAPI validation; custom resources against their vendored CRD schema."""
-    if doc["apiVersion"].startswith("monitoring.coreos.com/"):
+    if doc["apiVersion"].startswith(("monitoring.coreos.com/", "keda.sh/")):
         jsonschema.validate(doc, crd_schema(doc["kind"]))
     else:
         kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
@@ -93,7 +93,12 @@ def test_the_kustomizations_and_what_they_render(rendered: dict[str, list[dict[s
         "batch": ["ConfigMap", "Job", "NetworkPolicy", "PersistentVolumeClaim"],
         "overlays/single": ["ConfigMap", "Deployment", "Job", "NetworkPolicy", "NetworkPolicy",
                             "PersistentVolumeClaim", "PodDisruptionBudget", "Service", "ServiceAccount",
-                            "ServiceMonitor"]}
+                            "ServiceMonitor"]} | {
+        f"overlays/{name}": ["ConfigMap", "ConfigMap", "Deployment", "Deployment", "HorizontalPodAutoscaler", "Job",
+                             "NetworkPolicy", "NetworkPolicy", "NetworkPolicy", "NetworkPolicy",
+                             "PersistentVolumeClaim", "PodDisruptionBudget", "ScaledObject", "Service", "Service",
+                             "Service", "ServiceAccount", "ServiceMonitor", "StatefulSet", "TriggerAuthentication"]
+        for name in ("cpu", "gpu")}
 
 
 def test_every_object_validates_against_its_schema(rendered: dict[str, list[dict[str, Any]]]) -> None:
@@ -169,9 +174,9 @@ def test_a_misspelled_setting_fails(single: list[dict[str, Any]]) -> None:
     bad["env"] += [{"name": "ACCEL_DIFFUSION_QUEUE_MAXX", "value": "8"}, {"name": "HF_HUB_OFLINE", "value": "1"}]
     assert env_problems("Deployment/s/server", bad) == [
         "Deployment/s/server: env ACCEL_DIFFUSION_QUEUE_MAXX is read by nothing (not a server setting, the model "
-        "registry's, the batch CLI's or a library's); did you mean ACCEL_DIFFUSION_QUEUE_MAX?",
+        "registry's, the batch CLI's, a library's or expanded by the kubelet); did you mean ACCEL_DIFFUSION_QUEUE_MAX?",
         "Deployment/s/server: env HF_HUB_OFLINE is read by nothing (not a server setting, the model registry's, the "
-        "batch CLI's or a library's); did you mean HF_HUB_OFFLINE?"]
+        "batch CLI's, a library's or expanded by the kubelet); did you mean HF_HUB_OFFLINE?"]
     (toml_text,) = [t for p, t in config_files(single, pod, container).items() if p.endswith("server.toml")]
     problems = server_config_problems("server.toml", toml_text.replace("queue_max =", "queue_maxx ="))
     assert problems == ["server.toml: 'queue_maxx' is not a server setting (server/settings.py ServerSettings)"]
@@ -239,6 +244,9 @@ def test_services_monitors_and_policies_select_the_server(single: list[dict[str,
     assert {p["targetPort"] for p in service["spec"]["ports"]} <= port_names
     (monitor,) = named(single, "ServiceMonitor")
     assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
+    (components,) = monitor["spec"]["selector"]["matchExpressions"]
+    assert components["key"] == "app.kubernetes.io/component" and components["operator"] == "In"
+    assert service["metadata"]["labels"][components["key"]] in components["values"]
     for endpoint in monitor["spec"]["endpoints"]:
         assert endpoint["port"] in {p["name"] for p in service["spec"]["ports"]} and endpoint["path"] in routes
     (pdb,) = named(single, "PodDisruptionBudget")
