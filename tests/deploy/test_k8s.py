@@ -339,12 +339,25 @@ def test_library_variables_are_read_by_their_libraries_and_written_paths_are_wri
         "c: TMPDIR=/var/tmp is not on a writable volume ([])", "c: HF_HOME=/cache/hf is not on a writable volume ([])"]
 
 
-def test_metric_names_in_the_deploy_files_are_exported(rendered: dict[str, list[dict[str, Any]]]) -> None:
+def test_metric_names_in_the_deploy_files_are_exported(rendered: dict[str, list[dict[str, Any]]],
+                                                      tmp_path: Path) -> None:
     from accel_diffusion.server.metrics import ServerMetrics
+    from accel_diffusion.server.redis_api import QueueCollector
+    from accel_diffusion.server.redis_backend import RedisJobQueue
+    from redis_server import RedisServer
 
     exported = set()
-    for family in ServerMetrics().registry.collect():
+    redis_server = RedisServer(require_tool("redis-server"), tmp_path)
+    redis_server.start()  # the shared queue's gauges, as a Redis-backed replica exports them
+    try:
+        queue = RedisJobQueue(redis_server.url)
+        families = [*ServerMetrics().registry.collect(), *QueueCollector(queue, ["shapes"]).collect()]
+        queue.close()
+    finally:
+        redis_server.stop()
+    for family in families:
         exported |= {family.name} | {sample.name for sample in family.samples}
+    assert "accel_diffusion_shared_queue_waiting" in exported
     texts = [yaml.safe_dump_all(docs) for docs in rendered.values()] + [(ROOT / "docs" / "deploy.md").read_text()]
     named_metrics = {name for text in texts for name in METRIC_NAME.findall(text)}
     assert named_metrics and sorted(named_metrics - exported) == []
