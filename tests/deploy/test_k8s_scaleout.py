@@ -142,6 +142,8 @@ def test_the_keda_trigger_reads_the_queue_the_backend_writes(overlays: dict[str,
         assert meta["address"] == f"accel-diffusion-redis.{scaled['metadata']['namespace']}.svc.cluster.local:6379"
         (auth,) = named(docs, "TriggerAuthentication")
         assert trigger["authenticationRef"]["name"] == auth["metadata"]["name"]
+    assert "lagcount" not in REDIS_STREAMS_KEYS and "consumergroup" not in REDIS_STREAMS_KEYS  # case matters to KEDA
+    assert queue.queue_key("shapes") != queue.queue_key("sd15")  # one stream per model: one trigger each
     down = spec["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]["scaleDown"]
     assert down["stabilizationWindowSeconds"] >= 300  # slow: a worker leaves at most 1 per 5 minutes
     assert down["policies"] == [{"type": "Pods", "value": 1, "periodSeconds": 300}]
