@@ -1,12 +1,15 @@
 """The rendered `cpu` overlay, run here: Redis as its StatefulSet runs it (redis-server with the mounted redis.conf
 and the Secret's password), then the API and worker containers' commands, arguments, environment and mounted files
 as processes, each probed as the kubelet would; one job through the API completes on the worker, and the Redis
-stream and consumer group the KEDA trigger names are the ones that job went through. The Service names and ports
+stream and consumer group the KEDA trigger names are the ones that job went through. Then a scale-down: the worker
+stopped mid-job finishes that job (not rerun), leaves the queued one in the stream and exits within its grace
+period; a new worker runs the queued job. The Service names and ports
 become 127.0.0.1 and free ports; the password is a fresh one, expanded as the kubelet does."""
 
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -71,6 +74,7 @@ def test_the_cpu_overlay_runs_api_worker_and_redis_and_completes_a_job(tmp_path:
         key = "k8s-" + os.urandom(8).hex()
         ports = {}
         servers = {}
+        launch = {}
         for role in ("worker", "api"):
             container, pod = pod_of(docs, "Deployment", f"accel-diffusion-{role}")
             local = lay_out_pod(docs, pod, container, tmp_path / role)
@@ -86,8 +90,8 @@ def test_the_cpu_overlay_runs_api_worker_and_redis_and_completes_a_job(tmp_path:
             env |= {"ACCEL_DIFFUSION_REDIS_URL": url.replace("accel-diffusion-redis:6379", f"127.0.0.1:{redis_port}"),
                     "ACCEL_DIFFUSION_HOST": "127.0.0.1", "ACCEL_DIFFUSION_PORT": str(ports[role])}
             assert container["command"] == ["accel-diffusion"]
-            servers[role] = start(role, [sys.executable, "-m", "accel_diffusion.cli",
-                                         *(local(a) for a in container["args"])], env)
+            launch[role] = ([sys.executable, "-m", "accel_diffusion.cli", *(local(a) for a in container["args"])], env)
+            servers[role] = start(role, *launch[role])
             for kind in ("startupProbe", "readinessProbe", "livenessProbe"):
                 probe = {**container[kind], "httpGet": {**container[kind]["httpGet"], "port": ports[role]}}
                 kubelet_probe(ports[role], probe, servers[role])
@@ -118,6 +122,31 @@ def test_the_cpu_overlay_runs_api_worker_and_redis_and_completes_a_job(tmp_path:
         groups = {g["name"]: g for g in client.xinfo_groups(trigger["metadata"]["stream"])}
         group = groups[trigger["metadata"]["consumerGroup"]]
         assert group["entries-read"] == 1 and group["lag"] == 0 and group["pending"] == 0, group
+
+        # scale-down as KEDA does it: the worker pod stopped (SIGTERM) while it runs a job and another
+        # waits: the running job completes on it, the waiting one stays in the stream (the lag KEDA reads) and the
+        # worker exits within the grace period; a new worker (scale-up) runs the waiting job
+        container, pod = pod_of(docs, "Deployment", "accel-diffusion-worker")
+        running = get(f"{api}/v1/jobs", 10, auth, {"prompt": "a red circle", "steps": 30, "n": 4, "seed": 4})[1]
+        waiting = get(f"{api}/v1/jobs", 10, auth, {"prompt": "a white cross", "steps": 4, "seed": 5})[1]
+        deadline = time.monotonic() + 60
+        while client.hget(f"ad:job:{running['id']}", "status") != "running":
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        stopping = time.monotonic()  # (the preStop pause before it: test_k8s_single_local.py)
+        servers["worker"].send_signal(signal.SIGTERM)
+        assert servers["worker"].wait(timeout=pod["terminationGracePeriodSeconds"]) == 0
+        assert time.monotonic() - stopping < pod["terminationGracePeriodSeconds"]
+        assert get(f"{api}/v1/jobs/{running['id']}", 10, auth)[1]["status"] == "succeeded"
+        assert client.hget(f"ad:job:{running['id']}", "attempt") == "1"  # not rerun
+        assert get(f"{api}/v1/jobs/{waiting['id']}", 10, auth)[1]["status"] == "queued"
+        group = {g["name"]: g for g in client.xinfo_groups(trigger["metadata"]["stream"])}["workers"]
+        assert group["lag"] == 1 and group["pending"] == 0, group
+        servers["worker"] = start("worker-2", *launch["worker"])
+        deadline = time.monotonic() + 120
+        while (record := get(f"{api}/v1/jobs/{waiting['id']}", 10, auth)[1])["status"] != "succeeded":
+            assert time.monotonic() < deadline and servers["worker"].poll() is None, record
+            time.sleep(0.2)
         client.close()
     finally:
         for process, log in reversed(processes):
