@@ -70,7 +70,7 @@ def config_files(docs: list[dict[str, Any]], pod: dict[str, Any], container: dic
     volumes = {v["name"]: v for v in pod.get("volumes", [])}
     files = {}
     for mount in container.get("volumeMounts", []):
-        volume = volumes[mount["name"]]
+        volume = volumes.get(mount["name"], {})  # absent: a StatefulSet's volumeClaimTemplates
         if "configMap" in volume:
             for key, text in maps[volume["configMap"]["name"]].items():
                 files[f"{mount['mountPath']}/{key}"] = text
@@ -118,8 +118,10 @@ def command_problems(where: str, argv: list[str]) -> list[str]:
         from accel_diffusion.cli import main as group
     elif argv[0] == "hf":
         from huggingface_hub.cli.hf import app as group
+    elif argv[0] == "redis-server":  # no parser to call: tests/deploy/test_k8s_cpu_local.py runs it, config and all
+        return []
     else:
-        return [f"{where}: command {argv[0]!r} is not accel-diffusion or hf"]
+        return [f"{where}: command {argv[0]!r} is not accel-diffusion, hf or redis-server"]
     try:
         click_parse(group, argv[1:])
     except click.ClickException as exc:
@@ -158,16 +160,32 @@ def env_problems(where: str, container: dict[str, Any]) -> list[str]:
 
     known = {SERVER_ENV_PREFIX + name.upper() for name in setting_names()} | {MODELS_FILE_ENV}
     known |= set(LIBRARY_ENV) | set(BATCH_ENV)
+    known |= expanded_names(container)
     problems = []
     for var in container.get("env", []):
         if var["name"] not in known:
             close = [k for k in sorted(known) if _similar(k, var["name"])]
             hint = f"; did you mean {close[0]}?" if close else ""
             problems.append(f"{where}: env {var['name']} is read by nothing (not a server setting, the model "
-                            f"registry's, the batch CLI's or a library's){hint}")
+                            f"registry's, the batch CLI's, a library's or expanded by the kubelet){hint}")
     for source in container.get("envFrom", []):
         problems.append(f"{where}: envFrom {source}: list variables by name so each is checked")
     return problems
+
+
+EXPANSION = re.compile(r"(?<!\$)\$\(([A-Za-z_][A-Za-z0-9_]*)\)")
+
+
+def expanded_names(container: dict[str, Any]) -> set[str]:
+    """Variables the kubelet expands, as ``$(NAME)``, into another variable's value, the command or the args."""
+    texts = [v.get("value", "") for v in container.get("env", [])] + container.get("command", []) + \
+        container.get("args", [])
+    return {name for text in texts for name in EXPANSION.findall(text)}
+
+
+def expand(text: str, values: dict[str, str]) -> str:
+    """``$(NAME)`` replaced as the kubelet does (a name it does not know stays as written)."""
+    return EXPANSION.sub(lambda m: values.get(m.group(1), m.group(0)), text)
 
 
 def _similar(a: str, b: str) -> bool:

@@ -81,7 +81,7 @@ def crd_schema(kind: str) -> dict[str, Any]:
 
 def validate(doc: dict[str, Any]) -> None:
     """Strict OpenAPI validation; custom resources against their vendored CRD schema."""
-    if doc["apiVersion"].startswith("monitoring.coreos.com/"):
+    if doc["apiVersion"].startswith(("monitoring.coreos.com/", "keda.sh/")):
         jsonschema.validate(doc, crd_schema(doc["kind"]))
     else:
         kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
@@ -93,7 +93,12 @@ def test_the_kustomizations_and_what_they_render(rendered: dict[str, list[dict[s
         "batch": ["ConfigMap", "Job", "NetworkPolicy", "PersistentVolumeClaim"],
         "overlays/single": ["ConfigMap", "Deployment", "Job", "NetworkPolicy", "NetworkPolicy",
                             "PersistentVolumeClaim", "PodDisruptionBudget", "Service", "ServiceAccount",
-                            "ServiceMonitor"]}
+                            "ServiceMonitor"]} | {
+        f"overlays/{name}": ["ConfigMap", "ConfigMap", "Deployment", "Deployment", "HorizontalPodAutoscaler", "Job",
+                             "NetworkPolicy", "NetworkPolicy", "NetworkPolicy", "NetworkPolicy",
+                             "PersistentVolumeClaim", "PodDisruptionBudget", "ScaledObject", "Service", "Service",
+                             "Service", "ServiceAccount", "ServiceMonitor", "StatefulSet", "TriggerAuthentication"]
+        for name in ("cpu", "gpu")}
 
 
 def test_every_object_validates_against_its_schema(rendered: dict[str, list[dict[str, Any]]]) -> None:
@@ -169,9 +174,9 @@ def test_a_misspelled_setting_fails(single: list[dict[str, Any]]) -> None:
     bad["env"] += [{"name": "ACCEL_DIFFUSION_QUEUE_MAXX", "value": "8"}, {"name": "HF_HUB_OFLINE", "value": "1"}]
     assert env_problems("Deployment/s/server", bad) == [
         "Deployment/s/server: env ACCEL_DIFFUSION_QUEUE_MAXX is read by nothing (not a server setting, the model "
-        "registry's, the batch CLI's or a library's); did you mean ACCEL_DIFFUSION_QUEUE_MAX?",
+        "registry's, the batch CLI's, a library's or expanded by the kubelet); did you mean ACCEL_DIFFUSION_QUEUE_MAX?",
         "Deployment/s/server: env HF_HUB_OFLINE is read by nothing (not a server setting, the model registry's, the "
-        "batch CLI's or a library's); did you mean HF_HUB_OFFLINE?"]
+        "batch CLI's, a library's or expanded by the kubelet); did you mean HF_HUB_OFFLINE?"]
     (toml_text,) = [t for p, t in config_files(single, pod, container).items() if p.endswith("server.toml")]
     problems = server_config_problems("server.toml", toml_text.replace("queue_max =", "queue_maxx ="))
     assert problems == ["server.toml: 'queue_maxx' is not a server setting (server/settings.py ServerSettings)"]
@@ -239,6 +244,9 @@ def test_services_monitors_and_policies_select_the_server(single: list[dict[str,
     assert {p["targetPort"] for p in service["spec"]["ports"]} <= port_names
     (monitor,) = named(single, "ServiceMonitor")
     assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
+    (components,) = monitor["spec"]["selector"]["matchExpressions"]
+    assert components["key"] == "app.kubernetes.io/component" and components["operator"] == "In"
+    assert service["metadata"]["labels"][components["key"]] in components["values"]
     for endpoint in monitor["spec"]["endpoints"]:
         assert endpoint["port"] in {p["name"] for p in service["spec"]["ports"]} and endpoint["path"] in routes
     (pdb,) = named(single, "PodDisruptionBudget")
@@ -331,12 +339,25 @@ def test_library_variables_are_read_by_their_libraries_and_written_paths_are_wri
         "c: TMPDIR=/var/tmp is not on a writable volume ([])", "c: HF_HOME=/cache/hf is not on a writable volume ([])"]
 
 
-def test_metric_names_in_the_deploy_files_are_exported(rendered: dict[str, list[dict[str, Any]]]) -> None:
+def test_metric_names_in_the_deploy_files_are_exported(rendered: dict[str, list[dict[str, Any]]],
+                                                      tmp_path: Path) -> None:
     from accel_diffusion.server.metrics import ServerMetrics
+    from accel_diffusion.server.redis_api import QueueCollector
+    from accel_diffusion.server.redis_backend import RedisJobQueue
+    from redis_server import RedisServer
 
     exported = set()
-    for family in ServerMetrics().registry.collect():
+    redis_server = RedisServer(require_tool("redis-server"), tmp_path)
+    redis_server.start()  # the shared queue's gauges, as a Redis-backed replica exports them
+    try:
+        queue = RedisJobQueue(redis_server.url)
+        families = [*ServerMetrics().registry.collect(), *QueueCollector(queue, ["shapes"]).collect()]
+        queue.close()
+    finally:
+        redis_server.stop()
+    for family in families:
         exported |= {family.name} | {sample.name for sample in family.samples}
+    assert "accel_diffusion_shared_queue_waiting" in exported
     texts = [yaml.safe_dump_all(docs) for docs in rendered.values()] + [(ROOT / "docs" / "deploy.md").read_text()]
     named_metrics = {name for text in texts for name in METRIC_NAME.findall(text)}
     assert named_metrics and sorted(named_metrics - exported) == []
