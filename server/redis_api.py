@@ -68,7 +68,7 @@ class RedisServing:
         def queue() -> RedisJobQueue:
             return RedisJobQueue(settings.redis_url or "", settings.redis_prefix, settings.lease_s, settings.job_ttl_s,
                                  settings.request_limits(), settings.max_job_image_bytes,
-                                 settings.key_max_job_image_bytes)
+                                 settings.key_max_job_image_bytes, settings.max_deliveries)
 
         self.queue = queue()
         # waits for a job's next event (XREAD BLOCK) on the event loop: no thread held while a request waits

@@ -72,21 +72,36 @@ redis.call('SET', KEYS[3], ARGV[3], 'EX', ARGV[4])
 return 1
 """
 
-# KEYS: job, events, cancel flag, result. ARGV: consumer, started_at, ttl s, cancelled record json. The attempt
-# that starts now (a reclaimed job's attempt goes up by one), or 0 when the job must not run (finished, expired,
-# or cancelled: a job cancelled while its dead worker ran it is finished as cancelled here): the caller acks it.
+# KEYS: job, events, cancel flag, result, queue, dead letters. ARGV: consumer, started_at, ttl s, cancelled record
+# json, group, entry id, max deliveries, failed record json, failed event data json, job id. The attempt that
+# starts now (a reclaimed job's attempt goes up by one), or 0 when the job must not run (finished, expired, or
+# cancelled: a job cancelled while its dead worker ran it is finished as cancelled here), or -1 when it already
+# started max deliveries times and no worker finished it (a poison job: finished as failed, its entry moved to
+# the dead letters and acked). The caller acks on 0 and -1.
 _START = """
 local status = redis.call('HGET', KEYS[1], 'status')
 if not status or (status ~= 'queued' and status ~= 'running') then return 0 end
-if redis.call('EXISTS', KEYS[3]) == 1 then
-  if redis.call('SET', KEYS[4], ARGV[4], 'NX', 'EX', ARGV[3]) then
-    redis.call('HSET', KEYS[1], 'status', 'cancelled', 'completed_at', ARGV[2])
+local function finish(record, new_status, event_type, data)
+  if redis.call('SET', KEYS[4], record, 'NX', 'EX', ARGV[3]) then
+    redis.call('HSET', KEYS[1], 'status', new_status, 'completed_at', ARGV[2])
     redis.call('XADD', KEYS[2], 'MAXLEN', '~', 1000, '0-' .. redis.call('HINCRBY', KEYS[1], 'events', 1),
-               'type', 'job.cancelled', 'attempt', redis.call('HGET', KEYS[1], 'attempt'), 'data', '{"step": 0}')
+               'type', event_type, 'attempt', redis.call('HGET', KEYS[1], 'attempt'), 'data', data)
     redis.call('EXPIRE', KEYS[1], ARGV[3])
     redis.call('EXPIRE', KEYS[2], ARGV[3])
   end
+end
+if redis.call('EXISTS', KEYS[3]) == 1 then
+  finish(ARGV[4], 'cancelled', 'job.cancelled', '{"step": 0}')
   return 0
+end
+local started = tonumber(redis.call('HGET', KEYS[1], 'attempt') or '0')
+if started >= tonumber(ARGV[7]) then
+  finish(ARGV[8], 'failed', 'job.failed', ARGV[9])
+  redis.call('XADD', KEYS[6], '*', 'job', ARGV[10], 'entry', ARGV[6],
+             'deliveries', started, 'last_consumer', redis.call('HGET', KEYS[1], 'consumer') or '',
+             'failed_at', ARGV[2])
+  redis.call('XACK', KEYS[5], ARGV[5], ARGV[6])
+  return -1
 end
 local attempt = redis.call('HINCRBY', KEYS[1], 'attempt', 1)
 redis.call('HSET', KEYS[1], 'status', 'running', 'consumer', ARGV[1], 'started_at', ARGV[2], 'step', 0)
@@ -199,11 +214,14 @@ class RedisJobQueue:
     past it another worker reclaims the job). ``ttl_s``: how long a finished job's keys are kept. Finished jobs
     hold at most ``max_image_bytes`` base64 characters of images in all and ``key_max_image_bytes`` per owner:
     past them the oldest jobs' images are released (``images_released``), the owner holding the most first.
+    ``max_deliveries``: how many times a job is started before it is given up (each of its workers died or lost
+    its lease before finishing it): its record ends failed (``worker_lost``) and its queue entry moves to the dead
+    letters (``dead_letter_key``), never delivered again.
     """
 
     def __init__(self, url: str, prefix: str = "ad", lease_s: float = 30.0, ttl_s: float = 3600.0,
                  limits: RequestLimits | None = None, max_image_bytes: int | None = None,
-                 key_max_image_bytes: int | None = None) -> None:
+                 key_max_image_bytes: int | None = None, max_deliveries: int = 3) -> None:
         # socket_timeout above the longest BLOCK used (claim): redis-py's default 5 s would retry a long BLOCK;
         # few, short retries: while Redis is down a request answers 503 in well under a second
         self.redis = redis.Redis.from_url(url, decode_responses=True, socket_timeout=10, socket_connect_timeout=2,
@@ -215,6 +233,7 @@ class RedisJobQueue:
         self.limits = limits or RequestLimits()
         self.max_image_bytes = max_image_bytes
         self.key_max_image_bytes = key_max_image_bytes
+        self.max_deliveries = max_deliveries
         self._complete = self.redis.register_script(_COMPLETE)
         self._start = self.redis.register_script(_START)
         self._emit = self.redis.register_script(_EMIT)
@@ -248,6 +267,11 @@ class RedisJobQueue:
 
     def _cancel_flag(self, job_id: str) -> str:
         return f"{self.prefix}:cancel:{job_id}"
+
+    def dead_letter_key(self, model: str) -> str:
+        """The model's dead letters: a Stream, one entry (``job``, ``entry``, ``deliveries``, ``last_consumer``,
+        ``failed_at``) per job given up after ``max_deliveries`` starts."""
+        return f"{self.prefix}:dead:{model}"
 
     def ensure_group(self, model: str) -> None:
         """Create the model's queue and its consumer group (from the start: jobs queued before it are seen)."""
@@ -427,10 +451,17 @@ class RedisJobQueue:
 
     def _start_claimed(self, model: str, entry_id: str, job_id: str, consumer: str) -> ClaimedJob | None:
         cancelled = json.dumps({"status": "cancelled", "result": None, "error": None})
-        attempt = int(self._start(keys=[self._job(job_id), self._events(job_id), self._cancel_flag(job_id),
-                                        self._result(job_id)],
-                                  args=[consumer, repr(time.time()), self.ttl_s, cancelled])) if job_id else 0
-        record = self.get(job_id) if attempt else None
+        error = {"type": "worker_lost", "code": "worker_lost", "param": None,
+                 "message": f"the job was started {self.max_deliveries} times (max_deliveries) and each time its "
+                            "worker died or lost its lease before finishing it; it is not run again (it may crash "
+                            "the worker: try fewer steps, a smaller size or fewer images)"}
+        failed = json.dumps({"status": "failed", "result": None, "error": error})
+        attempt = int(self._start(
+            keys=[self._job(job_id), self._events(job_id), self._cancel_flag(job_id), self._result(job_id),
+                  self.queue_key(model), self.dead_letter_key(model)],
+            args=[consumer, repr(time.time()), self.ttl_s, cancelled, GROUP, entry_id, self.max_deliveries, failed,
+                  json.dumps({"error": error}), job_id])) if job_id else 0
+        record = self.get(job_id) if attempt > 0 else None
         if record is None:
             self.redis.xack(self.queue_key(model), GROUP, entry_id)
             return None

@@ -73,6 +73,39 @@ def test_the_owner_completes_once_and_a_worker_whose_lease_was_taken_writes_noth
     assert 0 < api.redis.ttl(f"{prefix}:job:job_1") <= 60 and 0 < api.redis.ttl(f"{prefix}:res:job_1") <= 60
 
 
+def test_a_job_whose_workers_all_die_is_given_up_after_max_deliveries_and_dead_lettered(redis_url: str,
+                                                                                          prefix: str) -> None:
+    api = make_queue(redis_url, prefix)
+    workers = [RedisJobQueue(redis_url, prefix=prefix, lease_s=0.1, ttl_s=60, max_deliveries=3) for _ in range(5)]
+    api.enqueue("job_1", request(), OutputOptions(), owner="key1")
+    api.enqueue("job_2", request(seed=2), OutputOptions(), owner="key1")
+    claims = []
+    for index in range(3):  # three workers claim job_1 and die holding it (never renew, never ack)
+        claimed = workers[index].claim(["tiny"], f"worker-{index}", 1, block_ms=100)
+        assert [(c.job_id, c.attempt) for c in claimed] == [("job_1", index + 1)]
+        claims.append(claimed[0])
+        time.sleep(0.15)  # past the lease
+    fourth = workers[3].claim(["tiny"], "worker-3", 1, block_ms=100)
+    assert fourth == []  # job_1 given up, not run a fourth time (job_2 waits: only reclaims were due)
+    job = api.public(api.get("job_1"))
+    assert job["status"] == "failed" and job["error"]["code"] == "worker_lost"
+    assert "3 times (max_deliveries)" in job["error"]["message"] and job["result"] is None
+    events = api.events_after("job_1")
+    assert [e.type for e in events] == ["job.queued", "job.failed"]
+    assert events[-1].data["error"]["code"] == "worker_lost"
+    [(_, dead)] = api.redis.xrange(api.dead_letter_key("tiny"))
+    assert dead["job"] == "job_1" and dead["entry"] == claims[0].entry_id
+    assert (dead["deliveries"], dead["last_consumer"]) == ("3", "worker-2")
+    assert api.redis.xpending(api.queue_key("tiny"), "workers")["pending"] == 0  # acked: never delivered again
+    assert workers[2].complete(claims[2], "worker-2", "succeeded", {"images": []}) == -1  # a zombie writes nothing
+    time.sleep(0.15)
+    assert [c.job_id for c in workers[4].claim(["tiny"], "worker-4", 2, block_ms=100)] == ["job_2"]
+    time.sleep(0.15)
+    assert [c.job_id for c in workers[0].claim(["tiny"], "worker-0", 2, block_ms=100)] == ["job_2"]  # reclaimed
+    assert api.get("job_1")["attempt"] == "3" and api.redis.xlen(api.dead_letter_key("tiny")) == 1
+    assert api.public(api.get("job_1"))["status"] == "failed"
+
+
 def test_a_renewed_lease_keeps_a_long_job_with_its_worker(redis_url: str, prefix: str) -> None:
     api, a, b = (make_queue(redis_url, prefix, lease_s=0.3) for _ in range(3))
     api.enqueue("job_1", request(), OutputOptions(), owner=None)
