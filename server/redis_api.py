@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import socket
 import time
@@ -37,7 +38,7 @@ from accel_diffusion.server.app import (
     error_response,
     get_owner,
 )
-from accel_diffusion.server.jobs import DrainingError, JobStatus, OutputOptions, QueueFullError, QuotaExceededError
+from accel_diffusion.server.jobs import DrainingError, JobStatus, OutputOptions
 from accel_diffusion.server.redis_backend import RedisJobQueue
 from accel_diffusion.server.redis_worker import RedisJobRunner
 from accel_diffusion.server.schemas import ImageGenerationRequest, ImagesResponse, JobCreateRequest
@@ -53,6 +54,7 @@ from accel_diffusion.errors import UnknownModelError
 from accel_diffusion.strategy import GenerationRequest
 
 T = TypeVar("T")
+log = logging.getLogger("accel_diffusion.server")
 FINISHED = ("succeeded", "failed", "cancelled")
 RETRY_AFTER_S = 2
 
@@ -157,20 +159,16 @@ def check_model(state: ServerState, request: GenerationRequest) -> None:
     check_request(state.registry.spec(request.model), request)
 
 
-async def submit(state: ServerState, request: GenerationRequest, output: OutputOptions, owner: str | None) -> str:
+async def submit(state: ServerState, request: GenerationRequest, output: OutputOptions,
+                 owner: str | None) -> dict[str, str]:
+    """Check, admit (the key's queued quota and the queue's cap) and queue the job in one Redis round trip; its
+    record as written."""
     if state.draining:
         raise DrainingError("the server is shutting down; retry on another replica")
     check_model(state, request)
-    queue = serving(state).queue
-    if await call(queue.queued_count, owner) >= state.settings.key_max_queued_jobs:
-        raise QuotaExceededError("key_max_queued_jobs", state.settings.key_max_queued_jobs,
-                                 "jobs queued for this API key", RETRY_AFTER_S)
-    stats = await call(queue.stats, request.model)
-    if stats.waiting >= state.settings.queue_max:
-        raise QueueFullError(state.settings.queue_max, RETRY_AFTER_S)
-    job_id = "job_" + uuid.uuid4().hex
-    await call(queue.enqueue, job_id, request, output, owner)
-    return job_id
+    record, _ = await call(serving(state).queue.admit, "job_" + uuid.uuid4().hex, request, output, owner,
+                           state.settings.key_max_queued_jobs, state.settings.queue_max, RETRY_AFTER_S)
+    return record
 
 
 async def visible_record(state: ServerState, job_id: str, owner: str | None) -> dict[str, str]:
@@ -183,11 +181,10 @@ async def visible_record(state: ServerState, job_id: str, owner: str | None) -> 
 
 
 async def public(state: ServerState, job_id: str, include_result: bool = True) -> dict[str, Any]:
-    queue = serving(state).queue
-    record = await call(queue.get, job_id)
-    if record is None:
+    found = await call(serving(state).queue.get_public, job_id, include_result)
+    if found is None:
         raise HTTPException(404, f"no job {job_id!r} (finished jobs are kept for {state.settings.job_ttl_s:g} s)")
-    return await call(queue.public, record, include_result)
+    return found[1]
 
 
 async def wait_event(state: ServerState, job_id: str, after: int, timeout_s: float) -> None:
@@ -200,21 +197,38 @@ async def wait_event(state: ServerState, job_id: str, after: int, timeout_s: flo
         raise unavailable(exc) from None
 
 
-async def wait_finished(state: ServerState, job_id: str, timeout: float,
-                        request: Request | None = None) -> dict[str, Any]:
-    """The job once finished, or after ``timeout``; with ``request``, a client that leaves cancels the job."""
+async def wait_finished(state: ServerState, job_id: str, timeout: float, request: Request | None = None,
+                        after: int | None = None) -> dict[str, Any]:
+    """The job once finished, or after ``timeout``; with ``request``, a client that leaves cancels the job.
+    ``after``: the number of the job's events already known not to be terminal (a job just queued: 1). Waits on
+    the job's event stream itself (one XREAD per batch of events, on the event loop): no status read per event."""
+    redis_serving = serving(state)
     deadline = time.monotonic() + timeout
     checked = time.monotonic()
-    while True:
-        status, events = await call(serving(state).queue.progress_mark, job_id)
-        if status in FINISHED or status is None or time.monotonic() >= deadline:
+    if after is None:
+        status, after = await call(redis_serving.queue.progress_mark, job_id)
+        if status in FINISHED or status is None:
             return await public(state, job_id)
+    key = redis_serving.queue.events_key(job_id)
+    while time.monotonic() < deadline:
         if request is not None and time.monotonic() - checked >= DISCONNECT_CHECK_S:
             checked = time.monotonic()
             if await request.is_disconnected():
-                await call(serving(state).queue.cancel, job_id)
-                return await public(state, job_id)
-        await wait_event(state, job_id, events, min(DISCONNECT_CHECK_S, max(0.001, deadline - time.monotonic())))
+                await call(redis_serving.queue.cancel, job_id)
+                break
+        block = min(DISCONNECT_CHECK_S, max(0.001, deadline - time.monotonic()))
+        try:
+            reply = await redis_serving.waiter.xread({key: f"0-{after}"}, block=max(1, round(block * 1000)))
+        except redis.RedisError as exc:
+            raise unavailable(exc) from None
+        entries = reply[0][1] if reply else []
+        if entries:
+            after = int(entries[-1][0].split("-")[1])
+            if any(fields["type"] in TERMINAL_EVENTS for _, fields in entries):
+                break
+        elif not await redis_serving.waiter.exists(key):  # expired (or dropped) while waited on
+            break
+    return await public(state, job_id)
 
 
 def redis_api_routes(memory_routes: APIRouter) -> APIRouter:
@@ -246,9 +260,9 @@ def redis_api_routes(memory_routes: APIRouter) -> APIRouter:
     @router.post("/v1/jobs", tags=["jobs"], status_code=202)
     async def create_job(body: JobCreateRequest, state: State, owner: Owner, response: Response) -> dict[str, Any]:
         generation = await asyncio.to_thread(body.to_generation_request, state.default_model, state.limits)
-        job_id = await submit(state, generation, body.output_options(), owner)
-        response.headers["Location"] = f"/v1/jobs/{job_id}"
-        return await public(state, job_id)
+        record = await submit(state, generation, body.output_options(), owner)
+        response.headers["Location"] = f"/v1/jobs/{record['id']}"
+        return serving(state).queue.public(record, terminal="")  # the record just written: no read back
 
     @router.get("/v1/jobs", tags=["jobs"])
     async def list_jobs(state: State, owner: Owner, status: JobStatus | None = None) -> dict[str, Any]:
@@ -293,10 +307,10 @@ def redis_api_routes(memory_routes: APIRouter) -> APIRouter:
 
 async def _run_images(generation: GenerationRequest, output: OutputOptions, request: Request,
                       state: ServerState) -> Any:
-    job_id = await submit(state, generation, output, get_owner(request))
-    job = await wait_finished(state, job_id, float("inf"), request)
-    if job["status"] in FINISHED:  # returned once: the job record keeps the seeds, not the images
-        await call(serving(state).queue.release_images, job_id)
+    job_id = (await submit(state, generation, output, get_owner(request)))["id"]
+    job = await wait_finished(state, job_id, float("inf"), request, after=1)
+    if job["status"] in FINISHED:  # returned once: the job record keeps the seeds, not the images (released
+        release_later(state, job_id)  # after the answer: off the request's path)
     if job["status"] == "succeeded":
         result = job["result"]
         images = result["images"]
@@ -311,6 +325,22 @@ async def _run_images(generation: GenerationRequest, output: OutputOptions, requ
     error = job["error"] or {}
     return error_response(ERROR_STATUS.get(error.get("type"), 500), error.get("type", "internal_error"),
                           error.get("message", "failed"), error.get("param"))
+
+
+_RELEASING: set[asyncio.Task[Any]] = set()
+
+
+def release_later(state: ServerState, job_id: str) -> None:
+    """Release the job's images in the background (a synchronous call has answered with them)."""
+    async def release() -> None:
+        try:
+            await asyncio.to_thread(serving(state).queue.release_images, job_id)
+        except redis.RedisError as exc:  # kept until a cap or the TTL drops them
+            log.warning("job %s: could not release its images (%s)", job_id, exc)
+
+    task = asyncio.get_running_loop().create_task(release())
+    _RELEASING.add(task)
+    task.add_done_callback(_RELEASING.discard)
 
 
 async def _sse(state: ServerState, job_id: str, last_id: int, request: Request, release: Callable[[], None],

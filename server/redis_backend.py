@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import redis
-from accel_diffusion.server.jobs import OutputOptions, request_echo
+from accel_diffusion.server.jobs import OutputOptions, QueueFullError, QuotaExceededError, request_echo
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.retry import Retry
 
@@ -106,6 +106,35 @@ end
 local attempt = redis.call('HINCRBY', KEYS[1], 'attempt', 1)
 redis.call('HSET', KEYS[1], 'status', 'running', 'consumer', ARGV[1], 'started_at', ARGV[2], 'step', 0)
 return attempt
+"""
+
+# KEYS: owner index, queue, job, events. ARGV: job key prefix, group, owner's queued cap, waiting cap, queued event
+# data json, then the record's fields and values. Admission and enqueue in one round trip: {1, n} the owner has n
+# >= cap jobs queued; {2, n} n >= cap jobs wait in the model's queue; else the record, its job.queued event (id
+# 0-1), its queue entry and its place in the owner index are written and {0, entry id} returned. The owner's
+# jobs' records are read by name (one Redis, not a cluster).
+_ENQUEUE = """
+local queued = 0
+for _, id in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
+  if redis.call('HGET', ARGV[1] .. id, 'status') == 'queued' then queued = queued + 1 end
+end
+if queued >= tonumber(ARGV[3]) then return {1, queued} end
+local last = '0-0'
+local info = redis.call('XINFO', 'GROUPS', KEYS[2])
+for _, group in ipairs(info) do
+  local fields = {}
+  for i = 1, #group, 2 do fields[group[i]] = group[i + 1] end
+  if fields['name'] == ARGV[2] then last = fields['last-delivered-id'] end
+end
+local waiting = #redis.call('XRANGE', KEYS[2], '(' .. last, '+', 'COUNT', ARGV[4])
+if waiting >= tonumber(ARGV[4]) then return {2, waiting} end
+local record = {}
+for i = 6, #ARGV do record[#record + 1] = ARGV[i] end
+redis.call('HSET', KEYS[3], unpack(record))
+redis.call('XADD', KEYS[4], 'MAXLEN', '~', 1000, '0-1', 'type', 'job.queued', 'attempt', '0', 'data', ARGV[5])
+local entry = redis.call('XADD', KEYS[2], '*', 'job', redis.call('HGET', KEYS[3], 'id'))
+redis.call('ZADD', KEYS[1], redis.call('HGET', KEYS[3], 'created_at'), redis.call('HGET', KEYS[3], 'id'))
+return {0, entry}
 """
 
 # KEYS: job, events. ARGV: attempt, type, data json, step, total. Appends the event of the job's current attempt
@@ -235,6 +264,7 @@ class RedisJobQueue:
         self.key_max_image_bytes = key_max_image_bytes
         self.max_deliveries = max_deliveries
         self._complete = self.redis.register_script(_COMPLETE)
+        self._enqueue = self.redis.register_script(_ENQUEUE)
         self._start = self.redis.register_script(_START)
         self._emit = self.redis.register_script(_EMIT)
         self._cancel = self.redis.register_script(_CANCEL)
@@ -288,20 +318,31 @@ class RedisJobQueue:
 
     def enqueue(self, job_id: str, request: GenerationRequest, output: OutputOptions, owner: str | None,
                 created_at: float | None = None) -> str:
-        """Record and queue a job (one transaction: its record, its ``job.queued`` event, its queue entry)."""
+        """Record and queue a job (one script: its record, its ``job.queued`` event, its queue entry)."""
+        return self.admit(job_id, request, output, owner, created_at=created_at)[1]
+
+    def admit(self, job_id: str, request: GenerationRequest, output: OutputOptions, owner: str | None,
+              key_max_queued: int = 1 << 30, queue_max: int = 1 << 30, retry_after_s: int = 2,
+              created_at: float | None = None) -> tuple[dict[str, str], str]:
+        """Queue a job if ``owner`` has fewer than ``key_max_queued`` jobs queued and fewer than ``queue_max`` wait
+        in the model's queue, in one round trip: its record (as ``get`` reads it) and queue entry id. Raises
+        QuotaExceededError (``key_max_queued_jobs``) or QueueFullError past them."""
         self.ensure_group(request.model)
         created_at = time.time() if created_at is None else created_at
         record = {"id": job_id, "model": request.model, "owner": owner or "", "status": "queued",
                   "request": dump_request(request), "echo": json.dumps(request_echo(request, output)),
-                  "output": json.dumps(asdict(output)), "created_at": repr(created_at), "attempt": 0, "events": 1,
-                  "step": 0, "total": request.steps or 0}
-        pipe = self.redis.pipeline(transaction=True)
-        pipe.hset(self._job(job_id), mapping=record)
-        pipe.xadd(self._events(job_id), {"type": "job.queued", "attempt": "0", "data": json.dumps({"position": None})},
-                  id="0-1", maxlen=EVENTS_MAXLEN)
-        pipe.xadd(self.queue_key(request.model), {"job": job_id})
-        pipe.zadd(self._owned(owner), {job_id: created_at})
-        return pipe.execute()[2]
+                  "output": json.dumps(asdict(output)), "created_at": repr(created_at), "attempt": "0", "events": "1",
+                  "step": "0", "total": str(request.steps or 0)}
+        code, value = self._enqueue(
+            keys=[self._owned(owner), self.queue_key(request.model), self._job(job_id), self._events(job_id)],
+            args=[self._job(""), GROUP, key_max_queued, queue_max, json.dumps({"position": None}),
+                  *[item for pair in record.items() for item in pair]])
+        if code == 1:
+            raise QuotaExceededError("key_max_queued_jobs", key_max_queued, "jobs queued for this API key",
+                                     retry_after_s)
+        if code == 2:
+            raise QueueFullError(queue_max, retry_after_s)
+        return record, str(value)
 
     def jobs_of(self, owner: str | None) -> list[dict[str, str]]:
         """The records of ``owner``'s jobs still kept, oldest first (expired ones leave the owner's index)."""
@@ -315,14 +356,6 @@ class RedisJobQueue:
         if gone:
             self.redis.zrem(index, *gone)
         return [record for record in records if record]
-
-    def queued_count(self, owner: str | None) -> int:
-        """How many of ``owner``'s jobs are queued (not yet started)."""
-        job_ids = self.redis.zrange(self._owned(owner), 0, -1)
-        pipe = self.redis.pipeline(transaction=False)
-        for job_id in job_ids:
-            pipe.hget(self._job(job_id), "status")
-        return sum(status == "queued" for status in (pipe.execute() if job_ids else []))
 
     def progress_mark(self, job_id: str) -> tuple[str | None, int]:
         """The job's status and its number of events so far (the id of its last one)."""
@@ -339,10 +372,23 @@ class RedisJobQueue:
         """The job's record, or None (unknown or expired)."""
         return self.redis.hgetall(self._job(job_id)) or None
 
-    def public(self, record: dict[str, str], include_result: bool = True) -> dict[str, Any]:
-        """The job object of the API (as ``Job.public``) from its record."""
-        terminal = self.redis.get(self._result(record["id"])) if record["status"] not in ("queued", "running") else None
-        final = json.loads(terminal) if terminal else {}
+    def get_public(self, job_id: str, include_result: bool = True) -> tuple[dict[str, str], dict[str, Any]] | None:
+        """The job's record and its API object in one round trip, or None (unknown or expired)."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hgetall(self._job(job_id))
+        pipe.get(self._result(job_id))
+        record, terminal = pipe.execute()
+        if not record:
+            return None
+        return record, self.public(record, include_result, terminal=terminal or "")
+
+    def public(self, record: dict[str, str], include_result: bool = True,
+               terminal: str | None = None) -> dict[str, Any]:
+        """The job object of the API (as ``Job.public``) from its record (and its terminal record, read here
+        unless given: "" for none)."""
+        if terminal is None and record["status"] not in ("queued", "running"):
+            terminal = self.redis.get(self._result(record["id"]))
+        final = json.loads(terminal) if terminal and record["status"] not in ("queued", "running") else {}
         total = int(record.get("total") or 0) or None
         step = int(record.get("step") or 0)
         return {

@@ -31,6 +31,7 @@ class RedisJob(Job):
     queue: RedisJobQueue | None = None
     consumer: str = ""
     outcome: int | None = None
+    finished: threading.Event | None = None  # set once its end is written (the runner claims the next job)
 
     def emit(self, type_: str, data: dict[str, Any] | None = None) -> JobEvent:
         event = super().emit(type_, data)
@@ -43,6 +44,8 @@ class RedisJob(Job):
                 if self.outcome == 1:  # written once: its images count against the caps once
                     images = (self.result or {}).get("images", [])
                     self.queue.hold_images(self.id, self.owner, sum(len(im.get("b64_json") or "") for im in images))
+                if self.finished is not None:
+                    self.finished.set()
             elif type_ == "job.progress":
                 self.queue.emit(self.claim, type_, event.data, event.data["step"], event.data["total"])
             elif type_ == "job.preview":
@@ -74,6 +77,7 @@ class RedisJobRunner:
         self._held: dict[str, RedisJob] = {}  # by queue entry id
         self._lock = threading.Lock()
         self._stopping = threading.Event()
+        self._finished = threading.Event()  # a held job's end was written
         self._threads = [threading.Thread(target=self._claim_loop, name="accel-diffusion-claim", daemon=True),
                          threading.Thread(target=self._lease_loop, name="accel-diffusion-lease", daemon=True)]
 
@@ -93,12 +97,19 @@ class RedisJobRunner:
             return list(self._held.values())
 
     def _claim_loop(self) -> None:
+        soon = 0.0  # until then the device is polled every 0.5 ms (a job just ended: it is idle any moment)
         while not self._stopping.is_set():
             with self._lock:
                 for entry_id in [e for e, job in self._held.items() if job.status.finished]:
                     del self._held[entry_id]
             if self.worker.busy or self.worker.queue_depth or not self.accepting():
-                time.sleep(0.01)
+                if self._finished.is_set():
+                    self._finished.clear()
+                    soon = time.monotonic() + 0.05
+                if time.monotonic() < soon:
+                    time.sleep(0.0005)
+                else:
+                    self._finished.wait(0.01)
                 continue
             try:
                 claimed = self.queue.claim(self.models, self.consumer, self.batch_size, block_ms=500)
@@ -109,7 +120,7 @@ class RedisJobRunner:
             for claim in claimed:
                 job = RedisJob(request=claim.request, output=claim.output, id=claim.job_id,
                                created_at=claim.created_at, owner=claim.owner, claim=claim, queue=self.queue,
-                               consumer=self.consumer)
+                               consumer=self.consumer, finished=self._finished)
                 try:
                     self.worker.submit(job)
                 except QueueFullError:  # the worker is stopping: the job's lease runs out, another worker runs it

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from accel_diffusion.server.jobs import OutputOptions
+from accel_diffusion.server.jobs import OutputOptions, QueueFullError, QuotaExceededError
 from accel_diffusion.server.metrics import ServerMetrics
 from accel_diffusion.server.redis_backend import RedisJobQueue
 from accel_diffusion.server.redis_worker import RedisJobRunner
@@ -104,6 +104,30 @@ def test_a_job_whose_workers_all_die_is_given_up_after_max_deliveries_and_dead_l
     assert [c.job_id for c in workers[0].claim(["tiny"], "worker-0", 2, block_ms=100)] == ["job_2"]  # reclaimed
     assert api.get("job_1")["attempt"] == "3" and api.redis.xlen(api.dead_letter_key("tiny")) == 1
     assert api.public(api.get("job_1"))["status"] == "failed"
+
+
+def test_admission_checks_the_keys_queued_quota_and_the_queue_cap_in_the_same_call(redis_url: str,
+                                                                                     prefix: str) -> None:
+    api, other = make_queue(redis_url, prefix), make_queue(redis_url, prefix)
+
+    def admit(job_id: str, owner: str) -> dict[str, str]:
+        return api.admit(job_id, request(), OutputOptions(), owner, key_max_queued=2, queue_max=3)[0]
+
+    record = admit("job_1", "a")
+    assert api.public(record, terminal="") == other.public(other.get("job_1"))  # the answer is the record as read
+    admit("job_2", "a")
+    with pytest.raises(QuotaExceededError) as quota:
+        admit("job_3", "a")  # a has 2 queued
+    assert (quota.value.quota, quota.value.limit) == ("key_max_queued_jobs", 2)
+    admit("job_3", "b")  # b has none: 3 wait in the queue now
+    with pytest.raises(QueueFullError) as full:
+        admit("job_4", "c")
+    assert full.value.limit == 3 and api.get("job_4") is None and api.stats("tiny").waiting == 3
+    [claim] = other.claim(["tiny"], "w", 1, block_ms=100)  # job_1 runs: a has 1 queued, 2 wait
+    assert claim.job_id == "job_1"
+    admit("job_4", "a")
+    assert [r["id"] for r in api.jobs_of("a")] == ["job_1", "job_2", "job_4"]
+    assert api.stats("tiny").waiting == 3
 
 
 def test_a_renewed_lease_keeps_a_long_job_with_its_worker(redis_url: str, prefix: str) -> None:
