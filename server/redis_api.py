@@ -70,7 +70,8 @@ class RedisServing:
         def queue() -> RedisJobQueue:
             return RedisJobQueue(settings.redis_url or "", settings.redis_prefix, settings.lease_s, settings.job_ttl_s,
                                  settings.request_limits(), settings.max_job_image_bytes,
-                                 settings.key_max_job_image_bytes, settings.max_deliveries)
+                                 settings.key_max_job_image_bytes, settings.max_deliveries,
+                                 settings.max_finished_jobs, settings.key_max_finished_jobs)
 
         self.queue = queue()
         # waits for a job's next event (XREAD BLOCK) on the event loop: no thread held while a request waits

@@ -137,6 +137,53 @@ redis.call('ZADD', KEYS[1], redis.call('HGET', KEYS[3], 'created_at'), redis.cal
 return {0, entry}
 """
 
+# ARGV: key prefix, job id, now, ttl s, owner's cap, global cap. Retention of finished jobs, as in memory mode: the
+# job (if finished) joins its owner's finished jobs ({p}:fin:{owner}, by completion time; {p}:fin:owners counts
+# them per owner); expired ones leave; past the owner's cap its oldest are dropped, past the global cap the owner
+# keeping the most gives up its oldest (nobody's retention is spent by someone else). A dropped job's keys are
+# deleted; returns the dropped ids (their images are released by the caller). Keys by name: one Redis.
+_RETAIN = """
+local p, cutoff = ARGV[1], tonumber(ARGV[3]) - tonumber(ARGV[4])
+local owners, dropped = p .. ':fin:owners', {}
+local function fin(o) return p .. ':fin:' .. o end
+local function count(o)
+  local n = redis.call('ZCARD', fin(o))
+  if n == 0 then redis.call('ZREM', owners, o) else redis.call('ZADD', owners, n, o) end
+  return n
+end
+local function drop(o, id)
+  redis.call('ZREM', fin(o), id)
+  redis.call('ZREM', p .. ':owner:' .. o, id)
+  redis.call('DEL', p .. ':job:' .. id, p .. ':ev:' .. id, p .. ':res:' .. id, p .. ':prev:' .. id,
+             p .. ':cancel:' .. id)
+  dropped[#dropped + 1] = id
+end
+local job = p .. ':job:' .. ARGV[2]
+local status, owner, done = unpack(redis.call('HMGET', job, 'status', 'owner', 'completed_at'))
+if not status or status == 'queued' or status == 'running' or not done then return dropped end
+if owner == '' then owner = '-' end
+redis.call('ZADD', fin(owner), done, ARGV[2])
+redis.call('ZREMRANGEBYSCORE', fin(owner), '-inf', cutoff)
+local n = count(owner)
+while n > tonumber(ARGV[5]) do
+  drop(owner, redis.call('ZRANGE', fin(owner), 0, 0)[1])
+  n = count(owner)
+end
+local total = 0
+local counts = redis.call('ZRANGE', owners, 0, -1, 'WITHSCORES')
+for i = 2, #counts, 2 do total = total + tonumber(counts[i]) end
+while total > tonumber(ARGV[6]) do
+  local most = redis.call('ZREVRANGE', owners, 0, 0)[1]
+  local before = tonumber(redis.call('ZSCORE', owners, most))
+  if redis.call('ZREMRANGEBYSCORE', fin(most), '-inf', cutoff) == 0 then
+    local oldest = redis.call('ZRANGE', fin(most), 0, 0)[1]
+    if oldest then drop(most, oldest) end
+  end
+  total = total - before + count(most)
+end
+return dropped
+"""
+
 # KEYS: job, events. ARGV: attempt, type, data json, step, total. Appends the event of the job's current attempt
 # only (a worker whose job was reclaimed by another adds nothing): 1 appended, 0 not.
 _EMIT = """
@@ -243,6 +290,7 @@ class RedisJobQueue:
     past it another worker reclaims the job). ``ttl_s``: how long a finished job's keys are kept. Finished jobs
     hold at most ``max_image_bytes`` base64 characters of images in all and ``key_max_image_bytes`` per owner:
     past them the oldest jobs' images are released (``images_released``), the owner holding the most first.
+    Finished jobs are kept up to ``key_max_finished`` per owner and ``max_finished`` in all (``retain``).
     ``max_deliveries``: how many times a job is started before it is given up (each of its workers died or lost
     its lease before finishing it): its record ends failed (``worker_lost``) and its queue entry moves to the dead
     letters (``dead_letter_key``), never delivered again.
@@ -250,7 +298,8 @@ class RedisJobQueue:
 
     def __init__(self, url: str, prefix: str = "ad", lease_s: float = 30.0, ttl_s: float = 3600.0,
                  limits: RequestLimits | None = None, max_image_bytes: int | None = None,
-                 key_max_image_bytes: int | None = None, max_deliveries: int = 3) -> None:
+                 key_max_image_bytes: int | None = None, max_deliveries: int = 3, max_finished: int = 1 << 30,
+                 key_max_finished: int = 1 << 30) -> None:
         # socket_timeout above the longest BLOCK used (claim): redis-py's default 5 s would retry a long BLOCK;
         # few, short retries: while Redis is down a request answers 503 in well under a second
         self.redis = redis.Redis.from_url(url, decode_responses=True, socket_timeout=10, socket_connect_timeout=2,
@@ -263,8 +312,11 @@ class RedisJobQueue:
         self.max_image_bytes = max_image_bytes
         self.key_max_image_bytes = key_max_image_bytes
         self.max_deliveries = max_deliveries
+        self.max_finished = max_finished
+        self.key_max_finished = key_max_finished
         self._complete = self.redis.register_script(_COMPLETE)
         self._enqueue = self.redis.register_script(_ENQUEUE)
+        self._retain = self.redis.register_script(_RETAIN)
         self._start = self.redis.register_script(_START)
         self._emit = self.redis.register_script(_EMIT)
         self._cancel = self.redis.register_script(_CANCEL)
@@ -429,8 +481,11 @@ class RedisJobQueue:
         """Cancel a job: 1 a queued job, cancelled now; 0 a running one, stopped by its worker at its next step;
         -1 finished or unknown (nothing changes)."""
         record = json.dumps({"status": "cancelled", "result": None, "error": None})
-        return int(self._cancel(keys=[self._job(job_id), self._events(job_id), self._cancel_flag(job_id),
+        done = int(self._cancel(keys=[self._job(job_id), self._events(job_id), self._cancel_flag(job_id),
                                       self._result(job_id)], args=[self.ttl_s, repr(time.time()), record]))
+        if done == 1:
+            self.retain(job_id)
+        return done
 
     def stats(self, model: str) -> QueueStats:
         """The model's queue depth and oldest waiting job's age, the same from every process."""
@@ -460,6 +515,15 @@ class RedisJobQueue:
         if keep_from in (None, "0-0"):
             return 0
         return int(self.redis.xtrim(key, minid=keep_from, approximate=False))
+
+    def retain(self, job_id: str) -> list[str]:
+        """Count a just-finished job among its owner's finished jobs and apply the retention caps (see
+        ``_RETAIN``); idempotent. Returns the ids of the jobs dropped (their images released)."""
+        dropped = list(self._retain(args=[self.prefix, job_id, repr(time.time()), self.ttl_s, self.key_max_finished,
+                                          self.max_finished]))
+        for dropped_id in dropped:
+            self.release_images(dropped_id)
+        return dropped
 
     def ping(self) -> bool:
         return bool(self.redis.ping())
@@ -510,6 +574,8 @@ class RedisJobQueue:
         record = self.get(job_id) if attempt > 0 else None
         if record is None:
             self.redis.xack(self.queue_key(model), GROUP, entry_id)
+            if job_id:  # finished here (cancelled, or given up) or earlier: retained once either way
+                self.retain(job_id)
             return None
         return ClaimedJob(entry_id, model, job_id, load_request(record["request"], self.limits),
                           OutputOptions(**json.loads(record["output"])), record.get("owner") or None,

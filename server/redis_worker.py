@@ -44,6 +44,7 @@ class RedisJob(Job):
                 if self.outcome == 1:  # written once: its images count against the caps once
                     images = (self.result or {}).get("images", [])
                     self.queue.hold_images(self.id, self.owner, sum(len(im.get("b64_json") or "") for im in images))
+                    self.queue.retain(self.id)
                 if self.finished is not None:
                     self.finished.set()
             elif type_ == "job.progress":

@@ -251,6 +251,37 @@ def test_finished_jobs_images_are_capped_per_key_and_in_all_oldest_first(redis_u
     assert queue.events_after("c1")[-1].data["result"]["images_released"] is True
 
 
+def test_finished_jobs_are_kept_per_key_and_in_all_the_key_keeping_the_most_gives_one_up(redis_url: str,
+                                                                                           prefix: str) -> None:
+    queue = RedisJobQueue(redis_url, prefix=prefix, ttl_s=60, key_max_finished=2, max_finished=4)
+
+    def finish(job_id: str, owner: str | None, nbytes: int = 0) -> list[str]:
+        queue.enqueue(job_id, request(), OutputOptions(), owner=owner)
+        [claim] = queue.claim(["tiny"], "w", 2, block_ms=100)  # (a cancelled job's entry before it is skipped)
+        assert queue.complete(claim, "w", "succeeded", {"images": [{"b64_json": "A" * nbytes, "seed": 1}]}) == 1
+        queue.hold_images(job_id, owner, nbytes)
+        time.sleep(0.01)  # distinct completion times
+        return queue.retain(job_id)
+
+    def kept(owner: str | None) -> list[str]:
+        return [r["id"] for r in queue.jobs_of(owner)]
+
+    assert finish("a1", "a", 10) == [] and finish("a2", "a") == []
+    assert finish("a3", "a") == ["a1"]  # a past its 2: its oldest goes, with its keys and images
+    assert kept("a") == ["a2", "a3"] and queue.get("a1") is None and queue.events_after("a1") == []
+    assert queue.held_image_bytes("a") == 0 and queue.retain("a3") == []  # idempotent
+    assert finish("b1", "b") == []
+    queue.enqueue("c1", request(), OutputOptions(), owner=None)
+    assert queue.cancel("c1") == 1  # a cancelled queued job counts too (4 in all: a 2, b 1, no key 1)
+    assert kept(None) == ["c1"] and kept("b") == ["b1"]
+    assert finish("d1", "d") == ["a2"]  # 5 > 4: a, keeping the most, gives up its oldest; b's and d's stay
+    assert (kept("a"), kept("b"), kept("d"), kept(None)) == (["a3"], ["b1"], ["d1"], ["c1"])
+    assert queue.redis.zrange(f"{prefix}:fin:owners", 0, -1, withscores=True) == [
+        ("-", 1.0), ("a", 1.0), ("b", 1.0), ("d", 1.0)]
+    queue.enqueue("a4", request(), OutputOptions(), owner="a")  # queued jobs are not finished ones: none dropped
+    assert kept("a") == ["a3", "a4"] and queue.stats("tiny").waiting == 1
+
+
 # ---- the runner on a real DeviceWorker ------------------------------------------------------
 
 @pytest.fixture(scope="module")
