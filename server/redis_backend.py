@@ -588,19 +588,21 @@ class RedisJobQueue:
         return list(self._renew(keys=[self.queue_key(model)], args=[GROUP, consumer, *entry_ids]))
 
     def emit(self, job: ClaimedJob, type_: str, data: dict[str, Any], step: int | None = None,
-             total: int | None = None) -> bool:
-        """Append an event of the job's running attempt (False: the job is no longer this attempt's)."""
+             total: int | None = None, client: redis.client.Pipeline | None = None) -> bool:
+        """Append an event of the job's running attempt (False: the job is no longer this attempt's). With
+        ``client`` (a pipeline) it is queued there, sent with the pipeline's other commands."""
         return bool(self._emit(keys=[self._job(job.job_id), self._events(job.job_id)],
                                args=[job.attempt, type_, json.dumps(data), "" if step is None else step,
-                                     "" if total is None else total]))
+                                     "" if total is None else total], client=client))
 
-    def emit_preview(self, job: ClaimedJob, data: dict[str, Any]) -> bool:
+    def emit_preview(self, job: ClaimedJob, data: dict[str, Any], client: redis.client.Pipeline | None = None) -> bool:
         """A ``job.preview`` event (``step``, ``output_format``, ``b64_json``) of the job's running attempt; its
-        images are kept for the latest preview only."""
+        images are kept for the latest preview only. ``client``: as in ``emit``."""
         event = {"step": data["step"], "output_format": data.get("output_format")}
         preview = {"step": data["step"], "b64_json": data.get("b64_json") or []}
         return bool(self._preview(keys=[self._job(job.job_id), self._events(job.job_id), self._preview_key(job.job_id)],
-                                  args=[job.attempt, json.dumps(event), json.dumps(preview), self.ttl_s]))
+                                  args=[job.attempt, json.dumps(event), json.dumps(preview), self.ttl_s],
+                                  client=client))
 
     def complete(self, job: ClaimedJob, consumer: str, status: str, result: dict[str, Any] | None = None,
                  error: dict[str, Any] | None = None, step: int = 0) -> int:

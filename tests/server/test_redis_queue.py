@@ -14,7 +14,7 @@ import pytest
 from accel_diffusion.server.jobs import OutputOptions, QueueFullError, QuotaExceededError
 from accel_diffusion.server.metrics import ServerMetrics
 from accel_diffusion.server.redis_backend import RedisJobQueue
-from accel_diffusion.server.redis_worker import RedisJobRunner
+from accel_diffusion.server.redis_worker import Publisher, RedisJobRunner
 from accel_diffusion.server.worker import DeviceWorker
 from conftest import require_tool
 from redis_server import RedisServer
@@ -280,6 +280,22 @@ def test_finished_jobs_are_kept_per_key_and_in_all_the_key_keeping_the_most_give
         ("-", 1.0), ("a", 1.0), ("b", 1.0), ("d", 1.0)]
     queue.enqueue("a4", request(), OutputOptions(), owner="a")  # queued jobs are not finished ones: none dropped
     assert kept("a") == ["a3", "a4"] and queue.stats("tiny").waiting == 1
+
+
+def test_the_publisher_sends_events_in_order_and_flush_waits_for_them(redis_url: str, prefix: str) -> None:
+    queue = make_queue(redis_url, prefix)
+    queue.enqueue("job_1", request(steps=40), OutputOptions(), owner=None)
+    [claim] = queue.claim(["tiny"], "w", 1, block_ms=100)
+    publisher = Publisher(queue)
+    publisher.start()
+    for step in range(1, 41):
+        publisher.put(lambda pipe, step=step: queue.emit(claim, "job.progress", {"step": step, "total": 40}, step, 40,
+                                                         client=pipe))
+    publisher.flush()
+    events = queue.events_after("job_1")
+    assert [e.id for e in events] == list(range(1, 42))
+    assert [e.data["step"] for e in events[1:]] == list(range(1, 41))
+    assert queue.public(queue.get("job_1"))["progress"] == {"step": 40, "total": 40, "fraction": 1.0}
 
 
 # ---- the runner on a real DeviceWorker ------------------------------------------------------
