@@ -77,7 +77,8 @@ return 1
 # starts now (a reclaimed job's attempt goes up by one), or 0 when the job must not run (finished, expired, or
 # cancelled: a job cancelled while its dead worker ran it is finished as cancelled here), or -1 when it already
 # started max deliveries times and no worker finished it (a poison job: finished as failed, its entry moved to
-# the dead letters and acked). The caller acks on 0 and -1.
+# the dead letters and acked). The caller acks on 0 and -1. A job that starts: {attempt, its request, output,
+# owner, created_at} (no second read).
 _START = """
 local status = redis.call('HGET', KEYS[1], 'status')
 if not status or (status ~= 'queued' and status ~= 'running') then return 0 end
@@ -105,7 +106,7 @@ if started >= tonumber(ARGV[7]) then
 end
 local attempt = redis.call('HINCRBY', KEYS[1], 'attempt', 1)
 redis.call('HSET', KEYS[1], 'status', 'running', 'consumer', ARGV[1], 'started_at', ARGV[2], 'step', 0)
-return attempt
+return {attempt, redis.call('HMGET', KEYS[1], 'request', 'output', 'owner', 'created_at')}
 """
 
 # KEYS: owner index, queue, job, events. ARGV: job key prefix, group, owner's queued cap, waiting cap, queued event
@@ -566,20 +567,19 @@ class RedisJobQueue:
                             "worker died or lost its lease before finishing it; it is not run again (it may crash "
                             "the worker: try fewer steps, a smaller size or fewer images)"}
         failed = json.dumps({"status": "failed", "result": None, "error": error})
-        attempt = int(self._start(
+        started = self._start(
             keys=[self._job(job_id), self._events(job_id), self._cancel_flag(job_id), self._result(job_id),
                   self.queue_key(model), self.dead_letter_key(model)],
             args=[consumer, repr(time.time()), self.ttl_s, cancelled, GROUP, entry_id, self.max_deliveries, failed,
-                  json.dumps({"error": error}), job_id])) if job_id else 0
-        record = self.get(job_id) if attempt > 0 else None
-        if record is None:
+                  json.dumps({"error": error}), job_id]) if job_id else 0
+        if not isinstance(started, list):
             self.redis.xack(self.queue_key(model), GROUP, entry_id)
             if job_id:  # finished here (cancelled, or given up) or earlier: retained once either way
                 self.retain(job_id)
             return None
-        return ClaimedJob(entry_id, model, job_id, load_request(record["request"], self.limits),
-                          OutputOptions(**json.loads(record["output"])), record.get("owner") or None,
-                          float(record["created_at"]), attempt)
+        attempt, (request, output, owner, created_at) = started
+        return ClaimedJob(entry_id, model, job_id, load_request(request, self.limits),
+                          OutputOptions(**json.loads(output)), owner or None, float(created_at), int(attempt))
 
     def renew(self, model: str, consumer: str, entry_ids: list[str]) -> list[str]:
         """Renew the lease of ``consumer``'s entries; returns those it still holds (a lost one was reclaimed)."""
