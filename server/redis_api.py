@@ -48,6 +48,7 @@ from fastapi.routing import APIRoute
 from prometheus_client.core import GaugeMetricFamily
 from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import ExponentialWithJitterBackoff
+from starlette.background import BackgroundTask
 
 from accel_diffusion.engine.engine import check_request
 from accel_diffusion.errors import UnknownModelError
@@ -182,10 +183,18 @@ async def visible_record(state: ServerState, job_id: str, owner: str | None) -> 
 
 
 async def public(state: ServerState, job_id: str, include_result: bool = True) -> dict[str, Any]:
-    found = await call(serving(state).queue.get_public, job_id, include_result)
-    if found is None:
+    """The job object, its record and result read in one round trip on the event loop (no thread)."""
+    redis_serving = serving(state)
+    try:
+        async with redis_serving.waiter.pipeline(transaction=False) as pipe:
+            pipe.hgetall(redis_serving.queue.job_key(job_id))
+            pipe.get(redis_serving.queue.result_key(job_id))
+            record, terminal = await pipe.execute()
+    except redis.RedisError as exc:
+        raise unavailable(exc) from None
+    if not record:
         raise HTTPException(404, f"no job {job_id!r} (finished jobs are kept for {state.settings.job_ttl_s:g} s)")
-    return found[1]
+    return redis_serving.queue.public(record, include_result, terminal=terminal or "")
 
 
 async def wait_event(state: ServerState, job_id: str, after: int, timeout_s: float) -> None:
@@ -310,8 +319,8 @@ async def _run_images(generation: GenerationRequest, output: OutputOptions, requ
                       state: ServerState) -> Any:
     job_id = (await submit(state, generation, output, get_owner(request)))["id"]
     job = await wait_finished(state, job_id, float("inf"), request, after=1)
-    if job["status"] in FINISHED:  # returned once: the job record keeps the seeds, not the images (released
-        release_later(state, job_id)  # after the answer: off the request's path)
+    # returned once: the job record keeps the seeds, not the images, released once the answer is sent
+    release = BackgroundTask(release_images, state, job_id) if job["status"] in FINISHED else None
     if job["status"] == "succeeded":
         result = job["result"]
         images = result["images"]
@@ -320,7 +329,8 @@ async def _run_images(generation: GenerationRequest, output: OutputOptions, requ
                                                for im in images],
                                       "seeds": [im["seed"] for im in images],
                                       "usage": {"images": len(images), "nfe_per_image": result["nfe"],
-                                                "compute_s": round(result["timings"]["total"], 4)}})
+                                                "compute_s": round(result["timings"]["total"], 4)}},
+                                     background=release)
     if job["status"] == "cancelled":
         return error_response(409, "cancelled", f"job {job_id} was cancelled")
     error = job["error"] or {}
@@ -328,20 +338,12 @@ async def _run_images(generation: GenerationRequest, output: OutputOptions, requ
                           error.get("message", "failed"), error.get("param"))
 
 
-_RELEASING: set[asyncio.Task[Any]] = set()
-
-
-def release_later(state: ServerState, job_id: str) -> None:
-    """Release the job's images in the background (a synchronous call has answered with them)."""
-    async def release() -> None:
-        try:
-            await asyncio.to_thread(serving(state).queue.release_images, job_id)
-        except redis.RedisError as exc:  # kept until a cap or the TTL drops them
-            log.warning("job %s: could not release its images (%s)", job_id, exc)
-
-    task = asyncio.get_running_loop().create_task(release())
-    _RELEASING.add(task)
-    task.add_done_callback(_RELEASING.discard)
+async def release_images(state: ServerState, job_id: str) -> None:
+    """Release the job's images (a synchronous call has answered with them)."""
+    try:
+        await asyncio.to_thread(serving(state).queue.release_images, job_id)
+    except redis.RedisError as exc:  # kept until a cap or the TTL drops them
+        log.warning("job %s: could not release its images (%s)", job_id, exc)
 
 
 async def _sse(state: ServerState, job_id: str, last_id: int, request: Request, release: Callable[[], None],

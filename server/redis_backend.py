@@ -336,6 +336,11 @@ class RedisJobQueue:
     def _job(self, job_id: str) -> str:
         return f"{self.prefix}:job:{job_id}"
 
+    job_key = _job
+
+    def result_key(self, job_id: str) -> str:
+        return self._result(job_id)
+
     def _events(self, job_id: str) -> str:
         return f"{self.prefix}:ev:{job_id}"
 
@@ -424,16 +429,6 @@ class RedisJobQueue:
     def get(self, job_id: str) -> dict[str, str] | None:
         """The job's record, or None (unknown or expired)."""
         return self.redis.hgetall(self._job(job_id)) or None
-
-    def get_public(self, job_id: str, include_result: bool = True) -> tuple[dict[str, str], dict[str, Any]] | None:
-        """The job's record and its API object in one round trip, or None (unknown or expired)."""
-        pipe = self.redis.pipeline(transaction=False)
-        pipe.hgetall(self._job(job_id))
-        pipe.get(self._result(job_id))
-        record, terminal = pipe.execute()
-        if not record:
-            return None
-        return record, self.public(record, include_result, terminal=terminal or "")
 
     def public(self, record: dict[str, str], include_result: bool = True,
                terminal: str | None = None) -> dict[str, Any]:
