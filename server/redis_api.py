@@ -40,6 +40,7 @@ from accel_diffusion.server.app import (
 )
 from accel_diffusion.server.jobs import DrainingError, JobStatus, OutputOptions
 from accel_diffusion.server.redis_backend import RedisJobQueue
+from accel_diffusion.server.redis_events import EventHub
 from accel_diffusion.server.redis_worker import RedisJobRunner
 from accel_diffusion.server.schemas import ImageGenerationRequest, ImagesResponse, JobCreateRequest
 from fastapi import APIRouter, Header, HTTPException, Query, Request, Response
@@ -79,6 +80,7 @@ class RedisServing:
         retry = AsyncRetry(ExponentialWithJitterBackoff(base=0.01, cap=0.2), 3)
         self.waiter = redis.asyncio.Redis.from_url(settings.redis_url, decode_responses=True, socket_timeout=10,
                                                    socket_connect_timeout=2, max_connections=4096, retry=retry)
+        self.events = EventHub(self.waiter, f"{settings.redis_prefix}:wake:{uuid.uuid4().hex}")
         self.runner = None
         if settings.role != "api":
             name = settings.worker_name or f"{socket.gethostname()}-{os.getpid()}"
@@ -201,8 +203,7 @@ async def wait_event(state: ServerState, job_id: str, after: int, timeout_s: flo
     """Return once the job has an event after number ``after``, or after ``timeout_s``."""
     redis_serving = serving(state)
     try:
-        await redis_serving.waiter.xread({redis_serving.queue.events_key(job_id): f"0-{after}"}, count=1,
-                                         block=max(1, round(timeout_s * 1000)))
+        await redis_serving.events.wait(redis_serving.queue.events_key(job_id), after, timeout_s)
     except redis.RedisError as exc:
         raise unavailable(exc) from None
 
@@ -211,7 +212,7 @@ async def wait_finished(state: ServerState, job_id: str, timeout: float, request
                         after: int | None = None) -> dict[str, Any]:
     """The job once finished, or after ``timeout``; with ``request``, a client that leaves cancels the job.
     ``after``: the number of the job's events already known not to be terminal (a job just queued: 1). Waits on
-    the job's event stream itself (one XREAD per batch of events, on the event loop): no status read per event."""
+    the job's event stream alone (the process's one event reader, EventHub): no status read per event."""
     redis_serving = serving(state)
     deadline = time.monotonic() + timeout
     checked = time.monotonic()
@@ -228,10 +229,9 @@ async def wait_finished(state: ServerState, job_id: str, timeout: float, request
                 break
         block = min(DISCONNECT_CHECK_S, max(0.001, deadline - time.monotonic()))
         try:
-            reply = await redis_serving.waiter.xread({key: f"0-{after}"}, block=max(1, round(block * 1000)))
+            entries = await redis_serving.events.wait(key, after, block)
         except redis.RedisError as exc:
             raise unavailable(exc) from None
-        entries = reply[0][1] if reply else []
         if entries:
             after = int(entries[-1][0].split("-")[1])
             if any(fields["type"] in TERMINAL_EVENTS for _, fields in entries):
