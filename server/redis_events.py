@@ -33,6 +33,7 @@ class EventHub:
         self._watched: dict[str, int] = {}  # what the read in flight asks for: stream -> after
         self._wake_last = "0-0"
         self._task: asyncio.Task[None] | None = None
+        self._reading = False  # a read is in flight (blocked in Redis, or about to be)
 
     @property
     def waiting(self) -> int:
@@ -47,7 +48,8 @@ class EventHub:
         try:
             if self._task is None or self._task.done():
                 self._task = asyncio.get_running_loop().create_task(self._read())
-            elif key not in self._watched or after < self._watched[key]:  # the read in flight misses it: restart it
+            elif self._reading and (key not in self._watched or after < self._watched[key]):  # the read in flight
+                # misses it: interrupt it (between reads the reader builds its next one from the waiters)
                 async with self.client.pipeline(transaction=False) as pipe:
                     pipe.xadd(self.wake_key, {"w": "1"}, maxlen=16)
                     pipe.expire(self.wake_key, WAKE_TTL_S)
@@ -70,6 +72,7 @@ class EventHub:
                 continue
             streams: dict[Any, Any] = {key: f"0-{after}" for key, after in self._watched.items()}
             streams[self.wake_key] = self._wake_last
+            self._reading = True  # set with the streams built, no await between: a later waiter wakes the read
             try:
                 reply = await self.client.xread(streams, block=self.block_ms)
             except redis.RedisError as exc:  # each waiter answers 503; the next wait starts a new reader
@@ -79,6 +82,8 @@ class EventHub:
                             future.set_exception(exc)
                 self._watched = {}
                 return
+            finally:
+                self._reading = False
             for key, entries in reply or []:
                 if key == self.wake_key:
                     self._wake_last = entries[-1][0]
