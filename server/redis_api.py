@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import socket
 import time
@@ -37,8 +38,9 @@ from accel_diffusion.server.app import (
     error_response,
     get_owner,
 )
-from accel_diffusion.server.jobs import DrainingError, JobStatus, OutputOptions, QueueFullError, QuotaExceededError
+from accel_diffusion.server.jobs import DrainingError, JobStatus, OutputOptions
 from accel_diffusion.server.redis_backend import RedisJobQueue
+from accel_diffusion.server.redis_events import EventHub
 from accel_diffusion.server.redis_worker import RedisJobRunner
 from accel_diffusion.server.schemas import ImageGenerationRequest, ImagesResponse, JobCreateRequest
 from fastapi import APIRouter, Header, HTTPException, Query, Request, Response
@@ -47,12 +49,14 @@ from fastapi.routing import APIRoute
 from prometheus_client.core import GaugeMetricFamily
 from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import ExponentialWithJitterBackoff
+from starlette.background import BackgroundTask
 
 from accel_diffusion.engine.engine import check_request
 from accel_diffusion.errors import UnknownModelError
 from accel_diffusion.strategy import GenerationRequest
 
 T = TypeVar("T")
+log = logging.getLogger("accel_diffusion.server")
 FINISHED = ("succeeded", "failed", "cancelled")
 RETRY_AFTER_S = 2
 
@@ -68,13 +72,15 @@ class RedisServing:
         def queue() -> RedisJobQueue:
             return RedisJobQueue(settings.redis_url or "", settings.redis_prefix, settings.lease_s, settings.job_ttl_s,
                                  settings.request_limits(), settings.max_job_image_bytes,
-                                 settings.key_max_job_image_bytes)
+                                 settings.key_max_job_image_bytes, settings.max_deliveries,
+                                 settings.max_finished_jobs, settings.key_max_finished_jobs)
 
         self.queue = queue()
         # waits for a job's next event (XREAD BLOCK) on the event loop: no thread held while a request waits
         retry = AsyncRetry(ExponentialWithJitterBackoff(base=0.01, cap=0.2), 3)
         self.waiter = redis.asyncio.Redis.from_url(settings.redis_url, decode_responses=True, socket_timeout=10,
                                                    socket_connect_timeout=2, max_connections=4096, retry=retry)
+        self.events = EventHub(self.waiter, f"{settings.redis_prefix}:wake:{uuid.uuid4().hex}")
         self.runner = None
         if settings.role != "api":
             name = settings.worker_name or f"{socket.gethostname()}-{os.getpid()}"
@@ -157,20 +163,16 @@ def check_model(state: ServerState, request: GenerationRequest) -> None:
     check_request(state.registry.spec(request.model), request)
 
 
-async def submit(state: ServerState, request: GenerationRequest, output: OutputOptions, owner: str | None) -> str:
+async def submit(state: ServerState, request: GenerationRequest, output: OutputOptions,
+                 owner: str | None) -> dict[str, str]:
+    """Check, admit (the key's queued quota and the queue's cap) and queue the job in one Redis round trip; its
+    record as written."""
     if state.draining:
         raise DrainingError("the server is shutting down; retry on another replica")
     check_model(state, request)
-    queue = serving(state).queue
-    if await call(queue.queued_count, owner) >= state.settings.key_max_queued_jobs:
-        raise QuotaExceededError("key_max_queued_jobs", state.settings.key_max_queued_jobs,
-                                 "jobs queued for this API key", RETRY_AFTER_S)
-    stats = await call(queue.stats, request.model)
-    if stats.waiting >= state.settings.queue_max:
-        raise QueueFullError(state.settings.queue_max, RETRY_AFTER_S)
-    job_id = "job_" + uuid.uuid4().hex
-    await call(queue.enqueue, job_id, request, output, owner)
-    return job_id
+    record, _ = await call(serving(state).queue.admit, "job_" + uuid.uuid4().hex, request, output, owner,
+                           state.settings.key_max_queued_jobs, state.settings.queue_max, RETRY_AFTER_S)
+    return record
 
 
 async def visible_record(state: ServerState, job_id: str, owner: str | None) -> dict[str, str]:
@@ -183,38 +185,60 @@ async def visible_record(state: ServerState, job_id: str, owner: str | None) -> 
 
 
 async def public(state: ServerState, job_id: str, include_result: bool = True) -> dict[str, Any]:
-    queue = serving(state).queue
-    record = await call(queue.get, job_id)
-    if record is None:
+    """The job object, its record and result read in one round trip on the event loop (no thread)."""
+    redis_serving = serving(state)
+    try:
+        async with redis_serving.waiter.pipeline(transaction=False) as pipe:
+            pipe.hgetall(redis_serving.queue.job_key(job_id))
+            pipe.get(redis_serving.queue.result_key(job_id))
+            record, terminal = await pipe.execute()
+    except redis.RedisError as exc:
+        raise unavailable(exc) from None
+    if not record:
         raise HTTPException(404, f"no job {job_id!r} (finished jobs are kept for {state.settings.job_ttl_s:g} s)")
-    return await call(queue.public, record, include_result)
+    return redis_serving.queue.public(record, include_result, terminal=terminal or "")
 
 
 async def wait_event(state: ServerState, job_id: str, after: int, timeout_s: float) -> None:
     """Return once the job has an event after number ``after``, or after ``timeout_s``."""
     redis_serving = serving(state)
     try:
-        await redis_serving.waiter.xread({redis_serving.queue.events_key(job_id): f"0-{after}"}, count=1,
-                                         block=max(1, round(timeout_s * 1000)))
+        await redis_serving.events.wait(redis_serving.queue.events_key(job_id), after, timeout_s)
     except redis.RedisError as exc:
         raise unavailable(exc) from None
 
 
-async def wait_finished(state: ServerState, job_id: str, timeout: float,
-                        request: Request | None = None) -> dict[str, Any]:
-    """The job once finished, or after ``timeout``; with ``request``, a client that leaves cancels the job."""
+async def wait_finished(state: ServerState, job_id: str, timeout: float, request: Request | None = None,
+                        after: int | None = None) -> dict[str, Any]:
+    """The job once finished, or after ``timeout``; with ``request``, a client that leaves cancels the job.
+    ``after``: the number of the job's events already known not to be terminal (a job just queued: 1). Waits on
+    the job's event stream alone (the process's one event reader, EventHub): no status read per event."""
+    redis_serving = serving(state)
     deadline = time.monotonic() + timeout
     checked = time.monotonic()
-    while True:
-        status, events = await call(serving(state).queue.progress_mark, job_id)
-        if status in FINISHED or status is None or time.monotonic() >= deadline:
+    if after is None:
+        status, after = await call(redis_serving.queue.progress_mark, job_id)
+        if status in FINISHED or status is None:
             return await public(state, job_id)
+    key = redis_serving.queue.events_key(job_id)
+    while time.monotonic() < deadline:
         if request is not None and time.monotonic() - checked >= DISCONNECT_CHECK_S:
             checked = time.monotonic()
             if await request.is_disconnected():
-                await call(serving(state).queue.cancel, job_id)
-                return await public(state, job_id)
-        await wait_event(state, job_id, events, min(DISCONNECT_CHECK_S, max(0.001, deadline - time.monotonic())))
+                await call(redis_serving.queue.cancel, job_id)
+                break
+        block = min(DISCONNECT_CHECK_S, max(0.001, deadline - time.monotonic()))
+        try:
+            entries = await redis_serving.events.wait(key, after, block)
+        except redis.RedisError as exc:
+            raise unavailable(exc) from None
+        if entries:
+            after = int(entries[-1][0].split("-")[1])
+            if any(fields["type"] in TERMINAL_EVENTS for _, fields in entries):
+                break
+        elif not await redis_serving.waiter.exists(key):  # expired (or dropped) while waited on
+            break
+    return await public(state, job_id)
 
 
 def redis_api_routes(memory_routes: APIRouter) -> APIRouter:
@@ -246,9 +270,9 @@ def redis_api_routes(memory_routes: APIRouter) -> APIRouter:
     @router.post("/v1/jobs", tags=["jobs"], status_code=202)
     async def create_job(body: JobCreateRequest, state: State, owner: Owner, response: Response) -> dict[str, Any]:
         generation = await asyncio.to_thread(body.to_generation_request, state.default_model, state.limits)
-        job_id = await submit(state, generation, body.output_options(), owner)
-        response.headers["Location"] = f"/v1/jobs/{job_id}"
-        return await public(state, job_id)
+        record = await submit(state, generation, body.output_options(), owner)
+        response.headers["Location"] = f"/v1/jobs/{record['id']}"
+        return serving(state).queue.public(record, terminal="")  # the record just written: no read back
 
     @router.get("/v1/jobs", tags=["jobs"])
     async def list_jobs(state: State, owner: Owner, status: JobStatus | None = None) -> dict[str, Any]:
@@ -293,10 +317,10 @@ def redis_api_routes(memory_routes: APIRouter) -> APIRouter:
 
 async def _run_images(generation: GenerationRequest, output: OutputOptions, request: Request,
                       state: ServerState) -> Any:
-    job_id = await submit(state, generation, output, get_owner(request))
-    job = await wait_finished(state, job_id, float("inf"), request)
-    if job["status"] in FINISHED:  # returned once: the job record keeps the seeds, not the images
-        await call(serving(state).queue.release_images, job_id)
+    job_id = (await submit(state, generation, output, get_owner(request)))["id"]
+    job = await wait_finished(state, job_id, float("inf"), request, after=1)
+    # returned once: the job record keeps the seeds, not the images, released once the answer is sent
+    release = BackgroundTask(release_images, state, job_id) if job["status"] in FINISHED else None
     if job["status"] == "succeeded":
         result = job["result"]
         images = result["images"]
@@ -305,12 +329,21 @@ async def _run_images(generation: GenerationRequest, output: OutputOptions, requ
                                                for im in images],
                                       "seeds": [im["seed"] for im in images],
                                       "usage": {"images": len(images), "nfe_per_image": result["nfe"],
-                                                "compute_s": round(result["timings"]["total"], 4)}})
+                                                "compute_s": round(result["timings"]["total"], 4)}},
+                                     background=release)
     if job["status"] == "cancelled":
         return error_response(409, "cancelled", f"job {job_id} was cancelled")
     error = job["error"] or {}
     return error_response(ERROR_STATUS.get(error.get("type"), 500), error.get("type", "internal_error"),
                           error.get("message", "failed"), error.get("param"))
+
+
+async def release_images(state: ServerState, job_id: str) -> None:
+    """Release the job's images (a synchronous call has answered with them)."""
+    try:
+        await asyncio.to_thread(serving(state).queue.release_images, job_id)
+    except redis.RedisError as exc:  # kept until a cap or the TTL drops them
+        log.warning("job %s: could not release its images (%s)", job_id, exc)
 
 
 async def _sse(state: ServerState, job_id: str, last_id: int, request: Request, release: Callable[[], None],

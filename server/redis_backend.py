@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import redis
-from accel_diffusion.server.jobs import OutputOptions, request_echo
+from accel_diffusion.server.jobs import OutputOptions, QueueFullError, QuotaExceededError, request_echo
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.retry import Retry
 
@@ -72,25 +72,117 @@ redis.call('SET', KEYS[3], ARGV[3], 'EX', ARGV[4])
 return 1
 """
 
-# KEYS: job, events, cancel flag, result. ARGV: consumer, started_at, ttl s, cancelled record json. The attempt
-# that starts now (a reclaimed job's attempt goes up by one), or 0 when the job must not run (finished, expired,
-# or cancelled: a job cancelled while its dead worker ran it is finished as cancelled here): the caller acks it.
+# KEYS: job, events, cancel flag, result, queue, dead letters. ARGV: consumer, started_at, ttl s, cancelled record
+# json, group, entry id, max deliveries, failed record json, failed event data json, job id. The attempt that
+# starts now (a reclaimed job's attempt goes up by one), or 0 when the job must not run (finished, expired, or
+# cancelled: a job cancelled while its dead worker ran it is finished as cancelled here), or -1 when it already
+# started max deliveries times and no worker finished it (a poison job: finished as failed, its entry moved to
+# the dead letters and acked). The caller acks on 0 and -1. A job that starts: {attempt, its request, output,
+# owner, created_at} (no second read).
 _START = """
 local status = redis.call('HGET', KEYS[1], 'status')
 if not status or (status ~= 'queued' and status ~= 'running') then return 0 end
-if redis.call('EXISTS', KEYS[3]) == 1 then
-  if redis.call('SET', KEYS[4], ARGV[4], 'NX', 'EX', ARGV[3]) then
-    redis.call('HSET', KEYS[1], 'status', 'cancelled', 'completed_at', ARGV[2])
+local function finish(record, new_status, event_type, data)
+  if redis.call('SET', KEYS[4], record, 'NX', 'EX', ARGV[3]) then
+    redis.call('HSET', KEYS[1], 'status', new_status, 'completed_at', ARGV[2])
     redis.call('XADD', KEYS[2], 'MAXLEN', '~', 1000, '0-' .. redis.call('HINCRBY', KEYS[1], 'events', 1),
-               'type', 'job.cancelled', 'attempt', redis.call('HGET', KEYS[1], 'attempt'), 'data', '{"step": 0}')
+               'type', event_type, 'attempt', redis.call('HGET', KEYS[1], 'attempt'), 'data', data)
     redis.call('EXPIRE', KEYS[1], ARGV[3])
     redis.call('EXPIRE', KEYS[2], ARGV[3])
   end
+end
+if redis.call('EXISTS', KEYS[3]) == 1 then
+  finish(ARGV[4], 'cancelled', 'job.cancelled', '{"step": 0}')
   return 0
+end
+local started = tonumber(redis.call('HGET', KEYS[1], 'attempt') or '0')
+if started >= tonumber(ARGV[7]) then
+  finish(ARGV[8], 'failed', 'job.failed', ARGV[9])
+  redis.call('XADD', KEYS[6], '*', 'job', ARGV[10], 'entry', ARGV[6],
+             'deliveries', started, 'last_consumer', redis.call('HGET', KEYS[1], 'consumer') or '',
+             'failed_at', ARGV[2])
+  redis.call('XACK', KEYS[5], ARGV[5], ARGV[6])
+  return -1
 end
 local attempt = redis.call('HINCRBY', KEYS[1], 'attempt', 1)
 redis.call('HSET', KEYS[1], 'status', 'running', 'consumer', ARGV[1], 'started_at', ARGV[2], 'step', 0)
-return attempt
+return {attempt, redis.call('HMGET', KEYS[1], 'request', 'output', 'owner', 'created_at')}
+"""
+
+# KEYS: owner index, queue, job, events. ARGV: job key prefix, group, owner's queued cap, waiting cap, queued event
+# data json, then the record's fields and values. Admission and enqueue in one round trip: {1, n} the owner has n
+# >= cap jobs queued; {2, n} n >= cap jobs wait in the model's queue; else the record, its job.queued event (id
+# 0-1), its queue entry and its place in the owner index are written and {0, entry id} returned. The owner's
+# jobs' records are read by name (one Redis, not a cluster).
+_ENQUEUE = """
+local queued = 0
+for _, id in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
+  if redis.call('HGET', ARGV[1] .. id, 'status') == 'queued' then queued = queued + 1 end
+end
+if queued >= tonumber(ARGV[3]) then return {1, queued} end
+local last = '0-0'
+local info = redis.call('XINFO', 'GROUPS', KEYS[2])
+for _, group in ipairs(info) do
+  local fields = {}
+  for i = 1, #group, 2 do fields[group[i]] = group[i + 1] end
+  if fields['name'] == ARGV[2] then last = fields['last-delivered-id'] end
+end
+local waiting = #redis.call('XRANGE', KEYS[2], '(' .. last, '+', 'COUNT', ARGV[4])
+if waiting >= tonumber(ARGV[4]) then return {2, waiting} end
+local record = {}
+for i = 6, #ARGV do record[#record + 1] = ARGV[i] end
+redis.call('HSET', KEYS[3], unpack(record))
+redis.call('XADD', KEYS[4], 'MAXLEN', '~', 1000, '0-1', 'type', 'job.queued', 'attempt', '0', 'data', ARGV[5])
+local entry = redis.call('XADD', KEYS[2], '*', 'job', redis.call('HGET', KEYS[3], 'id'))
+redis.call('ZADD', KEYS[1], redis.call('HGET', KEYS[3], 'created_at'), redis.call('HGET', KEYS[3], 'id'))
+return {0, entry}
+"""
+
+# ARGV: key prefix, job id, now, ttl s, owner's cap, global cap. Retention of finished jobs, as in memory mode: the
+# job (if finished) joins its owner's finished jobs ({p}:fin:{owner}, by completion time; {p}:fin:owners counts
+# them per owner); expired ones leave; past the owner's cap its oldest are dropped, past the global cap the owner
+# keeping the most gives up its oldest (nobody's retention is spent by someone else). A dropped job's keys are
+# deleted; returns the dropped ids (their images are released by the caller). Keys by name: one Redis.
+_RETAIN = """
+local p, cutoff = ARGV[1], tonumber(ARGV[3]) - tonumber(ARGV[4])
+local owners, dropped = p .. ':fin:owners', {}
+local function fin(o) return p .. ':fin:' .. o end
+local function count(o)
+  local n = redis.call('ZCARD', fin(o))
+  if n == 0 then redis.call('ZREM', owners, o) else redis.call('ZADD', owners, n, o) end
+  return n
+end
+local function drop(o, id)
+  redis.call('ZREM', fin(o), id)
+  redis.call('ZREM', p .. ':owner:' .. o, id)
+  redis.call('DEL', p .. ':job:' .. id, p .. ':ev:' .. id, p .. ':res:' .. id, p .. ':prev:' .. id,
+             p .. ':cancel:' .. id)
+  dropped[#dropped + 1] = id
+end
+local job = p .. ':job:' .. ARGV[2]
+local status, owner, done = unpack(redis.call('HMGET', job, 'status', 'owner', 'completed_at'))
+if not status or status == 'queued' or status == 'running' or not done then return dropped end
+if owner == '' then owner = '-' end
+redis.call('ZADD', fin(owner), done, ARGV[2])
+redis.call('ZREMRANGEBYSCORE', fin(owner), '-inf', cutoff)
+local n = count(owner)
+while n > tonumber(ARGV[5]) do
+  drop(owner, redis.call('ZRANGE', fin(owner), 0, 0)[1])
+  n = count(owner)
+end
+local total = 0
+local counts = redis.call('ZRANGE', owners, 0, -1, 'WITHSCORES')
+for i = 2, #counts, 2 do total = total + tonumber(counts[i]) end
+while total > tonumber(ARGV[6]) do
+  local most = redis.call('ZREVRANGE', owners, 0, 0)[1]
+  local before = tonumber(redis.call('ZSCORE', owners, most))
+  if redis.call('ZREMRANGEBYSCORE', fin(most), '-inf', cutoff) == 0 then
+    local oldest = redis.call('ZRANGE', fin(most), 0, 0)[1]
+    if oldest then drop(most, oldest) end
+  end
+  total = total - before + count(most)
+end
+return dropped
 """
 
 # KEYS: job, events. ARGV: attempt, type, data json, step, total. Appends the event of the job's current attempt
@@ -199,11 +291,16 @@ class RedisJobQueue:
     past it another worker reclaims the job). ``ttl_s``: how long a finished job's keys are kept. Finished jobs
     hold at most ``max_image_bytes`` base64 characters of images in all and ``key_max_image_bytes`` per owner:
     past them the oldest jobs' images are released (``images_released``), the owner holding the most first.
+    Finished jobs are kept up to ``key_max_finished`` per owner and ``max_finished`` in all (``retain``).
+    ``max_deliveries``: how many times a job is started before it is given up (each of its workers died or lost
+    its lease before finishing it): its record ends failed (``worker_lost``) and its queue entry moves to the dead
+    letters (``dead_letter_key``), never delivered again.
     """
 
     def __init__(self, url: str, prefix: str = "ad", lease_s: float = 30.0, ttl_s: float = 3600.0,
                  limits: RequestLimits | None = None, max_image_bytes: int | None = None,
-                 key_max_image_bytes: int | None = None) -> None:
+                 key_max_image_bytes: int | None = None, max_deliveries: int = 3, max_finished: int = 1 << 30,
+                 key_max_finished: int = 1 << 30) -> None:
         # socket_timeout above the longest BLOCK used (claim): redis-py's default 5 s would retry a long BLOCK;
         # few, short retries: while Redis is down a request answers 503 in well under a second
         self.redis = redis.Redis.from_url(url, decode_responses=True, socket_timeout=10, socket_connect_timeout=2,
@@ -215,7 +312,12 @@ class RedisJobQueue:
         self.limits = limits or RequestLimits()
         self.max_image_bytes = max_image_bytes
         self.key_max_image_bytes = key_max_image_bytes
+        self.max_deliveries = max_deliveries
+        self.max_finished = max_finished
+        self.key_max_finished = key_max_finished
         self._complete = self.redis.register_script(_COMPLETE)
+        self._enqueue = self.redis.register_script(_ENQUEUE)
+        self._retain = self.redis.register_script(_RETAIN)
         self._start = self.redis.register_script(_START)
         self._emit = self.redis.register_script(_EMIT)
         self._cancel = self.redis.register_script(_CANCEL)
@@ -234,6 +336,11 @@ class RedisJobQueue:
     def _job(self, job_id: str) -> str:
         return f"{self.prefix}:job:{job_id}"
 
+    job_key = _job
+
+    def result_key(self, job_id: str) -> str:
+        return self._result(job_id)
+
     def _events(self, job_id: str) -> str:
         return f"{self.prefix}:ev:{job_id}"
 
@@ -248,6 +355,11 @@ class RedisJobQueue:
 
     def _cancel_flag(self, job_id: str) -> str:
         return f"{self.prefix}:cancel:{job_id}"
+
+    def dead_letter_key(self, model: str) -> str:
+        """The model's dead letters: a Stream, one entry (``job``, ``entry``, ``deliveries``, ``last_consumer``,
+        ``failed_at``) per job given up after ``max_deliveries`` starts."""
+        return f"{self.prefix}:dead:{model}"
 
     def ensure_group(self, model: str) -> None:
         """Create the model's queue and its consumer group (from the start: jobs queued before it are seen)."""
@@ -264,20 +376,31 @@ class RedisJobQueue:
 
     def enqueue(self, job_id: str, request: GenerationRequest, output: OutputOptions, owner: str | None,
                 created_at: float | None = None) -> str:
-        """Record and queue a job (one transaction: its record, its ``job.queued`` event, its queue entry)."""
+        """Record and queue a job (one script: its record, its ``job.queued`` event, its queue entry)."""
+        return self.admit(job_id, request, output, owner, created_at=created_at)[1]
+
+    def admit(self, job_id: str, request: GenerationRequest, output: OutputOptions, owner: str | None,
+              key_max_queued: int = 1 << 30, queue_max: int = 1 << 30, retry_after_s: int = 2,
+              created_at: float | None = None) -> tuple[dict[str, str], str]:
+        """Queue a job if ``owner`` has fewer than ``key_max_queued`` jobs queued and fewer than ``queue_max`` wait
+        in the model's queue, in one round trip: its record (as ``get`` reads it) and queue entry id. Raises
+        QuotaExceededError (``key_max_queued_jobs``) or QueueFullError past them."""
         self.ensure_group(request.model)
         created_at = time.time() if created_at is None else created_at
         record = {"id": job_id, "model": request.model, "owner": owner or "", "status": "queued",
                   "request": dump_request(request), "echo": json.dumps(request_echo(request, output)),
-                  "output": json.dumps(asdict(output)), "created_at": repr(created_at), "attempt": 0, "events": 1,
-                  "step": 0, "total": request.steps or 0}
-        pipe = self.redis.pipeline(transaction=True)
-        pipe.hset(self._job(job_id), mapping=record)
-        pipe.xadd(self._events(job_id), {"type": "job.queued", "attempt": "0", "data": json.dumps({"position": None})},
-                  id="0-1", maxlen=EVENTS_MAXLEN)
-        pipe.xadd(self.queue_key(request.model), {"job": job_id})
-        pipe.zadd(self._owned(owner), {job_id: created_at})
-        return pipe.execute()[2]
+                  "output": json.dumps(asdict(output)), "created_at": repr(created_at), "attempt": "0", "events": "1",
+                  "step": "0", "total": str(request.steps or 0)}
+        code, value = self._enqueue(
+            keys=[self._owned(owner), self.queue_key(request.model), self._job(job_id), self._events(job_id)],
+            args=[self._job(""), GROUP, key_max_queued, queue_max, json.dumps({"position": None}),
+                  *[item for pair in record.items() for item in pair]])
+        if code == 1:
+            raise QuotaExceededError("key_max_queued_jobs", key_max_queued, "jobs queued for this API key",
+                                     retry_after_s)
+        if code == 2:
+            raise QueueFullError(queue_max, retry_after_s)
+        return record, str(value)
 
     def jobs_of(self, owner: str | None) -> list[dict[str, str]]:
         """The records of ``owner``'s jobs still kept, oldest first (expired ones leave the owner's index)."""
@@ -291,14 +414,6 @@ class RedisJobQueue:
         if gone:
             self.redis.zrem(index, *gone)
         return [record for record in records if record]
-
-    def queued_count(self, owner: str | None) -> int:
-        """How many of ``owner``'s jobs are queued (not yet started)."""
-        job_ids = self.redis.zrange(self._owned(owner), 0, -1)
-        pipe = self.redis.pipeline(transaction=False)
-        for job_id in job_ids:
-            pipe.hget(self._job(job_id), "status")
-        return sum(status == "queued" for status in (pipe.execute() if job_ids else []))
 
     def progress_mark(self, job_id: str) -> tuple[str | None, int]:
         """The job's status and its number of events so far (the id of its last one)."""
@@ -315,10 +430,13 @@ class RedisJobQueue:
         """The job's record, or None (unknown or expired)."""
         return self.redis.hgetall(self._job(job_id)) or None
 
-    def public(self, record: dict[str, str], include_result: bool = True) -> dict[str, Any]:
-        """The job object of the API (as ``Job.public``) from its record."""
-        terminal = self.redis.get(self._result(record["id"])) if record["status"] not in ("queued", "running") else None
-        final = json.loads(terminal) if terminal else {}
+    def public(self, record: dict[str, str], include_result: bool = True,
+               terminal: str | None = None) -> dict[str, Any]:
+        """The job object of the API (as ``Job.public``) from its record (and its terminal record, read here
+        unless given: "" for none)."""
+        if terminal is None and record["status"] not in ("queued", "running"):
+            terminal = self.redis.get(self._result(record["id"]))
+        final = json.loads(terminal) if terminal and record["status"] not in ("queued", "running") else {}
         total = int(record.get("total") or 0) or None
         step = int(record.get("step") or 0)
         return {
@@ -359,8 +477,11 @@ class RedisJobQueue:
         """Cancel a job: 1 a queued job, cancelled now; 0 a running one, stopped by its worker at its next step;
         -1 finished or unknown (nothing changes)."""
         record = json.dumps({"status": "cancelled", "result": None, "error": None})
-        return int(self._cancel(keys=[self._job(job_id), self._events(job_id), self._cancel_flag(job_id),
+        done = int(self._cancel(keys=[self._job(job_id), self._events(job_id), self._cancel_flag(job_id),
                                       self._result(job_id)], args=[self.ttl_s, repr(time.time()), record]))
+        if done == 1:
+            self.retain(job_id)
+        return done
 
     def stats(self, model: str) -> QueueStats:
         """The model's queue depth and oldest waiting job's age, the same from every process."""
@@ -390,6 +511,15 @@ class RedisJobQueue:
         if keep_from in (None, "0-0"):
             return 0
         return int(self.redis.xtrim(key, minid=keep_from, approximate=False))
+
+    def retain(self, job_id: str) -> list[str]:
+        """Count a just-finished job among its owner's finished jobs and apply the retention caps (see
+        ``_RETAIN``); idempotent. Returns the ids of the jobs dropped (their images released)."""
+        dropped = list(self._retain(args=[self.prefix, job_id, repr(time.time()), self.ttl_s, self.key_max_finished,
+                                          self.max_finished]))
+        for dropped_id in dropped:
+            self.release_images(dropped_id)
+        return dropped
 
     def ping(self) -> bool:
         return bool(self.redis.ping())
@@ -427,16 +557,24 @@ class RedisJobQueue:
 
     def _start_claimed(self, model: str, entry_id: str, job_id: str, consumer: str) -> ClaimedJob | None:
         cancelled = json.dumps({"status": "cancelled", "result": None, "error": None})
-        attempt = int(self._start(keys=[self._job(job_id), self._events(job_id), self._cancel_flag(job_id),
-                                        self._result(job_id)],
-                                  args=[consumer, repr(time.time()), self.ttl_s, cancelled])) if job_id else 0
-        record = self.get(job_id) if attempt else None
-        if record is None:
+        error = {"type": "worker_lost", "code": "worker_lost", "param": None,
+                 "message": f"the job was started {self.max_deliveries} times (max_deliveries) and each time its "
+                            "worker died or lost its lease before finishing it; it is not run again (it may crash "
+                            "the worker: try fewer steps, a smaller size or fewer images)"}
+        failed = json.dumps({"status": "failed", "result": None, "error": error})
+        started = self._start(
+            keys=[self._job(job_id), self._events(job_id), self._cancel_flag(job_id), self._result(job_id),
+                  self.queue_key(model), self.dead_letter_key(model)],
+            args=[consumer, repr(time.time()), self.ttl_s, cancelled, GROUP, entry_id, self.max_deliveries, failed,
+                  json.dumps({"error": error}), job_id]) if job_id else 0
+        if not isinstance(started, list):
             self.redis.xack(self.queue_key(model), GROUP, entry_id)
+            if job_id:  # finished here (cancelled, or given up) or earlier: retained once either way
+                self.retain(job_id)
             return None
-        return ClaimedJob(entry_id, model, job_id, load_request(record["request"], self.limits),
-                          OutputOptions(**json.loads(record["output"])), record.get("owner") or None,
-                          float(record["created_at"]), attempt)
+        attempt, (request, output, owner, created_at) = started
+        return ClaimedJob(entry_id, model, job_id, load_request(request, self.limits),
+                          OutputOptions(**json.loads(output)), owner or None, float(created_at), int(attempt))
 
     def renew(self, model: str, consumer: str, entry_ids: list[str]) -> list[str]:
         """Renew the lease of ``consumer``'s entries; returns those it still holds (a lost one was reclaimed)."""
@@ -445,19 +583,21 @@ class RedisJobQueue:
         return list(self._renew(keys=[self.queue_key(model)], args=[GROUP, consumer, *entry_ids]))
 
     def emit(self, job: ClaimedJob, type_: str, data: dict[str, Any], step: int | None = None,
-             total: int | None = None) -> bool:
-        """Append an event of the job's running attempt (False: the job is no longer this attempt's)."""
+             total: int | None = None, client: redis.client.Pipeline | None = None) -> bool:
+        """Append an event of the job's running attempt (False: the job is no longer this attempt's). With
+        ``client`` (a pipeline) it is queued there, sent with the pipeline's other commands."""
         return bool(self._emit(keys=[self._job(job.job_id), self._events(job.job_id)],
                                args=[job.attempt, type_, json.dumps(data), "" if step is None else step,
-                                     "" if total is None else total]))
+                                     "" if total is None else total], client=client))
 
-    def emit_preview(self, job: ClaimedJob, data: dict[str, Any]) -> bool:
+    def emit_preview(self, job: ClaimedJob, data: dict[str, Any], client: redis.client.Pipeline | None = None) -> bool:
         """A ``job.preview`` event (``step``, ``output_format``, ``b64_json``) of the job's running attempt; its
-        images are kept for the latest preview only."""
+        images are kept for the latest preview only. ``client``: as in ``emit``."""
         event = {"step": data["step"], "output_format": data.get("output_format")}
         preview = {"step": data["step"], "b64_json": data.get("b64_json") or []}
         return bool(self._preview(keys=[self._job(job.job_id), self._events(job.job_id), self._preview_key(job.job_id)],
-                                  args=[job.attempt, json.dumps(event), json.dumps(preview), self.ttl_s]))
+                                  args=[job.attempt, json.dumps(event), json.dumps(preview), self.ttl_s],
+                                  client=client))
 
     def complete(self, job: ClaimedJob, consumer: str, status: str, result: dict[str, Any] | None = None,
                  error: dict[str, Any] | None = None, step: int = 0) -> int:

@@ -31,6 +31,8 @@ class RedisJob(Job):
     queue: RedisJobQueue | None = None
     consumer: str = ""
     outcome: int | None = None
+    finished: threading.Event | None = None  # set once its end is written (the runner claims the next job)
+    publisher: Publisher | None = None  # sends its progress, preview and start events off the device's thread
 
     def emit(self, type_: str, data: dict[str, Any] | None = None) -> JobEvent:
         event = super().emit(type_, data)
@@ -38,22 +40,76 @@ class RedisJob(Job):
             return event
         try:
             if type_ in TERMINAL_TYPES:
+                if self.publisher is not None:
+                    self.publisher.flush()  # its earlier events first
                 self.outcome = self.queue.complete(self.claim, self.consumer, self.status.value, self.result,
                                                    self.error, self.step)
                 if self.outcome == 1:  # written once: its images count against the caps once
                     images = (self.result or {}).get("images", [])
                     self.queue.hold_images(self.id, self.owner, sum(len(im.get("b64_json") or "") for im in images))
-            elif type_ == "job.progress":
-                self.queue.emit(self.claim, type_, event.data, event.data["step"], event.data["total"])
-            elif type_ == "job.preview":
-                self.queue.emit_preview(self.claim, event.data)
-            elif type_ == "job.started":
-                self.queue.emit(self.claim, type_, {"attempt": self.claim.attempt})
+                    self.queue.retain(self.id)
+                if self.finished is not None:
+                    self.finished.set()
+            elif self.publisher is not None:
+                self.publisher.put(lambda pipe: self._publish(pipe, type_, event.data))
             else:
-                self.queue.emit(self.claim, type_, event.data)
+                self._publish(None, type_, event.data)
         except redis.RedisError as exc:  # the lease runs out and another worker runs the job again
             log.warning("job %s: could not publish %s (%s); its lease will expire", self.id, type_, exc)
         return event
+
+    def _publish(self, pipe: redis.client.Pipeline | None, type_: str, data: dict[str, Any]) -> None:
+        assert self.claim is not None and self.queue is not None
+        if type_ == "job.progress":
+            self.queue.emit(self.claim, type_, data, data["step"], data["total"], client=pipe)
+        elif type_ == "job.preview":
+            self.queue.emit_preview(self.claim, data, client=pipe)
+        elif type_ == "job.started":
+            self.queue.emit(self.claim, type_, {"attempt": self.claim.attempt}, client=pipe)
+        else:
+            self.queue.emit(self.claim, type_, data, client=pipe)
+
+
+class Publisher:
+    """A thread that sends running jobs' events to Redis, all those waiting in one pipeline (one round trip),
+    so the device never waits on Redis between steps; ``flush`` returns once all put so far are sent. A daemon
+    thread: it outlives the runner's stop, for the jobs still finishing on the device."""
+
+    def __init__(self, queue: RedisJobQueue) -> None:
+        self.queue = queue
+        self._items: list[Callable[[redis.client.Pipeline], None]] = []
+        self._cond = threading.Condition()
+        self._sending = False
+        self._thread = threading.Thread(target=self._run, name="accel-diffusion-publish", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def put(self, item: Callable[[redis.client.Pipeline], None]) -> None:
+        with self._cond:
+            self._items.append(item)
+            self._cond.notify_all()
+
+    def flush(self, timeout: float = 30.0) -> None:
+        with self._cond:
+            self._cond.wait_for(lambda: not self._items and not self._sending, timeout)
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: self._items)
+                items, self._items, self._sending = self._items, [], True
+            try:
+                pipe = self.queue.redis.pipeline(transaction=False)
+                for item in items:
+                    item(pipe)
+                pipe.execute()
+            except redis.RedisError as exc:  # lost events; the lease runs out if Redis stays away
+                log.warning("could not publish %d job events (%s)", len(items), exc)
+            finally:
+                with self._cond:
+                    self._sending = False
+                    self._cond.notify_all()
 
 
 class RedisJobRunner:
@@ -74,10 +130,13 @@ class RedisJobRunner:
         self._held: dict[str, RedisJob] = {}  # by queue entry id
         self._lock = threading.Lock()
         self._stopping = threading.Event()
+        self._finished = threading.Event()  # a held job's end was written
+        self.publisher = Publisher(queue)
         self._threads = [threading.Thread(target=self._claim_loop, name="accel-diffusion-claim", daemon=True),
                          threading.Thread(target=self._lease_loop, name="accel-diffusion-lease", daemon=True)]
 
     def start(self) -> None:
+        self.publisher.start()
         for thread in self._threads:
             thread.start()
 
@@ -93,12 +152,19 @@ class RedisJobRunner:
             return list(self._held.values())
 
     def _claim_loop(self) -> None:
+        soon = 0.0  # until then the device is polled every 0.5 ms (a job just ended: it is idle any moment)
         while not self._stopping.is_set():
             with self._lock:
                 for entry_id in [e for e, job in self._held.items() if job.status.finished]:
                     del self._held[entry_id]
             if self.worker.busy or self.worker.queue_depth or not self.accepting():
-                time.sleep(0.01)
+                if self._finished.is_set():
+                    self._finished.clear()
+                    soon = time.monotonic() + 0.05
+                if time.monotonic() < soon:
+                    time.sleep(0.0005)
+                else:
+                    self._finished.wait(0.01)
                 continue
             try:
                 claimed = self.queue.claim(self.models, self.consumer, self.batch_size, block_ms=500)
@@ -109,7 +175,8 @@ class RedisJobRunner:
             for claim in claimed:
                 job = RedisJob(request=claim.request, output=claim.output, id=claim.job_id,
                                created_at=claim.created_at, owner=claim.owner, claim=claim, queue=self.queue,
-                               consumer=self.consumer)
+                               consumer=self.consumer, finished=self._finished,
+                               publisher=self.publisher)
                 try:
                     self.worker.submit(job)
                 except QueueFullError:  # the worker is stopping: the job's lease runs out, another worker runs it

@@ -118,6 +118,9 @@ class ServerSettings(BaseSettings):
         "model; 'worker' loads the models and runs the queued jobs; 'all' both")
     lease_s: float = Field(30.0, gt=0, description="a worker holds a claimed job this long past its last renewal "
                            "(renewed every third of it); a dead worker's job runs again elsewhere after it")
+    max_deliveries: int = Field(3, ge=1, description="a queued job is started at most this many times: past it "
+                                "(each worker died or lost its lease running it) it ends failed (worker_lost) and "
+                                "moves to the dead-letter stream {redis_prefix}:dead:{model}")
     worker_name: str | None = Field(None, description="this worker's consumer name in the Redis queue, stable "
                                     "and unique per worker (default: host name and process id)")
 

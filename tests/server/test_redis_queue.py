@@ -11,10 +11,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from accel_diffusion.server.jobs import OutputOptions
+from accel_diffusion.server.jobs import OutputOptions, QueueFullError, QuotaExceededError
 from accel_diffusion.server.metrics import ServerMetrics
 from accel_diffusion.server.redis_backend import RedisJobQueue
-from accel_diffusion.server.redis_worker import RedisJobRunner
+from accel_diffusion.server.redis_worker import Publisher, RedisJobRunner
 from accel_diffusion.server.worker import DeviceWorker
 from conftest import require_tool
 from redis_server import RedisServer
@@ -71,6 +71,63 @@ def test_the_owner_completes_once_and_a_worker_whose_lease_was_taken_writes_noth
     assert types(api, "job_1") == ["job.queued", "job.progress", "job.completed"]
     assert api.redis.xpending(api.queue_key("tiny"), "workers")["pending"] == 0
     assert 0 < api.redis.ttl(f"{prefix}:job:job_1") <= 60 and 0 < api.redis.ttl(f"{prefix}:res:job_1") <= 60
+
+
+def test_a_job_whose_workers_all_die_is_given_up_after_max_deliveries_and_dead_lettered(redis_url: str,
+                                                                                          prefix: str) -> None:
+    api = make_queue(redis_url, prefix)
+    workers = [RedisJobQueue(redis_url, prefix=prefix, lease_s=0.1, ttl_s=60, max_deliveries=3) for _ in range(5)]
+    api.enqueue("job_1", request(), OutputOptions(), owner="key1")
+    api.enqueue("job_2", request(seed=2), OutputOptions(), owner="key1")
+    claims = []
+    for index in range(3):  # three workers claim job_1 and die holding it (never renew, never ack)
+        claimed = workers[index].claim(["tiny"], f"worker-{index}", 1, block_ms=100)
+        assert [(c.job_id, c.attempt) for c in claimed] == [("job_1", index + 1)]
+        claims.append(claimed[0])
+        time.sleep(0.15)  # past the lease
+    fourth = workers[3].claim(["tiny"], "worker-3", 1, block_ms=100)
+    assert fourth == []  # job_1 given up, not run a fourth time (job_2 waits: only reclaims were due)
+    job = api.public(api.get("job_1"))
+    assert job["status"] == "failed" and job["error"]["code"] == "worker_lost"
+    assert "3 times (max_deliveries)" in job["error"]["message"] and job["result"] is None
+    events = api.events_after("job_1")
+    assert [e.type for e in events] == ["job.queued", "job.failed"]
+    assert events[-1].data["error"]["code"] == "worker_lost"
+    [(_, dead)] = api.redis.xrange(api.dead_letter_key("tiny"))
+    assert dead["job"] == "job_1" and dead["entry"] == claims[0].entry_id
+    assert (dead["deliveries"], dead["last_consumer"]) == ("3", "worker-2")
+    assert api.redis.xpending(api.queue_key("tiny"), "workers")["pending"] == 0  # acked: never delivered again
+    assert workers[2].complete(claims[2], "worker-2", "succeeded", {"images": []}) == -1  # a zombie writes nothing
+    time.sleep(0.15)
+    assert [c.job_id for c in workers[4].claim(["tiny"], "worker-4", 2, block_ms=100)] == ["job_2"]
+    time.sleep(0.15)
+    assert [c.job_id for c in workers[0].claim(["tiny"], "worker-0", 2, block_ms=100)] == ["job_2"]  # reclaimed
+    assert api.get("job_1")["attempt"] == "3" and api.redis.xlen(api.dead_letter_key("tiny")) == 1
+    assert api.public(api.get("job_1"))["status"] == "failed"
+
+
+def test_admission_checks_the_keys_queued_quota_and_the_queue_cap_in_the_same_call(redis_url: str,
+                                                                                     prefix: str) -> None:
+    api, other = make_queue(redis_url, prefix), make_queue(redis_url, prefix)
+
+    def admit(job_id: str, owner: str) -> dict[str, str]:
+        return api.admit(job_id, request(), OutputOptions(), owner, key_max_queued=2, queue_max=3)[0]
+
+    record = admit("job_1", "a")
+    assert api.public(record, terminal="") == other.public(other.get("job_1"))  # the answer is the record as read
+    admit("job_2", "a")
+    with pytest.raises(QuotaExceededError) as quota:
+        admit("job_3", "a")  # a has 2 queued
+    assert (quota.value.quota, quota.value.limit) == ("key_max_queued_jobs", 2)
+    admit("job_3", "b")  # b has none: 3 wait in the queue now
+    with pytest.raises(QueueFullError) as full:
+        admit("job_4", "c")
+    assert full.value.limit == 3 and api.get("job_4") is None and api.stats("tiny").waiting == 3
+    [claim] = other.claim(["tiny"], "w", 1, block_ms=100)  # job_1 runs: a has 1 queued, 2 wait
+    assert claim.job_id == "job_1"
+    admit("job_4", "a")
+    assert [r["id"] for r in api.jobs_of("a")] == ["job_1", "job_2", "job_4"]
+    assert api.stats("tiny").waiting == 3
 
 
 def test_a_renewed_lease_keeps_a_long_job_with_its_worker(redis_url: str, prefix: str) -> None:
@@ -192,6 +249,53 @@ def test_finished_jobs_images_are_capped_per_key_and_in_all_oldest_first(redis_u
     assert queue.release_images("c1") and not queue.release_images("c1")  # once
     assert released("c1") and queue.held_image_bytes() == 9
     assert queue.events_after("c1")[-1].data["result"]["images_released"] is True
+
+
+def test_finished_jobs_are_kept_per_key_and_in_all_the_key_keeping_the_most_gives_one_up(redis_url: str,
+                                                                                           prefix: str) -> None:
+    queue = RedisJobQueue(redis_url, prefix=prefix, ttl_s=60, key_max_finished=2, max_finished=4)
+
+    def finish(job_id: str, owner: str | None, nbytes: int = 0) -> list[str]:
+        queue.enqueue(job_id, request(), OutputOptions(), owner=owner)
+        [claim] = queue.claim(["tiny"], "w", 2, block_ms=100)  # (a cancelled job's entry before it is skipped)
+        assert queue.complete(claim, "w", "succeeded", {"images": [{"b64_json": "A" * nbytes, "seed": 1}]}) == 1
+        queue.hold_images(job_id, owner, nbytes)
+        time.sleep(0.01)  # distinct completion times
+        return queue.retain(job_id)
+
+    def kept(owner: str | None) -> list[str]:
+        return [r["id"] for r in queue.jobs_of(owner)]
+
+    assert finish("a1", "a", 10) == [] and finish("a2", "a") == []
+    assert finish("a3", "a") == ["a1"]  # a past its 2: its oldest goes, with its keys and images
+    assert kept("a") == ["a2", "a3"] and queue.get("a1") is None and queue.events_after("a1") == []
+    assert queue.held_image_bytes("a") == 0 and queue.retain("a3") == []  # idempotent
+    assert finish("b1", "b") == []
+    queue.enqueue("c1", request(), OutputOptions(), owner=None)
+    assert queue.cancel("c1") == 1  # a cancelled queued job counts too (4 in all: a 2, b 1, no key 1)
+    assert kept(None) == ["c1"] and kept("b") == ["b1"]
+    assert finish("d1", "d") == ["a2"]  # 5 > 4: a, keeping the most, gives up its oldest; b's and d's stay
+    assert (kept("a"), kept("b"), kept("d"), kept(None)) == (["a3"], ["b1"], ["d1"], ["c1"])
+    assert queue.redis.zrange(f"{prefix}:fin:owners", 0, -1, withscores=True) == [
+        ("-", 1.0), ("a", 1.0), ("b", 1.0), ("d", 1.0)]
+    queue.enqueue("a4", request(), OutputOptions(), owner="a")  # queued jobs are not finished ones: none dropped
+    assert kept("a") == ["a3", "a4"] and queue.stats("tiny").waiting == 1
+
+
+def test_the_publisher_sends_events_in_order_and_flush_waits_for_them(redis_url: str, prefix: str) -> None:
+    queue = make_queue(redis_url, prefix)
+    queue.enqueue("job_1", request(steps=40), OutputOptions(), owner=None)
+    [claim] = queue.claim(["tiny"], "w", 1, block_ms=100)
+    publisher = Publisher(queue)
+    publisher.start()
+    for step in range(1, 41):
+        publisher.put(lambda pipe, step=step: queue.emit(claim, "job.progress", {"step": step, "total": 40}, step, 40,
+                                                         client=pipe))
+    publisher.flush()
+    events = queue.events_after("job_1")
+    assert [e.id for e in events] == list(range(1, 42))
+    assert [e.data["step"] for e in events[1:]] == list(range(1, 41))
+    assert queue.public(queue.get("job_1"))["progress"] == {"step": 40, "total": 40, "fraction": 1.0}
 
 
 # ---- the runner on a real DeviceWorker ------------------------------------------------------
