@@ -1,14 +1,16 @@
 """How the device worker shares its time between the stream lane and the job queue.
 
-Start-time fair queuing over two lanes by measured cost: each lane has a weight (``stream_share`` and
-``1 - stream_share``) and a virtual time that grows by the wall time of each item it ran (a stream frame,
-one denoising step of a job batch) divided by its weight. When both lanes have work the one with the
-smaller virtual time goes next (a tie goes to the jobs), so over a busy period each gets its share of
-the device's time; a lane alone gets all of it. A lane that was idle rejoins at the other's virtual time,
-less at most one item's worth of credit (its average cost over its weight): a stream whose next frame
-arrives a moment after the last one finished does not lose its turn, and a lane that idled for a minute
-does not then hold the device for a minute. The average cost is an exponentially weighted moving
-average per lane.
+Start-time fair queuing (Goyal, Vin and Cheng, 1996) over two lanes by measured cost: each lane has a weight
+(``stream_share`` and ``1 - stream_share``) and a virtual finish time that grows by the wall time of each item
+it ran (a stream frame, one denoising step of a job batch) divided by its weight. The system's virtual time is
+the start tag of the item run last. When both lanes have work, the one whose next item starts earlier goes (a
+busy lane's next item starts at its finish time; a tie goes to the jobs), so over a busy period each gets its
+share of the device's time, to within one item of each lane; a lane alone gets all of it. A lane that was idle
+rejoins at the system's virtual time: it gets no credit for its idle time, and it does not wait behind the
+item that just ran either, so a small job that arrives during a long stream frame runs up to a frame's worth
+of its own time (at its weight) before the next frame, not one step per frame. After an idle device, both
+lanes start level. The average cost per item (an exponentially weighted moving average per lane) is kept for
+metrics and tests.
 """
 
 from __future__ import annotations
@@ -33,32 +35,28 @@ class FairShare:
         self.seconds: dict[Lane, float] = {"stream": 0.0, "jobs": 0.0}  # all measured time, for metrics and tests
         self.items: dict[Lane, int] = {"stream": 0, "jobs": 0}
         self._active: dict[Lane, bool] = {"stream": False, "jobs": False}
+        self.system = 0.0  # the system's virtual time: the start tag of the item run last
 
     def next(self, stream_waiting: bool, jobs_waiting: bool) -> Lane | None:
         """The lane to run next given which have work now (None: neither)."""
         waiting: dict[Lane, bool] = {"stream": stream_waiting, "jobs": jobs_waiting}
-        before = dict(self._active)
-        latest = max(self.virtual.values())
         for lane in LANES:
-            other: Lane = "jobs" if lane == "stream" else "stream"
-            if waiting[lane] and not before[lane]:  # rejoins: at the running lane's time (an idle device: the latest)
-                reference = self.virtual[other] if before[other] else latest
-                self.virtual[lane] = max(self.virtual[lane], reference - self.credit(lane))
+            if waiting[lane] and not self._active[lane]:  # rejoins at the system's virtual time
+                self.virtual[lane] = max(self.virtual[lane], self.system)
             self._active[lane] = waiting[lane]
         if stream_waiting and jobs_waiting:
             return "stream" if self.virtual["stream"] < self.virtual["jobs"] else "jobs"
         if stream_waiting:
             return "stream"
-        return "jobs" if jobs_waiting else None
-
-    def credit(self, lane: Lane) -> float:
-        """The most virtual time a lane that rejoins may be behind the other: one item at its average cost."""
-        average = self.average[lane]
-        return 0.0 if average is None else average / self.weight[lane]
+        if jobs_waiting:
+            return "jobs"
+        self.system = max(self.virtual.values())  # an idle device: the next busy period starts level
+        return None
 
     def charge(self, lane: Lane, seconds: float) -> None:
         """Account ``seconds`` of device time to ``lane`` (one item: a frame, a job step)."""
         seconds = max(0.0, seconds)
+        self.system = self.virtual[lane]  # the item's start tag
         self.virtual[lane] += seconds / self.weight[lane]
         self.seconds[lane] += seconds
         self.items[lane] += 1

@@ -34,29 +34,54 @@ def test_two_busy_lanes_split_the_time_by_the_share(share: float) -> None:
     assert fair.items == runs and fair.average == cost  # the EWMA of a constant cost is that cost
 
 
-def test_a_lane_alone_gets_all_the_time_and_rejoins_with_one_item_of_credit() -> None:
+def test_a_lane_alone_gets_all_the_time_and_rejoins_at_the_system_virtual_time() -> None:
     fair = FairShare(0.5)
     for _ in range(100):  # jobs alone for 100 s: the stream lane has no work
         assert fair.next(False, True) == "jobs"
         fair.charge("jobs", 1.0)
     assert fair.seconds == {"stream": 0.0, "jobs": 100.0}
-    # the stream rejoins at the jobs' virtual time (no average yet: no credit); a tie goes to the jobs
-    assert fair.next(True, True) == "jobs"
-    fair.charge("jobs", 1.0)
+    # the stream rejoins at the start of the job step run last: the next turn, then one each, not 100 s of frames
     order = []
-    for _ in range(6):
+    for _ in range(7):
         lane = fair.next(True, True)
         assert lane is not None
         fair.charge(lane, 1.0)
         order.append(lane)
-    assert order == ["stream", "jobs", "stream", "jobs", "stream", "jobs"]  # not 100 s of stream frames
-    # the stream pauses for a moment (its next frame not yet sent): it keeps at most one frame of credit
+    assert order == ["stream", "jobs", "stream", "jobs", "stream", "jobs", "stream"]
+    # the stream pauses for a moment (its next frame not yet sent): it keeps its own finish time, no credit
     for _ in range(5):
         assert fair.next(False, True) == "jobs"
         fair.charge("jobs", 1.0)
-    assert fair.next(True, True) == "stream"
-    fair.charge("stream", 1.0)
-    assert fair.next(True, True) == "jobs"
+    assert [_run(fair, 1.0) for _ in range(4)] == ["stream", "jobs", "stream", "jobs"]
+
+
+def _run(fair: FairShare, seconds: float) -> str:
+    lane = fair.next(True, True)
+    assert lane is not None
+    fair.charge(lane, seconds)
+    return lane
+
+
+def test_a_small_job_arriving_during_a_long_frame_runs_its_steps_before_the_next_frame() -> None:
+    """Frames of 2 s, a 10-step job of 0.02 s a step: the job rejoins at the frame's start tag and so gets up
+    to a frame's worth of time (at equal weights) before the next frame. Rejoining at the frame's finish
+    (the first version) gave it one or two steps per frame: a 10-step job took 5 frames."""
+    fair = FairShare(0.5)
+    for _ in range(3):
+        assert fair.next(True, False) == "stream"
+        fair.charge("stream", 2.0)
+    order = []
+    for _ in range(10):
+        lane = fair.next(True, True)
+        assert lane is not None
+        fair.charge(lane, 2.0 if lane == "stream" else 0.02)
+        order.append(lane)
+    assert order == ["jobs"] * 10
+    steps = 10
+    while fair.next(True, True) == "jobs":  # a long job: a frame's worth of steps (2 s / 0.02 s) before a frame
+        fair.charge("jobs", 0.02)
+        steps += 1
+    assert steps in (100, 101)  # (a tie goes to the jobs; float rounding decides the 100th)
 
 
 def test_an_idle_device_gives_no_lane_its_past_idle_time_as_credit() -> None:
