@@ -28,7 +28,8 @@ from torch import nn
 
 from accel_diffusion.students.fdistill import generator_gradient
 from accel_diffusion.students.networks import MlpDenoiser, MlpGenerator
-from accel_diffusion.students.teachers import Teacher
+from accel_diffusion.students.teachers import Teacher, noised
+from accel_diffusion.students.trainer import optimizer_step
 
 
 def fit_denoiser(teacher: Teacher, network: MlpDenoiser, iterations: int, rng: torch.Generator,
@@ -36,14 +37,8 @@ def fit_denoiser(teacher: Teacher, network: MlpDenoiser, iterations: int, rng: t
     """Regress ``network`` onto the teacher's x0-prediction on noised data (a network teacher with weights)."""
     optimizer = torch.optim.Adam(network.parameters(), lr=lr, foreach=True)
     for _ in range(iterations):
-        x0 = teacher.sample_data(batch_size, rng)
-        t = teacher.sample_timesteps(batch_size, rng)
-        alpha, sigma = teacher.alpha_sigma(t)
-        x_t = alpha * x0 + sigma * torch.randn(x0.shape, generator=rng)
-        loss = F.mse_loss(network(x_t, t).sample, teacher.x0(x_t, t))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        x_t, t = noised(teacher, teacher.sample_data(batch_size, rng), rng)
+        optimizer_step(optimizer, F.mse_loss(network(x_t, t).sample, teacher.x0(x_t, t)))
     return network.requires_grad_(False)
 
 
@@ -63,13 +58,8 @@ def record_degradation(teacher_network: MlpDenoiser, initial_student: nn.Module,
         z = torch.randn(batch_size, teacher.dim, generator=rng)
         with torch.no_grad():
             x0 = initial_student(z).sample
-        t = teacher.sample_timesteps(batch_size, rng)
-        alpha, sigma = teacher.alpha_sigma(t)
-        x_t = alpha * x0 + sigma * torch.randn(x0.shape, generator=rng)
-        loss = F.mse_loss(degraded(x_t, t).sample, x0)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        x_t, t = noised(teacher, x0, rng)
+        optimizer_step(optimizer, F.mse_loss(degraded(x_t, t).sample, x0))
         if it % interval == 0:
             path.append(copy.deepcopy(degraded.state_dict()))
     return path
@@ -137,17 +127,10 @@ class DisBack:
         self._load_target()
 
     def _noised(self, x0: torch.Tensor, rng: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        t = self.teacher.sample_timesteps(x0.shape[0], rng)
-        alpha, sigma = self.teacher.alpha_sigma(t)
-        return alpha * x0 + sigma * torch.randn(x0.shape, generator=rng), t
+        return noised(self.teacher, x0, rng)
 
     def _step(self, name: str, loss: torch.Tensor, module: nn.Module) -> None:
-        optimizer = self._optimizers[name]
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if self.grad_clip:
-            torch.nn.utils.clip_grad_norm_(module.parameters(), self.grad_clip)
-        optimizer.step()
+        optimizer_step(self._optimizers[name], loss, module, self.grad_clip)
 
     def train_step(self, iteration: int, rng: torch.Generator) -> dict[str, float]:
         z = torch.randn(self.batch_size, self.teacher.dim, generator=rng)

@@ -27,7 +27,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from accel_diffusion.students.networks import DiscriminatorHead, MlpDenoiser, MlpGenerator
-from accel_diffusion.students.teachers import Teacher
+from accel_diffusion.students.teachers import Teacher, noised
+from accel_diffusion.students.trainer import optimizer_step
 
 
 def _f_rkl(r: torch.Tensor) -> torch.Tensor:
@@ -224,18 +225,10 @@ class FDistill:
         return None
 
     def _noised(self, x0: torch.Tensor, rng: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        t = self.teacher.sample_timesteps(x0.shape[0], rng)
-        alpha, sigma = self.teacher.alpha_sigma(t)
-        eps = torch.randn(x0.shape, generator=rng)
-        return alpha * x0 + sigma * eps, t
+        return noised(self.teacher, x0, rng)
 
     def _step(self, name: str, loss: torch.Tensor, module: nn.Module) -> None:
-        optimizer = self._optimizers[name]
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if self.grad_clip:
-            torch.nn.utils.clip_grad_norm_(module.parameters(), self.grad_clip)
-        optimizer.step()
+        optimizer_step(self._optimizers[name], loss, module, self.grad_clip)
 
     def train_step(self, iteration: int, rng: torch.Generator) -> dict[str, float]:
         z = torch.randn(self.batch_size, self.teacher.dim, generator=rng)

@@ -36,6 +36,13 @@ class Teacher(Protocol):
         """n samples of the data (float32)."""
 
 
+def noised(teacher: Teacher, x0: torch.Tensor, rng: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x_t, t): ``x0`` diffused to timesteps drawn uniformly from the teacher's training range."""
+    t = teacher.sample_timesteps(x0.shape[0], rng)
+    alpha, sigma = teacher.alpha_sigma(t)
+    return alpha * x0 + sigma * torch.randn(x0.shape, generator=rng), t
+
+
 class GmmTeacher:
     """The ``gmm`` oracle as a teacher: its exact denoiser at continuous timesteps in [t_min, t_max]."""
 

@@ -68,6 +68,17 @@ class DistillationMethod(Protocol):
         """Restore :meth:`extra_state`."""
 
 
+def optimizer_step(optimizer: torch.optim.Optimizer, loss: torch.Tensor, module: nn.Module | None = None,
+                   grad_clip: float = 0.0) -> None:
+    """One update: zero the gradients, backpropagate ``loss``, clip ``module``'s gradient norm to ``grad_clip``
+    (when both are given), step."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if module is not None and grad_clip:
+        torch.nn.utils.clip_grad_norm_(module.parameters(), grad_clip)
+    optimizer.step()
+
+
 @dataclass
 class TrainResult:
     """The trained student, its EMA, the history of evaluations and the wall time of this process."""
