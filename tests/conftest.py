@@ -130,3 +130,14 @@ def client(tiny_models_file: Path):
 
     with TestClient(create_app(make_settings(tiny_models_file))) as test_client:
         yield test_client
+
+
+@pytest.fixture(scope="module")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real redis-server of the module's own on a free loopback port (tests/redis_server.py)."""
+    from redis_server import RedisServer
+
+    server = RedisServer(require_tool("redis-server"), tmp_path_factory.mktemp("redis"))
+    server.start()
+    yield server.url
+    server.stop()

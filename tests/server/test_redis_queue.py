@@ -25,14 +25,6 @@ from accel_diffusion.models.registry import ModelRegistry
 from accel_diffusion.strategy import GenerationRequest
 
 
-@pytest.fixture(scope="module")
-def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    server = RedisServer(require_tool("redis-server"), tmp_path_factory.mktemp("redis"))
-    server.start()
-    yield server.url
-    server.stop()
-
-
 def make_queue(url: str, prefix: str, lease_s: float = 30.0) -> RedisJobQueue:
     return RedisJobQueue(url, prefix=prefix, lease_s=lease_s, ttl_s=60)
 

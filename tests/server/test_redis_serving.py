@@ -11,7 +11,6 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
@@ -31,14 +30,6 @@ from accel_diffusion.strategy import GenerationRequest
 
 KEY1, KEY2 = "key-one-secret", "key-two-secret"
 AUTH1, AUTH2 = {"Authorization": f"Bearer {KEY1}"}, {"Authorization": f"Bearer {KEY2}"}
-
-
-@pytest.fixture(scope="module")
-def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    server = RedisServer(require_tool("redis-server"), tmp_path_factory.mktemp("redis"))
-    server.start()
-    yield server.url
-    server.stop()
 
 
 def redis_settings(models_file: Path, url: str, prefix: str, role: str, **overrides: Any) -> ServerSettings:
