@@ -71,7 +71,8 @@ from accel_diffusion.text import replace_unencodable
 log = logging.getLogger("accel_diffusion.server")
 TERMINAL_EVENTS = ("job.completed", "job.failed", "job.cancelled")
 DISCONNECT_CHECK_S = 0.5  # a waiting request is woken when its job ends, and checks its client this often
-ERROR_STATUS = {"invalid_request_error": 400, "model_not_found": 404, "gpu_oom": 503}  # by error type; else 500
+# by error type; else 500
+ERROR_STATUS = {"invalid_request_error": 400, "model_not_found": 404, "gpu_oom": 503, "rank_lost": 503}
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse} for code in (400, 401, 404, 409, 413, 429, 500, 503)
 }
@@ -80,7 +81,7 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 class ServerState:
     """What the routes share, held on ``app.state.server`` (no module globals)."""
 
-    def __init__(self, settings: ServerSettings, registry: ModelRegistry) -> None:
+    def __init__(self, settings: ServerSettings, registry: ModelRegistry, ranks: Any = None) -> None:
         self.settings = settings
         self.registry = registry
         self.limits = settings.request_limits()
@@ -91,7 +92,12 @@ class ServerState:
                              max_listeners=settings.max_sse_listeners, key_max_listeners=settings.key_max_sse_listeners,
                              job_max_listeners=settings.max_sse_listeners_per_job)
         # limits=None: requests are checked against this server's limits when they are submitted
-        self.worker = DeviceWorker(Engine(registry, limits=None), settings.queue_max, self.metrics,
+        engine: Any = Engine(registry, limits=None)
+        self.ranks = ranks  # rank 0 of a multi-rank server: its RankGroup (server/ranks.py), else None
+        if ranks is not None:
+            from accel_diffusion.server.ranks import LeaderEngine
+            engine = LeaderEngine(engine, ranks)
+        self.worker = DeviceWorker(engine, settings.queue_max, self.metrics,
                                    settings.max_batch_size, settings.max_batch_wait_ms, settings.batch_invariant,
                                    key_max_running=settings.key_max_running_jobs, stream_share=settings.stream_share)
         self.api_keys = [k.encode() for k in settings.all_api_keys()]
@@ -121,6 +127,8 @@ class ServerState:
                delivered_by_caller: bool = False) -> tuple[Job, int]:
         if self.draining:
             raise DrainingError("the server is shutting down; retry on another replica")
+        if self.ranks is not None and self.ranks.lost is not None:
+            raise DrainingError(f"the patch-parallel group is lost: {self.ranks.lost}")
         self.check_model(request)
         if self.jobs.count(owner, JobStatus.QUEUED) >= self.settings.key_max_queued_jobs:
             raise QuotaExceededError("key_max_queued_jobs", self.settings.key_max_queued_jobs,
@@ -165,14 +173,15 @@ def warm_up(state: ServerState) -> None:
             StreamSession(model, "warm-up", acceleration=state.settings.stream_acceleration, limits=state.limits)
 
 
-def create_app(settings: ServerSettings | None = None) -> FastAPI:
+def create_app(settings: ServerSettings | None = None, ranks: Any = None) -> FastAPI:
+    """The app; ``ranks``: rank 0's RankGroup when it serves a multi-rank group (server/ranks.py)."""
     settings = settings or ServerSettings()
     use_schedules_dir(settings.schedules_dir)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         begin = time.perf_counter()
-        state = ServerState(settings, served_registry(settings))
+        state = ServerState(settings, served_registry(settings), ranks)
         app.state.server = state
         if settings.role != "api":  # an API-only replica (Redis backend) loads no model
             state.worker.start(prepare=lambda: warm_up(state))  # on the worker thread: all model work stays there
@@ -424,6 +433,8 @@ def _open_routes() -> APIRouter:
 
     @router.get("/health/ready", tags=["health"], responses={503: {"model": ErrorResponse}})
     async def ready(state: State) -> Any:
+        if state.ranks is not None and state.ranks.lost is not None:  # a multi-rank server lost a rank
+            return error_response(503, "unavailable", f"the patch-parallel group is lost: {state.ranks.lost}")
         if state.ready and not state.draining and state.redis is not None:  # ready while Redis answers
             with contextlib.suppress(Exception):
                 if await asyncio.to_thread(state.redis.queue.ping):

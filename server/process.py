@@ -177,6 +177,13 @@ def uvicorn_config(app: FastAPI, settings: ServerSettings, drain_timeout_s: floa
     return config
 
 
-def serve(settings: ServerSettings, drain_timeout_s: float = 600.0) -> None:
-    app = create_app(settings)
+def serve(settings: ServerSettings, drain_timeout_s: float = 600.0, ranks: Any = None) -> None:
+    """Serve ``settings`` until SIGTERM; under torchrun (WORLD_SIZE > 1) as the multi-rank server
+    (``server/ranks.py``: rank 0 serves HTTP, ``ranks`` is its group)."""
+    from accel_diffusion.server.ranks import serve_ranks, world_size_from_env
+
+    if ranks is None and world_size_from_env() > 1:
+        serve_ranks(settings, drain_timeout_s)
+        return
+    app = create_app(settings, ranks)
     DrainingServer(uvicorn_config(app, settings, drain_timeout_s), app, drain_timeout_s).run()

@@ -124,6 +124,19 @@ class ServerSettings(BaseSettings):
     worker_name: str | None = Field(None, description="this worker's consumer name in the Redis queue, stable "
                                     "and unique per worker (default: host name and process id)")
 
+    # multi-rank serving under torchrun (docs/parallel.md "A multi-rank server")
+    parallel_mode: Literal["full_sync", "distrifusion", "pcpp", "naive"] = Field(
+        "full_sync", description="under torchrun (WORLD_SIZE > 1): the patch_parallel mode of requests whose strategy "
+        "names no runtime (full_sync: the single-device image)")
+    parallel_warmup_steps: int = Field(4, ge=0, le=1000, description="synchronous steps of distrifusion and pcpp "
+                                       "(parallel_mode)")
+    parallel_rho: float = Field(0.5, gt=0, le=1, description="pcpp: the fraction of each neighbour's rows a patch "
+                                "attends to (parallel_mode)")
+    parallel_timeout_s: float = Field(60.0, gt=0, description="under torchrun: a collective (one exchange of a "
+                                      "step) waiting longer than this fails its job and the group (readiness 503)")
+    parallel_heartbeat_s: float = Field(5.0, gt=0, description="under torchrun: a rank whose heartbeat has not "
+                                        "moved for this long is lost (readiness 503, its jobs fail with rank_lost)")
+
     @model_validator(mode="after")
     def _backend_and_role(self) -> ServerSettings:
         if self.queue_backend == "redis" and not self.redis_url:
