@@ -427,8 +427,11 @@ def _install_error_handlers(app: FastAPI) -> None:
 def _open_routes() -> APIRouter:
     router = APIRouter(route_class=BoundedJsonRoute)
 
-    @router.get("/health/live", tags=["health"])
-    async def live() -> dict[str, str]:
+    @router.get("/health/live", tags=["health"], responses={503: {"model": ErrorResponse}})
+    async def live(request: Request) -> Any:
+        ranks = getattr(getattr(request.app.state, "server", None), "ranks", None)
+        if ranks is not None and ranks.lost is not None:  # a multi-rank server is not repaired in place: restart
+            return error_response(503, "unavailable", f"the patch-parallel group is lost: {ranks.lost}")
         return {"status": "alive"}
 
     @router.get("/health/ready", tags=["health"], responses={503: {"model": ErrorResponse}})

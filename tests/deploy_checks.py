@@ -120,13 +120,28 @@ def command_problems(where: str, argv: list[str]) -> list[str]:
         from huggingface_hub.cli.hf import app as group
     elif argv[0] == "redis-server":  # no parser to call: tests/deploy/test_k8s_cpu_local.py runs it, config and all
         return []
+    elif argv[0] == "torchrun":  # the multi-rank server: torchrun's options, then `-m accel_diffusion.cli ...`
+        parsed = torchrun_parse(argv[1:])
+        if parsed is None or not parsed.module or parsed.training_script != "accel_diffusion.cli":
+            return [f"{where}: {shlex.join(argv)}: not torchrun [options] -m accel_diffusion.cli ..."]
+        return command_problems(where, ["accel-diffusion", *parsed.training_script_args])
     else:
-        return [f"{where}: command {argv[0]!r} is not accel-diffusion, hf or redis-server"]
+        return [f"{where}: command {argv[0]!r} is not accel-diffusion, hf, torchrun or redis-server"]
     try:
         click_parse(group, argv[1:])
     except click.ClickException as exc:
         return [f"{where}: {shlex.join(argv)}: {exc.format_message()}"]
     return []
+
+
+def torchrun_parse(args: list[str]) -> Any:
+    """torchrun's own argument parser (torch.distributed.run) on ``args``; None when it refuses them."""
+    from torch.distributed.run import get_args_parser
+
+    try:
+        return get_args_parser().parse_args(args)
+    except SystemExit:
+        return None
 
 
 # ---- settings and environment -------------------------------------------------------------------------------

@@ -94,6 +94,9 @@ def test_the_kustomizations_and_what_they_render(rendered: dict[str, list[dict[s
         "overlays/single": ["ConfigMap", "Deployment", "Job", "NetworkPolicy", "NetworkPolicy",
                             "PersistentVolumeClaim", "PodDisruptionBudget", "Service", "ServiceAccount",
                             "ServiceMonitor"]} | {
+        "overlays/multi-gpu": ["ConfigMap", "Deployment", "Job", "NetworkPolicy", "NetworkPolicy",
+                               "PersistentVolumeClaim", "PodDisruptionBudget", "Service", "ServiceAccount",
+                               "ServiceMonitor"]} | {
         f"overlays/{name}": ["ConfigMap", "ConfigMap", "Deployment", "Deployment", "HorizontalPodAutoscaler", "Job",
                              "NetworkPolicy", "NetworkPolicy", "NetworkPolicy", "NetworkPolicy",
                              "PersistentVolumeClaim", "PodDisruptionBudget", "ScaledObject", "Service", "Service",

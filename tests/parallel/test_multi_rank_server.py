@@ -162,6 +162,19 @@ def test_a_request_names_its_own_runtime(served: tuple[httpx.Client, Path]) -> N
     assert 30.0 < quality < 60.0, quality
 
 
+def test_a_request_error_fails_on_every_rank_and_the_group_goes_on(served: tuple[httpx.Client, Path]) -> None:
+    client, log = served
+    answer = client.post("/v1/images/generations", json={"prompt": PROMPT, "size": "64x72", "steps": 2})
+    error = answer.json()["error"]
+    assert answer.status_code == 400 and error["param"] == "height"
+    assert "patch_parallel over 2 ranks" in error["message"]
+    deadline = time.monotonic() + 10
+    while "rank 1: INFO job failed alike on every rank: height:" not in log.read_text():
+        assert time.monotonic() < deadline, "rank 1 never met the error"
+        time.sleep(0.1)
+    assert client.get("/health/ready").status_code == 200
+
+
 def test_a_cancel_stops_every_rank_at_the_same_step_and_the_next_job_runs(
         served: tuple[httpx.Client, Path]) -> None:
     client, log = served
@@ -200,8 +213,9 @@ def two_ranks(tmp_path: Path) -> Iterator[tuple[httpx.Client, list[subprocess.Po
 
 
 def assert_lost(client: httpx.Client) -> None:
-    ready = client.get("/health/ready")
-    assert ready.status_code == 503 and "patch-parallel group is lost" in ready.json()["error"]["message"]
+    for probe in ("/health/ready", "/health/live"):  # out of the Service, and restarted by the kubelet
+        answer = client.get(probe)
+        assert answer.status_code == 503 and "patch-parallel group is lost" in answer.json()["error"]["message"]
     refused = client.post("/v1/jobs", json={"prompt": PROMPT, "steps": 2})
     assert refused.status_code == 503 and "lost" in refused.json()["error"]["message"]
 
