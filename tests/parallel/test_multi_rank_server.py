@@ -11,6 +11,7 @@ environment torchrun sets, and SIGKILL rank 1: mid-job (the gloo collective fail
 from __future__ import annotations
 
 import base64
+import functools
 import io
 import json
 import os
@@ -37,6 +38,7 @@ from accel_diffusion.strategy import GenerationRequest
 
 PROMPT = "a red circle on a blue background"
 HEARTBEAT_S = 2.0
+STEPS = 10  # the full_sync and distrifusion requests (one single-process reference for both)
 
 
 def free_port() -> int:
@@ -101,9 +103,10 @@ def pixels(b64: str) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(base64.b64decode(b64))).convert("RGB"), dtype=np.float64)
 
 
-def one_process(steps: int, **fields: Any) -> np.ndarray:
+@functools.cache
+def one_process(steps: int) -> np.ndarray:
     result = Engine(ModelRegistry.default()).generate(GenerationRequest.create(
-        model="shapes", prompt=PROMPT, seed=3, steps=steps, **fields))
+        model="shapes", prompt=PROMPT, seed=3, steps=steps))
     return result.to_uint8()[0].astype(np.float64)
 
 
@@ -131,8 +134,8 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[httpx.Cli
 
 def test_full_sync_answers_the_single_process_image(served: tuple[httpx.Client, Path]) -> None:
     client, _ = served
-    steps = 8
-    data = finished(client, job(client, steps=steps))
+    steps = STEPS
+    data = finished(client, job(client, steps=steps, preview_every=5))
     assert data["status"] == "succeeded", data
     got, want = pixels(data["result"]["images"][0]["b64_json"]), one_process(steps)
     assert np.abs(got - want).max() <= 1 and np.linalg.norm(got - want) / np.linalg.norm(want) < 1e-4
@@ -148,18 +151,20 @@ def test_full_sync_answers_the_single_process_image(served: tuple[httpx.Client, 
     assert all(r["bytes_sent_per_step"] == [per_call] * steps for r in reports)
     events = [line.removeprefix("event: ") for line in client.get(f"/v1/jobs/{data['id']}/events").text.splitlines()
               if line.startswith("event: ")]
-    assert events.count("job.progress") == steps and events[-1] == "job.completed"
+    assert events.count("job.progress") == steps and events.count("job.preview") == 1  # at step 5 of 10
+    assert events[-1] == "job.completed"
 
 
 def test_a_request_names_its_own_runtime(served: tuple[httpx.Client, Path]) -> None:
     client, _ = served
     runtime = {"name": "patch_parallel", "mode": "distrifusion", "warmup_steps": 4}
-    data = finished(client, job(client, steps=25, strategy={"runtime": runtime}))
+    data = finished(client, job(client, steps=STEPS, strategy={"runtime": runtime}))
     assert data["status"] == "succeeded", data
     assert [r["mode"] for r in data["result"]["communication"]] == ["distrifusion"] * 2
-    quality = psnr(pixels(data["result"]["images"][0]["b64_json"]), one_process(25))
-    # measured 32.9 dB (64 px, 25 steps, N = 2): stale activations, close to but not equal to one device
-    assert 30.0 < quality < 60.0, quality
+    quality = psnr(pixels(data["result"]["images"][0]["b64_json"]), one_process(STEPS))
+    # measured 18.4 dB (64 px, 10 steps, warm-up 4, N = 2; 32.9 dB at 25 steps): stale activations, near one
+    # device's image and not equal to it (naive, no exchange: 11 dB)
+    assert 15.0 < quality < 40.0, quality
 
 
 def test_a_request_error_fails_on_every_rank_and_the_group_goes_on(served: tuple[httpx.Client, Path]) -> None:
