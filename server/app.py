@@ -126,8 +126,16 @@ class ServerState:
             return request
         if request.model not in self.settings.served_models:
             raise UnknownModelError("model", f"{request.model!r} is not served here", self.settings.served_models)
+        key = self.settings.profile_device
+        if self.settings.role == "api":  # an API-only replica loads no model: the workers' device is a setting
+            if key is None:
+                raise InvalidRequestError("strategy", "'auto' on an API-only replica needs the setting profile_device "
+                                          "(the workers' device key, e.g. cuda-nvidia-h200); set it, or send an "
+                                          "explicit strategy")
+            return resolve_auto(request, "cpu", models=self.settings.served_models, key=key)
         model = self.registry.get(request.model)
-        return resolve_auto(request, model.device, models=self.settings.served_models, default_size=model.default_size)
+        return resolve_auto(request, model.device, models=self.settings.served_models, default_size=model.default_size,
+                            key=key)
 
     def submit(self, request: GenerationRequest, output: OutputOptions, owner: str | None = None,
                delivered_by_caller: bool = False) -> tuple[Job, int]:
@@ -473,7 +481,7 @@ def _api_routes() -> APIRouter:
             data.append({"id": model_id, "object": "model", "created": 0, "owned_by": "accel-diffusion",
                          "default_steps": spec.default_steps, "default_size": size,
                          "default_strategy": spec.default_strategy.model_dump(exclude_none=True),
-                         "pareto_front": front_summary(model_id, model.device)})
+                         "pareto_front": front_summary(model_id, model.device, state.settings.profile_device)})
         return {"object": "list", "data": data}
 
     @router.get("/v1/strategies", tags=["models"])

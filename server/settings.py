@@ -139,6 +139,8 @@ class ServerSettings(BaseSettings):
                                        "GET /v1/schedules")
     profiles_dir: Path | None = Field(None, description="folder of Pareto profiles (`accel-diffusion bench pareto`, "
                                       "<model>@<device>.json) for \"strategy\": \"auto\", read before the shipped ones")
+    profile_device: str | None = Field(None, description="the device key whose profiles \"strategy\": \"auto\" uses "
+                                       "(default: the device each model is loaded on); needed on API-only replicas")
 
     @field_validator("cors_origins")
     @classmethod

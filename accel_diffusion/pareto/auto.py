@@ -22,9 +22,9 @@ from accel_diffusion.pareto.profile import ParetoProfile, ProfileError, device_k
 from accel_diffusion.strategy import GenerationRequest, Strategy
 
 
-def profile_for(model: str, device: torch.device | str) -> ParetoProfile:
-    """The model's profile on ``device``, or a 400 saying how to make one."""
-    key = device_key(device)
+def profile_for(model: str, device: torch.device | str, key: str | None = None) -> ParetoProfile:
+    """The model's profile on ``device`` (or on the device key ``key``), or a 400 saying how to make one."""
+    key = key or device_key(device)
     try:
         profile = find_profile(model, key)
     except ProfileError as exc:
@@ -70,15 +70,16 @@ def choose_point(profile: ParetoProfile, latency_budget_ms: float, min_quality: 
 
 def resolve_auto(request: GenerationRequest, device: torch.device | str,
                  models: Collection[str] | None = None,
-                 default_size: tuple[int, int] | None = None) -> GenerationRequest:
+                 default_size: tuple[int, int] | None = None, key: str | None = None) -> GenerationRequest:
     """``request`` with ``"strategy": "auto"`` replaced by the chosen point (unchanged if not auto).
 
-    ``device``: where the model runs; ``models``: the model ids that may run (a server's served models);
-    ``default_size``: the (width, height) the model generates when the request gives none."""
+    ``device``: where the model runs (``key``: its device key instead, e.g. on a replica without the device);
+    ``models``: the model ids that may run (a server's served models); ``default_size``: the (width, height)
+    the model generates when the request gives none."""
     if not request.strategy.is_auto:
         return request
     assert request.latency_budget_ms is not None  # GenerationRequest refuses auto without a budget
-    profile = profile_for(request.model, device)
+    profile = profile_for(request.model, device, key)
     if profile.width is not None and profile.height is not None:
         width = request.width or (default_size[0] if default_size else profile.width)
         height = request.height or (default_size[1] if default_size else profile.height)
@@ -105,10 +106,10 @@ def resolve_auto(request: GenerationRequest, device: torch.device | str,
     return request.model_copy(update={"model": point.model, "strategy": strategy, "steps": point.steps})
 
 
-def front_summary(model: str, device: torch.device | str) -> dict[str, Any] | None:
-    """The model's front on ``device`` for ``GET /v1/models``; None without a (usable) profile."""
+def front_summary(model: str, device: torch.device | str, key: str | None = None) -> dict[str, Any] | None:
+    """The model's front on ``device`` (or device key ``key``) for ``GET /v1/models``; None without a usable profile."""
     try:
-        profile = find_profile(model, device_key(device))
+        profile = find_profile(model, key or device_key(device))
     except ProfileError:
         return None
     if profile is None:
