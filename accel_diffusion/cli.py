@@ -55,6 +55,8 @@ def _strategy_from_options(strategy: str | None, guidance_scale: float | None = 
     from accel_diffusion.strategy import Strategy, merge_guidance_scale
 
     data = _json_arg(strategy, "strategy") or {}
+    if data == "auto" and not any(v is not None for v in components.values()):
+        return Strategy.parse(merge_guidance_scale(data, guidance_scale))
     if not isinstance(data, dict):
         raise InvalidRequestError("strategy", "must be a JSON object such as {\"sampler\": {\"name\": \"ddim\"}}")
     for kind, value in components.items():
@@ -93,7 +95,10 @@ def main(ctx: click.Context, models_file: str | None) -> None:
 @click.option("--height", type=int, default=None)
 @click.option("--steps", type=int, default=None, help="Denoising steps (default: the model's).")
 @click.option("--num-inference-steps", type=int, default=None, help="diffusers' name of --steps.")
-@click.option("--strategy", default=None, help="Strategy as JSON, @file.json or a .json path.")
+@click.option("--strategy", default=None, help="Strategy as JSON, @file.json or a .json path; or 'auto' with "
+              "--latency-budget-ms (the best point of the model's Pareto profile on this device).")
+@click.option("--latency-budget-ms", type=float, default=None, help="With --strategy auto: time per image to fit.")
+@click.option("--min-quality", type=float, default=None, help="With --strategy auto: least quality (profile metric).")
 @click.option("--sampler", default=None, help='Sampler name or JSON, e.g. ddim or {"name":"ddim","eta":0}.')
 @click.option("--schedule", default=None, help="Schedule name or JSON.")
 @click.option("--guidance", default=None, help="Guidance name or JSON.")
@@ -112,7 +117,8 @@ def generate(ctx: click.Context, model: str, prompts: tuple[str, ...], prompts_f
              size: str | None, width: int | None, height: int | None, steps: int | None,
              num_inference_steps: int | None, strategy: str | None, sampler: str | None, schedule: str | None,
              guidance: str | None, guidance_scale: float | None, init_image: str | None, strength: float,
-             vae: str, out_dir: str, batch_size: int) -> None:
+             vae: str, out_dir: str, batch_size: int, latency_budget_ms: float | None,
+             min_quality: float | None) -> None:
     """Generate images into OUT (PNG files plus results.json)."""
     from tqdm import tqdm
 
@@ -151,6 +157,7 @@ def generate(ctx: click.Context, model: str, prompts: tuple[str, ...], prompts_f
                 model=model, prompt=[p for p, _ in chunk], n=1, seed=base_seed + start,
                 negative_prompt=negative_prompt, width=width, height=height, steps=steps,
                 strategy=parsed_strategy, init_image=init_image, strength=strength, vae=vae,
+                latency_budget_ms=latency_budget_ms, min_quality=min_quality,
             ))
     engine = Engine(_registry(ctx))
     engine.models.spec(model)
@@ -437,3 +444,8 @@ if __name__ == "__main__":
 from accel_diffusion.schedules.search_command import search_command  # noqa: E402
 
 main.add_command(search_command)
+
+# `accel-diffusion bench pareto` lives beside the sweep it runs
+from accel_diffusion.pareto.bench_command import bench_command  # noqa: E402
+
+main.add_command(bench_command)

@@ -32,6 +32,11 @@ class Strategy(BaseModel):
 
     Fields left as ``None`` mean "the model's default" for sampler, schedule and guidance, and
     "not used" for student and runtime.
+
+    ``auto``: ``True`` (what ``"strategy": "auto"`` parses to) asks for the best point of the model's
+    Pareto profile that fits the request's ``latency_budget_ms`` (``accel_diffusion.pareto.auto``); it
+    carries no components. Once resolved, the chosen components are set and ``auto`` records the
+    choice (budget, profile, expected latency and quality), echoed back with the strategy.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -41,12 +46,29 @@ class Strategy(BaseModel):
     guidance: ComponentSpec | None = None
     student: ComponentSpec | None = None
     runtime: ComponentSpec | None = None
+    auto: bool | dict[str, Any] | None = None
 
     @model_validator(mode="before")
     @classmethod
     def _check_text(cls, data: Any) -> Any:
         check_texts(data, "strategy")  # names and parameters are echoed back and may reach a tokenizer
         return data
+
+    @model_validator(mode="after")
+    def _check_auto(self) -> Strategy:
+        if self.auto is False:
+            raise ValueError("auto: send \"strategy\": \"auto\" (or leave auto out), not false")
+        if self.auto is True:
+            given = [k for k in ("sampler", "schedule", "guidance", "student", "runtime") if getattr(self, k)]
+            if given:
+                raise ValueError(f"auto: 'auto' chooses every component itself; send either \"strategy\": \"auto\" "
+                                 f"or components ({', '.join(given)}), not both")
+        return self
+
+    @property
+    def is_auto(self) -> bool:
+        """Whether this strategy still has to be resolved against a Pareto profile."""
+        return self.auto is True
 
     @field_validator("sampler", "schedule", "guidance", "student", "runtime", mode="before")
     @classmethod
@@ -57,6 +79,8 @@ class Strategy(BaseModel):
 
     def resolved_over(self, default: Strategy) -> Strategy:
         """This strategy with every unset sampler/schedule/guidance taken from ``default``."""
+        if self.is_auto:  # the engine and the server resolve it first (accel_diffusion.pareto.auto)
+            raise InvalidRequestError("strategy", "'auto' has not been resolved against the model's Pareto profile")
         data = self.model_dump()
         for kind in ("sampler", "schedule", "guidance", "student", "runtime"):
             if data[kind] is None:
@@ -73,10 +97,13 @@ class Strategy(BaseModel):
             return data
         if data is None:
             return cls()
+        if isinstance(data, str) and data.strip() == "auto":
+            return cls(auto=True)
         if isinstance(data, str):
             data = parse_json(data, "strategy")
         if not isinstance(data, dict):
-            raise InvalidRequestError("strategy", "must be a JSON object with keys among", list(cls.model_fields))
+            raise InvalidRequestError("strategy", "must be \"auto\" or a JSON object with keys among",
+                                      list(cls.model_fields))
         try:
             return cls.model_validate(data)
         except pydantic.ValidationError as exc:
@@ -146,6 +173,10 @@ class GenerationRequest(BaseModel):
     vae: Literal["full", "tiny"] = Field(
         "full", description="the autoencoder for the init image and the output: the pipeline's VAE, or the model's "
         "tiny TAESD-style one (registry tiny_vae; faster, approximate)")
+    latency_budget_ms: Annotated[float, Field(gt=0, allow_inf_nan=False)] | None = Field(
+        None, description="with strategy 'auto': the time per image the chosen strategy must fit on this device")
+    min_quality: Annotated[float, Field(allow_inf_nan=False)] | None = Field(
+        None, description="with strategy 'auto': the least quality (the profile's metric, e.g. prompt accuracy)")
 
     @model_validator(mode="before")
     @classmethod
@@ -241,7 +272,26 @@ class GenerationRequest(BaseModel):
             raise ValueError(f"width: width x height = {self.width * self.height} pixels; at most {limits.max_pixels}")
         if self.seed is not None and self.seed + total - 1 > MAX_SEED:  # image k uses seed + k
             raise ValueError(f"seed: seed + images - 1 must stay below 2**63, got {self.seed} for {total} images")
+        self._check_auto_fields()
         return self
+
+    def _check_auto_fields(self) -> None:
+        if self.strategy.auto is None:
+            for name in ("latency_budget_ms", "min_quality"):
+                if getattr(self, name) is not None:
+                    raise ValueError(f"{name}: only used with \"strategy\": \"auto\"; send that strategy, or leave "
+                                     f"{name} out")
+        if not self.strategy.is_auto:
+            return
+        if self.latency_budget_ms is None:
+            raise ValueError("latency_budget_ms: \"strategy\": \"auto\" needs a latency budget in ms per image")
+        if self.steps is not None:
+            raise ValueError("steps: \"strategy\": \"auto\" chooses the steps itself; leave steps out")
+        if self.init_image is not None:
+            raise ValueError("init_image: \"strategy\": \"auto\" profiles are measured for text-to-image; "
+                             "send an explicit strategy for img2img")
+        if self.vae != "full":
+            raise ValueError("vae: \"strategy\": \"auto\" profiles are measured with the full VAE; leave vae out")
 
     @property
     def prompts(self) -> list[str]:
@@ -287,10 +337,14 @@ def guidance_scale_strategy(scale: float) -> dict[str, Any]:
     return {"name": "cfg", "scale": float(scale)}
 
 
-def merge_guidance_scale(strategy: dict[str, Any] | None, guidance_scale: float | None) -> dict[str, Any] | None:
+def merge_guidance_scale(strategy: dict[str, Any] | str | None,
+                         guidance_scale: float | None) -> dict[str, Any] | str | None:
     """A strategy dict with ``guidance_scale`` as its guidance (giving both is an error)."""
     if guidance_scale is None:
         return strategy
+    if strategy == "auto":
+        raise InvalidRequestError("guidance_scale", "\"strategy\": \"auto\" chooses the guidance itself; leave "
+                                  "guidance_scale out")
     strategy = dict(strategy or {})
     if "guidance" in strategy:
         raise InvalidRequestError("guidance_scale", "give either guidance_scale or strategy.guidance, not both")

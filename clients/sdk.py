@@ -392,16 +392,18 @@ def _encode_image(image: ImageInput) -> str:
 def _job_body(prompt: str | list[str], *, model: str | None, n: int | None, num_images_per_prompt: int | None,
               size: str | None, width: int | None, height: int | None, seed: int | None,
               negative_prompt: str | None, steps: int | None, num_inference_steps: int | None,
-              guidance_scale: float | None, strategy: dict[str, Any] | None, output_format: str,
+              guidance_scale: float | None, strategy: dict[str, Any] | str | None, output_format: str,
               output_compression: int | None, image: ImageInput | None = None, strength: float | None = None,
-              preview_every: int = 0, vae: str | None = None) -> dict[str, Any]:
+              preview_every: int = 0, vae: str | None = None, latency_budget_ms: float | None = None,
+              min_quality: float | None = None) -> dict[str, Any]:
     """The ``POST /v1/jobs`` body; unset options are left out so that the server's defaults apply, and
     aliases (``size``, ``num_inference_steps``, ...) are sent as given so that its errors name them."""
     body: dict[str, Any] = {"prompt": prompt, "output_format": output_format}
     optional = {"model": model, "n": n, "num_images_per_prompt": num_images_per_prompt, "size": size,
                 "width": width, "height": height, "seed": seed, "negative_prompt": negative_prompt, "steps": steps,
                 "num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale, "strategy": strategy,
-                "output_compression": output_compression, "strength": strength, "vae": vae}
+                "output_compression": output_compression, "strength": strength, "vae": vae,
+                "latency_budget_ms": latency_budget_ms, "min_quality": min_quality}
     body.update({key: value for key, value in optional.items() if value is not None})
     if image is not None:
         body["init_image"] = _encode_image(image)
@@ -609,9 +611,10 @@ class AccelClient:
                num_images_per_prompt: int | None = None, size: str | None = None, width: int | None = None,
                height: int | None = None, seed: int | None = None, negative_prompt: str | None = None,
                steps: int | None = None, num_inference_steps: int | None = None, guidance_scale: float | None = None,
-               strategy: dict[str, Any] | None = None, vae: str | None = None, output_format: str = "png",
+               strategy: dict[str, Any] | str | None = None, vae: str | None = None, output_format: str = "png",
                output_compression: int | None = None, image: ImageInput | None = None,
-               strength: float | None = None, preview_every: int = 0) -> Job:
+               strength: float | None = None, preview_every: int = 0,
+               latency_budget_ms: float | None = None, min_quality: float | None = None) -> Job:
         """Queue a job (``POST /v1/jobs``; img2img when ``image`` is given) and return its handle.
 
         ``num_inference_steps``, ``size`` and ``num_images_per_prompt`` are the diffusers/OpenAI names of
@@ -620,7 +623,8 @@ class AccelClient:
                          width=width, height=height, seed=seed, negative_prompt=negative_prompt, steps=steps,
                          num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
                          strategy=strategy, vae=vae, output_format=output_format, output_compression=output_compression,
-                         image=image, strength=strength, preview_every=preview_every)
+                         image=image, strength=strength, preview_every=preview_every,
+                         latency_budget_ms=latency_budget_ms, min_quality=min_quality)
         submitted_at = time.monotonic()
         info = self._request("POST", "/v1/jobs", body=body).json()
         return Job(self, info["id"], info, submitted_at)
@@ -630,14 +634,17 @@ class AccelClient:
                  num_images_per_prompt: int | None = None, size: str | None = None, width: int | None = None,
                  height: int | None = None, seed: int | None = None, negative_prompt: str | None = None,
                  steps: int | None = None, num_inference_steps: int | None = None, guidance_scale: float | None = None,
-                 strategy: dict[str, Any] | None = None, vae: str | None = None, output_format: str = "png",
-                 output_compression: int | None = None, timeout: float | None = None) -> GenerationOutput:
-        """Text to image: submit a job and wait for it (a timeout cancels the job)."""
+                 strategy: dict[str, Any] | str | None = None, vae: str | None = None, output_format: str = "png",
+                 output_compression: int | None = None, timeout: float | None = None,
+                 latency_budget_ms: float | None = None, min_quality: float | None = None) -> GenerationOutput:
+        """Text to image: submit a job and wait for it (a timeout cancels the job). ``strategy="auto"`` with
+        ``latency_budget_ms`` (ms per image): the best strategy of the model's Pareto profile that fits."""
         job = self.submit(prompt, model=model, n=n, num_images_per_prompt=num_images_per_prompt, size=size,
                           width=width, height=height, seed=seed, negative_prompt=negative_prompt, steps=steps,
                           num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
                           strategy=strategy, vae=vae, output_format=output_format,
-                          output_compression=output_compression)
+                          output_compression=output_compression, latency_budget_ms=latency_budget_ms,
+                          min_quality=min_quality)
         return self._wait(job, timeout)
 
     @_suggests_arguments
@@ -645,7 +652,7 @@ class AccelClient:
              n: int | None = None, num_images_per_prompt: int | None = None, size: str | None = None,
              width: int | None = None, height: int | None = None, seed: int | None = None,
              negative_prompt: str | None = None, steps: int | None = None, num_inference_steps: int | None = None,
-             guidance_scale: float | None = None, strategy: dict[str, Any] | None = None, vae: str | None = None,
+             guidance_scale: float | None = None, strategy: dict[str, Any] | str | None = None, vae: str | None = None,
              output_format: str = "png", output_compression: int | None = None,
              timeout: float | None = None) -> GenerationOutput:
         """Image to image from ``image`` (a path, image bytes, a binary file or a PIL image)."""
@@ -838,17 +845,19 @@ class AsyncAccelClient:
                      num_images_per_prompt: int | None = None, size: str | None = None, width: int | None = None,
                      height: int | None = None, seed: int | None = None, negative_prompt: str | None = None,
                      steps: int | None = None, num_inference_steps: int | None = None,
-                     guidance_scale: float | None = None, strategy: dict[str, Any] | None = None,
+                     guidance_scale: float | None = None, strategy: dict[str, Any] | str | None = None,
                      vae: str | None = None,
                      output_format: str = "png", output_compression: int | None = None,
                      image: ImageInput | None = None, strength: float | None = None,
-                     preview_every: int = 0) -> AsyncJob:
+                     preview_every: int = 0, latency_budget_ms: float | None = None,
+                     min_quality: float | None = None) -> AsyncJob:
         """Queue a job (``POST /v1/jobs``; img2img when ``image`` is given) and return its handle."""
         body = _job_body(prompt, model=model, n=n, num_images_per_prompt=num_images_per_prompt, size=size,
                          width=width, height=height, seed=seed, negative_prompt=negative_prompt, steps=steps,
                          num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
                          strategy=strategy, vae=vae, output_format=output_format, output_compression=output_compression,
-                         image=image, strength=strength, preview_every=preview_every)
+                         image=image, strength=strength, preview_every=preview_every,
+                         latency_budget_ms=latency_budget_ms, min_quality=min_quality)
         submitted_at = time.monotonic()
         info = (await self._request("POST", "/v1/jobs", body=body)).json()
         return AsyncJob(self, info["id"], info, submitted_at)
@@ -858,16 +867,19 @@ class AsyncAccelClient:
                        num_images_per_prompt: int | None = None, size: str | None = None, width: int | None = None,
                        height: int | None = None, seed: int | None = None, negative_prompt: str | None = None,
                        steps: int | None = None, num_inference_steps: int | None = None,
-                       guidance_scale: float | None = None, strategy: dict[str, Any] | None = None,
+                       guidance_scale: float | None = None, strategy: dict[str, Any] | str | None = None,
                        vae: str | None = None,
                        output_format: str = "png", output_compression: int | None = None,
-                       timeout: float | None = None) -> GenerationOutput:
-        """Text to image: submit a job and wait for it (a timeout or task cancellation cancels the job)."""
+                       timeout: float | None = None, latency_budget_ms: float | None = None,
+                       min_quality: float | None = None) -> GenerationOutput:
+        """Text to image: submit a job and wait for it (a timeout or task cancellation cancels the job).
+        ``strategy="auto"`` with ``latency_budget_ms``: the best strategy of the model's profile that fits."""
         job = await self.submit(prompt, model=model, n=n, num_images_per_prompt=num_images_per_prompt, size=size,
                                 width=width, height=height, seed=seed, negative_prompt=negative_prompt, steps=steps,
                                 num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
                                 strategy=strategy, vae=vae, output_format=output_format,
-                                output_compression=output_compression)
+                                output_compression=output_compression, latency_budget_ms=latency_budget_ms,
+                          min_quality=min_quality)
         return await self._wait(job, timeout)
 
     @_suggests_arguments
@@ -876,7 +888,7 @@ class AsyncAccelClient:
                    size: str | None = None, width: int | None = None, height: int | None = None,
                    seed: int | None = None, negative_prompt: str | None = None, steps: int | None = None,
                    num_inference_steps: int | None = None, guidance_scale: float | None = None,
-                   strategy: dict[str, Any] | None = None, vae: str | None = None, output_format: str = "png",
+                   strategy: dict[str, Any] | str | None = None, vae: str | None = None, output_format: str = "png",
                    output_compression: int | None = None, timeout: float | None = None) -> GenerationOutput:
         """Image to image from ``image`` (a path, image bytes, a binary file or a PIL image)."""
         job = await self.submit(prompt, model=model, n=n, num_images_per_prompt=num_images_per_prompt, size=size,

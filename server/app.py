@@ -62,6 +62,8 @@ from accel_diffusion.engine.engine import check_limits, check_request
 from accel_diffusion.errors import InvalidRequestError, UnknownModelError
 from accel_diffusion.jsonbody import parse_json
 from accel_diffusion.models.registry import ModelRegistry
+from accel_diffusion.pareto.auto import front_summary, resolve_auto
+from accel_diffusion.pareto.profile import use_profiles_dir
 from accel_diffusion.registry import get_registry
 from accel_diffusion.schedules.searched import list_artifacts, use_schedules_dir
 from accel_diffusion.strategy import GenerationRequest
@@ -123,12 +125,31 @@ class ServerState:
         check_request(self.registry.spec(request.model), request)
         check_limits(self.registry.get(request.model), request, self.limits)  # served models are loaded
 
+    def resolve_auto(self, request: GenerationRequest) -> GenerationRequest:
+        """``"strategy": "auto"`` resolved on this server's device among its served models (a 400 when nothing
+        fits); the job keeps the concrete request, so batching, events and the result see what runs."""
+        if not request.strategy.is_auto:
+            return request
+        if request.model not in self.settings.served_models:
+            raise UnknownModelError("model", f"{request.model!r} is not served here", self.settings.served_models)
+        key = self.settings.profile_device
+        if self.settings.role == "api":  # an API-only replica loads no model: the workers' device is a setting
+            if key is None:
+                raise InvalidRequestError("strategy", "'auto' on an API-only replica needs the setting profile_device "
+                                          "(the workers' device key, e.g. cuda-nvidia-h200); set it, or send an "
+                                          "explicit strategy")
+            return resolve_auto(request, "cpu", models=self.settings.served_models, key=key)
+        model = self.registry.get(request.model)
+        return resolve_auto(request, model.device, models=self.settings.served_models, default_size=model.default_size,
+                            key=key)
+
     def submit(self, request: GenerationRequest, output: OutputOptions, owner: str | None = None,
                delivered_by_caller: bool = False) -> tuple[Job, int]:
         if self.draining:
             raise DrainingError("the server is shutting down; retry on another replica")
         if self.ranks is not None and self.ranks.lost is not None:
             raise DrainingError(f"the patch-parallel group is lost: {self.ranks.lost}")
+        request = self.resolve_auto(request)
         self.check_model(request)
         if self.jobs.count(owner, JobStatus.QUEUED) >= self.settings.key_max_queued_jobs:
             raise QuotaExceededError("key_max_queued_jobs", self.settings.key_max_queued_jobs,
@@ -177,6 +198,7 @@ def create_app(settings: ServerSettings | None = None, ranks: Any = None) -> Fas
     """The app; ``ranks``: rank 0's RankGroup when it serves a multi-rank group (server/ranks.py)."""
     settings = settings or ServerSettings()
     use_schedules_dir(settings.schedules_dir)
+    use_profiles_dir(settings.profiles_dir)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -472,7 +494,8 @@ def _api_routes() -> APIRouter:
             size = "{}x{}".format(*model.default_size) if model.family in ("sd", "sdxl") else None  # as the engine
             data.append({"id": model_id, "object": "model", "created": 0, "owned_by": "accel-diffusion",
                          "default_steps": spec.default_steps, "default_size": size,
-                         "default_strategy": spec.default_strategy.model_dump(exclude_none=True)})
+                         "default_strategy": spec.default_strategy.model_dump(exclude_none=True),
+                         "pareto_front": front_summary(model_id, model.device, state.settings.profile_device)})
         return {"object": "list", "data": data}
 
     @router.get("/v1/strategies", tags=["models"])
@@ -565,7 +588,8 @@ async def _run_images(generation: GenerationRequest, output: OutputOptions, requ
                                           for im in images],
                                  "seeds": [im["seed"] for im in images],
                                  "usage": {"images": len(images), "nfe_per_image": job.result["nfe"],
-                                           "compute_s": round(job.result["timings"]["total"], 4)}})
+                                           "compute_s": round(job.result["timings"]["total"], 4)},
+                                 "strategy": job.result.get("strategy")})
         if job.status is JobStatus.CANCELLED:
             return error_response(409, "cancelled", f"job {job.id} was cancelled")
         error = job.error or {}

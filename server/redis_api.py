@@ -169,6 +169,7 @@ async def submit(state: ServerState, request: GenerationRequest, output: OutputO
     record as written."""
     if state.draining:
         raise DrainingError("the server is shutting down; retry on another replica")
+    request = state.resolve_auto(request)  # the queue holds the concrete strategy: every worker runs the same
     check_model(state, request)
     record, _ = await call(serving(state).queue.admit, "job_" + uuid.uuid4().hex, request, output, owner,
                            state.settings.key_max_queued_jobs, state.settings.queue_max, RETRY_AFTER_S)

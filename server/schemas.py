@@ -44,7 +44,7 @@ class OutputFields(BaseModel):
 
 # the fields passed on to GenerationRequest as they came (it resolves the aliases and names them in errors)
 ENGINE_FIELDS = ("negative_prompt", "n", "num_images_per_prompt", "seed", "size", "width", "height", "steps",
-                 "num_inference_steps", "vae")
+                 "num_inference_steps", "vae", "latency_budget_ms", "min_quality")
 
 
 class GenerationFields(OutputFields):
@@ -63,8 +63,12 @@ class GenerationFields(OutputFields):
     steps: int | None = Field(None, description="denoising steps (default: the model's)")
     num_inference_steps: int | None = Field(None, description="diffusers' name of steps")
     guidance_scale: float | None = None
-    strategy: dict[str, Any] | None = None
+    strategy: dict[str, Any] | Literal["auto"] | None = Field(
+        None, description='components by kind, or "auto": the best strategy of the model\'s Pareto profile on this '
+        "server's device that fits latency_budget_ms")
     vae: Literal["full", "tiny"] = Field("full", description="tiny: the model's TAESD-style autoencoder (faster)")
+    latency_budget_ms: float | None = Field(None, description='with strategy "auto": time per image to fit, in ms')
+    min_quality: float | None = Field(None, description='with strategy "auto": least quality (the profile\'s metric)')
 
     def _generation_request(self, default_model: str, limits: RequestLimits, **extra: Any) -> GenerationRequest:
         fields = {name: getattr(self, name) for name in ENGINE_FIELDS if getattr(self, name) is not None}
@@ -137,6 +141,8 @@ class ImagesResponse(BaseModel):
     id: str
     seeds: list[int]
     usage: ImagesUsage
+    strategy: dict[str, Any] | None = Field(None, description="the strategy that ran (\"auto\" resolved: its "
+                                            "choice is under strategy.auto)")
 
 
 class JobCreateRequest(GenerationFields):

@@ -150,6 +150,10 @@ class ServerSettings(BaseSettings):
     schedules_dir: Path | None = Field(None, description="folder of searched schedules (`accel-diffusion search` "
                                        "artifacts, <id>.json) looked up before the shipped ones; listed by "
                                        "GET /v1/schedules")
+    profiles_dir: Path | None = Field(None, description="folder of Pareto profiles (`accel-diffusion bench pareto`, "
+                                      "<model>@<device>.json) for \"strategy\": \"auto\", read before the shipped ones")
+    profile_device: str | None = Field(None, description="the device key whose profiles \"strategy\": \"auto\" uses "
+                                       "(default: the device each model is loaded on); needed on API-only replicas")
 
     @field_validator("cors_origins")
     @classmethod

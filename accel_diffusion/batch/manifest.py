@@ -50,7 +50,10 @@ class BatchItem(BaseModel):
     steps: int | None = None
     num_inference_steps: int | None = Field(None, description="diffusers' name of steps")
     guidance_scale: float | None = None
-    strategy: dict[str, Any] | None = None
+    strategy: dict[str, Any] | Literal["auto"] | None = Field(
+        None, description='components by kind, or "auto" with latency_budget_ms (the model\'s Pareto profile)')
+    latency_budget_ms: float | None = Field(None, description='with strategy "auto": time per image to fit, in ms')
+    min_quality: float | None = Field(None, description='with strategy "auto": least quality (the profile\'s metric)')
     init_image: str | None = None
     strength: float = 0.8
     output_format: ImageFormat = "png"
@@ -186,6 +189,9 @@ def _normalize(item: BatchItem, sizes: dict[str, Any], base_dir: Path,
     }
     if item.vae != "full":  # only when set: the keys of lines without it stay what they were
         request["vae"] = item.vae
+    for name in ("latency_budget_ms", "min_quality"):  # the same: only when set
+        if getattr(item, name) is not None:
+            request[name] = getattr(item, name)
     request["seed"] = item.seed if item.seed is not None else derived_seed(request)
     engine_fields = {k: v for k, v in request.items() if k != "init_image_sha256" and v is not None}
     return engine_fields | {"init_image_sha256": init_hash}, init_path

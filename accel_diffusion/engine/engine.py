@@ -198,8 +198,19 @@ class Engine:
         self.models = models or ModelRegistry.default()
         self.limits = limits
 
+    def resolve_auto(self, request: GenerationRequest) -> GenerationRequest:
+        """``"strategy": "auto"`` replaced by the best point of the model's Pareto profile on the device the
+        model is loaded on (accel_diffusion.pareto.auto); any other request unchanged."""
+        if not request.strategy.is_auto:
+            return request
+        from accel_diffusion.pareto.auto import resolve_auto
+
+        model = self.models.get(request.model)
+        return resolve_auto(request, model.device, models=self.models.ids(), default_size=model.default_size)
+
     def generate(self, request: GenerationRequest, hooks: GenerationHooks = NO_HOOKS, *,
                  seeds: Sequence[int] | None = None, batch_invariant: bool = False) -> GenerationResult:
+        request = self.resolve_auto(request)
         model = self.models.get(request.model)
         if self.limits is not None:
             check_limits(model, request, self.limits)

@@ -1,0 +1,1 @@
+"""Quality–latency Pareto fronts per model and device, and ``"strategy": "auto"`` under a latency budget."""

@@ -1,0 +1,118 @@
+"""``accel-diffusion bench pareto``: sweep a model's strategies on this device into a Pareto profile."""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from pathlib import Path
+
+import click
+
+from accel_diffusion.errors import AccelDiffusionError, InvalidRequestError
+
+
+def _int_list(value: str, field: str) -> list[int]:
+    try:
+        steps = [int(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise InvalidRequestError(field, f"must be comma-separated integers, got {value!r}") from None
+    if not steps or min(steps) < 1:
+        raise InvalidRequestError(field, f"must list step counts >= 1, got {value!r}")
+    return steps
+
+
+def _students(values: tuple[str, ...]) -> list[tuple[str, list[int]]]:
+    """``--student NAME[:STEPS,...]`` (default: 1 step)."""
+    out = []
+    for value in values:
+        name, _, steps = value.partition(":")
+        out.append((name, _int_list(steps, "student") if steps else [1]))
+    return out
+
+
+@click.group("bench")
+def bench_command() -> None:
+    """Measure this device: the quality–latency Pareto front of a model."""
+
+
+@bench_command.command("pareto")
+@click.option("--model", "-m", default="shapes", show_default=True)
+@click.option("--out", "out_file", type=click.Path(dir_okay=False), required=True,
+              help="profile JSON (read back to resume); <model>@<device>.json in a profiles_dir serves it")
+@click.option("--budget-minutes", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="stop after this much wall time (the profile says it is incomplete; rerun to continue)")
+@click.option("--steps", "steps_list", default=",".join(map(str, (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 20, 25, 35, 50))),
+              show_default=True, help="step counts swept for every strategy family")
+@click.option("--student", "students", multiple=True, help="a student model of MODEL, NAME[:STEPS,...] (repeatable)")
+@click.option("--no-searched", is_flag=True, help="leave out the model's searched schedules")
+@click.option("--images", type=click.IntRange(1, 196), default=196, show_default=True,
+              help="prompts the quality is measured on (image k: the k-th combination, seed + k)")
+@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True,
+              help="the larger batch whose per-image latency is also measured")
+@click.option("--repeats", type=click.IntRange(min=1), default=5, show_default=True)
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
+@click.option("--latency-margin", type=click.FloatRange(0, 1, max_open=True), default=0.05, show_default=True,
+              help="relative latency difference treated as noise")
+@click.option("--quality-margin", type=click.FloatRange(min=0), default=0.01, show_default=True,
+              help="quality difference treated as noise (also the plateau threshold)")
+@click.option("--plot", "plot_file", type=click.Path(dir_okay=False), default=None, help="also write the PNG plot")
+@click.pass_context
+def pareto_command(ctx: click.Context, model: str, out_file: str, budget_minutes: float | None, steps_list: str,
+                   students: tuple[str, ...], no_searched: bool, images: int, batch_size: int, repeats: int,
+                   seed: int, latency_margin: float, quality_margin: float, plot_file: str | None) -> None:
+    """Sweep MODEL's strategies (samplers x steps x schedules, searched schedules, guidance, students) on this
+    device: quality with the eval sticks, latency warm; write every point and the front to OUT."""
+    try:
+        _pareto(ctx, model, Path(out_file), budget_minutes, steps_list, students, no_searched, images, batch_size,
+                repeats, seed, latency_margin, quality_margin, plot_file)
+    except AccelDiffusionError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    except ValueError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+
+
+def _pareto(ctx: click.Context, model: str, out: Path, budget_minutes: float | None, steps_list: str,
+            students: tuple[str, ...], no_searched: bool, images: int, batch_size: int, repeats: int, seed: int,
+            latency_margin: float, quality_margin: float, plot_file: str | None) -> None:
+    from accel_diffusion.engine import Engine
+    from accel_diffusion.models.registry import ModelRegistry
+    from accel_diffusion.pareto.front import Margins
+    from accel_diffusion.pareto.plot import plot_profile
+    from accel_diffusion.pareto.sweep import (
+        ShapesMeter,
+        candidates_for,
+        default_families,
+        new_profile,
+        open_profile,
+        searched_candidates,
+        sweep,
+    )
+
+    registry = ModelRegistry.from_file((ctx.obj or {}).get("models_file"))
+    spec = registry.spec(model)
+    student_steps = _students(students)
+    for name, _ in student_steps:
+        registry.spec(name)  # an unknown student: the registry's error, naming it
+    loaded = registry.get(model)
+    if loaded.family not in ("sd", "sdxl"):
+        raise InvalidRequestError("model", f"{model!r} is a {loaded.family} model; bench pareto measures text-to-image "
+                                  "models (the gmm error-vs-NFE front: benchmarks/pareto.py)")
+    engine = Engine(registry)
+    meter = ShapesMeter(engine, model, images=images, seed=seed, batch_size=batch_size, repeats=repeats)
+    width, height = loaded.default_size
+    margins = Margins(latency=latency_margin, quality=quality_margin)
+    command = shlex.join(["accel-diffusion", *sys.argv[1:]])
+    profile = open_profile(out, new_profile(model, loaded.device, meter, width=width, height=height, seed=seed,
+                                            margins=margins, command=command))
+    guidance = spec.default_strategy.guidance or {"name": "cfg", "scale": 5.0}
+    families = default_families(float(guidance.get("scale", 5.0)))
+    candidates = candidates_for(model, families, _int_list(steps_list, "steps"), student_steps,
+                                [] if no_searched else searched_candidates(model))
+    profile = sweep(profile, candidates, meter, out, budget_s=budget_minutes * 60 if budget_minutes else None)
+    click.echo(f"{len(profile.points)} points, {len(profile.front)} on the front, {len(profile.skipped)} pruned; "
+               f"{'complete' if profile.complete else 'incomplete (rerun to continue)'}; wrote {out}", err=True)
+    if plot_file:
+        plot_profile(profile, plot_file, spec.default_strategy.model_dump(exclude_none=True), spec.default_steps)
+        click.echo(f"wrote {plot_file}", err=True)

@@ -1,0 +1,211 @@
+"""A model's measured quality–latency profile on one device: every point, the front, how it was made.
+
+``accel-diffusion bench pareto`` writes it; ``"strategy": "auto"`` reads it. A profile is specific to a
+model and a device: latencies measured on one CPU say nothing of a GPU, or of the same CPU with more
+threads, so the file is named ``<model>@<device key>.json`` and looked up by both (the configured
+folder — ``ACCEL_DIFFUSION_PROFILES_DIR``, the server's ``profiles_dir`` or :func:`use_profiles_dir` —
+first, then the profiles shipped with the package).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import re
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated, Any
+
+import pydantic
+import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from accel_diffusion.pareto.front import Margins, pareto_front
+
+PROFILE_FORMAT = "accel-diffusion/pareto-profile@1"
+PROFILES_DIR_ENV = "ACCEL_DIFFUSION_PROFILES_DIR"
+BUILTIN_PROFILES_DIR = Path(__file__).parent / "profiles"
+
+_configured_dir: Path | None = None
+
+
+class ProfileError(ValueError):
+    """A profile file that cannot be used (unreadable, another format version, inconsistent)."""
+
+
+def use_profiles_dir(path: str | Path | None) -> None:
+    """Look profiles up in ``path`` first (None: back to ``$ACCEL_DIFFUSION_PROFILES_DIR``); process-wide."""
+    global _configured_dir
+    _configured_dir = Path(path) if path is not None else None
+
+
+def profile_dirs() -> list[Path]:
+    configured = _configured_dir or (Path(os.environ[PROFILES_DIR_ENV]) if os.environ.get(PROFILES_DIR_ENV) else None)
+    return [d for d in (configured, BUILTIN_PROFILES_DIR) if d is not None]
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+
+
+def device_key(device: torch.device | str, threads: int | None = None) -> str:
+    """What a latency was measured on: ``cuda-nvidia-h200``, ``cpu-x86_64-2t`` (architecture and torch
+    threads: the same CPU with more threads is another device for latency), ``mps``."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return "cuda-" + _slug(torch.cuda.get_device_name(device))
+    if device.type == "cpu":
+        return f"cpu-{_slug(platform.machine())}-{threads or torch.get_num_threads()}t"
+    return _slug(device.type)
+
+
+def hardware_info(device: torch.device | str) -> dict[str, Any]:
+    device = torch.device(device)
+    info: dict[str, Any] = {"device": str(device), "machine": platform.machine(), "cpu_count": os.cpu_count(),
+                            "torch_threads": torch.get_num_threads()}
+    try:
+        model = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                     if line.startswith("model name"))
+        info["cpu_model"] = model
+    except (OSError, StopIteration):
+        info["cpu_model"] = platform.processor() or "unknown"
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        info.update(gpu=props.name, gpu_memory_gib=round(props.total_memory / 2**30, 1))
+    return info
+
+
+def software_versions() -> dict[str, str]:
+    import diffusers
+
+    import accel_diffusion
+
+    return {"accel_diffusion": getattr(accel_diffusion, "__version__", "unknown"), "torch": torch.__version__,
+            "diffusers": diffusers.__version__, "python": platform.python_version()}
+
+
+class ParetoPoint(BaseModel):
+    """One measured configuration. ``model`` is the profiled model or one of its students."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: str
+    strategy: dict[str, Any] = Field(description="the Strategy's components, as a request sends them")
+    steps: Annotated[int, Field(ge=1)]
+    quality: float = Field(description="the profile's quality_metric (higher is better)")
+    metrics: dict[str, float] = Field(default_factory=dict, description="everything measured at this point")
+    latency_ms: Annotated[float, Field(gt=0)] = Field(description="per image at batch 1, warm median, decode included")
+    batch_latency_ms: Annotated[float, Field(gt=0)] | None = Field(
+        None, description="per image at the profile's batch_size, warm median")
+    nfe: Annotated[int, Field(ge=0)]
+
+    def key(self) -> str:
+        """What identifies the configuration (not its measurements): model, strategy and steps."""
+        return json.dumps({"model": self.model, "strategy": self.strategy, "steps": self.steps}, sort_keys=True)
+
+
+class ParetoProfile(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    format: str = PROFILE_FORMAT
+    model: str
+    device: str = Field(description="device key (pareto.profile.device_key)")
+    hardware: dict[str, Any] = Field(default_factory=dict)
+    versions: dict[str, str] = Field(default_factory=dict)
+    date: str = Field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
+    width: int | None = None
+    height: int | None = None
+    quality_metric: str
+    quality_description: str = ""
+    batch_size: Annotated[int, Field(ge=1)] = 16
+    seed: int = 0
+    samples: Annotated[int, Field(ge=1)] = Field(1, description="images (or points) each quality is measured on")
+    margins: dict[str, float] = Field(default_factory=lambda: {"latency": 0.05, "quality": 0.0})
+    points: list[ParetoPoint] = Field(default_factory=list)
+    front: list[int] = Field(default_factory=list, description="indices of points on the front, fastest first")
+    skipped: list[dict[str, Any]] = Field(default_factory=list, description="candidates pruned, and why")
+    complete: bool = False
+    wall_time_s: float = 0.0
+    command: str = ""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _check_format(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("format", PROFILE_FORMAT) != PROFILE_FORMAT:
+            raise ValueError(f"format is {data.get('format')!r}; this version reads {PROFILE_FORMAT!r}: "
+                             "re-run `accel-diffusion bench pareto` to write a current profile")
+        return data
+
+    @model_validator(mode="after")
+    def _check_front(self) -> ParetoProfile:
+        expected = self.compute_front()
+        if self.front and self.front != expected:
+            raise ValueError(f"front {self.front} is not the front of its points ({expected}): the file was edited "
+                             "by hand; re-run `accel-diffusion bench pareto`")
+        self.front = expected
+        return self
+
+    def margins_obj(self) -> Margins:
+        return Margins(**self.margins)
+
+    def compute_front(self) -> list[int]:
+        return pareto_front([(p.latency_ms, p.quality) for p in self.points], self.margins_obj())
+
+    def add(self, point: ParetoPoint) -> None:
+        """Add (or replace: same configuration) a measured point and recompute the front."""
+        self.points = [p for p in self.points if p.key() != point.key()] + [point]
+        self.front = self.compute_front()
+
+    def front_points(self) -> list[ParetoPoint]:
+        return [self.points[i] for i in self.front]
+
+    @property
+    def file_name(self) -> str:
+        return f"{self.model}@{self.device}.json"
+
+    def save(self, path: str | Path) -> Path:
+        """Write atomically (a resumed sweep rereads it: never a half-written file)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(self.model_dump(), indent=1) + "\n", encoding="utf-8")
+        tmp.replace(path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> ParetoProfile:
+        path = Path(path)
+        try:
+            return cls.model_validate(json.loads(path.read_text(encoding="utf-8")))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ProfileError(f"{str(path)!r} cannot be read as a profile: {exc}") from None
+        except pydantic.ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(p) for p in first["loc"]) or "profile"
+            raise ProfileError(f"{str(path)!r}: {where}: {first['msg']}") from None
+
+
+def find_profile(model: str, device: str) -> ParetoProfile | None:
+    """The profile of ``model`` on ``device`` (a device key), configured folder first; None if there is none."""
+    for folder in profile_dirs():
+        path = folder / f"{model}@{device}.json"
+        if path.is_file():
+            return ParetoProfile.load(path)
+    return None
+
+
+def list_profiles(model: str | None = None) -> list[ParetoProfile]:
+    """Every readable profile (of ``model``), the configured folder's shadowing shipped ones of the same name."""
+    found: dict[str, ParetoProfile] = {}
+    for folder in profile_dirs():
+        for path in sorted(folder.glob("*@*.json")) if folder.is_dir() else []:
+            if path.name in found:
+                continue
+            try:
+                profile = ParetoProfile.load(path)
+            except ProfileError:
+                continue
+            if model is None or profile.model == model:
+                found[path.name] = profile
+    return list(found.values())

@@ -1,0 +1,281 @@
+"""``accel-diffusion bench pareto``: measure a model's strategy space on this device and keep the front.
+
+Candidates are *families* (model, sampler, schedule, guidance) times step counts, plus the model's
+searched schedules (each at its own step count) and its students (at the steps they were trained for).
+Each candidate's latency is measured first (cheap: warm, median of repeats, batch 1 and one larger
+batch, decode included), then its quality with the eval sticks on fixed prompts and seeds (prompt
+accuracy, out-of-gamut %, paired distance to the model's reference output from the same noise).
+
+The order and the pruning are what make a short budget useful instead of a truncated grid:
+
+- round-robin over families by increasing step count, so every family is covered at its cheap end
+  first (where ``auto`` matters most) before any family gets its expensive end;
+- **dominated region**: a candidate whose measured latency is already beaten (by more than the latency
+  margin) by a point whose quality is at the ceiling (e.g. accuracy 1.0, within the quality margin)
+  cannot be on the front: its quality is not measured;
+- **plateau**: when a family's quality has not risen by more than the quality margin over its last two
+  step counts, its larger step counts (slower, no better) are skipped;
+- the wall-time budget: past it the sweep stops, and the profile says it is incomplete.
+
+The profile is written after every point, so a killed sweep resumes where it stopped (``--out`` is read
+back; measured and skipped candidates are not measured again). Seeded: the same prompts and seeds each
+run, and the same candidates in the same order.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from accel_diffusion.pareto.front import Margins
+from accel_diffusion.pareto.profile import (
+    ParetoPoint,
+    ParetoProfile,
+    device_key,
+    hardware_info,
+    software_versions,
+)
+from accel_diffusion.strategy import GenerationRequest, Strategy
+
+DEFAULT_STEPS = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 20, 25, 35, 50)
+LATENCY_PROMPT = "a red circle on a blue background"
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One configuration to measure; ``family`` groups the step counts of one (model, strategy)."""
+
+    model: str
+    strategy: dict[str, Any]
+    steps: int
+
+    @property
+    def family(self) -> str:
+        return json.dumps({"model": self.model, "strategy": self.strategy}, sort_keys=True)
+
+    def key(self) -> str:
+        return json.dumps({"model": self.model, "strategy": self.strategy, "steps": self.steps}, sort_keys=True)
+
+
+def default_families(guidance_scale: float = 5.0) -> list[dict[str, Any]]:
+    """The strategy families swept for a text-to-image model: diffusers' samplers, ours, with and without CFG."""
+    cfg = {"name": "cfg", "scale": guidance_scale}
+    return [
+        {"sampler": {"name": "dpmpp_2m"}, "schedule": {"name": "spacing"}, "guidance": cfg},
+        {"sampler": {"name": "ddim"}, "schedule": {"name": "spacing"}, "guidance": cfg},
+        {"sampler": {"name": "ddim"}, "schedule": {"name": "spacing", "spacing": "trailing"}, "guidance": cfg},
+        {"sampler": {"name": "unipc"}, "schedule": {"name": "spacing"}, "guidance": cfg},
+        {"sampler": {"name": "euler"}, "schedule": {"name": "spacing"}, "guidance": cfg},
+        {"sampler": {"name": "hb", "beta": 0.8}, "schedule": {"name": "spacing"}, "guidance": cfg},
+        {"sampler": {"name": "ghvb", "order": 0.8}, "schedule": {"name": "karras", "rho": 3.0}, "guidance": cfg},
+        {"sampler": {"name": "dpmpp_2m"}, "schedule": {"name": "spacing"}, "guidance": {"name": "cfg", "scale": 3.0}},
+        {"sampler": {"name": "dpmpp_2m"}, "schedule": {"name": "spacing"}, "guidance": {"name": "none"}},
+    ]
+
+
+def searched_candidates(model: str) -> list[Candidate]:
+    """Every shipped or configured searched schedule of ``model``, at the step count it was searched for."""
+    from accel_diffusion.schedules.searched import list_artifacts
+
+    out = []
+    for artifact in list_artifacts():
+        if artifact.model != model:
+            continue
+        strategy = {"sampler": artifact.sampler, "schedule": {"name": "searched", "id": artifact.id},
+                    "guidance": artifact.guidance}
+        out.append(Candidate(model, strategy, artifact.steps))
+    return out
+
+
+def candidates_for(model: str, families: Sequence[dict[str, Any]], steps: Sequence[int],
+                   students: Sequence[tuple[str, Sequence[int]]] = (),
+                   searched: Sequence[Candidate] = ()) -> list[Candidate]:
+    """The sweep's candidates in measuring order: round-robin over families by increasing steps, then the
+    searched schedules and students (cheap, few) at the front of the queue."""
+    normalized = [Strategy.parse(f).model_dump(exclude_none=True) for f in families]
+    out = list(searched)
+    for student, student_steps in students:
+        out += [Candidate(student, {}, s) for s in sorted(student_steps)]
+    for s in sorted(set(steps)):
+        out += [Candidate(model, family, s) for family in normalized]
+    return out
+
+
+@dataclass
+class Measured:
+    latency_ms: float
+    batch_latency_ms: float | None
+    nfe: int
+    quality: float | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+class ShapesMeter:
+    """Measures candidates of a `shapes`-family model through the engine.
+
+    Quality: the judge's prompt accuracy on ``images`` fixed prompts (image k: the k-th of the 196
+    combinations, seed ``seed + k``), the out-of-gamut fraction and the paired distance to the model's
+    reference output (its default strategy at ``reference_steps``) from the same noise. Latency: per image,
+    warm, median of ``repeats``, at batch 1 and at ``batch_size``."""
+
+    quality_metric = "prompt_accuracy"
+    quality_description = ("judge prompt accuracy (shape, colour and background all right) over the 196 shapes "
+                           "prompts, one seed each")
+    quality_ceiling = 1.0
+
+    def __init__(self, engine: Any, model: str, *, images: int = 196, seed: int = 0, batch_size: int = 16,
+                 repeats: int = 5, reference_steps: int = 50, eval_batch: int = 49) -> None:
+        from accel_diffusion.eval.shapes_eval import shapes_prompts
+        from accel_diffusion.eval.shapes_judge import ShapesJudge
+
+        self.engine = engine
+        self.model = model
+        every = shapes_prompts()
+        # all 196 by default; fewer: a seeded sample spread over shapes, colours and backgrounds
+        self.prompts = every if images >= len(every) else random.Random(seed).sample(every, images)
+        self.seed = seed
+        self.batch_size = batch_size
+        self.repeats = repeats
+        self.reference_steps = reference_steps
+        self.eval_batch = eval_batch
+        self.judge = ShapesJudge.load()
+        self._reference: np.ndarray | None = None
+
+    def _images(self, candidate: Candidate) -> np.ndarray:
+        out = []
+        for start in range(0, len(self.prompts), self.eval_batch):
+            chunk = self.prompts[start:start + self.eval_batch]
+            request = GenerationRequest.create(model=candidate.model, prompt=chunk, seed=self.seed + start,
+                                               steps=candidate.steps, strategy=candidate.strategy or None)
+            out.append(self.engine.generate(request).to_uint8())
+        return np.concatenate(out)
+
+    def reference(self) -> np.ndarray:
+        if self._reference is None:
+            self._reference = self._images(Candidate(self.model, {}, self.reference_steps))
+        return self._reference
+
+    def _timed(self, candidate: Candidate, batch: int) -> tuple[float, int]:
+        request = GenerationRequest.create(model=candidate.model, prompt=[LATENCY_PROMPT] * batch, seed=self.seed,
+                                           steps=candidate.steps, strategy=candidate.strategy or None)
+        result = self.engine.generate(request)  # warm-up: first call of this shape
+        times = []
+        for _ in range(self.repeats if batch == 1 else max(1, self.repeats // 2)):
+            begin = time.perf_counter()
+            self.engine.generate(request)
+            times.append(time.perf_counter() - begin)
+        return statistics.median(times) * 1000.0 / batch, result.nfe
+
+    def latency(self, candidate: Candidate) -> Measured:
+        single, nfe = self._timed(candidate, 1)
+        batched = self._timed(candidate, self.batch_size)[0] if self.batch_size > 1 else None
+        return Measured(single, batched, nfe)
+
+    def quality(self, candidate: Candidate, measured: Measured) -> None:
+        from accel_diffusion.eval.image_stats import saturation_stats
+
+        images = self._images(candidate)
+        reference = self.reference()
+        diff = images.astype(np.float64) / 255.0 - reference.astype(np.float64) / 255.0
+        accuracy = self.judge.prompt_accuracy(images, self.prompts)
+        measured.metrics = {
+            "prompt_accuracy": float(accuracy["all"]),
+            "out_of_gamut": float(saturation_stats(images)["clipped_fraction"]),
+            "paired_distance": float(np.sqrt((diff ** 2).mean(axis=(1, 2, 3))).mean()),
+        }
+        measured.quality = measured.metrics["prompt_accuracy"]
+
+
+def _plateaued(history: list[float], margin: float) -> bool:
+    """The last two step counts raised quality by no more than ``margin`` each."""
+    return len(history) >= 3 and history[-1] <= history[-2] + margin and history[-2] <= history[-3] + margin
+
+
+def sweep(profile: ParetoProfile, candidates: Sequence[Candidate], meter: Any, out: Path,
+          budget_s: float | None = None, progress: bool = True,
+          clock: Callable[[], float] = time.perf_counter) -> ParetoProfile:
+    """Measure ``candidates`` into ``profile`` (already holding what an earlier run measured), pruning as the
+    module says; saved to ``out`` after every candidate. Returns the profile (``complete`` when every
+    candidate was measured or pruned)."""
+    margins = profile.margins_obj()
+    done = {p.key() for p in profile.points} | {s["key"] for s in profile.skipped}
+    history: dict[str, list[float]] = {}
+    for point in sorted(profile.points, key=lambda p: p.steps):
+        history.setdefault(Candidate(point.model, point.strategy, point.steps).family, []).append(point.quality)
+    plateaued = {fam for fam, qs in history.items() if _plateaued(qs, margins.quality)}
+    begin = clock() - profile.wall_time_s
+    todo = [c for c in candidates if c.key() not in done]
+    ceiling = getattr(meter, "quality_ceiling", None)
+    with tqdm(total=len(todo), desc="pareto", unit="pt", disable=not progress) as bar:
+        for candidate in todo:
+            if budget_s is not None and clock() - begin > budget_s:
+                break
+            reason = None
+            if candidate.family in plateaued:
+                reason = "plateau: quality did not rise over the family's last two step counts"
+            measured = None
+            if reason is None:
+                measured = meter.latency(candidate)
+                if ceiling is not None and _beaten_at_ceiling(profile, measured.latency_ms, ceiling, margins):
+                    reason = "dominated: a faster point already reaches the quality ceiling"
+            if reason is not None:
+                profile.skipped.append({"key": candidate.key(), "reason": reason})
+            else:
+                assert measured is not None
+                meter.quality(candidate, measured)
+                assert measured.quality is not None
+                profile.add(ParetoPoint(model=candidate.model, strategy=candidate.strategy, steps=candidate.steps,
+                                        quality=measured.quality, metrics=measured.metrics,
+                                        latency_ms=measured.latency_ms, batch_latency_ms=measured.batch_latency_ms,
+                                        nfe=measured.nfe))
+                qs = history.setdefault(candidate.family, [])
+                qs.append(measured.quality)
+                if _plateaued(qs, margins.quality):
+                    plateaued.add(candidate.family)
+            profile.wall_time_s = clock() - begin
+            profile.save(out)
+            best = max((p.quality for p in profile.points), default=float("nan"))
+            bar.set_postfix(points=len(profile.points), front=len(profile.front), best=f"{best:.3f}")
+            bar.update(1)
+    remaining = [c for c in candidates if c.key() not in {p.key() for p in profile.points}
+                 and c.key() not in {s["key"] for s in profile.skipped}]
+    profile.complete = not remaining
+    profile.wall_time_s = clock() - begin
+    profile.save(out)
+    return profile
+
+
+def _beaten_at_ceiling(profile: ParetoProfile, latency_ms: float, ceiling: float, margins: Margins) -> bool:
+    return any(p.latency_ms < latency_ms * (1.0 - margins.latency) and p.quality >= ceiling - margins.quality
+               for p in profile.points)
+
+
+def new_profile(model: str, device: Any, meter: Any, *, width: int | None, height: int | None, seed: int,
+                margins: Margins, command: str) -> ParetoProfile:
+    return ParetoProfile(model=model, device=device_key(device), hardware=hardware_info(device),
+                         versions=software_versions(), width=width, height=height,
+                         quality_metric=meter.quality_metric, quality_description=meter.quality_description,
+                         batch_size=meter.batch_size, seed=seed, samples=len(meter.prompts),
+                         margins={"latency": margins.latency, "quality": margins.quality}, command=command)
+
+
+def open_profile(out: Path, fresh: ParetoProfile) -> ParetoProfile:
+    """The profile to continue: ``out`` when it is the same sweep (model, device, metric, seed, ...), else ``fresh``."""
+    if not out.is_file():
+        return fresh
+    old = ParetoProfile.load(out)
+    same = ("model", "device", "quality_metric", "seed", "samples", "batch_size", "margins", "width", "height")
+    mismatched = [k for k in same if getattr(old, k) != getattr(fresh, k)]
+    if mismatched:
+        raise ValueError(f"{out} is a profile of another sweep ({', '.join(mismatched)} differ): pass another --out "
+                         "or delete it to start over")
+    return old
