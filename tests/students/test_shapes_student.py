@@ -158,3 +158,37 @@ def test_distill_refuses_a_method_without_a_shapes_recipe(tmp_path: Path) -> Non
     assert result.exit_code != 0
     assert "method" in result.output and "'disback' has no recipe for teacher 'shapes' yet" in result.output, \
         result.output
+
+
+@pytest.mark.parametrize(("kwargs", "field"), [
+    ({"guidance": "cfg", "mode": "txt2img", "t_index_list": [0]}, "guidance"),
+    ({"guidance": "none", "mode": "img2img", "t_index_list": [0]}, "mode"),
+    ({"guidance": "none", "mode": "txt2img", "t_index_list": [0, 16]}, "t_index_list"),
+])
+def test_a_stream_session_refuses_what_the_student_cannot_run(student_dir: tuple[Path, torch.nn.Module], tmp_path: Path,
+                                                              kwargs: dict, field: str) -> None:
+    from accel_diffusion.errors import InvalidRequestError
+    from accel_diffusion.stream import StreamSession
+
+    models = tmp_path / "models.toml"
+    models.write_text(ENTRY.format(path=student_dir[0]), encoding="utf-8")
+    loaded = ModelRegistry.from_file(models).get("shapes_student")
+    with pytest.raises(InvalidRequestError) as err:
+        StreamSession(loaded, "a red circle", **kwargs)
+    assert err.value.field == field
+
+
+def test_a_txt2img_stream_of_the_student_is_its_one_step_image(teacher: ShapesTeacher, tmp_path: Path,
+                                                               student_dir: tuple[Path, torch.nn.Module]) -> None:
+    from accel_diffusion.stream import StreamSession
+
+    models = tmp_path / "models.toml"
+    models.write_text(ENTRY.format(path=student_dir[0]), encoding="utf-8")
+    loaded = ModelRegistry.from_file(models).get("shapes_student")
+    session = StreamSession(loaded, teacher.prompts[3], t_index_list=[0], guidance="none", mode="txt2img",
+                            seed=0, vae="full")
+    frame = session()  # one slot: no warm-up
+    assert frame is not None and (session.state.nfe, session.state.unet_calls) == (1, 1)
+    with torch.no_grad():
+        expected = teacher.decode(teacher.student_x0(student_dir[1], session.init_noise[:1], torch.tensor([3])))
+    assert np.abs(frame.astype(int) - expected[0].astype(int)).max() <= 1
