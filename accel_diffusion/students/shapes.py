@@ -133,9 +133,12 @@ class ShapesTeacher:
     @torch.no_grad()
     def evaluate(self, student: nn.Module, seed: int = 0, judge: ShapesJudge | None = None,
                  batch_size: int = 98) -> dict[str, Any]:
-        """Prompt accuracy (the project's judge) of one 1-step image per prompt (seeded noise)."""
+        """Prompt accuracy (the project's judge) of one 1-step image per prompt, seed ``seed + i`` for prompt i:
+        the engine's noise for the same seeds (``evaluate_shapes``), never the noise of the teacher pairs (one
+        generator seeded with the run's seed draws all of those)."""
         judge = judge or ShapesJudge.load()
-        z = torch.randn(len(self.prompts), *self.latent_shape, generator=torch.Generator().manual_seed(seed))
+        z = torch.cat([torch.randn((1, *self.latent_shape), generator=torch.Generator().manual_seed(seed + i))
+                       for i in range(len(self.prompts))])
         prompt = torch.arange(len(self.prompts))
         images = np.concatenate([
             self.decode(self.student_x0(student, z[i:i + batch_size], prompt[i:i + batch_size]))
