@@ -105,6 +105,15 @@ def strength_t_index_list(strength: float, steps: int) -> list[int]:
     return [first + (k * span) // steps for k in range(steps)]
 
 
+def _check_student(model: LoadedPipeline, guidance: str, mode: str, slots: int) -> None:
+    """A distilled student (its entry names a ``student`` component) refuses what it cannot stream."""
+    student = model.spec.default_strategy.student
+    if student is not None:
+        from accel_diffusion.registry import get_registry
+
+        get_registry().build("student", student).check_stream(guidance, mode, slots)
+
+
 @dataclass
 class FrameStats:
     """What one call did: UNet evaluations (per image), UNet calls, whether the filter skipped it."""
@@ -197,6 +206,7 @@ class StreamSession:
         steps = self._steps(DEFAULT_T_INDEX_LIST[mode] if t_index_list is None else t_index_list)
         if strength is not None:  # t_index_list then gives only the number of steps
             steps = self._strength_steps(strength, len(steps[0]))
+        _check_student(model, guidance, mode, len(steps[0]))
         self._prompt = _text("prompt", prompt, limits, required=True)
         self._negative = _text("negative_prompt", negative_prompt, limits, required=False)
         self._cond, self._uncond = self._prompt_states(self._prompt, self._negative)

@@ -53,3 +53,18 @@ class OneStepStudent:
             raise InvalidRequestError(
                 "steps", f"is {steps}{source}; this student was trained for {trained} step(s): "
                 f"send steps={trained[0]}" + (f" (or one of {trained})" if len(trained) > 1 else ""))
+
+    def check_stream(self, guidance: str, mode: str, slots: int) -> None:
+        """Refuse a stream session this student cannot run: guidance branches, img2img (the student was
+        distilled from pure noise at t = 999) or a number of steps (``t_index_list`` entries) it was not
+        trained for. Errors name the session's field."""
+        if guidance != "none":
+            raise IncompatibleStrategyError(
+                "guidance", f"{guidance!r} needs guidance branches the student was distilled without; send \"none\"")
+        if mode != "txt2img":
+            raise IncompatibleStrategyError(
+                "mode", "a one-step student starts from pure noise: send mode \"txt2img\" with t_index_list [0]")
+        if slots not in self.steps:
+            raise InvalidRequestError(
+                "t_index_list", f"has {slots} step(s); this student was trained for {sorted(set(self.steps))} "
+                "step(s): send [0] for one step")

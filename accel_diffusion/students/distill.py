@@ -3,7 +3,8 @@
 One documented recipe per (method, teacher); ``--iterations`` is the budget, ``--seed`` fixes every random
 number, and a run that was interrupted resumes from ``OUT/training_state/checkpoint.pt`` with the same result
 as an uninterrupted run (the state is removed once the model is written). Methods: ``fdistill``, ``disback``,
-``slimflow``. Teachers: ``gmm`` (the analytic oracle); ``shapes`` students are the next step of issue #17.
+``slimflow``. Teachers: ``gmm`` (the analytic oracle) for every method; ``shapes`` (the built-in text-to-image
+model) for ``fdistill`` (``students/shapes.py``).
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ from accel_diffusion.students.teachers import GmmTeacher
 from accel_diffusion.students.trainer import TrainConfig, train
 
 METHODS = ("fdistill", "disback", "slimflow")
-TEACHERS = ("gmm",)
+TEACHERS = ("gmm", "shapes")
+SHAPES_METHODS = ("fdistill",)
 STATE_DIR = "training_state"
 
 GMM_FDISTILL = {"hidden": 64, "lr_student": 1e-3, "student_update_freq": 3}
@@ -37,6 +39,11 @@ GMM_DISBACK = {"hidden": 64, "layers": 3, "teacher_fit_iterations": 1500, "degra
 GMM_SLIMFLOW = {"pairs": 4000, "hidden": 64, "layers": 3, "schedule": "linear"}
 """The gmm SlimFlow recipe: annealing reflow for ``iterations`` (β → 0 over the first half), then flow-guided
 distillation for a third of that (tests/students/test_slimflow.py measures it at 1,500 iterations)."""
+SHAPES_FDISTILL = {"pairs": 1536, "pair_steps": 12, "regression_fraction": 0.75, "batch_size": 32,
+                   "lr_regression": 3e-5, "lr_student": 1e-5, "lr_fake": 1e-4, "lr_discriminator": 1e-4,
+                   "student_update_freq": 5, "regression_weight": 1.0, "ema_decay": 0.995}
+"""The shapes f-distill recipe: 1,536 teacher ODE pairs (DPM-Solver++ 2M, 12 steps, CFG 5), DMD's regression
+loss alone for the first 3/4 of ``iterations``, then the f-divergence loop with the regression term beside it."""
 
 
 def distill(method: str, teacher: str, out_dir: str | Path, *, iterations: int = 1500, seed: int = 0,
@@ -51,6 +58,12 @@ def distill(method: str, teacher: str, out_dir: str | Path, *, iterations: int =
     if iterations < 1:
         raise InvalidRequestError("iterations", f"must be >= 1, got {iterations}")
     out = Path(out_dir)
+    if teacher == "shapes":
+        if method not in SHAPES_METHODS:
+            raise InvalidRequestError("method", f"{method!r} has no recipe for teacher 'shapes' yet",
+                                      list(SHAPES_METHODS))
+        return _distill_shapes(method, out, iterations=iterations, seed=seed, divergence=divergence,
+                               resume=resume, progress=progress)
     gmm = GmmTeacher()
     started = time.perf_counter()
     config = TrainConfig(iterations=iterations, seed=seed, ema_decay=0.99, eval_every=max(iterations // 5, 1),
@@ -115,3 +128,44 @@ def _slimflow(gmm: GmmTeacher, seed: int, iterations: int, state: Path, resume: 
     return stage2, {**r, "reflow": reflow.config | {"pairs": r["pairs"]}, "distillation": distillation.config,
                     "reflow_iterations": iterations, "distillation_iterations": steps,
                     "reflow_1step_mmd": gmm.evaluate(FlowGenerator.from_velocity(stage1.ema))["mmd"]}
+
+
+def _distill_shapes(method: str, out: Path, *, iterations: int, seed: int, divergence: str, resume: bool,
+                    progress: bool, pairs: int | None = None, pair_steps: int | None = None) -> dict[str, Any]:
+    """The ``shapes`` f-distill student: teacher pairs (cached in the state directory), the loop, the export."""
+    from accel_diffusion.students.export import save_shapes_student
+    from accel_diffusion.students.shapes import ShapesFDistill, ShapesTeacher
+
+    r = {**SHAPES_FDISTILL, **({"pairs": pairs} if pairs else {}), **({"pair_steps": pair_steps} if pair_steps else {})}
+    started = time.perf_counter()
+    shapes = ShapesTeacher()
+    state = out / STATE_DIR
+    state.mkdir(parents=True, exist_ok=True)
+    pairs_file = state / "pairs.pt"
+    if resume and pairs_file.is_file():
+        data = torch.load(pairs_file, weights_only=True)
+    else:
+        data = shapes.ode_pairs(r["pairs"], seed, steps=r["pair_steps"], progress=progress)
+        torch.save(data, pairs_file)
+    pairs_seconds = time.perf_counter() - started
+    runner = ShapesFDistill(shapes, data, divergence=divergence, batch_size=r["batch_size"],
+                            regression_iterations=int(iterations * r["regression_fraction"]),
+                            regression_weight=r["regression_weight"], student_update_freq=r["student_update_freq"],
+                            lr_student=r["lr_student"], lr_regression=r["lr_regression"], lr_fake=r["lr_fake"],
+                            lr_discriminator=r["lr_discriminator"], init_seed=seed)
+    config = TrainConfig(iterations=iterations, seed=seed, ema_decay=r["ema_decay"],
+                         eval_every=max(iterations // 8, 1), checkpoint_every=max(iterations // 16, 1),
+                         progress=progress)
+    result = train(runner, config, out_dir=state, evaluate=shapes.evaluate, resume=resume)
+    quality = shapes.evaluate(result.ema)
+    command = shlex.join(["accel-diffusion", "distill", "--method", method, "--teacher", "shapes", "--out",
+                          str(out), "--iterations", str(iterations), "--seed", str(seed), "--divergence", divergence])
+    wall = time.perf_counter() - started
+    save_shapes_student(result.ema, out, shapes.loaded.pipeline, shapes.loaded.scheduler_config, name=out.name,
+                        method=method, recipe={"method": runner.config, "recipe": r, "train": config.model_dump(),
+                                               "history": result.history,
+                                               "pairs_seconds": round(pairs_seconds, 1)},
+                        command=command, wall_seconds=wall, quality=quality)
+    shutil.rmtree(state, ignore_errors=True)
+    return {"out": str(out), "method": method, "teacher": "shapes", "iterations": iterations,
+            "resumed_from": result.resumed_from, "wall_seconds": round(wall, 3), "quality": quality}

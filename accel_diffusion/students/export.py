@@ -66,3 +66,34 @@ def save_gmm_student(student: ModelMixin, out_dir: str | Path, teacher: GmmTeach
     write_model_card(out, name=name, method=method, teacher="gmm", recipe=recipe, command=command,
                      wall_seconds=wall_seconds, quality=quality, steps=[1], parameters=parameters)
     return out
+
+
+def shapes_one_step_scheduler(scheduler_config: dict[str, Any]) -> DDIMScheduler:
+    """DDIM on the teacher's training schedule whose single "trailing" step from t = 999 is the student's sample.
+
+    The student keeps the teacher's eps parameterization: one step with ``set_alpha_to_one`` lands on
+    ``(z − σ_T ε) / α_T``, the x0 it was trained to produce (``students/shapes.py``).
+    """
+    keys = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "prediction_type")
+    return DDIMScheduler(**{k: scheduler_config[k] for k in keys}, clip_sample=False, set_alpha_to_one=True,
+                         steps_offset=1, timestep_spacing="trailing")  # "trailing" ignores the offset: t = [999]
+
+
+def save_shapes_student(student: ModelMixin, out_dir: str | Path, teacher_pipeline: Any,
+                        scheduler_config: dict[str, Any], *, name: str, method: str, recipe: dict[str, Any],
+                        command: str, wall_seconds: float, quality: dict[str, Any], teacher: str = "shapes") -> Path:
+    """Save a one-step student UNet as a ``StableDiffusionPipeline`` directory: the teacher's tokenizer, text
+    encoder and VAE, the student UNet (fp32 safetensors) and :func:`shapes_one_step_scheduler`; plain
+    diffusers loads and runs it on CPU with no extra arguments (``num_inference_steps=1, guidance_scale=1``)."""
+    from diffusers import StableDiffusionPipeline
+
+    out = Path(out_dir)
+    pipe = StableDiffusionPipeline(
+        vae=teacher_pipeline.vae, text_encoder=teacher_pipeline.text_encoder, tokenizer=teacher_pipeline.tokenizer,
+        unet=student.float(), scheduler=shapes_one_step_scheduler(scheduler_config), safety_checker=None,
+        feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(str(out), safe_serialization=True)
+    parameters = sum(p.numel() for p in student.parameters())
+    write_model_card(out, name=name, method=method, teacher=teacher, recipe=recipe, command=command,
+                     wall_seconds=wall_seconds, quality=quality, steps=[1], parameters=parameters)
+    return out
