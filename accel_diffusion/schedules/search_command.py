@@ -143,9 +143,9 @@ def run_search(
               help="Folder of searched schedules (default: $ACCEL_DIFFUSION_SCHEDULES_DIR, else ./schedules).")
 @click.option("--fitness", type=click.Choice(["paired_distance", "teacher_fd", "prompt_accuracy"]),
               default="paired_distance", show_default=True, help="What the search minimises (see docs).")
-@click.option("--images", type=click.IntRange(1, 196), default=49, show_default=True,
-              help="Prompts (one image each, fixed seeds) every candidate is scored on.")
-@click.option("--rescore-images", type=click.IntRange(1, 196), default=98, show_default=True,
+@click.option("--images", type=click.IntRange(1, 98), default=49, show_default=True,
+              help="Search prompts (one image each, fixed seeds) every candidate is scored on; never the held-out ones.")
+@click.option("--rescore-images", type=click.IntRange(1, 98), default=98, show_default=True,
               help="The top candidates are re-scored on this many at the end (<= --images: no re-scoring).")
 @click.option("--teacher-steps", type=click.IntRange(2, 1000), default=50, show_default=True)
 @click.option("--population", type=click.IntRange(2), default=20, show_default=True)
@@ -156,7 +156,7 @@ def run_search(
 @click.option("--mutation-prob", type=click.FloatRange(0, 1), default=0.25, show_default=True)
 @click.option("--mutation-radius", type=click.IntRange(0), default=20, show_default=True,
               help="Half the mutated timesteps move at most this far (0: uniform draws only, as the reference).")
-@click.option("--seed", type=click.IntRange(0), default=0, show_default=True)
+@click.option("--seed", type=click.IntRange(0, 900_000), default=0, show_default=True)
 @click.option("--time-budget", "time_budget_s", type=click.FloatRange(min=0), default=None,
               help="Stop after this many seconds (state kept: the same command resumes).")
 @click.pass_context

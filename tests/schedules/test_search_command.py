@@ -11,7 +11,14 @@ from click.testing import CliRunner
 
 from accel_diffusion.cli import main
 from accel_diffusion.engine import Engine
-from accel_diffusion.eval.schedule_fitness import ShapesScheduleFitness, fitness_prompts
+from accel_diffusion.eval.schedule_fitness import (
+    HELD_OUT_SEED,
+    ShapesScheduleFitness,
+    fitness_prompts,
+    held_out_prompts,
+    search_prompts,
+)
+from accel_diffusion.eval.shapes_eval import shapes_prompts
 from accel_diffusion.models.registry import ModelRegistry
 from accel_diffusion.registry import get_registry
 from accel_diffusion.schedules.autodiffusion import SearchSpace
@@ -40,6 +47,20 @@ def test_generation_zero_holds_the_hand_made_grids_the_sampler_builds(engine: En
     grids = hand_made_grids(config, ghvb, space)
     assert len(grids) == 7 and (999, 562, 250, 62) in grids  # quadratic_t, log_snr, any Karras rho: ours only
     assert all(space.check(grid) == grid for grid in grids)
+
+
+def test_search_and_held_out_prompts_split_the_196_in_two_fixed_halves() -> None:
+    search, held_out = search_prompts(), held_out_prompts()
+    assert len(search) == len(held_out) == 98 and not set(search) & set(held_out)
+    assert sorted(search + held_out) == sorted(shapes_prompts())
+    # fixed for good: the benchmark's held-out set never changes with the code around it
+    assert search[:2] == ['a red circle on a green background', 'a red circle on a blue background']
+    assert held_out[:2] == ['a green circle on a red background', 'a green circle on a blue background']
+    for seed in range(20):  # whatever a search draws is a search prompt
+        assert set(fitness_prompts(98, seed)) == set(search)
+    with pytest.raises(ValueError, match="between 1 and 98"):
+        fitness_prompts(99, 0)
+    assert HELD_OUT_SEED > 900_000 + 98  # the search's largest seed (--seed <= 900000) + its images stay below
 
 
 def test_fitness_is_zero_for_the_teachers_own_timesteps_and_measures_with_the_eval_code(engine: Engine) -> None:
