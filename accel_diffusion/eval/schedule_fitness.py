@@ -136,10 +136,37 @@ class ShapesScheduleFitness:
         """The fitness (lower is better) of a ``scores`` dict."""
         return 1.0 - scores["prompt_accuracy"] if self.kind == "prompt_accuracy" else scores[self.kind]
 
+    def plan_images(self, timesteps: Sequence[int], skipped: Sequence[Sequence[str]]) -> np.ndarray:
+        """The images of ``timesteps`` with the UNet skipping ``skipped[k]`` (block names) at step k."""
+        from accel_diffusion.engine.block_skip import BlockSkip
+
+        unet = self.engine.models.get(self.model).pipeline.unet
+        with BlockSkip(unet, dict(zip((int(t) for t in timesteps), skipped, strict=True))):
+            return self.candidate_images(timesteps)
+
     def __call__(self, timesteps: Sequence[int]) -> float:
-        images = self.candidate_images(timesteps)
+        return self.fitness_of(self.candidate_images(timesteps))
+
+    def fitness_of(self, images: np.ndarray) -> float:
+        """The fitness (lower is better) of ``images``, one per prompt."""
         if self.kind == "paired_distance":  # the cheap one: no judge features needed
             teacher = self.teacher()
             diff = images.astype(np.float64) / 255.0 - teacher.astype(np.float64) / 255.0
             return float(np.sqrt((diff ** 2).mean(axis=(1, 2, 3))).mean())
         return self.value(self.measure(images))
+
+
+class SkipPlanFitness:
+    """Stage 2's fitness: a skip plan (per step, indices into ``blocks``) scored with ``timesteps`` fixed, by
+    ``fitness`` (its kind, prompts, seeds and teacher)."""
+
+    def __init__(self, fitness: ShapesScheduleFitness, timesteps: Sequence[int], blocks: Sequence[str]) -> None:
+        self.fitness = fitness
+        self.timesteps = [int(t) for t in timesteps]
+        self.blocks = list(blocks)
+
+    def names(self, plan: Sequence[Sequence[int]]) -> list[list[str]]:
+        return [[self.blocks[i] for i in step] for step in plan]
+
+    def __call__(self, plan: Sequence[Sequence[int]]) -> float:
+        return self.fitness.fitness_of(self.fitness.plan_images(self.timesteps, self.names(plan)))

@@ -7,6 +7,7 @@ artifact that ``{"schedule": {"name": "searched", "id": ...}}`` then names.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import shlex
@@ -80,9 +81,17 @@ def run_search(
     state_path: str | Path | None = None,
     progress: bool = True,
     command: str = "",
+    skip_budget: float | None = None,
+    max_skip: int = 4,
+    skip_config: SearchConfig | None = None,
 ) -> tuple[SearchedArtifact | None, Path | None, SearchResult]:
-    """Search, save the artifact into ``schedules_dir`` and return (artifact, its path, the SearchResult); the
-    artifact is None when the time budget ran out first (the state file keeps the search for a resumed run)."""
+    """Search, save the artifact into ``schedules_dir`` and return (artifact, its path, the SearchResult of the
+    last stage run); the artifact is None when the time budget ran out first (the state files keep the search
+    for a resumed run).
+
+    With ``skip_budget`` (a fraction of the full UNet's time, e.g. 0.8), stage 2 then searches which blocks
+    to skip at which of the found timesteps (at most ``max_skip`` per step) so that the measured cost model
+    (``measure_block_costs``) puts the plan at no more than that fraction of the UNet time."""
     from accel_diffusion.eval.schedule_fitness import ShapesScheduleFitness
     from accel_diffusion.schedules.explicit import ExplicitTimesteps
     from accel_diffusion.schedules.searched import (
@@ -118,18 +127,72 @@ def run_search(
     if not result.finished:
         return None, None, result
     timesteps, value = result.best
+    skipped: list[list[str]] = [[] for _ in timesteps]
+    evaluations, wall_time_s, unet_cost = result.evaluations, result.wall_time_s, None
+    if skip_budget is not None:
+        left = None if time_budget_s is None else max(time_budget_s - (time.perf_counter() - start), 0.0)
+        stage2, skipped, value, unet_cost = _skip_search(
+            engine, model, cheap, costly, timesteps, skip_budget, max_skip, skip_config or config,
+            folder / f"{schedule_id}.skip-state", left, rescore_top, progress)
+        if not stage2.finished:
+            return None, None, stage2
+        evaluations, wall_time_s, result = evaluations + stage2.evaluations, wall_time_s + stage2.wall_time_s, stage2
     artifact = SearchedArtifact(
         id=schedule_id, model=model, sampler=sampler_spec, guidance=guidance_spec, steps=steps,
-        timesteps=list(timesteps), skipped_blocks=[[] for _ in timesteps],
+        timesteps=list(timesteps), skipped_blocks=skipped,
         fitness=SearchFitness(kind=fitness, value=value, samples=len(costly.prompts) if costly else images),
-        search=SearchCost(evaluations=result.evaluations, wall_time_s=max(result.wall_time_s,
-                                                                         time.perf_counter() - start),
-                          command=command),
+        search=SearchCost(evaluations=evaluations, wall_time_s=max(wall_time_s, time.perf_counter() - start),
+                          command=command, skip_budget=skip_budget, unet_cost=unet_cost),
         seed=config.seed,
     )
     path = artifact.save(folder)
     state.unlink(missing_ok=True)
+    (folder / f"{schedule_id}.skip-state").unlink(missing_ok=True)
     return artifact, path, result
+
+
+def block_cost_model(engine: Any, model: str, fitness: Any) -> tuple[list[str], dict[str, float]]:
+    """The UNet's skippable blocks and each one's measured share of a UNet call, at the batch the fitness runs
+    (its prompts, cond and uncond) and the model's latent size."""
+    import torch
+
+    from accel_diffusion.engine.block_skip import measure_block_costs, skippable_blocks
+
+    loaded = engine.models.get(model)
+    unet = loaded.pipeline.unet
+    width, height = loaded.default_size
+    rows = 2 * min(len(fitness.prompts), fitness.batch_size)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(rows, unet.config.in_channels, height // loaded.vae_scale_factor,
+                    width // loaded.vae_scale_factor, generator=gen, dtype=unet.dtype).to(unet.device)
+    tokens = int(getattr(getattr(loaded.pipeline, "tokenizer", None), "model_max_length", 77))
+    context = torch.randn(rows, tokens, unet.config.cross_attention_dim, generator=gen,
+                          dtype=unet.dtype).to(unet.device)
+    t = torch.tensor(500, device=unet.device)
+    shares = measure_block_costs(unet, lambda: unet(x, t, encoder_hidden_states=context, return_dict=False))
+    return skippable_blocks(unet), shares
+
+
+def _skip_search(engine: Any, model: str, cheap: Any, costly: Any, timesteps: tuple[int, ...], skip_budget: float,
+                 max_skip: int, config: SearchConfig, state: Path, time_budget_s: float | None, rescore_top: int,
+                 progress: bool) -> tuple[SearchResult, list[list[str]], float, float]:
+    """Stage 2: (its SearchResult, the best plan's block names per step, its fitness, its modelled UNet cost
+    as a fraction of the full UNet's)."""
+    from accel_diffusion.eval.schedule_fitness import SkipPlanFitness
+    from accel_diffusion.schedules.autodiffusion import SkipPlanSearch, SkipSpace
+
+    blocks, shares = block_cost_model(engine, model, cheap)
+    K = len(timesteps)
+    try:
+        space = SkipSpace(K, len(blocks), skip_budget * K, max_skip, tuple(shares[b] for b in blocks), shares[""])
+    except ValueError as exc:
+        raise InvalidRequestError("skip_budget", f"{exc}: raise --skip-budget or --max-skip") from None
+    plan_fitness = SkipPlanFitness(cheap, timesteps, blocks)
+    rescore = SkipPlanFitness(costly, timesteps, blocks) if costly is not None else None
+    result = SkipPlanSearch(space, plan_fitness, config, state_path=state, time_budget_s=time_budget_s,
+                            rescore=rescore, rescore_top=rescore_top, progress=progress).run()
+    plan, value = result.best if result.ranked else (space.skip_nothing(), float("nan"))
+    return result, plan_fitness.names(plan), value, space.cost(plan) / K
 
 
 @click.command("search")
@@ -144,7 +207,7 @@ def run_search(
 @click.option("--fitness", type=click.Choice(["paired_distance", "teacher_fd", "prompt_accuracy"]),
               default="paired_distance", show_default=True, help="What the search minimises (see docs).")
 @click.option("--images", type=click.IntRange(1, 98), default=49, show_default=True,
-              help="Search prompts (one image each, fixed seeds) every candidate is scored on; never the held-out ones.")
+              help="Search prompts (one image each, fixed seeds) scored per candidate; never the held-out ones.")
 @click.option("--rescore-images", type=click.IntRange(1, 98), default=98, show_default=True,
               help="The top candidates are re-scored on this many at the end (<= --images: no re-scoring).")
 @click.option("--teacher-steps", type=click.IntRange(2, 1000), default=50, show_default=True)
@@ -159,13 +222,27 @@ def run_search(
 @click.option("--seed", type=click.IntRange(0, 900_000), default=0, show_default=True)
 @click.option("--time-budget", "time_budget_s", type=click.FloatRange(min=0), default=None,
               help="Stop after this many seconds (state kept: the same command resumes).")
+@click.option("--budget-minutes", type=click.FloatRange(min=0), default=None,
+              help="The wall-time budget in minutes (instead of --time-budget).")
+@click.option("--skip-budget", type=click.FloatRange(0, 1, min_open=True), default=None,
+              help="Stage 2: skip UNet blocks so the UNet runs at most this fraction of its full time (e.g. 0.8).")
+@click.option("--max-skip", type=click.IntRange(0), default=4, show_default=True,
+              help="Stage 2: blocks skipped at one step at most.")
+@click.option("--skip-epochs", type=click.IntRange(0), default=None,
+              help="Stage 2's generations (default: --epochs).")
 @click.pass_context
 def search_command(ctx: click.Context, model: str, steps: int, sampler: str | None, guidance: str | None,
                    guidance_scale: float | None, schedule_id: str, schedules_dir: str | None, fitness: str,
                    images: int, rescore_images: int, teacher_steps: int, population: int, epochs: int, select: int,
                    mutations: int, crossovers: int, mutation_prob: float, mutation_radius: int, seed: int,
-                   time_budget_s: float | None) -> None:
-    """Search K timesteps for a model, sampler and guidance (AutoDiffusion stage 1) and save the artifact."""
+                   time_budget_s: float | None, budget_minutes: float | None, skip_budget: float | None,
+                   max_skip: int, skip_epochs: int | None) -> None:
+    """Search K timesteps for a model, sampler and guidance (AutoDiffusion stage 1), then, with --skip-budget,
+    which UNet blocks to skip at which step (stage 2), and save the artifact."""
+    if budget_minutes is not None:
+        if time_budget_s is not None:
+            raise InvalidRequestError("budget_minutes", "give --budget-minutes or --time-budget, not both")
+        time_budget_s = 60.0 * budget_minutes
     from accel_diffusion.cli import _json_arg, _registry
     from accel_diffusion.engine import Engine
     from accel_diffusion.strategy import merge_guidance_scale
@@ -177,6 +254,7 @@ def search_command(ctx: click.Context, model: str, steps: int, sampler: str | No
     try:
         config = SearchConfig(population=population, select=select, mutations=mutations, crossovers=crossovers,
                               mutation_prob=mutation_prob, mutation_radius=mutation_radius, epochs=epochs, seed=seed)
+        skip_config = dataclasses.replace(config, epochs=skip_epochs) if skip_epochs is not None else None
     except ValueError as exc:
         raise InvalidRequestError("population", str(exc)) from None
     import importlib.util
@@ -188,11 +266,14 @@ def search_command(ctx: click.Context, model: str, steps: int, sampler: str | No
         Engine(_registry(ctx)), model=model, steps=steps, schedule_id=schedule_id,
         sampler=components.get("sampler"), guidance=components.get("guidance"), fitness=fitness, images=images,
         rescore_images=rescore_images, teacher_steps=teacher_steps, config=config, time_budget_s=time_budget_s,
-        schedules_dir=schedules_dir, progress=True, command=shlex.join(["accel-diffusion", *sys.argv[1:]]))
+        schedules_dir=schedules_dir, progress=True, command=shlex.join(["accel-diffusion", *sys.argv[1:]]),
+        skip_budget=skip_budget, max_skip=max_skip, skip_config=skip_config)
     if artifact is None:
         best = f" (best so far {result.ranked[0][1]:.4g})" if result.ranked else ""
         click.echo(f"time budget spent after {result.evaluations} candidates{best}; run the same command again "
                    "to continue", err=True)
         sys.exit(3)
-    click.echo(f"{path}: timesteps {artifact.timesteps}, {fitness} {artifact.fitness.value:.4g} "
-               f"({result.evaluations} candidates, {artifact.search.wall_time_s:.0f} s)")
+    skips = "" if artifact.search.unet_cost is None else (
+        f", skipped blocks {artifact.skipped_blocks} (UNet time x{artifact.search.unet_cost:.3f} by the cost model)")
+    click.echo(f"{path}: timesteps {artifact.timesteps}{skips}, {fitness} {artifact.fitness.value:.4g} "
+               f"({artifact.search.evaluations} candidates, {artifact.search.wall_time_s:.0f} s)")

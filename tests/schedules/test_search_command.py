@@ -116,6 +116,42 @@ def test_search_cli_writes_an_artifact_that_generate_uses_and_other_samplers_are
     assert "strategy.sampler.name: searched schedule 'shapes-dpmpp-3' was made for sampler" in refused.output
 
 
+def test_search_cli_stage_two_skips_blocks_within_the_budget_and_generate_applies_them(
+        tmp_path: Path, engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+    from accel_diffusion.engine.block_skip import skippable_blocks
+    from accel_diffusion.eval.schedule_fitness import SkipPlanFitness
+
+    folder = tmp_path / "schedules"
+    args = ["search", "--steps", "3", "--sampler", "dpmpp_2m", "--guidance-scale", "5", "--out", "shapes-skip-3",
+            "--dir", str(folder), "--images", "3", "--rescore-images", "3", "--teacher-steps", "6",
+            "--population", "4", "--select", "2", "--mutations", "1", "--crossovers", "1", "--epochs", "1",
+            "--skip-budget", "0.8", "--max-skip", "6", "--skip-epochs", "1"]
+    run = CliRunner().invoke(main, args)
+    assert run.exit_code == 0, run.output
+    artifact = load_artifact(folder / "shapes-skip-3.json")
+    assert not list(folder.glob("*state"))
+    assert artifact.search.skip_budget == 0.8 and 0 < artifact.search.unet_cost <= 0.8
+    assert 8 <= artifact.search.evaluations <= 16  # both stages: 4 + 4 candidates a generation, 2 generations each
+    blocks = skippable_blocks(engine.models.get("shapes").pipeline.unet)
+    assert len(artifact.skipped_blocks) == 3 and any(artifact.skipped_blocks)
+    assert all(set(step) <= set(blocks) and len(step) <= 6 for step in artifact.skipped_blocks)
+    # the recorded fitness is that of the timesteps with those blocks skipped, scored again
+    sampler, guidance = resolve_components(engine.models.get("shapes").spec, "dpmpp_2m", CFG5)
+    again = ShapesScheduleFitness(engine, sampler=sampler, guidance=guidance, images=3, teacher_steps=6)
+    plan = [[blocks.index(name) for name in step] for step in artifact.skipped_blocks]
+    skipping = SkipPlanFitness(again, artifact.timesteps, blocks)
+    assert skipping(plan) == pytest.approx(artifact.fitness.value, abs=1e-12)
+    assert skipping(plan) != again(artifact.timesteps)  # skipping changed the images
+
+    monkeypatch.setenv(SCHEDULES_DIR_ENV, str(folder))
+    out = tmp_path / "out"
+    searched = json.dumps({"name": "searched", "id": "shapes-skip-3"})
+    ok = CliRunner().invoke(main, ["generate", "-p", again.prompts[0], "--seed", "0", "--sampler", "dpmpp_2m",
+                                   "--schedule", searched, "--guidance-scale", "5", "--out", str(out)])
+    assert ok.exit_code == 0, ok.output
+    assert json.loads((out / "results.json").read_text())["runs"][0]["steps"] == 3
+
+
 def test_search_cli_refuses_a_sampler_without_explicit_timesteps(tmp_path: Path) -> None:
     run = CliRunner().invoke(main, ["search", "--steps", "4", "--sampler", "ddim", "--out", "x", "--dir",
                                     str(tmp_path)])

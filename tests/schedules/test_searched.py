@@ -73,7 +73,8 @@ def test_artifact_round_trips_through_its_file(folder: Path) -> None:
     assert {k: data[k] for k in ("model", "steps", "timesteps", "skipped_blocks", "seed")} == {
         "model": "tiny-sd", "steps": 4, "timesteps": TINY_TIMESTEPS, "skipped_blocks": [[], [], [], []], "seed": 3}
     assert data["fitness"] == {"kind": "paired_distance", "value": 0.25, "samples": 8}
-    assert data["search"] == {"evaluations": 30, "wall_time_s": 12.5, "command": "accel-diffusion search ..."}
+    assert data["search"] == {"evaluations": 30, "wall_time_s": 12.5, "command": "accel-diffusion search ...",
+                              "skip_budget": None, "unet_cost": None}
     assert load_artifact(path) == artifact == find_artifact("tiny-dpmpp-4")
     assert SearchedArtifact.model_validate_json(json.dumps(artifact.model_dump(mode="json"))) == artifact
     schedule = get_registry().build("schedule", {"name": "searched", "id": "tiny-dpmpp-4"})
@@ -164,10 +165,14 @@ def test_the_artifacts_skipped_blocks_are_skipped_at_their_steps(folder: Path, t
         assert np.array_equal(engine.generate(explicit).images, searched)
     assert by_hand.skipped_calls == 3  # one batched call per step (cond and uncond together)
     tiny_artifact("bad-skips", skipped_blocks=[[], ["up_blocks.9.resnets.0"], [], []]).save(folder)
-    with pytest.raises(IncompatibleStrategyError) as error:
-        engine.generate(request(strategy={"schedule": {"name": "searched", "id": "bad-skips"}}))
-    assert error.value.field == "strategy.schedule.id"
-    assert "timestep 700: no skippable block 'up_blocks.9.resnets.0'" in error.value.message
+    bad = request(strategy={"schedule": {"name": "searched", "id": "bad-skips"}})
+    for refuse in (lambda: check_request(tiny_registry.spec("tiny-sd"), bad),  # at submit: read from the config
+                   lambda: engine.generate(bad)):
+        with pytest.raises(IncompatibleStrategyError) as error:
+            refuse()
+        assert error.value.field == "strategy.schedule.id"
+        assert ("searched schedule 'bad-skips' skips 'up_blocks.9.resnets.0' at step 1 (skipped_blocks), which the "
+                f"UNet of model 'tiny-sd' does not have (its blocks: {', '.join(blocks)})") in error.value.message
 
 
 @pytest.mark.parametrize(("fields", "field", "fragment"), [
@@ -212,6 +217,12 @@ def test_server_lists_searched_schedules_and_refuses_a_mismatch(tmp_path: Path, 
                 assert response.json()["error"]["param"] == param
             job = client.post("/v1/jobs", json={"prompt": "a", "strategy": {**searched, "guidance": "none"}})
             assert job.status_code == 400 and job.json()["error"]["param"] == "strategy.guidance.name"
+            bad_skips = [["mid_block.resnets.7"], [], [], []]
+            tiny_artifact("tiny-skips", model="tiny", skipped_blocks=bad_skips).save(tmp_path)
+            job = client.post("/v1/jobs", json={"prompt": "a", "strategy": {**searched, "schedule": {
+                "name": "searched", "id": "tiny-skips"}}})
+            assert job.status_code == 400 and job.json()["error"]["param"] == "strategy.schedule.id"
+            assert "skips 'mid_block.resnets.7' at step 0 (skipped_blocks)" in job.json()["error"]["message"]
     finally:
         use_schedules_dir(None)
 
