@@ -73,7 +73,7 @@ class ShapesScheduleFitness:
         *,
         sampler: dict[str, Any],
         guidance: dict[str, Any],
-        kind: FitnessKind = "paired_distance",
+        kind: FitnessKind = "prompt_accuracy",
         model: str = "shapes",
         prompts: Sequence[str] | None = None,
         images: int = 49,
@@ -153,6 +153,8 @@ class ShapesScheduleFitness:
             teacher = self.teacher()
             diff = images.astype(np.float64) / 255.0 - teacher.astype(np.float64) / 255.0
             return float(np.sqrt((diff ** 2).mean(axis=(1, 2, 3))).mean())
+        if self.kind == "prompt_accuracy":  # the judge's verdicts only: no teacher, no features
+            return 1.0 - self.judge.prompt_accuracy(images, self.prompts)["all"]
         return self.value(self.measure(images))
 
 

@@ -8,6 +8,7 @@ artifact that ``{"schedule": {"name": "searched", "id": ...}}`` then names.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import re
 import shlex
@@ -70,7 +71,7 @@ def run_search(
     schedule_id: str,
     sampler: Any = None,
     guidance: Any = None,
-    fitness: str = "paired_distance",
+    fitness: str = "prompt_accuracy",
     images: int = 49,
     rescore_images: int = 98,
     rescore_top: int = 3,
@@ -84,14 +85,17 @@ def run_search(
     skip_budget: float | None = None,
     max_skip: int = 4,
     skip_config: SearchConfig | None = None,
-) -> tuple[SearchedArtifact | None, Path | None, SearchResult]:
+    timesteps_from: str | None = None,
+) -> tuple[SearchedArtifact | None, Path | None, SearchResult | None]:
     """Search, save the artifact into ``schedules_dir`` and return (artifact, its path, the SearchResult of the
     last stage run); the artifact is None when the time budget ran out first (the state files keep the search
     for a resumed run).
 
     With ``skip_budget`` (a fraction of the full UNet's time, e.g. 0.8), stage 2 then searches which blocks
     to skip at which of the found timesteps (at most ``max_skip`` per step) so that the measured cost model
-    (``measure_block_costs``) puts the plan at no more than that fraction of the UNet time."""
+    (``measure_block_costs``) puts the plan at no more than that fraction of the UNet time. ``timesteps_from``
+    names an artifact (same model, sampler, guidance and step count) whose timesteps stage 2 starts from,
+    instead of running stage 1 again; its search cost is added to the new artifact's."""
     from accel_diffusion.eval.schedule_fitness import ShapesScheduleFitness
     from accel_diffusion.schedules.explicit import ExplicitTimesteps
     from accel_diffusion.schedules.searched import (
@@ -121,14 +125,21 @@ def run_search(
                                     **common)  # type: ignore[arg-type]
               if rescore_images > images and rescore_top > 0 else None)
     start = time.perf_counter()
-    result = EvolutionarySearch(space, cheap, config, grids=hand_made_grids(scheduler_config, sampler_spec, space),
-                                state_path=state, time_budget_s=time_budget_s, rescore=costly,
-                                rescore_top=rescore_top, progress=progress).run()
-    if not result.finished:
-        return None, None, result
-    timesteps, value = result.best
+    result: SearchResult | None = None
+    if timesteps_from is not None:
+        timesteps, value, evaluations, wall_time_s = _stage_one_from(
+            timesteps_from, folder, model, sampler_spec, guidance_spec, steps, skip_budget)
+    else:
+        result = EvolutionarySearch(space, cheap, config,
+                                    grids=hand_made_grids(scheduler_config, sampler_spec, space), state_path=state,
+                                    time_budget_s=time_budget_s, rescore=costly, rescore_top=rescore_top,
+                                    progress=progress).run()
+        if not result.finished:
+            return None, None, result
+        timesteps, value = result.best
+        evaluations, wall_time_s = result.evaluations, result.wall_time_s
     skipped: list[list[str]] = [[] for _ in timesteps]
-    evaluations, wall_time_s, unet_cost = result.evaluations, result.wall_time_s, None
+    unet_cost = None
     if skip_budget is not None:
         left = None if time_budget_s is None else max(time_budget_s - (time.perf_counter() - start), 0.0)
         stage2, skipped, value, unet_cost = _skip_search(
@@ -149,6 +160,28 @@ def run_search(
     state.unlink(missing_ok=True)
     (folder / f"{schedule_id}.skip-state").unlink(missing_ok=True)
     return artifact, path, result
+
+
+def _stage_one_from(schedule_id: str, folder: Path, model: str, sampler: dict[str, Any], guidance: dict[str, Any],
+                    steps: int, skip_budget: float | None) -> tuple[tuple[int, ...], float, int, float]:
+    """(timesteps, fitness, evaluations, wall time) of the artifact ``schedule_id`` (in ``folder`` or the
+    configured folders), refused unless it was searched for the same model, sampler, guidance and steps."""
+    from accel_diffusion.schedules.searched import find_artifact, load_artifact
+
+    if skip_budget is None:
+        raise InvalidRequestError("timesteps_from", "only stage 2 starts from an artifact: give --skip-budget too")
+    path = folder / f"{schedule_id}.json"
+    try:
+        artifact = load_artifact(path) if path.is_file() else find_artifact(schedule_id)
+    except (ValueError, InvalidRequestError) as exc:
+        raise InvalidRequestError("timesteps_from", str(exc)) from None
+    ours = {"model": model, "sampler": sampler, "guidance": guidance, "steps": steps}
+    for key, value in ours.items():
+        if getattr(artifact, key) != value:
+            raise InvalidRequestError("timesteps_from", f"{schedule_id!r} was searched for {key} "
+                                      f"{json.dumps(getattr(artifact, key))}, not {json.dumps(value)}")
+    return (tuple(artifact.timesteps), artifact.fitness.value, artifact.search.evaluations,
+            artifact.search.wall_time_s)
 
 
 def block_cost_model(engine: Any, model: str, fitness: Any) -> tuple[list[str], dict[str, float]]:
@@ -205,7 +238,8 @@ def _skip_search(engine: Any, model: str, cheap: Any, costly: Any, timesteps: tu
 @click.option("--dir", "schedules_dir", type=click.Path(file_okay=False), default=None,
               help="Folder of searched schedules (default: $ACCEL_DIFFUSION_SCHEDULES_DIR, else ./schedules).")
 @click.option("--fitness", type=click.Choice(["paired_distance", "teacher_fd", "prompt_accuracy"]),
-              default="paired_distance", show_default=True, help="What the search minimises (see docs).")
+              default="prompt_accuracy", show_default=True,
+              help="What the search minimises; the default agrees best with held-out accuracy (docs/benchmarks.md).")
 @click.option("--images", type=click.IntRange(1, 98), default=49, show_default=True,
               help="Search prompts (one image each, fixed seeds) scored per candidate; never the held-out ones.")
 @click.option("--rescore-images", type=click.IntRange(1, 98), default=98, show_default=True,
@@ -230,13 +264,15 @@ def _skip_search(engine: Any, model: str, cheap: Any, costly: Any, timesteps: tu
               help="Stage 2: blocks skipped at one step at most.")
 @click.option("--skip-epochs", type=click.IntRange(0), default=None,
               help="Stage 2's generations (default: --epochs).")
+@click.option("--timesteps-from", default=None,
+              help="Stage 2 only: start from this artifact's timesteps (same model, sampler, guidance, steps).")
 @click.pass_context
 def search_command(ctx: click.Context, model: str, steps: int, sampler: str | None, guidance: str | None,
                    guidance_scale: float | None, schedule_id: str, schedules_dir: str | None, fitness: str,
                    images: int, rescore_images: int, teacher_steps: int, population: int, epochs: int, select: int,
                    mutations: int, crossovers: int, mutation_prob: float, mutation_radius: int, seed: int,
                    time_budget_s: float | None, budget_minutes: float | None, skip_budget: float | None,
-                   max_skip: int, skip_epochs: int | None) -> None:
+                   max_skip: int, skip_epochs: int | None, timesteps_from: str | None) -> None:
     """Search K timesteps for a model, sampler and guidance (AutoDiffusion stage 1), then, with --skip-budget,
     which UNet blocks to skip at which step (stage 2), and save the artifact."""
     if budget_minutes is not None:
@@ -267,7 +303,7 @@ def search_command(ctx: click.Context, model: str, steps: int, sampler: str | No
         sampler=components.get("sampler"), guidance=components.get("guidance"), fitness=fitness, images=images,
         rescore_images=rescore_images, teacher_steps=teacher_steps, config=config, time_budget_s=time_budget_s,
         schedules_dir=schedules_dir, progress=True, command=shlex.join(["accel-diffusion", *sys.argv[1:]]),
-        skip_budget=skip_budget, max_skip=max_skip, skip_config=skip_config)
+        skip_budget=skip_budget, max_skip=max_skip, skip_config=skip_config, timesteps_from=timesteps_from)
     if artifact is None:
         best = f" (best so far {result.ranked[0][1]:.4g})" if result.ranked else ""
         click.echo(f"time budget spent after {result.evaluations} candidates{best}; run the same command again "

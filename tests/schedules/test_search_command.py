@@ -65,7 +65,8 @@ def test_search_and_held_out_prompts_split_the_196_in_two_fixed_halves() -> None
 
 def test_fitness_is_zero_for_the_teachers_own_timesteps_and_measures_with_the_eval_code(engine: Engine) -> None:
     sampler, guidance = resolve_components(engine.models.get("shapes").spec, "dpmpp_2m", CFG5)
-    fitness = ShapesScheduleFitness(engine, sampler=sampler, guidance=guidance, images=4, teacher_steps=8, seed=2)
+    fitness = ShapesScheduleFitness(engine, sampler=sampler, guidance=guidance, images=4, teacher_steps=8, seed=2,
+                                    kind="paired_distance")
     assert fitness.prompts == fitness_prompts(4, 2) and len(set(fitness.prompts)) == 4
     config = dict(engine.models.get("shapes").scheduler_config)
     teacher = get_registry().build("sampler", sampler).make_scheduler(config, {})
@@ -94,11 +95,12 @@ def test_search_cli_writes_an_artifact_that_generate_uses_and_other_samplers_are
     assert (artifact.model, artifact.steps, artifact.seed) == ("shapes", 3, 0)
     assert artifact.sampler["name"] == "dpmpp_2m" and artifact.guidance == {**CFG5, "rescale": 0.0, "start": 0.0,
                                                                               "stop": 1.0}
-    assert artifact.fitness.kind == "paired_distance" and artifact.fitness.samples == 5
+    assert artifact.fitness.kind == "prompt_accuracy" and artifact.fitness.samples == 5  # the default fitness
     assert 4 <= artifact.search.evaluations <= 8 and artifact.search.wall_time_s > 0
     # the recorded fitness is reproducible: the same 5 prompts and seeds, scored again
     sampler, guidance = resolve_components(engine.models.get("shapes").spec, "dpmpp_2m", CFG5)
     again = ShapesScheduleFitness(engine, sampler=sampler, guidance=guidance, images=5, teacher_steps=6)
+    assert again.kind == "prompt_accuracy"
     assert again(artifact.timesteps) == pytest.approx(artifact.fitness.value, abs=1e-12)
 
     monkeypatch.setenv(SCHEDULES_DIR_ENV, str(folder))
@@ -125,7 +127,7 @@ def test_search_cli_stage_two_skips_blocks_within_the_budget_and_generate_applie
     args = ["search", "--steps", "3", "--sampler", "dpmpp_2m", "--guidance-scale", "5", "--out", "shapes-skip-3",
             "--dir", str(folder), "--images", "3", "--rescore-images", "3", "--teacher-steps", "6",
             "--population", "4", "--select", "2", "--mutations", "1", "--crossovers", "1", "--epochs", "1",
-            "--skip-budget", "0.8", "--max-skip", "6", "--skip-epochs", "1"]
+            "--skip-budget", "0.8", "--max-skip", "6", "--skip-epochs", "1", "--fitness", "paired_distance"]
     run = CliRunner().invoke(main, args)
     assert run.exit_code == 0, run.output
     artifact = load_artifact(folder / "shapes-skip-3.json")
@@ -137,7 +139,8 @@ def test_search_cli_stage_two_skips_blocks_within_the_budget_and_generate_applie
     assert all(set(step) <= set(blocks) and len(step) <= 6 for step in artifact.skipped_blocks)
     # the recorded fitness is that of the timesteps with those blocks skipped, scored again
     sampler, guidance = resolve_components(engine.models.get("shapes").spec, "dpmpp_2m", CFG5)
-    again = ShapesScheduleFitness(engine, sampler=sampler, guidance=guidance, images=3, teacher_steps=6)
+    again = ShapesScheduleFitness(engine, sampler=sampler, guidance=guidance, images=3, teacher_steps=6,
+                                  kind="paired_distance")
     plan = [[blocks.index(name) for name in step] for step in artifact.skipped_blocks]
     skipping = SkipPlanFitness(again, artifact.timesteps, blocks)
     assert skipping(plan) == pytest.approx(artifact.fitness.value, abs=1e-12)
@@ -150,6 +153,21 @@ def test_search_cli_stage_two_skips_blocks_within_the_budget_and_generate_applie
                                    "--schedule", searched, "--guidance-scale", "5", "--out", str(out)])
     assert ok.exit_code == 0, ok.output
     assert json.loads((out / "results.json").read_text())["runs"][0]["steps"] == 3
+
+    # stage 2 again from that artifact's timesteps (no stage 1), with a larger budget; its cost adds up
+    again_args = ["search", "--steps", "3", "--sampler", "dpmpp_2m", "--guidance-scale", "5", "--out", "shapes-skip-3b",
+                  "--dir", str(folder), "--images", "3", "--rescore-images", "3", "--teacher-steps", "6",
+                  "--population", "4", "--select", "2", "--mutations", "1", "--crossovers", "1", "--epochs", "1",
+                  "--skip-budget", "0.9", "--max-skip", "6", "--timesteps-from", "shapes-skip-3",
+                  "--fitness", "paired_distance"]
+    second = CliRunner().invoke(main, again_args)
+    assert second.exit_code == 0, second.output
+    more = load_artifact(folder / "shapes-skip-3b.json")
+    assert more.timesteps == artifact.timesteps and 0 < more.search.unet_cost <= 0.9
+    assert artifact.search.evaluations + 4 <= more.search.evaluations <= artifact.search.evaluations + 8
+    refused = CliRunner().invoke(main, [a if a != "3" else "4" for a in again_args])
+    assert refused.exit_code == 2
+    assert "timesteps_from: 'shapes-skip-3' was searched for steps 3, not 4" in refused.output
 
 
 def test_search_cli_refuses_a_sampler_without_explicit_timesteps(tmp_path: Path) -> None:

@@ -1,0 +1,129 @@
+"""AutoDiffusion on `shapes`: searched schedules vs the uniform one vs the best hand-made grid (issue #18).
+
+    nice -n 10 python benchmarks/search.py --out benchmarks/results/search_cpu.json
+
+For every searched artifact named (default: the ones shipped for `shapes`), with its sampler, guidance
+and step count, in the same run: the uniform K-step schedule, every hand-made grid the sampler builds
+at K steps (the best of them on held-out accuracy is reported as "best grid"), and the searched
+timesteps, all on the *held-out* prompts and seeds (eval/schedule_fitness.py: never searched on):
+prompt accuracy, out-of-gamut %, the paired distance to the teacher (the same sampler and guidance
+at 50 steps from the same noise), and the artifact's search wall time. An artifact with skipped
+blocks adds the stage-2 row: its timesteps with and without the skips, the UNet time measured around
+every UNet call, and the accuracy lost.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).parent))
+from engine import machine
+
+from accel_diffusion.engine import Engine
+from accel_diffusion.eval.schedule_fitness import HELD_OUT_SEED, ShapesScheduleFitness, held_out_prompts
+from accel_diffusion.models.registry import ModelRegistry
+from accel_diffusion.schedules.autodiffusion import SearchSpace
+from accel_diffusion.schedules.search_command import hand_made_grids
+from accel_diffusion.schedules.searched import find_artifact, list_artifacts
+
+TEACHER_STEPS = 50
+
+
+class UnetTimer:
+    """Wall time spent inside the UNet's forward (hooks around the module), summed."""
+
+    def __init__(self, unet: torch.nn.Module) -> None:
+        self.unet, self.seconds, self._start = unet, 0.0, 0.0
+
+    def __enter__(self) -> UnetTimer:
+        self._handles = [self.unet.register_forward_pre_hook(self._before),
+                         self.unet.register_forward_hook(self._after)]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+    def _before(self, *args: object) -> None:
+        self._start = time.perf_counter()
+
+    def _after(self, *args: object) -> None:
+        self.seconds += time.perf_counter() - self._start
+
+
+def row(fitness: ShapesScheduleFitness, timesteps: list[int], skipped: list[list[str]] | None = None) -> dict[str, Any]:
+    unet = fitness.engine.models.get(fitness.model).pipeline.unet
+    with UnetTimer(unet) as timer:
+        images = (fitness.plan_images(timesteps, skipped) if skipped is not None
+                  else fitness.candidate_images(timesteps))
+    scores = fitness.measure(images)
+    return {"timesteps": timesteps, "prompt_accuracy": scores["prompt_accuracy"],
+            "out_of_gamut_pct": 100.0 * scores["out_of_gamut"], "paired_distance": scores["paired_distance"],
+            "teacher_fd": scores["teacher_fd"], "unet_s": timer.seconds}
+
+
+def compare(engine: Engine, schedule_id: str) -> dict[str, Any]:
+    artifact = find_artifact(schedule_id)
+    loaded = engine.models.get(artifact.model)
+    space = SearchSpace(artifact.steps, int(loaded.scheduler_config["num_train_timesteps"]))
+    fitness = ShapesScheduleFitness(engine, sampler=artifact.sampler, guidance=artifact.guidance, model=artifact.model,
+                                    prompts=held_out_prompts(), seed=HELD_OUT_SEED, teacher_steps=TEACHER_STEPS)
+    fitness.teacher()
+    uniform = row(fitness, list(space.uniform()))
+    grids = {str(list(g)): row(fitness, list(g)) for g in hand_made_grids(dict(loaded.scheduler_config),
+                                                                         artifact.sampler, space)}
+    best_grid = max(grids.values(), key=lambda r: (r["prompt_accuracy"], -r["paired_distance"]))
+    searched = row(fitness, list(artifact.timesteps))
+    result: dict[str, Any] = {
+        "id": artifact.id, "sampler": artifact.sampler, "guidance": artifact.guidance, "steps": artifact.steps,
+        "fitness": artifact.fitness.model_dump(), "search_wall_s": artifact.search.wall_time_s,
+        "search_evaluations": artifact.search.evaluations, "command": artifact.search.command,
+        "held_out_images": len(fitness.prompts), "uniform": uniform, "best_grid": best_grid, "grids": grids,
+        "searched": searched,
+        "paired_distance_vs_uniform": searched["paired_distance"] / uniform["paired_distance"],
+    }
+    if any(artifact.skipped_blocks):
+        plain = row(fitness, list(artifact.timesteps), [[] for _ in artifact.timesteps])
+        skipping = row(fitness, list(artifact.timesteps), artifact.skipped_blocks)
+        result["stage2"] = {"skipped_blocks": artifact.skipped_blocks, "modelled_unet_cost": artifact.search.unet_cost,
+                            "without_skips": plain, "with_skips": skipping,
+                            "unet_time_saved_pct": 100.0 * (1.0 - skipping["unet_s"] / plain["unet_s"]),
+                            "accuracy_lost_points": 100.0 * (plain["prompt_accuracy"] - skipping["prompt_accuracy"])}
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--ids", nargs="*", default=None, help="searched schedules (default: every one for shapes)")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/search_cpu.json"))
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    engine = Engine(ModelRegistry.default())
+    ids = args.ids if args.ids else [a.id for a in list_artifacts() if a.model == "shapes"]
+    load = os.getloadavg()
+    runs = []
+    for schedule_id in ids:
+        runs.append(compare(engine, schedule_id))
+        r = runs[-1]
+        print(f"{schedule_id}: searched acc {r['searched']['prompt_accuracy']:.3f} (uniform "
+              f"{r['uniform']['prompt_accuracy']:.3f}, best grid {r['best_grid']['prompt_accuracy']:.3f}); paired "
+              f"distance x{r['paired_distance_vs_uniform']:.2f} of uniform"
+              + (f"; stage 2: UNet time -{r['stage2']['unet_time_saved_pct']:.1f}%, accuracy "
+                 f"-{r['stage2']['accuracy_lost_points']:.1f} points" if "stage2" in r else ""), flush=True)
+    report = {"machine": machine(), "load_avg_start": load, "load_avg_end": os.getloadavg(),
+              "teacher_steps": TEACHER_STEPS, "runs": runs}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
