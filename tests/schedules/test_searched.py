@@ -18,6 +18,7 @@ from accel_diffusion.errors import IncompatibleStrategyError, InvalidRequestErro
 from accel_diffusion.models.registry import ModelRegistry
 from accel_diffusion.registry import get_registry
 from accel_diffusion.schedules.searched import (
+    BUILTIN_SCHEDULES_DIR,
     SCHEDULES_DIR_ENV,
     SearchCost,
     SearchedArtifact,
@@ -30,6 +31,7 @@ from accel_diffusion.schedules.searched import (
 from accel_diffusion.strategy import GenerationRequest
 
 TINY_TIMESTEPS = [999, 700, 400, 100]
+SHIPPED = {path.stem for path in BUILTIN_SCHEDULES_DIR.glob("*.json")}  # the searched schedules shipped for shapes
 
 
 def tiny_artifact(schedule_id: str = "tiny-dpmpp-4", model: str = "tiny-sd", **changes: object) -> SearchedArtifact:
@@ -103,7 +105,7 @@ def test_unknown_and_malformed_ids_are_refused(folder: Path) -> None:
     with pytest.raises(InvalidRequestError) as error:
         get_registry().normalize("schedule", {"name": "searched", "id": "nope"})
     assert (error.value.field, error.value.message) == ("strategy.schedule.id", "no searched schedule 'nope'")
-    assert error.value.allowed == "'tiny-dpmpp-4'"
+    assert error.value.allowed == ", ".join(repr(i) for i in sorted({"tiny-dpmpp-4", *SHIPPED}))
     for bad in ("../tiny-dpmpp-4", "a/b", ""):
         with pytest.raises(InvalidRequestError) as error:
             get_registry().normalize("schedule", {"name": "searched", "id": bad})
@@ -122,12 +124,12 @@ def test_listing_prefers_the_configured_folder_and_skips_invalid_files(folder: P
     use_schedules_dir(other)  # over the environment's folder
     try:
         with caplog.at_level(logging.WARNING):
-            listed = list_artifacts()
+            listed = [a for a in list_artifacts() if a.id not in SHIPPED]
         assert [(a.id, a.seed) for a in listed] == [("second", 3), ("tiny-dpmpp-4", 7)]
         assert "broken.json" in caplog.text
     finally:
         use_schedules_dir(None)
-    assert [a.id for a in list_artifacts()] == ["tiny-dpmpp-4"]
+    assert [a.id for a in list_artifacts()] == sorted(["tiny-dpmpp-4", *SHIPPED])
 
 
 def request(**fields: object) -> GenerationRequest:
@@ -204,9 +206,10 @@ def test_server_lists_searched_schedules_and_refuses_a_mismatch(tmp_path: Path, 
         with TestClient(create_app(make_settings(tiny_models_file, schedules_dir=tmp_path))) as client:
             listed = client.get("/v1/schedules").json()
             assert listed["object"] == "list"
-            assert [(s["id"], s["model"], s["steps"], s["timesteps"]) for s in listed["data"]] == [
-                ("tiny-dpmpp-4", "tiny", 4, TINY_TIMESTEPS)]
-            assert listed["data"][0]["fitness"] == {"kind": "paired_distance", "value": 0.25, "samples": 8}
+            assert [(s["id"], s["model"], s["steps"], s["timesteps"]) for s in listed["data"]
+                    if s["id"] not in SHIPPED] == [("tiny-dpmpp-4", "tiny", 4, TINY_TIMESTEPS)]
+            tiny = next(s for s in listed["data"] if s["id"] == "tiny-dpmpp-4")
+            assert tiny["fitness"] == {"kind": "paired_distance", "value": 0.25, "samples": 8}
             body = {"prompt": "a red circle", "size": "32x32", "seed": 2, "response_format": "b64_json"}
             ok = client.post("/v1/images/generations", json=body | {"strategy": searched})
             assert ok.status_code == 200, ok.text
