@@ -109,6 +109,34 @@ def compare(engine: Engine, schedule_id: str, teachers: dict[str, Any], images: 
     return result
 
 
+def markdown(report: dict[str, Any]) -> str:
+    """The docs/benchmarks.md tables of a report."""
+    lines = ["| schedule | sampler | K | timesteps | prompt accuracy | out-of-gamut % | paired distance | search |",
+             "|---|---|---|---|---|---|---|---|"]
+    stage2 = []
+    for r in report["runs"]:
+        sampler = r["sampler"]["name"] + (f" {r['sampler']['order']}" if "order" in r["sampler"] else "")
+        if "stage2" in r:
+            stage2.append(r)
+            continue
+        for label, x in (("uniform", r["uniform"]), ("best hand-made grid", r["best_grid"]),
+                         (f"**searched** `{r['id']}`", r["searched"])):
+            search = (f"{r['search_wall_s'] / 60:.1f} min, {r['search_evaluations']} candidates"
+                      if label.startswith("**") else "")
+            lines.append(f"| {label} | {sampler} | {r['steps']} | {x['timesteps']} | {x['prompt_accuracy']:.3f} | "
+                         f"{x['out_of_gamut_pct']:.1f} | {x['paired_distance']:.4f} | {search} |")
+        lines.append(f"| searched / uniform paired distance | | | | | | x{r['paired_distance_vs_uniform']:.2f} | |")
+    if stage2:
+        lines += ["", "| stage 2 | skipped blocks per step | modelled UNet cost | UNet time saved (measured) | "
+                  "accuracy without / with skips | search |", "|---|---|---|---|---|---|"]
+        for r in stage2:
+            s2 = r["stage2"]
+            lines.append(f"| `{r['id']}` | {s2['skipped_blocks']} | x{s2['modelled_unet_cost']:.3f} | "
+                         f"{s2['unet_time_saved_pct']:.1f}% | {r['searched']['prompt_accuracy']:.3f} / "
+                         f"{s2['with_skips']['prompt_accuracy']:.3f} | {r['search_wall_s'] / 60:.1f} min |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--ids", nargs="*", default=None, help="searched schedules (default: every one for shapes)")
@@ -136,6 +164,7 @@ def main() -> None:
         report = {"machine": machine(), "load_avg_start": load, "load_avg_end": os.getloadavg(),
                   "teacher_steps": args.teacher_steps, "runs": runs}
         args.out.write_text(json.dumps(report, indent=1) + "\n")
+    print(markdown(report))
 
 
 if __name__ == "__main__":

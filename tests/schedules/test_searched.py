@@ -233,3 +233,24 @@ def test_server_lists_searched_schedules_and_refuses_a_mismatch(tmp_path: Path, 
 def test_the_pinned_id_is_the_gmm_artifact() -> None:
     assert GMM_SEARCHED_ID == "gmm-dpmpp_2m-4"
     assert load_artifact(gmm_searched_dir() / f"{GMM_SEARCHED_ID}.json").timesteps == GMM_SEARCHED_TIMESTEPS
+
+
+SHIPPED_FOR_SHAPES = {"shapes-ghvb0.8-cfg5-4"}
+
+
+def test_the_shipped_shapes_schedules_are_found_without_configuration(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(SCHEDULES_DIR_ENV, raising=False)
+    use_schedules_dir(None)
+    found = {a.id: a for a in list_artifacts()}
+    assert SHIPPED_FOR_SHAPES <= set(found) == SHIPPED
+    shapes = ModelRegistry.default().spec("shapes")
+    for schedule_id in sorted(SHIPPED):
+        artifact = found[schedule_id]
+        assert artifact.model == "shapes" and artifact.guidance["scale"] == 5.0
+        assert artifact.fitness.kind == "prompt_accuracy"
+        assert artifact.search.command.startswith("accel-diffusion search")
+        assert 0 < artifact.search.evaluations and artifact.search.wall_time_s <= 20 * 60  # the target
+        searched = {"name": "searched", "id": schedule_id}
+        request = GenerationRequest.create(model="shapes", prompt="a red circle on a blue background", strategy={
+            "sampler": artifact.sampler, "guidance": artifact.guidance, "schedule": searched})
+        check_request(shapes, request)  # its skipped blocks (if any) are the shapes UNet's
