@@ -115,7 +115,7 @@ def markdown(report: dict[str, Any]) -> str:
              "|---|---|---|---|---|---|---|---|"]
     stage2 = []
     for r in report["runs"]:
-        sampler = r["sampler"]["name"] + (f" {r['sampler']['order']}" if "order" in r["sampler"] else "")
+        sampler = r["sampler"]["name"] + (f" {r['sampler']['order']}" if r["sampler"]["name"] == "ghvb" else "")
         if "stage2" in r:
             stage2.append(r)
             continue
