@@ -14,7 +14,10 @@ forward: the UNet's output is then bit-identical to the plain UNet's.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping
+import functools
+import statistics
+import time
+from collections.abc import Callable, Collection, Mapping
 from types import TracebackType
 from typing import Any
 
@@ -108,3 +111,65 @@ class BlockSkip:
                         sample=hidden_states)
                 return original(module, hidden_states, *args, **kwargs)
         return forward
+
+
+def unet_blocks_of_config(config: Mapping[str, Any]) -> list[str]:
+    """The skippable blocks of the ``UNet2DConditionModel`` that ``config`` describes, without its weights (the
+    module is built on the meta device: no memory, no time)."""
+    from diffusers import UNet2DConditionModel
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(dict(config))
+    return skippable_blocks(unet)
+
+
+@functools.lru_cache(maxsize=64)
+def model_unet_blocks(location: str, revision: str | None = None) -> tuple[str, ...] | None:
+    """The skippable blocks of the UNet of the diffusers model at ``location`` (a directory or a cached hub id),
+    from its ``unet/config.json`` only; None where there is no such config to read here."""
+    from diffusers import UNet2DConditionModel
+
+    try:
+        config = UNet2DConditionModel.load_config(location, subfolder="unet", revision=revision,
+                                                  local_files_only=True)
+        return tuple(unet_blocks_of_config(config))
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def measure_block_costs(unet: torch.nn.Module, call: Callable[[], Any], repeats: int = 5) -> dict[str, float]:
+    """The cost model of a skip plan: each skippable block's share of one UNet call's wall time, measured.
+
+    ``call`` runs the UNet once (with the batch and latent size the plan will run at); it runs once to warm
+    up, then ``repeats`` times with every block timed. The result maps each block to its median share of
+    the call's time, and ``""`` to the rest (embeddings, convolutions in and out, resamplers: 1 less the
+    blocks' shares), so the shares sum to 1 and a plan's cost is in units of full UNet calls."""
+    names = skippable_blocks(unet)
+    modules = dict(unet.named_modules())
+    spent: dict[str, float] = {}
+    started: dict[str, float] = {}
+    handles = []
+    for name in names:
+        def before(module: torch.nn.Module, args: Any, name: str = name) -> None:
+            started[name] = time.perf_counter()
+
+        def after(module: torch.nn.Module, args: Any, output: Any, name: str = name) -> None:
+            spent[name] = spent.get(name, 0.0) + time.perf_counter() - started[name]
+
+        handles += [modules[name].register_forward_pre_hook(before), modules[name].register_forward_hook(after)]
+    shares: dict[str, list[float]] = {name: [] for name in names}
+    try:
+        with torch.no_grad():
+            call()
+            for _ in range(repeats):
+                spent.clear()
+                begin = time.perf_counter()
+                call()
+                total = time.perf_counter() - begin
+                for name in names:
+                    shares[name].append(spent.get(name, 0.0) / total)
+    finally:
+        for handle in handles:
+            handle.remove()
+    medians = {name: statistics.median(values) for name, values in shares.items()}
+    return {"": 1.0 - sum(medians.values()), **medians}

@@ -101,6 +101,7 @@ def prepare_strategy(spec: ModelSpec, requested: Strategy, steps: int | None = N
         student=registry.build("student", strategy.student) if strategy.student is not None else None,
     )
     prepared.schedule.check_request(spec.id, strategy, steps)
+    prepared.schedule.check_model(spec)
     return prepared
 
 

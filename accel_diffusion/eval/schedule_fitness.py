@@ -10,6 +10,11 @@ with the project's own eval code:
 - ``prompt_accuracy``: the judge's prompt accuracy (as a fitness: 1 - accuracy, lower is better).
 
 A fitness is ``ShapesScheduleFitness(...)`` called on a candidate: lower is better.
+
+Held-out protocol: the 196 shapes prompts are split once, by a fixed seed, into 98 *search* prompts
+(the only ones a search scores candidates on, with seeds below ``HELD_OUT_SEED``) and 98 *held-out*
+prompts (``held_out_prompts()``, generated with seeds from ``HELD_OUT_SEED``, never searched on): a
+searched schedule is judged on prompts and noise it never saw.
 """
 
 from __future__ import annotations
@@ -30,9 +35,30 @@ FitnessKind = Literal["paired_distance", "teacher_fd", "prompt_accuracy"]
 FITNESS_KINDS: tuple[str, ...] = ("paired_distance", "teacher_fd", "prompt_accuracy")
 
 
+SPLIT_SEED = 20_261_205
+HELD_OUT_SEED = 1_000_000  # held-out image k has seed HELD_OUT_SEED + k
+
+
+def _split() -> tuple[list[str], list[str]]:
+    prompts = shapes_prompts()
+    order = random.Random(SPLIT_SEED).sample(range(len(prompts)), len(prompts))
+    half = len(prompts) // 2
+    return [prompts[i] for i in sorted(order[:half])], [prompts[i] for i in sorted(order[half:])]
+
+
+def search_prompts() -> list[str]:
+    """The 98 prompts a search may score candidates on (in shapes_prompts order)."""
+    return _split()[0]
+
+
+def held_out_prompts() -> list[str]:
+    """The 98 prompts no search ever sees: the benchmark's (in shapes_prompts order)."""
+    return _split()[1]
+
+
 def fitness_prompts(count: int, seed: int, exclude: Sequence[str] = ()) -> list[str]:
-    """``count`` distinct shapes prompts drawn by ``seed`` from the 196, none of ``exclude`` (held-out sets)."""
-    pool = [p for p in shapes_prompts() if p not in set(exclude)]
+    """``count`` distinct prompts drawn by ``seed`` from the search prompts, none of ``exclude``."""
+    pool = [p for p in search_prompts() if p not in set(exclude)]
     if not 1 <= count <= len(pool):
         raise ValueError(f"count must be between 1 and {len(pool)} (the prompts left), got {count}")
     return random.Random(seed).sample(pool, count)
@@ -47,7 +73,7 @@ class ShapesScheduleFitness:
         *,
         sampler: dict[str, Any],
         guidance: dict[str, Any],
-        kind: FitnessKind = "paired_distance",
+        kind: FitnessKind = "prompt_accuracy",
         model: str = "shapes",
         prompts: Sequence[str] | None = None,
         images: int = 49,
@@ -110,10 +136,39 @@ class ShapesScheduleFitness:
         """The fitness (lower is better) of a ``scores`` dict."""
         return 1.0 - scores["prompt_accuracy"] if self.kind == "prompt_accuracy" else scores[self.kind]
 
+    def plan_images(self, timesteps: Sequence[int], skipped: Sequence[Sequence[str]]) -> np.ndarray:
+        """The images of ``timesteps`` with the UNet skipping ``skipped[k]`` (block names) at step k."""
+        from accel_diffusion.engine.block_skip import BlockSkip
+
+        unet = self.engine.models.get(self.model).pipeline.unet
+        with BlockSkip(unet, dict(zip((int(t) for t in timesteps), skipped, strict=True))):
+            return self.candidate_images(timesteps)
+
     def __call__(self, timesteps: Sequence[int]) -> float:
-        images = self.candidate_images(timesteps)
+        return self.fitness_of(self.candidate_images(timesteps))
+
+    def fitness_of(self, images: np.ndarray) -> float:
+        """The fitness (lower is better) of ``images``, one per prompt."""
         if self.kind == "paired_distance":  # the cheap one: no judge features needed
             teacher = self.teacher()
             diff = images.astype(np.float64) / 255.0 - teacher.astype(np.float64) / 255.0
             return float(np.sqrt((diff ** 2).mean(axis=(1, 2, 3))).mean())
+        if self.kind == "prompt_accuracy":  # the judge's verdicts only: no teacher, no features
+            return 1.0 - self.judge.prompt_accuracy(images, self.prompts)["all"]
         return self.value(self.measure(images))
+
+
+class SkipPlanFitness:
+    """Stage 2's fitness: a skip plan (per step, indices into ``blocks``) scored with ``timesteps`` fixed, by
+    ``fitness`` (its kind, prompts, seeds and teacher)."""
+
+    def __init__(self, fitness: ShapesScheduleFitness, timesteps: Sequence[int], blocks: Sequence[str]) -> None:
+        self.fitness = fitness
+        self.timesteps = [int(t) for t in timesteps]
+        self.blocks = list(blocks)
+
+    def names(self, plan: Sequence[Sequence[int]]) -> list[list[str]]:
+        return [[self.blocks[i] for i in step] for step in plan]
+
+    def __call__(self, plan: Sequence[Sequence[int]]) -> float:
+        return self.fitness.fitness_of(self.fitness.plan_images(self.timesteps, self.names(plan)))

@@ -178,6 +178,8 @@ class EvolutionarySearch:
     fitness at the end and ranked by it (§4.5: compare at equal sample counts, re-score the top).
     """
 
+    desc = "search"
+
     def __init__(
         self,
         space: SearchSpace,
@@ -207,6 +209,15 @@ class EvolutionarySearch:
         return {"version": STATE_VERSION, "identity": self._identity(), "epoch": 0, "generation": None,
                 "visited": [], "best_per_epoch": [], "rng": None, "elapsed_s": 0.0, "rescored": []}
 
+    @staticmethod
+    def _encode(candidate: Any) -> Any:
+        """A candidate as JSON (the state file)."""
+        return list(candidate)
+
+    @staticmethod
+    def _decode(data: Any) -> Any:
+        return tuple(data)
+
     def _identity(self) -> dict[str, Any]:
         return {"space": asdict(self.space), "config": asdict(self.config), "grids": [list(g) for g in self.grids]}
 
@@ -233,27 +244,27 @@ class EvolutionarySearch:
         rng = random.Random(self.config.seed)
         if state["rng"] is not None:
             rng.setstate(_rng_from_json(state["rng"]))
-        visited: dict[Candidate, float] = {tuple(c): f for c, f in state["visited"]}
+        visited: dict[Any, float] = {self._decode(c): f for c, f in state["visited"]}
         started = time.perf_counter() - state["elapsed_s"]  # wall time over every run of this search
         run_started = time.perf_counter()  # the budget is per run: a resumed run gets it afresh
         total = self.config.population * (self.config.epochs + 1)
-        bar = tqdm(total=total, initial=min(len(visited), total), desc="search", disable=not self.progress,
+        bar = tqdm(total=total, initial=min(len(visited), total), desc=self.desc, disable=not self.progress,
                    unit="cand")
         finished = True
         try:
             while state["epoch"] <= self.config.epochs:
                 if state["generation"] is None:
                     generation = self._breed(state["epoch"], visited, rng)
-                    state["generation"] = [list(c) for c in generation]
+                    state["generation"] = [self._encode(c) for c in generation]
                     state["rng"] = _rng_to_json(rng.getstate())
                     self._save_state(state)
-                for candidate in (tuple(c) for c in state["generation"]):
+                for candidate in (self._decode(c) for c in state["generation"]):
                     if candidate in visited:
                         continue
                     if self.time_budget_s is not None and time.perf_counter() - run_started >= self.time_budget_s:
                         raise _Stop
                     visited[candidate] = float(self.fitness(candidate))
-                    state["visited"].append([list(candidate), visited[candidate]])
+                    state["visited"].append([self._encode(candidate), visited[candidate]])
                     state["elapsed_s"] = time.perf_counter() - started
                     self._save_state(state)
                     bar.update(1)
@@ -264,7 +275,7 @@ class EvolutionarySearch:
                 self._save_state(state)
             if self.rescore is not None and not state["rescored"]:
                 top = _ranked(visited)[: self.rescore_top]
-                state["rescored"] = sorted(([list(c), float(self.rescore(c))] for c, _ in top),
+                state["rescored"] = sorted(([self._encode(c), float(self.rescore(c))] for c, _ in top),
                                            key=lambda row: (row[1], row[0]))
                 self._save_state(state)
         except _Stop:
@@ -279,7 +290,7 @@ class EvolutionarySearch:
             evaluations=len(visited),
             wall_time_s=time.perf_counter() - started,
             finished=finished,
-            rescored=[(tuple(c), f) for c, f in state["rescored"]],
+            rescored=[(self._decode(c), f) for c, f in state["rescored"]],
         )
 
     def _breed(self, epoch: int, visited: dict[Candidate, float], rng: random.Random) -> list[Candidate]:
@@ -336,25 +347,43 @@ SkipPlan = tuple[tuple[int, ...], ...]  # per step, the sorted indices (into the
 
 @dataclass(frozen=True)
 class SkipSpace:
-    """Per-step skip sets over ``num_blocks`` blocks (L) for ``num_steps`` steps, under the compute budget
-    ``sum over steps of (L - |skipped|) <= budget`` (§4.1's N_max) and at most ``max_skip`` skipped per step."""
+    """Per-step skip sets over ``num_blocks`` blocks (L) for ``num_steps`` steps, at most ``max_skip`` skipped
+    per step, under the compute budget ``cost(plan) <= budget``.
+
+    Without ``block_costs`` every block costs 1 and a plan's cost is the number of blocks run,
+    ``sum over steps of (L - |skipped|)`` (§4.1's N_max). With the measured cost model
+    (``engine/block_skip.py: measure_block_costs``) block b costs ``block_costs[b]`` and every UNet call
+    ``overhead`` besides (the shares of one call's time: they sum to 1), so a plan's cost is in full UNet
+    calls and ``budget = 0.8 * num_steps`` means at least 20% less UNet time."""
 
     num_steps: int
     num_blocks: int
-    budget: int
+    budget: float
     max_skip: int
+    block_costs: tuple[float, ...] | None = None
+    overhead: float = 0.0
 
     def __post_init__(self) -> None:
         if self.num_steps < 1 or self.num_blocks < 1 or not 0 <= self.max_skip <= self.num_blocks:
             raise ValueError("need num_steps >= 1, num_blocks >= 1 and 0 <= max_skip <= num_blocks")
-        lowest = self.num_steps * (self.num_blocks - self.max_skip)
-        if not lowest <= self.budget:
-            raise ValueError(f"budget {self.budget} is below the cheapest plan's cost {lowest} "
-                             f"({self.num_steps} steps x {self.num_blocks - self.max_skip} blocks)")
+        if self.block_costs is not None and (len(self.block_costs) != self.num_blocks
+                                             or min(self.block_costs) < 0 or self.overhead < 0):
+            raise ValueError(f"block_costs must be {self.num_blocks} costs >= 0 (and overhead >= 0)")
+        costs = sorted(self._costs(), reverse=True)
+        lowest = self.num_steps * (self.overhead + sum(costs[self.max_skip:]))
+        if not lowest <= self.budget + 1e-12:
+            raise ValueError(f"budget {self.budget:g} is below the cheapest plan's cost {lowest:g} "
+                             f"({self.num_steps} steps, at most {self.max_skip} of {self.num_blocks} blocks skipped "
+                             "per step)")
 
-    def cost(self, plan: SkipPlan) -> int:
-        """Blocks run over the whole generation."""
-        return sum(self.num_blocks - len(step) for step in plan)
+    def _costs(self) -> tuple[float, ...]:
+        return self.block_costs if self.block_costs is not None else (1,) * self.num_blocks
+
+    def cost(self, plan: SkipPlan) -> float:
+        """What the plan runs over the whole generation: blocks run, or (with block_costs) full UNet calls."""
+        costs = self._costs()
+        full = self.overhead + sum(costs)
+        return sum(full - sum(costs[i] for i in step) for step in plan)
 
     def check(self, plan: SkipPlan) -> SkipPlan:
         plan = tuple(tuple(sorted({int(i) for i in step})) for step in plan)
@@ -364,8 +393,9 @@ class SkipSpace:
             raise ValueError(f"a block index leaves 0 .. {self.num_blocks - 1}")
         if any(len(step) > self.max_skip for step in plan):
             raise ValueError(f"a step skips more than {self.max_skip} blocks")
-        if self.cost(plan) > self.budget:
-            raise ValueError(f"plan runs {self.cost(plan)} blocks; the budget is {self.budget}")
+        if self.cost(plan) > self.budget + 1e-12:
+            raise ValueError(f"plan runs {self.cost(plan):g} {'blocks' if self.block_costs is None else 'UNet calls'}; "
+                             f"the budget is {self.budget:g}")
         return plan
 
     def skip_nothing(self) -> SkipPlan:
@@ -373,11 +403,24 @@ class SkipSpace:
 
 
 def _over_budget_repair(steps: list[set[int]], rng: random.Random, space: SkipSpace) -> SkipPlan:
-    """Add skips at random steps (with room) until the plan fits the budget."""
-    while sum(space.num_blocks - len(s) for s in steps) > space.budget:
+    """Add skips at random steps (with room) until the plan fits the budget; with measured costs, once every
+    step skips ``max_skip`` blocks, trade a step's cheapest skipped block for a costlier one it runs."""
+    costs = space._costs()
+    while space.cost(tuple(tuple(s) for s in steps)) > space.budget + 1e-12:
         room = [k for k, s in enumerate(steps) if len(s) < space.max_skip]
-        k = rng.choice(room)
-        steps[k].add(rng.choice([i for i in range(space.num_blocks) if i not in steps[k]]))
+        if room:
+            k = rng.choice(room)
+            steps[k].add(rng.choice([i for i in range(space.num_blocks) if i not in steps[k]]))
+            continue
+        trades = []
+        for k, skipped in enumerate(steps):
+            cheapest = min(skipped, key=lambda i: (costs[i], i))
+            costlier = [i for i in range(space.num_blocks) if i not in skipped and costs[i] > costs[cheapest]]
+            if costlier:
+                trades.append((k, cheapest, costlier))
+        k, out, costlier = rng.choice(trades)  # one exists: the budget is at least the cheapest plan's cost
+        steps[k].remove(out)
+        steps[k].add(rng.choice(costlier))
     return tuple(tuple(sorted(s)) for s in steps)
 
 
@@ -387,18 +430,23 @@ def random_plan(rng: random.Random, space: SkipSpace) -> SkipPlan:
 
 
 def mutate_plan(parent: SkipPlan, rng: random.Random, space: SkipSpace, prob: float) -> SkipPlan:
-    """Each step's skip set is changed with probability ``prob`` (a block added or removed: the reference
-    compared instead of assigning here, so its skip sets never changed); at least one step always
-    changes, and the child fits the budget."""
+    """Each step's skip set is changed with probability ``prob`` (a block added, removed or swapped for one the
+    step runs: the reference compared instead of assigning here, so its skip sets never changed); at least one
+    step always changes, and the child fits the budget."""
     for _ in range(100):
         steps = [set(s) for s in parent]
         chosen = [k for k in range(space.num_steps) if rng.random() < prob] or [rng.randrange(space.num_steps)]
         for k in chosen:
-            can_add = len(steps[k]) < space.max_skip
-            if steps[k] and (not can_add or rng.random() < 0.5):
+            absent = [i for i in range(space.num_blocks) if i not in steps[k]]
+            moves = ([] if not steps[k] else ["remove"]) + (["add"] if len(steps[k]) < space.max_skip else []) + (
+                ["swap"] if steps[k] and absent else [])
+            if not moves:
+                continue
+            move = rng.choice(moves)
+            if move != "add":  # remove, or swap: one skipped block for one run (a gene replaced, as for timesteps)
                 steps[k].remove(rng.choice(sorted(steps[k])))
-            elif can_add:
-                steps[k].add(rng.choice([i for i in range(space.num_blocks) if i not in steps[k]]))
+            if move != "remove":
+                steps[k].add(rng.choice(absent))
         child = _over_budget_repair(steps, rng, space)
         if child != parent:
             return child
@@ -409,3 +457,64 @@ def crossover_plan(first: SkipPlan, second: SkipPlan, rng: random.Random, space:
     """Each step's skip set from one parent or the other, repaired to fit the budget."""
     steps = [set(a if rng.random() < 0.5 else b) for a, b in zip(first, second, strict=True)]
     return _over_budget_repair(steps, rng, space)
+
+
+class SkipPlanSearch(EvolutionarySearch):
+    """Stage 2 of AutoDiffusion: with the timesteps fixed (stage 1's best), which blocks to skip at which
+    step under ``space``'s compute budget; the same evolutionary loop (elitism, a visited cache, resumable
+    state, time budget, re-scoring of the top), over skip plans. ``fitness`` scores a plan, lower is better.
+
+    Generation 0 holds the caller's ``seeds`` (plans worth trying first) then random plans; mutation always
+    changes a skip set (the reference's never did, §4.5) and every child fits the budget."""
+
+    desc = "skip search"
+
+    def __init__(self, space: SkipSpace, fitness: Callable[[SkipPlan], float], config: SearchConfig | None = None,
+                 *, seeds: Sequence[SkipPlan] = (), state_path: str | Path | None = None,
+                 time_budget_s: float | None = None, rescore: Callable[[SkipPlan], float] | None = None,
+                 rescore_top: int = 3, progress: bool = False) -> None:
+        self.space = space  # type: ignore[assignment]
+        self.fitness = fitness  # type: ignore[assignment]
+        self.config = config or SearchConfig()
+        self.grids = [space.check(plan) for plan in seeds]  # type: ignore[misc]
+        self.state_path = Path(state_path) if state_path is not None else None
+        self.time_budget_s = time_budget_s
+        self.rescore = rescore  # type: ignore[assignment]
+        self.rescore_top = rescore_top
+        self.progress = progress
+
+    @staticmethod
+    def _encode(candidate: Any) -> Any:
+        return [list(step) for step in candidate]
+
+    @staticmethod
+    def _decode(data: Any) -> Any:
+        return tuple(tuple(step) for step in data)
+
+    def _identity(self) -> dict[str, Any]:
+        return {"skip_space": asdict(self.space), "config": asdict(self.config),
+                "seeds": [self._encode(plan) for plan in self.grids]}
+
+    def _breed(self, epoch: int, visited: dict[Any, float], rng: random.Random) -> list[Any]:
+        config, space = self.config, self.space
+        assert isinstance(space, SkipSpace)
+        generation: list[SkipPlan] = []
+
+        def fill(make: Callable[[], SkipPlan], size: int) -> None:
+            for _ in range(50 * max(size, 1)):
+                if len(generation) >= size:
+                    return
+                plan = make()
+                if plan not in visited and plan not in generation:
+                    generation.append(plan)
+
+        if epoch == 0:
+            for seed in self.grids:
+                fill(lambda seed=seed: seed, len(generation) + 1)
+        else:
+            parents = [c for c, _ in _ranked(visited)[: config.select]]
+            fill(lambda: mutate_plan(rng.choice(parents), rng, space, config.mutation_prob), config.mutations)
+            if len(parents) > 1:
+                fill(lambda: crossover_plan(*rng.sample(parents, 2), rng, space), len(generation) + config.crossovers)
+        fill(lambda: random_plan(rng, space), config.population)
+        return generation

@@ -12,6 +12,7 @@ from diffusers import SchedulerMixin
 from accel_diffusion.errors import IncompatibleStrategyError
 
 if TYPE_CHECKING:
+    from accel_diffusion.models.registry import ModelSpec
     from accel_diffusion.strategy import Strategy
 
 
@@ -35,6 +36,10 @@ class Schedule:
     def model_context(self, unet: torch.nn.Module) -> contextlib.AbstractContextManager[Any]:
         """What the UNet runs under during the loop (a searched schedule's block skipping); nothing by default."""
         return contextlib.nullcontext()
+
+    def check_model(self, spec: ModelSpec) -> None:
+        """Raise InvalidRequestError if this schedule cannot run on ``spec``'s network (a searched schedule's
+        skipped blocks that its UNet lacks); read from the model's config, before anything is loaded."""
 
     def check_request(self, model_id: str, strategy: Strategy, steps: int | None) -> None:
         """Raise InvalidRequestError if this schedule was not made for this model, resolved strategy or

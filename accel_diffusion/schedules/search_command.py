@@ -7,6 +7,8 @@ artifact that ``{"schedule": {"name": "searched", "id": ...}}`` then names.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import re
 import shlex
@@ -69,7 +71,7 @@ def run_search(
     schedule_id: str,
     sampler: Any = None,
     guidance: Any = None,
-    fitness: str = "paired_distance",
+    fitness: str = "prompt_accuracy",
     images: int = 49,
     rescore_images: int = 98,
     rescore_top: int = 3,
@@ -80,9 +82,20 @@ def run_search(
     state_path: str | Path | None = None,
     progress: bool = True,
     command: str = "",
-) -> tuple[SearchedArtifact | None, Path | None, SearchResult]:
-    """Search, save the artifact into ``schedules_dir`` and return (artifact, its path, the SearchResult); the
-    artifact is None when the time budget ran out first (the state file keeps the search for a resumed run)."""
+    skip_budget: float | None = None,
+    max_skip: int = 4,
+    skip_config: SearchConfig | None = None,
+    timesteps_from: str | None = None,
+) -> tuple[SearchedArtifact | None, Path | None, SearchResult | None]:
+    """Search, save the artifact into ``schedules_dir`` and return (artifact, its path, the SearchResult of the
+    last stage run); the artifact is None when the time budget ran out first (the state files keep the search
+    for a resumed run).
+
+    With ``skip_budget`` (a fraction of the full UNet's time, e.g. 0.8), stage 2 then searches which blocks
+    to skip at which of the found timesteps (at most ``max_skip`` per step) so that the measured cost model
+    (``measure_block_costs``) puts the plan at no more than that fraction of the UNet time. ``timesteps_from``
+    names an artifact (same model, sampler, guidance and step count) whose timesteps stage 2 starts from,
+    instead of running stage 1 again; its search cost is added to the new artifact's."""
     from accel_diffusion.eval.schedule_fitness import ShapesScheduleFitness
     from accel_diffusion.schedules.explicit import ExplicitTimesteps
     from accel_diffusion.schedules.searched import (
@@ -112,24 +125,107 @@ def run_search(
                                     **common)  # type: ignore[arg-type]
               if rescore_images > images and rescore_top > 0 else None)
     start = time.perf_counter()
-    result = EvolutionarySearch(space, cheap, config, grids=hand_made_grids(scheduler_config, sampler_spec, space),
-                                state_path=state, time_budget_s=time_budget_s, rescore=costly,
-                                rescore_top=rescore_top, progress=progress).run()
-    if not result.finished:
-        return None, None, result
-    timesteps, value = result.best
+    result: SearchResult | None = None
+    if timesteps_from is not None:
+        timesteps, value, evaluations, wall_time_s = _stage_one_from(
+            timesteps_from, folder, model, sampler_spec, guidance_spec, steps, skip_budget)
+    else:
+        result = EvolutionarySearch(space, cheap, config,
+                                    grids=hand_made_grids(scheduler_config, sampler_spec, space), state_path=state,
+                                    time_budget_s=time_budget_s, rescore=costly, rescore_top=rescore_top,
+                                    progress=progress).run()
+        if not result.finished:
+            return None, None, result
+        timesteps, value = result.best
+        evaluations, wall_time_s = result.evaluations, result.wall_time_s
+    skipped: list[list[str]] = [[] for _ in timesteps]
+    unet_cost = None
+    if skip_budget is not None:
+        left = None if time_budget_s is None else max(time_budget_s - (time.perf_counter() - start), 0.0)
+        stage2, skipped, value, unet_cost = _skip_search(
+            engine, model, cheap, costly, timesteps, skip_budget, max_skip, skip_config or config,
+            folder / f"{schedule_id}.skip-state", left, rescore_top, progress)
+        if not stage2.finished:
+            return None, None, stage2
+        evaluations, wall_time_s, result = evaluations + stage2.evaluations, wall_time_s + stage2.wall_time_s, stage2
     artifact = SearchedArtifact(
         id=schedule_id, model=model, sampler=sampler_spec, guidance=guidance_spec, steps=steps,
-        timesteps=list(timesteps), skipped_blocks=[[] for _ in timesteps],
+        timesteps=list(timesteps), skipped_blocks=skipped,
         fitness=SearchFitness(kind=fitness, value=value, samples=len(costly.prompts) if costly else images),
-        search=SearchCost(evaluations=result.evaluations, wall_time_s=max(result.wall_time_s,
-                                                                         time.perf_counter() - start),
-                          command=command),
+        search=SearchCost(evaluations=evaluations, wall_time_s=max(wall_time_s, time.perf_counter() - start),
+                          command=command, skip_budget=skip_budget, unet_cost=unet_cost),
         seed=config.seed,
     )
     path = artifact.save(folder)
     state.unlink(missing_ok=True)
+    (folder / f"{schedule_id}.skip-state").unlink(missing_ok=True)
     return artifact, path, result
+
+
+def _stage_one_from(schedule_id: str, folder: Path, model: str, sampler: dict[str, Any], guidance: dict[str, Any],
+                    steps: int, skip_budget: float | None) -> tuple[tuple[int, ...], float, int, float]:
+    """(timesteps, fitness, evaluations, wall time) of the artifact ``schedule_id`` (in ``folder`` or the
+    configured folders), refused unless it was searched for the same model, sampler, guidance and steps."""
+    from accel_diffusion.schedules.searched import find_artifact, load_artifact
+
+    if skip_budget is None:
+        raise InvalidRequestError("timesteps_from", "only stage 2 starts from an artifact: give --skip-budget too")
+    path = folder / f"{schedule_id}.json"
+    try:
+        artifact = load_artifact(path) if path.is_file() else find_artifact(schedule_id)
+    except (ValueError, InvalidRequestError) as exc:
+        raise InvalidRequestError("timesteps_from", str(exc)) from None
+    ours = {"model": model, "sampler": sampler, "guidance": guidance, "steps": steps}
+    for key, value in ours.items():
+        if getattr(artifact, key) != value:
+            raise InvalidRequestError("timesteps_from", f"{schedule_id!r} was searched for {key} "
+                                      f"{json.dumps(getattr(artifact, key))}, not {json.dumps(value)}")
+    return (tuple(artifact.timesteps), artifact.fitness.value, artifact.search.evaluations,
+            artifact.search.wall_time_s)
+
+
+def block_cost_model(engine: Any, model: str, fitness: Any) -> tuple[list[str], dict[str, float]]:
+    """The UNet's skippable blocks and each one's measured share of a UNet call, at the batch the fitness runs
+    (its prompts, cond and uncond) and the model's latent size."""
+    import torch
+
+    from accel_diffusion.engine.block_skip import measure_block_costs, skippable_blocks
+
+    loaded = engine.models.get(model)
+    unet = loaded.pipeline.unet
+    width, height = loaded.default_size
+    rows = 2 * min(len(fitness.prompts), fitness.batch_size)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(rows, unet.config.in_channels, height // loaded.vae_scale_factor,
+                    width // loaded.vae_scale_factor, generator=gen, dtype=unet.dtype).to(unet.device)
+    tokens = int(getattr(getattr(loaded.pipeline, "tokenizer", None), "model_max_length", 77))
+    context = torch.randn(rows, tokens, unet.config.cross_attention_dim, generator=gen,
+                          dtype=unet.dtype).to(unet.device)
+    t = torch.tensor(500, device=unet.device)
+    shares = measure_block_costs(unet, lambda: unet(x, t, encoder_hidden_states=context, return_dict=False))
+    return skippable_blocks(unet), shares
+
+
+def _skip_search(engine: Any, model: str, cheap: Any, costly: Any, timesteps: tuple[int, ...], skip_budget: float,
+                 max_skip: int, config: SearchConfig, state: Path, time_budget_s: float | None, rescore_top: int,
+                 progress: bool) -> tuple[SearchResult, list[list[str]], float, float]:
+    """Stage 2: (its SearchResult, the best plan's block names per step, its fitness, its modelled UNet cost
+    as a fraction of the full UNet's)."""
+    from accel_diffusion.eval.schedule_fitness import SkipPlanFitness
+    from accel_diffusion.schedules.autodiffusion import SkipPlanSearch, SkipSpace
+
+    blocks, shares = block_cost_model(engine, model, cheap)
+    K = len(timesteps)
+    try:
+        space = SkipSpace(K, len(blocks), skip_budget * K, max_skip, tuple(shares[b] for b in blocks), shares[""])
+    except ValueError as exc:
+        raise InvalidRequestError("skip_budget", f"{exc}: raise --skip-budget or --max-skip") from None
+    plan_fitness = SkipPlanFitness(cheap, timesteps, blocks)
+    rescore = SkipPlanFitness(costly, timesteps, blocks) if costly is not None else None
+    result = SkipPlanSearch(space, plan_fitness, config, state_path=state, time_budget_s=time_budget_s,
+                            rescore=rescore, rescore_top=rescore_top, progress=progress).run()
+    plan, value = result.best if result.ranked else (space.skip_nothing(), float("nan"))
+    return result, plan_fitness.names(plan), value, space.cost(plan) / K
 
 
 @click.command("search")
@@ -142,10 +238,11 @@ def run_search(
 @click.option("--dir", "schedules_dir", type=click.Path(file_okay=False), default=None,
               help="Folder of searched schedules (default: $ACCEL_DIFFUSION_SCHEDULES_DIR, else ./schedules).")
 @click.option("--fitness", type=click.Choice(["paired_distance", "teacher_fd", "prompt_accuracy"]),
-              default="paired_distance", show_default=True, help="What the search minimises (see docs).")
-@click.option("--images", type=click.IntRange(1, 196), default=49, show_default=True,
-              help="Prompts (one image each, fixed seeds) every candidate is scored on.")
-@click.option("--rescore-images", type=click.IntRange(1, 196), default=98, show_default=True,
+              default="prompt_accuracy", show_default=True,
+              help="What the search minimises; the default agrees best with held-out accuracy (docs/benchmarks.md).")
+@click.option("--images", type=click.IntRange(1, 98), default=49, show_default=True,
+              help="Search prompts (one image each, fixed seeds) scored per candidate; never the held-out ones.")
+@click.option("--rescore-images", type=click.IntRange(1, 98), default=98, show_default=True,
               help="The top candidates are re-scored on this many at the end (<= --images: no re-scoring).")
 @click.option("--teacher-steps", type=click.IntRange(2, 1000), default=50, show_default=True)
 @click.option("--population", type=click.IntRange(2), default=20, show_default=True)
@@ -156,16 +253,32 @@ def run_search(
 @click.option("--mutation-prob", type=click.FloatRange(0, 1), default=0.25, show_default=True)
 @click.option("--mutation-radius", type=click.IntRange(0), default=20, show_default=True,
               help="Half the mutated timesteps move at most this far (0: uniform draws only, as the reference).")
-@click.option("--seed", type=click.IntRange(0), default=0, show_default=True)
+@click.option("--seed", type=click.IntRange(0, 900_000), default=0, show_default=True)
 @click.option("--time-budget", "time_budget_s", type=click.FloatRange(min=0), default=None,
               help="Stop after this many seconds (state kept: the same command resumes).")
+@click.option("--budget-minutes", type=click.FloatRange(min=0), default=None,
+              help="The wall-time budget in minutes (instead of --time-budget).")
+@click.option("--skip-budget", type=click.FloatRange(0, 1, min_open=True), default=None,
+              help="Stage 2: skip UNet blocks so the UNet runs at most this fraction of its full time (e.g. 0.8).")
+@click.option("--max-skip", type=click.IntRange(0), default=4, show_default=True,
+              help="Stage 2: blocks skipped at one step at most.")
+@click.option("--skip-epochs", type=click.IntRange(0), default=None,
+              help="Stage 2's generations (default: --epochs).")
+@click.option("--timesteps-from", default=None,
+              help="Stage 2 only: start from this artifact's timesteps (same model, sampler, guidance, steps).")
 @click.pass_context
 def search_command(ctx: click.Context, model: str, steps: int, sampler: str | None, guidance: str | None,
                    guidance_scale: float | None, schedule_id: str, schedules_dir: str | None, fitness: str,
                    images: int, rescore_images: int, teacher_steps: int, population: int, epochs: int, select: int,
                    mutations: int, crossovers: int, mutation_prob: float, mutation_radius: int, seed: int,
-                   time_budget_s: float | None) -> None:
-    """Search K timesteps for a model, sampler and guidance (AutoDiffusion stage 1) and save the artifact."""
+                   time_budget_s: float | None, budget_minutes: float | None, skip_budget: float | None,
+                   max_skip: int, skip_epochs: int | None, timesteps_from: str | None) -> None:
+    """Search K timesteps for a model, sampler and guidance (AutoDiffusion stage 1), then, with --skip-budget,
+    which UNet blocks to skip at which step (stage 2), and save the artifact."""
+    if budget_minutes is not None:
+        if time_budget_s is not None:
+            raise InvalidRequestError("budget_minutes", "give --budget-minutes or --time-budget, not both")
+        time_budget_s = 60.0 * budget_minutes
     from accel_diffusion.cli import _json_arg, _registry
     from accel_diffusion.engine import Engine
     from accel_diffusion.strategy import merge_guidance_scale
@@ -177,6 +290,7 @@ def search_command(ctx: click.Context, model: str, steps: int, sampler: str | No
     try:
         config = SearchConfig(population=population, select=select, mutations=mutations, crossovers=crossovers,
                               mutation_prob=mutation_prob, mutation_radius=mutation_radius, epochs=epochs, seed=seed)
+        skip_config = dataclasses.replace(config, epochs=skip_epochs) if skip_epochs is not None else None
     except ValueError as exc:
         raise InvalidRequestError("population", str(exc)) from None
     import importlib.util
@@ -188,11 +302,14 @@ def search_command(ctx: click.Context, model: str, steps: int, sampler: str | No
         Engine(_registry(ctx)), model=model, steps=steps, schedule_id=schedule_id,
         sampler=components.get("sampler"), guidance=components.get("guidance"), fitness=fitness, images=images,
         rescore_images=rescore_images, teacher_steps=teacher_steps, config=config, time_budget_s=time_budget_s,
-        schedules_dir=schedules_dir, progress=True, command=shlex.join(["accel-diffusion", *sys.argv[1:]]))
+        schedules_dir=schedules_dir, progress=True, command=shlex.join(["accel-diffusion", *sys.argv[1:]]),
+        skip_budget=skip_budget, max_skip=max_skip, skip_config=skip_config, timesteps_from=timesteps_from)
     if artifact is None:
         best = f" (best so far {result.ranked[0][1]:.4g})" if result.ranked else ""
         click.echo(f"time budget spent after {result.evaluations} candidates{best}; run the same command again "
                    "to continue", err=True)
         sys.exit(3)
-    click.echo(f"{path}: timesteps {artifact.timesteps}, {fitness} {artifact.fitness.value:.4g} "
-               f"({result.evaluations} candidates, {artifact.search.wall_time_s:.0f} s)")
+    skips = "" if artifact.search.unet_cost is None else (
+        f", skipped blocks {artifact.skipped_blocks} (UNet time x{artifact.search.unet_cost:.3f} by the cost model)")
+    click.echo(f"{path}: timesteps {artifact.timesteps}{skips}, {fitness} {artifact.fitness.value:.4g} "
+               f"({artifact.search.evaluations} candidates, {artifact.search.wall_time_s:.0f} s)")

@@ -29,6 +29,7 @@ from accel_diffusion.schedules.base import Schedule
 from accel_diffusion.schedules.explicit import ExplicitTimesteps
 
 if TYPE_CHECKING:
+    from accel_diffusion.models.registry import ModelSpec
     from accel_diffusion.strategy import Strategy
 
 log = logging.getLogger(__name__)
@@ -70,6 +71,9 @@ class SearchCost(BaseModel):
     evaluations: Annotated[int, Field(ge=0)] = Field(description="candidates scored")
     wall_time_s: Annotated[float, Field(ge=0)]
     command: str = Field("", description="the command that made the artifact")
+    skip_budget: float | None = Field(None, description="stage 2's budget: a fraction of the full UNet's time")
+    unet_cost: float | None = Field(None, description="the skip plan's UNet time as a fraction of the full UNet's, "
+                                    "by the cost model measured at search time")
 
 
 class SearchedArtifact(BaseModel):
@@ -208,6 +212,23 @@ class SearchedSchedule(Schedule):
             return BlockSkip(unet, skips)
         except ValueError as exc:
             raise IncompatibleStrategyError("strategy.schedule.id", f"searched schedule {self.id!r}: {exc}") from None
+
+    def check_model(self, spec: ModelSpec) -> None:
+        """Every block the artifact skips is a skippable block of the model's UNet (read from its config)."""
+        names = {name for step in self.artifact.skipped_blocks for name in step}
+        if not names:
+            return
+        from accel_diffusion.engine.block_skip import model_unet_blocks
+
+        known = model_unet_blocks(spec.location(), spec.revision)
+        if known is None:  # no config to read before loading: the engine checks the loaded UNet
+            return
+        unknown = sorted(names - set(known))
+        if unknown:
+            step = next(k for k, step in enumerate(self.artifact.skipped_blocks) if unknown[0] in step)
+            raise IncompatibleStrategyError(
+                "strategy.schedule.id", f"searched schedule {self.id!r} skips {unknown[0]!r} at step {step} "
+                f"(skipped_blocks), which the UNet of model {spec.id!r} does not have (its blocks: {', '.join(known)})")
 
     def check_request(self, model_id: str, strategy: Strategy, steps: int | None) -> None:
         artifact, what = self.artifact, f"searched schedule {self.id!r} was made for"

@@ -95,3 +95,23 @@ def test_a_skipped_block_is_its_skip_connection(name: str) -> None:
 def test_an_unknown_block_is_refused_naming_it() -> None:
     with pytest.raises(ValueError, match=re.escape("timestep 999: no skippable block 'up_blocks.3.resnets.0'")):
         BlockSkip(shapes_unet(), {999: ["up_blocks.3.resnets.0"]})
+
+
+def test_the_blocks_are_known_from_the_config_alone() -> None:
+    from accel_diffusion.engine.block_skip import model_unet_blocks, unet_blocks_of_config
+
+    assert unet_blocks_of_config(shapes_unet().config) == skippable_blocks(shapes_unet())
+    assert model_unet_blocks(str(BUILTIN_DIR / "shapes")) == tuple(skippable_blocks(shapes_unet()))
+    assert model_unet_blocks(str(BUILTIN_DIR / "no-such-model")) is None
+
+
+def test_the_measured_cost_model_shares_one_unet_call_among_the_blocks() -> None:
+    from accel_diffusion.engine.block_skip import measure_block_costs
+
+    unet = shapes_unet()
+    x, context = inputs()
+    shares = measure_block_costs(unet, lambda: unet(x, torch.tensor(500), encoder_hidden_states=context), repeats=3)
+    assert list(shares) == ["", *skippable_blocks(unet)]
+    assert all(0 < v < 1 for v in shares.values())
+    assert sum(shares.values()) == pytest.approx(1.0, abs=1e-9)
+    assert not unet._forward_pre_hooks and not any(m._forward_hooks for m in unet.modules())  # hooks removed

@@ -18,6 +18,7 @@ from accel_diffusion.errors import IncompatibleStrategyError, InvalidRequestErro
 from accel_diffusion.models.registry import ModelRegistry
 from accel_diffusion.registry import get_registry
 from accel_diffusion.schedules.searched import (
+    BUILTIN_SCHEDULES_DIR,
     SCHEDULES_DIR_ENV,
     SearchCost,
     SearchedArtifact,
@@ -30,6 +31,7 @@ from accel_diffusion.schedules.searched import (
 from accel_diffusion.strategy import GenerationRequest
 
 TINY_TIMESTEPS = [999, 700, 400, 100]
+SHIPPED = {path.stem for path in BUILTIN_SCHEDULES_DIR.glob("*.json")}  # the searched schedules shipped for shapes
 
 
 def tiny_artifact(schedule_id: str = "tiny-dpmpp-4", model: str = "tiny-sd", **changes: object) -> SearchedArtifact:
@@ -73,7 +75,8 @@ def test_artifact_round_trips_through_its_file(folder: Path) -> None:
     assert {k: data[k] for k in ("model", "steps", "timesteps", "skipped_blocks", "seed")} == {
         "model": "tiny-sd", "steps": 4, "timesteps": TINY_TIMESTEPS, "skipped_blocks": [[], [], [], []], "seed": 3}
     assert data["fitness"] == {"kind": "paired_distance", "value": 0.25, "samples": 8}
-    assert data["search"] == {"evaluations": 30, "wall_time_s": 12.5, "command": "accel-diffusion search ..."}
+    assert data["search"] == {"evaluations": 30, "wall_time_s": 12.5, "command": "accel-diffusion search ...",
+                              "skip_budget": None, "unet_cost": None}
     assert load_artifact(path) == artifact == find_artifact("tiny-dpmpp-4")
     assert SearchedArtifact.model_validate_json(json.dumps(artifact.model_dump(mode="json"))) == artifact
     schedule = get_registry().build("schedule", {"name": "searched", "id": "tiny-dpmpp-4"})
@@ -102,7 +105,7 @@ def test_unknown_and_malformed_ids_are_refused(folder: Path) -> None:
     with pytest.raises(InvalidRequestError) as error:
         get_registry().normalize("schedule", {"name": "searched", "id": "nope"})
     assert (error.value.field, error.value.message) == ("strategy.schedule.id", "no searched schedule 'nope'")
-    assert error.value.allowed == "'tiny-dpmpp-4'"
+    assert error.value.allowed == ", ".join(repr(i) for i in sorted({"tiny-dpmpp-4", *SHIPPED}))
     for bad in ("../tiny-dpmpp-4", "a/b", ""):
         with pytest.raises(InvalidRequestError) as error:
             get_registry().normalize("schedule", {"name": "searched", "id": bad})
@@ -121,12 +124,12 @@ def test_listing_prefers_the_configured_folder_and_skips_invalid_files(folder: P
     use_schedules_dir(other)  # over the environment's folder
     try:
         with caplog.at_level(logging.WARNING):
-            listed = list_artifacts()
+            listed = [a for a in list_artifacts() if a.id not in SHIPPED]
         assert [(a.id, a.seed) for a in listed] == [("second", 3), ("tiny-dpmpp-4", 7)]
         assert "broken.json" in caplog.text
     finally:
         use_schedules_dir(None)
-    assert [a.id for a in list_artifacts()] == ["tiny-dpmpp-4"]
+    assert [a.id for a in list_artifacts()] == sorted(["tiny-dpmpp-4", *SHIPPED])
 
 
 def request(**fields: object) -> GenerationRequest:
@@ -164,10 +167,14 @@ def test_the_artifacts_skipped_blocks_are_skipped_at_their_steps(folder: Path, t
         assert np.array_equal(engine.generate(explicit).images, searched)
     assert by_hand.skipped_calls == 3  # one batched call per step (cond and uncond together)
     tiny_artifact("bad-skips", skipped_blocks=[[], ["up_blocks.9.resnets.0"], [], []]).save(folder)
-    with pytest.raises(IncompatibleStrategyError) as error:
-        engine.generate(request(strategy={"schedule": {"name": "searched", "id": "bad-skips"}}))
-    assert error.value.field == "strategy.schedule.id"
-    assert "timestep 700: no skippable block 'up_blocks.9.resnets.0'" in error.value.message
+    bad = request(strategy={"schedule": {"name": "searched", "id": "bad-skips"}})
+    for refuse in (lambda: check_request(tiny_registry.spec("tiny-sd"), bad),  # at submit: read from the config
+                   lambda: engine.generate(bad)):
+        with pytest.raises(IncompatibleStrategyError) as error:
+            refuse()
+        assert error.value.field == "strategy.schedule.id"
+        assert ("searched schedule 'bad-skips' skips 'up_blocks.9.resnets.0' at step 1 (skipped_blocks), which the "
+                f"UNet of model 'tiny-sd' does not have (its blocks: {', '.join(blocks)})") in error.value.message
 
 
 @pytest.mark.parametrize(("fields", "field", "fragment"), [
@@ -199,9 +206,10 @@ def test_server_lists_searched_schedules_and_refuses_a_mismatch(tmp_path: Path, 
         with TestClient(create_app(make_settings(tiny_models_file, schedules_dir=tmp_path))) as client:
             listed = client.get("/v1/schedules").json()
             assert listed["object"] == "list"
-            assert [(s["id"], s["model"], s["steps"], s["timesteps"]) for s in listed["data"]] == [
-                ("tiny-dpmpp-4", "tiny", 4, TINY_TIMESTEPS)]
-            assert listed["data"][0]["fitness"] == {"kind": "paired_distance", "value": 0.25, "samples": 8}
+            assert [(s["id"], s["model"], s["steps"], s["timesteps"]) for s in listed["data"]
+                    if s["id"] not in SHIPPED] == [("tiny-dpmpp-4", "tiny", 4, TINY_TIMESTEPS)]
+            tiny = next(s for s in listed["data"] if s["id"] == "tiny-dpmpp-4")
+            assert tiny["fitness"] == {"kind": "paired_distance", "value": 0.25, "samples": 8}
             body = {"prompt": "a red circle", "size": "32x32", "seed": 2, "response_format": "b64_json"}
             ok = client.post("/v1/images/generations", json=body | {"strategy": searched})
             assert ok.status_code == 200, ok.text
@@ -212,6 +220,12 @@ def test_server_lists_searched_schedules_and_refuses_a_mismatch(tmp_path: Path, 
                 assert response.json()["error"]["param"] == param
             job = client.post("/v1/jobs", json={"prompt": "a", "strategy": {**searched, "guidance": "none"}})
             assert job.status_code == 400 and job.json()["error"]["param"] == "strategy.guidance.name"
+            bad_skips = [["mid_block.resnets.7"], [], [], []]
+            tiny_artifact("tiny-skips", model="tiny", skipped_blocks=bad_skips).save(tmp_path)
+            job = client.post("/v1/jobs", json={"prompt": "a", "strategy": {**searched, "schedule": {
+                "name": "searched", "id": "tiny-skips"}}})
+            assert job.status_code == 400 and job.json()["error"]["param"] == "strategy.schedule.id"
+            assert "skips 'mid_block.resnets.7' at step 0 (skipped_blocks)" in job.json()["error"]["message"]
     finally:
         use_schedules_dir(None)
 
@@ -219,3 +233,25 @@ def test_server_lists_searched_schedules_and_refuses_a_mismatch(tmp_path: Path, 
 def test_the_pinned_id_is_the_gmm_artifact() -> None:
     assert GMM_SEARCHED_ID == "gmm-dpmpp_2m-4"
     assert load_artifact(gmm_searched_dir() / f"{GMM_SEARCHED_ID}.json").timesteps == GMM_SEARCHED_TIMESTEPS
+
+
+SHIPPED_FOR_SHAPES = {"shapes-ghvb0.8-cfg5-4", "shapes-dpmpp_2m-cfg5-4", "shapes-ghvb0.8-cfg5-6",
+                      "shapes-dpmpp_2m-cfg5-6", "shapes-ghvb0.8-cfg5-4-skip"}
+
+
+def test_the_shipped_shapes_schedules_are_found_without_configuration(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(SCHEDULES_DIR_ENV, raising=False)
+    use_schedules_dir(None)
+    found = {a.id: a for a in list_artifacts()}
+    assert SHIPPED_FOR_SHAPES <= set(found) == SHIPPED
+    shapes = ModelRegistry.default().spec("shapes")
+    for schedule_id in sorted(SHIPPED):
+        artifact = found[schedule_id]
+        assert artifact.model == "shapes" and artifact.guidance["scale"] == 5.0
+        assert artifact.fitness.kind == "prompt_accuracy"
+        assert artifact.search.command.startswith("accel-diffusion search")
+        assert 0 < artifact.search.evaluations and artifact.search.wall_time_s <= 20 * 60  # the target
+        searched = {"name": "searched", "id": schedule_id}
+        request = GenerationRequest.create(model="shapes", prompt="a red circle on a blue background", strategy={
+            "sampler": artifact.sampler, "guidance": artifact.guidance, "schedule": searched})
+        check_request(shapes, request)  # its skipped blocks (if any) are the shapes UNet's
