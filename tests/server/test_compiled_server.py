@@ -14,7 +14,7 @@ from fastapi.testclient import TestClient
 from server_clients import decode, make_settings
 from torch._dynamo.utils import counters
 
-from accel_diffusion.engine import Engine
+from accel_diffusion.engine import Engine, compiled
 from accel_diffusion.models.registry import ModelRegistry
 from accel_diffusion.strategy import GenerationRequest
 
@@ -23,12 +23,8 @@ PROMPT = "a red circle on a blue background"
 
 
 def test_the_server_builds_its_buckets_before_it_is_ready_and_requests_use_them(
-        tiny_models_file: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture,
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    cache = tmp_path / "inductor"
-    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "unset")  # restored after the test
-    settings = make_settings(tiny_models_file, engine_acceleration="compile", compile_buckets=[2],
-                             inductor_cache_dir=cache)
+        tiny_models_file: Path, caplog: pytest.LogCaptureFixture) -> None:
+    settings = make_settings(tiny_models_file, engine_acceleration="compile", compile_buckets=[2])
     assert settings.stream_acceleration_used == "compile"  # the stream follows the engine's word
     with caplog.at_level(logging.INFO, logger="accel_diffusion"), TestClient(create_app(settings)) as client:
         lines = [r.getMessage() for r in caplog.records]
@@ -38,8 +34,6 @@ def test_the_server_builds_its_buckets_before_it_is_ready_and_requests_use_them(
         summary = next(i for i, line in enumerate(lines) if line.startswith("compiled tiny's 1 buckets in"))
         assert summary < next(i for i, line in enumerate(lines) if line.startswith("ready in"))
         assert client.get("/health/ready").status_code == 200
-        # inductor's cache directory for the process (it takes effect where nothing compiled before: a server)
-        assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(cache) and cache.is_dir()
         graphs = counters["stats"]["unique_graphs"]
         model = client.app.state.server.registry.get("tiny")
         stats = model.compiled_model().unet.stats
@@ -54,6 +48,15 @@ def test_the_server_builds_its_buckets_before_it_is_ready_and_requests_use_them(
         model="tiny", prompt=PROMPT, seed=5, steps=3, width=32, height=32,
         strategy={"guidance": {"name": "cfg", "scale": 4.0}}), batch_invariant=True).to_uint8()
     assert np.abs(images.astype(int) - expected).max() <= 1
+
+
+def test_the_inductor_cache_directory_setting(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """inductor_cache_dir becomes TORCHINDUCTOR_CACHE_DIR, which inductor reads at its first compile in a
+    process (the server sets it before loading any model); cold vs warm starts: docs/benchmarks.md."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "before")  # restored after the test
+    compiled.set_cache_dir(tmp_path / "inductor")
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "inductor") and (tmp_path / "inductor").is_dir()
+    assert ServerSettings(inductor_cache_dir=tmp_path).inductor_cache_dir == tmp_path
 
 
 def test_the_acceleration_settings() -> None:
