@@ -7,6 +7,12 @@ CUDA (when a GPU is present): a randomly initialised SD-1.5-sized UNet (+ tiny t
 full-size VAE config) at 512x512 in fp16, torch SDPA vs xformers attention, images/s.
 
     python benchmarks/engine.py --out benchmarks/results/engine_cpu.json
+
+``--compile``: engine_acceleration = "compile" (engine/compiled.py) vs the eager engine vs diffusers, the
+same configurations, interleaved (compiled, eager, diffusers, ...); plus the compile buckets' cold startup
+(a fresh process, an empty inductor cache) and warm startup (a fresh process, the cache the cold one wrote):
+
+    nice -n 10 python benchmarks/engine.py --compile --out benchmarks/results/engine_compile_cpu.json
 """
 
 from __future__ import annotations
@@ -145,6 +151,116 @@ def compare(model: Any, directory: str, batch: int, mode: str, steps: int, scale
         "engine_s_all": times_ours,
         "diffusers_s_all": times_theirs,
     }
+
+
+def compare_compiled(model: Any, directory: str, batch: int, mode: str, steps: int, scale: float,
+                     repeats: int) -> dict:
+    """Compiled engine vs eager engine vs diffusers on identical inputs, interleaved; medians and paired ratios."""
+    sampler = {"name": "dpmpp_2m"}
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(batch)]
+    init = _init_image() if mode == "img2img" else None
+    request = GenerationRequest.create(
+        model=model.model_id, prompt=prompts, seed=0, steps=steps, init_image=init, strength=0.6,
+        strategy={"sampler": sampler, "guidance": {"name": "cfg", "scale": scale}})
+    cls = StableDiffusionImg2ImgPipeline if mode == "img2img" else StableDiffusionPipeline
+    reference = cls.from_pretrained(directory, local_files_only=True, dtype=model.dtype).to(model.device)
+    reference.set_progress_bar_config(disable=True)
+    reference.scheduler = get_registry().build("sampler", sampler).make_scheduler(model.scheduler_config, {})
+    size = model.default_size
+
+    def theirs() -> np.ndarray:
+        generators = [torch.Generator("cpu").manual_seed(s) for s in range(batch)]
+        kwargs = {"image": init, "strength": 0.6} if init is not None else {"height": size[1], "width": size[0]}
+        return reference(prompts, num_inference_steps=steps, guidance_scale=scale, generator=generators,
+                         output_type="np", **kwargs).images
+
+    runs = {"compiled": lambda: generate(model, request, acceleration="compile").images,
+            "eager": lambda: generate(model, request).images, "diffusers": theirs}
+    images = {name: fn() for name, fn in runs.items()}
+    unet = model.compiled_model().unet
+    eager_calls = unet.stats.eager_calls
+    for fn in runs.values():  # warm-up
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, fn in runs.items():
+            _sync(model.device)
+            start = time.perf_counter()
+            fn()
+            _sync(model.device)
+            times[name].append(time.perf_counter() - start)
+    median = {name: statistics.median(t) for name, t in times.items()}
+    return {
+        "mode": mode, "batch": batch, "steps": steps, "guidance_scale": scale,
+        **{f"{name}_s": median[name] for name in runs},
+        "speedup_vs_diffusers": statistics.median(b / a for a, b in zip(times["compiled"], times["diffusers"])),
+        "speedup_vs_eager": statistics.median(b / a for a, b in zip(times["compiled"], times["eager"])),
+        "eager_speedup_vs_diffusers": statistics.median(b / a for a, b in zip(times["eager"], times["diffusers"])),
+        "max_abs_pixel_diff_vs_eager": float(np.abs(images["compiled"] - images["eager"]).max()),
+        "unet_eager_calls_while_timed": unet.stats.eager_calls - eager_calls,  # 0: every call ran a graph
+        "repeats": repeats, "all_s": times,
+    }
+
+
+def startup_seconds(cache_dir: str, unet_rows: list[int], decode_rows: list[int]) -> dict[str, Any]:
+    """A fresh process: load `shapes`, build the UNet's and decode's graphs with ``cache_dir`` as inductor's."""
+    import subprocess
+
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache_dir}
+    code = ("import json,time,torch; torch.set_num_threads(1); t=time.perf_counter();"
+            "from accel_diffusion.models.registry import ModelRegistry;"
+            "from accel_diffusion.engine import compiled;"
+            "m=ModelRegistry.default().get('shapes'); loaded=time.perf_counter()-t;"
+            f"m.compiled_model({tuple(sorted({*unet_rows, *decode_rows}))!r});"
+            f"g=compiled.warm(m, unet_rows={unet_rows!r}, decode_rows={decode_rows!r});"
+            "print(json.dumps({'load_s': loaded, 'graphs': g, 'total_s': time.perf_counter()-t}))")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def compiled_benchmark(model: Any, directory: str, steps: int, repeats: int, batches: list[int],
+                       modes: list[str]) -> dict[str, Any]:
+    import tempfile
+
+    from accel_diffusion.engine import compiled
+
+    unet_rows, decode_rows = [2 * b for b in batches], list(batches)  # CFG: two UNet rows per image
+    buckets = sorted({*unet_rows, *decode_rows})
+    cache = tempfile.mkdtemp(prefix="inductor-")
+    cold = startup_seconds(cache, unet_rows, decode_rows)
+    warm = startup_seconds(cache, unet_rows, decode_rows)
+    compiled.set_cache_dir(cache)
+    model.compiled_model(tuple(buckets))
+    compiled.warm(model, unet_rows=unet_rows, decode_rows=decode_rows)
+    configs = [(b, m) for m in modes for b in batches]
+    rows = [compare_compiled(model, directory, b, m, steps, 5.0, repeats)
+            for b, m in tqdm(configs, desc="compiled vs eager vs diffusers")]
+    return {"buckets": buckets, "cold_start": cold, "warm_start": warm, "rows": rows}
+
+
+def compiled_markdown(result: dict[str, Any]) -> str:
+    m, c = result["machine"], result["compile"]
+    lines = [
+        f"Machine: {m.get('cpu', '?')}, {m['cpu_count']} cores, torch {m['torch']} ({m['torch_threads']} threads). "
+        f"`shapes`, 25 DPM-Solver++ steps, CFG 5; {c['rows'][0]['repeats']} interleaved repeats (compiled, eager, "
+        "diffusers) after a warm-up; speedup = median of the paired ratios (diffusers' time / ours).",
+        "",
+        "| mode | batch | compiled ms | eager ms | diffusers ms | compiled vs diffusers (target >= 1.3 at batch 1) "
+        "| compiled vs eager | eager vs diffusers | max abs pixel diff vs eager | eager UNet calls while timed |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in c["rows"]:
+        lines.append(
+            f"| {r['mode']} | {r['batch']} | {r['compiled_s'] * 1000:.1f} | {r['eager_s'] * 1000:.1f} "
+            f"| {r['diffusers_s'] * 1000:.1f} | **{r['speedup_vs_diffusers']:.2f}x** | {r['speedup_vs_eager']:.2f}x "
+            f"| {r['eager_speedup_vs_diffusers']:.2f}x | {r['max_abs_pixel_diff_vs_eager']:.1e} "
+            f"| {r['unet_eager_calls_while_timed']} |")
+    for name in ("cold_start", "warm_start"):
+        s = c[name]
+        graphs = ", ".join(f"{g['call'].split(':')[0]} {g['rows']}: {g['seconds']:.1f} s" for g in s["graphs"])
+        lines.append(f"\n{name.replace('_', ' ')} (fresh process, buckets {c['buckets']}): load "
+                     f"{s['load_s']:.1f} s, total {s['total_s']:.1f} s ({graphs})")
+    return "\n".join(lines) + "\n"
 
 
 def peak_rss_of_fresh_process(runner: str, mode: str, batch: int, steps: int) -> float:
@@ -307,6 +423,9 @@ def main() -> None:
     parser.add_argument("--peak-rss", choices=["engine", "diffusers"], help=argparse.SUPPRESS)
     parser.add_argument("--mode", default="txt2img", help=argparse.SUPPRESS)
     parser.add_argument("--batch", type=int, default=1, help=argparse.SUPPRESS)
+    parser.add_argument("--compile", action="store_true", help="compiled engine rows and startup times instead")
+    parser.add_argument("--batches", default="1,4", help="with --compile: batch sizes")
+    parser.add_argument("--modes", default="txt2img,img2img", help="with --compile: txt2img, img2img")
     args = parser.parse_args()
     if args.peak_rss:
         _one_call_peak_rss(args.peak_rss, args.mode, args.batch, args.steps)
@@ -314,6 +433,15 @@ def main() -> None:
     registry = ModelRegistry.default()
     model = registry.get("shapes")
     directory = model.spec.location()
+    if args.compile:
+        torch.set_num_threads(1)
+        result = {"benchmark": "engine_compile", "model": "shapes", "machine": machine(),
+                  "compile": compiled_benchmark(model, directory, args.steps, args.repeats,
+                                                [int(b) for b in args.batches.split(",")], args.modes.split(","))}
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+        print(compiled_markdown(result))
+        return
     rows = []
     configs = [(b, m) for m in ("txt2img", "img2img") for b in (1, 4)]
     for batch, mode in tqdm(configs, desc="engine vs diffusers"):

@@ -57,7 +57,7 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from accel_diffusion import __version__
-from accel_diffusion.engine import Engine
+from accel_diffusion.engine import Engine, compiled
 from accel_diffusion.engine.engine import check_limits, check_request
 from accel_diffusion.errors import InvalidRequestError, UnknownModelError
 from accel_diffusion.jsonbody import parse_json
@@ -94,7 +94,8 @@ class ServerState:
                              max_listeners=settings.max_sse_listeners, key_max_listeners=settings.key_max_sse_listeners,
                              job_max_listeners=settings.max_sse_listeners_per_job)
         # limits=None: requests are checked against this server's limits when they are submitted
-        engine: Any = Engine(registry, limits=None)
+        engine: Any = Engine(registry, limits=None, acceleration=settings.engine_acceleration,
+                             buckets=settings.compile_buckets)
         self.ranks = ranks  # rank 0 of a multi-rank server: its RankGroup (server/ranks.py), else None
         if ranks is not None:
             from accel_diffusion.server.ranks import LeaderEngine
@@ -174,10 +175,11 @@ def served_registry(settings: ServerSettings) -> ModelRegistry:
 def warm_up(state: ServerState) -> None:
     """Load every served model and run one short generation on it (so the first request is not slow).
 
-    With ``stream_acceleration = "compile"`` also compile each SD model's UNet graph for a default
-    stream session (img2img, two steps, RCFG self: 2 rows), so that compilation fails at startup, if it
-    fails, and the first such session starts at once; other batch shapes compile when a session first
-    needs them."""
+    With ``engine_acceleration = "compile"`` also build every compile bucket's graph of each SD model's
+    UNet and decode at its default size (``compiled.warm``; logged per graph with its time), so that
+    compilation fails at startup, if it fails, and no request waits for it. With only
+    ``stream_acceleration = "compile"``, the default stream session's UNet graph (img2img, two steps,
+    RCFG self: 2 rows). Other shapes run eagerly while their graph is built in the background."""
     for model_id in state.settings.served_models:
         log.info("loading %s…", model_id)
         model = state.registry.get(model_id)
@@ -188,10 +190,21 @@ def warm_up(state: ServerState) -> None:
             state.worker.engine.generate(GenerationRequest.create(
                 model=model_id, prompt="warm-up", seed=0, steps=state.settings.warmup_steps),
                 batch_invariant=state.settings.batch_invariant)
-        if state.settings.stream_acceleration != "none" and model.family == "sd":
+        if state.settings.engine_acceleration == "compile" and model.family in ("sd", "sdxl"):
+            buckets = state.settings.compile_buckets
+            log.info("compiling %s: UNet and decode graphs for row buckets %s at %dx%d…", model_id, buckets,
+                     *model.default_size)
+            begin = time.perf_counter()
+            model.compiled_model(tuple(buckets))
+            for graph in compiled.warm(model):
+                log.info("compiled %s %s graph of %d rows in %.1f s", model_id, graph["call"], graph["rows"],
+                         graph["seconds"])
+            log.info("compiled %s's %d buckets in %.1f s", model_id, len(buckets), time.perf_counter() - begin)
+        elif state.settings.stream_acceleration_used != "none" and model.family == "sd":
             log.info("compiling %s's UNet for stream sessions (stream_acceleration = %r)…", model_id,
-                     state.settings.stream_acceleration)
-            StreamSession(model, "warm-up", acceleration=state.settings.stream_acceleration, limits=state.limits)
+                     state.settings.stream_acceleration_used)
+            session = StreamSession(model, "warm-up", acceleration="compile", limits=state.limits)
+            session.wait_for_graphs()
 
 
 def create_app(settings: ServerSettings | None = None, ranks: Any = None) -> FastAPI:
@@ -203,6 +216,7 @@ def create_app(settings: ServerSettings | None = None, ranks: Any = None) -> Fas
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         begin = time.perf_counter()
+        compiled.set_cache_dir(settings.inductor_cache_dir)
         state = ServerState(settings, served_registry(settings), ranks)
         app.state.server = state
         if settings.role != "api":  # an API-only replica (Redis backend) loads no model

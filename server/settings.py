@@ -91,9 +91,8 @@ class ServerSettings(BaseSettings):
                                        "a message is dropped with a rate_limited error")
     stream_control_burst: int = Field(40, ge=1, description="text messages a stream connection may send at once; "
                                       "this many dropped in a row close the connection with 1008")
-    stream_acceleration: Literal["none", "compile"] = Field(
-        "none", description="compile: stream sessions run the UNet under torch.compile with static shapes (a graph "
-        "per batch shape, built on the worker when first needed; the default session's at startup)")
+    stream_acceleration: Literal["none", "compile"] | None = Field(
+        None, description="stream sessions' acceleration; default (unset): engine_acceleration's")
     max_frame_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="largest stream input frame; a larger one "
                                  "gets an invalid_frame error (a WebSocket message past twice this, at least "
                                  "16 MiB, closes the connection with 1009)")
@@ -147,6 +146,19 @@ class ServerSettings(BaseSettings):
             raise ValueError(f"role = {self.role!r} needs queue_backend = 'redis' (with the memory backend one "
                              "process is both api and worker: role = 'all')")
         return self
+    # engine_acceleration (docs: README "Compiled engine")
+    engine_acceleration: Literal["none", "compile"] = Field(
+        "none", description="compile: every served model's UNet and VAE decode run as torch.compile graphs with "
+        "static shapes per row bucket (compile_buckets), shared by every request, job, batch and stream; the "
+        "buckets are built at startup (readiness 503 until then), an unforeseen shape runs eagerly while its "
+        "graph is built in the background")
+    compile_buckets: list[Annotated[int, Field(ge=1)]] = Field(
+        [1, 2, 4, 8], min_length=1, description="with engine_acceleration = 'compile': the row counts of the "
+        "compiled graphs (a call's rows are padded up to the next; CFG doubles a UNet call's rows); each is "
+        "built at startup at the model's default size")
+    inductor_cache_dir: Path | None = Field(None, description="where torch inductor keeps compiled kernels "
+                                            "(TORCHINDUCTOR_CACHE_DIR): a directory kept across restarts (a "
+                                            "volume) makes the next startup warm")
     schedules_dir: Path | None = Field(None, description="folder of searched schedules (`accel-diffusion search` "
                                        "artifacts, <id>.json) looked up before the shipped ones; listed by "
                                        "GET /v1/schedules")
@@ -205,6 +217,11 @@ class ServerSettings(BaseSettings):
                 return init_settings, env_settings, file_source
 
         return cls.model_validate(_FromFile(**overrides).model_dump())
+
+    @property
+    def stream_acceleration_used(self) -> Literal["none", "compile"]:
+        """The stream sessions' acceleration: stream_acceleration, else engine_acceleration."""
+        return self.stream_acceleration or self.engine_acceleration
 
     def request_limits(self) -> RequestLimits:
         return RequestLimits(max_width=self.max_width, max_height=self.max_height, max_pixels=self.max_pixels,

@@ -445,7 +445,7 @@ async def _start(connection: _Connection, data: dict[str, Any]) -> None:
     try:
         with errors_named_as_sent(sent):  # a bad size names size
             session = await _on_worker(connection, lambda: StreamSession(
-                model, data.get("prompt"), limits=limits, acceleration=state.settings.stream_acceleration,
+                model, data.get("prompt"), limits=limits, acceleration=state.settings.stream_acceleration_used,
                 **options))
     except BaseException:  # a refused session.start holds no slot
         state.stream_sessions -= 1

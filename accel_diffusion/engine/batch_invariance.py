@@ -149,6 +149,8 @@ def install() -> None:
 def _wrapper(func: Callable[..., Any], count: int, rank: int, linear: bool) -> Callable[..., Any]:
     @functools.wraps(func)
     def batch_invariant(*args: Any, **kwargs: Any) -> Any:
+        if torch.compiler.is_compiling():  # a compiled graph (engine/compiled.py) calls the kernel itself
+            return func(*args, **kwargs)
         stack = getattr(_ACTIVE, "stack", None)
         if not stack or not _batched(args, count, rank, linear):
             return func(*args, **kwargs)

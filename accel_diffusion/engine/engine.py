@@ -16,6 +16,7 @@ from PIL import Image
 
 from accel_diffusion.engine.attention import batch_invariant_attention
 from accel_diffusion.engine.batch_invariance import BatchInvariantOps
+from accel_diffusion.engine.compiled import EngineAcceleration, check_acceleration, check_buckets
 from accel_diffusion.engine.hooks import NO_HOOKS, GenerationHooks, LoopCounters
 from accel_diffusion.engine.loop import denoise
 from accel_diffusion.engine.step import StepContext
@@ -193,11 +194,18 @@ class Engine:
     """Generates images for validated requests on models from a ``ModelRegistry``.
 
     ``limits`` bound every request's resolved steps and size (``check_limits``: the model's defaults
-    included); None leaves that to the caller (a server checks each request when it accepts it)."""
+    included); None leaves that to the caller (a server checks each request when it accepts it).
 
-    def __init__(self, models: ModelRegistry | None = None, limits: RequestLimits | None = DEFAULT_LIMITS) -> None:
+    ``acceleration`` ("none" | "compile", engine/compiled.py) runs every model's UNet and decode as
+    compiled static-shape graphs per row bucket (``buckets``, fixed when a model is first compiled);
+    a shape without a graph yet runs eagerly while its graph is built in the background."""
+
+    def __init__(self, models: ModelRegistry | None = None, limits: RequestLimits | None = DEFAULT_LIMITS,
+                 acceleration: EngineAcceleration = "none", buckets: Sequence[int] | None = None) -> None:
         self.models = models or ModelRegistry.default()
         self.limits = limits
+        self.acceleration = check_acceleration(acceleration, "acceleration")
+        self.buckets = check_buckets(buckets) if buckets is not None else None
 
     def resolve_auto(self, request: GenerationRequest) -> GenerationRequest:
         """``"strategy": "auto"`` replaced by the best point of the model's Pareto profile on the device the
@@ -215,11 +223,15 @@ class Engine:
         model = self.models.get(request.model)
         if self.limits is not None:
             check_limits(model, request, self.limits)
-        return generate(model, request, hooks, seeds=seeds, batch_invariant=batch_invariant)
+        if self.acceleration == "compile":
+            model.compiled_model(self.buckets)
+        return generate(model, request, hooks, seeds=seeds, batch_invariant=batch_invariant,
+                        acceleration=self.acceleration)
 
 
 def generate(model: LoadedPipeline, request: GenerationRequest, hooks: GenerationHooks = NO_HOOKS, *,
-             seeds: Sequence[int] | None = None, batch_invariant: bool = False) -> GenerationResult:
+             seeds: Sequence[int] | None = None, batch_invariant: bool = False,
+             acceleration: EngineAcceleration = "none") -> GenerationResult:
     """The engine's one generation path (txt2img, or img2img when ``request.init_image`` is set).
 
     ``seeds`` (one per image) replaces ``request.seed + k``: the server uses it to run several
@@ -228,21 +240,26 @@ def generate(model: LoadedPipeline, request: GenerationRequest, hooks: Generatio
     else shares its batch (at a cost in speed; see engine/batch_invariance.py). Its attention then runs as
     SDPA under the mode's wrappers, also where the model was loaded with xformers (engine/attention.py:
     ``batch_invariant_attention``), and the result's ``attention_backend`` says "sdpa".
+
+    ``acceleration="compile"`` runs the UNet and the decode through the model's shared ``CompiledModel``
+    (engine/compiled.py); not with a runtime component (patch parallelism) or a schedule that changes
+    the UNet during the loop (a searched schedule's block skipping): those run eagerly.
     """
+    check_acceleration(acceleration, "acceleration")
     if not batch_invariant:
         with torch.no_grad():
-            return _generate(model, request, hooks, seeds)
+            return _generate(model, request, hooks, seeds, acceleration)
     # the model's attention runs as SDPA under the mode's wrappers (xformers' kernel is outside them)
     modules = [getattr(model.pipeline, "unet", None), getattr(model.pipeline, "vae", None), model.tiny_vae]
     with torch.no_grad(), BatchInvariantOps(), batch_invariant_attention([m for m in modules if m is not None]) as \
             backend:
-        result = _generate(model, request, hooks, seeds)
+        result = _generate(model, request, hooks, seeds, acceleration)
     result.attention_backend = backend
     return result
 
 
 def _generate(model: LoadedPipeline, request: GenerationRequest, hooks: GenerationHooks,
-              seeds: Sequence[int] | None) -> GenerationResult:
+              seeds: Sequence[int] | None, acceleration: EngineAcceleration = "none") -> GenerationResult:
     t_start = time.perf_counter()
     if model.family not in ("sd", "sdxl"):
         raise InvalidRequestError(
@@ -289,10 +306,16 @@ def _generate(model: LoadedPipeline, request: GenerationRequest, hooks: Generati
     t_latents = time.perf_counter()
     unet = pipe.unet
     latent_shape = (batch, unet.config.in_channels, height // model.vae_scale_factor, width // model.vae_scale_factor)
-    denoiser: torch.nn.Module = unet
+    denoiser: Any = unet
+    decoder = None
     if prepared.runtime is not None:
         prepared.runtime.check_latent(unet, latent_shape[2], model.vae_scale_factor)
         denoiser = prepared.runtime.wrap(unet)
+    if acceleration == "compile":
+        compiled = model.compiled_model()
+        if prepared.runtime is None and type(prepared.schedule).model_context is Schedule.model_context:
+            denoiser = compiled.unet
+        decoder = compiled.decoder(vae)
     if request.init_image is None:
         latents = randn_tensor(latent_shape, generator=generators, device=model.device, dtype=model.dtype)
         latents = latents * scheduler.init_noise_sigma
@@ -342,13 +365,15 @@ def _generate(model: LoadedPipeline, request: GenerationRequest, hooks: Generati
                 after_step=after_step,
             )
     finally:
-        if denoiser is not unet:
-            denoiser.detach()  # type: ignore[operator]
+        if prepared.runtime is not None:
+            denoiser.detach()
     extra: dict[str, Any] = {"mode": "img2img" if request.init_image is not None else "txt2img"}
-    if denoiser is not unet:
+    if prepared.runtime is not None:
         extra["communication"] = prepared.runtime.report(denoiser)
+    if acceleration == "compile":
+        extra["acceleration"] = "compile"
     t_decode = time.perf_counter()
-    images = _decode(model, latents, vae)
+    images = _decode(model, latents, vae, decoder)
     t_end = time.perf_counter()
     return GenerationResult(
         images=images,
@@ -438,10 +463,12 @@ def _vae_latents(vae: Any, latents: torch.Tensor) -> torch.Tensor:
     return latents / vae.config.scaling_factor
 
 
-def _decode(model: LoadedPipeline, latents: torch.Tensor, vae: Any = None) -> np.ndarray:
+def _decode(model: LoadedPipeline, latents: torch.Tensor, vae: Any = None, decoder: Any = None) -> np.ndarray:
     """Latents -> float32 (N, H, W, 3) in [0, 1], with the pipeline's VAE unless another (a tiny
-    autoencoder of the same latent space) is given. The VAE's precision was fixed at load time."""
+    autoencoder of the same latent space) is given; through ``decoder`` (its compiled decode) when given.
+    The VAE's precision was fixed at load time."""
     vae = model.pipeline.vae if vae is None else vae
-    image = vae.decode(_vae_latents(vae, latents.to(vae.dtype)), return_dict=False)[0]
+    latents = _vae_latents(vae, latents.to(vae.dtype))
+    image = decoder(latents) if decoder is not None else vae.decode(latents, return_dict=False)[0]
     image = (image / 2 + 0.5).clamp(0, 1)
     return image.permute(0, 2, 3, 1).float().cpu().numpy()

@@ -43,7 +43,7 @@ class LoadedPipeline:
     prompt_encoder: PromptEncoder | None = None
     scheduler_config: dict[str, Any] = field(default_factory=dict)
     tiny_vae: Any = None  # an AutoencoderTiny of the VAE's latent space (streams, vae="tiny"), when the spec names one
-    compiled: dict[str, torch.nn.Module] = field(default_factory=dict, repr=False)  # made on first use, then shared
+    compiled: dict[str, Any] = field(default_factory=dict, repr=False)  # made on first use, then shared
 
     @property
     def model_id(self) -> str:
@@ -60,16 +60,16 @@ class LoadedPipeline:
         native = int(self.pipeline.unet.config.sample_size) * self.vae_scale_factor
         return (self.spec.default_width or native, self.spec.default_height or native)
 
-    def compiled_unet(self) -> torch.nn.Module:
-        """The UNet under ``torch.compile`` with static shapes, made once per loaded model.
+    def compiled_model(self, buckets: tuple[int, ...] | None = None) -> Any:
+        """This model's ``CompiledModel`` (engine/compiled.py: the UNet and decodes as static-shape graphs
+        per row bucket), made on first use and then shared by every request, job, batch and stream of the
+        model. ``buckets`` fixes the row buckets on that first use (default ``DEFAULT_BUCKETS``); later
+        calls get the same object."""
+        from accel_diffusion.engine.compiled import DEFAULT_BUCKETS, CompiledModel
 
-        Each new input shape (rows, latent size) compiles its own graph on its first call (tens of seconds
-        on a small CPU), as TensorRT builds a fixed-batch engine; later calls of that shape, by any session
-        sharing this model, reuse it. Past torch's recompile limit (``torch._dynamo.config.recompile_limit``,
-        8) a further shape runs eagerly."""
-        if "unet" not in self.compiled:
-            self.compiled["unet"] = torch.compile(self.pipeline.unet, dynamic=False)
-        return self.compiled["unet"]
+        if "engine" not in self.compiled:
+            self.compiled["engine"] = CompiledModel(self.pipeline.unet, self.device, buckets or DEFAULT_BUCKETS)
+        return self.compiled["engine"]
 
     def describe(self) -> dict[str, Any]:
         return {

@@ -21,10 +21,11 @@ Guidance (ε-space; γ = ``guidance_scale``, δ = ``delta``):
 - ``rcfg_onetime``: the same with X = the clean latent implied by one real negative-prompt
   evaluation of slot 0 when its frame enters (n + 1).
 
-Acceleration (``acceleration``): ``compile`` runs the UNet under ``torch.compile`` with static shapes
-(``LoadedPipeline.compiled_unet``, shared by the model's sessions), StreamDiffusion's fixed-batch
-TensorRT engines in spirit; the graph for the session's UNet batch is built when the session is
-made (and again when ``update`` changes the number of steps), not on the first frame.
+Acceleration (``acceleration``, the engine's word: engine/compiled.py): ``compile`` runs the UNet and
+the decode as static-shape graphs per row bucket (``LoadedPipeline.compiled_model``, shared with the
+model's requests, jobs and other sessions), StreamDiffusion's fixed-batch TensorRT engines in spirit.
+When the session is made (and when ``update`` changes the number of steps) a graph its UNet batch
+lacks is built in the background while frames run eagerly; ``wait_for_graphs`` waits for it.
 
 Autoencoder (``vae``): ``full`` encodes and decodes frames with the pipeline's VAE; ``tiny`` with the
 model's TAESD-style ``AutoencoderTiny`` of the same latent space (the registry entry's ``tiny_vae``),
@@ -175,9 +176,10 @@ class StreamSession:
         self.model = model
         self.limits = limits
         self.acceleration = acceleration
-        self._unet = model.compiled_unet() if acceleration == "compile" else model.pipeline.unet
+        self._unet = model.compiled_model().unet if acceleration == "compile" else model.pipeline.unet
         self.vae = "tiny" if vae == "tiny" or (vae == "auto" and model.tiny_vae is not None) else "full"
         self._vae = model.tiny_vae if self.vae == "tiny" else model.pipeline.vae
+        self._decoder = model.compiled_model().decoder(self._vae) if acceleration == "compile" else None
         self.mode = mode
         self.guidance = guidance
         self.guidance_scale = _number("guidance_scale", guidance_scale)
@@ -317,12 +319,20 @@ class StreamSession:
 
     @torch.no_grad()
     def _build_graph(self) -> None:
-        """With ``acceleration="compile"``: one call through the per-frame path on zero latents, so the
-        UNet graph of this batch is compiled now rather than on the first frame. Touches no state."""
+        """With ``acceleration="compile"``: one call through the per-frame path on zero latents, so that
+        the graphs of this batch (UNet, decode) are built in the background now rather than on the first
+        frames. Touches no state."""
         if self.acceleration == "none":
             return
         x = torch.zeros_like(self.init_noise)
         self._guided_noise(x, None if self.mode == "txt2img" else torch.zeros_like(x), FrameStats())
+        _decode(self.model, x[-1:], self._vae, self._decoder)
+
+    def wait_for_graphs(self, timeout: float | None = None) -> bool:
+        """Block until the graphs asked for so far are built (startup, tests); False on timeout."""
+        from accel_diffusion.engine.compiled import BUILDER
+
+        return BUILDER.wait(timeout)
 
     # -- per frame --
 
@@ -356,7 +366,7 @@ class StreamSession:
             stats.warming_up = True
             return None
         self.state.last_estimate = estimates[-1:]
-        image = _decode(self.model, estimates[-1:], self._vae)[0]
+        image = _decode(self.model, estimates[-1:], self._vae, self._decoder)[0]
         self.state.last_output = (np.clip(image, 0, 1) * 255).round().astype(np.uint8)
         return self.state.last_output
 

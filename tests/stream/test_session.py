@@ -97,8 +97,9 @@ def test_updates_mid_stream(shapes_model: LoadedPipeline) -> None:
 
 def test_compiled_sessions_equal_eager_ones_and_build_their_graph_before_the_first_frame(
         shapes_model: LoadedPipeline) -> None:
-    """acceleration="compile": the same frames as the eager UNet; each UNet batch's graph is compiled when
-    the session is made or its number of steps changes, and shared by the model's sessions."""
+    """acceleration="compile": the same frames as the eager UNet; a UNet batch's graph is built in the
+    background when the session is made or its number of steps changes, and shared by the model's
+    sessions (and its engine requests: ``LoadedPipeline.compiled_model``)."""
     from torch._dynamo.utils import counters
 
     def graphs() -> int:
@@ -109,23 +110,24 @@ def test_compiled_sessions_equal_eager_ones_and_build_their_graph_before_the_fir
     before = graphs()
     compiled = StreamSession(shapes_model, PROMPT, t_index_list=(32, 45), guidance="rcfg_self", seed=2,
                              acceleration="compile")
-    assert graphs() > before and compiled._unet is shapes_model.compiled_unet()
-    built = graphs()
+    unet = shapes_model.compiled_model().unet
+    assert compiled._unet is unet and compiled.wait_for_graphs(timeout=900) and graphs() > before
+    built, eager_calls = graphs(), unet.stats.eager_calls
     for frame in inputs[:3]:
         expected, out = eager(frame), compiled(frame)
         if expected is not None:
             torch.testing.assert_close(compiled.state.last_estimate, eager.state.last_estimate, rtol=0, atol=1e-5)
             assert np.abs(out.astype(int) - expected).max() <= 1
-    assert graphs() == built  # the frames ran the graph built ahead
+    assert graphs() == built and unet.stats.eager_calls == eager_calls  # the frames ran the graph built ahead
     again = StreamSession(shapes_model, PROMPT, t_index_list=(20, 45), guidance="rcfg_self", acceleration="compile")
-    assert graphs() == built and again(inputs[0]) is None  # same batch shape: the model's graph is reused
+    assert again.wait_for_graphs(timeout=900) and graphs() == built and again(inputs[0]) is None  # reused
     compiled.update(t_index_list=(45,)), eager.update(t_index_list=(45,))
-    assert graphs() > built  # one row per call now: built by the update
-    built = graphs()
+    assert compiled.wait_for_graphs(timeout=900) and graphs() > built  # one row per call now: built by the update
+    built, eager_calls = graphs(), unet.stats.eager_calls
     for frame in inputs[3:]:
         expected, out = eager(frame), compiled(frame)
         torch.testing.assert_close(compiled.state.last_estimate, eager.state.last_estimate, rtol=0, atol=1e-5)
-    assert graphs() == built
+    assert graphs() == built and unet.stats.eager_calls == eager_calls
 
 
 def test_a_failed_update_changes_nothing(shapes_model: LoadedPipeline) -> None:

@@ -1,0 +1,68 @@
+"""engine_acceleration = "compile" on the server: buckets built at startup, before readiness; requests
+then run the built graphs (no compile on a request) and return the eager engine's images."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from accel_diffusion.server import ServerSettings, create_app
+from fastapi.testclient import TestClient
+from server_clients import decode, make_settings
+from torch._dynamo.utils import counters
+
+from accel_diffusion.engine import Engine, compiled
+from accel_diffusion.models.registry import ModelRegistry
+from accel_diffusion.strategy import GenerationRequest
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+PROMPT = "a red circle on a blue background"
+
+
+def test_the_server_builds_its_buckets_before_it_is_ready_and_requests_use_them(
+        tiny_models_file: Path, caplog: pytest.LogCaptureFixture) -> None:
+    settings = make_settings(tiny_models_file, engine_acceleration="compile", compile_buckets=[2])
+    assert settings.stream_acceleration_used == "compile"  # the stream follows the engine's word
+    with caplog.at_level(logging.INFO, logger="accel_diffusion"), TestClient(create_app(settings)) as client:
+        lines = [r.getMessage() for r in caplog.records]
+        built = [line for line in lines if line.startswith("compiled tiny ")]
+        assert [line.split(" in ")[0] for line in built] == [
+            "compiled tiny unet graph of 2 rows", "compiled tiny decode:AutoencoderKL graph of 2 rows"]
+        summary = next(i for i, line in enumerate(lines) if line.startswith("compiled tiny's 1 buckets in"))
+        assert summary < next(i for i, line in enumerate(lines) if line.startswith("ready in"))
+        assert client.get("/health/ready").status_code == 200
+        graphs = counters["stats"]["unique_graphs"]
+        model = client.app.state.server.registry.get("tiny")
+        stats = model.compiled_model().unet.stats
+        eager_calls = stats.eager_calls
+        response = client.post("/v1/images/generations", json={
+            "prompt": PROMPT, "size": "32x32", "seed": 5, "num_inference_steps": 3, "guidance_scale": 4.0})
+        assert response.status_code == 200, response.text
+        images = np.stack([decode(d["b64_json"]) for d in response.json()["data"]])
+        assert counters["stats"]["unique_graphs"] == graphs  # no compile on the request
+        assert stats.eager_calls == eager_calls and stats.compiled_calls >= 3
+    expected = Engine(ModelRegistry.from_file(tiny_models_file)).generate(GenerationRequest.create(
+        model="tiny", prompt=PROMPT, seed=5, steps=3, width=32, height=32,
+        strategy={"guidance": {"name": "cfg", "scale": 4.0}}), batch_invariant=True).to_uint8()
+    assert np.abs(images.astype(int) - expected).max() <= 1
+
+
+def test_the_inductor_cache_directory_setting(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """inductor_cache_dir becomes TORCHINDUCTOR_CACHE_DIR, which inductor reads at its first compile in a
+    process (the server sets it before loading any model); cold vs warm starts: docs/benchmarks.md."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "before")  # restored after the test
+    compiled.set_cache_dir(tmp_path / "inductor")
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "inductor") and (tmp_path / "inductor").is_dir()
+    assert ServerSettings(inductor_cache_dir=tmp_path).inductor_cache_dir == tmp_path
+
+
+def test_the_acceleration_settings() -> None:
+    assert ServerSettings().engine_acceleration == "none" and ServerSettings().stream_acceleration_used == "none"
+    assert ServerSettings(stream_acceleration="compile").stream_acceleration_used == "compile"
+    with pytest.raises(ValueError, match="engine_acceleration"):
+        ServerSettings(engine_acceleration="tensorrt")
+    with pytest.raises(ValueError, match="compile_buckets"):
+        ServerSettings(compile_buckets=[0])
