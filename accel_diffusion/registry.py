@@ -45,6 +45,7 @@ _BUILTIN_COMPONENT_MODULES = (
     "accel_diffusion.schedules.karras",
     "accel_diffusion.schedules.explicit",
     "accel_diffusion.schedules.searched",
+    "accel_diffusion.schedules.disa",
     "accel_diffusion.guidance.none",
     "accel_diffusion.guidance.cfg",
     "accel_diffusion.guidance.apg",

@@ -188,6 +188,9 @@ def check_schedule_pin(label: str) -> None:
     assert torch.equal(ours, theirs)
 
 
+# schedules of an AR model's diffusion head (no timesteps of their own): name -> where their values are pinned
+AR_SCHEDULE_PINS = {"disa": "tests/schedules/test_disa.py: step plans per AR iteration, the spec's cost table"}
+
 def schedule_labels(prefix: str) -> list[str]:
     return sorted(label for label in SCHEDULE_PINS if label.startswith(prefix))
 
