@@ -41,6 +41,7 @@ _BUILTIN_COMPONENT_MODULES = (
     "accel_diffusion.samplers.deis",
     "accel_diffusion.samplers.heavy_ball",
     "accel_diffusion.samplers.ghvb",
+    "accel_diffusion.samplers.ddpm",
     "accel_diffusion.schedules.spacing",
     "accel_diffusion.schedules.karras",
     "accel_diffusion.schedules.explicit",

@@ -14,7 +14,7 @@ from accel_diffusion.registry import ComponentRegistry, get_registry
 def test_builtin_components_registered() -> None:
     registry = get_registry()
     assert registry.names("sampler") == [
-        "ddim", "deis", "diffusers_deis", "dpmpp_2m", "euler", "ghvb", "hb", "lcm", "unipc"
+        "ddim", "ddpm", "deis", "diffusers_deis", "dpmpp_2m", "euler", "ghvb", "hb", "lcm", "unipc"
     ]
     assert registry.names("schedule") == ["disa", "karras", "searched", "spacing", "timesteps"]
     assert registry.names("guidance") == ["apg", "cfg", "none", "rcfg"]
