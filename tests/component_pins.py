@@ -59,7 +59,8 @@ REFERENCES: dict[str, tuple[dict[str, Any], type, dict[str, Any], dict[str, Any]
     "ddpm_large": ({"name": "ddpm", "variance": "fixed_large"}, DDPMScheduler,
                    {"clip_sample": False, "variance_type": "fixed_large"}, {}),
 }
-STOCHASTIC = {"ddim_eta1", "euler_ancestral", "lcm", "ddpm", "ddpm_large"}  # step noise: both runs get the same seeded generator
+# step noise: both runs get the same seeded generator
+STOCHASTIC = {"ddim_eta1", "euler_ancestral", "lcm", "ddpm", "ddpm_large"}
 
 # final |x| mean and x[0] after STEPS steps from gmm_noise(), spacing "model"; recorded with diffusers 0.42.1
 GOLDEN: dict[str, tuple[float, list[float]]] = {
