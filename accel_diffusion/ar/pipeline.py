@@ -73,6 +73,14 @@ class MarPipeline:
         self.dtype = torch.float32
         self.prompt_encoder = PromptEncoder(self, self.device, self.dtype)
 
+    def to(self, device: torch.device, dtype: torch.dtype = torch.float32) -> MarPipeline:
+        """Every module on ``device`` in ``dtype``, frozen."""
+        for module in (self.transformer, self.head, self.text_encoder, self.vae):
+            module.to(device, dtype).eval().requires_grad_(False)
+        self.device, self.dtype = torch.device(device), dtype
+        self.prompt_encoder = PromptEncoder(self, self.device, self.dtype)
+        return self
+
     @property
     def head_scheduler_config(self) -> dict[str, Any]:
         return dict(self.head_scheduler.config)
@@ -111,10 +119,12 @@ class MarPipeline:
         (path / "mar_config.json").write_text(json.dumps(self.config, indent=2) + "\n")
 
     @torch.no_grad()
-    def text_states(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(the prompts' text-encoder states (B, L, E), the empty prompt's (1, L, E))."""
+    def text_states(self, prompts: Sequence[str], negative_prompt: str | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the prompts' text-encoder states (B, L, E), the unconditional prompt's (1, L, E): the negative
+        prompt, else the empty prompt the model was trained with for CFG)."""
         cond = torch.cat([self.prompt_encoder.encode_one(p)[0] for p in prompts])
-        return cond, self.prompt_encoder.encode_one("")[0]
+        return cond, self.prompt_encoder.encode_one(negative_prompt or "")[0]
 
     @torch.no_grad()
     def decode(self, tokens: torch.Tensor) -> np.ndarray:
@@ -131,9 +141,10 @@ class MarPipeline:
         sampler: Sampler,
         make_guidance: Callable[[], Guidance],
         hooks: GenerationHooks = NO_HOOKS,
+        negative_prompt: str | None = None,
     ) -> ArResult:
         """One image per prompt, ``len(plan)`` AR iterations, ``plan[k]`` head steps at iteration k."""
-        text, empty = self.text_states(prompts)
+        text, empty = self.text_states(prompts, negative_prompt)
         generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
         tokens, cost = generate_tokens(self.transformer, self.head, self.head_scheduler_config, text, empty, plan,
                                        sampler, make_guidance, generators, hooks)

@@ -33,7 +33,6 @@ from accel_diffusion.models.shapes.cpu import flushing_denormals
 from accel_diffusion.models.shapes.render import render_dataset
 
 DEFAULT_OUT = Path(__file__).resolve().parent.parent / "models" / "builtin" / "shapes_mar"
-DEFAULT_WORK = Path.home() / ".cache" / "accel_diffusion" / "train_shapes_mar"
 
 
 def _lr_factor(step: int, total: int, warmup: int = 100, floor: float = 0.05) -> float:
@@ -72,8 +71,8 @@ def random_mask(batch: int, num_tokens: int, gen: torch.Generator) -> torch.Tens
 
 @flushing_denormals()
 def train_shapes_mar(
-    out: Path = DEFAULT_OUT,
-    work: Path = DEFAULT_WORK,
+    out: str | Path = DEFAULT_OUT,
+    work: str | Path | None = None,
     steps: int = 1400,
     batch_size: int = 64,
     lr: float = 1e-3,
@@ -88,6 +87,10 @@ def train_shapes_mar(
     measure: bool = True,
     max_minutes: float | None = None,
 ) -> dict[str, Any]:
+    """Train into ``out``; ``work`` (default: ``<out>.work``) holds the encoded data and the checkpoint a rerun
+    resumes from."""
+    out = Path(out)
+    work = Path(work) if work is not None else out.with_name(out.name + ".work")
     torch.manual_seed(seed)
     t_start = time.time()
     base = "shapes"
@@ -217,7 +220,7 @@ def measure_shapes_mar(model_dir: Path, guidance_scales: tuple[float, ...] = (1.
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="accel-diffusion train shapes_mar", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    parser.add_argument("--work", type=Path, default=DEFAULT_WORK, help="data cache and checkpoint (resumed)")
+    parser.add_argument("--work", type=Path, default=None, help="data and checkpoint, resumed (default: OUT.work)")
     parser.add_argument("--steps", type=int, default=1400)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=1e-3)
