@@ -357,6 +357,7 @@ class DeviceWorker:
                 "nfe": result.nfe, "strategy": result.strategy.model_dump(exclude_none=True),
                 "timings": {**result.timings, "queue": (job.started_at or job.created_at) - job.created_at},
                 "attention_backend": result.attention_backend, "batch_size_used": len(jobs),
+                **({"ar": result.extra["ar"]} if "ar" in result.extra else {}),  # an AR model's head steps
             })
             self.metrics.images.inc(count)
             self.metrics.nfe.inc(result.nfe * count)

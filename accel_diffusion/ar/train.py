@@ -17,6 +17,7 @@ import argparse
 import copy
 import json
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -86,6 +87,9 @@ def train_shapes_mar(
     head_depth: int = 3,
     measure: bool = True,
     max_minutes: float | None = None,
+    export_only: bool = False,
+    guidance_scales: tuple[float, ...] = (1.0, 3.0, 5.0),
+    note: str = "",
 ) -> dict[str, Any]:
     """Train into ``out``; ``work`` (default: ``<out>.work``) holds the encoded data and the checkpoint a rerun
     resumes from."""
@@ -118,6 +122,7 @@ def train_shapes_mar(
     noise_sched = head_noise_scheduler()
     ckpt = work / "checkpoint.pt"
     start, train_seconds = 0, 0.0
+    loss_at_checkpoint = None
     if ckpt.exists():
         state = torch.load(ckpt, weights_only=True)
         transformer.load_state_dict(state["transformer"])
@@ -128,14 +133,17 @@ def train_shapes_mar(
         sched.load_state_dict(state["sched"])
         gen.set_state(state["gen"])
         start, train_seconds = int(state["step"]), float(state["train_seconds"])
+        t_data = float(state.get("data_seconds", t_data))
+        loss_at_checkpoint = state.get("loss_ema")
         print(f"resuming at step {start} from {ckpt}")
     mean, std, states = data["mean"], data["std"], data["states"]
     caption_index, empty_index = data["caption_index"], data["empty_index"]
     transformer.train()
     head.train()
-    bar = tqdm(range(start, steps), desc="shapes_mar", initial=start, total=steps, mininterval=5.0)
+    bar = tqdm(range(start, start if export_only else steps), desc="shapes_mar", initial=start, total=steps,
+               mininterval=5.0)
     t_loop = time.time()
-    loss_avg = None
+    loss_avg = None if loss_at_checkpoint is None else float(loss_at_checkpoint)
     steps_done = start
     for step in bar:
         idx = torch.randint(0, len(mean), (batch_size,), generator=gen)
@@ -161,7 +169,8 @@ def train_shapes_mar(
             torch.save({"transformer": transformer.state_dict(), "head": head.state_dict(),
                         "ema_transformer": ema_t.state_dict(), "ema_head": ema_h.state_dict(),
                         "opt": opt.state_dict(), "sched": sched.state_dict(), "gen": gen.get_state(),
-                        "step": step + 1, "train_seconds": train_seconds + time.time() - t_loop}, ckpt)
+                        "step": step + 1, "train_seconds": train_seconds + time.time() - t_loop,
+                        "data_seconds": t_data, "loss_ema": loss_avg}, ckpt)
         steps_done = step + 1
         if out_of_time:
             print(f"stopping after {steps_done} of {steps} steps: --max-minutes {max_minutes} reached")
@@ -184,12 +193,62 @@ def train_shapes_mar(
         "parameters": {"transformer": sum(p.numel() for p in ema_t.parameters()),
                        "head": sum(p.numel() for p in ema_h.parameters())},
         "final_loss_ema": loss_avg, "data_seconds": t_data, "train_seconds": train_seconds,
-        "torch_threads": torch.get_num_threads(),
+        "torch_threads": torch.get_num_threads(), "load_average_at_save": list(os.getloadavg()), "note": note,
     }
     if measure:
-        info["metrics"] = measure_shapes_mar(out)
+        info["metrics"] = measure_shapes_mar(out, guidance_scales)
     (out / "training_info.json").write_text(json.dumps(info, indent=2) + "\n")
+    write_model_card(out, info)
     return info
+
+
+def write_model_card(out: Path, info: dict[str, Any]) -> None:
+    """README.md: what the model is, how it was trained, and what was measured."""
+    a, p = info["args"], info["parameters"]
+    metrics = info.get("metrics", {})
+    rows = [f"| {k.removeprefix('cfg_')} | {v['all']:.3f} | {v['shape']:.3f} | {v['color']:.3f} | "
+            f"{v['background']:.3f} | {v['seconds']:.0f} |" for k, v in metrics.items() if k.startswith("cfg_")]
+    lines = [
+        "# shapes_mar — a masked-autoregressive model with a per-token diffusion head",
+        "",
+        "A MAR-style model (Li et al. 2024) over the `shapes` model's latent space, the target of DiSA step",
+        "annealing (`schedule: {\"name\": \"disa\", ...}`). Code: `accel_diffusion/ar/`.",
+        "",
+        "- **Tokens**: the `shapes` VAE's 8x8x4 latents (times its scaling factor) in 2x2 patches: 16 tokens of 16",
+        "  values. Tokenizer, text encoder and VAE are the `shapes` model's, read from `../shapes`",
+        "  (`mar_config.json`: `base`, with the SHA-256 of the files it was trained with).",
+        f"- **Transformer** (`transformer/`): bidirectional, width {a['width']}, {a['depth']} layers, 4 heads, the",
+        "  prompt's 16 text states prepended; masked tokens replaced by a learned embedding;"
+        f" {p['transformer']:,} parameters.",
+        f"- **Diffusion head** (`head/`): MLP with adaptive LayerNorm (MAR's SimpleMLPAdaLN), width {a['head_width']},",
+        f"  {a['head_depth']} residual blocks, {p['head']:,} parameters; noise process `head_scheduler/`: MAR's cosine",
+        "  schedule (1000 steps), v-prediction (see `ar/head.py` for why not epsilon), DDPM fixed variance.",
+        "- **Generation**: random token order, MAR's cosine mask schedule over the AR iterations (default 8),",
+        "  classifier-free guidance against the empty prompt on the transformer and the head, the head sampled",
+        "  by a sampler component (DDPM ancestral by default) through the engine's loop.",
+        "",
+        "## Training recipe (`accel-diffusion train shapes_mar`, seeded, resumable)",
+        "",
+        f"{a['n_images']:,} renders (seed {a['seed']}) encoded once; batch {a['batch_size']}, AdamW lr {a['lr']}"
+        " (weight decay 0.01, 100 warm-up steps, cosine to 5%), gradient norm 1, EMA 0.999; per image a random",
+        "mask of cos(pi/2 u) of the tokens; 10% empty prompts; the head's loss on the masked tokens, each 4 times.",
+        f"Planned {a['steps']} steps; **ran {info['steps_done']}** in {info['train_seconds'] / 60:.1f} minutes of"
+        f" training (plus {info['data_seconds'] / 60:.1f} minutes rendering and encoding), {info['torch_threads']}"
+        " torch thread, on the shared 2-core CPU under load (wall times are upper bounds of a quiet machine's)."
+        f" {info['note']} Final loss (EMA of the batch loss): {info['final_loss_ema'] or float('nan'):.4f}.",
+        "",
+        "## Measured (the shipped weights, loaded back from disk)",
+        "",
+        f"Prompt accuracy over the 196 shape/colour/background prompts, one seed each, the `shapes` judge;"
+        f" {metrics.get('ar_iterations', '?')} AR iterations, constant {metrics.get('head_steps', '?')} DDPM head"
+        " steps:",
+        "",
+        "| CFG scale | all three right | shape | colour | background | seconds (196 images) |",
+        "|---|---|---|---|---|---|",
+        *rows,
+        "",
+    ]
+    (out / "README.md").write_text("\n".join(lines))
 
 
 def measure_shapes_mar(model_dir: Path, guidance_scales: tuple[float, ...] = (1.0, 3.0, 5.0),
@@ -230,12 +289,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--max-minutes", type=float, default=None, help="stop training (and save) after this long")
     parser.add_argument("--no-measure", action="store_true")
+    parser.add_argument("--export-only", action="store_true", help="save and measure the checkpoint, no training")
+    parser.add_argument("--guidance-scales", type=float, nargs="+", default=[1.0, 3.0, 5.0])
+    parser.add_argument("--note", default="", help="a sentence for the model card (e.g. the machine's load)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     info = train_shapes_mar(args.out, args.work, args.steps, args.batch_size, args.lr, n_images=args.images,
                             seed=args.seed, checkpoint_every=args.checkpoint_every, measure=not args.no_measure,
-                            max_minutes=args.max_minutes)
+                            max_minutes=args.max_minutes, export_only=args.export_only,
+                            guidance_scales=tuple(args.guidance_scales), note=args.note)
     print(json.dumps(info, indent=2))
 
 
