@@ -76,7 +76,10 @@ class MarPipeline:
     def to(self, device: torch.device, dtype: torch.dtype = torch.float32) -> MarPipeline:
         """Every module on ``device`` in ``dtype``, frozen."""
         for module in (self.transformer, self.head, self.text_encoder, self.vae):
-            module.to(device, dtype).eval().requires_grad_(False)
+            module.to(device)
+            if dtype != torch.float32:  # the weights are float32; a no-op cast only draws diffusers' warning
+                module.to(dtype)
+            module.eval().requires_grad_(False)
         self.device, self.dtype = torch.device(device), dtype
         self.prompt_encoder = PromptEncoder(self, self.device, self.dtype)
         return self

@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from tiny_mar import tiny_mar_dir  # noqa: F401  (the fixture)
 
 from accel_diffusion.ar.masking import head_cost
 from accel_diffusion.ar.pipeline import MarPipeline
@@ -23,7 +24,7 @@ STRATEGY = {"sampler": {"name": "ddpm"}, "schedule": {"name": "spacing"}, "guida
 
 
 @pytest.fixture(scope="module")
-def engine(tiny_mar_dir: Path) -> Engine:
+def engine(tiny_mar_dir: Path) -> Engine:  # noqa: F811
     specs = [ModelSpec(id="tiny_mar", source="local", path=str(tiny_mar_dir), default_steps=4,
                        default_strategy=STRATEGY), ModelRegistry.default().spec("shapes")]
     return Engine(ModelRegistry(specs))
@@ -84,7 +85,7 @@ def test_disa_is_refused_by_an_image_model_and_validated(engine: Engine) -> None
     assert bad.value.field == "strategy.schedule.lower"
 
 
-def test_a_changed_base_model_is_refused(tiny_mar_dir: Path, tmp_path: Path) -> None:
+def test_a_changed_base_model_is_refused(tiny_mar_dir: Path, tmp_path: Path) -> None:  # noqa: F811
     import json
     import shutil
 

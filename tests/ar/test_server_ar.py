@@ -10,6 +10,7 @@ import pytest
 from accel_diffusion.server import create_app
 from fastapi.testclient import TestClient
 from server_clients import make_settings, wait_finished
+from tiny_mar import tiny_mar_dir  # noqa: F401  (the fixture)
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -17,7 +18,7 @@ PROMPT = "a red circle on a blue background"
 
 
 @pytest.fixture(scope="module")
-def client(tiny_mar_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+def client(tiny_mar_dir: Path, tmp_path_factory: pytest.TempPathFactory):  # noqa: F811
     models = tmp_path_factory.mktemp("models") / "models.toml"
     models.write_text(f'[models.tiny_mar]\nsource = "local"\npath = "{tiny_mar_dir}"\ndefault_steps = 3\n'
                       'default_strategy = { sampler = { name = "ddpm" }, schedule = { name = "spacing" }, '

@@ -1,4 +1,4 @@
-"""A tiny random-weight MAR model directory on the shipped ``shapes`` text encoder and VAE (tests/ar)."""
+"""A tiny random-weight MAR model directory on the shipped ``shapes`` text encoder and VAE (a fixture for tests/ar)."""
 
 from __future__ import annotations
 
