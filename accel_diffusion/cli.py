@@ -285,6 +285,7 @@ TRAINERS = {
     "shapes": ("accel_diffusion.models.shapes.train", "train_shapes"),
     "judge": ("accel_diffusion.eval.shapes_judge", "train_judge"),
     "shapes_tiny_vae": ("accel_diffusion.models.shapes.train_tiny_vae", "train_shapes_tiny_vae"),
+    "shapes_mar": ("accel_diffusion.ar.train", "train_shapes_mar"),
 }
 
 
@@ -293,8 +294,9 @@ TRAINERS = {
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), required=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 def train(target: str, out_dir: str, seed: int) -> None:
-    """Train a built-in model into OUT: `shapes` (the text-to-image model), `judge`, or `shapes_tiny_vae`
-    (a TAESD-style tiny autoencoder distilled from the shipped `shapes` VAE)."""
+    """Train a built-in model into OUT: `shapes` (the text-to-image model), `judge`, `shapes_tiny_vae`
+    (a TAESD-style tiny autoencoder distilled from the shipped `shapes` VAE), or `shapes_mar` (the
+    masked-autoregressive model with a diffusion head; resumes from OUT.work/checkpoint.pt)."""
     import importlib
 
     module, function = TRAINERS[target]

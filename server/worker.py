@@ -358,6 +358,7 @@ class DeviceWorker:
                 "timings": {**result.timings, "queue": (job.started_at or job.created_at) - job.created_at},
                 "attention_backend": result.attention_backend, "batch_size_used": len(jobs),
                 **({"communication": result.extra["communication"]} if "communication" in result.extra else {}),
+                **({"ar": result.extra["ar"]} if "ar" in result.extra else {}),  # an AR model's head steps
             })
             self.metrics.images.inc(count)
             self.metrics.nfe.inc(result.nfe * count)

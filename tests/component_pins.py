@@ -14,6 +14,7 @@ import pytest
 import torch
 from diffusers import (
     DDIMScheduler,
+    DDPMScheduler,
     DEISMultistepScheduler,
     DPMSolverMultistepScheduler,
     EulerAncestralDiscreteScheduler,
@@ -54,13 +55,20 @@ REFERENCES: dict[str, tuple[dict[str, Any], type, dict[str, Any], dict[str, Any]
                         "thresholding": False}, {}),
     "lcm": ({"name": "lcm"}, LCMScheduler,
             {"original_inference_steps": 50, "clip_sample": False, "set_alpha_to_one": False}, {}),
+    "ddpm": ({"name": "ddpm"}, DDPMScheduler, {"clip_sample": False, "variance_type": "fixed_small"}, {}),
+    "ddpm_large": ({"name": "ddpm", "variance": "fixed_large"}, DDPMScheduler,
+                   {"clip_sample": False, "variance_type": "fixed_large"}, {}),
 }
-STOCHASTIC = {"ddim_eta1", "euler_ancestral", "lcm"}  # step noise: both runs get the same seeded generator
+# step noise: both runs get the same seeded generator
+STOCHASTIC = {"ddim_eta1", "euler_ancestral", "lcm", "ddpm", "ddpm_large"}
 
 # final |x| mean and x[0] after STEPS steps from gmm_noise(), spacing "model"; recorded with diffusers 0.42.1
 GOLDEN: dict[str, tuple[float, list[float]]] = {
     "ddim": (0.9968092061173752, [-2.08444284782001, -0.21645298465733084]),
     "ddim_eta1": (0.9288917513799203, [-0.048088442384670735, -1.866525208007523]),
+    # DDPM's ancestral step is Euler-ancestral's (same seed: equal to 1e-7)
+    "ddpm": (0.9312247080851774, [-0.044798275869037056, -1.8629507746052574]),
+    "ddpm_large": (1.074421799292088, [-0.21615700318604175, -2.1401546556227804]),
     "diffusers_deis": (1.0476057273411743, [-2.092549206189763, -0.19262222655774655]),
     "dpmpp_2m": (1.0512851331168858, [-2.0530401963234652, -0.17384959615189885]),
     "dpmpp_3m": (1.0578452797073814, [-2.053031003332551, -0.17079014924723]),
@@ -187,6 +195,9 @@ def check_schedule_pin(label: str) -> None:
     assert torch.equal(scheduler.sigmas, twin.sigmas)
     assert torch.equal(ours, theirs)
 
+
+# schedules of an AR model's diffusion head (no timesteps of their own): name -> where their values are pinned
+AR_SCHEDULE_PINS = {"disa": "tests/schedules/test_disa.py: step plans per AR iteration, the spec's cost table"}
 
 def schedule_labels(prefix: str) -> list[str]:
     return sorted(label for label in SCHEDULE_PINS if label.startswith(prefix))

@@ -14,9 +14,9 @@ from accel_diffusion.registry import ComponentRegistry, get_registry
 def test_builtin_components_registered() -> None:
     registry = get_registry()
     assert registry.names("sampler") == [
-        "ddim", "deis", "diffusers_deis", "dpmpp_2m", "euler", "ghvb", "hb", "lcm", "unipc"
+        "ddim", "ddpm", "deis", "diffusers_deis", "dpmpp_2m", "euler", "ghvb", "hb", "lcm", "unipc"
     ]
-    assert registry.names("schedule") == ["karras", "searched", "spacing", "timesteps"]
+    assert registry.names("schedule") == ["disa", "karras", "searched", "spacing", "timesteps"]
     assert registry.names("guidance") == ["apg", "cfg", "none", "rcfg"]
     assert registry.names("student") == ["one_step"] and registry.names("runtime") == ["patch_parallel"]
 
@@ -123,12 +123,13 @@ def test_component_without_typed_args_is_rejected() -> None:
 def test_every_builtin_sampler_and_schedule_name_is_pinned() -> None:
     """A component name means one thing: each built-in sampler and schedule has a pin in tests/component_pins.py
     (an independent diffusers reference, or golden values), so adding one without a pin fails here."""
-    from component_pins import OWN_GOLDEN, REFERENCES, SCHEDULE_PINS
+    from component_pins import AR_SCHEDULE_PINS, OWN_GOLDEN, REFERENCES, SCHEDULE_PINS
 
     registry = get_registry()
     assert {spec["name"] for spec, *_ in REFERENCES.values()} | set(OWN_GOLDEN) == set(registry.names("sampler"))
     assert set(OWN_GOLDEN).isdisjoint(spec["name"] for spec, *_ in REFERENCES.values())
-    assert {spec["name"] for spec, *_ in SCHEDULE_PINS.values()} == set(registry.names("schedule"))
+    assert {spec["name"] for spec, *_ in SCHEDULE_PINS.values()} | set(AR_SCHEDULE_PINS) == set(
+        registry.names("schedule"))
     spacings = {spec.get("spacing", "model") for spec, *_ in SCHEDULE_PINS.values() if spec["name"] == "spacing"}
     assert spacings == set(typing.get_args(registry.info("schedule", "spacing").config_model
                                                        .model_fields["spacing"].annotation))

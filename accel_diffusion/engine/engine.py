@@ -14,6 +14,7 @@ import torch
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
+from accel_diffusion.ar.generate import check_ar_request, generate_ar, is_ar_spec
 from accel_diffusion.engine.attention import batch_invariant_attention
 from accel_diffusion.engine.batch_invariance import BatchInvariantOps
 from accel_diffusion.engine.compiled import EngineAcceleration, check_acceleration, check_buckets
@@ -101,8 +102,9 @@ def prepare_strategy(spec: ModelSpec, requested: Strategy, steps: int | None = N
         runtime=runtime,
         student=registry.build("student", strategy.student) if strategy.student is not None else None,
     )
-    prepared.schedule.check_request(spec.id, strategy, steps)
-    prepared.schedule.check_model(spec)
+    if not is_ar_spec(spec):  # an AR model's head checks its own schedule (ar/generate.py)
+        prepared.schedule.check_request(spec.id, strategy, steps)
+        prepared.schedule.check_model(spec)
     return prepared
 
 
@@ -117,6 +119,9 @@ def check_request(spec: ModelSpec, request: GenerationRequest) -> None:
     cannot run on this model spec: its components are built (every parameter validated) and the
     guidance checked against the mode (txt2img or img2img)."""
     prepared = prepare_strategy(spec, request.strategy, request.steps)
+    if is_ar_spec(spec):
+        check_ar_request(spec, request, prepared)
+        return
     prepared.guidance.check_mode(request.init_image is not None)
     check_student(prepared, spec, request)
 
@@ -260,6 +265,8 @@ def generate(model: LoadedPipeline, request: GenerationRequest, hooks: Generatio
 
 def _generate(model: LoadedPipeline, request: GenerationRequest, hooks: GenerationHooks,
               seeds: Sequence[int] | None, acceleration: EngineAcceleration = "none") -> GenerationResult:
+    if model.family == "mar":  # the AR loop runs eagerly: its head is an MLP, its transformer small
+        return generate_ar(model, request, hooks, seeds)
     t_start = time.perf_counter()
     if model.family not in ("sd", "sdxl"):
         raise InvalidRequestError(

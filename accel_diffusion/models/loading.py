@@ -25,7 +25,7 @@ from accel_diffusion.models.registry import ModelSpec
 
 logger = logging.getLogger(__name__)
 
-Family = Literal["sd", "sdxl", "gmm"]
+Family = Literal["sd", "sdxl", "gmm", "mar"]
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
 
 
@@ -57,6 +57,9 @@ class LoadedPipeline:
     @property
     def default_size(self) -> tuple[int, int]:
         """(width, height) used when a request gives none: the spec's, else the UNet's native size."""
+        if self.family == "mar":  # an AR model's images have its token grid's size
+            native = int(self.pipeline.config["latent_size"]) * self.vae_scale_factor
+            return (native, native)
         native = int(self.pipeline.unet.config.sample_size) * self.vae_scale_factor
         return (self.spec.default_width or native, self.spec.default_height or native)
 
@@ -149,6 +152,8 @@ def load_pipeline(spec: ModelSpec) -> LoadedPipeline:
         raise ModelLoadError(f"model {spec.id!r}: directory {location!r} does not exist")
     _refuse_pickle_only(location)
     start = time.perf_counter()
+    if spec.source != "hub" and (Path(location) / "mar_config.json").is_file():
+        return _load_ar(spec, location, device, dtype, start)
     pipeline_cls = _pipeline_class(location, spec)
     try:
         pipeline = pipeline_cls.from_pretrained(
@@ -186,6 +191,23 @@ def load_pipeline(spec: ModelSpec) -> LoadedPipeline:
         scheduler_config=dict(pipeline.scheduler.config),
         tiny_vae=tiny_vae,
     )
+    logger.info("loaded %s", loaded.describe())
+    return loaded
+
+
+def _load_ar(spec: ModelSpec, location: str, device: torch.device, dtype: torch.dtype,
+             start: float) -> LoadedPipeline:
+    """An autoregressive model directory (``accel_diffusion.ar``: ``mar_config.json``)."""
+    from accel_diffusion.ar.pipeline import MarPipeline
+
+    try:
+        pipeline = MarPipeline.from_pretrained(location)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"model {spec.id!r} could not be loaded from {location!r}: {exc}") from exc
+    pipeline.to(device, dtype)
+    loaded = LoadedPipeline(spec=spec, pipeline=pipeline, family="mar", device=device, dtype=dtype,
+                            attention_backend="sdpa", load_seconds=time.perf_counter() - start,
+                            prompt_encoder=pipeline.prompt_encoder, scheduler_config=pipeline.head_scheduler_config)
     logger.info("loaded %s", loaded.describe())
     return loaded
 

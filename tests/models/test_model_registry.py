@@ -16,13 +16,14 @@ from accel_diffusion.models.registry import BUILTIN_DIR, ModelRegistry
 
 def test_default_registry_declares_the_builtins() -> None:
     registry = ModelRegistry.default()
-    assert registry.ids() == ["gmm", "shapes", "shapes_fdistill"]
+    assert registry.ids() == ["gmm", "shapes", "shapes_fdistill", "shapes_mar"]
     shapes = registry.spec("shapes")
     assert shapes.location() == str(BUILTIN_DIR / "shapes")
     assert shapes.default_strategy.sampler["name"] == "dpmpp_2m"
     assert shapes.default_strategy.guidance == {"name": "cfg", "scale": 5.0, "rescale": 0.0, "start": 0.0, "stop": 1.0}
     for model_id in registry.ids():
-        assert Path(registry.spec(model_id).location(), "model_index.json").is_file(), model_id
+        location = registry.spec(model_id).location()
+        assert Path(location, "model_index.json").is_file() or Path(location, "mar_config.json").is_file(), model_id
     assert shapes.tiny_vae_location() == str(BUILTIN_DIR / "shapes_tiny_vae")
     assert registry.spec("gmm").tiny_vae_location() is None
 
@@ -55,7 +56,7 @@ def test_tiny_vae_locations_and_loading(tmp_path: Path, tiny_sd_dir: Path) -> No
 def test_unknown_model_lists_choices() -> None:
     with pytest.raises(UnknownModelError) as err:
         ModelRegistry.default().spec("sd-turbo")
-    assert err.value.field == "model" and err.value.allowed == "'gmm', 'shapes', 'shapes_fdistill'"
+    assert err.value.field == "model" and err.value.allowed == "'gmm', 'shapes', 'shapes_fdistill', 'shapes_mar'"
 
 
 def test_registry_file_validation(tmp_path: Path) -> None:
