@@ -23,10 +23,13 @@ PROMPT = "a red circle on a blue background"
 
 
 def test_the_server_builds_its_buckets_before_it_is_ready_and_requests_use_them(
-        tiny_models_file: Path, caplog: pytest.LogCaptureFixture) -> None:
+        tiny_models_file: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
     settings = make_settings(tiny_models_file, engine_acceleration="compile", compile_buckets=[2])
     assert settings.stream_acceleration_used == "compile"  # the stream follows the engine's word
-    with caplog.at_level(logging.INFO, logger="accel_diffusion"), TestClient(create_app(settings)) as client:
+    # a uvicorn run earlier in the process configured the server's logger not to propagate (process.py)
+    monkeypatch.setattr(logging.getLogger("accel_diffusion.server"), "propagate", True)
+    with caplog.at_level(logging.INFO, logger="accel_diffusion"), \
+            caplog.at_level(logging.INFO, logger="accel_diffusion.server"), TestClient(create_app(settings)) as client:
         lines = [r.getMessage() for r in caplog.records]
         built = [line for line in lines if line.startswith("compiled tiny ")]
         assert [line.split(" in ")[0] for line in built] == [
