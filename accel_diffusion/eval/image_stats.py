@@ -104,3 +104,10 @@ def vae_reconstruction(vae: torch.nn.Module, images: np.ndarray) -> np.ndarray:
     x = x.to(vae.device, vae.dtype) / 127.5 - 1.0
     decoded = vae.decode(vae.encode(x).latent_dist.mean).sample
     return to_uint8_nhwc((decoded.float() + 1.0) / 2.0)
+
+
+def paired_distance(images: np.ndarray, reference: np.ndarray) -> float:
+    """Mean over images of the per-image RMS pixel distance (0-1 scale) between uint8 ``images`` and the
+    ``reference`` image made from the same noise and prompt."""
+    diff = images.astype(np.float64) / 255.0 - reference.astype(np.float64) / 255.0
+    return float(np.sqrt((diff ** 2).mean(axis=(1, 2, 3))).mean())

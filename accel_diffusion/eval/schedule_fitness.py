@@ -26,7 +26,7 @@ from typing import Any, Literal
 import numpy as np
 
 from accel_diffusion.eval.frechet import frechet_distance
-from accel_diffusion.eval.image_stats import saturation_stats
+from accel_diffusion.eval.image_stats import paired_distance, saturation_stats
 from accel_diffusion.eval.shapes_eval import JudgeFeatures, shapes_prompts
 from accel_diffusion.eval.shapes_judge import ShapesJudge
 from accel_diffusion.strategy import GenerationRequest
@@ -121,9 +121,8 @@ class ShapesScheduleFitness:
     def measure(self, images: np.ndarray) -> dict[str, float]:
         """Every measurement of ``images`` (one per prompt, from the fitness's seeds)."""
         teacher = self.teacher()
-        diff = images.astype(np.float64) / 255.0 - teacher.astype(np.float64) / 255.0
         return {
-            "paired_distance": float(np.sqrt((diff ** 2).mean(axis=(1, 2, 3))).mean()),
+            "paired_distance": paired_distance(images, teacher),
             "teacher_fd": frechet_distance(teacher, images, JudgeFeatures(self.judge)),
             "prompt_accuracy": self.judge.prompt_accuracy(images, self.prompts)["all"],
             "out_of_gamut": saturation_stats(images)["clipped_fraction"],
@@ -150,9 +149,7 @@ class ShapesScheduleFitness:
     def fitness_of(self, images: np.ndarray) -> float:
         """The fitness (lower is better) of ``images``, one per prompt."""
         if self.kind == "paired_distance":  # the cheap one: no judge features needed
-            teacher = self.teacher()
-            diff = images.astype(np.float64) / 255.0 - teacher.astype(np.float64) / 255.0
-            return float(np.sqrt((diff ** 2).mean(axis=(1, 2, 3))).mean())
+            return paired_distance(images, self.teacher())
         if self.kind == "prompt_accuracy":  # the judge's verdicts only: no teacher, no features
             return 1.0 - self.judge.prompt_accuracy(images, self.prompts)["all"]
         return self.value(self.measure(images))

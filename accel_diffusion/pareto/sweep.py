@@ -181,16 +181,14 @@ class ShapesMeter:
         return Measured(single, batched, nfe)
 
     def quality(self, candidate: Candidate, measured: Measured) -> None:
-        from accel_diffusion.eval.image_stats import saturation_stats
+        from accel_diffusion.eval.image_stats import paired_distance, saturation_stats
 
         images = self._images(candidate)
-        reference = self.reference()
-        diff = images.astype(np.float64) / 255.0 - reference.astype(np.float64) / 255.0
         accuracy = self.judge.prompt_accuracy(images, self.prompts)
         measured.metrics = {
             "prompt_accuracy": float(accuracy["all"]),
             "out_of_gamut": float(saturation_stats(images)["clipped_fraction"]),
-            "paired_distance": float(np.sqrt((diff ** 2).mean(axis=(1, 2, 3))).mean()),
+            "paired_distance": paired_distance(images, self.reference()),
         }
         measured.quality = measured.metrics["prompt_accuracy"]
 
@@ -246,8 +244,8 @@ def sweep(profile: ParetoProfile, candidates: Sequence[Candidate], meter: Any, o
             best = max((p.quality for p in profile.points), default=float("nan"))
             bar.set_postfix(points=len(profile.points), front=len(profile.front), best=f"{best:.3f}")
             bar.update(1)
-    remaining = [c for c in candidates if c.key() not in {p.key() for p in profile.points}
-                 and c.key() not in {s["key"] for s in profile.skipped}]
+    settled = {p.key() for p in profile.points} | {s["key"] for s in profile.skipped}
+    remaining = [c for c in candidates if c.key() not in settled]
     profile.complete = not remaining
     profile.wall_time_s = clock() - begin
     profile.save(out)
