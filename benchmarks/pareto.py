@@ -6,8 +6,9 @@
 1. shapes: for budgets of 20, 50, 100 and 300 ms per image (batch 1, this device), `auto` resolves against the
    profile; the baseline is diffusers' default multistep solver (DPM-Solver++ 2M on the model's spacing, the
    model's CFG 5) at the largest step count whose latency, measured in this same run, fits the same budget.
-   Both are then measured in this run on held-out seeds (seed 10_000 + k, never the profile's): prompt accuracy
-   over the 196 prompts, out-of-gamut %, and their latency (warm median of 7 at batch 1, decode included).
+   Both are then measured in this run by the sweep's own `ShapesMeter` on held-out seeds (seed 10_000 + k, never
+   the profile's): prompt accuracy over the 196 prompts, out-of-gamut %, paired distance to the model's default
+   at 50 steps from the same noise, and their latency (warm median of 7 at batch 1, decode included).
    Target: auto strictly better at every budget, and >= 0.85 at 20 ms.
 2. gmm: mean endpoint error vs NFE of every sampler of the samplers benchmark (results/samplers_cpu.json) and
    the front over NFE (the best sampler at each NFE): the plot docs/benchmarks.md embeds.
@@ -18,65 +19,42 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
 from engine import machine
 
 from accel_diffusion.engine import Engine
-from accel_diffusion.eval.image_stats import saturation_stats
-from accel_diffusion.eval.shapes_eval import shapes_prompts
-from accel_diffusion.eval.shapes_judge import ShapesJudge
 from accel_diffusion.models.registry import ModelRegistry
 from accel_diffusion.pareto.auto import choose_point
 from accel_diffusion.pareto.front import pareto_front
 from accel_diffusion.pareto.plot import plot_profile
 from accel_diffusion.pareto.profile import ParetoProfile
-from accel_diffusion.strategy import GenerationRequest
+from accel_diffusion.pareto.sweep import Candidate, ShapesMeter
 
 BUDGETS_MS = (20, 50, 100, 300)
 HELD_OUT_SEED = 10_000
 BASELINE = {"sampler": {"name": "dpmpp_2m"}, "schedule": {"name": "spacing"}, "guidance": {"name": "cfg", "scale": 5.0}}
 BASELINE_STEPS = tuple(range(1, 51))
-PROMPT = "a red circle on a blue background"
 
 
-def latency_ms(engine: Engine, model: str, strategy: dict[str, Any], steps: int, repeats: int = 7) -> float:
-    request = GenerationRequest.create(model=model, prompt=PROMPT, seed=1, steps=steps, strategy=strategy or None)
-    engine.generate(request)
-    times = []
-    for _ in range(repeats):
-        begin = time.perf_counter()
-        engine.generate(request)
-        times.append(time.perf_counter() - begin)
-    return statistics.median(times) * 1000
+def measure(meter: ShapesMeter, candidate: Candidate) -> dict[str, Any]:
+    """Latency (warm median of the meter's repeats, batch 1) and quality on the meter's held-out seeds."""
+    measured = meter.latency(candidate)
+    meter.quality(candidate, measured)
+    return {"latency_ms": measured.latency_ms, "nfe": measured.nfe, **measured.metrics}
 
 
-def quality(engine: Engine, judge: ShapesJudge, model: str, strategy: dict[str, Any], steps: int) -> dict[str, float]:
-    prompts = shapes_prompts()
-    images = []
-    for start in range(0, len(prompts), 49):
-        request = GenerationRequest.create(model=model, prompt=prompts[start:start + 49], seed=HELD_OUT_SEED + start,
-                                           steps=steps, strategy=strategy or None)
-        images.append(engine.generate(request).to_uint8())
-    generated = np.concatenate(images)
-    return {"prompt_accuracy": float(judge.prompt_accuracy(generated, prompts)["all"]),
-            "out_of_gamut": float(saturation_stats(generated)["clipped_fraction"])}
-
-
-def baseline_steps_within(engine: Engine, model: str, budget: float, cache: dict[int, float]) -> int | None:
+def baseline_steps_within(meter: ShapesMeter, model: str, budget: float, cache: dict[int, float]) -> int | None:
     """The largest DPM-Solver++ step count whose measured latency fits (latency grows with steps: bisect)."""
     def fits(steps: int) -> bool:
         if steps not in cache:
-            cache[steps] = latency_ms(engine, model, BASELINE, steps)
+            cache[steps] = meter.latency(Candidate(model, BASELINE, steps)).latency_ms
         return cache[steps] <= budget
 
     lo, hi = 0, len(BASELINE_STEPS)
@@ -91,7 +69,9 @@ def baseline_steps_within(engine: Engine, model: str, budget: float, cache: dict
 
 def shapes_study(profile: ParetoProfile, plot_dir: Path | None) -> dict[str, Any]:
     registry = ModelRegistry.default()
-    engine, judge = Engine(registry), ShapesJudge.load()
+    engine = Engine(registry)
+    # held-out seeds (image k: seed 10_000 + k), batch 1 only, 7 repeats; the sweep measured on seeds 0 + k
+    meter = ShapesMeter(engine, profile.model, seed=HELD_OUT_SEED, batch_size=1, repeats=7)
     served = [m for m in {p.model for p in profile.points} if m in registry.ids()]
     cache: dict[int, float] = {}
     rows = []
@@ -105,14 +85,12 @@ def shapes_study(profile: ParetoProfile, plot_dir: Path | None) -> dict[str, Any
         if point is not None:
             row["auto"] = {"model": point.model, "strategy": point.strategy, "steps": point.steps,
                            "profile_latency_ms": point.latency_ms, "profile_quality": point.quality,
-                           "latency_ms": latency_ms(engine, point.model, point.strategy, point.steps),
-                           **quality(engine, judge, point.model, point.strategy, point.steps)}
-        steps = baseline_steps_within(engine, profile.model, budget, cache)
+                           **measure(meter, Candidate(point.model, point.strategy, point.steps))}
+        steps = baseline_steps_within(meter, profile.model, budget, cache)
         if steps is None:
             row["baseline"] = {"error": "no step count fits", "latency_ms_at_1_step": cache.get(1)}
         else:
-            row["baseline"] = {"steps": steps, "latency_ms": cache[steps],
-                               **quality(engine, judge, profile.model, BASELINE, steps)}
+            row["baseline"] = {"steps": steps, **measure(meter, Candidate(profile.model, BASELINE, steps))}
         auto_q, base_q = row["auto"].get("prompt_accuracy"), row["baseline"].get("prompt_accuracy", 0.0)
         row["auto_strictly_better"] = auto_q is not None and auto_q > base_q
         rows.append(row)
@@ -123,7 +101,7 @@ def shapes_study(profile: ParetoProfile, plot_dir: Path | None) -> dict[str, Any
                      spec.default_strategy.model_dump(exclude_none=True), spec.default_steps)
     at_20 = rows[0]["auto"].get("prompt_accuracy")
     return {"profile": profile.file_name, "profile_date": profile.date, "points": len(profile.points),
-            "front": len(profile.front), "rows": rows,
+            "front": len(profile.front), "held_out_seed": HELD_OUT_SEED, "rows": rows,
             "targets": {"strictly_better_at_every_budget": all(r["auto_strictly_better"] for r in rows),
                         "accuracy_at_20ms": at_20, "accuracy_at_20ms_ge_0.85": at_20 is not None and at_20 >= 0.85}}
 

@@ -82,6 +82,7 @@ def _pareto(ctx: click.Context, model: str, out: Path, budget_minutes: float | N
     from accel_diffusion.pareto.plot import plot_profile
     from accel_diffusion.pareto.sweep import (
         ShapesMeter,
+        anchor_candidates,
         candidates_for,
         default_families,
         new_profile,
@@ -108,11 +109,13 @@ def _pareto(ctx: click.Context, model: str, out: Path, budget_minutes: float | N
                                             margins=margins, command=command))
     guidance = spec.default_strategy.guidance or {"name": "cfg", "scale": 5.0}
     families = default_families(float(guidance.get("scale", 5.0)))
+    default_strategy = spec.default_strategy.model_dump(exclude_none=True)
+    anchors = [c for _, c in anchor_candidates(model, default_strategy, spec.default_steps)]
     candidates = candidates_for(model, families, _int_list(steps_list, "steps"), student_steps,
-                                [] if no_searched else searched_candidates(model))
+                                [] if no_searched else searched_candidates(model), anchors)
     profile = sweep(profile, candidates, meter, out, budget_s=budget_minutes * 60 if budget_minutes else None)
     click.echo(f"{len(profile.points)} points, {len(profile.front)} on the front, {len(profile.skipped)} pruned; "
                f"{'complete' if profile.complete else 'incomplete (rerun to continue)'}; wrote {out}", err=True)
     if plot_file:
-        plot_profile(profile, plot_file, spec.default_strategy.model_dump(exclude_none=True), spec.default_steps)
+        plot_profile(profile, plot_file, default_strategy, spec.default_steps)
         click.echo(f"wrote {plot_file}", err=True)

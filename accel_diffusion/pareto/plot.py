@@ -6,13 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from accel_diffusion.pareto.profile import ParetoPoint, ParetoProfile
-
-ANCHORS: list[tuple[str, dict[str, Any], int]] = [
-    # (label, strategy, steps): what a diffusers user runs by default
-    ("diffusers default: DPM-Solver++ 25, CFG 7.5",
-     {"sampler": {"name": "dpmpp_2m"}, "schedule": {"name": "spacing"}, "guidance": {"name": "cfg", "scale": 7.5}}, 25),
-    ("DDIM 50", {"sampler": {"name": "ddim"}, "schedule": {"name": "spacing"}}, 50),
-]
+from accel_diffusion.pareto.sweep import anchor_candidates
 
 
 def _label(point: ParetoPoint, model: str) -> str:
@@ -23,10 +17,6 @@ def _label(point: ParetoPoint, model: str) -> str:
     guidance = point.strategy.get("guidance", {})
     cfg = f" cfg{guidance['scale']:g}" if guidance.get("name") == "cfg" else f" {guidance.get('name', '')}"
     return f"{sampler}{'/' + schedule if schedule not in ('', 'spacing') else ''}{cfg} {point.steps}"
-
-
-def _matches(point: ParetoPoint, strategy: dict[str, Any], steps: int) -> bool:
-    return point.steps == steps and all(point.strategy.get(k) == v for k, v in strategy.items())
 
 
 def plot_profile(profile: ParetoProfile, out: str | Path, default_strategy: dict[str, Any] | None = None,
@@ -48,12 +38,9 @@ def plot_profile(profile: ParetoProfile, out: str | Path, default_strategy: dict
     for p in front:
         ax.annotate(_label(p, profile.model), (p.latency_ms, p.quality), fontsize=6, xytext=(3, -9),
                     textcoords="offset points")
-    anchors = list(ANCHORS)
-    if default_strategy is not None and default_steps is not None:
-        anchors.append((f"{profile.model}'s default ({default_steps} steps)", default_strategy, default_steps))
     markers = iter(["s", "D", "^", "v"])
-    for label, strategy, steps in anchors:
-        hits = [p for p in profile.points if p.model == profile.model and _matches(p, strategy, steps)]
+    for label, anchor in anchor_candidates(profile.model, default_strategy, default_steps):
+        hits = [p for p in profile.points if p.key() == anchor.key()]
         if hits:
             ax.scatter([hits[0].latency_ms], [hits[0].quality], s=80, facecolors="none", edgecolors="#00798c",
                        marker=next(markers), lw=1.5, label=label, zorder=5)

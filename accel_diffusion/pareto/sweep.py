@@ -50,13 +50,24 @@ DEFAULT_STEPS = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 20, 25, 35, 50)
 LATENCY_PROMPT = "a red circle on a blue background"
 
 
+ANCHORS: list[tuple[str, dict[str, Any], int]] = [
+    # (label, strategy, steps): what a diffusers user runs by default (StableDiffusionPipeline's guidance 7.5)
+    ("diffusers default: DPM-Solver++ 25, CFG 7.5",
+     {"sampler": {"name": "dpmpp_2m"}, "schedule": {"name": "spacing"}, "guidance": {"name": "cfg", "scale": 7.5}}, 25),
+    ("DDIM 50, CFG 7.5",
+     {"sampler": {"name": "ddim"}, "schedule": {"name": "spacing"}, "guidance": {"name": "cfg", "scale": 7.5}}, 50),
+]
+
+
 @dataclass(frozen=True)
 class Candidate:
-    """One configuration to measure; ``family`` groups the step counts of one (model, strategy)."""
+    """One configuration to measure; ``family`` groups the step counts of one (model, strategy). An ``anchor``
+    (a reference setting the plot marks) is always measured, never pruned."""
 
     model: str
     strategy: dict[str, Any]
     steps: int
+    anchor: bool = field(default=False, compare=False)
 
     @property
     def family(self) -> str:
@@ -96,18 +107,34 @@ def searched_candidates(model: str) -> list[Candidate]:
     return out
 
 
+def normalized(strategy: dict[str, Any]) -> dict[str, Any]:
+    """A strategy as profiles store it: every component's parameters spelled out."""
+    return Strategy.parse(strategy).model_dump(exclude_none=True)
+
+
+def anchor_candidates(model: str, default_strategy: dict[str, Any] | None = None,
+                      default_steps: int | None = None) -> list[tuple[str, Candidate]]:
+    """The plot's reference settings as candidates: diffusers' defaults and the model's own default."""
+    anchors = list(ANCHORS)
+    if default_strategy is not None and default_steps is not None:
+        anchors.append((f"{model}'s default ({default_steps} steps)", default_strategy, default_steps))
+    return [(label, Candidate(model, normalized(strategy), steps, anchor=True)) for label, strategy, steps in anchors]
+
+
 def candidates_for(model: str, families: Sequence[dict[str, Any]], steps: Sequence[int],
                    students: Sequence[tuple[str, Sequence[int]]] = (),
-                   searched: Sequence[Candidate] = ()) -> list[Candidate]:
-    """The sweep's candidates in measuring order: round-robin over families by increasing steps, then the
-    searched schedules and students (cheap, few) at the front of the queue."""
-    normalized = [Strategy.parse(f).model_dump(exclude_none=True) for f in families]
-    out = list(searched)
+                   searched: Sequence[Candidate] = (), anchors: Sequence[Candidate] = ()) -> list[Candidate]:
+    """The sweep's candidates in measuring order: the anchors, the searched schedules and students (cheap,
+    few) at the front of the queue, then round-robin over families by increasing steps (a family step
+    count equal to an anchor is measured once, as the anchor)."""
+    out = list(anchors) + list(searched)
     for student, student_steps in students:
         out += [Candidate(student, {}, s) for s in sorted(student_steps)]
+    families = [normalized(f) for f in families]
     for s in sorted(set(steps)):
-        out += [Candidate(model, family, s) for family in normalized]
-    return out
+        out += [Candidate(model, family, s) for family in families]
+    seen: set[str] = set()
+    return [c for c in out if not (c.key() in seen or seen.add(c.key()))]
 
 
 @dataclass
@@ -206,24 +233,29 @@ def sweep(profile: ParetoProfile, candidates: Sequence[Candidate], meter: Any, o
     candidate was measured or pruned)."""
     margins = profile.margins_obj()
     done = {p.key() for p in profile.points} | {s["key"] for s in profile.skipped}
-    history: dict[str, list[float]] = {}
-    for point in sorted(profile.points, key=lambda p: p.steps):
+    history: dict[str, list[float]] = {}  # a family's qualities by increasing steps (anchors stay out of it)
+    anchors = {c.key() for c in candidates if c.anchor}
+    for point in sorted((p for p in profile.points if p.key() not in anchors), key=lambda p: p.steps):
         history.setdefault(Candidate(point.model, point.strategy, point.steps).family, []).append(point.quality)
     plateaued = {fam for fam, qs in history.items() if _plateaued(qs, margins.quality)}
     begin = clock() - profile.wall_time_s
-    todo = [c for c in candidates if c.key() not in done]
+    measured_keys = {p.key() for p in profile.points}
+    pruned_anchors = {c.key() for c in candidates if c.anchor and c.key() not in measured_keys}
+    profile.skipped = [s for s in profile.skipped if s["key"] not in pruned_anchors]  # an anchor is never pruned
+    todo = [c for c in candidates if c.key() not in done or c.key() in pruned_anchors]
     ceiling = getattr(meter, "quality_ceiling", None)
     with tqdm(total=len(todo), desc="pareto", unit="pt", disable=not progress) as bar:
         for candidate in todo:
             if budget_s is not None and clock() - begin > budget_s:
                 break
             reason = None
-            if candidate.family in plateaued:
+            if candidate.family in plateaued and not candidate.anchor:
                 reason = "plateau: quality did not rise over the family's last two step counts"
             measured = None
             if reason is None:
                 measured = meter.latency(candidate)
-                if ceiling is not None and _beaten_at_ceiling(profile, measured.latency_ms, ceiling, margins):
+                if (ceiling is not None and not candidate.anchor
+                        and _beaten_at_ceiling(profile, measured.latency_ms, ceiling, margins)):
                     reason = "dominated: a faster point already reaches the quality ceiling"
             if reason is not None:
                 profile.skipped.append({"key": candidate.key(), "reason": reason})
@@ -235,10 +267,11 @@ def sweep(profile: ParetoProfile, candidates: Sequence[Candidate], meter: Any, o
                                         quality=measured.quality, metrics=measured.metrics,
                                         latency_ms=measured.latency_ms, batch_latency_ms=measured.batch_latency_ms,
                                         nfe=measured.nfe))
-                qs = history.setdefault(candidate.family, [])
-                qs.append(measured.quality)
-                if _plateaued(qs, margins.quality):
-                    plateaued.add(candidate.family)
+                if not candidate.anchor:
+                    qs = history.setdefault(candidate.family, [])
+                    qs.append(measured.quality)
+                    if _plateaued(qs, margins.quality):
+                        plateaued.add(candidate.family)
             profile.wall_time_s = clock() - begin
             profile.save(out)
             best = max((p.quality for p in profile.points), default=float("nan"))

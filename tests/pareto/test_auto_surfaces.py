@@ -21,6 +21,7 @@ from accel_diffusion.engine import Engine
 from accel_diffusion.models.registry import ModelRegistry
 from accel_diffusion.pareto import profile as profile_module
 from accel_diffusion.pareto.profile import ParetoProfile, device_key, use_profiles_dir
+from accel_diffusion.pareto.sweep import anchor_candidates
 from accel_diffusion.strategy import GenerationRequest
 
 PROMPT = "a red circle on a blue background"
@@ -131,8 +132,11 @@ def test_bench_pareto_writes_a_profile_and_a_plot_and_resumes(tiny_models_file: 
     assert result.exit_code == 0, result.output
     profile = ParetoProfile.load(out)
     assert profile.complete and profile.model == "tiny" and profile.device == device_key("cpu")
-    assert len(profile.points) + len(profile.skipped) == 18  # 9 families x 2 step counts
-    assert profile.front and all(p.nfe in (1, 2, 4) for p in profile.points)
+    assert len(profile.points) + len(profile.skipped) == 18 + 3  # 9 families x 2 step counts + 3 anchors
+    spec = ModelRegistry.from_file(tiny_models_file).spec("tiny")
+    anchors = anchor_candidates("tiny", spec.default_strategy.model_dump(exclude_none=True), spec.default_steps)
+    assert {c.key() for _, c in anchors} <= {p.key() for p in profile.points}  # measured, never pruned
+    assert profile.front and all(p.nfe in (1, 2, 4) for p in profile.points if p.steps <= 2)
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     again = CliRunner().invoke(main, args)
     assert again.exit_code == 0 and ParetoProfile.load(out).points == profile.points  # resumed: nothing re-measured

@@ -76,6 +76,35 @@ def test_pruning_skips_the_dominated_region(tmp_path: Path) -> None:
     assert ParetoProfile.load(tmp_path / "p.json") == profile
 
 
+def test_anchors_are_measured_first_never_pruned_and_stay_out_of_the_plateau(tmp_path: Path) -> None:
+    """The plot's reference settings (diffusers' defaults, the model's own) are measured even where the pruning
+    would skip them, and measuring one early does not make its family look flat."""
+    meter = CurveMeter({"ddim": {1: 0.1, 2: 0.5, 4: 0.8, 8: 0.805, 16: 0.81, 32: 0.95}}, {"ddim": 10.0})
+    anchor = Candidate("m", candidates_for("m", FAMILIES[:1], [32])[0].strategy, 32, anchor=True)
+    candidates = candidates_for("m", FAMILIES[:1], [1, 2, 4, 8, 16, 32], anchors=[anchor])
+    assert candidates[0] is anchor and len(candidates) == 6  # ddim 32 once, as the anchor
+    profile = sweep(empty_profile(), candidates, meter, tmp_path / "p.json", progress=False)
+    # the anchor (0.95 at 32) first; then 1, 2, 4, 8, 16 as without it: the plateau still stops nothing measured
+    assert meter.quality_calls == ["ddim32", "ddim1", "ddim2", "ddim4", "ddim8", "ddim16"]
+    assert profile.complete and not profile.skipped
+    euler = curve_meter()  # euler reaches the ceiling at 4 steps: a slow anchor is still measured
+    slow = Candidate("m", candidates_for("m", FAMILIES[1:], [32])[0].strategy, 32, anchor=True)
+    # placed last: the 8-step family candidate is dominated (the ceiling is reached at 4), the anchor is not
+    sweep(empty_profile(), [*candidates_for("m", FAMILIES[1:], [1, 2, 4, 8]), slow], euler, tmp_path / "q.json",
+          progress=False)
+    assert euler.quality_calls == ["euler1", "euler2", "euler4", "euler32"]
+    # a profile swept before the anchor existed pruned its configuration: resuming with the anchor measures it
+    out = tmp_path / "r.json"
+    before = sweep(empty_profile(), candidates_for("m", FAMILIES[1:], [1, 2, 4, 8, 32]), curve_meter(), out,
+                   progress=False)
+    assert slow.key() in {s["key"] for s in before.skipped}
+    again = curve_meter()
+    after = sweep(open_profile(out, empty_profile()), candidates_for("m", FAMILIES[1:], [1, 2, 4, 8, 32],
+                                                                     anchors=[slow]), again, out, progress=False)
+    assert again.quality_calls == ["euler32"] and after.complete
+    assert slow.key() in {p.key() for p in after.points} and slow.key() not in {s["key"] for s in after.skipped}
+
+
 def test_pruning_stops_a_family_whose_quality_plateaus(tmp_path: Path) -> None:
     meter = CurveMeter({"ddim": {1: 0.1, 2: 0.5, 4: 0.8, 8: 0.805, 16: 0.81, 32: 0.95, 64: 0.99}}, {"ddim": 10.0})
     profile = sweep(empty_profile(), candidates_for("m", FAMILIES[:1], [1, 2, 4, 8, 16, 32, 64]), meter,
