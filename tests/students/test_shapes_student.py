@@ -47,10 +47,13 @@ def pairs(teacher: ShapesTeacher) -> dict[str, torch.Tensor]:
 def test_teacher_pairs_are_the_engines_cfg_samples(teacher: ShapesTeacher, pairs: dict[str, torch.Tensor]) -> None:
     assert pairs["z"].shape == pairs["x0"].shape == (8, 4, 8, 8)
     assert pairs["prompt"].tolist() == list(range(8))
-    # a pair is the engine's own 4-step DPM-Solver++ CFG-5 sample from the same noise (the engine seeds one
-    # generator per image; ode_pairs draws all z from one generator, so compare the loop's endpoint directly)
+    # a pair is the engine's own 4-step DDIM CFG-5 sample from the same noise (the engine seeds one generator
+    # per image; ode_pairs draws all z from one generator, so compare the loop's endpoint directly)
+    from accel_diffusion.students.shapes import TEACHER_STRATEGY
+
     engine = Engine(ModelRegistry.default())
-    result = engine.generate(GenerationRequest.create(model="shapes", prompt=teacher.prompts[0], seed=11, steps=4))
+    result = engine.generate(GenerationRequest.create(model="shapes", prompt=teacher.prompts[0], seed=11, steps=4,
+                                                      strategy=TEACHER_STRATEGY))
     z = torch.randn((1, 4, 8, 8), generator=torch.Generator().manual_seed(11))
     single = _pair_from(teacher, z, 0, steps=4)
     assert np.abs(teacher.decode(single).astype(int) - result.to_uint8().astype(int)).max() <= 1
