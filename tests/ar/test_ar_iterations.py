@@ -170,3 +170,18 @@ def test_batch_manifest_generates_from_shapes_mar_locally_and_through_the_server
     local_images = sorted(p.read_bytes() for p in (tmp_path / "local" / "images").iterdir())
     served_images = sorted(p.read_bytes() for p in (tmp_path / "served" / "images").iterdir())
     assert local_images == served_images
+
+
+def test_cli_generates_from_shapes_mar_with_ar_iterations(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from accel_diffusion.cli import main
+
+    args = ["--models", str(BUILTIN_MODELS), "generate", "-m", "shapes_mar", "-p", PROMPT, "--seed", "21",
+            "--out", str(tmp_path), "--strategy", json.dumps(SHIPPED["strategy"])]
+    result = CliRunner().invoke(main, [*args, "--ar-iterations", "4"])
+    assert result.exit_code == 0, result.output
+    run = json.loads((tmp_path / "results.json").read_text())["runs"][0]
+    assert run["ar"]["head_steps"] == [6, 5, 3, 2] and run["steps"] == 16
+    refused = CliRunner().invoke(main, [*args, "--ar-iterations", "20"])
+    assert refused.exit_code != 0 and "ar_iterations" in refused.output
