@@ -116,6 +116,8 @@ def main(ctx: click.Context, models_file: str | None) -> None:
                    "(tens of seconds per graph on a CPU, seconds from a warm --inductor-cache-dir), then generate.")
 @click.option("--inductor-cache-dir", type=click.Path(file_okay=False), default=None,
               help="Where torch inductor keeps compiled kernels (a second run with the same one starts warm).")
+@click.option("--ar-iterations", type=int, default=None,
+              help="Autoregressive models (shapes_mar): AR iterations (default: the model's).")
 @click.pass_context
 def generate(ctx: click.Context, model: str, prompts: tuple[str, ...], prompts_file: str | None,
              negative_prompt: str | None, n: int | None, num_images_per_prompt: int | None, seed: int | None,
@@ -123,7 +125,8 @@ def generate(ctx: click.Context, model: str, prompts: tuple[str, ...], prompts_f
              num_inference_steps: int | None, strategy: str | None, sampler: str | None, schedule: str | None,
              guidance: str | None, guidance_scale: float | None, init_image: str | None, strength: float,
              vae: str, out_dir: str, batch_size: int, latency_budget_ms: float | None,
-             min_quality: float | None, engine_acceleration: str, inductor_cache_dir: str | None) -> None:
+             min_quality: float | None, engine_acceleration: str, inductor_cache_dir: str | None,
+             ar_iterations: int | None) -> None:
     """Generate images into OUT (PNG files plus results.json)."""
     from tqdm import tqdm
 
@@ -162,7 +165,7 @@ def generate(ctx: click.Context, model: str, prompts: tuple[str, ...], prompts_f
                 model=model, prompt=[p for p, _ in chunk], n=1, seed=base_seed + start,
                 negative_prompt=negative_prompt, width=width, height=height, steps=steps,
                 strategy=parsed_strategy, init_image=init_image, strength=strength, vae=vae,
-                latency_budget_ms=latency_budget_ms, min_quality=min_quality,
+                latency_budget_ms=latency_budget_ms, min_quality=min_quality, ar_iterations=ar_iterations,
             ))
     from accel_diffusion.engine import compiled
 

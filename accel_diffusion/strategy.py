@@ -177,6 +177,9 @@ class GenerationRequest(BaseModel):
         None, description="with strategy 'auto': the time per image the chosen strategy must fit on this device")
     min_quality: Annotated[float, Field(allow_inf_nan=False)] | None = Field(
         None, description="with strategy 'auto': the least quality (the profile's metric, e.g. prompt accuracy)")
+    ar_iterations: Annotated[int, Field(ge=1)] | None = Field(
+        None, description="autoregressive models (shapes_mar): the AR iterations, 1 .. the model's tokens "
+        "(default: the model's)")
 
     @model_validator(mode="before")
     @classmethod

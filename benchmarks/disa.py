@@ -1,5 +1,6 @@
 """DiSA benchmark: the shipped `shapes_mar` model, constant 50 head steps vs DiSA 50 -> 5 (linear, cosine,
-two_stage), at equal AR iterations, all in one run on held-out seeds.
+two_stage), at equal AR iterations, all in one run on held-out seeds; then fewer AR iterations (4, 2), with the
+constant head and with DiSA linear, reported apart (specs/samplers.md §5.4).
 
     python benchmarks/disa.py --out benchmarks/results/disa_cpu.json
 
@@ -44,6 +45,13 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "disa_cosine_50_5": {"strategy": {"schedule": {"name": "disa", "upper": 50, "lower": 5, "kind": "cosine"}}},
     "disa_two_stage_50_5": {"strategy": {"schedule": {"name": "disa", "upper": 50, "lower": 5,
                                                       "kind": "two_stage"}}},
+    # fewer AR iterations (spec §5.4 reports them apart from annealing), alone and with DiSA linear
+    "constant_50_K4": {"steps": 50, "ar_iterations": 4},
+    "disa_linear_50_5_K4": {"ar_iterations": 4, "strategy": {"schedule": {"name": "disa", "upper": 50, "lower": 5,
+                                                                          "kind": "linear"}}},
+    "constant_50_K2": {"steps": 50, "ar_iterations": 2},
+    "disa_linear_50_5_K2": {"ar_iterations": 2, "strategy": {"schedule": {"name": "disa", "upper": 50, "lower": 5,
+                                                                          "kind": "linear"}}},
 }
 
 
@@ -84,14 +92,15 @@ def main() -> None:
         _, single = run(engine, prompts[: args.single], 1, fields)
         annealer = (StepAnnealer(50, 50, "constant") if "steps" in fields
                     else StepAnnealer(50, 5, fields["strategy"]["schedule"]["kind"]))
-        token_steps, sequential = head_cost(16, annealer.plan(iterations))
+        k = fields.get("ar_iterations", iterations)
+        token_steps, sequential = head_cost(16, annealer.plan(k))
         if reference is None:
             reference = images
         row = {
             "seconds_per_image_batch1": single["seconds_per_image"],
             "seconds_per_image_batch16": batched["seconds_per_image"],
             "head_share_batch1": single["head_share"], "head_share_batch16": batched["head_share"],
-            "prompt_accuracy": judge.prompt_accuracy(images, prompts),
+            "ar_iterations": k, "prompt_accuracy": judge.prompt_accuracy(images, prompts),
             "fd_to_constant_50": frechet_distance(reference, images, features) if images is not reference else 0.0,
             "fd_to_real": frechet_distance(real, images, features),
             "head_steps": batched["ar"]["head_steps"], "head_steps_total": batched["ar"]["head_steps_total"],
@@ -104,6 +113,9 @@ def main() -> None:
     for row in results["configs"].values():
         row["speedup_batch1"] = base["seconds_per_image_batch1"] / row["seconds_per_image_batch1"]
         row["speedup_batch16"] = base["seconds_per_image_batch16"] / row["seconds_per_image_batch16"]
+        # the head's share of the speed-up, by arithmetic: sequential head calls (batch 1) and head work (batch 16)
+        row["head_step_ratio"] = base["analytic_head_steps_total"] / row["analytic_head_steps_total"]
+        row["token_eval_ratio"] = base["analytic_head_token_evals"] / row["analytic_head_token_evals"]
     results["load_average_end"] = list(os.getloadavg())
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")

@@ -395,7 +395,8 @@ def _job_body(prompt: str | list[str], *, model: str | None, n: int | None, num_
               guidance_scale: float | None, strategy: dict[str, Any] | str | None, output_format: str,
               output_compression: int | None, image: ImageInput | None = None, strength: float | None = None,
               preview_every: int = 0, vae: str | None = None, latency_budget_ms: float | None = None,
-              min_quality: float | None = None) -> dict[str, Any]:
+              min_quality: float | None = None,
+              ar_iterations: int | None = None) -> dict[str, Any]:
     """The ``POST /v1/jobs`` body; unset options are left out so that the server's defaults apply, and
     aliases (``size``, ``num_inference_steps``, ...) are sent as given so that its errors name them."""
     body: dict[str, Any] = {"prompt": prompt, "output_format": output_format}
@@ -403,7 +404,8 @@ def _job_body(prompt: str | list[str], *, model: str | None, n: int | None, num_
                 "width": width, "height": height, "seed": seed, "negative_prompt": negative_prompt, "steps": steps,
                 "num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale, "strategy": strategy,
                 "output_compression": output_compression, "strength": strength, "vae": vae,
-                "latency_budget_ms": latency_budget_ms, "min_quality": min_quality}
+                "latency_budget_ms": latency_budget_ms, "min_quality": min_quality,
+                "ar_iterations": ar_iterations}
     body.update({key: value for key, value in optional.items() if value is not None})
     if image is not None:
         body["init_image"] = _encode_image(image)
@@ -614,7 +616,8 @@ class AccelClient:
                strategy: dict[str, Any] | str | None = None, vae: str | None = None, output_format: str = "png",
                output_compression: int | None = None, image: ImageInput | None = None,
                strength: float | None = None, preview_every: int = 0,
-               latency_budget_ms: float | None = None, min_quality: float | None = None) -> Job:
+               latency_budget_ms: float | None = None, min_quality: float | None = None,
+              ar_iterations: int | None = None) -> Job:
         """Queue a job (``POST /v1/jobs``; img2img when ``image`` is given) and return its handle.
 
         ``num_inference_steps``, ``size`` and ``num_images_per_prompt`` are the diffusers/OpenAI names of
@@ -624,7 +627,7 @@ class AccelClient:
                          num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
                          strategy=strategy, vae=vae, output_format=output_format, output_compression=output_compression,
                          image=image, strength=strength, preview_every=preview_every,
-                         latency_budget_ms=latency_budget_ms, min_quality=min_quality)
+                         latency_budget_ms=latency_budget_ms, min_quality=min_quality, ar_iterations=ar_iterations)
         submitted_at = time.monotonic()
         info = self._request("POST", "/v1/jobs", body=body).json()
         return Job(self, info["id"], info, submitted_at)
@@ -636,7 +639,8 @@ class AccelClient:
                  steps: int | None = None, num_inference_steps: int | None = None, guidance_scale: float | None = None,
                  strategy: dict[str, Any] | str | None = None, vae: str | None = None, output_format: str = "png",
                  output_compression: int | None = None, timeout: float | None = None,
-                 latency_budget_ms: float | None = None, min_quality: float | None = None) -> GenerationOutput:
+                 latency_budget_ms: float | None = None, min_quality: float | None = None,
+              ar_iterations: int | None = None) -> GenerationOutput:
         """Text to image: submit a job and wait for it (a timeout cancels the job). ``strategy="auto"`` with
         ``latency_budget_ms`` (ms per image): the best strategy of the model's Pareto profile that fits."""
         job = self.submit(prompt, model=model, n=n, num_images_per_prompt=num_images_per_prompt, size=size,
@@ -644,7 +648,7 @@ class AccelClient:
                           num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
                           strategy=strategy, vae=vae, output_format=output_format,
                           output_compression=output_compression, latency_budget_ms=latency_budget_ms,
-                          min_quality=min_quality)
+                          min_quality=min_quality, ar_iterations=ar_iterations)
         return self._wait(job, timeout)
 
     @_suggests_arguments
@@ -850,14 +854,15 @@ class AsyncAccelClient:
                      output_format: str = "png", output_compression: int | None = None,
                      image: ImageInput | None = None, strength: float | None = None,
                      preview_every: int = 0, latency_budget_ms: float | None = None,
-                     min_quality: float | None = None) -> AsyncJob:
+                     min_quality: float | None = None,
+              ar_iterations: int | None = None) -> AsyncJob:
         """Queue a job (``POST /v1/jobs``; img2img when ``image`` is given) and return its handle."""
         body = _job_body(prompt, model=model, n=n, num_images_per_prompt=num_images_per_prompt, size=size,
                          width=width, height=height, seed=seed, negative_prompt=negative_prompt, steps=steps,
                          num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
                          strategy=strategy, vae=vae, output_format=output_format, output_compression=output_compression,
                          image=image, strength=strength, preview_every=preview_every,
-                         latency_budget_ms=latency_budget_ms, min_quality=min_quality)
+                         latency_budget_ms=latency_budget_ms, min_quality=min_quality, ar_iterations=ar_iterations)
         submitted_at = time.monotonic()
         info = (await self._request("POST", "/v1/jobs", body=body)).json()
         return AsyncJob(self, info["id"], info, submitted_at)
@@ -871,7 +876,8 @@ class AsyncAccelClient:
                        vae: str | None = None,
                        output_format: str = "png", output_compression: int | None = None,
                        timeout: float | None = None, latency_budget_ms: float | None = None,
-                       min_quality: float | None = None) -> GenerationOutput:
+                       min_quality: float | None = None,
+              ar_iterations: int | None = None) -> GenerationOutput:
         """Text to image: submit a job and wait for it (a timeout or task cancellation cancels the job).
         ``strategy="auto"`` with ``latency_budget_ms``: the best strategy of the model's profile that fits."""
         job = await self.submit(prompt, model=model, n=n, num_images_per_prompt=num_images_per_prompt, size=size,
@@ -879,7 +885,7 @@ class AsyncAccelClient:
                                 num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
                                 strategy=strategy, vae=vae, output_format=output_format,
                                 output_compression=output_compression, latency_budget_ms=latency_budget_ms,
-                          min_quality=min_quality)
+                          min_quality=min_quality, ar_iterations=ar_iterations)
         return await self._wait(job, timeout)
 
     @_suggests_arguments

@@ -44,7 +44,7 @@ class OutputFields(BaseModel):
 
 # the fields passed on to GenerationRequest as they came (it resolves the aliases and names them in errors)
 ENGINE_FIELDS = ("negative_prompt", "n", "num_images_per_prompt", "seed", "size", "width", "height", "steps",
-                 "num_inference_steps", "vae", "latency_budget_ms", "min_quality")
+                 "num_inference_steps", "vae", "latency_budget_ms", "min_quality", "ar_iterations")
 
 
 class GenerationFields(OutputFields):
@@ -69,6 +69,8 @@ class GenerationFields(OutputFields):
     vae: Literal["full", "tiny"] = Field("full", description="tiny: the model's TAESD-style autoencoder (faster)")
     latency_budget_ms: float | None = Field(None, description='with strategy "auto": time per image to fit, in ms')
     min_quality: float | None = Field(None, description='with strategy "auto": least quality (the profile\'s metric)')
+    ar_iterations: int | None = Field(None, description="autoregressive models (shapes_mar): AR iterations "
+                                      "(default: the model's)")
 
     def _generation_request(self, default_model: str, limits: RequestLimits, **extra: Any) -> GenerationRequest:
         fields = {name: getattr(self, name) for name in ENGINE_FIELDS if getattr(self, name) is not None}

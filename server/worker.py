@@ -411,7 +411,7 @@ def batch_key(job: Job) -> tuple[Any, ...] | None:
     if request.init_image is not None or request.preview_every:
         return None
     return (request.model, request.width, request.height, request.steps, request.negative_prompt, request.vae,
-            request.strategy.model_dump_json())
+            request.strategy.model_dump_json(), request.ar_iterations)
 
 
 def merged_request(jobs: list[Job]) -> tuple[GenerationRequest, list[int]]:

@@ -3,14 +3,16 @@
 The request's strategy is read the AR way: the sampler and guidance drive the diffusion head at every
 AR iteration; the schedule decides the head's steps per iteration: ``disa`` anneals them (its
 ``steps_for(k, K)``), ``spacing`` (at "model") runs the request's ``steps`` (else the model's
-default) at every iteration: the constant head. The number of AR iterations is the model's
-``default_ar_iterations``. Progress events come once per AR iteration; a cancel stops the generation
-between iterations. The result's ``extra["ar"]`` reports the head steps per iteration, their sum,
-tokens per iteration and the head's and transformer's evaluations and seconds.
+default) at every iteration: the constant head. The number of AR iterations is the request's
+``ar_iterations`` (1 .. the model's tokens), else the model's ``default_ar_iterations``. Progress
+events come once per AR iteration; a cancel stops the generation between iterations. The result's
+``extra["ar"]`` reports the head steps per iteration, their sum, tokens per iteration and the head's and
+transformer's evaluations and seconds.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -61,6 +63,23 @@ def check_ar_request(spec: ModelSpec, request: GenerationRequest, prepared: Prep
                                   "lower): leave steps out, or use schedule 'spacing' for a constant head")
     if request.steps is not None and not 1 <= request.steps <= 1000:
         raise InvalidRequestError("steps", f"is {request.steps}; the diffusion head runs 1 .. 1000 steps")
+    tokens = num_tokens(spec)
+    if request.ar_iterations is not None and request.ar_iterations > tokens:
+        raise InvalidRequestError("ar_iterations", f"is {request.ar_iterations}; model {spec.id!r} generates "
+                                  f"{tokens} tokens, at least one per AR iteration: send 1 .. {tokens}")
+
+
+def num_tokens(spec: ModelSpec) -> int:
+    """The tokens per image of an AR model directory (its transformer's config)."""
+    config = json.loads((Path(spec.location()) / "transformer" / "config.json").read_text())
+    return int(config["num_tokens"])
+
+
+def check_not_ar(spec: ModelSpec, request: GenerationRequest) -> None:
+    """``ar_iterations`` on a model that is not autoregressive: a 400 naming it."""
+    if request.ar_iterations is not None:
+        raise InvalidRequestError("ar_iterations", f"model {spec.id!r} is not autoregressive: ar_iterations is for AR "
+                                  "models (shapes_mar); leave it out")
 
 
 def generate_ar(model: LoadedPipeline, request: GenerationRequest, hooks: GenerationHooks,
@@ -72,7 +91,7 @@ def generate_ar(model: LoadedPipeline, request: GenerationRequest, hooks: Genera
     prepared = prepare_strategy(model.spec, request.strategy, request.steps)
     check_ar_request(model.spec, request, prepared)
     pipe = model.pipeline
-    iterations = int(pipe.config["default_ar_iterations"])
+    iterations = request.ar_iterations or int(pipe.config["default_ar_iterations"])
     if isinstance(prepared.schedule, DisaSchedule):
         plan = prepared.schedule.plan(iterations)
     else:

@@ -4,7 +4,7 @@ Stages: render a fixed captioned dataset (``models/shapes/render.py``) and encod
 shipped ``shapes`` VAE (latent posterior mean and std) and its frozen text encoder (every distinct
 caption once, plus the empty prompt); then train the transformer and the diffusion head jointly:
 per image a MaskGIT/MAR-style random mask (ratio cos(pi/2 u), u ~ U(0, 1), at least one token),
-10% empty prompts (so classifier-free guidance works), the head's loss on the masked tokens
+``--empty-prompt-prob`` (20%) empty prompts (so classifier-free guidance works), the head's loss on the masked tokens
 (``head_loss``: each token 4 times at independent timesteps), AdamW with warmup and cosine decay,
 gradient norm clipped to 1, EMA of the weights. Seeded; a checkpoint every ``--checkpoint-every``
 steps in ``--work`` (resumed automatically: same data, same RNG stream); the EMA weights are saved
@@ -74,7 +74,7 @@ def random_mask(batch: int, num_tokens: int, gen: torch.Generator) -> torch.Tens
 def train_shapes_mar(
     out: str | Path = DEFAULT_OUT,
     work: str | Path | None = None,
-    steps: int = 1400,
+    steps: int = 2600,
     batch_size: int = 64,
     lr: float = 1e-3,
     ema_decay: float = 0.999,
@@ -85,6 +85,8 @@ def train_shapes_mar(
     depth: int = 4,
     head_width: int = 192,
     head_depth: int = 3,
+    pos_init_std: float = 0.5,
+    empty_prompt_prob: float = 0.2,
     measure: bool = True,
     max_minutes: float | None = None,
     export_only: bool = False,
@@ -111,7 +113,8 @@ def train_shapes_mar(
     patch, channels, size = 2, parts[2].config.latent_channels, 8
     num_tokens, token_dim = (size // patch) ** 2, channels * patch * patch
     transformer = MarTransformer(token_dim=token_dim, num_tokens=num_tokens, text_dim=data["states"].shape[-1],
-                                 text_len=data["states"].shape[1], width=width, depth=depth, heads=4)
+                                 text_len=data["states"].shape[1], width=width, depth=depth, heads=4,
+                                 pos_init_std=pos_init_std)
     head = DiffusionHead(token_dim=token_dim, cond_dim=width, width=head_width, depth=head_depth)
     params = list(transformer.parameters()) + list(head.parameters())
     ema_t, ema_h = copy.deepcopy(transformer).eval(), copy.deepcopy(head).eval()
@@ -150,7 +153,7 @@ def train_shapes_mar(
         latents = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=gen)) * scaling
         tokens = patchify(latents, patch)
         text_idx = caption_index[idx].clone()
-        text_idx[torch.rand(batch_size, generator=gen) < 0.1] = empty_index
+        text_idx[torch.rand(batch_size, generator=gen) < empty_prompt_prob] = empty_index
         mask = random_mask(batch_size, num_tokens, gen)
         z = transformer(tokens, mask, states[text_idx])
         loss = head_loss(head, tokens[mask], z[mask], noise_sched, gen)
@@ -189,7 +192,8 @@ def train_shapes_mar(
     info: dict[str, Any] = {
         "steps_done": steps_done,
         "args": {"steps": steps, "batch_size": batch_size, "lr": lr, "ema_decay": ema_decay, "n_images": n_images,
-                 "seed": seed, "width": width, "depth": depth, "head_width": head_width, "head_depth": head_depth},
+                 "seed": seed, "width": width, "depth": depth, "head_width": head_width, "head_depth": head_depth,
+                 "pos_init_std": pos_init_std, "empty_prompt_prob": empty_prompt_prob},
         "parameters": {"transformer": sum(p.numel() for p in ema_t.parameters()),
                        "head": sum(p.numel() for p in ema_h.parameters())},
         "final_loss_ema": loss_avg, "data_seconds": t_data, "train_seconds": train_seconds,
@@ -231,7 +235,8 @@ def write_model_card(out: Path, info: dict[str, Any]) -> None:
         "",
         f"{a['n_images']:,} renders (seed {a['seed']}) encoded once; batch {a['batch_size']}, AdamW lr {a['lr']}"
         " (weight decay 0.01, 100 warm-up steps, cosine to 5%), gradient norm 1, EMA 0.999; per image a random",
-        "mask of cos(pi/2 u) of the tokens; 10% empty prompts; the head's loss on the masked tokens, each 4 times.",
+        f"mask of cos(pi/2 u) of the tokens; {a.get('empty_prompt_prob', 0.1):.0%} empty prompts; the head's loss"
+        f" on the masked tokens, each 4 times; position embeddings initialised at std {a.get('pos_init_std', 0.02)}.",
         f"Planned {a['steps']} steps; **ran {info['steps_done']}** in {info['train_seconds'] / 60:.1f} minutes of"
         f" training (plus {info['data_seconds'] / 60:.1f} minutes rendering and encoding), {info['torch_threads']}"
         " torch thread, on the shared 2-core CPU under load (wall times are upper bounds of a quiet machine's)."
@@ -248,7 +253,39 @@ def write_model_card(out: Path, info: dict[str, Any]) -> None:
         *rows,
         "",
     ]
+    if "context_use" in metrics:
+        c = metrics["context_use"]
+        lines += [f"Context use (`ar/train.py: context_use`, 256 held-out renders): the error of the head's estimate"
+                  f" of the masked tokens (token variance {c['token_variance']:.3f}) is {c['with_context']:.3f} with"
+                  f" {c['known_tokens']} of the 16 tokens known and {c['prompt_only']:.3f} from the prompt alone.", ""]
     (out / "README.md").write_text("\n".join(lines))
+
+
+@torch.no_grad()
+def context_use(pipe: MarPipeline, n: int = 256, known: int = 8, seed: int = 12_345) -> dict[str, float]:
+    """Whether the transformer reads the known tokens: the error of the head's estimate of the masked tokens
+    (one DDIM step from pure noise: E[x0 | z]) on ``n`` held-out renders with ``known`` of the tokens given,
+    against the same with none given (the prompt alone). Equal errors: the tokens are drawn independently."""
+    from accel_diffusion.ar.sampling import sample_head
+    from accel_diffusion.guidance.base import COND
+    from accel_diffusion.registry import get_registry
+
+    images, captions, _ = render_dataset(n, seed=seed)
+    scaling = pipe.vae.config.scaling_factor
+    latents = pipe.vae.encode(to_tensor(images)).latent_dist.mean * scaling
+    tokens = patchify(latents, pipe.config["patch_size"])
+    text, _ = pipe.text_states(captions)
+    gen = torch.Generator().manual_seed(seed)
+    mask = torch.rand(n, tokens.shape[1], generator=gen).argsort(dim=1) >= known
+    registry = get_registry()
+    errors = {}
+    for name, visible in (("with_context", mask), ("prompt_only", torch.ones_like(mask))):
+        z = pipe.transformer(tokens, visible, text)[mask]
+        estimate = sample_head(pipe.head, {COND: z}, torch.randn(z.shape[0], tokens.shape[2], generator=gen),
+                               registry.build("sampler", "ddim"), pipe.head_scheduler_config, 1,
+                               registry.build("guidance", "none"))
+        errors[name] = float(((estimate - tokens[mask]) ** 2).mean())
+    return {"known_tokens": known, "token_variance": float(tokens[mask].var()), **errors}
 
 
 def measure_shapes_mar(model_dir: Path, guidance_scales: tuple[float, ...] = (1.0, 3.0, 5.0),
@@ -262,7 +299,9 @@ def measure_shapes_mar(model_dir: Path, guidance_scales: tuple[float, ...] = (1.
     judge = ShapesJudge.load()
     prompts = shapes_prompts()
     registry = get_registry()
-    out: dict[str, Any] = {"ar_iterations": iterations, "head_steps": head_steps, "sampler": "ddpm"}
+    out: dict[str, Any] = {"ar_iterations": iterations, "head_steps": head_steps, "sampler": "ddpm",
+                           "context_use": context_use(pipe)}
+    print(f"context use: {out['context_use']}")
     for scale in guidance_scales:
         t0 = time.time()
         images = np.concatenate([
@@ -280,12 +319,20 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="accel-diffusion train shapes_mar", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--work", type=Path, default=None, help="data and checkpoint, resumed (default: OUT.work)")
-    parser.add_argument("--steps", type=int, default=1400)
+    parser.add_argument("--steps", type=int, default=2600)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--images", type=int, default=30000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--checkpoint-every", type=int, default=100)
+    parser.add_argument("--width", type=int, default=128, help="transformer width")
+    parser.add_argument("--depth", type=int, default=4, help="transformer layers")
+    parser.add_argument("--head-width", type=int, default=192)
+    parser.add_argument("--head-depth", type=int, default=3)
+    parser.add_argument("--pos-init-std", type=float, default=0.5,
+                        help="initial scale of the position embeddings (ar/model.py says why it matters)")
+    parser.add_argument("--empty-prompt-prob", type=float, default=0.2,
+                        help="share of training images with the empty prompt (CFG's unconditional branch)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--max-minutes", type=float, default=None, help="stop training (and save) after this long")
     parser.add_argument("--no-measure", action="store_true")
@@ -296,7 +343,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     info = train_shapes_mar(args.out, args.work, args.steps, args.batch_size, args.lr, n_images=args.images,
-                            seed=args.seed, checkpoint_every=args.checkpoint_every, measure=not args.no_measure,
+                            seed=args.seed, checkpoint_every=args.checkpoint_every, width=args.width, depth=args.depth,
+                            head_width=args.head_width, head_depth=args.head_depth, pos_init_std=args.pos_init_std,
+                            empty_prompt_prob=args.empty_prompt_prob,
+                            measure=not args.no_measure,
                             max_minutes=args.max_minutes, export_only=args.export_only,
                             guidance_scales=tuple(args.guidance_scales), note=args.note)
     print(json.dumps(info, indent=2))

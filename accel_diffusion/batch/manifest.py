@@ -54,6 +54,7 @@ class BatchItem(BaseModel):
         None, description='components by kind, or "auto" with latency_budget_ms (the model\'s Pareto profile)')
     latency_budget_ms: float | None = Field(None, description='with strategy "auto": time per image to fit, in ms')
     min_quality: float | None = Field(None, description='with strategy "auto": least quality (the profile\'s metric)')
+    ar_iterations: int | None = Field(None, description="autoregressive models (shapes_mar): AR iterations")
     init_image: str | None = None
     strength: float = 0.8
     output_format: ImageFormat = "png"
@@ -189,7 +190,7 @@ def _normalize(item: BatchItem, sizes: dict[str, Any], base_dir: Path,
     }
     if item.vae != "full":  # only when set: the keys of lines without it stay what they were
         request["vae"] = item.vae
-    for name in ("latency_budget_ms", "min_quality"):  # the same: only when set
+    for name in ("latency_budget_ms", "min_quality", "ar_iterations"):  # the same: only when set
         if getattr(item, name) is not None:
             request[name] = getattr(item, name)
     request["seed"] = item.seed if item.seed is not None else derived_seed(request)

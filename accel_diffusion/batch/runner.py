@@ -53,7 +53,8 @@ class LocalBackend:
         images = [encode_image(pixels, fmt, compression) for pixels in result.to_uint8()]
         return images, {"seeds": result.seeds, "strategy": result.strategy.model_dump(exclude_none=True),
                         "timings": result.timings, "nfe": result.nfe, "width": result.width,
-                        "height": result.height, "steps": result.steps}
+                        "height": result.height, "steps": result.steps,
+                        **({"ar": result.extra["ar"]} if "ar" in result.extra else {})}
 
 
 class ServerBackend:
@@ -82,7 +83,7 @@ class ServerBackend:
         images = [base64.b64decode(image["b64_json"]) for image in output.raw["images"]]
         return images, {"seeds": output.seeds, "strategy": output.strategy, "timings": output.timings,
                         "nfe": output.nfe, "width": output.width, "height": output.height, "steps": output.steps,
-                        "job_id": output.job_id}
+                        "job_id": output.job_id, **({"ar": output.raw["ar"]} if "ar" in output.raw else {})}
 
     def close(self) -> None:
         self.client.close()

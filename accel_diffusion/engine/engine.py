@@ -14,7 +14,7 @@ import torch
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
-from accel_diffusion.ar.generate import check_ar_request, generate_ar, is_ar_spec
+from accel_diffusion.ar.generate import check_ar_request, check_not_ar, generate_ar, is_ar_spec
 from accel_diffusion.engine.attention import batch_invariant_attention
 from accel_diffusion.engine.batch_invariance import BatchInvariantOps
 from accel_diffusion.engine.compiled import EngineAcceleration, check_acceleration, check_buckets
@@ -122,6 +122,7 @@ def check_request(spec: ModelSpec, request: GenerationRequest) -> None:
     if is_ar_spec(spec):
         check_ar_request(spec, request, prepared)
         return
+    check_not_ar(spec, request)
     prepared.guidance.check_mode(request.init_image is not None)
     check_student(prepared, spec, request)
 
@@ -272,6 +273,7 @@ def _generate(model: LoadedPipeline, request: GenerationRequest, hooks: Generati
         raise InvalidRequestError(
             "model", f"{model.model_id!r} is a {model.family} model, not a text-to-image pipeline"
         )
+    check_not_ar(model.spec, request)
     pipe = model.pipeline
     if pipe.unet.config.time_cond_proj_dim is not None:
         raise IncompatibleStrategyError("model", "guidance-embedding (LCM-distilled) UNets are not supported yet")
