@@ -113,7 +113,9 @@ def main(ctx: click.Context, models_file: str | None) -> None:
               help="Images per engine call.")
 @click.option("--engine-acceleration", type=click.Choice(["none", "compile"]), default="none", show_default=True,
               help="compile: build the UNet and decode as static-shape graphs for this run's batch sizes first "
-                   "(tens of seconds per graph on a CPU, seconds from a warm --inductor-cache-dir), then generate.")
+                   "(tens of seconds per graph on a CPU, seconds from a warm --inductor-cache-dir), then generate. "
+                   "Off by default here, unlike the server's: a one-off run would pay minutes of compilation to "
+                   "save a fraction of seconds of generation; it pays for long runs with a kept cache.")
 @click.option("--inductor-cache-dir", type=click.Path(file_okay=False), default=None,
               help="Where torch inductor keeps compiled kernels (a second run with the same one starts warm).")
 @click.option("--ar-iterations", type=int, default=None,

@@ -84,6 +84,9 @@ class ServerState:
     """What the routes share, held on ``app.state.server`` (no module globals)."""
 
     def __init__(self, settings: ServerSettings, registry: ModelRegistry, ranks: Any = None) -> None:
+        # engine_acceleration unset: compile where it measured faster (the served models' devices), not
+        # under a patch-parallel group (its requests run eagerly: engine/engine.py generate)
+        settings = settings.resolve_acceleration([] if ranks is not None else served_device_types(registry, settings))
         self.settings = settings
         self.registry = registry
         self.limits = settings.request_limits()
@@ -172,24 +175,27 @@ def served_registry(settings: ServerSettings) -> ModelRegistry:
     return ModelRegistry(specs)
 
 
+def served_device_types(registry: ModelRegistry, settings: ServerSettings) -> list[str]:
+    """The device type ("cpu", "cuda", "mps") each served model loads on ("auto": CUDA when present)."""
+    auto = "cuda" if torch.cuda.is_available() else "cpu"
+    return [auto if registry.spec(m).device == "auto" else torch.device(registry.spec(m).device).type
+            for m in settings.served_models]
+
+
 def warm_up(state: ServerState) -> None:
     """Load every served model and run one short generation on it (so the first request is not slow).
 
-    With ``engine_acceleration = "compile"`` also build every compile bucket's graph of each SD model's
+    With ``engine_acceleration = "compile"`` first build every compile bucket's graph of each SD model's
     UNet and decode at its default size (``compiled.warm``; logged per graph with its time), so that
-    compilation fails at startup, if it fails, and no request waits for it. With only
-    ``stream_acceleration = "compile"``, the default stream session's UNet graph (img2img, two steps,
-    RCFG self: 2 rows). Other shapes run eagerly while their graph is built in the background."""
+    compilation fails at startup, if it fails, and no request waits for it. With
+    ``stream_acceleration = "compile"``, then the default stream session's graphs (img2img, two steps,
+    RCFG self: 2 UNet rows; its autoencoder's decode). The warm-up generation comes last and runs the
+    built graphs. Other shapes run eagerly while their graph is built in the background."""
     for model_id in state.settings.served_models:
         log.info("loading %s…", model_id)
         model = state.registry.get(model_id)
         log.info("loaded %s in %.1f s (%s, %s)", model_id, model.load_seconds, model.device,
                  str(model.dtype).removeprefix("torch."))
-        if state.settings.warmup_steps and model.family in ("sd", "sdxl"):
-            log.info("warming up %s (%d steps)…", model_id, state.settings.warmup_steps)
-            state.worker.engine.generate(GenerationRequest.create(
-                model=model_id, prompt="warm-up", seed=0, steps=state.settings.warmup_steps),
-                batch_invariant=state.settings.batch_invariant)
         if state.settings.engine_acceleration == "compile" and model.family in ("sd", "sdxl"):
             buckets = state.settings.compile_buckets
             log.info("compiling %s: UNet and decode graphs for row buckets %s at %dx%d…", model_id, buckets,
@@ -200,11 +206,20 @@ def warm_up(state: ServerState) -> None:
                 log.info("compiled %s %s graph of %d rows in %.1f s", model_id, graph["call"], graph["rows"],
                          graph["seconds"])
             log.info("compiled %s's %d buckets in %.1f s", model_id, len(buckets), time.perf_counter() - begin)
-        elif state.settings.stream_acceleration_used != "none" and model.family == "sd":
-            log.info("compiling %s's UNet for stream sessions (stream_acceleration = %r)…", model_id,
+        if state.settings.stream_acceleration_used != "none" and model.family == "sd":
+            log.info("compiling %s's graphs for stream sessions (stream_acceleration = %r)…", model_id,
                      state.settings.stream_acceleration_used)
+            begin = time.perf_counter()
             session = StreamSession(model, "warm-up", acceleration="compile", limits=state.limits)
             session.wait_for_graphs()
+            log.info("compiled %s's stream session graphs in %.1f s", model_id, time.perf_counter() - begin)
+        # after the graphs: a warm-up generation before them would ask the builder for the very graphs
+        # compiled.warm then builds, and run eagerly beside that compile
+        if state.settings.warmup_steps and model.family in ("sd", "sdxl"):
+            log.info("warming up %s (%d steps)…", model_id, state.settings.warmup_steps)
+            state.worker.engine.generate(GenerationRequest.create(
+                model=model_id, prompt="warm-up", seed=0, steps=state.settings.warmup_steps),
+                batch_invariant=state.settings.batch_invariant)
 
 
 def create_app(settings: ServerSettings | None = None, ranks: Any = None) -> FastAPI:
@@ -219,6 +234,9 @@ def create_app(settings: ServerSettings | None = None, ranks: Any = None) -> Fas
         compiled.set_cache_dir(settings.inductor_cache_dir)
         state = ServerState(settings, served_registry(settings), ranks)
         app.state.server = state
+        if settings.engine_acceleration is None and settings.role != "api":
+            log.info("engine_acceleration = %r: the default on this server's devices (set engine_acceleration = "
+                     "'none' to run eagerly)", state.settings.engine_acceleration)
         if settings.role != "api":  # an API-only replica (Redis backend) loads no model
             state.worker.start(prepare=lambda: warm_up(state))  # on the worker thread: all model work stays there
             await state.worker.wait_prepared()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import tomllib
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -147,11 +148,13 @@ class ServerSettings(BaseSettings):
                              "process is both api and worker: role = 'all')")
         return self
     # engine_acceleration (docs: README "Compiled engine")
-    engine_acceleration: Literal["none", "compile"] = Field(
-        "none", description="compile: every served model's UNet and VAE decode run as torch.compile graphs with "
+    engine_acceleration: Literal["none", "compile"] | None = Field(
+        None, description="compile: every served model's UNet and VAE decode run as torch.compile graphs with "
         "static shapes per row bucket (compile_buckets), shared by every request, job, batch and stream; the "
-        "buckets are built at startup (readiness 503 until then), an unforeseen shape runs eagerly while its "
-        "graph is built in the background")
+        "buckets are built at startup (readiness 503 until then: minutes on a CPU from a cold inductor cache), an "
+        "unforeseen shape runs eagerly while its graph is built in the background. none: eager. Unset (the "
+        "default): compile when every served model's device is a CPU or CUDA device (where it measured faster), "
+        "else none")
     compile_buckets: list[Annotated[int, Field(ge=1)]] = Field(
         [1, 2, 4, 8], min_length=1, description="with engine_acceleration = 'compile': the row counts of the "
         "compiled graphs (a call's rows are padded up to the next; CFG doubles a UNet call's rows); each is "
@@ -220,8 +223,18 @@ class ServerSettings(BaseSettings):
 
     @property
     def stream_acceleration_used(self) -> Literal["none", "compile"]:
-        """The stream sessions' acceleration: stream_acceleration, else engine_acceleration."""
-        return self.stream_acceleration or self.engine_acceleration
+        """The stream sessions' acceleration: stream_acceleration, else engine_acceleration (unset: none; the
+        server resolves an unset engine_acceleration first, ``resolve_acceleration``)."""
+        return self.stream_acceleration or self.engine_acceleration or "none"
+
+    def resolve_acceleration(self, device_types: Sequence[str]) -> ServerSettings:
+        """These settings with ``engine_acceleration`` set: as given, or (unset) the default for the served
+        models' ``device_types`` (engine/compiled.py ``default_acceleration``: compile on CPU and CUDA)."""
+        from accel_diffusion.engine.compiled import default_acceleration
+
+        if self.engine_acceleration is not None:
+            return self
+        return self.model_copy(update={"engine_acceleration": default_acceleration(device_types)})
 
     def request_limits(self) -> RequestLimits:
         return RequestLimits(max_width=self.max_width, max_height=self.max_height, max_pixels=self.max_pixels,

@@ -22,9 +22,11 @@ from PIL import Image
 
 
 def make_settings(models_file: Path, **overrides: Any) -> ServerSettings:
-    """Settings on the tiny model; the hosts served are the loopback names and TestClient's "testserver"."""
+    """Settings on the tiny model; the hosts served are the loopback names and TestClient's "testserver";
+    eager (the server's default compiles its buckets at startup: a test asks for that explicitly)."""
     return ServerSettings(**{"models_file": models_file, "served_models": ["tiny"], "warmup_steps": 1,
-                             "allowed_hosts": ["testserver", *LOOPBACK_HOSTS], **overrides})
+                             "engine_acceleration": "none", "allowed_hosts": ["testserver", *LOOPBACK_HOSTS],
+                             **overrides})
 
 
 def decode(b64: str) -> np.ndarray:

@@ -24,6 +24,11 @@ the image gets alone, so its bits do not depend on the batch; the batch is then 
 
 Inductor writes its compiled kernels to ``TORCHINDUCTOR_CACHE_DIR`` (``set_cache_dir``): a directory
 kept across restarts makes the next start warm (graphs load from the cache instead of compiling).
+
+The server's default (``engine_acceleration`` unset) is ``default_acceleration`` of its models' devices:
+``compile`` where compiled graphs measured faster than eager (``COMPILE_PAYS_ON``: CPU, measured 1.35x
+diffusers at batch 1 with CFG, docs/benchmarks.md; CUDA, the same graphs replayed as CUDA graphs), ``none``
+elsewhere (MPS: inductor's MPS backend is not measured here).
 """
 
 from __future__ import annotations
@@ -46,6 +51,7 @@ logger = logging.getLogger(__name__)
 EngineAcceleration = Literal["none", "compile"]
 ACCELERATIONS: tuple[str, ...] = ("none", "compile")
 DEFAULT_BUCKETS: tuple[int, ...] = (1, 2, 4, 8)
+COMPILE_PAYS_ON: tuple[str, ...] = ("cpu", "cuda")  # device types where the compiled engine measured faster
 RECOMPILE_LIMIT = 64  # graphs per compiled code object: buckets x latent sizes (dynamo's default is 8)
 _BUILD_LOCK = threading.Lock()  # one compile at a time in the process
 
@@ -57,6 +63,13 @@ def check_acceleration(value: str, field_name: str = "engine_acceleration") -> E
     if value not in ACCELERATIONS:
         raise InvalidRequestError(field_name, f"unknown acceleration {value!r}", list(ACCELERATIONS))
     return value  # type: ignore[return-value]
+
+
+def default_acceleration(device_types: Sequence[str]) -> EngineAcceleration:
+    """``compile`` when every one of ``device_types`` ("cpu", "cuda", "mps", ...) is one where the compiled
+    engine measured faster than eager (``COMPILE_PAYS_ON``), else ``none`` (also for no devices)."""
+    pays = bool(device_types) and all(kind in COMPILE_PAYS_ON for kind in device_types)
+    return "compile" if pays else "none"
 
 
 def check_buckets(buckets: Sequence[int]) -> tuple[int, ...]:
@@ -250,6 +263,8 @@ class CompiledCall:
             return 0.0
         grad, threads = key[-2], key[-1]
         with _BUILD_LOCK, torch.set_grad_enabled(grad):
+            if key in self.ready:  # built by the builder thread while this one waited for the lock
+                return 0.0
             if torch.get_num_threads() != threads:
                 torch.set_num_threads(threads)
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)

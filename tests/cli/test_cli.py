@@ -216,7 +216,7 @@ def test_serve_reports_loading_warm_up_and_ready_and_prints_no_third_party_notic
         port = probe.getsockname()[1]
     server = subprocess.Popen(_cli("--models", str(tiny_models_file), "serve", "--model", "tiny", "--port", str(port)),
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                              env={**os.environ, "HF_HUB_OFFLINE": "1"})
+                              env={**os.environ, "HF_HUB_OFFLINE": "1", "ACCEL_DIFFUSION_ENGINE_ACCELERATION": "none"})
     lines: list[str] = []
     try:
         assert server.stdout is not None

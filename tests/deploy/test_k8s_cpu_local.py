@@ -88,7 +88,8 @@ def test_the_cpu_overlay_runs_api_worker_and_redis_and_completes_a_job(tmp_path:
             assert url == f"redis://:{password}@accel-diffusion-redis:6379/0"
             ports[role] = free_port()
             env |= {"ACCEL_DIFFUSION_REDIS_URL": url.replace("accel-diffusion-redis:6379", f"127.0.0.1:{redis_port}"),
-                    "ACCEL_DIFFUSION_HOST": "127.0.0.1", "ACCEL_DIFFUSION_PORT": str(ports[role])}
+                    "ACCEL_DIFFUSION_HOST": "127.0.0.1", "ACCEL_DIFFUSION_PORT": str(ports[role]),
+                    "ACCEL_DIFFUSION_ENGINE_ACCELERATION": "none"}  # the default compile: minutes of startup here
             assert container["command"] == ["accel-diffusion"]
             launch[role] = ([sys.executable, "-m", "accel_diffusion.cli", *(local(a) for a in container["args"])], env)
             servers[role] = start(role, *launch[role])

@@ -69,7 +69,9 @@ def test_the_single_pod_starts_serves_and_drains_as_in_a_cluster(tmp_path: Path)
 
     port = free_port()
     env = pod_env(container, local) | {"ACCEL_DIFFUSION_HOST": "127.0.0.1",  # the pod IP and port, here
-                                       "ACCEL_DIFFUSION_PORT": str(port)}
+                                       "ACCEL_DIFFUSION_PORT": str(port),
+                                       # eager: the default compile costs minutes of startup on these cores
+                                       "ACCEL_DIFFUSION_ENGINE_ACCELERATION": "none"}
     (ports,) = container["ports"]
     assert container["command"] == ["accel-diffusion"]
     argv = [sys.executable, "-m", "accel_diffusion.cli", *(local(a) for a in container["args"])]
