@@ -8,11 +8,14 @@ full-size VAE config) at 512x512 in fp16, torch SDPA vs xformers attention, imag
 
     python benchmarks/engine.py --out benchmarks/results/engine_cpu.json
 
-``--compile``: engine_acceleration = "compile" (engine/compiled.py) vs the eager engine vs diffusers, the
-same configurations, interleaved (compiled, eager, diffusers, ...); plus the compile buckets' cold startup
-(a fresh process, an empty inductor cache) and warm startup (a fresh process, the cache the cold one wrote):
+``--compile``: the server's cold startup with its default settings (compile on a CPU: every bucket of
+``compile_buckets`` built before ready) from an empty inductor cache, and its warm startup from the cache the
+cold one wrote; the stream's 1-step WebSocket loop on that compiled-by-default server (and on an eager one)
+against the eager compute floor; the server's overhead p50 with compile on; then engine_acceleration =
+"compile" (engine/compiled.py) vs the eager engine vs diffusers, the same configurations, interleaved
+(compiled, eager, diffusers, ...):
 
-    nice -n 10 python benchmarks/engine.py --compile --out benchmarks/results/engine_compile_cpu.json
+    nice -n 10 python benchmarks/engine.py --compile --repeats 5 --out benchmarks/results/engine_compile_cpu.json
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import statistics
 import sys
 import time
@@ -202,40 +206,135 @@ def compare_compiled(model: Any, directory: str, batch: int, mode: str, steps: i
     }
 
 
-def startup_seconds(cache_dir: str, unet_rows: list[int], decode_rows: list[int]) -> dict[str, Any]:
-    """A fresh process: load `shapes`, build the UNet's and decode's graphs with ``cache_dir`` as inductor's."""
-    import subprocess
+GRAPH_LINE = re.compile(r"compiled shapes (\S+) graph of (\d+) rows in ([\d.]+) s")
+STREAM_LINE = re.compile(r"compiled shapes's (stream) session graphs in ([\d.]+) s")
 
-    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache_dir}
-    code = ("import json,time,torch; torch.set_num_threads(1); t=time.perf_counter();"
-            "from accel_diffusion.models.registry import ModelRegistry;"
-            "from accel_diffusion.engine import compiled;"
-            "m=ModelRegistry.default().get('shapes'); loaded=time.perf_counter()-t;"
-            f"m.compiled_model({tuple(sorted({*unet_rows, *decode_rows}))!r});"
-            f"g=compiled.warm(m, unet_rows={unet_rows!r}, decode_rows={decode_rows!r});"
-            "print(json.dumps({'load_s': loaded, 'graphs': g, 'total_s': time.perf_counter()-t}))")
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+
+def start_compiled_server(cache_dir: str, log_path: Path, **settings: str | None) -> dict[str, Any]:
+    """``accel-diffusion serve`` with its default acceleration (compile on a CPU: every bucket of
+    ``compile_buckets`` built at startup, and the default stream session's graphs) and ``cache_dir`` as its
+    inductor cache; the seconds from launch to ready, and the graphs its log says it built."""
+    from serving import free_port, start_server
+
+    port = free_port()
+    begin = time.perf_counter()
+    with log_path.open("w") as log:
+        process = start_server(port, queue_max=8, ready_timeout_s=3600, log=log, engine_acceleration=None,
+                               inductor_cache_dir=cache_dir, **settings)
+    seconds = time.perf_counter() - begin
+    text = log_path.read_text()
+    graphs = [{"call": m[1], "rows": int(m[2]), "seconds": float(m[3])} for m in GRAPH_LINE.finditer(text)]
+    graphs += [{"call": "stream session (UNet 2 rows, tiny decode)", "rows": 1, "seconds": float(m[2])}
+               for m in STREAM_LINE.finditer(text)]
+    ready = re.search(r"ready in ([\d.]+) s", text)
+    return {"process": process, "port": port, "launch_to_ready_s": seconds, "graphs": graphs,
+            "server_ready_s": float(ready[1]) if ready else None,
+            "acceleration_log": [line for line in text.splitlines() if "engine_acceleration" in line]}
+
+
+def stream_rounds(model: Any, urls: dict[str, str], rounds: int) -> dict[str, Any]:
+    """The 1-step WebSocket loop (tiny autoencoder, JPEG, one frame in flight, 200 timed frames) against
+    each server in ``urls``, round-robin, with the eager compute floor (UNet batch 1 + tiny encode + tiny
+    decode, in this process, on one thread as the servers) measured at the start of every round; medians."""
+    import asyncio
+
+    from stream import clip, compute_floor, websocket_frames
+
+    samples: dict[str, list[dict[str, float]]] = {name: [] for name in urls}
+    for _ in range(rounds):
+        floor = compute_floor(model, clip(8))
+        for name, url in urls.items():
+            row = asyncio.run(websocket_frames(url, clip(205), "tiny"))
+            row["floor_fps"] = floor["floor_fps_1_step_tiny_vae"]
+            row["vs_eager_floor"] = row["fps"] / row["floor_fps"]
+            samples[name].append(row)
+    return {name: {key: statistics.median(row[key] for row in rows) for key in rows[0]} | {"rounds": len(rows)}
+            for name, rows in samples.items()}
 
 
 def compiled_benchmark(model: Any, directory: str, steps: int, repeats: int, batches: list[int],
-                       modes: list[str]) -> dict[str, Any]:
+                       modes: list[str], rounds: int, blocks: int, out: Path,
+                       cache_dir: str | None = None, servers_only: bool = False) -> dict[str, Any]:
+    """Cold and warm server startup (the default settings, an empty then the same inductor cache); the
+    stream's WebSocket loop on the warm compiled server and on an eager one against the eager floor; the
+    server overhead p50 with compile on; then compiled vs eager vs diffusers rows. Partial results are
+    written to ``out`` after each stage."""
     import tempfile
 
-    from accel_diffusion.engine import compiled
+    from serving import overhead
 
-    unet_rows, decode_rows = [2 * b for b in batches], list(batches)  # CFG: two UNet rows per image
-    buckets = sorted({*unet_rows, *decode_rows})
-    cache = tempfile.mkdtemp(prefix="inductor-")
-    cold = startup_seconds(cache, unet_rows, decode_rows)
-    warm = startup_seconds(cache, unet_rows, decode_rows)
-    compiled.set_cache_dir(cache)
-    model.compiled_model(tuple(buckets))
-    compiled.warm(model, unet_rows=unet_rows, decode_rows=decode_rows)
+    from accel_diffusion.engine import Engine, compiled
+
+    result: dict[str, Any] = {"load_average_start": os.getloadavg()}
+    # the servers run on one torch thread as this process does: the same kernels (inductor builds them for a
+    # thread count), so that this process's graphs load from the cache the servers wrote
+    os.environ["OMP_NUM_THREADS"] = "1"
+
+    def save() -> None:
+        out.write_text(json.dumps({"benchmark": "engine_compile", "model": "shapes", "machine": machine(),
+                                   "compile": result}, indent=2) + "\n")
+
+    cache = cache_dir or tempfile.mkdtemp(prefix="inductor-")  # another run's: only the warm start is measured
+    logs = Path(tempfile.mkdtemp(prefix="compile-bench-"))
+    result["inductor_cache_dir"], result["server_logs"] = cache, str(logs)
+    servers = []
+    try:
+        for name in ("cold_start", "warm_start") if cache_dir is None else ("warm_start",):
+            started = start_compiled_server(cache, logs / f"{name}.log")
+            result[name] = {k: v for k, v in started.items() if k not in ("process", "port")} | {
+                "load_average": os.getloadavg()}
+            print(name, json.dumps(result[name]), flush=True)
+            if name == "cold_start":
+                started["process"].terminate()
+                started["process"].wait(120)
+            else:
+                servers.append(started["process"])
+                compiled_port = started["port"]
+        save()
+        from serving import free_port, start_server
+
+        eager_port = free_port()
+        servers.append(start_server(eager_port, queue_max=8, engine_acceleration="none"))
+        result["stream"] = stream_rounds(model, {"compiled_default": f"http://127.0.0.1:{compiled_port}",
+                                                 "eager": f"http://127.0.0.1:{eager_port}"}, rounds)
+        result["stream"]["load_average"] = os.getloadavg()
+        print("stream", json.dumps(result["stream"]), flush=True)
+        save()
+        compiled.set_cache_dir(cache)  # this process's graphs load from the cache the servers wrote
+        begin = time.perf_counter()
+        model.compiled_model(compiled.DEFAULT_BUCKETS)
+        result["in_process_warm"] = {"graphs": compiled.warm(model), "seconds": time.perf_counter() - begin}
+        engine = Engine(_single_model_registry(model), acceleration="compile")
+        result["server_overhead"] = overhead(compiled_port, blocks, engine=engine) | {
+            "load_average": os.getloadavg()}
+        print("overhead", json.dumps(result["server_overhead"]), flush=True)
+        # the same measurement on the eager server beside it: what the machine's state costs either way
+        result["server_overhead_eager"] = overhead(eager_port, blocks, engine=Engine(
+            _single_model_registry(model))) | {"load_average": os.getloadavg()}
+        print("overhead eager", json.dumps(result["server_overhead_eager"]), flush=True)
+        save()
+    finally:
+        for server in servers:
+            server.terminate()
+            server.wait(120)
+    if servers_only:
+        return result
     configs = [(b, m) for m in modes for b in batches]
-    rows = [compare_compiled(model, directory, b, m, steps, 5.0, repeats)
-            for b, m in tqdm(configs, desc="compiled vs eager vs diffusers")]
-    return {"buckets": buckets, "cold_start": cold, "warm_start": warm, "rows": rows}
+    result["rows"] = []
+    for b, m in tqdm(configs, desc="compiled vs eager vs diffusers"):
+        result["rows"].append(compare_compiled(model, directory, b, m, steps, 5.0, repeats))
+        save()
+    result["buckets"] = list(compiled.DEFAULT_BUCKETS)
+    result["load_average_end"] = os.getloadavg()
+    save()
+    return result
+
+
+def _single_model_registry(model: Any) -> Any:
+    """A registry that serves the already loaded (and compiled) ``model``."""
+    registry = ModelRegistry([model.spec])
+    registry._loaded[model.model_id] = model
+    return registry
 
 
 def compiled_markdown(result: dict[str, Any]) -> str:
@@ -243,7 +342,8 @@ def compiled_markdown(result: dict[str, Any]) -> str:
     lines = [
         f"Machine: {m.get('cpu', '?')}, {m['cpu_count']} cores, torch {m['torch']} ({m['torch_threads']} threads). "
         f"`shapes`, 25 DPM-Solver++ steps, CFG 5; {c['rows'][0]['repeats']} interleaved repeats (compiled, eager, "
-        "diffusers) after a warm-up; speedup = median of the paired ratios (diffusers' time / ours).",
+        "diffusers) after a warm-up; speedup = median of the paired ratios (diffusers' time / ours). Load average "
+        f"{c['load_average_start'][0]:.1f} at the start, {c['load_average_end'][0]:.1f} at the end.",
         "",
         "| mode | batch | compiled ms | eager ms | diffusers ms | compiled vs diffusers (target >= 1.3 at batch 1) "
         "| compiled vs eager | eager vs diffusers | max abs pixel diff vs eager | eager UNet calls while timed |",
@@ -256,10 +356,27 @@ def compiled_markdown(result: dict[str, Any]) -> str:
             f"| {r['eager_speedup_vs_diffusers']:.2f}x | {r['max_abs_pixel_diff_vs_eager']:.1e} "
             f"| {r['unet_eager_calls_while_timed']} |")
     for name in ("cold_start", "warm_start"):
+        if name not in c:  # --cache-dir: no cold start
+            continue
         s = c[name]
-        graphs = ", ".join(f"{g['call'].split(':')[0]} {g['rows']}: {g['seconds']:.1f} s" for g in s["graphs"])
-        lines.append(f"\n{name.replace('_', ' ')} (fresh process, buckets {c['buckets']}): load "
-                     f"{s['load_s']:.1f} s, total {s['total_s']:.1f} s ({graphs})")
+        graphs = ", ".join(f"{g['call'].split(':')[-1]} {g['rows']}: {g['seconds']:.1f} s" for g in s["graphs"])
+        lines.append(f"\n{name.replace('_', ' ')} of `accel-diffusion serve` (default settings, buckets "
+                     f"{c['buckets']}): {s['launch_to_ready_s']:.1f} s from launch to ready, load average "
+                     f"{s['load_average'][0]:.1f} ({graphs})")
+    st, o = c["stream"], c["server_overhead"]
+    fast, eager = st["compiled_default"], st["eager"]
+    lines.append(
+        f"\nstream, `WS /v1/stream`, 1 step, tiny autoencoder, {fast['rounds']} rounds: compiled (server default) "
+        f"{fast['fps']:.1f} fps = **{fast['vs_eager_floor']:.2f}x** the eager compute floor ({fast['floor_fps']:.1f} "
+        f"fps; target >= 1.0), p50 {fast['latency_p50_ms']:.1f} ms; eager server {eager['fps']:.1f} fps = "
+        f"{eager['vs_eager_floor']:.2f}x")
+    lines.append(f"\nserver overhead with compile on (8 steps, HTTP p50 minus the compiled engine's p50 in the "
+                 f"benchmark process): **{o['overhead_ms']:.2f} ms** (target <= 2 ms); HTTP minus the server's "
+                 f"own compute p50 {o['http_minus_server_compute_p50_ms']:.2f} ms; HTTP p50 {o['http_p50_ms']:.1f} ms")
+    if "server_overhead_eager" in c:
+        e = c["server_overhead_eager"]
+        lines.append(f"\nthe eager server beside it: {e['overhead_ms']:.2f} ms; HTTP minus the server's own compute "
+                     f"p50 {e['http_minus_server_compute_p50_ms']:.2f} ms")
     return "\n".join(lines) + "\n"
 
 
@@ -426,6 +543,10 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="compiled engine rows and startup times instead")
     parser.add_argument("--batches", default="1,4", help="with --compile: batch sizes")
     parser.add_argument("--modes", default="txt2img,img2img", help="with --compile: txt2img, img2img")
+    parser.add_argument("--rounds", type=int, default=3, help="with --compile: stream WebSocket rounds")
+    parser.add_argument("--blocks", type=int, default=4, help="with --compile: server overhead blocks of 10")
+    parser.add_argument("--cache-dir", default=None, help="with --compile: inductor cache (default: a new, empty one)")
+    parser.add_argument("--servers-only", action="store_true", help="with --compile: no compiled/eager/diffusers rows")
     args = parser.parse_args()
     if args.peak_rss:
         _one_call_peak_rss(args.peak_rss, args.mode, args.batch, args.steps)
@@ -435,12 +556,12 @@ def main() -> None:
     directory = model.spec.location()
     if args.compile:
         torch.set_num_threads(1)
-        result = {"benchmark": "engine_compile", "model": "shapes", "machine": machine(),
-                  "compile": compiled_benchmark(model, directory, args.steps, args.repeats,
-                                                [int(b) for b in args.batches.split(",")], args.modes.split(","))}
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-        print(compiled_markdown(result))
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        compiled_benchmark(model, directory, args.steps, args.repeats, [int(b) for b in args.batches.split(",")],
+                           args.modes.split(","), args.rounds, args.blocks, out, args.cache_dir, args.servers_only)
+        if not args.servers_only:
+            print(compiled_markdown(json.loads(out.read_text())))
         return
     rows = []
     configs = [(b, m) for m in ("txt2img", "img2img") for b in (1, 4)]

@@ -55,17 +55,22 @@ def free_port() -> int:
 
 
 def start_server(port: int, queue_max: int, max_batch_size: int = 1, max_batch_wait_ms: float = 0,
-                 batch_invariant: bool = True, **settings: str) -> subprocess.Popen:
-    """``accel-diffusion serve`` in its own process; ``settings``: further server settings (as env)."""
-    env = {**os.environ, **{f"ACCEL_DIFFUSION_{k.upper()}": v for k, v in settings.items()},
-           "ACCEL_DIFFUSION_QUEUE_MAX": str(queue_max),
-           "ACCEL_DIFFUSION_MAX_BATCH_SIZE": str(max_batch_size),
-           "ACCEL_DIFFUSION_MAX_BATCH_WAIT_MS": str(max_batch_wait_ms),
-           "ACCEL_DIFFUSION_BATCH_INVARIANT": str(batch_invariant).lower()}
+                 batch_invariant: bool = True, ready_timeout_s: float = 180, log: Any = subprocess.DEVNULL,
+                 **settings: str | None) -> subprocess.Popen:
+    """``accel-diffusion serve`` in its own process; ``settings``: further server settings (as env; None:
+    left unset). Eager unless ``engine_acceleration`` is given (None: the server's default, compile on a CPU),
+    so that the eager rows measure what they always did; ``log``: where its output goes."""
+    chosen = {"engine_acceleration": "none", **settings}
+    env = {k: v for k, v in os.environ.items() if k != "ACCEL_DIFFUSION_ENGINE_ACCELERATION"}
+    env |= {**{f"ACCEL_DIFFUSION_{k.upper()}": v for k, v in chosen.items() if v is not None},
+            "ACCEL_DIFFUSION_QUEUE_MAX": str(queue_max),
+            "ACCEL_DIFFUSION_MAX_BATCH_SIZE": str(max_batch_size),
+            "ACCEL_DIFFUSION_MAX_BATCH_WAIT_MS": str(max_batch_wait_ms),
+            "ACCEL_DIFFUSION_BATCH_INVARIANT": str(batch_invariant).lower()}
     command = [sys.executable, "-c", "from accel_diffusion.cli import main; main()", "serve", "--port", str(port)]
-    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
+    process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + ready_timeout_s
+    while time.monotonic() < deadline and process.poll() is None:
         try:
             if httpx.get(f"http://127.0.0.1:{port}/health/ready", timeout=1).status_code == 200:
                 return process
@@ -83,8 +88,9 @@ def rss_mb(pid: int) -> float:
     return float("nan")
 
 
-def overhead(port: int, blocks: int, block: int = 10) -> dict[str, Any]:
-    engine = Engine(ModelRegistry.default())
+def overhead(port: int, blocks: int, block: int = 10, engine: Any = None) -> dict[str, Any]:
+    """``engine``: the direct path (default: an eager Engine; the compiled rows pass a compiled one)."""
+    engine = engine or Engine(ModelRegistry.default())
     request = GenerationRequest.create(model="shapes", prompt=BODY["prompt"], seed=0, steps=STEPS)
     body = json.dumps(BODY)
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
@@ -108,6 +114,8 @@ def overhead(port: int, blocks: int, block: int = 10) -> dict[str, Any]:
                 engine.generate(request, batch_invariant=invariant)
                 direct_s[invariant].append(time.perf_counter() - begin)
             time.sleep(0.5)
+        connection.close()  # a new connection per block: the server closes one idle past its keep-alive
+        connection.connect()
         for _ in range(block):
             begin = time.perf_counter()
             usage = post()["usage"]

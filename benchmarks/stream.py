@@ -159,32 +159,38 @@ def unet_batch_ratio(model: Any, rows: int, latent_size: int = 8) -> float:
 
 
 async def websocket_loopback(frames: list[Image.Image], vae: str, acceleration: str = "none") -> dict[str, float]:
-    from accel_diffusion.clients import StreamClient
     from serving import free_port, start_server
 
     port = free_port()
     server = start_server(port, queue_max=8, stream_acceleration=acceleration)
     try:
-        async with StreamClient(f"http://127.0.0.1:{port}", PROMPT, t_index_list=[45], guidance="none",
-                                output_format="jpeg", vae=vae) as stream:
-            encoded = []
-            for frame in frames:
-                buffer = io.BytesIO()
-                frame.save(buffer, format="JPEG", quality=90)
-                encoded.append(buffer.getvalue())
-            latencies = []
-            for k, data in enumerate(encoded):
-                if k == 5:
-                    begin = time.perf_counter()
-                sent = time.perf_counter()
-                await stream.send(data)
-                await stream.receive()
-                if k >= 5:
-                    latencies.append(1e3 * (time.perf_counter() - sent))
-            wall = time.perf_counter() - begin
+        return await websocket_frames(f"http://127.0.0.1:{port}", frames, vae)
     finally:
         server.terminate()
         server.wait(60)
+
+
+async def websocket_frames(url: str, frames: list[Image.Image], vae: str) -> dict[str, float]:
+    """A 1-step img2img session on the server at ``url``, one frame in flight; the first 5 frames untimed."""
+    from accel_diffusion.clients import StreamClient
+
+    async with StreamClient(url, PROMPT, t_index_list=[45], guidance="none", output_format="jpeg",
+                            vae=vae) as stream:
+        encoded = []
+        for frame in frames:
+            buffer = io.BytesIO()
+            frame.save(buffer, format="JPEG", quality=90)
+            encoded.append(buffer.getvalue())
+        latencies = []
+        for k, data in enumerate(encoded):
+            if k == 5:
+                begin = time.perf_counter()
+            sent = time.perf_counter()
+            await stream.send(data)
+            await stream.receive()
+            if k >= 5:
+                latencies.append(1e3 * (time.perf_counter() - sent))
+        wall = time.perf_counter() - begin
     return {"frames": len(latencies), "fps": len(latencies) / wall,
             "latency_p50_ms": float(np.percentile(latencies, 50)),
             "latency_p95_ms": float(np.percentile(latencies, 95))}
