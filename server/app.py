@@ -186,9 +186,11 @@ def warm_up(state: ServerState) -> None:
         log.info("loaded %s in %.1f s (%s, %s)", model_id, model.load_seconds, model.device,
                  str(model.dtype).removeprefix("torch."))
         if state.settings.warmup_steps and model.family in ("sd", "sdxl"):
-            log.info("warming up %s (%d steps)…", model_id, state.settings.warmup_steps)
+            # a student runs only the step counts it was trained for: warm it up at its default
+            steps = model.spec.default_steps if model.spec.default_strategy.student else state.settings.warmup_steps
+            log.info("warming up %s (%d steps)…", model_id, steps)
             state.worker.engine.generate(GenerationRequest.create(
-                model=model_id, prompt="warm-up", seed=0, steps=state.settings.warmup_steps),
+                model=model_id, prompt="warm-up", seed=0, steps=steps),
                 batch_invariant=state.settings.batch_invariant)
         if state.settings.engine_acceleration == "compile" and model.family in ("sd", "sdxl"):
             buckets = state.settings.compile_buckets
