@@ -206,7 +206,10 @@ def warm_up(state: ServerState) -> None:
                 log.info("compiled %s %s graph of %d rows in %.1f s", model_id, graph["call"], graph["rows"],
                          graph["seconds"])
             log.info("compiled %s's %d buckets in %.1f s", model_id, len(buckets), time.perf_counter() - begin)
-        if state.settings.stream_acceleration_used != "none" and model.family == "sd":
+        student = model.spec.default_strategy.student is not None
+        # the default stream session (img2img, two steps, RCFG) is not one a student runs: its sessions build
+        # their graphs when opened
+        if state.settings.stream_acceleration_used != "none" and model.family == "sd" and not student:
             log.info("compiling %s's graphs for stream sessions (stream_acceleration = %r)…", model_id,
                      state.settings.stream_acceleration_used)
             begin = time.perf_counter()
@@ -216,9 +219,11 @@ def warm_up(state: ServerState) -> None:
         # after the graphs: a warm-up generation before them would ask the builder for the very graphs
         # compiled.warm then builds, and run eagerly beside that compile
         if state.settings.warmup_steps and model.family in ("sd", "sdxl"):
-            log.info("warming up %s (%d steps)…", model_id, state.settings.warmup_steps)
+            # a student runs only the step counts it was trained for: warm it up at its default
+            steps = model.spec.default_steps if student else state.settings.warmup_steps
+            log.info("warming up %s (%d steps)…", model_id, steps)
             state.worker.engine.generate(GenerationRequest.create(
-                model=model_id, prompt="warm-up", seed=0, steps=state.settings.warmup_steps),
+                model=model_id, prompt="warm-up", seed=0, steps=steps),
                 batch_invariant=state.settings.batch_invariant)
 
 

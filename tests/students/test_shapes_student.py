@@ -195,3 +195,18 @@ def test_a_txt2img_stream_of_the_student_is_its_one_step_image(teacher: ShapesTe
     with torch.no_grad():
         expected = teacher.decode(teacher.student_x0(student_dir[1], session.init_noise[:1], torch.tensor([3])))
     assert np.abs(frame.astype(int) - expected[0].astype(int)).max() <= 1
+
+
+def test_cosine_regression_schedule_falls_from_lr_regression_to_lr_student(teacher: ShapesTeacher,
+                                                                           pairs: dict[str, torch.Tensor]) -> None:
+    method = ShapesFDistill(teacher, pairs, batch_size=2, regression_iterations=4, lr_regression=3e-4,
+                            lr_student=1e-5, student_update_freq=2, regression_schedule="cosine")
+    rng = torch.Generator().manual_seed(0)
+    seen = []
+    for iteration in range(5):
+        method.train_step(iteration, rng)
+        seen.append(method.optimizers()["student"].param_groups[0]["lr"])
+    assert seen == pytest.approx([3e-4, 2.57530e-4, 1.55e-4, 5.24695e-5, 1e-5], rel=1e-4)
+    assert json.loads(json.dumps(method.config))["regression_schedule"] == "cosine"
+    with pytest.raises(ValueError, match="regression_schedule"):
+        ShapesFDistill(teacher, pairs, regression_schedule="linear")

@@ -31,7 +31,8 @@ def engine() -> Engine:
 
 
 def test_sdk_gets_one_step_images_of_the_student_by_name(engine: Engine) -> None:
-    app = create_app(make_settings(None, served_models=[STUDENT]))
+    # the server's default warm-up (2 steps) would be refused by the student: it warms up at its own 1 step
+    app = create_app(make_settings(None, served_models=[STUDENT], warmup_steps=2))
     with running_server(app) as (_, _, base), AccelClient(base, timeout=60) as client:
         output = client.generate(PROMPTS[0], model=STUDENT, n=2, seed=3)
         with pytest.raises(InvalidRequest) as steps:
