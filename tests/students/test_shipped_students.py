@@ -89,6 +89,17 @@ def test_cli_generate_and_server_refusals(tmp_path: Path) -> None:
         assert ok.status_code == 200, ok.text
 
 
+
+def test_a_server_with_compiled_streams_serves_a_student() -> None:
+    """The stream warm-up builds the default img2img session's graphs, which a student cannot run: a server
+    serving a student (with stream compilation on, as it is by default) starts, warms the student at 1 step
+    and is ready (it used to refuse its own warm-up)."""
+    settings = make_settings(None, served_models=["shapes_fdistill"], stream_acceleration="compile")
+    with TestClient(create_app(settings)) as client:
+        assert client.get("/health/ready").status_code == 200
+        ok = client.post("/v1/images/generations", json={"model": "shapes_fdistill", "prompt": "a red circle"})
+        assert ok.status_code == 200, ok.text
+
 def test_shipped_weights_fit_the_budget() -> None:
     total = sum(p.stat().st_size for p in BUILTIN.rglob("*") if p.is_file())
     assert total < BUDGET_BYTES, f"{total / 2**20:.1f} MB of shipped models"
