@@ -56,15 +56,18 @@ def bench_command() -> None:
 @click.option("--quality-margin", type=click.FloatRange(min=0), default=0.01, show_default=True,
               help="quality difference treated as noise (also the plateau threshold)")
 @click.option("--plot", "plot_file", type=click.Path(dir_okay=False), default=None, help="also write the PNG plot")
+@click.option("--remeasure", "remeasure", multiple=True,
+              help="measure every point of this model again (e.g. a retrained student) when resuming (repeatable)")
 @click.pass_context
 def pareto_command(ctx: click.Context, model: str, out_file: str, budget_minutes: float | None, steps_list: str,
                    students: tuple[str, ...], no_searched: bool, images: int, batch_size: int, repeats: int,
-                   seed: int, latency_margin: float, quality_margin: float, plot_file: str | None) -> None:
+                   seed: int, latency_margin: float, quality_margin: float, plot_file: str | None,
+                   remeasure: tuple[str, ...]) -> None:
     """Sweep MODEL's strategies (samplers x steps x schedules, searched schedules, guidance, students) on this
     device: quality with the eval sticks, latency warm; write every point and the front to OUT."""
     try:
         _pareto(ctx, model, Path(out_file), budget_minutes, steps_list, students, no_searched, images, batch_size,
-                repeats, seed, latency_margin, quality_margin, plot_file)
+                repeats, seed, latency_margin, quality_margin, plot_file, remeasure)
     except AccelDiffusionError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(2)
@@ -75,7 +78,8 @@ def pareto_command(ctx: click.Context, model: str, out_file: str, budget_minutes
 
 def _pareto(ctx: click.Context, model: str, out: Path, budget_minutes: float | None, steps_list: str,
             students: tuple[str, ...], no_searched: bool, images: int, batch_size: int, repeats: int, seed: int,
-            latency_margin: float, quality_margin: float, plot_file: str | None) -> None:
+            latency_margin: float, quality_margin: float, plot_file: str | None,
+            remeasure: tuple[str, ...] = ()) -> None:
     from accel_diffusion.engine import Engine
     from accel_diffusion.models.registry import ModelRegistry
     from accel_diffusion.pareto.front import Margins
@@ -107,6 +111,8 @@ def _pareto(ctx: click.Context, model: str, out: Path, budget_minutes: float | N
     command = shlex.join(["accel-diffusion", *sys.argv[1:]])
     profile = open_profile(out, new_profile(model, loaded.device, meter, width=width, height=height, seed=seed,
                                             margins=margins, command=command))
+    for name in remeasure:
+        profile.forget(name)
     guidance = spec.default_strategy.guidance or {"name": "cfg", "scale": 5.0}
     families = default_families(float(guidance.get("scale", 5.0)))
     default_strategy = spec.default_strategy.model_dump(exclude_none=True)

@@ -157,6 +157,13 @@ class ParetoProfile(BaseModel):
         self.points = [p for p in self.points if p.key() != point.key()] + [point]
         self.front = self.compute_front()
 
+    def forget(self, model: str) -> None:
+        """Drop every point (and pruning record) of ``model``, so a resumed sweep measures them again."""
+        self.points = [p for p in self.points if p.model != model]
+        self.skipped = [s for s in self.skipped if json.loads(s["key"])["model"] != model]
+        self.front = self.compute_front()
+        self.complete = False
+
     def front_points(self) -> list[ParetoPoint]:
         return [self.points[i] for i in self.front]
 

@@ -160,3 +160,22 @@ def test_shapes_meter_measures_through_the_engine(tmp_path: Path) -> None:
     profile = empty_profile().model_copy(update={"margins": {"latency": margins.latency, "quality": 0.01}})
     profile = sweep(profile, [reference, one_step], meter, tmp_path / "shapes.json", progress=False)
     assert len(profile.points) == 2
+
+
+def test_a_forgotten_model_is_measured_again_on_resume(tmp_path: Path) -> None:
+    """``bench pareto --remeasure NAME`` (a retrained student): its points and pruning records go, the rest stay."""
+    meter = CurveMeter({"ddim": {1: 0.1, 2: 0.5, 4: 0.8}, "student": {1: 0.4}}, {"ddim": 10.0, "student": 5.0})
+    student = Candidate("m_student", {"sampler": {"name": "student"}}, 1)
+    candidates = [student, *candidates_for("m", FAMILIES[:1], [1, 2, 4])]
+    out = tmp_path / "p.json"
+    first = sweep(empty_profile(), candidates, meter, out, progress=False)
+    assert first.complete and len(first.points) == 4
+    profile = open_profile(out, empty_profile())
+    profile.forget("m_student")
+    assert not profile.complete and [p.model for p in profile.points] == ["m"] * 3
+    assert profile.front == profile.compute_front()
+    meter.curves["student"][1] = 0.6  # retrained
+    again = CurveMeter(meter.curves, meter.cost)
+    resumed = sweep(profile, candidates, again, out, progress=False)
+    assert again.quality_calls == ["student1"] and resumed.complete
+    assert [p.quality for p in resumed.points if p.model == "m_student"] == [0.6]
