@@ -617,7 +617,7 @@ class AccelClient:
                output_compression: int | None = None, image: ImageInput | None = None,
                strength: float | None = None, preview_every: int = 0,
                latency_budget_ms: float | None = None, min_quality: float | None = None,
-              ar_iterations: int | None = None) -> Job:
+               ar_iterations: int | None = None) -> Job:
         """Queue a job (``POST /v1/jobs``; img2img when ``image`` is given) and return its handle.
 
         ``num_inference_steps``, ``size`` and ``num_images_per_prompt`` are the diffusers/OpenAI names of
@@ -640,7 +640,7 @@ class AccelClient:
                  strategy: dict[str, Any] | str | None = None, vae: str | None = None, output_format: str = "png",
                  output_compression: int | None = None, timeout: float | None = None,
                  latency_budget_ms: float | None = None, min_quality: float | None = None,
-              ar_iterations: int | None = None) -> GenerationOutput:
+                 ar_iterations: int | None = None) -> GenerationOutput:
         """Text to image: submit a job and wait for it (a timeout cancels the job). ``strategy="auto"`` with
         ``latency_budget_ms`` (ms per image): the best strategy of the model's Pareto profile that fits."""
         job = self.submit(prompt, model=model, n=n, num_images_per_prompt=num_images_per_prompt, size=size,
@@ -855,7 +855,7 @@ class AsyncAccelClient:
                      image: ImageInput | None = None, strength: float | None = None,
                      preview_every: int = 0, latency_budget_ms: float | None = None,
                      min_quality: float | None = None,
-              ar_iterations: int | None = None) -> AsyncJob:
+                     ar_iterations: int | None = None) -> AsyncJob:
         """Queue a job (``POST /v1/jobs``; img2img when ``image`` is given) and return its handle."""
         body = _job_body(prompt, model=model, n=n, num_images_per_prompt=num_images_per_prompt, size=size,
                          width=width, height=height, seed=seed, negative_prompt=negative_prompt, steps=steps,
@@ -877,7 +877,7 @@ class AsyncAccelClient:
                        output_format: str = "png", output_compression: int | None = None,
                        timeout: float | None = None, latency_budget_ms: float | None = None,
                        min_quality: float | None = None,
-              ar_iterations: int | None = None) -> GenerationOutput:
+                       ar_iterations: int | None = None) -> GenerationOutput:
         """Text to image: submit a job and wait for it (a timeout or task cancellation cancels the job).
         ``strategy="auto"`` with ``latency_budget_ms``: the best strategy of the model's profile that fits."""
         job = await self.submit(prompt, model=model, n=n, num_images_per_prompt=num_images_per_prompt, size=size,
@@ -885,7 +885,7 @@ class AsyncAccelClient:
                                 num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
                                 strategy=strategy, vae=vae, output_format=output_format,
                                 output_compression=output_compression, latency_budget_ms=latency_budget_ms,
-                          min_quality=min_quality, ar_iterations=ar_iterations)
+                                min_quality=min_quality, ar_iterations=ar_iterations)
         return await self._wait(job, timeout)
 
     @_suggests_arguments
