@@ -186,7 +186,8 @@ def worker_process(models_file: Path, url: str, prefix: str, name: str, lease_s:
     env = {**os.environ, "ACCEL_DIFFUSION_QUEUE_BACKEND": "redis", "ACCEL_DIFFUSION_REDIS_URL": url,
            "ACCEL_DIFFUSION_REDIS_PREFIX": prefix, "ACCEL_DIFFUSION_LEASE_S": str(lease_s),
            "ACCEL_DIFFUSION_WORKER_NAME": name, "ACCEL_DIFFUSION_SERVED_MODELS": '["tiny"]',
-           "ACCEL_DIFFUSION_WARMUP_STEPS": "0", "ACCEL_DIFFUSION_API_KEYS": f'["{KEY1}"]', "OMP_NUM_THREADS": "1"}
+           "ACCEL_DIFFUSION_WARMUP_STEPS": "0", "ACCEL_DIFFUSION_API_KEYS": f'["{KEY1}"]', "OMP_NUM_THREADS": "1",
+           "ACCEL_DIFFUSION_ENGINE_ACCELERATION": "none"}  # the server's default compiles for minutes first
     return subprocess.Popen([sys.executable, "-m", "accel_diffusion.cli", "--models", str(models_file), "serve",
                              "--role", "worker", "--port", str(free_port())], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
