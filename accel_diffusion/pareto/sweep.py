@@ -232,17 +232,16 @@ def sweep(profile: ParetoProfile, candidates: Sequence[Candidate], meter: Any, o
     module says; saved to ``out`` after every candidate. Returns the profile (``complete`` when every
     candidate was measured or pruned)."""
     margins = profile.margins_obj()
-    done = {p.key() for p in profile.points} | {s["key"] for s in profile.skipped}
-    history: dict[str, list[float]] = {}  # a family's qualities by increasing steps (anchors stay out of it)
+    measured = {p.key() for p in profile.points}
     anchors = {c.key() for c in candidates if c.anchor}
+    profile.skipped = [s for s in profile.skipped if s["key"] not in anchors - measured]  # an anchor is never pruned
+    done = measured | {s["key"] for s in profile.skipped}
+    history: dict[str, list[float]] = {}  # a family's qualities by increasing steps (anchors stay out of it)
     for point in sorted((p for p in profile.points if p.key() not in anchors), key=lambda p: p.steps):
         history.setdefault(Candidate(point.model, point.strategy, point.steps).family, []).append(point.quality)
     plateaued = {fam for fam, qs in history.items() if _plateaued(qs, margins.quality)}
     begin = clock() - profile.wall_time_s
-    measured_keys = {p.key() for p in profile.points}
-    pruned_anchors = {c.key() for c in candidates if c.anchor and c.key() not in measured_keys}
-    profile.skipped = [s for s in profile.skipped if s["key"] not in pruned_anchors]  # an anchor is never pruned
-    todo = [c for c in candidates if c.key() not in done or c.key() in pruned_anchors]
+    todo = [c for c in candidates if c.key() not in done]
     ceiling = getattr(meter, "quality_ceiling", None)
     with tqdm(total=len(todo), desc="pareto", unit="pt", disable=not progress) as bar:
         for candidate in todo:
