@@ -28,7 +28,7 @@ from torch import nn
 
 from accel_diffusion.students.networks import DiscriminatorHead, MlpDenoiser, MlpGenerator
 from accel_diffusion.students.teachers import Teacher, noised
-from accel_diffusion.students.trainer import optimizer_step
+from accel_diffusion.students.trainer import NoExtraState, optimizer_step
 
 
 def _f_rkl(r: torch.Tensor) -> torch.Tensor:
@@ -160,7 +160,7 @@ def generator_gradient(weights: torch.Tensor, x0: torch.Tensor, teacher_x0: torc
     return weights.reshape(-1, *[1] * (x0.dim() - 1)) * diff
 
 
-class FDistill:
+class FDistill(NoExtraState):
     """f-distill on a :class:`~accel_diffusion.students.teachers.Teacher` (spec §1.5–1.6).
 
     Networks: the one-step ``student`` G(z), the ``fake_score`` x0-denoiser of the student's distribution,
@@ -168,7 +168,8 @@ class FDistill:
     ``k % student_update_freq == 0``, else the fake score (DSM) and the discriminator (GAN loss). The first
     ``warmup_iterations`` iterations update only the critics (the gmm teacher has no weights to initialize
     the fake score from, so it is fitted to the initial student first). All constructor arguments but the
-    teacher are JSON values: :attr:`config` records them for the model card.
+    teacher are JSON values: :attr:`config` records them for the model card. A resume needs no extra state: the
+    ratio bins are a buffer of the ``weight`` module.
     """
 
     def __init__(self, teacher: Teacher, *, divergence: str = "js", batch_size: int = 256, hidden: int = 128,
@@ -218,11 +219,6 @@ class FDistill:
     def optimizers(self) -> dict[str, torch.optim.Optimizer]:
         return self._optimizers
 
-    def extra_state(self) -> dict[str, Any]:
-        return {}  # the ratio bins are a buffer of the ``weight`` module
-
-    def load_extra_state(self, state: dict[str, Any]) -> None:
-        return None
 
     def _noised(self, x0: torch.Tensor, rng: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         return noised(self.teacher, x0, rng)

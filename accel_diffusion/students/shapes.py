@@ -36,7 +36,7 @@ from accel_diffusion.models.registry import ModelRegistry
 from accel_diffusion.strategy import Strategy
 from accel_diffusion.students.fdistill import FDivWeight, generator_gradient
 from accel_diffusion.students.networks import DiscriminatorHead
-from accel_diffusion.students.trainer import optimizer_step
+from accel_diffusion.students.trainer import NoExtraState, optimizer_step
 
 STUDENT_TIMESTEP = 999
 TEACHER_STRATEGY = {"sampler": {"name": "ddim"}, "schedule": {"name": "spacing"},
@@ -182,7 +182,7 @@ class MidFeatures(nn.Module):
         return (x_t - sigma * eps) / alpha, mid.flatten(1)
 
 
-class ShapesFDistill:
+class ShapesFDistill(NoExtraState):
     """f-distill with DMD's regression loss on a :class:`ShapesTeacher` (for :func:`trainer.train`).
 
     Iterations ``< regression_iterations``: the student regresses the teacher's ODE pairs (MSE in latent
@@ -242,11 +242,6 @@ class ShapesFDistill:
     def optimizers(self) -> dict[str, torch.optim.Optimizer]:
         return self._optimizers
 
-    def extra_state(self) -> dict[str, Any]:
-        return {}
-
-    def load_extra_state(self, state: dict[str, Any]) -> None:
-        return None
 
     def _regression(self, rng: torch.Generator) -> torch.Tensor:
         rows = torch.randint(0, self.pairs["z"].shape[0], (self.batch_size,), generator=rng)

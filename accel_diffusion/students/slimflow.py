@@ -27,6 +27,7 @@ from torch import nn
 
 from accel_diffusion.students.networks import MlpDenoiser, StudentOutput
 from accel_diffusion.students.teachers import GmmTeacher
+from accel_diffusion.students.trainer import NoExtraState
 
 EPS = 1e-3
 SCHEDULES = ("linear", "exp", "cos", "fixed")
@@ -88,7 +89,7 @@ def _velocity(network: MlpDenoiser, x: torch.Tensor, t: torch.Tensor) -> torch.T
     return network(x, t * 999).sample
 
 
-class AnnealingReflow:
+class AnnealingReflow(NoExtraState):
     """Stage 1 for :func:`~accel_diffusion.students.trainer.train`: a small 2-RF on annealed teacher pairs."""
 
     def __init__(self, pairs: tuple[torch.Tensor, torch.Tensor], network_config: dict[str, Any], *,
@@ -112,11 +113,6 @@ class AnnealingReflow:
     def optimizers(self) -> dict[str, torch.optim.Optimizer]:
         return {"student": self.optimizer}
 
-    def extra_state(self) -> dict[str, Any]:
-        return {}
-
-    def load_extra_state(self, state: dict[str, Any]) -> None:
-        return None
 
     def train_step(self, iteration: int, rng: torch.Generator) -> dict[str, float]:
         index = torch.randint(0, self.z.shape[0], (self.batch_size,), generator=rng)
@@ -133,7 +129,7 @@ class AnnealingReflow:
         return {"student_updated": 1.0, "loss_flow": float(loss.detach()), "beta": beta}
 
 
-class FlowGuidedDistillation:
+class FlowGuidedDistillation(NoExtraState):
     """Stage 2: distil the 2-RF into a one-step student (initialised from it) with pair + guided L2 terms."""
 
     def __init__(self, pairs: tuple[torch.Tensor, torch.Tensor], reflow: MlpDenoiser, *, guided_weight: float = 1.0,
@@ -153,11 +149,6 @@ class FlowGuidedDistillation:
     def optimizers(self) -> dict[str, torch.optim.Optimizer]:
         return {"student": self.optimizer}
 
-    def extra_state(self) -> dict[str, Any]:
-        return {}
-
-    def load_extra_state(self, state: dict[str, Any]) -> None:
-        return None
 
     def train_step(self, iteration: int, rng: torch.Generator) -> dict[str, float]:
         index = torch.randint(0, self.z.shape[0], (self.batch_size,), generator=rng)

@@ -68,6 +68,16 @@ class DistillationMethod(Protocol):
         """Restore :meth:`extra_state`."""
 
 
+class NoExtraState:
+    """For a :class:`DistillationMethod` whose resume needs nothing beyond its networks and optimizers."""
+
+    def extra_state(self) -> dict[str, Any]:
+        return {}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        return None
+
+
 def optimizer_step(optimizer: torch.optim.Optimizer, loss: torch.Tensor, module: nn.Module | None = None,
                    grad_clip: float = 0.0) -> None:
     """One update: zero the gradients, backpropagate ``loss``, clip ``module``'s gradient norm to ``grad_clip``
