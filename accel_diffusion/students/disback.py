@@ -152,3 +152,124 @@ class DisBack:
         loss = F.mse_loss(self.fake_score(x_t, t).sample, x)
         self._step("fake_score", loss, self.fake_score)
         return {"loss_dsm": float(loss.detach())}
+
+
+def record_shapes_degradation(teacher: Any, initial_student: nn.Module, *, iterations: int, interval: int,
+                              rng: torch.Generator, batch_size: int = 32, lr: float = 1e-4,
+                              prediction: str = "epsilon", progress: bool = False) -> list[dict[str, torch.Tensor]]:
+    """Stage 1 on a :class:`~accel_diffusion.students.shapes.ShapesTeacher`: a copy of its UNet (``s'_0`` = the
+    teacher) is trained by DSM (x0 MSE at the prompt's condition) on one-step samples of the frozen
+    ``initial_student`` for random prompts; its state every ``interval`` iterations is the path."""
+    if interval < 1 or iterations < interval:
+        raise ValueError(f"interval: need 1 <= interval <= iterations, got {interval} and {iterations}")
+    degraded = copy.deepcopy(teacher.unet).requires_grad_(True).train()
+    optimizer = torch.optim.Adam(degraded.parameters(), lr=lr, betas=(0.0, 0.99))
+    path = [copy.deepcopy(teacher.unet.state_dict())]
+    for it in range(1, iterations + 1):
+        z = torch.randn(batch_size, *teacher.latent_shape, generator=rng)
+        prompt = teacher.sample_prompts(batch_size, rng)
+        with torch.no_grad():
+            x0 = teacher.student_x0(initial_student, z, prompt, prediction)
+        x_t, t = teacher.noised(x0, rng)
+        optimizer_step(optimizer, F.mse_loss(_shapes_x0(teacher, degraded, x_t, t, prompt), x0), degraded, 1.0)
+        if it % interval == 0:
+            path.append(copy.deepcopy(degraded.state_dict()))
+            if progress:
+                print(f"degradation {it}/{iterations}: node {len(path) - 1}", flush=True)
+    return path
+
+
+def _shapes_x0(teacher: Any, unet: nn.Module, x_t: torch.Tensor, t: torch.Tensor, prompt: torch.Tensor) -> torch.Tensor:
+    """A score UNet's conditional x0-prediction (eps parameterization, the teacher's schedule)."""
+    eps = unet(x_t, t, encoder_hidden_states=teacher.cond[prompt]).sample
+    alpha, sigma = teacher.alpha_sigma(t)
+    return (x_t - sigma * eps) / alpha
+
+
+class ShapesDisBack:
+    """Stage 2 on a :class:`~accel_diffusion.students.shapes.ShapesTeacher` (for :func:`trainer.train`).
+
+    The student starts as ``initial_student`` (G0), the fake score (conditional DSM on student samples) as
+    ``s'_N``; every ``student_update_freq``-th iteration the student takes a DMD step (h ≡ 1, the normalized
+    score difference of ``fdistill.generator_gradient``) against the path node of :func:`target_index`, guided
+    with CFG at the teacher's scale as the teacher is, plus ``regression_weight`` × DMD's regression loss on the
+    teacher's ODE pairs; after ``(N) · interval`` generator steps the target is the teacher itself.
+    """
+
+    def __init__(self, teacher: Any, path: list[dict[str, torch.Tensor]], initial_student: nn.Module,
+                 pairs: dict[str, torch.Tensor], *, interval: int = 20, batch_size: int = 32,
+                 student_update_freq: int = 5, lr_student: float = 1e-5, lr_fake: float = 1e-4,
+                 regression_weight: float = 1.0, betas: tuple[float, float] = (0.0, 0.99),
+                 grad_clip: float = 1.0, student_prediction: str = "epsilon") -> None:
+        if not path:
+            raise ValueError("path: needs at least the teacher's state")
+        if interval < 1:
+            raise ValueError(f"interval: must be >= 1, got {interval}")
+        self.config: dict[str, Any] = {
+            "nodes": len(path), "interval": interval, "batch_size": batch_size,
+            "student_update_freq": student_update_freq, "lr_student": lr_student, "lr_fake": lr_fake,
+            "regression_weight": regression_weight, "betas": list(betas), "grad_clip": grad_clip,
+            "student_prediction": student_prediction, "pairs": int(pairs["z"].shape[0])}
+        self.teacher, self.path, self.pairs, self.interval = teacher, path, pairs, interval
+        self.batch_size, self.student_update_freq, self.grad_clip = batch_size, student_update_freq, grad_clip
+        self.regression_weight, self.student_prediction = regression_weight, student_prediction
+        self.student = copy.deepcopy(initial_student).requires_grad_(True).train()
+        self.fake_score = copy.deepcopy(teacher.unet).requires_grad_(True).train()
+        self.fake_score.load_state_dict(path[-1])
+        self.target = copy.deepcopy(teacher.unet).requires_grad_(False).eval()
+        self.generator_steps = 0
+        self.loaded_index = -1
+        self._load_target()
+        self._optimizers = {
+            "student": torch.optim.Adam(self.student.parameters(), lr=lr_student, betas=(0.9, 0.99)),
+            "fake_score": torch.optim.Adam(self.fake_score.parameters(), lr=lr_fake, betas=betas),
+        }
+
+    def _load_target(self) -> None:
+        index = target_index(self.generator_steps, len(self.path), self.interval)
+        if index != self.loaded_index:
+            missing, unexpected = self.target.load_state_dict(self.path[index], strict=True)
+            assert not missing and not unexpected
+            self.loaded_index = index
+
+    def modules(self) -> dict[str, nn.Module]:
+        return {"student": self.student, "fake_score": self.fake_score}
+
+    def optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        return self._optimizers
+
+    def extra_state(self) -> dict[str, Any]:
+        return {"generator_steps": self.generator_steps}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        self.generator_steps = int(state["generator_steps"])
+        self._load_target()
+
+    def train_step(self, iteration: int, rng: torch.Generator) -> dict[str, float]:
+        from accel_diffusion.students.shapes import regression_loss
+
+        teacher = self.teacher
+        z = torch.randn(self.batch_size, *teacher.latent_shape, generator=rng)
+        prompt = teacher.sample_prompts(self.batch_size, rng)
+        if iteration % self.student_update_freq == 0:
+            self._load_target()
+            x = teacher.student_x0(self.student, z, prompt, self.student_prediction)
+            x_t, t = teacher.noised(x.detach(), rng)
+            with torch.no_grad():
+                target_x0 = teacher.x0(x_t, t, prompt, self.target)
+                fake_x0 = _shapes_x0(teacher, self.fake_score, x_t, t, prompt)
+                grad = generator_gradient(torch.ones(x.shape[0]), x.detach(), target_x0, fake_x0)
+            loss_vsd = 0.5 * F.mse_loss(x, (x - grad).detach())
+            loss_reg = regression_loss(teacher, self.student, self.pairs, self.batch_size, rng,
+                                       self.student_prediction)
+            optimizer_step(self._optimizers["student"], loss_vsd + self.regression_weight * loss_reg, self.student,
+                           self.grad_clip)
+            self.generator_steps += 1
+            return {"student_updated": 1.0, "loss_vsd": float(loss_vsd.detach()), "loss_reg": float(loss_reg.detach()),
+                    "target": float(self.loaded_index)}
+        with torch.no_grad():
+            x = teacher.student_x0(self.student, z, prompt, self.student_prediction)
+        x_t, t = teacher.noised(x, rng)
+        loss = F.mse_loss(_shapes_x0(teacher, self.fake_score, x_t, t, prompt), x)
+        optimizer_step(self._optimizers["fake_score"], loss, self.fake_score, self.grad_clip)
+        return {"loss_dsm": float(loss.detach())}

@@ -3,8 +3,8 @@
 One documented recipe per (method, teacher); ``--iterations`` is the budget, ``--seed`` fixes every random
 number, and a run that was interrupted resumes from ``OUT/training_state/checkpoint.pt`` with the same result
 as an uninterrupted run (the state is removed once the model is written). Methods: ``fdistill``, ``disback``,
-``slimflow``. Teachers: ``gmm`` (the analytic oracle) for every method; ``shapes`` (the built-in text-to-image
-model) for ``fdistill`` (``students/shapes.py``).
+``slimflow``. Teachers: ``gmm`` (the analytic oracle) and ``shapes`` (the built-in text-to-image model,
+``students/shapes.py``) for every method.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from accel_diffusion.students.trainer import TrainConfig, train
 
 METHODS = ("fdistill", "disback", "slimflow")
 TEACHERS = ("gmm", "shapes")
-SHAPES_METHODS = ("fdistill",)
+SHAPES_METHODS = ("fdistill", "disback", "slimflow")
 STATE_DIR = "training_state"
 
 GMM_FDISTILL = {"hidden": 64, "lr_student": 1e-3, "student_update_freq": 3}
@@ -45,6 +45,20 @@ SHAPES_FDISTILL = {"pairs": 4096, "pair_steps": 8, "regression_fraction": 0.85, 
 """The shapes f-distill recipe: 4,096 teacher ODE pairs (DDIM, 8 steps, CFG 5: 0.995 prompt accuracy), DMD's
 regression loss alone for the first 85% of ``iterations`` (Adam at 3e-4 falling along a half cosine to 1e-5),
 then the f-divergence loop with the regression term beside it."""
+SHAPES_DISBACK = {"pairs": 12288, "pair_steps": 8, "regression_fraction": 0.8, "batch_size": 32,
+                  "lr_regression": 3e-4, "lr_student": 1e-5, "lr_fake": 1e-4, "degradation_iterations": 200,
+                  "degradation_interval": 40, "degradation_lr": 1e-4, "backtrack_interval": 10,
+                  "student_update_freq": 5, "regression_weight": 1.0, "ema_decay": 0.995}
+"""The shapes DisBack recipe: G0 = DMD's regression loss alone on 12,288 teacher ODE pairs for 80% of
+``iterations`` (Adam 3e-4 along a half cosine to 1e-5); stage 1 records 200 DSM iterations of a teacher copy on
+G0's samples (a node every 40: a path of 6 with the teacher); stage 2 backtracks through it (10 generator steps a
+node, then the teacher) for the remaining 20% with the regression term beside the DMD term."""
+SHAPES_SLIMFLOW = {"pairs": 12288, "pair_steps": 8, "block_out_channels": [32, 60], "norm_num_groups": 4,
+                   "distill_fraction": 0.25, "batch_size": 64, "lr_reflow": 5e-4, "lr_distill": 1e-4,
+                   "schedule": "linear", "ema_decay": 0.995}
+"""The shapes SlimFlow recipe: a UNet of the teacher's layout at channels (32, 60) (0.23x its parameters),
+predicting the data end (``slimflow.ShapesDataFlow``), trained by annealing reflow on 12,288 teacher ODE pairs for
+75% of ``iterations`` (β → 0 over the first half of it), then flow-guided distillation for the rest."""
 
 
 def distill(method: str, teacher: str, out_dir: str | Path, *, iterations: int = 1500, seed: int = 0,
@@ -132,12 +146,12 @@ def _slimflow(gmm: GmmTeacher, seed: int, iterations: int, state: Path, resume: 
 
 
 def _distill_shapes(method: str, out: Path, *, iterations: int, seed: int, divergence: str, resume: bool,
-                    progress: bool, pairs: int | None = None, pair_steps: int | None = None) -> dict[str, Any]:
-    """The ``shapes`` f-distill student: teacher pairs (cached in the state directory), the loop, the export."""
+                    progress: bool) -> dict[str, Any]:
+    """A ``shapes`` student: teacher pairs (cached in the state directory), the method's stages, the export."""
     from accel_diffusion.students.export import save_shapes_student
-    from accel_diffusion.students.shapes import ShapesFDistill, ShapesTeacher
+    from accel_diffusion.students.shapes import ShapesTeacher
 
-    r = {**SHAPES_FDISTILL, **({"pairs": pairs} if pairs else {}), **({"pair_steps": pair_steps} if pair_steps else {})}
+    recipe = {"fdistill": SHAPES_FDISTILL, "disback": SHAPES_DISBACK, "slimflow": SHAPES_SLIMFLOW}[method]
     started = time.perf_counter()
     shapes = ShapesTeacher()
     state = out / STATE_DIR
@@ -146,9 +160,32 @@ def _distill_shapes(method: str, out: Path, *, iterations: int, seed: int, diver
     if resume and pairs_file.is_file():
         data = torch.load(pairs_file, weights_only=True)
     else:
-        data = shapes.ode_pairs(r["pairs"], seed, steps=r["pair_steps"], progress=progress)
+        data = shapes.ode_pairs(recipe["pairs"], seed, steps=recipe["pair_steps"], progress=progress)
         torch.save(data, pairs_file)
     pairs_seconds = time.perf_counter() - started
+    run = {"fdistill": _shapes_fdistill, "disback": _shapes_disback, "slimflow": _shapes_slimflow}[method]
+    result, method_config, train_config, prediction = run(shapes, data, iterations=iterations, seed=seed,
+                                                          divergence=divergence, state=state, resume=resume,
+                                                          progress=progress)
+    quality = shapes.evaluate(result.ema, prediction=prediction)
+    command = shlex.join(["accel-diffusion", "distill", "--method", method, "--teacher", "shapes", "--out",
+                          str(out), "--iterations", str(iterations), "--seed", str(seed)]
+                         + (["--divergence", divergence] if method == "fdistill" else []))
+    wall = time.perf_counter() - started
+    save_shapes_student(result.ema, out, shapes.loaded.pipeline, shapes.loaded.scheduler_config, name=out.name,
+                        method=method, recipe={"method": method_config, "recipe": recipe, "train": train_config,
+                                               "history": result.history, "pairs_seconds": round(pairs_seconds, 1)},
+                        command=command, wall_seconds=wall, quality=quality, prediction_type=prediction)
+    shutil.rmtree(state, ignore_errors=True)
+    return {"out": str(out), "method": method, "teacher": "shapes", "iterations": iterations,
+            "resumed_from": result.resumed_from, "wall_seconds": round(wall, 3), "quality": quality}
+
+
+def _shapes_fdistill(shapes: Any, data: dict[str, torch.Tensor], *, iterations: int, seed: int, divergence: str,
+                     state: Path, resume: bool, progress: bool) -> tuple[Any, dict[str, Any], dict[str, Any], str]:
+    from accel_diffusion.students.shapes import ShapesFDistill
+
+    r = SHAPES_FDISTILL
     runner = ShapesFDistill(shapes, data, divergence=divergence, batch_size=r["batch_size"],
                             regression_iterations=int(iterations * r["regression_fraction"]),
                             regression_weight=r["regression_weight"], student_update_freq=r["student_update_freq"],
@@ -159,15 +196,78 @@ def _distill_shapes(method: str, out: Path, *, iterations: int, seed: int, diver
                          eval_every=max(iterations // 8, 1), checkpoint_every=max(iterations // 16, 1),
                          progress=progress)
     result = train(runner, config, out_dir=state, evaluate=shapes.evaluate, resume=resume)
-    quality = shapes.evaluate(result.ema)
-    command = shlex.join(["accel-diffusion", "distill", "--method", method, "--teacher", "shapes", "--out",
-                          str(out), "--iterations", str(iterations), "--seed", str(seed), "--divergence", divergence])
-    wall = time.perf_counter() - started
-    save_shapes_student(result.ema, out, shapes.loaded.pipeline, shapes.loaded.scheduler_config, name=out.name,
-                        method=method, recipe={"method": runner.config, "recipe": r, "train": config.model_dump(),
-                                               "history": result.history,
-                                               "pairs_seconds": round(pairs_seconds, 1)},
-                        command=command, wall_seconds=wall, quality=quality)
-    shutil.rmtree(state, ignore_errors=True)
-    return {"out": str(out), "method": method, "teacher": "shapes", "iterations": iterations,
-            "resumed_from": result.resumed_from, "wall_seconds": round(wall, 3), "quality": quality}
+    return result, runner.config, config.model_dump(), "epsilon"
+
+
+def _shapes_disback(shapes: Any, data: dict[str, torch.Tensor], *, iterations: int, seed: int, divergence: str,
+                    state: Path, resume: bool, progress: bool) -> tuple[Any, dict[str, Any], dict[str, Any], str]:
+    """G0 by regression, stage 1 (deterministic from the seed; the path is kept in the state directory so a
+    resumed run reloads it), stage 2; each stage resumable."""
+    from accel_diffusion.students.disback import ShapesDisBack, record_shapes_degradation
+    from accel_diffusion.students.shapes import ShapesRegression
+
+    r = SHAPES_DISBACK
+    g0_iterations = max(int(iterations * r["regression_fraction"]), 1)
+    backtrack_iterations = max(iterations - g0_iterations, 1)
+    regression = ShapesRegression(shapes, data, iterations=g0_iterations, batch_size=r["batch_size"],
+                                  lr=r["lr_regression"], lr_end=r["lr_student"])
+    g0_config = TrainConfig(iterations=g0_iterations, seed=seed, ema_decay=r["ema_decay"],
+                            eval_every=max(g0_iterations // 4, 1), checkpoint_every=max(g0_iterations // 10, 1),
+                            progress=progress)
+    g0 = train(regression, g0_config, out_dir=state / "g0", evaluate=shapes.evaluate, resume=resume)
+    path_file = state / "path.pt"
+    if resume and path_file.is_file():
+        path = torch.load(path_file, weights_only=True)
+    else:
+        path = record_shapes_degradation(shapes, g0.ema, iterations=r["degradation_iterations"],
+                                         interval=r["degradation_interval"], lr=r["degradation_lr"],
+                                         batch_size=r["batch_size"], rng=torch.Generator().manual_seed(seed + 1),
+                                         progress=progress)
+        torch.save(path, path_file)
+    method = ShapesDisBack(shapes, path, g0.ema, data, interval=r["backtrack_interval"],
+                           batch_size=r["batch_size"], student_update_freq=r["student_update_freq"],
+                           lr_student=r["lr_student"], lr_fake=r["lr_fake"], regression_weight=r["regression_weight"])
+    config = TrainConfig(iterations=backtrack_iterations, seed=seed + 2, ema_decay=r["ema_decay"],
+                         eval_every=max(backtrack_iterations // 4, 1),
+                         checkpoint_every=max(backtrack_iterations // 10, 1), progress=progress)
+    result = train(method, config, out_dir=state / "backtrack", evaluate=shapes.evaluate, resume=resume)
+    result.history = [{"stage": "g0", **h} for h in g0.history] + [{"stage": "backtrack", **h}
+                                                                    for h in result.history]
+    result.resumed_from = g0.resumed_from
+    return result, {"g0": regression.config, "degradation": {k: r[k] for k in (
+        "degradation_iterations", "degradation_interval", "degradation_lr")}, "backtrack": method.config}, {
+        "g0": g0_config.model_dump(), "backtrack": config.model_dump()}, "epsilon"
+
+
+def _shapes_slimflow(shapes: Any, data: dict[str, torch.Tensor], *, iterations: int, seed: int, divergence: str,
+                     state: Path, resume: bool, progress: bool) -> tuple[Any, dict[str, Any], dict[str, Any], str]:
+    """Annealing reflow into the small data-predicting UNet, then flow-guided distillation; each stage resumable."""
+    from functools import partial
+
+    from accel_diffusion.students.slimflow import ShapesDataFlow
+
+    r = SHAPES_SLIMFLOW
+    flow = ShapesDataFlow(shapes.cond)
+    network = {k: v for k, v in shapes.unet.config.items() if not k.startswith("_")}
+    network.update(block_out_channels=list(r["block_out_channels"]), norm_num_groups=r["norm_num_groups"])
+    pairs = (data["z"], data["x0"], data["prompt"])
+    distill_iterations = max(int(iterations * r["distill_fraction"]), 1)
+    reflow_iterations = max(iterations - distill_iterations, 1)
+    evaluate = partial(shapes.evaluate, prediction="sample")
+    reflow = AnnealingReflow(pairs, network, schedule=r["schedule"], horizon=reflow_iterations // 2,
+                             batch_size=r["batch_size"], lr=r["lr_reflow"], init_seed=seed, flow=flow)
+    reflow_config = TrainConfig(iterations=reflow_iterations, seed=seed, ema_decay=r["ema_decay"],
+                                eval_every=max(reflow_iterations // 4, 1),
+                                checkpoint_every=max(reflow_iterations // 10, 1), progress=progress)
+    stage1 = train(reflow, reflow_config, out_dir=state / "reflow", evaluate=evaluate, resume=resume)
+    distillation = FlowGuidedDistillation(pairs, stage1.ema, batch_size=r["batch_size"], lr=r["lr_distill"],
+                                          flow=flow)
+    config = TrainConfig(iterations=distill_iterations, seed=seed + 1, ema_decay=r["ema_decay"],
+                         eval_every=max(distill_iterations // 4, 1),
+                         checkpoint_every=max(distill_iterations // 10, 1), progress=progress)
+    result = train(distillation, config, out_dir=state / "distill", evaluate=evaluate, resume=resume)
+    result.history = [{"stage": "reflow", **h} for h in stage1.history] + [{"stage": "distill", **h}
+                                                                          for h in result.history]
+    result.resumed_from = stage1.resumed_from
+    return result, {"reflow": reflow.config, "distillation": distillation.config, "network": network}, {
+        "reflow": reflow_config.model_dump(), "distill": config.model_dump()}, "sample"

@@ -68,20 +68,24 @@ def save_gmm_student(student: ModelMixin, out_dir: str | Path, teacher: GmmTeach
     return out
 
 
-def shapes_one_step_scheduler(scheduler_config: dict[str, Any]) -> DDIMScheduler:
+def shapes_one_step_scheduler(scheduler_config: dict[str, Any], prediction_type: str | None = None) -> DDIMScheduler:
     """DDIM on the teacher's training schedule whose single "trailing" step from t = 999 is the student's sample.
 
-    The student keeps the teacher's eps parameterization: one step with ``set_alpha_to_one`` lands on
-    ``(z − σ_T ε) / α_T``, the x0 it was trained to produce (``students/shapes.py``).
+    A student that keeps the teacher's eps parameterization (f-distill, DisBack) lands with ``set_alpha_to_one``
+    on ``(z − σ_T ε) / α_T``, the x0 it was trained to produce (``students/shapes.py``); one that predicts the
+    sample itself (SlimFlow's small UNet) is exported with ``prediction_type="sample"``.
     """
-    keys = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "prediction_type")
-    return DDIMScheduler(**{k: scheduler_config[k] for k in keys}, clip_sample=False, set_alpha_to_one=True,
-                         steps_offset=1, timestep_spacing="trailing")  # "trailing" ignores the offset: t = [999]
+    keys = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule")
+    return DDIMScheduler(**{k: scheduler_config[k] for k in keys},
+                         prediction_type=prediction_type or scheduler_config["prediction_type"], clip_sample=False,
+                         set_alpha_to_one=True, steps_offset=1,
+                         timestep_spacing="trailing")  # "trailing" ignores the offset: t = [999]
 
 
 def save_shapes_student(student: ModelMixin, out_dir: str | Path, teacher_pipeline: Any,
                         scheduler_config: dict[str, Any], *, name: str, method: str, recipe: dict[str, Any],
-                        command: str, wall_seconds: float, quality: dict[str, Any], teacher: str = "shapes") -> Path:
+                        command: str, wall_seconds: float, quality: dict[str, Any], teacher: str = "shapes",
+                        prediction_type: str | None = None) -> Path:
     """Save a one-step student UNet as a ``StableDiffusionPipeline`` directory: the teacher's tokenizer, text
     encoder and VAE, the student UNet (fp32 safetensors) and :func:`shapes_one_step_scheduler`; plain
     diffusers loads and runs it on CPU with no extra arguments (``num_inference_steps=1, guidance_scale=1``)."""
@@ -90,7 +94,8 @@ def save_shapes_student(student: ModelMixin, out_dir: str | Path, teacher_pipeli
     out = Path(out_dir)
     pipe = StableDiffusionPipeline(
         vae=teacher_pipeline.vae, text_encoder=teacher_pipeline.text_encoder, tokenizer=teacher_pipeline.tokenizer,
-        unet=student.float(), scheduler=shapes_one_step_scheduler(scheduler_config), safety_checker=None,
+        unet=student.float(), scheduler=shapes_one_step_scheduler(scheduler_config, prediction_type),
+        safety_checker=None,
         feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(str(out), safe_serialization=True)
     parameters = sum(p.numel() for p in student.parameters())

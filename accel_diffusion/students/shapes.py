@@ -87,24 +87,33 @@ class ShapesTeacher:
         return alpha * x0 + sigma * torch.randn(x0.shape, generator=rng), t
 
     @torch.no_grad()
-    def x0(self, x_t: torch.Tensor, t: torch.Tensor, prompt: torch.Tensor) -> torch.Tensor:
-        """The teacher's CFG x0-prediction (2 NFE a sample)."""
+    def x0(self, x_t: torch.Tensor, t: torch.Tensor, prompt: torch.Tensor,
+           unet: UNet2DConditionModel | None = None) -> torch.Tensor:
+        """The teacher's CFG x0-prediction (2 NFE a sample); ``unet`` replaces the teacher's UNet (a node of
+        DisBack's degradation path, guided the same way)."""
         n = x_t.shape[0]
         cond = torch.cat([self.cond[prompt], self.uncond.expand(n, -1, -1)])
-        eps_c, eps_u = self.unet(torch.cat([x_t, x_t]), torch.cat([t, t]), encoder_hidden_states=cond).sample.chunk(2)
+        unet = unet if unet is not None else self.unet
+        eps_c, eps_u = unet(torch.cat([x_t, x_t]), torch.cat([t, t]), encoder_hidden_states=cond).sample.chunk(2)
         eps = eps_u + self.guidance_scale * (eps_c - eps_u)
         alpha, sigma = self.alpha_sigma(t)
         return (x_t - sigma * eps) / alpha
 
-    def student_x0(self, student: nn.Module, z: torch.Tensor, prompt: torch.Tensor) -> torch.Tensor:
-        """The one-step student's sample: its eps at t = 999 turned into x0 (DDIM's one trailing step)."""
+    def student_x0(self, student: nn.Module, z: torch.Tensor, prompt: torch.Tensor,
+                   prediction: str = "epsilon") -> torch.Tensor:
+        """The one-step student's sample at t = 999 (DDIM's one trailing step): its output itself with
+        ``prediction="sample"``, or its eps turned into ``x0 = (z − σ_T ε) / α_T`` with ``"epsilon"``."""
         t = torch.full((z.shape[0],), STUDENT_TIMESTEP, dtype=torch.long)
-        eps = student(z, t, encoder_hidden_states=self.cond[prompt]).sample
+        out = student(z, t, encoder_hidden_states=self.cond[prompt]).sample
+        if prediction == "sample":
+            return out
+        if prediction != "epsilon":
+            raise ValueError(f"prediction: 'epsilon' or 'sample', got {prediction!r}")
         alpha, sigma = self.alpha_sigma(t)
-        return (z - sigma * eps) / alpha
+        return (z - sigma * out) / alpha
 
     @torch.no_grad()
-    def ode_pairs(self, count: int, seed: int, steps: int = 25, batch_size: int = 64,
+    def ode_pairs(self, count: int, seed: int, steps: int = 25, batch_size: int = 128,
                   progress: bool = False) -> dict[str, torch.Tensor]:
         """``count`` teacher samples: noise ``z``, prompt index (i % 196) and the x0 latents the teacher's quality
         strategy reaches from z in ``steps`` steps, through the engine's one loop."""
@@ -135,7 +144,7 @@ class ShapesTeacher:
 
     @torch.no_grad()
     def evaluate(self, student: nn.Module, seed: int = 0, judge: ShapesJudge | None = None,
-                 batch_size: int = 98) -> dict[str, Any]:
+                 batch_size: int = 98, prediction: str = "epsilon") -> dict[str, Any]:
         """Prompt accuracy (the project's judge) of one 1-step image per prompt, seed ``seed + i`` for prompt i:
         the engine's noise for the same seeds (``evaluate_shapes``), never the noise of the teacher pairs (one
         generator seeded with the run's seed draws all of those)."""
@@ -144,7 +153,7 @@ class ShapesTeacher:
                        for i in range(len(self.prompts))])
         prompt = torch.arange(len(self.prompts))
         images = np.concatenate([
-            self.decode(self.student_x0(student, z[i:i + batch_size], prompt[i:i + batch_size]))
+            self.decode(self.student_x0(student, z[i:i + batch_size], prompt[i:i + batch_size], prediction))
             for i in range(0, len(prompt), batch_size)])
         accuracy = judge.prompt_accuracy(images, self.prompts)
         out_of_gamut = float(((images < 10) | (images > 250)).mean())
@@ -159,6 +168,50 @@ def _betas(config: dict[str, Any]) -> torch.Tensor:
     if config.get("beta_schedule") == "linear":
         return torch.linspace(start, end, n, dtype=torch.float64)
     raise ValueError(f"beta_schedule: {config.get('beta_schedule')!r} is not supported by the shapes teacher")
+
+
+class ShapesRegression(NoExtraState):
+    """DMD's regression loss alone: a copy of the teacher UNet (``init`` replaces its weights) regresses the
+    teacher's ODE pairs (MSE in latent space) in one step at t = 999, with Adam at ``lr`` or, with
+    ``schedule="cosine"``, at a rate falling from ``lr`` to ``lr_end`` along a half cosine over ``iterations``.
+    The initial student G0 of DisBack's shapes recipe (for :func:`trainer.train`)."""
+
+    def __init__(self, teacher: ShapesTeacher, pairs: dict[str, torch.Tensor], *, iterations: int,
+                 batch_size: int = 32, lr: float = 3e-4, lr_end: float = 1e-5, schedule: str = "cosine",
+                 grad_clip: float = 1.0, student_prediction: str = "epsilon") -> None:
+        if schedule not in ("constant", "cosine"):
+            raise ValueError(f"schedule: 'constant' or 'cosine', got {schedule!r}")
+        self.config: dict[str, Any] = {"iterations": iterations, "batch_size": batch_size, "lr": lr,
+                                       "lr_end": lr_end, "schedule": schedule, "grad_clip": grad_clip,
+                                       "student_prediction": student_prediction, "pairs": int(pairs["z"].shape[0])}
+        self.teacher, self.pairs = teacher, pairs
+        self.iterations, self.batch_size, self.lr, self.lr_end = iterations, batch_size, lr, lr_end
+        self.schedule, self.grad_clip, self.student_prediction = schedule, grad_clip, student_prediction
+        self.student = copy.deepcopy(teacher.unet).requires_grad_(True).train()
+        self.optimizer = torch.optim.Adam(self.student.parameters(), lr=lr, betas=(0.9, 0.99))
+
+    def modules(self) -> dict[str, nn.Module]:
+        return {"student": self.student}
+
+    def optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        return {"student": self.optimizer}
+
+    def train_step(self, iteration: int, rng: torch.Generator) -> dict[str, float]:
+        if self.schedule == "cosine":
+            cosine = 0.5 * (1 + math.cos(math.pi * min(iteration / max(self.iterations, 1), 1.0)))
+            for group in self.optimizer.param_groups:
+                group["lr"] = self.lr_end + (self.lr - self.lr_end) * cosine
+        loss = regression_loss(self.teacher, self.student, self.pairs, self.batch_size, rng, self.student_prediction)
+        optimizer_step(self.optimizer, loss, self.student, self.grad_clip)
+        return {"student_updated": 1.0, "loss_reg": float(loss.detach())}
+
+
+def regression_loss(teacher: ShapesTeacher, student: nn.Module, pairs: dict[str, torch.Tensor], batch_size: int,
+                    rng: torch.Generator, prediction: str = "epsilon") -> torch.Tensor:
+    """MSE between the student's one-step samples and the teacher's ODE endpoints of ``batch_size`` random pairs."""
+    rows = torch.randint(0, pairs["z"].shape[0], (batch_size,), generator=rng)
+    x = teacher.student_x0(student, pairs["z"][rows], pairs["prompt"][rows], prediction)
+    return F.mse_loss(x, pairs["x0"][rows])
 
 
 class MidFeatures(nn.Module):
@@ -199,7 +252,9 @@ class ShapesFDistill(NoExtraState):
                  student_update_freq: int = 5, lr_student: float = 1e-4, lr_regression: float = 3e-4,
                  lr_fake: float = 1e-4, lr_discriminator: float = 1e-4, betas: tuple[float, float] = (0.0, 0.99),
                  gan_weight: float = 1e-3, grad_clip: float = 1.0, bins: int = 10, init_seed: int = 0,
-                 regression_schedule: str = "constant") -> None:
+                 regression_schedule: str = "constant", student_prediction: str = "epsilon") -> None:
+        if student_prediction not in ("epsilon", "sample"):
+            raise ValueError(f"student_prediction: 'epsilon' or 'sample', got {student_prediction!r}")
         if regression_schedule not in ("constant", "cosine"):
             raise ValueError(f"regression_schedule: 'constant' or 'cosine', got {regression_schedule!r}")
         self.config: dict[str, Any] = {
@@ -208,8 +263,9 @@ class ShapesFDistill(NoExtraState):
             "lr_student": lr_student, "lr_regression": lr_regression, "lr_fake": lr_fake,
             "lr_discriminator": lr_discriminator, "betas": list(betas), "gan_weight": gan_weight,
             "grad_clip": grad_clip, "bins": bins, "init_seed": init_seed, "pairs": int(pairs["z"].shape[0]),
-            "regression_schedule": regression_schedule,
+            "regression_schedule": regression_schedule, "student_prediction": student_prediction,
         }
+        self.student_prediction = student_prediction
         self.regression_schedule = regression_schedule
         self.lr_regression = lr_regression
         self.teacher = teacher
@@ -244,9 +300,7 @@ class ShapesFDistill(NoExtraState):
 
 
     def _regression(self, rng: torch.Generator) -> torch.Tensor:
-        rows = torch.randint(0, self.pairs["z"].shape[0], (self.batch_size,), generator=rng)
-        x = self.teacher.student_x0(self.student, self.pairs["z"][rows], self.pairs["prompt"][rows])
-        return F.mse_loss(x, self.pairs["x0"][rows])
+        return regression_loss(self.teacher, self.student, self.pairs, self.batch_size, rng, self.student_prediction)
 
     def train_step(self, iteration: int, rng: torch.Generator) -> dict[str, float]:
         if iteration < self.regression_iterations:
@@ -267,7 +321,7 @@ class ShapesFDistill(NoExtraState):
         return self._critic_step(z, prompt, rng)
 
     def _student_step(self, z: torch.Tensor, prompt: torch.Tensor, rng: torch.Generator) -> dict[str, float]:
-        x = self.teacher.student_x0(self.student, z, prompt)
+        x = self.teacher.student_x0(self.student, z, prompt, self.student_prediction)
         x_t, t = self.teacher.noised(x, rng)
         self.fake_unet.requires_grad_(False)
         self.discriminator.requires_grad_(False)
@@ -291,7 +345,7 @@ class ShapesFDistill(NoExtraState):
 
     def _critic_step(self, z: torch.Tensor, prompt: torch.Tensor, rng: torch.Generator) -> dict[str, float]:
         with torch.no_grad():
-            x = self.teacher.student_x0(self.student, z, prompt)
+            x = self.teacher.student_x0(self.student, z, prompt, self.student_prediction)
         x_t, t = self.teacher.noised(x, rng)
         fake_x0, features_fake = self.fake_score(x_t, t, prompt)
         loss_dsm = F.mse_loss(fake_x0, x)

@@ -11,6 +11,11 @@ one-step sampling ``x1 = z + v(z, eps)``.
 - :class:`FlowGuidedDistillation`: the student starts as the 2-RF; loss = pair term
   ``D(z + v_s(z, eps), x1)`` + guided term ``D(z + v_s, x_{t'} + (1 − t')·v_2RF(x_{t'}, t'))`` with
   ``x_{t'} = z + t'·sg(v_s)``, t' ~ U[0.2, 0.8] (a 2-step target whose first step is the student's); D = L2.
+
+Both stages see the network through a flow parameterization: :class:`VelocityFlow` (the reference's, for the
+``gmm`` MLPs) or :class:`ShapesDataFlow` (a small text-conditioned ``UNet2DConditionModel`` predicting the data
+end x1 at diffusers timestep ``(1 − t)·999``, so that its one step from pure noise is a plain diffusers
+DDIM step with ``prediction_type="sample"`` at t = 999; its velocity is ``(x1̂ − x_t)/(1 − t)``).
 """
 
 from __future__ import annotations
@@ -85,26 +90,88 @@ class FlowGenerator(ModelMixin, ConfigMixin):
         return StudentOutput(sample=out) if return_dict else (out,)
 
 
-def _velocity(network: MlpDenoiser, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    return network(x, t * 999).sample
+def _per_row(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """t (B,) shaped to broadcast against x (B, ...)."""
+    return t.reshape(-1, *([1] * (x.dim() - 1)))
+
+
+class VelocityFlow:
+    """The reference convention: the network's output at timestep t·999 is the velocity; t ∈ [eps, 1];
+    one step ``x1 = z + v(z, eps)``; no conditioning (``cond`` is None)."""
+
+    t_low, t_high = EPS, 1.0
+
+    def build(self, network_config: dict[str, Any]) -> nn.Module:
+        return MlpDenoiser(**network_config)
+
+    def velocity(self, network: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: Any = None) -> torch.Tensor:
+        return network(x, t * 999).sample
+
+    def one_step(self, network: nn.Module, z: torch.Tensor, cond: Any = None) -> torch.Tensor:
+        return z + self.velocity(network, z, torch.full((z.shape[0],), EPS), cond)
+
+    def random_cond(self, n: int, rng: torch.Generator) -> Any:
+        return None
+
+    def generator(self, network: nn.Module) -> nn.Module:
+        return FlowGenerator.from_velocity(network)
+
+
+class ShapesDataFlow:
+    """A text-conditioned ``UNet2DConditionModel`` that predicts the data end: ``x1̂ = net(x_t, (1 − t)·999,
+    text[cond])`` for t ∈ [0, 1 − eps]; velocity ``(x1̂ − x_t) / max(1 − t, min_gap)``; one step = ``net(z, 999)``.
+    ``cond`` is a batch of prompt indices into ``text`` (P, L, D)."""
+
+    t_low, t_high = 0.0, 1.0 - EPS
+
+    def __init__(self, text: torch.Tensor, min_gap: float = 0.05) -> None:
+        self.text, self.min_gap = text, float(min_gap)
+
+    def build(self, network_config: dict[str, Any]) -> nn.Module:
+        from diffusers import UNet2DConditionModel
+
+        return UNet2DConditionModel(**network_config)
+
+    def data(self, network: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        return network(x, (1 - t) * 999, encoder_hidden_states=self.text[cond]).sample
+
+    def velocity(self, network: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        return (self.data(network, x, t, cond) - x) / _per_row((1 - t).clamp_min(self.min_gap), x)
+
+    def one_step(self, network: nn.Module, z: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        return self.data(network, z, torch.zeros(z.shape[0]), cond)
+
+    def random_cond(self, n: int, rng: torch.Generator) -> torch.Tensor:
+        return torch.randint(0, self.text.shape[0], (n,), generator=rng)
+
+    def generator(self, network: nn.Module) -> nn.Module:
+        return network
+
+
+Flow = VelocityFlow | ShapesDataFlow
 
 
 class AnnealingReflow(NoExtraState):
-    """Stage 1 for :func:`~accel_diffusion.students.trainer.train`: a small 2-RF on annealed teacher pairs."""
+    """Stage 1 for :func:`~accel_diffusion.students.trainer.train`: a small 2-RF on annealed teacher pairs.
 
-    def __init__(self, pairs: tuple[torch.Tensor, torch.Tensor], network_config: dict[str, Any], *,
+    ``pairs`` is ``(z, x1)`` or, for a conditional flow, ``(z, x1, cond)`` (the prompt index of each pair)."""
+
+    def __init__(self, pairs: tuple[torch.Tensor, ...], network_config: dict[str, Any], *,
                  schedule: str = "linear", horizon: int = 500, beta: float = 0.0, batch_size: int = 256,
-                 lr: float = 2e-3, grad_clip: float = 1.0, init_seed: int = 0) -> None:
+                 lr: float = 2e-3, grad_clip: float = 1.0, init_seed: int = 0, flow: Flow | None = None) -> None:
         annealing_beta(schedule, 0, max(horizon, 1), beta)
+        self.flow = flow or VelocityFlow()
         self.config: dict[str, Any] = {"schedule": schedule, "horizon": horizon, "beta": beta,
                                        "batch_size": batch_size, "lr": lr, "grad_clip": grad_clip,
-                                       "pairs": int(pairs[0].shape[0]), "network": network_config}
-        self.z, self.x1 = pairs
+                                       "pairs": int(pairs[0].shape[0]), "network": network_config,
+                                       "flow": type(self.flow).__name__}
+        self.z, self.x1 = pairs[0], pairs[1]
+        self.cond = pairs[2] if len(pairs) > 2 else None
         self.schedule, self.horizon, self.beta = schedule, horizon, beta
         self.batch_size, self.grad_clip = batch_size, grad_clip
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(init_seed)
-            self.student = MlpDenoiser(**network_config)
+            self.student = self.flow.build(network_config)
         self.optimizer = torch.optim.Adam(self.student.parameters(), lr=lr, foreach=True)
 
     def modules(self) -> dict[str, nn.Module]:
@@ -113,15 +180,16 @@ class AnnealingReflow(NoExtraState):
     def optimizers(self) -> dict[str, torch.optim.Optimizer]:
         return {"student": self.optimizer}
 
-
     def train_step(self, iteration: int, rng: torch.Generator) -> dict[str, float]:
         index = torch.randint(0, self.z.shape[0], (self.batch_size,), generator=rng)
         z, x1 = self.z[index], self.x1[index]
+        cond = None if self.cond is None else self.cond[index]
         beta = annealing_beta(self.schedule, iteration, max(self.horizon, 1), self.beta)
         noise = math.sqrt(1.0 - beta * beta) * z + beta * torch.randn(z.shape, generator=rng)
-        t = EPS + (1 - EPS) * torch.rand(self.batch_size, generator=rng)
-        x_t = t[:, None] * x1 + (1 - t[:, None]) * noise
-        loss = F.mse_loss(_velocity(self.student, x_t, t), x1 - noise)
+        low, high = self.flow.t_low, self.flow.t_high
+        t = low + (high - low) * torch.rand(self.batch_size, generator=rng)
+        x_t = _per_row(t, x1) * x1 + (1 - _per_row(t, x1)) * noise
+        loss = F.mse_loss(self.flow.velocity(self.student, x_t, t, cond), x1 - noise)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.student.parameters(), self.grad_clip)
@@ -132,14 +200,16 @@ class AnnealingReflow(NoExtraState):
 class FlowGuidedDistillation(NoExtraState):
     """Stage 2: distil the 2-RF into a one-step student (initialised from it) with pair + guided L2 terms."""
 
-    def __init__(self, pairs: tuple[torch.Tensor, torch.Tensor], reflow: MlpDenoiser, *, guided_weight: float = 1.0,
-                 batch_size: int = 256, lr: float = 1e-3, grad_clip: float = 1.0) -> None:
+    def __init__(self, pairs: tuple[torch.Tensor, ...], reflow: nn.Module, *, guided_weight: float = 1.0,
+                 batch_size: int = 256, lr: float = 1e-3, grad_clip: float = 1.0, flow: Flow | None = None) -> None:
+        self.flow = flow or VelocityFlow()
         self.config: dict[str, Any] = {"guided_weight": guided_weight, "batch_size": batch_size, "lr": lr,
-                                       "grad_clip": grad_clip}
-        self.z, self.x1 = pairs
+                                       "grad_clip": grad_clip, "flow": type(self.flow).__name__}
+        self.z, self.x1 = pairs[0], pairs[1]
+        self.cond = pairs[2] if len(pairs) > 2 else None
         self.guide = copy.deepcopy(reflow).requires_grad_(False)
         self.velocity = copy.deepcopy(reflow).requires_grad_(True)
-        self.student = FlowGenerator.from_velocity(self.velocity)
+        self.student = self.flow.generator(self.velocity)
         self.guided_weight, self.batch_size, self.grad_clip = guided_weight, batch_size, grad_clip
         self.optimizer = torch.optim.Adam(self.velocity.parameters(), lr=lr, foreach=True)
 
@@ -149,18 +219,18 @@ class FlowGuidedDistillation(NoExtraState):
     def optimizers(self) -> dict[str, torch.optim.Optimizer]:
         return {"student": self.optimizer}
 
-
     def train_step(self, iteration: int, rng: torch.Generator) -> dict[str, float]:
         index = torch.randint(0, self.z.shape[0], (self.batch_size,), generator=rng)
-        loss_pair = F.mse_loss(self.student(self.z[index]).sample, self.x1[index])
-        z = torch.randn(self.batch_size, self.z.shape[1], generator=rng)
-        eps_t = torch.full((self.batch_size,), EPS)
-        v_s = _velocity(self.velocity, z, eps_t)
+        cond = None if self.cond is None else self.cond[index]
+        loss_pair = F.mse_loss(self.flow.one_step(self.velocity, self.z[index], cond), self.x1[index])
+        z = torch.randn(self.batch_size, *self.z.shape[1:], generator=rng)
+        cond = self.flow.random_cond(self.batch_size, rng)
+        x1_s = self.flow.one_step(self.velocity, z, cond)
         t = 0.2 + 0.6 * torch.rand(self.batch_size, generator=rng)
         with torch.no_grad():
-            x_t = z + t[:, None] * v_s.detach()
-            target = x_t + (1 - t[:, None]) * _velocity(self.guide, x_t, t)
-        loss_guided = F.mse_loss(z + v_s, target)
+            x_t = z + _per_row(t, z) * (x1_s.detach() - z)
+            target = x_t + (1 - _per_row(t, z)) * self.flow.velocity(self.guide, x_t, t, cond)
+        loss_guided = F.mse_loss(x1_s, target)
         loss = loss_pair + self.guided_weight * loss_guided
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
