@@ -5,6 +5,7 @@ shipped student)."""
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -118,7 +119,8 @@ def student_dir(teacher: ShapesTeacher, pairs: dict[str, torch.Tensor],
                         name=out.name, method="fdistill", recipe={"method": method.config},
                         command="accel-diffusion distill --method fdistill --teacher shapes --out DIR",
                         wall_seconds=1.0, quality={"prompt_accuracy": 0.5})
-    return out, result.student
+    # the directory holds the UNet in float16 (diffusers upcasts it to float32 on load): compare with those weights
+    return out, copy.deepcopy(result.student).half().float()
 
 
 def test_plain_diffusers_runs_the_directory_in_one_step_to_the_students_sample(
@@ -127,6 +129,10 @@ def test_plain_diffusers_runs_the_directory_in_one_step_to_the_students_sample(
     info = json.loads((out / "training_info.json").read_text())
     assert info["steps"] == [1] and info["parameters"] == 3_984_068 and info["teacher"] == "shapes"
     assert not [p for p in out.rglob("*") if p.suffix in (".bin", ".pt", ".ckpt", ".pkl")]
+    from safetensors import safe_open
+
+    with safe_open(str(out / "unet" / "diffusion_pytorch_model.safetensors"), "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float16}  # half the bytes on disk
     pipe = StableDiffusionPipeline.from_pretrained(str(out))  # no extra arguments, on CPU
     assert pipe.unet.dtype == torch.float32
     z = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3))
