@@ -16,7 +16,8 @@ from accel_diffusion.models.registry import BUILTIN_DIR, ModelRegistry
 
 def test_default_registry_declares_the_builtins() -> None:
     registry = ModelRegistry.default()
-    assert registry.ids() == ["gmm", "shapes", "shapes_fdistill", "shapes_mar"]
+    assert registry.ids() == ["gmm", "shapes", "shapes_disback", "shapes_fdistill", "shapes_mar",
+                              "shapes_slimflow"]
     shapes = registry.spec("shapes")
     assert shapes.location() == str(BUILTIN_DIR / "shapes")
     assert shapes.default_strategy.sampler["name"] == "dpmpp_2m"
@@ -56,7 +57,8 @@ def test_tiny_vae_locations_and_loading(tmp_path: Path, tiny_sd_dir: Path) -> No
 def test_unknown_model_lists_choices() -> None:
     with pytest.raises(UnknownModelError) as err:
         ModelRegistry.default().spec("sd-turbo")
-    assert err.value.field == "model" and err.value.allowed == "'gmm', 'shapes', 'shapes_fdistill', 'shapes_mar'"
+    assert err.value.field == "model" and err.value.allowed == ("'gmm', 'shapes', 'shapes_disback', 'shapes_fdistill', "
+                                                         "'shapes_mar', 'shapes_slimflow'")
 
 
 def test_registry_file_validation(tmp_path: Path) -> None:

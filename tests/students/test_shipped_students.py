@@ -24,7 +24,7 @@ from accel_diffusion.strategy import GenerationRequest
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 BUILTIN = Path(__file__).resolve().parents[2] / "accel_diffusion" / "models" / "builtin"
-SHIPPED = ["shapes_fdistill"]
+SHIPPED = ["shapes_fdistill", "shapes_disback", "shapes_slimflow"]
 BUDGET_BYTES = 80 * 1024 * 1024
 
 
