@@ -232,29 +232,35 @@ def start_compiled_server(cache_dir: str, log_path: Path, **settings: str | None
             "acceleration_log": [line for line in text.splitlines() if "engine_acceleration" in line]}
 
 
-def stream_rounds(model: Any, urls: dict[str, str], rounds: int) -> dict[str, Any]:
-    """The 1-step WebSocket loop (tiny autoencoder, JPEG, one frame in flight, 200 timed frames) against
-    each server in ``urls``, round-robin, with the eager compute floor (UNet batch 1 + tiny encode + tiny
-    decode, in this process, on one thread as the servers) measured at the start of every round; medians."""
+STREAM_IN_FLIGHT = {"": 1, "_two_in_flight": 2}  # row name suffix -> frames the client keeps in flight
+
+
+def stream_rounds(model: Any, urls: dict[str, str], rounds: int, frames: int = 200) -> dict[str, Any]:
+    """The 1-step WebSocket loop (tiny autoencoder, JPEG, ``frames`` timed frames) against each server in ``urls``
+    with one frame in flight (the web page's loop) and with two (the next frame sent before the previous
+    answer arrives), round-robin, with the eager compute floor (UNet batch 1 + tiny encode + tiny decode, in
+    this process, on one thread as the servers) measured at the start of every round; medians."""
     import asyncio
 
     from stream import clip, compute_floor, websocket_frames
 
-    samples: dict[str, list[dict[str, float]]] = {name: [] for name in urls}
+    samples: dict[str, list[dict[str, float]]] = {name + suffix: [] for name in urls for suffix in STREAM_IN_FLIGHT}
     for _ in range(rounds):
         floor = compute_floor(model, clip(8))
         for name, url in urls.items():
-            row = asyncio.run(websocket_frames(url, clip(205), "tiny"))
-            row["floor_fps"] = floor["floor_fps_1_step_tiny_vae"]
-            row["vs_eager_floor"] = row["fps"] / row["floor_fps"]
-            samples[name].append(row)
+            for suffix, in_flight in STREAM_IN_FLIGHT.items():
+                row = asyncio.run(websocket_frames(url, clip(frames + 5), "tiny", in_flight))
+                row["floor_fps"] = floor["floor_fps_1_step_tiny_vae"]
+                row["vs_eager_floor"] = row["fps"] / row["floor_fps"]
+                samples[name + suffix].append(row)
     return {name: {key: statistics.median(row[key] for row in rows) for key in rows[0]} | {"rounds": len(rows)}
             for name, rows in samples.items()}
 
 
 def compiled_benchmark(model: Any, directory: str, steps: int, repeats: int, batches: list[int],
                        modes: list[str], rounds: int, blocks: int, out: Path,
-                       cache_dir: str | None = None, servers_only: bool = False) -> dict[str, Any]:
+                       cache_dir: str | None = None, servers_only: bool = False,
+                       stream_frames: int = 200) -> dict[str, Any]:
     """Cold and warm server startup (the default settings, an empty then the same inductor cache); the
     stream's WebSocket loop on the warm compiled server and on an eager one against the eager floor; the
     server overhead p50 with compile on; then compiled vs eager vs diffusers rows. Partial results are
@@ -296,7 +302,8 @@ def compiled_benchmark(model: Any, directory: str, steps: int, repeats: int, bat
         eager_port = free_port()
         servers.append(start_server(eager_port, queue_max=8, engine_acceleration="none"))
         result["stream"] = stream_rounds(model, {"compiled_default": f"http://127.0.0.1:{compiled_port}",
-                                                 "eager": f"http://127.0.0.1:{eager_port}"}, rounds)
+                                                 "eager": f"http://127.0.0.1:{eager_port}"}, rounds,
+                                       stream_frames)
         result["stream"]["load_average"] = os.getloadavg()
         print("stream", json.dumps(result["stream"]), flush=True)
         save()
@@ -370,6 +377,13 @@ def compiled_markdown(result: dict[str, Any]) -> str:
         f"{fast['fps']:.1f} fps = **{fast['vs_eager_floor']:.2f}x** the eager compute floor ({fast['floor_fps']:.1f} "
         f"fps; target >= 1.0), p50 {fast['latency_p50_ms']:.1f} ms; eager server {eager['fps']:.1f} fps = "
         f"{eager['vs_eager_floor']:.2f}x")
+    if "compiled_default_two_in_flight" in st:
+        fast2, eager2 = st["compiled_default_two_in_flight"], st["eager_two_in_flight"]
+        lines.append(
+            f"\nthe same with two frames in flight (the next frame sent before the previous answer arrives): "
+            f"compiled {fast2['fps']:.1f} fps = **{fast2['vs_eager_floor']:.2f}x** the floor, p50 "
+            f"{fast2['latency_p50_ms']:.1f} ms, {fast2['dropped']:.0f} dropped; eager server {eager2['fps']:.1f} fps = "
+            f"{eager2['vs_eager_floor']:.2f}x")
     lines.append(f"\nserver overhead with compile on (8 steps, HTTP p50 minus the compiled engine's p50 in the "
                  f"benchmark process): **{o['overhead_ms']:.2f} ms** (target <= 2 ms); HTTP minus the server's "
                  f"own compute p50 {o['http_minus_server_compute_p50_ms']:.2f} ms; HTTP p50 {o['http_p50_ms']:.1f} ms")
@@ -547,6 +561,7 @@ def main() -> None:
     parser.add_argument("--blocks", type=int, default=4, help="with --compile: server overhead blocks of 10")
     parser.add_argument("--cache-dir", default=None, help="with --compile: inductor cache (default: a new, empty one)")
     parser.add_argument("--servers-only", action="store_true", help="with --compile: no compiled/eager/diffusers rows")
+    parser.add_argument("--stream-frames", type=int, default=200, help="with --compile: timed frames per stream row")
     args = parser.parse_args()
     if args.peak_rss:
         _one_call_peak_rss(args.peak_rss, args.mode, args.batch, args.steps)
@@ -559,7 +574,8 @@ def main() -> None:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
         compiled_benchmark(model, directory, args.steps, args.repeats, [int(b) for b in args.batches.split(",")],
-                           args.modes.split(","), args.rounds, args.blocks, out, args.cache_dir, args.servers_only)
+                           args.modes.split(","), args.rounds, args.blocks, out, args.cache_dir, args.servers_only,
+                           args.stream_frames)
         if not args.servers_only:
             print(compiled_markdown(json.loads(out.read_text())))
         return

@@ -170,8 +170,10 @@ async def websocket_loopback(frames: list[Image.Image], vae: str, acceleration: 
         server.wait(60)
 
 
-async def websocket_frames(url: str, frames: list[Image.Image], vae: str) -> dict[str, float]:
-    """A 1-step img2img session on the server at ``url``, one frame in flight; the first 5 frames untimed."""
+async def websocket_frames(url: str, frames: list[Image.Image], vae: str, in_flight: int = 1) -> dict[str, float]:
+    """A 1-step img2img session on the server at ``url`` with ``in_flight`` frames sent and not yet answered
+    (1: send, await the answer, send the next, as the web page does; 2: the next frame is sent before the
+    previous answer arrives, as a camera that does not wait does); the first 5 frames untimed."""
     from accel_diffusion.clients import StreamClient
 
     async with StreamClient(url, PROMPT, t_index_list=[45], guidance="none", output_format="jpeg",
@@ -181,17 +183,30 @@ async def websocket_frames(url: str, frames: list[Image.Image], vae: str) -> dic
             buffer = io.BytesIO()
             frame.save(buffer, format="JPEG", quality=90)
             encoded.append(buffer.getvalue())
-        latencies = []
-        for k, data in enumerate(encoded):
+        sent_at: dict[int, float] = {}
+        begin = 0.0
+
+        async def send(k: int) -> None:
+            nonlocal begin
             if k == 5:
                 begin = time.perf_counter()
-            sent = time.perf_counter()
-            await stream.send(data)
-            await stream.receive()
-            if k >= 5:
-                latencies.append(1e3 * (time.perf_counter() - sent))
+            sent_at[k + 1] = time.perf_counter()  # keyed by the server's seq
+            await stream.send(encoded[k])
+
+        for k in range(min(in_flight, len(encoded))):
+            await send(k)
+        latencies, last, following = [], 0, min(in_flight, len(encoded))
+        while last < len(encoded):  # until the last frame is answered (a dropped frame is never answered)
+            answer = await stream.receive()
+            last = answer.seq
+            if last > 5:
+                latencies.append(1e3 * (time.perf_counter() - sent_at[last]))
+            if following < len(encoded):
+                await send(following)
+                following += 1
         wall = time.perf_counter() - begin
-    return {"frames": len(latencies), "fps": len(latencies) / wall,
+        dropped = (await stream.stats())["dropped"]
+    return {"frames": len(latencies), "fps": len(latencies) / wall, "in_flight": in_flight, "dropped": dropped,
             "latency_p50_ms": float(np.percentile(latencies, 50)),
             "latency_p95_ms": float(np.percentile(latencies, 95))}
 

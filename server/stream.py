@@ -10,7 +10,9 @@ Protocol (JSON text messages, binary frames):
   server → ``{"type": "session.started", "session": {...}}``
 - client → binary: one input frame (JPEG / PNG / WebP bytes) of exactly the session's width x height
   (another size is an ``invalid_frame`` error; the SDK resizes for you). Latest frame wins: while one
-  frame is on the device, a newer one replaces the waiting one (``dropped`` counts those).
+  frame is on the device, a newer one replaces the waiting one (``dropped`` counts those). At most two
+  frames are in flight: while a frame's answer is encoded and sent, the device already runs the waiting one
+  (a client that sends its next frame before the previous answer arrives keeps the device busy).
   server → ``{"type": "frame", "seq", "latency_ms", "skipped", "warming_up"}`` then, unless the
   session is still warming up, the output frame as binary.
 - txt2img sessions (``"mode": "txt2img"``) take no input: client → ``{"type": "frame.request"}`` asks
@@ -84,7 +86,7 @@ from accel_diffusion.imageio import encode_image
 from accel_diffusion.jsonbody import parse_json
 from accel_diffusion.strategy import RequestLimits
 from accel_diffusion.stream import StreamSession
-from accel_diffusion.stream.session import DEFAULT_T_INDEX_LIST
+from accel_diffusion.stream.session import DEFAULT_T_INDEX_LIST, FrameStats
 from accel_diffusion.text import replace_unencodable
 from accel_diffusion.vocabulary import errors_named_as_sent, to_canonical
 
@@ -99,6 +101,7 @@ START_FIELDS = {"type", "prompt", "model", "negative_prompt", "t_index_list", "g
 # Frames up to this size (a 256x256 JPEG is ~10 KB) decode on the event loop in well under a
 # millisecond; larger ones go to a thread so they cannot stall other sessions' sends.
 INLINE_DECODE_BYTES = 32 * 1024
+INLINE_ENCODE_PIXELS = 128 * 128  # output frames up to this many pixels encode on the event loop (the same reason)
 RECENT_S = 2.0  # the window of the stats' fps_recent
 REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")  # an X-Request-Id taken as sent (else one is made: log-safe)
 UPDATE_FIELDS = {"type", "prompt", "negative_prompt", "t_index_list", "strength", "seed", "guidance_scale", "delta"}
@@ -518,43 +521,78 @@ def _enqueue(connection: _Connection, pixels: np.ndarray | None) -> None:
 
 
 async def _drain(connection: _Connection) -> None:
-    """Send waiting frames through the session one at a time; a newer frame replaces a waiting one."""
+    """Send waiting frames through the session one at a time, with at most two frames in flight: while
+    a frame's answer is encoded and sent, the device already runs the next waiting one (a newer frame
+    still replaces a waiting one); answers leave in the order the frames ran."""
     session = connection.session
     assert session is not None
+    delivery: asyncio.Task[None] | None = None  # the previous frame's answer, still being encoded or sent
     try:
         while connection.waiting is not None and not connection.closed:
             seq, received, pixels = connection.waiting
             connection.waiting = None
-            try:
-                await _process(connection, session, seq, received, pixels)
-            except Exception as exc:  # report it (whatever its field, it answers the frame), go on with the next
-                with contextlib.suppress(WebSocketDisconnect, RuntimeError):
-                    if isinstance(exc, InvalidRequestError):
-                        await connection.error(exc.error_type, str(exc), "frame")
-                    else:
-                        await connection.failed(exc, f"frame (seq {seq})", "frame")
+            outcome = await _compute(connection, session, pixels)
+            if outcome is None:  # dropped at close before it ran: nothing to answer
+                break
+            if delivery is not None:  # answers in order; the device ran this frame meanwhile
+                await delivery
+                delivery = None
+            if connection.waiting is not None and not connection.closed:
+                # a frame waits: the device takes it now, while this answer goes out (two in flight)
+                delivery = asyncio.get_running_loop().create_task(_deliver(connection, seq, received, outcome))
+            else:
+                await _deliver(connection, seq, received, outcome)
+        if delivery is not None:
+            await delivery
     finally:
         connection.busy = False
         connection.last_input = time.monotonic()  # the idle timer counts from the last answer, not across a frame
 
 
-async def _process(connection: _Connection, session: StreamSession, seq: int, received: float,
-                   pixels: np.ndarray | None) -> None:
-    future = connection.frame_future = connection.state.worker.run_soon(lambda: session(pixels))
+async def _compute(connection: _Connection, session: StreamSession,
+                   pixels: np.ndarray | None) -> tuple[np.ndarray | None, FrameStats | None] | BaseException | None:
+    """Run one frame on the device worker: (output, what the call did), the exception it raised, or None
+    when the connection closed before the frame ran."""
+    def frame() -> tuple[np.ndarray | None, FrameStats | None]:
+        return session(pixels), session.state.last_frame  # read on the worker: the next frame may run before
+        # this one is answered
+
+    future = connection.frame_future = connection.state.worker.run_soon(frame)
     try:
-        output = await asyncio.wrap_future(future)
+        return await asyncio.wrap_future(future)
     except asyncio.CancelledError:
-        if future.cancelled() and connection.closed:  # dropped at close before it ran: nothing to answer
-            return
+        if future.cancelled() and connection.closed:
+            return None
         raise
+    except Exception as exc:  # answered in the frame's place, in order
+        return exc
     finally:
         connection.frame_future = None
-    stats = session.state.last_frame
+
+
+async def _deliver(connection: _Connection, seq: int, received: float,
+                   outcome: tuple[np.ndarray | None, FrameStats | None] | BaseException) -> None:
+    """Answer a frame that ran: its header and image (or its error); never raises (the stream goes on)."""
+    try:
+        if isinstance(outcome, BaseException):
+            raise outcome
+        output, stats = outcome
+        await _answer(connection, seq, received, output, stats)
+    except Exception as exc:  # report it (whatever its field, it answers the frame), go on with the next
+        with contextlib.suppress(WebSocketDisconnect, RuntimeError):
+            if isinstance(exc, InvalidRequestError):
+                await connection.error(exc.error_type, str(exc), "frame")
+            else:
+                await connection.failed(exc, f"frame (seq {seq})", "frame")
+
+
+async def _answer(connection: _Connection, seq: int, received: float, output: np.ndarray | None,
+                  stats: FrameStats | None) -> None:
     connection.processed += 1
-    encoded = None if output is None else await asyncio.to_thread(_encode, output, connection.output)
+    encoded = None if output is None else await _encoded(output, connection.output)
     if output is not None and connection.viewers:
         connection.latest_jpeg = (encoded if connection.output.output_format == "jpeg" else
-                                  await asyncio.to_thread(_encode, output, OutputOptions("jpeg", 85)))
+                                  await _encoded(output, OutputOptions("jpeg", 85)))
         for viewer in connection.viewers:
             viewer.set()
     now = time.monotonic()
@@ -563,6 +601,14 @@ async def _process(connection: _Connection, session: StreamSession, seq: int, re
     with contextlib.suppress(WebSocketDisconnect, RuntimeError):
         await connection.send({"type": "frame", "seq": seq, "latency_ms": connection.latency_ms,
                                "skipped": bool(stats and stats.skipped), "warming_up": output is None}, encoded)
+
+
+async def _encoded(output: np.ndarray, options: OutputOptions) -> bytes:
+    """The output frame's file bytes: small frames on the event loop (a 64x64 JPEG takes ~0.1 ms, less
+    than a hop to a thread and back), larger ones on a thread so that other sessions' sends go on."""
+    if output.shape[0] * output.shape[1] <= INLINE_ENCODE_PIXELS:
+        return _encode(output, options)
+    return await asyncio.to_thread(_encode, output, options)
 
 
 def _encode(output: np.ndarray, options: OutputOptions) -> bytes:

@@ -320,7 +320,8 @@ def _concat(parts: list[Any]) -> Any:
 
 
 class CompiledModel:
-    """A loaded model's compiled UNet (``unet``, called as the UNet is) and VAE decodes (``decoder(vae)``)."""
+    """A loaded model's compiled UNet (``unet``, called as the UNet is), VAE decodes (``decoder(vae)``) and
+    encodes (``encoder(vae)``)."""
 
     def __init__(self, unet: torch.nn.Module, device: torch.device, buckets: Sequence[int] = DEFAULT_BUCKETS,
                  *, cuda_graphs: bool = True, background: bool = True) -> None:
@@ -335,6 +336,7 @@ class CompiledModel:
         self.unet = CompiledCall("unet", denoise, self.buckets, cuda_graphs=self.cuda_graphs, timestep_arg=1,
                                  background=background)
         self._decoders: dict[int, CompiledCall] = {}
+        self._encoders: dict[int, CompiledCall] = {}  # used by stream sessions (one frame a call)
         self._lock = threading.Lock()
 
     def decoder(self, vae: Any) -> CompiledCall:
@@ -348,8 +350,21 @@ class CompiledModel:
                                                        cuda_graphs=self.cuda_graphs, background=self.background)
             return self._decoders[id(vae)]
 
+    def encoder(self, vae: Any) -> CompiledCall:
+        """``pixels -> latents`` of ``vae`` before scaling (an AutoencoderKL's posterior mode, an
+        AutoencoderTiny's latents: what ``engine._vae_encode`` takes without generators), compiled per bucket."""
+        with self._lock:
+            if id(vae) not in self._encoders:
+                def encode(pixels: torch.Tensor) -> torch.Tensor:
+                    encoded = vae.encode(pixels, return_dict=False)[0]
+                    return encoded if isinstance(encoded, torch.Tensor) else encoded.mode()  # KL: the posterior
+
+                self._encoders[id(vae)] = CompiledCall(f"encode:{type(vae).__name__}", encode, self.buckets,
+                                                       cuda_graphs=self.cuda_graphs, background=self.background)
+            return self._encoders[id(vae)]
+
     def calls(self) -> list[CompiledCall]:
-        return [self.unet, *self._decoders.values()]
+        return [self.unet, *self._decoders.values(), *self._encoders.values()]
 
     def summary(self) -> dict[str, Any]:
         return {call.name: {"graphs": len(call.ready), "compiled_calls": call.stats.compiled_calls,

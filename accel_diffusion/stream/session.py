@@ -21,8 +21,8 @@ Guidance (ε-space; γ = ``guidance_scale``, δ = ``delta``):
 - ``rcfg_onetime``: the same with X = the clean latent implied by one real negative-prompt
   evaluation of slot 0 when its frame enters (n + 1).
 
-Acceleration (``acceleration``, the engine's word: engine/compiled.py): ``compile`` runs the UNet and
-the decode as static-shape graphs per row bucket (``LoadedPipeline.compiled_model``, shared with the
+Acceleration (``acceleration``, the engine's word: engine/compiled.py): ``compile`` runs the UNet, the
+decode and the frame's encode as static-shape graphs per row bucket (``LoadedPipeline.compiled_model``, shared with the
 model's requests, jobs and other sessions), StreamDiffusion's fixed-batch TensorRT engines in spirit.
 When the session is made (and when ``update`` changes the number of steps) a graph its UNet batch
 lacks is built in the background while frames run eagerly; ``wait_for_graphs`` waits for it.
@@ -47,7 +47,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from accel_diffusion.engine.engine import _decode, _image_to_tensor, _vae_encode
+from accel_diffusion.engine.engine import _decode, _image_to_tensor, _model_latents, _vae_encode
 from accel_diffusion.engine.loop import call_model
 from accel_diffusion.errors import InvalidRequestError
 from accel_diffusion.guidance.base import COND, UNCOND
@@ -180,6 +180,7 @@ class StreamSession:
         self.vae = "tiny" if vae == "tiny" or (vae == "auto" and model.tiny_vae is not None) else "full"
         self._vae = model.tiny_vae if self.vae == "tiny" else model.pipeline.vae
         self._decoder = model.compiled_model().decoder(self._vae) if acceleration == "compile" else None
+        self._encoder = model.compiled_model().encoder(self._vae) if acceleration == "compile" else None
         self.mode = mode
         self.guidance = guidance
         self.guidance_scale = _number("guidance_scale", guidance_scale)
@@ -327,6 +328,8 @@ class StreamSession:
         x = torch.zeros_like(self.init_noise)
         self._guided_noise(x, None if self.mode == "txt2img" else torch.zeros_like(x), FrameStats())
         _decode(self.model, x[-1:], self._vae, self._decoder)
+        if self.mode == "img2img":  # a frame's encode too (one row)
+            self._encode(torch.zeros(1, 3, self.height, self.width, device=self.model.device))
 
     def wait_for_graphs(self, timeout: float | None = None) -> bool:
         """Block until the graphs asked for so far are built (startup, tests); False on timeout."""
@@ -378,6 +381,8 @@ class StreamSession:
         return _image_to_tensor(frame.convert("RGB"), self.width, self.height).to(self.model.device)
 
     def _encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        if self._encoder is not None:  # the compiled encode: the same latents as _vae_encode's without generators
+            return _model_latents(self._vae, self._encoder(pixels.to(self._vae.dtype))).to(self.model.dtype)
         return _vae_encode(self._vae, pixels).to(self.model.dtype)  # deterministic per frame
 
     def _slots(self, newest: torch.Tensor, clean: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -113,12 +113,16 @@ def test_compiled_sessions_equal_eager_ones_and_build_their_graph_before_the_fir
     unet = shapes_model.compiled_model().unet
     assert compiled._unet is unet and compiled.wait_for_graphs(timeout=900) and graphs() > before
     built, eager_calls = graphs(), unet.stats.eager_calls
+    encoder = compiled._encoder  # the frame's encode is a graph too, built with the session's
+    assert encoder is shapes_model.compiled_model().encoder(compiled._vae) and len(encoder.ready) >= 1
+    encodes = encoder.stats.compiled_calls, encoder.stats.eager_calls
     for frame in inputs[:3]:
         expected, out = eager(frame), compiled(frame)
         if expected is not None:
             torch.testing.assert_close(compiled.state.last_estimate, eager.state.last_estimate, rtol=0, atol=1e-5)
             assert np.abs(out.astype(int) - expected).max() <= 1
     assert graphs() == built and unet.stats.eager_calls == eager_calls  # the frames ran the graph built ahead
+    assert (encoder.stats.compiled_calls, encoder.stats.eager_calls) == (encodes[0] + 3, encodes[1])
     again = StreamSession(shapes_model, PROMPT, t_index_list=(20, 45), guidance="rcfg_self", acceleration="compile")
     assert again.wait_for_graphs(timeout=900) and graphs() == built and again(inputs[0]) is None  # reused
     compiled.update(t_index_list=(45,)), eager.update(t_index_list=(45,))
