@@ -11,9 +11,11 @@ forward pre-hook on the UNet, so the denoising loop itself does not change.
 exit; with nothing to skip it patches nothing, and a block not skipped at a timestep runs its own
 forward: the UNet's output is then bit-identical to the plain UNet's.
 
-Two modes: ``"drop"`` (above: AutoDiffusion's skipped block) and ``"reuse"`` (DeepCache-style): a skipped
-block returns its own output from the last UNet call where it ran, for the same input shape (the same
-batch rows); where there is none (the first call, or another batch size) it runs instead and is cached.
+Three modes: ``"drop"`` (above: AutoDiffusion's skipped block), ``"reuse"`` (DeepCache-style): a skipped
+block returns its own output from the last UNet call where it ran, and ``"residual"``: a skipped block
+returns its skip path of this call's input plus the residual (output less skip path) it computed at the
+last call where it ran. The cached call must have had the same input shape (the same batch rows);
+where there is none (the first call, or another batch size) the block runs instead and is cached.
 The cache belongs to one ``with`` block (the engine enters one per generation): emptied on entry and
 exit, never shared between generations or requests.
 """
@@ -33,8 +35,8 @@ from diffusers.models.resnet import ResnetBlock2D
 from diffusers.models.transformers.transformer_2d import Transformer2DModel
 
 SKIPPABLE = (ResnetBlock2D, Transformer2DModel)
-SkipMode = Literal["drop", "reuse"]
-SKIP_MODES: tuple[str, ...] = ("drop", "reuse")
+SkipMode = Literal["drop", "reuse", "residual"]
+SKIP_MODES: tuple[str, ...] = ("drop", "reuse", "residual")
 
 
 def skippable_blocks(unet: torch.nn.Module) -> list[str]:
@@ -59,7 +61,8 @@ class BlockSkip:
 
     ``skips`` maps a timestep (as the loop passes it to the UNet) to the names of the blocks to skip
     there; timesteps not in it run the whole UNet. ``mode`` says what a skipped block returns: its skip
-    connection (``"drop"``) or its cached output of the last call where it ran (``"reuse"``).
+    connection (``"drop"``), its cached output of the last call where it ran (``"reuse"``), or its skip
+    connection plus the residual it added at that call (``"residual"``).
     ``skipped_calls`` counts the block calls skipped (in reuse mode: served from the cache).
     """
 
@@ -76,7 +79,7 @@ class BlockSkip:
         self.skips = {float(t): frozenset(names) for t, names in skips.items() if names}
         self.mode = mode
         self.skipped_calls = 0
-        self._cache: dict[str, tuple[torch.Size, Any]] = {}  # reuse: block -> (input shape, its output)
+        self._cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # block -> (its last input, its output)
         self._now: frozenset[str] = frozenset()
         self._patched: list[torch.nn.Module] = []
         self._hook: Any = None
@@ -112,41 +115,35 @@ class BlockSkip:
 
     def _skipping_forward(self, name: str, module: torch.nn.Module) -> Any:
         original = type(module).forward
-        reuse = self.mode == "reuse"
+        resnet = isinstance(module, ResnetBlock2D)
+        caching = self.mode != "drop"
 
-        def cached(hidden_states: torch.Tensor) -> Any:
-            """The block's output cached for this input shape, or None."""
+        def skip_path(x: torch.Tensor) -> torch.Tensor:
+            """The block with its own computation left out: a ResNet's skip connection, attention's identity."""
+            return _resnet_shortcut(module, x) if resnet else x
+
+        def skipped(x: torch.Tensor) -> torch.Tensor | None:
+            """The skipped block's output for input ``x``; None where it must run (nothing cached for this shape)."""
+            if self.mode == "drop":
+                return skip_path(x)
             entry = self._cache.get(name)
-            return entry[1] if entry is not None and entry[0] == hidden_states.shape else None
+            if entry is None or entry[0].shape != x.shape:
+                return None
+            before_in, before_out = entry
+            if self.mode == "reuse":
+                return before_out
+            return skip_path(x) + (before_out - skip_path(before_in))  # residual: last run's residual, this input
 
-        if isinstance(module, ResnetBlock2D):
-            def forward(input_tensor: torch.Tensor, temb: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-                skip = name in self._now
-                if skip and not reuse:
-                    self.skipped_calls += 1
-                    return _resnet_shortcut(module, input_tensor)
-                if skip and (output := cached(input_tensor)) is not None:
-                    self.skipped_calls += 1
-                    return output
-                output = original(module, input_tensor, temb, *args, **kwargs)
-                if reuse:
-                    self._cache[name] = (input_tensor.shape, output)
-                return output
-        else:
-            def forward(hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-                skip = name in self._now
-                sample = None
-                if skip and not reuse:
-                    self.skipped_calls += 1
-                    sample = hidden_states
-                elif skip and (sample := cached(hidden_states)) is not None:
-                    self.skipped_calls += 1
-                if sample is not None:
-                    return (sample,) if not kwargs.get("return_dict", True) else Transformer2DModelOutput(sample=sample)
-                output = original(module, hidden_states, *args, **kwargs)
-                if reuse:
-                    self._cache[name] = (hidden_states.shape, output[0] if isinstance(output, tuple) else output.sample)
-                return output
+        def forward(x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+            if name in self._now and (out := skipped(x)) is not None:
+                self.skipped_calls += 1
+                if resnet:
+                    return out
+                return (out,) if not kwargs.get("return_dict", True) else Transformer2DModelOutput(sample=out)
+            output = original(module, x, *args, **kwargs)
+            if caching:
+                self._cache[name] = (x, output if resnet else output[0] if isinstance(output, tuple) else output.sample)
+            return output
         return forward
 
 

@@ -89,9 +89,10 @@ class SearchedArtifact(BaseModel):
     steps: Annotated[int, Field(ge=1)]
     timesteps: list[Annotated[int, Field(ge=0)]]
     skipped_blocks: list[list[str]] = Field(default_factory=list, description="per step, the UNet blocks skipped")
-    skip_mode: Literal["drop", "reuse"] = Field(
+    skip_mode: Literal["drop", "reuse", "residual"] = Field(
         "drop", description="what a skipped block gives: its skip connection ('drop', AutoDiffusion; artifacts "
-        "without the field) or its output cached from the last step where it ran ('reuse', DeepCache-style)")
+        "without the field), its output cached from the last step where it ran ('reuse', DeepCache-style), or its "
+        "skip connection plus the residual it added at that step ('residual')")
     fitness: SearchFitness
     search: SearchCost
     seed: int
@@ -116,9 +117,10 @@ class SearchedArtifact(BaseModel):
             raise ValueError("timesteps: must be strictly decreasing")
         if self.skipped_blocks and len(self.skipped_blocks) != self.steps:
             raise ValueError(f"skipped_blocks: {len(self.skipped_blocks)} lists given for steps = {self.steps}")
-        if self.skip_mode == "reuse" and self.skipped_blocks and self.skipped_blocks[0]:
-            raise ValueError(f"skipped_blocks: step 0 reuses {self.skipped_blocks[0][0]!r}, but with skip_mode 'reuse' "
-                             "the first step runs every block (nothing is cached yet): make its list empty")
+        if self.skip_mode != "drop" and self.skipped_blocks and self.skipped_blocks[0]:
+            raise ValueError(f"skipped_blocks: step 0 reuses {self.skipped_blocks[0][0]!r}, but with skip_mode "
+                             f"{self.skip_mode!r} the first step runs every block (nothing is cached yet): make its "
+                             "list empty")
         return self
 
     def save(self, folder: str | Path) -> Path:

@@ -123,5 +123,39 @@ def test_reusing_the_deep_blocks_runs_the_up_block_output_of_the_step_before() -
 
 
 def test_an_unknown_mode_is_refused_naming_it() -> None:
-    with pytest.raises(ValueError, match=re.escape("mode must be one of 'drop', 'reuse', not 'cache'")):
+    with pytest.raises(ValueError, match=re.escape("mode must be one of 'drop', 'reuse', 'residual', not 'cache'")):
         BlockSkip(shapes_unet(), {}, mode="cache")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("name", ["up_blocks.0.resnets.1", "mid_block.attentions.0"])
+def test_residual_mode_adds_the_residual_of_the_step_before_to_this_steps_skip_path(name: str) -> None:
+    from accel_diffusion.engine.block_skip import _resnet_shortcut
+
+    block = dict(shapes_unet().named_modules())[name]
+
+    def skip_path(x: torch.Tensor) -> torch.Tensor:
+        return _resnet_shortcut(block, x) if "resnets" in name else x
+
+    seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+    handle = block.register_forward_hook(lambda m, args, out: seen.append((args[0].clone(), sample_of(out).clone())))
+    try:
+        with BlockSkip(shapes_unet(), {700: [name]}, mode="residual") as skip:
+            call(999)
+            second = call(700)
+    finally:
+        handle.remove()
+    (in_999, out_999), (in_700, out_700) = seen
+    assert skip.skipped_calls == 1
+    assert torch.equal(out_700, skip_path(in_700) + (out_999 - skip_path(in_999)))
+
+    def replace(module: torch.nn.Module, args: tuple, output: object) -> object:  # golden: the plain UNet, patched
+        value = skip_path(args[0]) + (out_999 - skip_path(in_999))
+        if isinstance(output, torch.Tensor):
+            return value
+        return (value,) if isinstance(output, tuple) else type(output)(sample=value)
+
+    handle = block.register_forward_hook(replace)
+    try:
+        assert torch.equal(second, call(700))
+    finally:
+        handle.remove()

@@ -48,7 +48,7 @@ def test_artifacts_written_before_the_field_load_as_drop() -> None:
 
 
 @pytest.mark.parametrize(("change", "fragment"), [
-    ({"skip_mode": "cache"}, "skip_mode: Input should be 'drop' or 'reuse'"),
+    ({"skip_mode": "cache"}, "skip_mode: Input should be 'drop', 'reuse' or 'residual'"),
     ({"skip_mode": "reuse", "skipped_blocks": [["mid_block.resnets.0"], [], [], []]},
      "skipped_blocks: step 0 reuses 'mid_block.resnets.0', but with skip_mode 'reuse' the first step runs every block"),
 ])
@@ -102,6 +102,6 @@ def test_server_lists_the_mode_and_refuses_an_unknown_one_with_a_400(tmp_path: P
                 assert response.status_code == status, response.text
             error = response.json()["error"]
             assert error["param"] == "strategy.schedule.id"
-            assert "skip_mode: Input should be 'drop' or 'reuse'" in error["message"], error["message"]
+            assert "skip_mode: Input should be 'drop', 'reuse' or 'residual'" in error["message"], error["message"]
     finally:
         use_schedules_dir(None)
