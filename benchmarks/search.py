@@ -134,7 +134,8 @@ def markdown(report: dict[str, Any]) -> str:
                   "accuracy without / with skips | search |", "|---|---|---|---|---|---|"]
         for r in stage2:
             s2 = r["stage2"]
-            lines.append(f"| `{r['id']}` | {s2['skipped_blocks']} | x{s2['modelled_unet_cost']:.3f} | "
+            lines.append(f"| `{r['id']}` ({s2.get('skip_mode', 'drop')}) | {s2['skipped_blocks']} | "
+                         f"x{s2['modelled_unet_cost']:.3f} | "
                          f"{s2['unet_time_saved_pct']:.1f}% | {r['searched']['prompt_accuracy']:.3f} / "
                          f"{s2['with_skips']['prompt_accuracy']:.3f} | {r['search_wall_s'] / 60:.1f} min |")
     return "\n".join(lines)
