@@ -61,10 +61,11 @@ class UnetTimer:
         self.seconds += time.perf_counter() - self._start
 
 
-def row(fitness: ShapesScheduleFitness, timesteps: list[int], skipped: list[list[str]] | None = None) -> dict[str, Any]:
+def row(fitness: ShapesScheduleFitness, timesteps: list[int], skipped: list[list[str]] | None = None,
+        mode: str = "drop") -> dict[str, Any]:
     unet = fitness.engine.models.get(fitness.model).pipeline.unet
     with UnetTimer(unet) as timer:
-        images = (fitness.plan_images(timesteps, skipped) if skipped is not None
+        images = (fitness.plan_images(timesteps, skipped, mode) if skipped is not None  # type: ignore[arg-type]
                   else fitness.candidate_images(timesteps))
     scores = fitness.measure(images)
     return {"timesteps": timesteps, "prompt_accuracy": scores["prompt_accuracy"],
@@ -98,10 +99,12 @@ def compare(engine: Engine, schedule_id: str, teachers: dict[str, Any], images: 
                    "paired_distance_vs_uniform": result["searched"]["paired_distance"] / uniform["paired_distance"]}
         return result
     # stage 2: the same timesteps with and without the skips, timed alternately twice (the faster of each kept)
-    plain, skipping = result["searched"], row(fitness, list(artifact.timesteps), artifact.skipped_blocks)
+    mode = artifact.skip_mode
+    plain, skipping = result["searched"], row(fitness, list(artifact.timesteps), artifact.skipped_blocks, mode)
     plain_s = min(plain["unet_s"], row(fitness, list(artifact.timesteps))["unet_s"])
-    skip_s = min(skipping["unet_s"], row(fitness, list(artifact.timesteps), artifact.skipped_blocks)["unet_s"])
-    result["stage2"] = {"skipped_blocks": artifact.skipped_blocks, "modelled_unet_cost": artifact.search.unet_cost,
+    skip_s = min(skipping["unet_s"], row(fitness, list(artifact.timesteps), artifact.skipped_blocks, mode)["unet_s"])
+    result["stage2"] = {"skipped_blocks": artifact.skipped_blocks, "skip_mode": mode,
+                        "modelled_unet_cost": artifact.search.unet_cost,
                         "skip_budget": artifact.search.skip_budget, "with_skips": skipping,
                         "unet_s_without": plain_s, "unet_s_with": skip_s,
                         "unet_time_saved_pct": 100.0 * (1.0 - skip_s / plain_s),
@@ -131,7 +134,8 @@ def markdown(report: dict[str, Any]) -> str:
                   "accuracy without / with skips | search |", "|---|---|---|---|---|---|"]
         for r in stage2:
             s2 = r["stage2"]
-            lines.append(f"| `{r['id']}` | {s2['skipped_blocks']} | x{s2['modelled_unet_cost']:.3f} | "
+            lines.append(f"| `{r['id']}` ({s2.get('skip_mode', 'drop')}) | {s2['skipped_blocks']} | "
+                         f"x{s2['modelled_unet_cost']:.3f} | "
                          f"{s2['unet_time_saved_pct']:.1f}% | {r['searched']['prompt_accuracy']:.3f} / "
                          f"{s2['with_skips']['prompt_accuracy']:.3f} | {r['search_wall_s'] / 60:.1f} min |")
     return "\n".join(lines)

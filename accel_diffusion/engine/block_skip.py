@@ -10,6 +10,14 @@ forward pre-hook on the UNet, so the denoising loop itself does not change.
 ``BlockSkip`` patches the blocks only while it is active (a ``with`` block) and restores them on
 exit; with nothing to skip it patches nothing, and a block not skipped at a timestep runs its own
 forward: the UNet's output is then bit-identical to the plain UNet's.
+
+Three modes: ``"drop"`` (above: AutoDiffusion's skipped block), ``"reuse"`` (DeepCache-style): a skipped
+block returns its own output from the last UNet call where it ran, and ``"residual"``: a skipped block
+returns its skip path of this call's input plus the residual (output less skip path) it computed at the
+last call where it ran. The cached call must have had the same input shape (the same batch rows);
+where there is none (the first call, or another batch size) the block runs instead and is cached.
+The cache belongs to one ``with`` block (the engine enters one per generation): emptied on entry and
+exit, never shared between generations or requests.
 """
 
 from __future__ import annotations
@@ -19,7 +27,7 @@ import statistics
 import time
 from collections.abc import Callable, Collection, Mapping
 from types import TracebackType
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
@@ -27,6 +35,8 @@ from diffusers.models.resnet import ResnetBlock2D
 from diffusers.models.transformers.transformer_2d import Transformer2DModel
 
 SKIPPABLE = (ResnetBlock2D, Transformer2DModel)
+SkipMode = Literal["drop", "reuse", "residual"]
+SKIP_MODES: tuple[str, ...] = ("drop", "reuse", "residual")
 
 
 def skippable_blocks(unet: torch.nn.Module) -> list[str]:
@@ -50,10 +60,15 @@ class BlockSkip:
     """While active, the UNet skips the blocks ``skips[t]`` when called at timestep ``t``.
 
     ``skips`` maps a timestep (as the loop passes it to the UNet) to the names of the blocks to skip
-    there; timesteps not in it run the whole UNet. ``skipped_calls`` counts the block calls skipped.
+    there; timesteps not in it run the whole UNet. ``mode`` says what a skipped block returns: its skip
+    connection (``"drop"``), its cached output of the last call where it ran (``"reuse"``), or its skip
+    connection plus the residual it added at that call (``"residual"``).
+    ``skipped_calls`` counts the block calls skipped (in reuse mode: served from the cache).
     """
 
-    def __init__(self, unet: torch.nn.Module, skips: Mapping[float, Collection[str]]) -> None:
+    def __init__(self, unet: torch.nn.Module, skips: Mapping[float, Collection[str]], mode: SkipMode = "drop") -> None:
+        if mode not in SKIP_MODES:
+            raise ValueError(f"mode must be one of {', '.join(map(repr, SKIP_MODES))}, not {mode!r}")
         known = skippable_blocks(unet)
         for t, names in skips.items():
             unknown = sorted(set(names) - set(known))
@@ -62,12 +77,15 @@ class BlockSkip:
                                  f"(its blocks: {', '.join(known)})")
         self.unet = unet
         self.skips = {float(t): frozenset(names) for t, names in skips.items() if names}
+        self.mode = mode
         self.skipped_calls = 0
+        self._cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # block -> (its last input, its output)
         self._now: frozenset[str] = frozenset()
         self._patched: list[torch.nn.Module] = []
         self._hook: Any = None
 
     def __enter__(self) -> BlockSkip:
+        self._cache.clear()
         targets = set().union(*self.skips.values()) if self.skips else set()
         if not targets:
             return self
@@ -88,6 +106,7 @@ class BlockSkip:
             self._hook.remove()
             self._hook = None
         self._now = frozenset()
+        self._cache.clear()
 
     def _at_timestep(self, module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         timestep = args[1] if len(args) > 1 else kwargs["timestep"]
@@ -96,20 +115,35 @@ class BlockSkip:
 
     def _skipping_forward(self, name: str, module: torch.nn.Module) -> Any:
         original = type(module).forward
+        resnet = isinstance(module, ResnetBlock2D)
+        caching = self.mode != "drop"
 
-        if isinstance(module, ResnetBlock2D):
-            def forward(input_tensor: torch.Tensor, temb: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-                if name in self._now:
-                    self.skipped_calls += 1
-                    return _resnet_shortcut(module, input_tensor)
-                return original(module, input_tensor, temb, *args, **kwargs)
-        else:
-            def forward(hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-                if name in self._now:
-                    self.skipped_calls += 1
-                    return (hidden_states,) if not kwargs.get("return_dict", True) else Transformer2DModelOutput(
-                        sample=hidden_states)
-                return original(module, hidden_states, *args, **kwargs)
+        def skip_path(x: torch.Tensor) -> torch.Tensor:
+            """The block with its own computation left out: a ResNet's skip connection, attention's identity."""
+            return _resnet_shortcut(module, x) if resnet else x
+
+        def skipped(x: torch.Tensor) -> torch.Tensor | None:
+            """The skipped block's output for input ``x``; None where it must run (nothing cached for this shape)."""
+            if self.mode == "drop":
+                return skip_path(x)
+            entry = self._cache.get(name)
+            if entry is None or entry[0].shape != x.shape:
+                return None
+            before_in, before_out = entry
+            if self.mode == "reuse":
+                return before_out
+            return skip_path(x) + (before_out - skip_path(before_in))  # residual: last run's residual, this input
+
+        def forward(x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+            if name in self._now and (out := skipped(x)) is not None:
+                self.skipped_calls += 1
+                if resnet:
+                    return out
+                return (out,) if not kwargs.get("return_dict", True) else Transformer2DModelOutput(sample=out)
+            output = original(module, x, *args, **kwargs)
+            if caching:
+                self._cache[name] = (x, output if resnet else output[0] if isinstance(output, tuple) else output.sample)
+            return output
         return forward
 
 

@@ -19,9 +19,11 @@ searched schedule is judged on prompts and noise it never saw.
 
 from __future__ import annotations
 
+import contextlib
 import random
-from collections.abc import Sequence
-from typing import Any, Literal
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
@@ -30,6 +32,9 @@ from accel_diffusion.eval.image_stats import paired_distance, saturation_stats
 from accel_diffusion.eval.shapes_eval import JudgeFeatures, shapes_prompts
 from accel_diffusion.eval.shapes_judge import ShapesJudge
 from accel_diffusion.strategy import GenerationRequest
+
+if TYPE_CHECKING:
+    from accel_diffusion.engine.block_skip import SkipMode
 
 FitnessKind = Literal["paired_distance", "teacher_fd", "prompt_accuracy"]
 FITNESS_KINDS: tuple[str, ...] = ("paired_distance", "teacher_fd", "prompt_accuracy")
@@ -97,15 +102,18 @@ class ShapesScheduleFitness:
         self._teacher: np.ndarray | None = None
         self.unet_evaluations = 0  # per image, summed over every run (teacher included)
 
-    def generate(self, schedule: dict[str, Any], steps: int | None = None) -> np.ndarray:
-        """uint8 images, one per prompt (image k with seed + k), through the engine."""
+    def generate(self, schedule: dict[str, Any], steps: int | None = None,
+                 model_context: Callable[[], AbstractContextManager[Any]] | None = None) -> np.ndarray:
+        """uint8 images, one per prompt (image k with seed + k), through the engine; ``model_context`` (if
+        given) makes a context entered around each generation (e.g. a block-skip hook, its cache per generation)."""
         out = []
         for start in range(0, len(self.prompts), self.batch_size):
             chunk = self.prompts[start:start + self.batch_size]
             request = GenerationRequest.create(
                 model=self.model, prompt=chunk, seed=self.seed + start, steps=steps,
                 strategy={"sampler": self.sampler, "schedule": schedule, "guidance": self.guidance})
-            result = self.engine.generate(request)
+            with model_context() if model_context is not None else contextlib.nullcontext():
+                result = self.engine.generate(request)
             self.unet_evaluations += result.nfe * len(chunk)
             out.append(result.to_uint8())
         return np.concatenate(out)
@@ -115,8 +123,10 @@ class ShapesScheduleFitness:
             self._teacher = self.generate({"name": "spacing"}, self.teacher_steps)
         return self._teacher
 
-    def candidate_images(self, timesteps: Sequence[int]) -> np.ndarray:
-        return self.generate({"name": "timesteps", "timesteps": [int(t) for t in timesteps]})
+    def candidate_images(self, timesteps: Sequence[int],
+                         model_context: Callable[[], AbstractContextManager[Any]] | None = None) -> np.ndarray:
+        return self.generate({"name": "timesteps", "timesteps": [int(t) for t in timesteps]},
+                             model_context=model_context)
 
     def measure(self, images: np.ndarray) -> dict[str, float]:
         """Every measurement of ``images`` (one per prompt, from the fitness's seeds)."""
@@ -135,13 +145,15 @@ class ShapesScheduleFitness:
         """The fitness (lower is better) of a ``scores`` dict."""
         return 1.0 - scores["prompt_accuracy"] if self.kind == "prompt_accuracy" else scores[self.kind]
 
-    def plan_images(self, timesteps: Sequence[int], skipped: Sequence[Sequence[str]]) -> np.ndarray:
-        """The images of ``timesteps`` with the UNet skipping ``skipped[k]`` (block names) at step k."""
+    def plan_images(self, timesteps: Sequence[int], skipped: Sequence[Sequence[str]],
+                    mode: SkipMode = "drop") -> np.ndarray:
+        """The images of ``timesteps`` with the UNet skipping ``skipped[k]`` (block names) at step k, dropped or
+        reused (``mode``: a fresh block cache for every generation, as the engine's searched schedule has)."""
         from accel_diffusion.engine.block_skip import BlockSkip
 
         unet = self.engine.models.get(self.model).pipeline.unet
-        with BlockSkip(unet, dict(zip((int(t) for t in timesteps), skipped, strict=True))):
-            return self.candidate_images(timesteps)
+        plan = dict(zip((int(t) for t in timesteps), skipped, strict=True))
+        return self.candidate_images(timesteps, model_context=lambda: BlockSkip(unet, plan, mode=mode))
 
     def __call__(self, timesteps: Sequence[int]) -> float:
         return self.fitness_of(self.candidate_images(timesteps))
@@ -157,15 +169,21 @@ class ShapesScheduleFitness:
 
 class SkipPlanFitness:
     """Stage 2's fitness: a skip plan (per step, indices into ``blocks``) scored with ``timesteps`` fixed, by
-    ``fitness`` (its kind, prompts, seeds and teacher)."""
+    ``fitness`` (its kind, prompts, seeds and teacher), the skipped blocks dropped or reused as ``mode`` says.
+    The plan covers the steps from ``from_step`` on (the steps before run every block: a reuse mode's first step
+    fills its cache)."""
 
-    def __init__(self, fitness: ShapesScheduleFitness, timesteps: Sequence[int], blocks: Sequence[str]) -> None:
+    def __init__(self, fitness: ShapesScheduleFitness, timesteps: Sequence[int], blocks: Sequence[str],
+                 mode: SkipMode = "drop", from_step: int = 0) -> None:
         self.fitness = fitness
         self.timesteps = [int(t) for t in timesteps]
         self.blocks = list(blocks)
+        self.mode = mode
+        self.from_step = from_step
 
     def names(self, plan: Sequence[Sequence[int]]) -> list[list[str]]:
-        return [[self.blocks[i] for i in step] for step in plan]
+        """The block names skipped at every step (the artifact's ``skipped_blocks``)."""
+        return [[] for _ in range(self.from_step)] + [[self.blocks[i] for i in step] for step in plan]
 
     def __call__(self, plan: Sequence[Sequence[int]]) -> float:
-        return self.fitness.fitness_of(self.fitness.plan_images(self.timesteps, self.names(plan)))
+        return self.fitness.fitness_of(self.fitness.plan_images(self.timesteps, self.names(plan), self.mode))

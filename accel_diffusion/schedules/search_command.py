@@ -86,6 +86,8 @@ def run_search(
     max_skip: int = 4,
     skip_config: SearchConfig | None = None,
     timesteps_from: str | None = None,
+    skip_mode: str = "drop",
+    skip_blocks: list[str] | None = None,
 ) -> tuple[SearchedArtifact | None, Path | None, SearchResult | None]:
     """Search, save the artifact into ``schedules_dir`` and return (artifact, its path, the SearchResult of the
     last stage run); the artifact is None when the time budget ran out first (the state files keep the search
@@ -95,7 +97,10 @@ def run_search(
     to skip at which of the found timesteps (at most ``max_skip`` per step) so that the measured cost model
     (``measure_block_costs``) puts the plan at no more than that fraction of the UNet time. ``timesteps_from``
     names an artifact (same model, sampler, guidance and step count) whose timesteps stage 2 starts from,
-    instead of running stage 1 again; its search cost is added to the new artifact's."""
+    instead of running stage 1 again; its search cost is added to the new artifact's. ``skip_mode`` is what a
+    skipped block gives (``drop``: its skip connection; ``reuse``/``residual``: its output, or its residual, cached
+    at the last step where it ran: the first step then runs every block) and ``skip_blocks`` limits the blocks
+    stage 2 may skip (default: all of them)."""
     from accel_diffusion.eval.schedule_fitness import ShapesScheduleFitness
     from accel_diffusion.schedules.explicit import ExplicitTimesteps
     from accel_diffusion.schedules.searched import (
@@ -118,6 +123,8 @@ def run_search(
     folder = Path(schedules_dir or os.environ.get(SCHEDULES_DIR_ENV) or "schedules")
     folder.mkdir(parents=True, exist_ok=True)
     state = Path(state_path) if state_path is not None else folder / f"{schedule_id}.search-state"
+    skip_state = folder / (f"{schedule_id}.skip-state" if skip_mode == "drop"
+                           else f"{schedule_id}.{skip_mode}-skip-state")
     common = {"sampler": sampler_spec, "guidance": guidance_spec, "model": model, "seed": config.seed,
               "teacher_steps": teacher_steps}
     cheap = ShapesScheduleFitness(engine, kind=fitness, images=images, **common)  # type: ignore[arg-type]
@@ -144,13 +151,13 @@ def run_search(
         left = None if time_budget_s is None else max(time_budget_s - (time.perf_counter() - start), 0.0)
         stage2, skipped, value, unet_cost = _skip_search(
             engine, model, cheap, costly, timesteps, skip_budget, max_skip, skip_config or config,
-            folder / f"{schedule_id}.skip-state", left, rescore_top, progress)
+            skip_state, left, rescore_top, progress, skip_mode, skip_blocks)
         if not stage2.finished:
             return None, None, stage2
         evaluations, wall_time_s, result = evaluations + stage2.evaluations, wall_time_s + stage2.wall_time_s, stage2
     artifact = SearchedArtifact(
         id=schedule_id, model=model, sampler=sampler_spec, guidance=guidance_spec, steps=steps,
-        timesteps=list(timesteps), skipped_blocks=skipped,
+        timesteps=list(timesteps), skipped_blocks=skipped, skip_mode=skip_mode,
         fitness=SearchFitness(kind=fitness, value=value, samples=len(costly.prompts) if costly else images),
         search=SearchCost(evaluations=evaluations, wall_time_s=max(wall_time_s, time.perf_counter() - start),
                           command=command, skip_budget=skip_budget, unet_cost=unet_cost),
@@ -158,7 +165,7 @@ def run_search(
     )
     path = artifact.save(folder)
     state.unlink(missing_ok=True)
-    (folder / f"{schedule_id}.skip-state").unlink(missing_ok=True)
+    skip_state.unlink(missing_ok=True)
     return artifact, path, result
 
 
@@ -208,24 +215,37 @@ def block_cost_model(engine: Any, model: str, fitness: Any) -> tuple[list[str], 
 
 def _skip_search(engine: Any, model: str, cheap: Any, costly: Any, timesteps: tuple[int, ...], skip_budget: float,
                  max_skip: int, config: SearchConfig, state: Path, time_budget_s: float | None, rescore_top: int,
-                 progress: bool) -> tuple[SearchResult, list[list[str]], float, float]:
+                 progress: bool, mode: str = "drop", allowed: list[str] | None = None,
+                 ) -> tuple[SearchResult, list[list[str]], float, float]:
     """Stage 2: (its SearchResult, the best plan's block names per step, its fitness, its modelled UNet cost
-    as a fraction of the full UNet's)."""
+    as a fraction of the full UNet's). In a reuse mode the first step runs every block (its cache is filled
+    there) and the plan covers the others; a skipped block costs its measured share in every mode."""
     from accel_diffusion.eval.schedule_fitness import SkipPlanFitness
     from accel_diffusion.schedules.autodiffusion import SkipPlanSearch, SkipSpace
 
-    blocks, shares = block_cost_model(engine, model, cheap)
+    every, shares = block_cost_model(engine, model, cheap)
+    unknown = sorted(set(allowed or ()) - set(every))
+    if unknown:
+        raise InvalidRequestError("skip_blocks", f"{unknown[0]!r} is not a skippable block of model {model!r}",
+                                  ", ".join(every))
+    blocks = [b for b in every if allowed is None or b in allowed]
     K = len(timesteps)
+    first = 0 if mode == "drop" else 1
+    if K - first < 1:
+        raise InvalidRequestError("skip_mode", f"{mode!r} skips nothing in a 1-step schedule (its first step runs "
+                                  "every block): use --skip-mode drop")
+    rest = 1.0 - sum(shares[b] for b in blocks)  # a full UNet call costs 1
     try:
-        space = SkipSpace(K, len(blocks), skip_budget * K, max_skip, tuple(shares[b] for b in blocks), shares[""])
+        space = SkipSpace(K - first, len(blocks), skip_budget * K - first, min(max_skip, len(blocks)),
+                          tuple(shares[b] for b in blocks), rest)
     except ValueError as exc:
         raise InvalidRequestError("skip_budget", f"{exc}: raise --skip-budget or --max-skip") from None
-    plan_fitness = SkipPlanFitness(cheap, timesteps, blocks)
-    rescore = SkipPlanFitness(costly, timesteps, blocks) if costly is not None else None
+    plan_fitness = SkipPlanFitness(cheap, timesteps, blocks, mode, first)  # type: ignore[arg-type]
+    rescore = SkipPlanFitness(costly, timesteps, blocks, mode, first) if costly is not None else None  # type: ignore[arg-type]
     result = SkipPlanSearch(space, plan_fitness, config, state_path=state, time_budget_s=time_budget_s,
                             rescore=rescore, rescore_top=rescore_top, progress=progress).run()
     plan, value = result.best if result.ranked else (space.skip_nothing(), float("nan"))
-    return result, plan_fitness.names(plan), value, space.cost(plan) / K
+    return result, plan_fitness.names(plan), value, (first + space.cost(plan)) / K
 
 
 @click.command("search")
@@ -264,6 +284,11 @@ def _skip_search(engine: Any, model: str, cheap: Any, costly: Any, timesteps: tu
               help="Stage 2: blocks skipped at one step at most.")
 @click.option("--skip-epochs", type=click.IntRange(0), default=None,
               help="Stage 2's generations (default: --epochs).")
+@click.option("--skip-mode", type=click.Choice(["drop", "reuse", "residual"]), default="drop", show_default=True,
+              help="Stage 2: a skipped block gives its skip connection (drop), its output of the last step where it "
+                   "ran (reuse, DeepCache-style), or its skip connection plus that step's residual (residual).")
+@click.option("--skip-blocks", default=None,
+              help="Stage 2: the blocks it may skip, comma-separated (default: every ResNet and attention block).")
 @click.option("--timesteps-from", default=None,
               help="Stage 2 only: start from this artifact's timesteps (same model, sampler, guidance, steps).")
 @click.pass_context
@@ -272,7 +297,8 @@ def search_command(ctx: click.Context, model: str, steps: int, sampler: str | No
                    images: int, rescore_images: int, teacher_steps: int, population: int, epochs: int, select: int,
                    mutations: int, crossovers: int, mutation_prob: float, mutation_radius: int, seed: int,
                    time_budget_s: float | None, budget_minutes: float | None, skip_budget: float | None,
-                   max_skip: int, skip_epochs: int | None, timesteps_from: str | None) -> None:
+                   max_skip: int, skip_epochs: int | None, skip_mode: str, skip_blocks: str | None,
+                   timesteps_from: str | None) -> None:
     """Search K timesteps for a model, sampler and guidance (AutoDiffusion stage 1), then, with --skip-budget,
     which UNet blocks to skip at which step (stage 2), and save the artifact."""
     if budget_minutes is not None:
@@ -303,13 +329,16 @@ def search_command(ctx: click.Context, model: str, steps: int, sampler: str | No
         sampler=components.get("sampler"), guidance=components.get("guidance"), fitness=fitness, images=images,
         rescore_images=rescore_images, teacher_steps=teacher_steps, config=config, time_budget_s=time_budget_s,
         schedules_dir=schedules_dir, progress=True, command=shlex.join(["accel-diffusion", *sys.argv[1:]]),
-        skip_budget=skip_budget, max_skip=max_skip, skip_config=skip_config, timesteps_from=timesteps_from)
+        skip_budget=skip_budget, max_skip=max_skip, skip_config=skip_config, timesteps_from=timesteps_from,
+        skip_mode=skip_mode, skip_blocks=[b.strip() for b in skip_blocks.split(",") if b.strip()] if skip_blocks
+        else None)
     if artifact is None:
         best = f" (best so far {result.ranked[0][1]:.4g})" if result.ranked else ""
         click.echo(f"time budget spent after {result.evaluations} candidates{best}; run the same command again "
                    "to continue", err=True)
         sys.exit(3)
     skips = "" if artifact.search.unet_cost is None else (
-        f", skipped blocks {artifact.skipped_blocks} (UNet time x{artifact.search.unet_cost:.3f} by the cost model)")
+        f", skipped blocks {artifact.skipped_blocks} ({artifact.skip_mode}; UNet time x{artifact.search.unet_cost:.3f} "
+        "by the cost model)")
     click.echo(f"{path}: timesteps {artifact.timesteps}{skips}, {fitness} {artifact.fitness.value:.4g} "
                f"({artifact.search.evaluations} candidates, {artifact.search.wall_time_s:.0f} s)")

@@ -16,7 +16,7 @@ import logging
 import os
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import pydantic
 import torch
@@ -89,6 +89,10 @@ class SearchedArtifact(BaseModel):
     steps: Annotated[int, Field(ge=1)]
     timesteps: list[Annotated[int, Field(ge=0)]]
     skipped_blocks: list[list[str]] = Field(default_factory=list, description="per step, the UNet blocks skipped")
+    skip_mode: Literal["drop", "reuse", "residual"] = Field(
+        "drop", description="what a skipped block gives: its skip connection ('drop', AutoDiffusion; artifacts "
+        "without the field), its output cached from the last step where it ran ('reuse', DeepCache-style), or its "
+        "skip connection plus the residual it added at that step ('residual')")
     fitness: SearchFitness
     search: SearchCost
     seed: int
@@ -113,6 +117,10 @@ class SearchedArtifact(BaseModel):
             raise ValueError("timesteps: must be strictly decreasing")
         if self.skipped_blocks and len(self.skipped_blocks) != self.steps:
             raise ValueError(f"skipped_blocks: {len(self.skipped_blocks)} lists given for steps = {self.steps}")
+        if self.skip_mode != "drop" and self.skipped_blocks and self.skipped_blocks[0]:
+            raise ValueError(f"skipped_blocks: step 0 reuses {self.skipped_blocks[0][0]!r}, but with skip_mode "
+                             f"{self.skip_mode!r} the first step runs every block (nothing is cached yet): make its "
+                             "list empty")
         return self
 
     def save(self, folder: str | Path) -> Path:
@@ -128,6 +136,7 @@ class SearchedArtifact(BaseModel):
         """What a listing shows (``GET /v1/schedules``)."""
         return {"id": self.id, "model": self.model, "sampler": self.sampler, "guidance": self.guidance,
                 "steps": self.steps, "timesteps": self.timesteps, "skipped_blocks": self.skipped_blocks,
+                "skip_mode": self.skip_mode,
                 "fitness": self.fitness.model_dump(), "search": self.search.model_dump(), "seed": self.seed}
 
 
@@ -202,14 +211,15 @@ class SearchedSchedule(Schedule):
         self._timesteps.set_timesteps(scheduler, num_steps, device)
 
     def model_context(self, unet: torch.nn.Module) -> contextlib.AbstractContextManager[Any]:
-        """The UNet skips, at each step's timestep, the blocks the artifact lists for that step."""
+        """The UNet skips, at each step's timestep, the blocks the artifact lists for that step (dropped or reused,
+        as its ``skip_mode`` says; a new cache per generation)."""
         if not any(self.artifact.skipped_blocks):
             return contextlib.nullcontext()
         from accel_diffusion.engine.block_skip import BlockSkip
 
         skips = dict(zip(self.artifact.timesteps, self.artifact.skipped_blocks, strict=True))
         try:
-            return BlockSkip(unet, skips)
+            return BlockSkip(unet, skips, mode=self.artifact.skip_mode)
         except ValueError as exc:
             raise IncompatibleStrategyError("strategy.schedule.id", f"searched schedule {self.id!r}: {exc}") from None
 
