@@ -42,9 +42,12 @@ from accel_diffusion.strategy import GenerationRequest
 from accel_diffusion.students.distill import METHODS, distill
 
 ROOT = Path(__file__).resolve().parent.parent
-TEACHER = ("teacher: DPM-Solver++ 2M, 25 steps, CFG 5", "shapes", None, 25)
+TEACHER = ("teacher: DPM-Solver++ 2M, 25 steps, CFG 5", "shapes", None, 25, "full")
 FEW_STEP = ("GHVB 0.8 (Karras ρ 3), 4 steps, CFG 5", "shapes",
-            {"sampler": {"name": "ghvb", "order": 0.8}, "schedule": {"name": "karras", "rho": 3.0}}, 4)
+            {"sampler": {"name": "ghvb", "order": 0.8}, "schedule": {"name": "karras", "rho": 3.0}}, 4, "full")
+TINY_DECODE = ("slimflow student, 1 step, tiny autoencoder (vae: tiny)", "shapes_slimflow", None, None, "tiny")
+"""The smallest student with the model's TAESD-style decoder (the request's ``"vae": "tiny"``): decode is most
+of a 1-step image's time."""
 STUDENTS = {"fdistill": "shapes_fdistill", "disback": "shapes_disback", "slimflow": "shapes_slimflow"}
 
 
@@ -63,21 +66,23 @@ def gmm_part(iterations: int, mmd_target: float) -> dict[str, Any]:
     return {"iterations": iterations, "mmd_target": mmd_target, "methods": rows}
 
 
-def _generate_all(engine: Engine, model: str, strategy: dict | None, steps: int | None) -> tuple[np.ndarray, Any]:
+def _generate_all(engine: Engine, model: str, strategy: dict | None, steps: int | None,
+                  vae: str = "full") -> tuple[np.ndarray, Any]:
     prompts = shapes_prompts()
     images, result = [], None
     for start in range(0, len(prompts), 49):
         request = GenerationRequest.create(model=model, prompt=prompts[start:start + 49], seed=start, steps=steps,
-                                           strategy=strategy or {})
+                                           strategy=strategy or {}, vae=vae)
         result = engine.generate(request)
         images.append(result.to_uint8())
     return np.concatenate(images), result
 
 
 def _images_per_second(engine: Engine, model: str, strategy: dict | None, steps: int | None, batch: int,
-                       repeats: int) -> float:
+                       repeats: int, vae: str = "full") -> float:
     prompts = shapes_prompts()[:batch]
-    request = GenerationRequest.create(model=model, prompt=prompts, seed=0, steps=steps, strategy=strategy or {})
+    request = GenerationRequest.create(model=model, prompt=prompts, seed=0, steps=steps, strategy=strategy or {},
+                                       vae=vae)
     engine.generate(request)  # warm-up
     times = []
     for _ in range(repeats):
@@ -87,23 +92,33 @@ def _images_per_second(engine: Engine, model: str, strategy: dict | None, steps:
     return batch / statistics.median(times)
 
 
-def shapes_part(repeats: int) -> dict[str, Any]:
+def _warm_batch1(loaded: Any, strategy_has_cfg: bool, vae: str) -> float:
+    """Build (now, before any timing) the compiled graphs a batch-1 request of this row runs: the UNet at its
+    rows (2 with CFG) and the decode of the autoencoder it asks for; their seconds."""
+    from accel_diffusion.engine.compiled import warm
+
+    vae_module = loaded.tiny_vae if vae == "tiny" else loaded.pipeline.vae
+    graphs = warm(loaded, unet_rows=[2 if strategy_has_cfg else 1], decode_rows=[1], vaes=[vae_module])
+    return round(sum(g["seconds"] for g in graphs), 1)
+
+
+def shapes_part(repeats: int, acceleration: str = "none") -> dict[str, Any]:
     registry = ModelRegistry.default()
-    engine = Engine(registry)
+    engine = Engine(registry, acceleration=acceleration)
     judge = ShapesJudge.load()
     features = JudgeFeatures(judge)
     real = real_renders()
     prompts = shapes_prompts()
     rows: dict[str, Any] = {}
     teacher_images = None
-    entries = [TEACHER, FEW_STEP] + [(f"{method} student, 1 step", model, None, None)
-                                     for method, model in STUDENTS.items()]
-    for label, model, strategy, steps in entries:
+    entries = [TEACHER, FEW_STEP] + [(f"{method} student, 1 step", model, None, None, "full")
+                                     for method, model in STUDENTS.items()] + [TINY_DECODE]
+    for label, model, strategy, steps, vae in entries:
         if model not in registry.ids():
             rows[label] = {"model": model, "status": "not trained yet"}
             print(label, rows[label], flush=True)
             continue
-        images, result = _generate_all(engine, model, strategy, steps)
+        images, result = _generate_all(engine, model, strategy, steps, vae)
         if teacher_images is None:
             teacher_images = images
         loaded = registry.get(model)
@@ -114,10 +129,16 @@ def shapes_part(repeats: int) -> dict[str, Any]:
             "out_of_gamut_percent": round(100 * float(((images < 10) | (images > 250)).mean()), 3),
             "fd_to_teacher": frechet_distance(teacher_images, images, features),
             "fd_to_real": frechet_distance(real, images, features),
-            "images_per_second_batch1": _images_per_second(engine, model, strategy, steps, 1, repeats),
-            "images_per_second_batch16": _images_per_second(engine, model, strategy, steps, 16, max(repeats // 3, 2)),
+            "vae": vae,
+            "engine_acceleration": acceleration,
             "unet_parameters": sum(p.numel() for p in loaded.pipeline.unet.parameters()),
         }
+        if acceleration == "compile":  # batch 1 only: every graph is built before its row is timed
+            row["compile_seconds"] = _warm_batch1(loaded, result.strategy.guidance["name"] != "none", vae)
+        row["images_per_second_batch1"] = _images_per_second(engine, model, strategy, steps, 1, repeats, vae)
+        if acceleration == "none":
+            row["images_per_second_batch16"] = _images_per_second(engine, model, strategy, steps, 16,
+                                                                  max(repeats // 3, 2), vae)
         card = _training_info(model)
         if card is not None:
             row["training_wall_seconds"] = card.get("wall_seconds")
@@ -144,6 +165,9 @@ def main() -> None:
     parser.add_argument("--mmd-target", type=float, default=0.01)
     parser.add_argument("--repeats", type=int, default=9, help="timed runs at batch 1 (a third at batch 16)")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--engine-acceleration", choices=["none", "compile"], default="none",
+                        help="shapes part: the engine's acceleration for the timed rows (compile: batch 1 only, each "
+                             "row's graphs built before it is timed)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     load_start = os.getloadavg()
@@ -153,7 +177,7 @@ def main() -> None:
     if "gmm" in parts:
         report["gmm"] = gmm_part(args.gmm_iterations, args.mmd_target)
     if "shapes" in parts:
-        report["shapes"] = shapes_part(args.repeats)
+        report["shapes"] = shapes_part(args.repeats, args.engine_acceleration)
     report["wall_seconds"] = round(time.perf_counter() - started, 1)
     report["load_average_start_end"] = [list(load_start), list(os.getloadavg())]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

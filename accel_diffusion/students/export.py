@@ -87,20 +87,24 @@ def shapes_one_step_scheduler(scheduler_config: dict[str, Any], prediction_type:
 def save_shapes_student(student: ModelMixin, out_dir: str | Path, teacher_pipeline: Any,
                         scheduler_config: dict[str, Any], *, name: str, method: str, recipe: dict[str, Any],
                         command: str, wall_seconds: float, quality: dict[str, Any], teacher: str = "shapes",
-                        prediction_type: str | None = None, unet_dtype: str = "float16") -> Path:
+                        prediction_type: str | None = None, unet_dtype: str = "float16", vae: Any = None) -> Path:
     """Save a one-step student UNet as a ``StableDiffusionPipeline`` directory: the teacher's tokenizer, text
     encoder and VAE, the student UNet (safetensors in ``unet_dtype``: float16 halves the shipped bytes, and
     diffusers' ``from_pretrained`` upcasts it to the model's float32 on load) and
     :func:`shapes_one_step_scheduler`; plain diffusers loads and runs it on CPU with no extra arguments
-    (``num_inference_steps=1, guidance_scale=1``)."""
+    (``num_inference_steps=1, guidance_scale=1``). ``vae`` replaces the teacher's autoencoder (SlimFlow's
+    student ships with the teacher's tiny one: the decode is most of a one-step image's time)."""
     from diffusers import StableDiffusionPipeline
 
     if unet_dtype not in ("float16", "float32"):
         raise ValueError(f"unet_dtype: 'float16' or 'float32', got {unet_dtype!r}")
     out = Path(out_dir)
     unet = copy.deepcopy(student).to(getattr(torch, unet_dtype))
+    if vae is not None:  # a replacement autoencoder is stored like the UNet
+        vae = copy.deepcopy(vae).to(getattr(torch, unet_dtype))
     pipe = StableDiffusionPipeline(
-        vae=teacher_pipeline.vae, text_encoder=teacher_pipeline.text_encoder, tokenizer=teacher_pipeline.tokenizer,
+        vae=vae if vae is not None else teacher_pipeline.vae, text_encoder=teacher_pipeline.text_encoder,
+        tokenizer=teacher_pipeline.tokenizer,
         unet=unet, scheduler=shapes_one_step_scheduler(scheduler_config, prediction_type),
         safety_checker=None,
         feature_extractor=None, requires_safety_checker=False)

@@ -137,14 +137,15 @@ class ShapesTeacher:
         return {"z": z, "prompt": prompt, "x0": torch.cat(out).float()}
 
     @torch.no_grad()
-    def decode(self, latents: torch.Tensor) -> np.ndarray:
-        """Latents -> uint8 NHWC images (the pipeline's VAE)."""
-        pixels = self.vae.decode(latents / self.vae.config.scaling_factor).sample
+    def decode(self, latents: torch.Tensor, vae: Any = None) -> np.ndarray:
+        """Latents -> uint8 NHWC images (the pipeline's VAE, or ``vae``)."""
+        vae = vae if vae is not None else self.vae
+        pixels = vae.decode(latents / vae.config.scaling_factor).sample
         return to_uint8_nhwc((pixels.clamp(-1, 1) + 1) / 2)
 
     @torch.no_grad()
     def evaluate(self, student: nn.Module, seed: int = 0, judge: ShapesJudge | None = None,
-                 batch_size: int = 98, prediction: str = "epsilon") -> dict[str, Any]:
+                 batch_size: int = 98, prediction: str = "epsilon", vae: Any = None) -> dict[str, Any]:
         """Prompt accuracy (the project's judge) of one 1-step image per prompt, seed ``seed + i`` for prompt i:
         the engine's noise for the same seeds (``evaluate_shapes``), never the noise of the teacher pairs (one
         generator seeded with the run's seed draws all of those)."""
@@ -153,7 +154,7 @@ class ShapesTeacher:
                        for i in range(len(self.prompts))])
         prompt = torch.arange(len(self.prompts))
         images = np.concatenate([
-            self.decode(self.student_x0(student, z[i:i + batch_size], prompt[i:i + batch_size], prediction))
+            self.decode(self.student_x0(student, z[i:i + batch_size], prompt[i:i + batch_size], prediction), vae)
             for i in range(0, len(prompt), batch_size)])
         accuracy = judge.prompt_accuracy(images, self.prompts)
         out_of_gamut = float(((images < 10) | (images > 250)).mean())

@@ -77,9 +77,10 @@ def test_slimflow_student_is_a_quarter_of_the_unet_and_plain_diffusers_runs_it(
     out = tmp_path / "shapes_tiny_slimflow"
     save_shapes_student(student, out, teacher.loaded.pipeline, teacher.loaded.scheduler_config, name=out.name,
                         method="slimflow", recipe={}, command="accel-diffusion distill --method slimflow",
-                        wall_seconds=1.0, quality={}, prediction_type="sample")
+                        wall_seconds=1.0, quality={}, prediction_type="sample", vae=teacher.loaded.tiny_vae)
     pipe = StableDiffusionPipeline.from_pretrained(str(out))  # no extra arguments, on CPU
     assert pipe.scheduler.config.prediction_type == "sample"
+    assert type(pipe.vae).__name__ == "AutoencoderTiny" and pipe.vae.dtype == torch.float32  # float16 on disk
     z = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3))
     latents = pipe([teacher.prompts[4], teacher.prompts[100]], num_inference_steps=1, guidance_scale=1.0,
                    latents=z, output_type="latent").images
