@@ -186,9 +186,9 @@ def test_quality_is_reused_only_from_the_same_eager_measurement() -> None:
 
 def test_bench_pareto_compiled_reuses_eager_quality_and_times_only_built_graphs(
         tiny_models_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """An eager donor (the anchors and one family, swept in-process), then ``bench pareto --engine-acceleration
-    compile`` near its front: compiled latencies, the donor's qualities (the first point measured again and
-    equal), and no graph built while timed (the meter raises if one is)."""
+    """An eager donor (two 1-step families, swept in-process), then ``bench pareto --engine-acceleration compile``
+    near its front: compiled latencies; the donor's qualities (its first point measured again and equal, the
+    second copied); the anchors, not in the donor, measured; and no graph built while timed (the meter raises)."""
     registry = ModelRegistry.from_file(tiny_models_file)
     spec = registry.spec("tiny")
     anchors = [c for _, c in anchor_candidates("tiny", spec.default_strategy.model_dump(exclude_none=True),
@@ -196,16 +196,15 @@ def test_bench_pareto_compiled_reuses_eager_quality_and_times_only_built_graphs(
     meter = ShapesMeter(Engine(registry), "tiny", images=4, batch_size=1, repeats=1)
     donor_out = tmp_path / "tiny@eager.json"
     fresh = new_profile("tiny", "cpu", meter, width=32, height=32, seed=0, margins=Margins(0.05, 0.01), command="t")
-    donor = sweep(fresh, [*anchors, *candidates_for("tiny", default_families()[-1:], [1])], meter, donor_out,
-                  progress=False)
-    assert len(donor.points) == 4 and donor.engine_acceleration == "none"
+    donor = sweep(fresh, candidates_for("tiny", default_families()[-2:], [1]), meter, donor_out, progress=False)
+    assert len(donor.points) == 2 and donor.engine_acceleration == "none"
 
     compiled_out = tmp_path / "tiny@cpu+compile.json"
     monkeypatch.setattr(ModelRegistry, "from_file", classmethod(lambda cls, path=None: registry))  # see its graphs
     args = ["--models", str(tiny_models_file), "bench", "pareto", "--model", "tiny", "--steps", "1", "--images", "4",
             "--repeats", "1", "--batch-size", "1", "--no-searched", "--out", str(compiled_out)]
     result = CliRunner().invoke(main, [*args, "--engine-acceleration", "compile", "--compile-buckets", "2",
-                                       "--quality-from", str(donor_out), "--near-front", "0.5"])
+                                       "--quality-from", str(donor_out), "--near-front", "0.9"])
     assert result.exit_code == 0, result.output
     profile = ParetoProfile.load(compiled_out)
     assert profile.engine_acceleration == "compile" and profile.compile_buckets == [2] and profile.complete
@@ -214,15 +213,17 @@ def test_bench_pareto_compiled_reuses_eager_quality_and_times_only_built_graphs(
     assert [v["graphs"] for v in graphs.values()] == [1, 1]  # the UNet and the decode at bucket 2 (1 and 2 rows)
 
     by_key = {p.key(): p for p in donor.points}
-    near = near_front(donor, 0.5)
+    near = near_front(donor, 0.9)  # both donor points: the CFG one's 2x latency is within 10x of the front's
     settled = {p.key() for p in profile.points} | {s["key"] for s in profile.skipped}
     assert len(settled) == 12 and {c.key() for c in anchors} <= {p.key() for p in profile.points}  # 9 x 1 + 3
     far = {s["key"] for s in profile.skipped if "far from the eager front" in s["reason"]}
-    assert far == settled - near - {c.key() for c in anchors}
+    assert near == set(by_key) and far == settled - near - {c.key() for c in anchors}
+    assert len(profile.points) == 5
     for point in profile.points:  # the same images: the donor's qualities, reused or (the first) measured again
-        assert point.metrics == pytest.approx(by_key[point.key()].metrics, abs=1e-6)
-        assert point.latency_ms != by_key[point.key()].latency_ms  # latency measured again, compiled
-    assert [p.quality_reused for p in profile.points].count(False) == 1  # only the model's first point re-measured
+        if point.key() in by_key:
+            assert point.metrics == pytest.approx(by_key[point.key()].metrics, abs=1e-6)
+            assert point.latency_ms != by_key[point.key()].latency_ms  # latency measured again, compiled
+        assert point.quality_reused == (point.key() == donor.points[1].key())  # the first donor point re-measured
 
     wrong = CliRunner().invoke(main, [*args, "--near-front", "0.5"])
     assert wrong.exit_code == 2 and "near_front" in wrong.output and "--quality-from" in wrong.output
