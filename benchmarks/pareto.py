@@ -3,7 +3,8 @@
     python benchmarks/pareto.py --profile accel_diffusion/pareto/profiles/shapes@<device>.json \\
         --out benchmarks/results/pareto_cpu.json [--plot-dir docs/images]
 
-1. shapes: for budgets of 20, 50, 100 and 300 ms per image (batch 1, this device), `auto` resolves against the
+1. shapes: for budgets of 20, 50, 100 and 300 ms per image (batch 1, this device, the engine acceleration the
+   profile was measured with: `+compile.json` times the compiled engine), `auto` resolves against the
    profile; the baseline is diffusers' default multistep solver (DPM-Solver++ 2M on the model's spacing, the
    model's CFG 5) at the largest step count whose latency, measured in this same run, fits the same budget.
    Both are then measured in this run by the sweep's own `ShapesMeter` on held-out seeds (seed 10_000 + k, never
@@ -69,9 +70,12 @@ def baseline_steps_within(meter: ShapesMeter, model: str, budget: float, cache: 
 
 def shapes_study(profile: ParetoProfile, plot_dir: Path | None) -> dict[str, Any]:
     registry = ModelRegistry.default()
-    engine = Engine(registry)
+    # latency on the engine the profile was measured with (compiled: every timed shape's graphs built first),
+    # quality eagerly, as the sweep measures it
+    engine = Engine(registry, acceleration=profile.engine_acceleration, buckets=profile.compile_buckets)
     # held-out seeds (image k: seed 10_000 + k), batch 1 only, 7 repeats; the sweep measured on seeds 0 + k
-    meter = ShapesMeter(engine, profile.model, seed=HELD_OUT_SEED, batch_size=1, repeats=7)
+    meter = ShapesMeter(engine, profile.model, seed=HELD_OUT_SEED, batch_size=1, repeats=7,
+                        quality_engine=Engine(registry))
     served = [m for m in {p.model for p in profile.points} if m in registry.ids()]
     cache: dict[int, float] = {}
     rows = []
@@ -101,6 +105,7 @@ def shapes_study(profile: ParetoProfile, plot_dir: Path | None) -> dict[str, Any
                      spec.default_strategy.model_dump(exclude_none=True), spec.default_steps)
     at_20 = rows[0]["auto"].get("prompt_accuracy")
     return {"profile": profile.file_name, "profile_date": profile.date, "points": len(profile.points),
+            "engine_acceleration": profile.engine_acceleration,
             "front": len(profile.front), "held_out_seed": HELD_OUT_SEED, "rows": rows,
             "targets": {"strictly_better_at_every_budget": all(r["auto_strictly_better"] for r in rows),
                         "accuracy_at_20ms": at_20, "accuracy_at_20ms_ge_0.85": at_20 is not None and at_20 >= 0.85}}

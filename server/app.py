@@ -142,10 +142,11 @@ class ServerState:
                 raise InvalidRequestError("strategy", "'auto' on an API-only replica needs the setting profile_device "
                                           "(the workers' device key, e.g. cuda-nvidia-h200); set it, or send an "
                                           "explicit strategy")
-            return resolve_auto(request, "cpu", models=self.settings.served_models, key=key)
+            return resolve_auto(request, "cpu", models=self.settings.served_models, key=key,
+                                acceleration=self.settings.engine_acceleration or "none")
         model = self.registry.get(request.model)
         return resolve_auto(request, model.device, models=self.settings.served_models, default_size=model.default_size,
-                            key=key)
+                            key=key, acceleration=self.settings.engine_acceleration or "none")
 
     def submit(self, request: GenerationRequest, output: OutputOptions, owner: str | None = None,
                delivered_by_caller: bool = False) -> tuple[Job, int]:
@@ -532,7 +533,8 @@ def _api_routes() -> APIRouter:
             data.append({"id": model_id, "object": "model", "created": 0, "owned_by": "accel-diffusion",
                          "default_steps": spec.default_steps, "default_size": size,
                          "default_strategy": spec.default_strategy.model_dump(exclude_none=True),
-                         "pareto_front": front_summary(model_id, model.device, state.settings.profile_device)})
+                         "pareto_front": front_summary(model_id, model.device, state.settings.profile_device,
+                                                       state.settings.engine_acceleration or "none")})
         return {"object": "list", "data": data}
 
     @router.get("/v1/strategies", tags=["models"])

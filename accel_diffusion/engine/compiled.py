@@ -33,12 +33,13 @@ elsewhere (MPS: inductor's MPS backend is not measured here).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import queue
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -125,6 +126,23 @@ def _key(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return tuple(_key(v) for v in value)
     return value
+
+
+_BUILD_NOW = threading.local()
+
+
+@contextlib.contextmanager
+def build_missing_now() -> Iterator[None]:
+    """On this thread, within the block: a call whose shape has no graph yet builds it now, on this thread,
+    and runs it compiled (CUDA graphs included), instead of running eagerly while it is built in the
+    background. For measurements that must never time a cold compile or an eager stand-in (``bench pareto
+    --engine-acceleration compile`` warms each measured shape with it); rows over the largest bucket stay eager."""
+    previous = getattr(_BUILD_NOW, "active", False)
+    _BUILD_NOW.active = True
+    try:
+        yield
+    finally:
+        _BUILD_NOW.active = previous
 
 
 class GraphBuilder:
@@ -216,6 +234,8 @@ class CompiledCall:
             return self.eager(*args, **kwargs)
         padded, padded_kwargs = self._inputs(args, kwargs, rows, bucket)
         key = (bucket, _key(padded), _key(padded_kwargs), torch.is_grad_enabled(), torch.get_num_threads())
+        if key not in self.ready and getattr(_BUILD_NOW, "active", False):
+            self._build(key, padded, padded_kwargs, background=False)  # build_missing_now: here, then run it
         if key not in self.ready:  # eager on the rows as they came: the uncompiled model's very bits
             self._request_build(key, padded, padded_kwargs)
             self.stats.eager_calls += 1

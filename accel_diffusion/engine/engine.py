@@ -215,13 +215,15 @@ class Engine:
 
     def resolve_auto(self, request: GenerationRequest) -> GenerationRequest:
         """``"strategy": "auto"`` replaced by the best point of the model's Pareto profile on the device the
-        model is loaded on (accel_diffusion.pareto.auto); any other request unchanged."""
+        model is loaded on, measured with this engine's acceleration (else eager: upper bounds;
+        accel_diffusion.pareto.auto); any other request unchanged."""
         if not request.strategy.is_auto:
             return request
         from accel_diffusion.pareto.auto import resolve_auto
 
         model = self.models.get(request.model)
-        return resolve_auto(request, model.device, models=self.models.ids(), default_size=model.default_size)
+        return resolve_auto(request, model.device, models=self.models.ids(), default_size=model.default_size,
+                            acceleration=self.acceleration)
 
     def generate(self, request: GenerationRequest, hooks: GenerationHooks = NO_HOOKS, *,
                  seeds: Sequence[int] | None = None, batch_invariant: bool = False) -> GenerationResult:

@@ -7,6 +7,10 @@ the model's students), and takes the best quality whose latency fits — per ima
 one-image request, at the profile's batch size for more. The request comes back concrete: the point's
 strategy and steps (and model, for a student), and ``strategy.auto`` records the choice, so the result
 echoes what ran and why. Nothing fits, no profile, another image size: a 400 naming the field.
+
+The profile is the one measured with the serving engine's acceleration (``engine_acceleration``): a
+compiling engine uses ``<model>@<device>+compile.json`` and, without one, the eager profile, whose
+latencies are then upper bounds (the echo's ``profile_engine_acceleration`` says which was used).
 """
 
 from __future__ import annotations
@@ -18,24 +22,52 @@ import torch
 
 from accel_diffusion.errors import InvalidRequestError
 from accel_diffusion.pareto.front import best_within, pareto_front
-from accel_diffusion.pareto.profile import ParetoProfile, ProfileError, device_key, find_profile, profile_dirs
+from accel_diffusion.pareto.profile import (
+    ParetoProfile,
+    ProfileError,
+    device_key,
+    find_profile,
+    profile_dirs,
+    profile_file_name,
+)
 from accel_diffusion.strategy import GenerationRequest, Strategy
 
 
-def profile_for(model: str, device: torch.device | str, key: str | None = None) -> ParetoProfile:
-    """The model's profile on ``device`` (or on the device key ``key``), or a 400 saying how to make one."""
+def profile_for(model: str, device: torch.device | str, key: str | None = None,
+                acceleration: str = "none") -> ParetoProfile:
+    """The model's profile on ``device`` (or on the device key ``key``) for an engine running with
+    ``acceleration`` (pareto.profile.find_profile), or a 400 saying how to make one."""
     key = key or device_key(device)
     try:
-        profile = find_profile(model, key)
+        profile = find_profile(model, key, acceleration)
     except ProfileError as exc:
         raise InvalidRequestError("strategy", f"'auto': the profile of {model!r} on {key} is unusable: {exc}") from None
     if profile is None:
         folders = ", ".join(str(d) for d in profile_dirs())
+        compiled = profile_file_name(model, key, "compile")
+        if acceleration == "none" and any((folder / compiled).is_file() for folder in profile_dirs()):
+            raise InvalidRequestError(
+                "strategy", f"'auto': this engine runs eagerly (engine_acceleration none) and {model!r} on {key} has "
+                f"only a profile measured compiled ({compiled}), whose latencies the eager engine does not keep: run "
+                f"`accel-diffusion bench pareto --model {model}` (eager) on this device, serve with "
+                "engine_acceleration compile, or send an explicit strategy")
         raise InvalidRequestError(
             "strategy", f"'auto' needs a Pareto profile of model {model!r} on this device ({key}); none in {folders}: "
             f"run `accel-diffusion bench pareto --model {model}` on this device (or set profiles_dir), or send an "
             "explicit strategy")
     return profile
+
+
+def _engine_fields(profile: ParetoProfile, acceleration: str) -> dict[str, Any]:
+    """What the echo and the models route say of the engines: the serving one, the profile's, and when they
+    differ, that the profile's latencies are upper bounds."""
+    fields: dict[str, Any] = {"engine_acceleration": acceleration,
+                              "profile_engine_acceleration": profile.engine_acceleration}
+    if profile.engine_acceleration != acceleration:
+        fields["latency_note"] = (f"no profile measured with engine_acceleration {acceleration} on {profile.device}: "
+                                  f"the latencies are the {profile.engine_acceleration} engine's, upper bounds on "
+                                  "this faster engine")
+    return fields
 
 
 def choose_point(profile: ParetoProfile, latency_budget_ms: float, min_quality: float | None = None,
@@ -70,16 +102,18 @@ def choose_point(profile: ParetoProfile, latency_budget_ms: float, min_quality: 
 
 def resolve_auto(request: GenerationRequest, device: torch.device | str,
                  models: Collection[str] | None = None,
-                 default_size: tuple[int, int] | None = None, key: str | None = None) -> GenerationRequest:
+                 default_size: tuple[int, int] | None = None, key: str | None = None,
+                 acceleration: str = "none") -> GenerationRequest:
     """``request`` with ``"strategy": "auto"`` replaced by the chosen point (unchanged if not auto).
 
     ``device``: where the model runs (``key``: its device key instead, e.g. on a replica without the device);
     ``models``: the model ids that may run (a server's served models); ``default_size``: the (width, height)
-    the model generates when the request gives none."""
+    the model generates when the request gives none; ``acceleration``: the serving engine's
+    (``engine_acceleration``), which picks the profile."""
     if not request.strategy.is_auto:
         return request
     assert request.latency_budget_ms is not None  # GenerationRequest refuses auto without a budget
-    profile = profile_for(request.model, device, key)
+    profile = profile_for(request.model, device, key, acceleration)
     if profile.width is not None and profile.height is not None:
         width = request.width or (default_size[0] if default_size else profile.width)
         height = request.height or (default_size[1] if default_size else profile.height)
@@ -101,15 +135,18 @@ def resolve_auto(request: GenerationRequest, device: torch.device | str,
         "latency_at_batch": profile.batch_size if batched else 1,
         "quality_metric": profile.quality_metric,
         "expected_quality": point.quality,
+        **_engine_fields(profile, acceleration),
     }
     strategy = Strategy.model_validate({**point.strategy, "auto": record})
     return request.model_copy(update={"model": point.model, "strategy": strategy, "steps": point.steps})
 
 
-def front_summary(model: str, device: torch.device | str, key: str | None = None) -> dict[str, Any] | None:
-    """The model's front on ``device`` (or device key ``key``) for ``GET /v1/models``; None without a usable profile."""
+def front_summary(model: str, device: torch.device | str, key: str | None = None,
+                  acceleration: str = "none") -> dict[str, Any] | None:
+    """The model's front on ``device`` (or device key ``key``) for an engine running with ``acceleration``, for
+    ``GET /v1/models``; None without a usable profile."""
     try:
-        profile = find_profile(model, key or device_key(device))
+        profile = find_profile(model, key or device_key(device), acceleration)
     except ProfileError:
         return None
     if profile is None:
@@ -117,6 +154,7 @@ def front_summary(model: str, device: torch.device | str, key: str | None = None
     return {
         "profile": profile.file_name, "device": profile.device, "date": profile.date,
         "quality_metric": profile.quality_metric, "batch_size": profile.batch_size,
+        **_engine_fields(profile, acceleration),
         "points": [{"model": p.model, "strategy": p.strategy, "steps": p.steps, "quality": p.quality,
                     "latency_ms": p.latency_ms, "batch_latency_ms": p.batch_latency_ms, "nfe": p.nfe}
                    for p in profile.front_points()],

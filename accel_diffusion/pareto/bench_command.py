@@ -58,16 +58,32 @@ def bench_command() -> None:
 @click.option("--plot", "plot_file", type=click.Path(dir_okay=False), default=None, help="also write the PNG plot")
 @click.option("--remeasure", "remeasure", multiple=True,
               help="measure every point of this model again (e.g. a retrained student) when resuming (repeatable)")
+@click.option("--engine-acceleration", type=click.Choice(["none", "compile"]), default="none", show_default=True,
+              help="the engine whose latency is measured: compile builds every measured shape's graphs before "
+              "timing it (quality is measured eagerly either way); name OUT <model>@<device>+compile.json")
+@click.option("--compile-buckets", default="1,2,4,8", show_default=True,
+              help="with --engine-acceleration compile: the engine's row buckets, as the server's compile_buckets")
+@click.option("--quality-from", "quality_from", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="an eager profile of the same model, device, prompts and software: its points' quality is "
+              "copied instead of measured again (each model's first such point is re-measured as a check)")
+@click.option("--near-front", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=None,
+              help="with --quality-from: measure only the anchors and the donor's points that no front point at "
+              "least as good beats by more than this fraction of latency (the rest: skipped, with the reason)")
 @click.pass_context
 def pareto_command(ctx: click.Context, model: str, out_file: str, budget_minutes: float | None, steps_list: str,
                    students: tuple[str, ...], no_searched: bool, images: int, batch_size: int, repeats: int,
                    seed: int, latency_margin: float, quality_margin: float, plot_file: str | None,
-                   remeasure: tuple[str, ...]) -> None:
+                   remeasure: tuple[str, ...], engine_acceleration: str, compile_buckets: str,
+                   quality_from: str | None, near_front: float | None) -> None:
     """Sweep MODEL's strategies (samplers x steps x schedules, searched schedules, guidance, students) on this
     device: quality with the eval sticks, latency warm; write every point and the front to OUT."""
     try:
+        if near_front is not None and quality_from is None:
+            raise InvalidRequestError("near_front", "needs --quality-from (the eager profile whose front to stay near)")
+        buckets = _int_list(compile_buckets, "compile_buckets") if engine_acceleration == "compile" else None
         _pareto(ctx, model, Path(out_file), budget_minutes, steps_list, students, no_searched, images, batch_size,
-                repeats, seed, latency_margin, quality_margin, plot_file, remeasure)
+                repeats, seed, latency_margin, quality_margin, plot_file, remeasure, engine_acceleration, buckets,
+                Path(quality_from) if quality_from else None, near_front)
     except AccelDiffusionError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(2)
@@ -79,18 +95,22 @@ def pareto_command(ctx: click.Context, model: str, out_file: str, budget_minutes
 def _pareto(ctx: click.Context, model: str, out: Path, budget_minutes: float | None, steps_list: str,
             students: tuple[str, ...], no_searched: bool, images: int, batch_size: int, repeats: int, seed: int,
             latency_margin: float, quality_margin: float, plot_file: str | None,
-            remeasure: tuple[str, ...] = ()) -> None:
+            remeasure: tuple[str, ...] = (), engine_acceleration: str = "none", buckets: list[int] | None = None,
+            quality_from: Path | None = None, near_front_fraction: float | None = None) -> None:
     from accel_diffusion.engine import Engine
     from accel_diffusion.models.registry import ModelRegistry
     from accel_diffusion.pareto.front import Margins
     from accel_diffusion.pareto.plot import plot_profile
+    from accel_diffusion.pareto.profile import ParetoProfile, ProfileError
     from accel_diffusion.pareto.sweep import (
         ShapesMeter,
         anchor_candidates,
         candidates_for,
         default_families,
+        near_front,
         new_profile,
         open_profile,
+        reusable_quality,
         searched_candidates,
         sweep,
     )
@@ -104,21 +124,39 @@ def _pareto(ctx: click.Context, model: str, out: Path, budget_minutes: float | N
     if loaded.family not in ("sd", "sdxl"):
         raise InvalidRequestError("model", f"{model!r} is a {loaded.family} model; bench pareto measures text-to-image "
                                   "models (the gmm error-vs-NFE front: benchmarks/pareto.py)")
-    engine = Engine(registry)
-    meter = ShapesMeter(engine, model, images=images, seed=seed, batch_size=batch_size, repeats=repeats)
+    eager = Engine(registry)
+    engine = Engine(registry, acceleration=engine_acceleration, buckets=buckets)  # type: ignore[arg-type]
+    meter = ShapesMeter(engine, model, images=images, seed=seed, batch_size=batch_size, repeats=repeats,
+                        quality_engine=eager)
     width, height = loaded.default_size
     margins = Margins(latency=latency_margin, quality=quality_margin)
     command = shlex.join(["accel-diffusion", *sys.argv[1:]])
     profile = open_profile(out, new_profile(model, loaded.device, meter, width=width, height=height, seed=seed,
-                                            margins=margins, command=command))
+                                            margins=margins, command=command, engine_acceleration=engine_acceleration,
+                                            compile_buckets=buckets))
+    if out.name != profile.file_name:
+        click.echo(f"note: `strategy: auto` looks this profile up as {profile.file_name} in a profiles_dir", err=True)
     for name in remeasure:
         profile.forget(name)
+    donor = None
+    if quality_from is not None:
+        try:
+            donor = ParetoProfile.load(quality_from)
+        except ProfileError as exc:
+            raise InvalidRequestError("quality_from", str(exc)) from None
+        meter.reuse, profile.quality_reused_from = reusable_quality(donor, profile, exclude=remeasure)
     guidance = spec.default_strategy.guidance or {"name": "cfg", "scale": 5.0}
     families = default_families(float(guidance.get("scale", 5.0)))
     default_strategy = spec.default_strategy.model_dump(exclude_none=True)
     anchors = [c for _, c in anchor_candidates(model, default_strategy, spec.default_steps)]
     candidates = candidates_for(model, families, _int_list(steps_list, "steps"), student_steps,
                                 [] if no_searched else searched_candidates(model), anchors)
+    if donor is not None and near_front_fraction is not None:
+        keep = near_front(donor, near_front_fraction)
+        settled = {p.key() for p in profile.points} | {k["key"] for k in profile.skipped}
+        profile.skipped += [{"key": c.key(), "reason": f"far from the eager front of {donor.file_name} "
+                             f"(--near-front {near_front_fraction})"}
+                            for c in candidates if not c.anchor and c.key() not in keep | settled]
     profile = sweep(profile, candidates, meter, out, budget_s=budget_minutes * 60 if budget_minutes else None)
     click.echo(f"{len(profile.points)} points, {len(profile.front)} on the front, {len(profile.skipped)} pruned; "
                f"{'complete' if profile.complete else 'incomplete (rerun to continue)'}; wrote {out}", err=True)

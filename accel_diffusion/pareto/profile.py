@@ -5,6 +5,13 @@ model and a device: latencies measured on one CPU say nothing of a GPU, or of th
 threads, so the file is named ``<model>@<device key>.json`` and looked up by both (the configured
 folder — ``ACCEL_DIFFUSION_PROFILES_DIR``, the server's ``profiles_dir`` or :func:`use_profiles_dir` —
 first, then the profiles shipped with the package).
+
+A profile also records the engine acceleration its latencies were measured with (``engine_acceleration``:
+``none``, eager; ``compile``, engine/compiled.py). A compiled profile is ``<model>@<device key>+compile.json``
+next to the eager one. An engine that compiles looks up the compiled profile first and falls back to the
+eager one, whose latencies are then upper bounds (the compiled engine is the faster); an eager engine
+never uses a compiled profile (its latencies would be promises the eager engine cannot keep). Format
+``@1`` (before the field) reads as ``engine_acceleration = "none"``: it was measured eager.
 """
 
 from __future__ import annotations
@@ -15,7 +22,7 @@ import platform
 import re
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import pydantic
 import torch
@@ -23,7 +30,9 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from accel_diffusion.pareto.front import Margins, pareto_front
 
-PROFILE_FORMAT = "accel-diffusion/pareto-profile@1"
+PROFILE_FORMAT = "accel-diffusion/pareto-profile@2"
+OLD_FORMATS = ("accel-diffusion/pareto-profile@1",)  # read as engine_acceleration = "none" (measured eager)
+ACCELERATIONS = ("none", "compile")
 PROFILES_DIR_ENV = "ACCEL_DIFFUSION_PROFILES_DIR"
 BUILTIN_PROFILES_DIR = Path(__file__).parent / "profiles"
 
@@ -99,6 +108,8 @@ class ParetoPoint(BaseModel):
     batch_latency_ms: Annotated[float, Field(gt=0)] | None = Field(
         None, description="per image at the profile's batch_size, warm median")
     nfe: Annotated[int, Field(ge=0)]
+    quality_reused: bool = Field(False, description="quality and metrics copied from the profile named in the "
+                                 "profile's quality_reused_from (the same images: see there), not measured here")
 
     def key(self) -> str:
         """What identifies the configuration (not its measurements): model, strategy and steps."""
@@ -111,6 +122,14 @@ class ParetoProfile(BaseModel):
     format: str = PROFILE_FORMAT
     model: str
     device: str = Field(description="device key (pareto.profile.device_key)")
+    engine_acceleration: Literal["none", "compile"] = Field(
+        "none", description="the engine acceleration the latencies were measured with (engine/compiled.py)")
+    compile_buckets: list[int] | None = Field(
+        None, description="with engine_acceleration = 'compile': the engine's row buckets (rows over the largest "
+        "run eagerly, in the measurement as when serving)")
+    quality_reused_from: dict[str, Any] | None = Field(
+        None, description="where the points marked quality_reused got their quality: another profile's file, date "
+        "and versions, and why the images are the same")
     hardware: dict[str, Any] = Field(default_factory=dict)
     versions: dict[str, str] = Field(default_factory=dict)
     date: str = Field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
@@ -132,9 +151,17 @@ class ParetoProfile(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _check_format(cls, data: Any) -> Any:
-        if isinstance(data, dict) and data.get("format", PROFILE_FORMAT) != PROFILE_FORMAT:
-            raise ValueError(f"format is {data.get('format')!r}; this version reads {PROFILE_FORMAT!r}: "
-                             "re-run `accel-diffusion bench pareto` to write a current profile")
+        if not isinstance(data, dict):
+            return data
+        version = data.get("format", PROFILE_FORMAT)
+        if version in OLD_FORMATS:  # before engine_acceleration: measured with the eager engine
+            if "engine_acceleration" in data:
+                raise ValueError(f"format {version!r} has no engine_acceleration; write format {PROFILE_FORMAT!r}")
+            return {**data, "format": PROFILE_FORMAT, "engine_acceleration": "none"}
+        if version != PROFILE_FORMAT:
+            raise ValueError(f"format is {data.get('format')!r}; this version reads {PROFILE_FORMAT!r} (and "
+                             f"{', '.join(map(repr, OLD_FORMATS))}): re-run `accel-diffusion bench pareto` to write a "
+                             "current profile")
         return data
 
     @model_validator(mode="after")
@@ -169,7 +196,7 @@ class ParetoProfile(BaseModel):
 
     @property
     def file_name(self) -> str:
-        return f"{self.model}@{self.device}.json"
+        return profile_file_name(self.model, self.device, self.engine_acceleration)
 
     def save(self, path: str | Path) -> Path:
         """Write atomically (a resumed sweep rereads it: never a half-written file)."""
@@ -193,12 +220,27 @@ class ParetoProfile(BaseModel):
             raise ProfileError(f"{str(path)!r}: {where}: {first['msg']}") from None
 
 
-def find_profile(model: str, device: str) -> ParetoProfile | None:
-    """The profile of ``model`` on ``device`` (a device key), configured folder first; None if there is none."""
-    for folder in profile_dirs():
-        path = folder / f"{model}@{device}.json"
-        if path.is_file():
-            return ParetoProfile.load(path)
+def profile_file_name(model: str, device: str, acceleration: str = "none") -> str:
+    """``<model>@<device>.json`` (eager), ``<model>@<device>+compile.json`` (measured compiled)."""
+    return f"{model}@{device}{'' if acceleration == 'none' else '+' + acceleration}.json"
+
+
+def find_profile(model: str, device: str, acceleration: str = "none") -> ParetoProfile | None:
+    """The profile of ``model`` on ``device`` (a device key) for an engine running with ``acceleration``:
+    a profile measured with that acceleration in any folder (configured folder first), else (``compile``)
+    the eager profile, whose latencies are upper bounds; None if there is none. An eager engine never
+    gets a compiled profile. A file whose content says another acceleration than its name is a ProfileError."""
+    if acceleration not in ACCELERATIONS:
+        raise ValueError(f"acceleration must be one of {list(ACCELERATIONS)}, got {acceleration!r}")
+    for wanted in dict.fromkeys((acceleration, "none")):
+        for folder in profile_dirs():
+            path = folder / profile_file_name(model, device, wanted)
+            if path.is_file():
+                profile = ParetoProfile.load(path)
+                if profile.engine_acceleration != wanted:
+                    raise ProfileError(f"{str(path)!r}: engine_acceleration is {profile.engine_acceleration!r} but "
+                                       f"the name says {wanted!r}; rename it {profile.file_name!r}")
+                return profile
     return None
 
 

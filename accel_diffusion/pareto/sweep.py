@@ -48,6 +48,7 @@ from accel_diffusion.strategy import GenerationRequest, Strategy
 
 DEFAULT_STEPS = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 20, 25, 35, 50)
 LATENCY_PROMPT = "a red circle on a blue background"
+REUSE_TOLERANCE = 1e-6  # a reused point's metrics, measured again on the same machine and software: the same images
 
 
 ANCHORS: list[tuple[str, dict[str, Any], int]] = [
@@ -144,6 +145,7 @@ class Measured:
     nfe: int
     quality: float | None = None
     metrics: dict[str, float] = field(default_factory=dict)
+    quality_reused: bool = False
 
 
 class ShapesMeter:
@@ -152,7 +154,16 @@ class ShapesMeter:
     Quality: the judge's prompt accuracy on ``images`` fixed prompts (image k: the k-th of the 196
     combinations, seed ``seed + k``), the out-of-gamut fraction and the paired distance to the model's
     reference output (its default strategy at ``reference_steps``) from the same noise. Latency: per image,
-    warm, median of ``repeats``, at batch 1 and at ``batch_size``."""
+    warm, median of ``repeats``, at batch 1 and at ``batch_size``.
+
+    Latency is measured on ``engine``, quality on ``quality_engine`` (default: ``engine``). With a compiling
+    ``engine`` (``bench pareto --engine-acceleration compile``) every graph a measured shape uses is built
+    before its timing starts (``compiled.build_missing_now`` on the warm-up call; a graph built during the
+    timed calls is an error), and quality is measured on an eager engine: the same images as the eager
+    profile's (compile agrees with eager within 1e-3). ``reuse``: points (by configuration key) of an eager
+    profile measured with this meter's prompts and seeds, whose quality is copied instead of measured again;
+    each model's first such point is measured anyway and must agree with the donor (``REUSE_TOLERANCE``),
+    which catches a model retrained since the donor was measured."""
 
     quality_metric = "prompt_accuracy"
     quality_description = ("judge prompt accuracy (shape, colour and background all right) over the 196 shapes "
@@ -160,11 +171,15 @@ class ShapesMeter:
     quality_ceiling = 1.0
 
     def __init__(self, engine: Any, model: str, *, images: int = 196, seed: int = 0, batch_size: int = 16,
-                 repeats: int = 5, reference_steps: int = 50, eval_batch: int = 49) -> None:
+                 repeats: int = 5, reference_steps: int = 50, eval_batch: int = 49, quality_engine: Any = None,
+                 reuse: dict[str, ParetoPoint] | None = None) -> None:
         from accel_diffusion.eval.shapes_eval import shapes_prompts
         from accel_diffusion.eval.shapes_judge import ShapesJudge
 
         self.engine = engine
+        self.quality_engine = quality_engine if quality_engine is not None else engine
+        self.reuse = dict(reuse or {})
+        self._checked: set[str] = set()  # models whose first reusable point, measured again, matched the donor
         self.model = model
         every = shapes_prompts()
         # all 196 by default; fewer: a seeded sample spread over shapes, colours and backgrounds
@@ -183,7 +198,7 @@ class ShapesMeter:
             chunk = self.prompts[start:start + self.eval_batch]
             request = GenerationRequest.create(model=candidate.model, prompt=chunk, seed=self.seed + start,
                                                steps=candidate.steps, strategy=candidate.strategy or None)
-            out.append(self.engine.generate(request).to_uint8())
+            out.append(self.quality_engine.generate(request).to_uint8())
         return np.concatenate(out)
 
     def reference(self) -> np.ndarray:
@@ -194,13 +209,30 @@ class ShapesMeter:
     def _timed(self, candidate: Candidate, batch: int) -> tuple[float, int]:
         request = GenerationRequest.create(model=candidate.model, prompt=[LATENCY_PROMPT] * batch, seed=self.seed,
                                            steps=candidate.steps, strategy=candidate.strategy or None)
-        result = self.engine.generate(request)  # warm-up: first call of this shape
+        compiling = getattr(self.engine, "acceleration", "none") == "compile"
+        if compiling:
+            from accel_diffusion.engine.compiled import build_missing_now
+
+            with build_missing_now():  # every graph of this shape built now, before any timing
+                result = self.engine.generate(request)
+            built = self._graphs_built(candidate.model)
+        result = self.engine.generate(request)  # warm-up: first call of this shape (compiled: the graphs' first run)
         times = []
         for _ in range(self.repeats if batch == 1 else max(1, self.repeats // 2)):
             begin = time.perf_counter()
             self.engine.generate(request)
             times.append(time.perf_counter() - begin)
+        if compiling:
+            from accel_diffusion.engine.compiled import BUILDER
+
+            BUILDER.wait()  # a build a timed call asked for (a shape the warm-up did not build) is counted too
+            if self._graphs_built(candidate.model) != built:
+                raise RuntimeError(f"a graph of {candidate.key()} at batch {batch} was built while it was timed")
         return statistics.median(times) * 1000.0 / batch, result.nfe
+
+    def _graphs_built(self, model: str) -> int:
+        compiled = self.engine.models.get(model).compiled_model()
+        return sum(len(call.stats.builds) for call in compiled.calls())
 
     def latency(self, candidate: Candidate) -> Measured:
         single, nfe = self._timed(candidate, 1)
@@ -210,6 +242,13 @@ class ShapesMeter:
     def quality(self, candidate: Candidate, measured: Measured) -> None:
         from accel_diffusion.eval.image_stats import paired_distance, saturation_stats
 
+        donor = self.reuse.get(candidate.key())
+        if donor is not None and candidate.model in self._checked:
+            # the same configuration, prompts and seeds, measured eagerly in the donor profile
+            measured.metrics = dict(donor.metrics)
+            measured.quality = donor.quality
+            measured.quality_reused = True
+            return
         images = self._images(candidate)
         accuracy = self.judge.prompt_accuracy(images, self.prompts)
         measured.metrics = {
@@ -218,6 +257,14 @@ class ShapesMeter:
             "paired_distance": paired_distance(images, self.reference()),
         }
         measured.quality = measured.metrics["prompt_accuracy"]
+        if donor is not None:  # a model's first reusable point is measured again: the donor's images must be these
+            differ = {k: (v, measured.metrics.get(k)) for k, v in donor.metrics.items()
+                      if measured.metrics.get(k) is None or abs(v - measured.metrics[k]) > REUSE_TOLERANCE}
+            if differ:
+                raise ValueError(f"--quality-from: {candidate.key()} measured again gives other metrics than the "
+                                 f"donor profile ({differ}): {candidate.model!r} is not the model the donor measured "
+                                 f"(retrained?); pass --remeasure {candidate.model} or leave --quality-from out")
+            self._checked.add(candidate.model)
 
 
 def _plateaued(history: list[float], margin: float) -> bool:
@@ -265,7 +312,7 @@ def sweep(profile: ParetoProfile, candidates: Sequence[Candidate], meter: Any, o
                 profile.add(ParetoPoint(model=candidate.model, strategy=candidate.strategy, steps=candidate.steps,
                                         quality=measured.quality, metrics=measured.metrics,
                                         latency_ms=measured.latency_ms, batch_latency_ms=measured.batch_latency_ms,
-                                        nfe=measured.nfe))
+                                        nfe=measured.nfe, quality_reused=measured.quality_reused))
                 if not candidate.anchor:
                     qs = history.setdefault(candidate.family, [])
                     qs.append(measured.quality)
@@ -290,8 +337,10 @@ def _beaten_at_ceiling(profile: ParetoProfile, latency_ms: float, ceiling: float
 
 
 def new_profile(model: str, device: Any, meter: Any, *, width: int | None, height: int | None, seed: int,
-                margins: Margins, command: str) -> ParetoProfile:
-    return ParetoProfile(model=model, device=device_key(device), hardware=hardware_info(device),
+                margins: Margins, command: str, engine_acceleration: str = "none",
+                compile_buckets: list[int] | None = None) -> ParetoProfile:
+    return ParetoProfile(model=model, device=device_key(device), engine_acceleration=engine_acceleration,
+                         compile_buckets=compile_buckets, hardware=hardware_info(device),
                          versions=software_versions(), width=width, height=height,
                          quality_metric=meter.quality_metric, quality_description=meter.quality_description,
                          batch_size=meter.batch_size, seed=seed, samples=len(meter.prompts),
@@ -303,9 +352,49 @@ def open_profile(out: Path, fresh: ParetoProfile) -> ParetoProfile:
     if not out.is_file():
         return fresh
     old = ParetoProfile.load(out)
-    same = ("model", "device", "quality_metric", "seed", "samples", "batch_size", "margins", "width", "height")
+    same = ("model", "device", "engine_acceleration", "compile_buckets", "quality_metric", "seed", "samples",
+            "batch_size", "margins", "width", "height")
     mismatched = [k for k in same if getattr(old, k) != getattr(fresh, k)]
     if mismatched:
         raise ValueError(f"{out} is a profile of another sweep ({', '.join(mismatched)} differ): pass another --out "
                          "or delete it to start over")
     return old
+
+
+def near_front(donor: ParetoProfile, fraction: float) -> set[str]:
+    """Keys of ``donor``'s points near its front: no front point at least as good (within the quality margin)
+    is more than ``fraction`` faster. Another engine (compiled) changes latencies by a similar factor, so a
+    point further away cannot reach that engine's front unless its speed-up differs by more than that."""
+    front = donor.front_points()
+    margin = donor.margins_obj().quality
+    return {p.key() for p in donor.points
+            if not any(f.quality >= p.quality - margin and f.latency_ms < p.latency_ms * (1.0 - fraction)
+                       for f in front)}
+
+
+REUSE_SAME = ("model", "device", "quality_metric", "seed", "samples", "width", "height")
+
+
+def reusable_quality(donor: ParetoProfile, fresh: ParetoProfile,
+                     exclude: Sequence[str] = ()) -> tuple[dict[str, ParetoPoint], dict[str, Any]]:
+    """The points of ``donor`` (an eager profile) whose quality a sweep making ``fresh`` may copy, by
+    configuration key, and the ``quality_reused_from`` record that says so. The images are the same only
+    for the same model, device, prompts (samples, seed), size and software: anything else is a ValueError
+    naming what differs. Points of the models in ``exclude`` (re-measured: e.g. a retrained student) are
+    not reused."""
+    if donor.engine_acceleration != "none":
+        raise ValueError(f"--quality-from: {donor.file_name} was measured with engine_acceleration "
+                         f"{donor.engine_acceleration}; give the eager profile (its quality is measured eagerly)")
+    mismatched = [k for k in REUSE_SAME if getattr(donor, k) != getattr(fresh, k)]
+    versions = ("torch", "diffusers", "accel_diffusion")
+    mismatched += [f"versions.{k}" for k in versions if donor.versions.get(k) != fresh.versions.get(k)]
+    if mismatched:
+        raise ValueError(f"--quality-from: {donor.file_name} is not the same measurement ({', '.join(mismatched)} "
+                         "differ): its images are not this sweep's; measure quality again (leave --quality-from out)")
+    points = {p.key(): p for p in donor.points if p.model not in exclude}
+    record = {"profile": donor.file_name, "date": donor.date, "versions": dict(donor.versions), "points": len(points),
+              "why": "quality is measured with the eager engine in both profiles, on the same prompts, seeds, model "
+                     "weights and software: the same images (compile agrees with eager within 1e-3); only latency "
+                     "is measured again. Checked: each model's first reusable point was measured again and agreed "
+                     f"with the donor within {REUSE_TOLERANCE}"}
+    return points, record
