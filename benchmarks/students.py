@@ -45,9 +45,7 @@ ROOT = Path(__file__).resolve().parent.parent
 TEACHER = ("teacher: DPM-Solver++ 2M, 25 steps, CFG 5", "shapes", None, 25, "full")
 FEW_STEP = ("GHVB 0.8 (Karras ρ 3), 4 steps, CFG 5", "shapes",
             {"sampler": {"name": "ghvb", "order": 0.8}, "schedule": {"name": "karras", "rho": 3.0}}, 4, "full")
-TINY_DECODE = ("slimflow student, 1 step, tiny autoencoder (vae: tiny)", "shapes_slimflow", None, None, "tiny")
-"""The smallest student with the model's TAESD-style decoder (the request's ``"vae": "tiny"``): decode is most
-of a 1-step image's time."""
+
 STUDENTS = {"fdistill": "shapes_fdistill", "disback": "shapes_disback", "slimflow": "shapes_slimflow"}
 
 
@@ -112,7 +110,7 @@ def shapes_part(repeats: int, acceleration: str = "none") -> dict[str, Any]:
     rows: dict[str, Any] = {}
     teacher_images = None
     entries = [TEACHER, FEW_STEP] + [(f"{method} student, 1 step", model, None, None, "full")
-                                     for method, model in STUDENTS.items()] + [TINY_DECODE]
+                                     for method, model in STUDENTS.items()]
     for label, model, strategy, steps, vae in entries:
         if model not in registry.ids():
             rows[label] = {"model": model, "status": "not trained yet"}
