@@ -186,14 +186,16 @@ def _shapes_x0(teacher: Any, unet: nn.Module, x_t: torch.Tensor, t: torch.Tensor
     return (x_t - sigma * eps) / alpha
 
 
-class ShapesDisBack:
+class ShapesDisBack(DisBack):
     """Stage 2 on a :class:`~accel_diffusion.students.shapes.ShapesTeacher` (for :func:`trainer.train`).
 
     The student starts as ``initial_student`` (G0), the fake score (conditional DSM on student samples) as
     ``s'_N``; every ``student_update_freq``-th iteration the student takes a DMD step (h ≡ 1, the normalized
     score difference of ``fdistill.generator_gradient``) against the path node of :func:`target_index`, guided
     with CFG at the teacher's scale as the teacher is, plus ``regression_weight`` × DMD's regression loss on the
-    teacher's ODE pairs; after ``(N) · interval`` generator steps the target is the teacher itself.
+    teacher's ODE pairs; after ``(N) · interval`` generator steps the target is the teacher itself. The walk
+    along the path, the modules, optimizers and resumable state are :class:`DisBack`'s (its ``__init__`` is not
+    called: the networks here are UNets copied from the teacher).
     """
 
     def __init__(self, teacher: Any, path: list[dict[str, torch.Tensor]], initial_student: nn.Module,
@@ -224,26 +226,6 @@ class ShapesDisBack:
             "student": torch.optim.Adam(self.student.parameters(), lr=lr_student, betas=(0.9, 0.99)),
             "fake_score": torch.optim.Adam(self.fake_score.parameters(), lr=lr_fake, betas=betas),
         }
-
-    def _load_target(self) -> None:
-        index = target_index(self.generator_steps, len(self.path), self.interval)
-        if index != self.loaded_index:
-            missing, unexpected = self.target.load_state_dict(self.path[index], strict=True)
-            assert not missing and not unexpected
-            self.loaded_index = index
-
-    def modules(self) -> dict[str, nn.Module]:
-        return {"student": self.student, "fake_score": self.fake_score}
-
-    def optimizers(self) -> dict[str, torch.optim.Optimizer]:
-        return self._optimizers
-
-    def extra_state(self) -> dict[str, Any]:
-        return {"generator_steps": self.generator_steps}
-
-    def load_extra_state(self, state: dict[str, Any]) -> None:
-        self.generator_steps = int(state["generator_steps"])
-        self._load_target()
 
     def train_step(self, iteration: int, rng: torch.Generator) -> dict[str, float]:
         from accel_diffusion.students.shapes import regression_loss
