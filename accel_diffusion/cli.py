@@ -312,7 +312,7 @@ def train(target: str, out_dir: str, seed: int) -> None:
 
 @main.command()
 @click.option("--method", type=click.Choice(["fdistill", "disback", "slimflow"]), required=True)
-@click.option("--teacher", default="gmm", show_default=True, help="The model to distil (gmm; shapes: fdistill).")
+@click.option("--teacher", default="gmm", show_default=True, help="The model to distil (gmm or shapes: every method).")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), required=True)
 @click.option("--iterations", type=click.IntRange(min=1), default=1500, show_default=True, help="Training budget.")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
