@@ -156,7 +156,7 @@ class DisBack:
 
 def record_shapes_degradation(teacher: Any, initial_student: nn.Module, *, iterations: int, interval: int,
                               rng: torch.Generator, batch_size: int = 32, lr: float = 1e-4,
-                              prediction: str = "epsilon", progress: bool = False) -> list[dict[str, torch.Tensor]]:
+                              progress: bool = False) -> list[dict[str, torch.Tensor]]:
     """Stage 1 on a :class:`~accel_diffusion.students.shapes.ShapesTeacher`: a copy of its UNet (``s'_0`` = the
     teacher) is trained by DSM (x0 MSE at the prompt's condition) on one-step samples of the frozen
     ``initial_student`` for random prompts; its state every ``interval`` iterations is the path."""
@@ -169,21 +169,14 @@ def record_shapes_degradation(teacher: Any, initial_student: nn.Module, *, itera
         z = torch.randn(batch_size, *teacher.latent_shape, generator=rng)
         prompt = teacher.sample_prompts(batch_size, rng)
         with torch.no_grad():
-            x0 = teacher.student_x0(initial_student, z, prompt, prediction)
+            x0 = teacher.student_x0(initial_student, z, prompt)
         x_t, t = teacher.noised(x0, rng)
-        optimizer_step(optimizer, F.mse_loss(_shapes_x0(teacher, degraded, x_t, t, prompt), x0), degraded, 1.0)
+        optimizer_step(optimizer, F.mse_loss(teacher.cond_x0(degraded, x_t, t, prompt), x0), degraded, 1.0)
         if it % interval == 0:
             path.append(copy.deepcopy(degraded.state_dict()))
             if progress:
                 print(f"degradation {it}/{iterations}: node {len(path) - 1}", flush=True)
     return path
-
-
-def _shapes_x0(teacher: Any, unet: nn.Module, x_t: torch.Tensor, t: torch.Tensor, prompt: torch.Tensor) -> torch.Tensor:
-    """A score UNet's conditional x0-prediction (eps parameterization, the teacher's schedule)."""
-    eps = unet(x_t, t, encoder_hidden_states=teacher.cond[prompt]).sample
-    alpha, sigma = teacher.alpha_sigma(t)
-    return (x_t - sigma * eps) / alpha
 
 
 class ShapesDisBack(DisBack):
@@ -202,7 +195,7 @@ class ShapesDisBack(DisBack):
                  pairs: dict[str, torch.Tensor], *, interval: int = 20, batch_size: int = 32,
                  student_update_freq: int = 5, lr_student: float = 1e-5, lr_fake: float = 1e-4,
                  regression_weight: float = 1.0, betas: tuple[float, float] = (0.0, 0.99),
-                 grad_clip: float = 1.0, student_prediction: str = "epsilon") -> None:
+                 grad_clip: float = 1.0) -> None:
         if not path:
             raise ValueError("path: needs at least the teacher's state")
         if interval < 1:
@@ -211,10 +204,10 @@ class ShapesDisBack(DisBack):
             "nodes": len(path), "interval": interval, "batch_size": batch_size,
             "student_update_freq": student_update_freq, "lr_student": lr_student, "lr_fake": lr_fake,
             "regression_weight": regression_weight, "betas": list(betas), "grad_clip": grad_clip,
-            "student_prediction": student_prediction, "pairs": int(pairs["z"].shape[0])}
+            "pairs": int(pairs["z"].shape[0])}
         self.teacher, self.path, self.pairs, self.interval = teacher, path, pairs, interval
         self.batch_size, self.student_update_freq, self.grad_clip = batch_size, student_update_freq, grad_clip
-        self.regression_weight, self.student_prediction = regression_weight, student_prediction
+        self.regression_weight = regression_weight
         self.student = copy.deepcopy(initial_student).requires_grad_(True).train()
         self.fake_score = copy.deepcopy(teacher.unet).requires_grad_(True).train()
         self.fake_score.load_state_dict(path[-1])
@@ -235,23 +228,22 @@ class ShapesDisBack(DisBack):
         prompt = teacher.sample_prompts(self.batch_size, rng)
         if iteration % self.student_update_freq == 0:
             self._load_target()
-            x = teacher.student_x0(self.student, z, prompt, self.student_prediction)
+            x = teacher.student_x0(self.student, z, prompt)
             x_t, t = teacher.noised(x.detach(), rng)
             with torch.no_grad():
                 target_x0 = teacher.x0(x_t, t, prompt, self.target)
-                fake_x0 = _shapes_x0(teacher, self.fake_score, x_t, t, prompt)
+                fake_x0 = teacher.cond_x0(self.fake_score, x_t, t, prompt)
                 grad = generator_gradient(torch.ones(x.shape[0]), x.detach(), target_x0, fake_x0)
             loss_vsd = 0.5 * F.mse_loss(x, (x - grad).detach())
-            loss_reg = regression_loss(teacher, self.student, self.pairs, self.batch_size, rng,
-                                       self.student_prediction)
+            loss_reg = regression_loss(teacher, self.student, self.pairs, self.batch_size, rng)
             optimizer_step(self._optimizers["student"], loss_vsd + self.regression_weight * loss_reg, self.student,
                            self.grad_clip)
             self.generator_steps += 1
             return {"student_updated": 1.0, "loss_vsd": float(loss_vsd.detach()), "loss_reg": float(loss_reg.detach()),
                     "target": float(self.loaded_index)}
         with torch.no_grad():
-            x = teacher.student_x0(self.student, z, prompt, self.student_prediction)
+            x = teacher.student_x0(self.student, z, prompt)
         x_t, t = teacher.noised(x, rng)
-        loss = F.mse_loss(_shapes_x0(teacher, self.fake_score, x_t, t, prompt), x)
+        loss = F.mse_loss(teacher.cond_x0(self.fake_score, x_t, t, prompt), x)
         optimizer_step(self._optimizers["fake_score"], loss, self.fake_score, self.grad_clip)
         return {"loss_dsm": float(loss.detach())}

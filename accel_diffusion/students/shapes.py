@@ -95,7 +95,14 @@ class ShapesTeacher:
         cond = torch.cat([self.cond[prompt], self.uncond.expand(n, -1, -1)])
         unet = unet if unet is not None else self.unet
         eps_c, eps_u = unet(torch.cat([x_t, x_t]), torch.cat([t, t]), encoder_hidden_states=cond).sample.chunk(2)
-        eps = eps_u + self.guidance_scale * (eps_c - eps_u)
+        return self.x0_from_eps(x_t, eps_u + self.guidance_scale * (eps_c - eps_u), t)
+
+    def cond_x0(self, unet: nn.Module, x_t: torch.Tensor, t: torch.Tensor, prompt: torch.Tensor) -> torch.Tensor:
+        """A score UNet's conditional x0-prediction (no guidance: the fake scores and DisBack's degraded copies)."""
+        return self.x0_from_eps(x_t, unet(x_t, t, encoder_hidden_states=self.cond[prompt]).sample, t)
+
+    def x0_from_eps(self, x_t: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """``(x_t − σ_t ε) / α_t`` on the teacher's schedule."""
         alpha, sigma = self.alpha_sigma(t)
         return (x_t - sigma * eps) / alpha
 
@@ -109,8 +116,7 @@ class ShapesTeacher:
             return out
         if prediction != "epsilon":
             raise ValueError(f"prediction: 'epsilon' or 'sample', got {prediction!r}")
-        alpha, sigma = self.alpha_sigma(t)
-        return (z - sigma * out) / alpha
+        return self.x0_from_eps(z, out, t)
 
     @torch.no_grad()
     def ode_pairs(self, count: int, seed: int, steps: int = 25, batch_size: int = 128,
@@ -172,22 +178,22 @@ def _betas(config: dict[str, Any]) -> torch.Tensor:
 
 
 class ShapesRegression(NoExtraState):
-    """DMD's regression loss alone: a copy of the teacher UNet (``init`` replaces its weights) regresses the
-    teacher's ODE pairs (MSE in latent space) in one step at t = 999, with Adam at ``lr`` or, with
-    ``schedule="cosine"``, at a rate falling from ``lr`` to ``lr_end`` along a half cosine over ``iterations``.
+    """DMD's regression loss alone: a copy of the teacher UNet regresses the teacher's ODE pairs (MSE in latent
+    space) in one step at t = 999, with Adam at ``lr`` or, with ``schedule="cosine"``, at a rate falling from ``lr``
+    to ``lr_end`` along a half cosine over ``iterations``.
     The initial student G0 of DisBack's shapes recipe (for :func:`trainer.train`)."""
 
     def __init__(self, teacher: ShapesTeacher, pairs: dict[str, torch.Tensor], *, iterations: int,
                  batch_size: int = 32, lr: float = 3e-4, lr_end: float = 1e-5, schedule: str = "cosine",
-                 grad_clip: float = 1.0, student_prediction: str = "epsilon") -> None:
+                 grad_clip: float = 1.0) -> None:
         if schedule not in ("constant", "cosine"):
             raise ValueError(f"schedule: 'constant' or 'cosine', got {schedule!r}")
         self.config: dict[str, Any] = {"iterations": iterations, "batch_size": batch_size, "lr": lr,
                                        "lr_end": lr_end, "schedule": schedule, "grad_clip": grad_clip,
-                                       "student_prediction": student_prediction, "pairs": int(pairs["z"].shape[0])}
+                                       "pairs": int(pairs["z"].shape[0])}
         self.teacher, self.pairs = teacher, pairs
         self.iterations, self.batch_size, self.lr, self.lr_end = iterations, batch_size, lr, lr_end
-        self.schedule, self.grad_clip, self.student_prediction = schedule, grad_clip, student_prediction
+        self.schedule, self.grad_clip = schedule, grad_clip
         self.student = copy.deepcopy(teacher.unet).requires_grad_(True).train()
         self.optimizer = torch.optim.Adam(self.student.parameters(), lr=lr, betas=(0.9, 0.99))
 
@@ -199,20 +205,26 @@ class ShapesRegression(NoExtraState):
 
     def train_step(self, iteration: int, rng: torch.Generator) -> dict[str, float]:
         if self.schedule == "cosine":
-            cosine = 0.5 * (1 + math.cos(math.pi * min(iteration / max(self.iterations, 1), 1.0)))
-            for group in self.optimizer.param_groups:
-                group["lr"] = self.lr_end + (self.lr - self.lr_end) * cosine
-        loss = regression_loss(self.teacher, self.student, self.pairs, self.batch_size, rng, self.student_prediction)
+            set_cosine_lr(self.optimizer, iteration, self.iterations, self.lr, self.lr_end)
+        loss = regression_loss(self.teacher, self.student, self.pairs, self.batch_size, rng)
         optimizer_step(self.optimizer, loss, self.student, self.grad_clip)
         return {"student_updated": 1.0, "loss_reg": float(loss.detach())}
 
 
 def regression_loss(teacher: ShapesTeacher, student: nn.Module, pairs: dict[str, torch.Tensor], batch_size: int,
-                    rng: torch.Generator, prediction: str = "epsilon") -> torch.Tensor:
+                    rng: torch.Generator) -> torch.Tensor:
     """MSE between the student's one-step samples and the teacher's ODE endpoints of ``batch_size`` random pairs."""
     rows = torch.randint(0, pairs["z"].shape[0], (batch_size,), generator=rng)
-    x = teacher.student_x0(student, pairs["z"][rows], pairs["prompt"][rows], prediction)
+    x = teacher.student_x0(student, pairs["z"][rows], pairs["prompt"][rows])
     return F.mse_loss(x, pairs["x0"][rows])
+
+
+def set_cosine_lr(optimizer: torch.optim.Optimizer, iteration: int, iterations: int, start: float,
+                  end: float) -> None:
+    """The learning rate at ``iteration`` of a half cosine from ``start`` to ``end`` over ``iterations``."""
+    cosine = 0.5 * (1 + math.cos(math.pi * min(iteration / max(iterations, 1), 1.0)))
+    for group in optimizer.param_groups:
+        group["lr"] = end + (start - end) * cosine
 
 
 class MidFeatures(nn.Module):
@@ -229,11 +241,10 @@ class MidFeatures(nn.Module):
         self._mid = output
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, prompt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        eps = self.unet(x_t, t, encoder_hidden_states=self.teacher.cond[prompt]).sample
-        alpha, sigma = self.teacher.alpha_sigma(t)
+        x0 = self.teacher.cond_x0(self.unet, x_t, t, prompt)
         mid, self._mid = self._mid, None
         assert mid is not None
-        return (x_t - sigma * eps) / alpha, mid.flatten(1)
+        return x0, mid.flatten(1)
 
 
 class ShapesFDistill(NoExtraState):
@@ -253,9 +264,7 @@ class ShapesFDistill(NoExtraState):
                  student_update_freq: int = 5, lr_student: float = 1e-4, lr_regression: float = 3e-4,
                  lr_fake: float = 1e-4, lr_discriminator: float = 1e-4, betas: tuple[float, float] = (0.0, 0.99),
                  gan_weight: float = 1e-3, grad_clip: float = 1.0, bins: int = 10, init_seed: int = 0,
-                 regression_schedule: str = "constant", student_prediction: str = "epsilon") -> None:
-        if student_prediction not in ("epsilon", "sample"):
-            raise ValueError(f"student_prediction: 'epsilon' or 'sample', got {student_prediction!r}")
+                 regression_schedule: str = "constant") -> None:
         if regression_schedule not in ("constant", "cosine"):
             raise ValueError(f"regression_schedule: 'constant' or 'cosine', got {regression_schedule!r}")
         self.config: dict[str, Any] = {
@@ -264,9 +273,8 @@ class ShapesFDistill(NoExtraState):
             "lr_student": lr_student, "lr_regression": lr_regression, "lr_fake": lr_fake,
             "lr_discriminator": lr_discriminator, "betas": list(betas), "gan_weight": gan_weight,
             "grad_clip": grad_clip, "bins": bins, "init_seed": init_seed, "pairs": int(pairs["z"].shape[0]),
-            "regression_schedule": regression_schedule, "student_prediction": student_prediction,
+            "regression_schedule": regression_schedule,
         }
-        self.student_prediction = student_prediction
         self.regression_schedule = regression_schedule
         self.lr_regression = lr_regression
         self.teacher = teacher
@@ -299,16 +307,14 @@ class ShapesFDistill(NoExtraState):
     def optimizers(self) -> dict[str, torch.optim.Optimizer]:
         return self._optimizers
 
-
     def _regression(self, rng: torch.Generator) -> torch.Tensor:
-        return regression_loss(self.teacher, self.student, self.pairs, self.batch_size, rng, self.student_prediction)
+        return regression_loss(self.teacher, self.student, self.pairs, self.batch_size, rng)
 
     def train_step(self, iteration: int, rng: torch.Generator) -> dict[str, float]:
         if iteration < self.regression_iterations:
             if self.regression_schedule == "cosine":
-                cosine = 0.5 * (1 + math.cos(math.pi * iteration / self.regression_iterations))
-                for group in self._optimizers["student"].param_groups:
-                    group["lr"] = self.lr_student + (self.lr_regression - self.lr_student) * cosine
+                set_cosine_lr(self._optimizers["student"], iteration, self.regression_iterations, self.lr_regression,
+                              self.lr_student)
             loss = self._regression(rng)
             optimizer_step(self._optimizers["student"], loss, self.student, self.grad_clip)
             return {"student_updated": 1.0, "loss_reg": float(loss.detach())}
@@ -322,7 +328,7 @@ class ShapesFDistill(NoExtraState):
         return self._critic_step(z, prompt, rng)
 
     def _student_step(self, z: torch.Tensor, prompt: torch.Tensor, rng: torch.Generator) -> dict[str, float]:
-        x = self.teacher.student_x0(self.student, z, prompt, self.student_prediction)
+        x = self.teacher.student_x0(self.student, z, prompt)
         x_t, t = self.teacher.noised(x, rng)
         self.fake_unet.requires_grad_(False)
         self.discriminator.requires_grad_(False)
@@ -346,7 +352,7 @@ class ShapesFDistill(NoExtraState):
 
     def _critic_step(self, z: torch.Tensor, prompt: torch.Tensor, rng: torch.Generator) -> dict[str, float]:
         with torch.no_grad():
-            x = self.teacher.student_x0(self.student, z, prompt, self.student_prediction)
+            x = self.teacher.student_x0(self.student, z, prompt)
         x_t, t = self.teacher.noised(x, rng)
         fake_x0, features_fake = self.fake_score(x_t, t, prompt)
         loss_dsm = F.mse_loss(fake_x0, x)
