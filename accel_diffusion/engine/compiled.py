@@ -361,27 +361,28 @@ class CompiledModel:
 
     def decoder(self, vae: Any) -> CompiledCall:
         """``latents -> pixels`` of ``vae`` (its ``decode(..., return_dict=False)[0]``), compiled per bucket."""
-        with self._lock:
-            if id(vae) not in self._decoders:
-                def decode(latents: torch.Tensor) -> torch.Tensor:
-                    return vae.decode(latents, return_dict=False)[0]
+        def decode(latents: torch.Tensor) -> torch.Tensor:
+            return vae.decode(latents, return_dict=False)[0]
 
-                self._decoders[id(vae)] = CompiledCall(f"decode:{type(vae).__name__}", decode, self.buckets,
-                                                       cuda_graphs=self.cuda_graphs, background=self.background)
-            return self._decoders[id(vae)]
+        return self._vae_call(self._decoders, "decode", vae, decode)
 
     def encoder(self, vae: Any) -> CompiledCall:
         """``pixels -> latents`` of ``vae`` before scaling (an AutoencoderKL's posterior mode, an
         AutoencoderTiny's latents: what ``engine._vae_encode`` takes without generators), compiled per bucket."""
-        with self._lock:
-            if id(vae) not in self._encoders:
-                def encode(pixels: torch.Tensor) -> torch.Tensor:
-                    encoded = vae.encode(pixels, return_dict=False)[0]
-                    return encoded if isinstance(encoded, torch.Tensor) else encoded.mode()  # KL: the posterior
+        def encode(pixels: torch.Tensor) -> torch.Tensor:
+            encoded = vae.encode(pixels, return_dict=False)[0]
+            return encoded if isinstance(encoded, torch.Tensor) else encoded.mode()  # KL: the posterior
 
-                self._encoders[id(vae)] = CompiledCall(f"encode:{type(vae).__name__}", encode, self.buckets,
-                                                       cuda_graphs=self.cuda_graphs, background=self.background)
-            return self._encoders[id(vae)]
+        return self._vae_call(self._encoders, "encode", vae, encode)
+
+    def _vae_call(self, calls: dict[int, CompiledCall], kind: str, vae: Any,
+                  function: Callable[[torch.Tensor], torch.Tensor]) -> CompiledCall:
+        """The shared compiled call of ``vae``'s ``kind`` (one per autoencoder object), made on first use."""
+        with self._lock:
+            if id(vae) not in calls:
+                calls[id(vae)] = CompiledCall(f"{kind}:{type(vae).__name__}", function, self.buckets,
+                                              cuda_graphs=self.cuda_graphs, background=self.background)
+            return calls[id(vae)]
 
     def calls(self) -> list[CompiledCall]:
         return [self.unet, *self._decoders.values(), *self._encoders.values()]
