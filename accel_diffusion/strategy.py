@@ -290,6 +290,9 @@ class GenerationRequest(BaseModel):
             raise ValueError("latency_budget_ms: \"strategy\": \"auto\" needs a latency budget in ms per image")
         if self.steps is not None:
             raise ValueError("steps: \"strategy\": \"auto\" chooses the steps itself; leave steps out")
+        if self.ar_iterations is not None:
+            raise ValueError("ar_iterations: \"strategy\": \"auto\" chooses the AR iterations itself (with the "
+                             "head's steps); leave ar_iterations out")
         if self.init_image is not None:
             raise ValueError("init_image: \"strategy\": \"auto\" profiles are measured for text-to-image; "
                              "send an explicit strategy for img2img")

@@ -137,8 +137,10 @@ def resolve_auto(request: GenerationRequest, device: torch.device | str,
         "expected_quality": point.quality,
         **_engine_fields(profile, acceleration),
     }
+    if point.ar_iterations is not None:
+        record["ar_iterations"] = point.ar_iterations
     strategy = Strategy.model_validate({**point.strategy, "auto": record})
-    return request.model_copy(update={"model": point.model, "strategy": strategy, "steps": point.steps})
+    return request.model_copy(update={"model": point.model, "strategy": strategy, **point.request_fields()})
 
 
 def front_summary(model: str, device: torch.device | str, key: str | None = None,
@@ -156,6 +158,7 @@ def front_summary(model: str, device: torch.device | str, key: str | None = None
         "quality_metric": profile.quality_metric, "batch_size": profile.batch_size,
         **_engine_fields(profile, acceleration),
         "points": [{"model": p.model, "strategy": p.strategy, "steps": p.steps, "quality": p.quality,
-                    "latency_ms": p.latency_ms, "batch_latency_ms": p.batch_latency_ms, "nfe": p.nfe}
+                    "latency_ms": p.latency_ms, "batch_latency_ms": p.batch_latency_ms, "nfe": p.nfe,
+                    **({"ar_iterations": p.ar_iterations} if p.ar_iterations is not None else {})}
                    for p in profile.front_points()],
     }

@@ -41,8 +41,11 @@ def bench_command() -> None:
               help="profile JSON (read back to resume); <model>@<device>.json in a profiles_dir serves it")
 @click.option("--budget-minutes", type=click.FloatRange(min=0, min_open=True), default=None,
               help="stop after this much wall time (the profile says it is incomplete; rerun to continue)")
-@click.option("--steps", "steps_list", default=",".join(map(str, (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 20, 25, 35, 50))),
-              show_default=True, help="step counts swept for every strategy family")
+@click.option("--steps", "steps_list", default=None,
+              help="step counts swept for every strategy family [default: 1,2,3,4,5,6,8,10,12,16,20,25,35,50; an "
+              "autoregressive model: its constant head's 5,10,20,50]")
+@click.option("--ar-iterations", "ar_iterations_list", default=None,
+              help="autoregressive models: the AR iteration counts swept [default: 2,4,8,16]")
 @click.option("--student", "students", multiple=True, help="a student model of MODEL, NAME[:STEPS,...] (repeatable)")
 @click.option("--no-searched", is_flag=True, help="leave out the model's searched schedules")
 @click.option("--images", type=click.IntRange(1, 196), default=196, show_default=True,
@@ -70,7 +73,8 @@ def bench_command() -> None:
               help="with --quality-from: measure only the anchors and the donor's points that no front point at "
               "least as good beats by more than this fraction of latency (the rest: skipped, with the reason)")
 @click.pass_context
-def pareto_command(ctx: click.Context, model: str, out_file: str, budget_minutes: float | None, steps_list: str,
+def pareto_command(ctx: click.Context, model: str, out_file: str, budget_minutes: float | None,
+                   steps_list: str | None, ar_iterations_list: str | None,
                    students: tuple[str, ...], no_searched: bool, images: int, batch_size: int, repeats: int,
                    seed: int, latency_margin: float, quality_margin: float, plot_file: str | None,
                    remeasure: tuple[str, ...], engine_acceleration: str, compile_buckets: str,
@@ -83,7 +87,7 @@ def pareto_command(ctx: click.Context, model: str, out_file: str, budget_minutes
         buckets = _int_list(compile_buckets, "compile_buckets") if engine_acceleration == "compile" else None
         _pareto(ctx, model, Path(out_file), budget_minutes, steps_list, students, no_searched, images, batch_size,
                 repeats, seed, latency_margin, quality_margin, plot_file, remeasure, engine_acceleration, buckets,
-                Path(quality_from) if quality_from else None, near_front)
+                Path(quality_from) if quality_from else None, near_front, ar_iterations_list)
     except AccelDiffusionError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(2)
@@ -92,23 +96,28 @@ def pareto_command(ctx: click.Context, model: str, out_file: str, budget_minutes
         sys.exit(2)
 
 
-def _pareto(ctx: click.Context, model: str, out: Path, budget_minutes: float | None, steps_list: str,
+def _pareto(ctx: click.Context, model: str, out: Path, budget_minutes: float | None, steps_list: str | None,
             students: tuple[str, ...], no_searched: bool, images: int, batch_size: int, repeats: int, seed: int,
             latency_margin: float, quality_margin: float, plot_file: str | None,
             remeasure: tuple[str, ...] = (), engine_acceleration: str = "none", buckets: list[int] | None = None,
-            quality_from: Path | None = None, near_front_fraction: float | None = None) -> None:
+            quality_from: Path | None = None, near_front_fraction: float | None = None,
+            ar_iterations_list: str | None = None) -> None:
     from accel_diffusion.engine import Engine
     from accel_diffusion.models.registry import ModelRegistry
     from accel_diffusion.pareto.front import Margins
     from accel_diffusion.pareto.plot import plot_profile
     from accel_diffusion.pareto.profile import ParetoProfile, ProfileError
     from accel_diffusion.pareto.sweep import (
+        DEFAULT_STEPS,
+        Candidate,
         ShapesMeter,
         anchor_candidates,
         candidates_for,
         default_families,
+        mar_candidates,
         near_front,
         new_profile,
+        normalized,
         open_profile,
         reusable_quality,
         searched_candidates,
@@ -121,9 +130,19 @@ def _pareto(ctx: click.Context, model: str, out: Path, budget_minutes: float | N
     for name, _ in student_steps:
         registry.spec(name)  # an unknown student: the registry's error, naming it
     loaded = registry.get(model)
-    if loaded.family not in ("sd", "sdxl"):
+    autoregressive = loaded.family == "mar"
+    if loaded.family not in ("sd", "sdxl", "mar"):
         raise InvalidRequestError("model", f"{model!r} is a {loaded.family} model; bench pareto measures text-to-image "
                                   "models (the gmm error-vs-NFE front: benchmarks/pareto.py)")
+    if autoregressive and engine_acceleration != "none":
+        raise InvalidRequestError("engine_acceleration", f"{model!r} is autoregressive: every engine runs its AR loop "
+                                  "eagerly, so its eager profile serves compiling engines too; leave "
+                                  "--engine-acceleration out")
+    if ar_iterations_list is not None and not autoregressive:
+        raise InvalidRequestError("ar_iterations", f"{model!r} is not autoregressive: leave --ar-iterations out")
+    if autoregressive and (student_steps or quality_from is not None):
+        raise InvalidRequestError("student" if student_steps else "quality_from",
+                                  f"{model!r} is autoregressive: its sweep has no students and nothing to reuse")
     eager = Engine(registry)
     engine = Engine(registry, acceleration=engine_acceleration, buckets=buckets)  # type: ignore[arg-type]
     meter = ShapesMeter(engine, model, images=images, seed=seed, batch_size=batch_size, repeats=repeats,
@@ -145,12 +164,25 @@ def _pareto(ctx: click.Context, model: str, out: Path, budget_minutes: float | N
         except ProfileError as exc:
             raise InvalidRequestError("quality_from", str(exc)) from None
         meter.reuse, profile.quality_reused_from = reusable_quality(donor, profile, exclude=remeasure)
-    guidance = spec.default_strategy.guidance or {"name": "cfg", "scale": 5.0}
-    families = default_families(float(guidance.get("scale", 5.0)))
     default_strategy = spec.default_strategy.model_dump(exclude_none=True)
-    anchors = [c for _, c in anchor_candidates(model, default_strategy, spec.default_steps)]
-    candidates = candidates_for(model, families, _int_list(steps_list, "steps"), student_steps,
-                                [] if no_searched else searched_candidates(model), anchors)
+    if autoregressive:  # AR iterations x head steps (constant, DiSA); the anchor: the model's own default
+        anchors = [Candidate(model, normalized(default_strategy), spec.default_steps, anchor=True,
+                             ar_iterations=int(loaded.pipeline.config["default_ar_iterations"]))]
+        sweep_steps = {}
+        if steps_list is not None:
+            sweep_steps["constant_steps"] = _int_list(steps_list, "steps")
+        if ar_iterations_list is not None:
+            sweep_steps["ar_iterations"] = _int_list(ar_iterations_list, "ar_iterations")
+        keys = {c.key() for c in anchors}
+        candidates = anchors + [c for c in mar_candidates(model, default_strategy, **sweep_steps)
+                                if c.key() not in keys]
+    else:
+        guidance = spec.default_strategy.guidance or {"name": "cfg", "scale": 5.0}
+        families = default_families(float(guidance.get("scale", 5.0)))
+        anchors = [c for _, c in anchor_candidates(model, default_strategy, spec.default_steps)]
+        steps = _int_list(steps_list, "steps") if steps_list is not None else list(DEFAULT_STEPS)
+        candidates = candidates_for(model, families, steps, student_steps,
+                                    [] if no_searched else searched_candidates(model), anchors)
     if donor is not None and near_front_fraction is not None:
         keep = near_front(donor, near_front_fraction)
         settled = {p.key() for p in profile.points} | {k["key"] for k in profile.skipped}

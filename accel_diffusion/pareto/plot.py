@@ -16,7 +16,8 @@ def _label(point: ParetoPoint, model: str) -> str:
     schedule = point.strategy.get("schedule", {}).get("name", "")
     guidance = point.strategy.get("guidance", {})
     cfg = f" cfg{guidance['scale']:g}" if guidance.get("name") == "cfg" else f" {guidance.get('name', '')}"
-    return f"{sampler}{'/' + schedule if schedule not in ('', 'spacing') else ''}{cfg} {point.steps}"
+    iterations = f" x{point.ar_iterations} AR" if point.ar_iterations is not None else ""
+    return f"{sampler}{'/' + schedule if schedule not in ('', 'spacing') else ''}{cfg} {point.steps}{iterations}"
 
 
 def plot_profile(profile: ParetoProfile, out: str | Path, default_strategy: dict[str, Any] | None = None,

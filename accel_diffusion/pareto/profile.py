@@ -110,10 +110,34 @@ class ParetoPoint(BaseModel):
     nfe: Annotated[int, Field(ge=0)]
     quality_reused: bool = Field(False, description="quality and metrics copied from the profile named in the "
                                  "profile's quality_reused_from (the same images: see there), not measured here")
+    ar_iterations: Annotated[int, Field(ge=1)] | None = Field(
+        None, description="autoregressive models (shapes_mar): the AR iterations of this point (None: not AR)")
 
     def key(self) -> str:
-        """What identifies the configuration (not its measurements): model, strategy and steps."""
-        return json.dumps({"model": self.model, "strategy": self.strategy, "steps": self.steps}, sort_keys=True)
+        """What identifies the configuration (not its measurements): model, strategy, steps (and AR iterations)."""
+        return configuration_key(self.model, self.strategy, self.steps, self.ar_iterations)
+
+    def request_fields(self) -> dict[str, Any]:
+        """The request fields that run this point (besides model and strategy): see :func:`request_fields`."""
+        return request_fields(self.strategy, self.steps, self.ar_iterations)
+
+
+def configuration_key(model: str, strategy: dict[str, Any], steps: int, ar_iterations: int | None = None) -> str:
+    """A configuration's identity in a profile; ``ar_iterations`` only where set (so keys of profiles written
+    before AR models stay what they were: a resumed sweep recognises its points)."""
+    fields: dict[str, Any] = {"model": model, "strategy": strategy, "steps": steps}
+    if ar_iterations is not None:
+        fields["ar_iterations"] = ar_iterations
+    return json.dumps(fields, sort_keys=True)
+
+
+def request_fields(strategy: dict[str, Any], steps: int, ar_iterations: int | None = None) -> dict[str, Any]:
+    """``steps`` and ``ar_iterations`` as a request sends them for a point. A point's ``steps`` is the request's,
+    except under the AR head schedule ``disa``, which decides the head's steps itself (a request with steps is
+    refused): there the point's ``steps`` is the annealer's ``upper`` (what the sweep varies) and the request
+    sends none."""
+    schedule = strategy.get("schedule") or {}
+    return {"steps": None if schedule.get("name") == "disa" else steps, "ar_iterations": ar_iterations}
 
 
 class ParetoProfile(BaseModel):

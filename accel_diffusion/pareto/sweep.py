@@ -40,8 +40,10 @@ from accel_diffusion.pareto.front import Margins
 from accel_diffusion.pareto.profile import (
     ParetoPoint,
     ParetoProfile,
+    configuration_key,
     device_key,
     hardware_info,
+    request_fields,
     software_versions,
 )
 from accel_diffusion.strategy import GenerationRequest, Strategy
@@ -62,20 +64,30 @@ ANCHORS: list[tuple[str, dict[str, Any], int]] = [
 
 @dataclass(frozen=True)
 class Candidate:
-    """One configuration to measure; ``family`` groups the step counts of one (model, strategy). An ``anchor``
-    (a reference setting the plot marks) is always measured, never pruned."""
+    """One configuration to measure; ``family`` groups the step counts of one (model, strategy, AR iterations).
+    An ``anchor`` (a reference setting the plot marks) is always measured, never pruned. ``ar_iterations``: an
+    autoregressive model's AR iterations (None: not AR)."""
 
     model: str
     strategy: dict[str, Any]
     steps: int
     anchor: bool = field(default=False, compare=False)
+    ar_iterations: int | None = None
 
     @property
     def family(self) -> str:
-        return json.dumps({"model": self.model, "strategy": self.strategy}, sort_keys=True)
+        fields: dict[str, Any] = {"model": self.model, "strategy": self.strategy}
+        if self.ar_iterations is not None:
+            fields["ar_iterations"] = self.ar_iterations
+        return json.dumps(fields, sort_keys=True)
 
     def key(self) -> str:
-        return json.dumps({"model": self.model, "strategy": self.strategy, "steps": self.steps}, sort_keys=True)
+        return configuration_key(self.model, self.strategy, self.steps, self.ar_iterations)
+
+    def request(self, prompt: str | list[str], seed: int) -> GenerationRequest:
+        """The request that generates this configuration's images (``pareto.profile.request_fields``)."""
+        return GenerationRequest.create(model=self.model, prompt=prompt, seed=seed, strategy=self.strategy or None,
+                                        **request_fields(self.strategy, self.steps, self.ar_iterations))
 
 
 def default_families(guidance_scale: float = 5.0) -> list[dict[str, Any]]:
@@ -120,6 +132,34 @@ def anchor_candidates(model: str, default_strategy: dict[str, Any] | None = None
     if default_strategy is not None and default_steps is not None:
         anchors.append((f"{model}'s default ({default_steps} steps)", default_strategy, default_steps))
     return [(label, Candidate(model, normalized(strategy), steps, anchor=True)) for label, strategy, steps in anchors]
+
+
+# An autoregressive model (shapes_mar): the AR iterations x the diffusion head's steps, constant or DiSA-annealed
+# (specs/samplers.md §5: linear 50 -> 5 recommended; DDPM head, 5-step floor). Its guidance is the model's own.
+MAR_AR_ITERATIONS = (2, 4, 8, 16)
+MAR_CONSTANT_STEPS = (5, 10, 20, 50)
+MAR_DISA_UPPERS = (20, 50)
+MAR_DISA_LOWER = 5
+
+
+def mar_candidates(model: str, default_strategy: dict[str, Any], ar_iterations: Sequence[int] = MAR_AR_ITERATIONS,
+                   constant_steps: Sequence[int] = MAR_CONSTANT_STEPS,
+                   disa_uppers: Sequence[int] = MAR_DISA_UPPERS) -> list[Candidate]:
+    """The sweep's candidates for an AR model, cheap first: per step count, every AR iteration count with the
+    constant head, then DiSA linear from that upper down to 5 (a DiSA point's ``steps`` is its upper). The head's
+    sampler and guidance are the model's default strategy's."""
+    base = {k: default_strategy[k] for k in ("sampler", "guidance") if default_strategy.get(k)}
+    constant = normalized({**base, "schedule": {"name": "spacing", "spacing": "model"}})
+    out = []
+    for steps in sorted(set(constant_steps) | set(disa_uppers)):
+        for k in sorted(ar_iterations):
+            if steps in constant_steps:
+                out.append(Candidate(model, constant, steps, ar_iterations=k))
+            if steps in disa_uppers and steps > MAR_DISA_LOWER:
+                disa = normalized({**base, "schedule": {"name": "disa", "upper": steps, "lower": MAR_DISA_LOWER,
+                                                        "kind": "linear"}})
+                out.append(Candidate(model, disa, steps, ar_iterations=k))
+    return out
 
 
 def candidates_for(model: str, families: Sequence[dict[str, Any]], steps: Sequence[int],
@@ -196,9 +236,7 @@ class ShapesMeter:
         out = []
         for start in range(0, len(self.prompts), self.eval_batch):
             chunk = self.prompts[start:start + self.eval_batch]
-            request = GenerationRequest.create(model=candidate.model, prompt=chunk, seed=self.seed + start,
-                                               steps=candidate.steps, strategy=candidate.strategy or None)
-            out.append(self.quality_engine.generate(request).to_uint8())
+            out.append(self.quality_engine.generate(candidate.request(chunk, self.seed + start)).to_uint8())
         return np.concatenate(out)
 
     def reference(self) -> np.ndarray:
@@ -207,8 +245,7 @@ class ShapesMeter:
         return self._reference
 
     def _timed(self, candidate: Candidate, batch: int) -> tuple[float, int]:
-        request = GenerationRequest.create(model=candidate.model, prompt=[LATENCY_PROMPT] * batch, seed=self.seed,
-                                           steps=candidate.steps, strategy=candidate.strategy or None)
+        request = candidate.request([LATENCY_PROMPT] * batch, self.seed)
         compiling = getattr(self.engine, "acceleration", "none") == "compile"
         if compiling:
             from accel_diffusion.engine.compiled import build_missing_now
@@ -285,7 +322,8 @@ def sweep(profile: ParetoProfile, candidates: Sequence[Candidate], meter: Any, o
     done = measured | {s["key"] for s in profile.skipped}
     history: dict[str, list[float]] = {}  # a family's qualities by increasing steps (anchors stay out of it)
     for point in sorted((p for p in profile.points if p.key() not in anchors), key=lambda p: p.steps):
-        history.setdefault(Candidate(point.model, point.strategy, point.steps).family, []).append(point.quality)
+        family = Candidate(point.model, point.strategy, point.steps, ar_iterations=point.ar_iterations).family
+        history.setdefault(family, []).append(point.quality)
     plateaued = {fam for fam, qs in history.items() if _plateaued(qs, margins.quality)}
     begin = clock() - profile.wall_time_s
     todo = [c for c in candidates if c.key() not in done]
@@ -312,7 +350,8 @@ def sweep(profile: ParetoProfile, candidates: Sequence[Candidate], meter: Any, o
                 profile.add(ParetoPoint(model=candidate.model, strategy=candidate.strategy, steps=candidate.steps,
                                         quality=measured.quality, metrics=measured.metrics,
                                         latency_ms=measured.latency_ms, batch_latency_ms=measured.batch_latency_ms,
-                                        nfe=measured.nfe, quality_reused=measured.quality_reused))
+                                        nfe=measured.nfe, quality_reused=measured.quality_reused,
+                                        ar_iterations=candidate.ar_iterations))
                 if not candidate.anchor:
                     qs = history.setdefault(candidate.family, [])
                     qs.append(measured.quality)
