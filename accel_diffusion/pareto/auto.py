@@ -63,7 +63,11 @@ def _engine_fields(profile: ParetoProfile, acceleration: str) -> dict[str, Any]:
     differ, that the profile's latencies are upper bounds."""
     fields: dict[str, Any] = {"engine_acceleration": acceleration,
                               "profile_engine_acceleration": profile.engine_acceleration}
-    if profile.engine_acceleration != acceleration:
+    autoregressive = bool(profile.points) and all(p.ar_iterations is not None for p in profile.points)
+    if profile.engine_acceleration != acceleration and autoregressive:
+        fields["latency_note"] = ("an autoregressive model's loop runs eagerly on every engine: the profile's "
+                                  "latencies are this engine's")
+    elif profile.engine_acceleration != acceleration:
         fields["latency_note"] = (f"no profile measured with engine_acceleration {acceleration} on {profile.device}: "
                                   f"the latencies are the {profile.engine_acceleration} engine's, upper bounds on "
                                   "this faster engine")

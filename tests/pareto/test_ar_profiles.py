@@ -117,6 +117,9 @@ def test_bench_pareto_sweeps_the_ar_model_and_auto_runs_the_chosen_point(folder:
     assert work(auto)["ar_iterations"] == chosen.ar_iterations and auto.nfe == chosen.nfe
     summary = front_summary("shapes_mar", "cpu")
     assert summary is not None and all("ar_iterations" in p for p in summary["points"])
+    compiling = front_summary("shapes_mar", "cpu", acceleration="compile")  # the AR loop runs eagerly there too
+    assert compiling is not None and compiling["profile_engine_acceleration"] == "none"
+    assert "runs eagerly on every engine" in compiling["latency_note"]
 
 
 def test_bench_pareto_refuses_what_an_ar_sweep_cannot_do(tmp_path: Path) -> None:
