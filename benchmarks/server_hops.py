@@ -1,6 +1,7 @@
 """Where a synchronous request's time goes in the server: per-hop timestamps of one request at a time.
 
-    python benchmarks/server_hops.py --requests 40 --out benchmarks/results/server_hops_cpu.json
+    python benchmarks/server_hops.py --requests 40 --compare-pool-dependencies --cache-dir <a warm inductor cache> \
+        --out benchmarks/results/server_hops_cpu.json
 
 Starts ``accel-diffusion serve`` (in its own process, as benchmarks/serving.py does, one torch thread) with
 tracing wrappers around the functions a ``POST /v1/images/generations`` passes through, and sends the
@@ -17,7 +18,11 @@ server's timestamps and the client's fall on one time line. Per hop, the p50 ove
     -> waited (the route's wait returns) -> body sent (the JSON response handed to uvicorn)
     -> client received (the whole response read)
 
-The wrappers cost a few microseconds a hop. ``--acceleration none`` measures the eager server.
+Also the server's CPU time per request by thread (from /proc; unlike the wall times, load does not inflate it)
+against the direct engine's. ``--compare-pool-dependencies`` runs a second server beside it, in the same
+blocks, whose route dependencies are plain functions that FastAPI runs in its thread pool (the server before
+they became coroutines): the A/B of that change under one load. The wrappers cost a few microseconds a hop.
+``--acceleration none`` measures eager servers.
 """
 
 from __future__ import annotations
@@ -30,9 +35,12 @@ import json
 import os
 import statistics
 import sys
+import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
+
+from fastapi import Header, Request
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).parent))
@@ -41,9 +49,10 @@ HOPS = ["client_send", "arrival", "validated", "enqueued", "picked_up", "engine_
         "encoded", "finish_called", "finished", "loop_woken", "waited", "body_sent", "client_received"]
 
 
-def serve_traced(trace_path: str, argv: list[str]) -> None:
+def serve_traced(trace_path: str, pool_dependencies: bool, argv: list[str]) -> None:
     """Run ``accel-diffusion serve`` with the tracing wrappers in place; one JSON line per HTTP request to
-    ``trace_path`` (written after its response has been sent)."""
+    ``trace_path`` (written after its response has been sent). ``pool_dependencies``: the route dependencies
+    as plain functions, which FastAPI runs in its thread pool (the server before they became coroutines)."""
     from accel_diffusion.server import app as app_module
     from accel_diffusion.server import jobs, schemas, worker
 
@@ -55,10 +64,10 @@ def serve_traced(trace_path: str, argv: list[str]) -> None:
     def stamp(name: str, func: Any, at_exit: bool = True, last: bool = False) -> Any:
         """``func`` stamping ``name`` at its entry or exit: the first call's, or with ``last`` the last one's."""
         def mark() -> None:
-            if last:
+            if last or name not in trace:
                 trace[name] = time.perf_counter()
-            else:
-                trace.setdefault(name, time.perf_counter())
+                if threading.current_thread() is threading.main_thread():  # the event loop's CPU time so far
+                    trace[f"{name}_cpu"] = time.thread_time()
 
         @functools.wraps(func)
         def wrapped(*args: Any, **kwargs: Any) -> Any:
@@ -75,6 +84,7 @@ def serve_traced(trace_path: str, argv: list[str]) -> None:
         async def wrapped(*args: Any, **kwargs: Any) -> Any:
             result = await func(*args, **kwargs)
             trace[name] = time.perf_counter()  # the last wait's end (a waiting request re-waits every 0.5 s)
+            trace[f"{name}_cpu"] = time.thread_time()
             return result
         return wrapped
 
@@ -95,21 +105,45 @@ def serve_traced(trace_path: str, argv: list[str]) -> None:
             await middleware_call(self, scope, receive, send)
             return
         trace.clear()
-        trace["arrival"] = time.perf_counter()
+        trace["arrival"], trace["arrival_cpu"] = time.perf_counter(), time.thread_time()
 
         async def traced_send(message: dict[str, Any]) -> None:
             await send(message)
             if message["type"] == "http.response.body" and not message.get("more_body"):
-                trace["body_sent"] = time.perf_counter()
+                trace["body_sent"], trace["body_sent_cpu"] = time.perf_counter(), time.thread_time()
 
         await middleware_call(self, scope, receive, traced_send)
         out.write(json.dumps(trace) + "\n")
 
     app_module.RequestIdAndLimits.__call__ = traced_call  # type: ignore[method-assign]
+    if pool_dependencies:
+        use_pool_dependencies(app_module)
     from accel_diffusion.cli import main
 
     sys.argv = ["accel-diffusion", *argv]
     main()
+
+
+def use_pool_dependencies(app_module: Any) -> None:
+    """The API's dependencies as plain functions (run in FastAPI's thread pool), for the A/B row."""
+    require_api_key_async = app_module.require_api_key
+
+    def get_state(request: Request) -> Any:
+        return request.app.state.server
+
+    def require_api_key(request: Request, authorization: Annotated[str | None, Header()] = None) -> None:
+        coroutine = require_api_key_async(request, authorization)
+        try:
+            coroutine.send(None)  # it never waits: done at the first step
+        except StopIteration:
+            return
+
+    def owner(request: Request) -> str | None:
+        return app_module.get_owner(request)
+
+    app_module.require_api_key = require_api_key
+    object.__setattr__(app_module.State.__metadata__[0], "dependency", get_state)
+    object.__setattr__(app_module.Owner.__metadata__[0], "dependency", owner)
 
 
 def thread_cpu_s(pid: int) -> dict[str, float]:
@@ -128,21 +162,25 @@ def thread_cpu_s(pid: int) -> dict[str, float]:
     return seconds
 
 
-def measure(port: int, trace_path: Path, blocks: int, block: int, engine: Any, pid: int) -> dict[str, Any]:
+def measure(servers: dict[str, tuple[int, Path, int]], blocks: int, block: int, engine: Any) -> dict[str, Any]:
+    """``servers``: name -> (port, trace file, pid). Blocks of ``block`` direct engine calls and then a block of
+    HTTP requests to each server, in turn, so that the machine's load drifts over all of them alike."""
     from serving import BODY, STEPS
 
     from accel_diffusion.strategy import GenerationRequest
 
     request = GenerationRequest.create(model="shapes", prompt=BODY["prompt"], seed=0, steps=STEPS)
     body = json.dumps(BODY)
-    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
-    clients: list[dict[str, float]] = []
+    connections = {name: http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+                   for name, (port, _, _) in servers.items()}
+    clients: dict[str, list[dict[str, float]]] = {name: [] for name in servers}
+    compute: dict[str, list[float]] = {name: [] for name in servers}
+    server_cpu: dict[str, dict[str, float]] = {name: {} for name in servers}
     direct: list[float] = []
     direct_cpu = 0.0
-    server_cpu: dict[str, float] = {}
-    compute: list[float] = []
 
-    def post(keep: bool) -> None:
+    def post(name: str, keep: bool) -> None:
+        connection = connections[name]
         send = time.perf_counter()
         connection.request("POST", "/v1/images/generations", body, {"Content-Type": "application/json"})
         response = connection.getresponse()
@@ -150,11 +188,12 @@ def measure(port: int, trace_path: Path, blocks: int, block: int, engine: Any, p
         received = time.perf_counter()
         assert response.status == 200, payload[:200]
         if keep:
-            clients.append({"client_send": send, "client_received": received})
-            compute.append(json.loads(payload)["usage"]["compute_s"])
+            clients[name].append({"client_send": send, "client_received": received})
+            compute[name].append(json.loads(payload)["usage"]["compute_s"])
 
     engine.generate(request, batch_invariant=True)
-    post(False)
+    for name in servers:
+        post(name, False)
     for _ in range(blocks):
         for _ in range(block):
             begin, cpu = time.perf_counter(), time.process_time()
@@ -162,34 +201,40 @@ def measure(port: int, trace_path: Path, blocks: int, block: int, engine: Any, p
             direct.append(time.perf_counter() - begin)
             direct_cpu += time.process_time() - cpu
         time.sleep(0.5)
-        connection.close()
-        connection.connect()
-        before = thread_cpu_s(pid)
-        for _ in range(block):
-            post(True)
-        for name, seconds in thread_cpu_s(pid).items():  # the server's CPU time over the block, by thread
-            server_cpu[name] = server_cpu.get(name, 0.0) + seconds - before.get(name, 0.0)
-        time.sleep(0.5)
-    connection.close()
-    traces = [json.loads(line) for line in trace_path.read_text().splitlines()][-len(clients):]
-    rows = [client | server for client, server in zip(clients, traces, strict=True)]
-    hops = {}
-    for first, second in itertools.pairwise(HOPS):
-        deltas = [1e3 * (row[second] - row[first]) for row in rows if first in row and second in row]
-        hops[f"{first} -> {second}"] = statistics.median(deltas) if deltas else None
+        for name, (_, _, pid) in servers.items():
+            connections[name].close()
+            connections[name].connect()
+            before = thread_cpu_s(pid)
+            for _ in range(block):
+                post(name, True)
+            for thread, seconds in thread_cpu_s(pid).items():  # the server's CPU time over the block
+                server_cpu[name][thread] = server_cpu[name].get(thread, 0.0) + seconds - before.get(thread, 0.0)
+            time.sleep(0.5)
     p50 = statistics.median
-    http_ms = [1e3 * (r["client_received"] - r["client_send"]) for r in rows]
-    engine_ms = [1e3 * (r["engine_end"] - r["engine_start"]) for r in rows]
-    outside = [h - e for h, e in zip(http_ms, engine_ms)]
-    return {"requests": len(rows), "hops_p50_ms": hops, "http_p50_ms": p50(http_ms),
-            "server_engine_p50_ms": p50(engine_ms), "server_engine_timings_total_p50_ms": 1e3 * p50(compute),
-            "direct_engine_p50_ms": 1e3 * p50(direct),
+    result: dict[str, Any] = {"direct_engine_p50_ms": 1e3 * p50(direct),
+                              "direct_engine_cpu_ms_per_request": 1e3 * direct_cpu / len(direct)}
+    for name, (_, trace_path, _) in servers.items():
+        connections[name].close()
+        traces = [json.loads(line) for line in trace_path.read_text().splitlines()][-len(clients[name]):]
+        rows = [client | server for client, server in zip(clients[name], traces, strict=True)]
+        hops = {}
+        for first, second in itertools.pairwise(HOPS):
+            deltas = [1e3 * (row[second] - row[first]) for row in rows if first in row and second in row]
+            hops[f"{first} -> {second}"] = p50(deltas) if deltas else None
+        http_ms = [1e3 * (r["client_received"] - r["client_send"]) for r in rows]
+        engine_ms = [1e3 * (r["engine_end"] - r["engine_start"]) for r in rows]
+        loop_cpu = {f"{first} -> {second}": 1e3 * p50([r[f"{second}_cpu"] - r[f"{first}_cpu"] for r in rows])
+                    for first, second in (("arrival", "enqueued"), ("enqueued", "waited"), ("waited", "body_sent"))}
+        result[name] = {
+            "requests": len(rows), "hops_p50_ms": hops, "http_p50_ms": p50(http_ms),
+            "server_engine_p50_ms": p50(engine_ms), "server_engine_timings_total_p50_ms": 1e3 * p50(compute[name]),
             "overhead_ms": p50(http_ms) - 1e3 * p50(direct),  # the serving benchmark's definition
-            "http_minus_server_engine_p50_ms": p50(outside),
-            # CPU time per request (load-proof, unlike wall times): the server's threads vs the direct engine's
-            "server_cpu_ms_per_request": {name: 1e3 * s / len(rows) for name, s in server_cpu.items() if s},
-            "direct_engine_cpu_ms_per_request": 1e3 * direct_cpu / len(direct),
-            "load_average": os.getloadavg()}
+            "http_minus_server_engine_p50_ms": p50([h - e for h, e in zip(http_ms, engine_ms)]),
+            "http_minus_server_compute_p50_ms": p50([h - 1e3 * c for h, c in zip(http_ms, compute[name])]),
+            # CPU time per request (load-proof, unlike wall times), against the direct engine's
+            "event_loop_cpu_p50_ms": loop_cpu,
+            "server_cpu_ms_per_request": {thread: 1e3 * s / len(rows) for thread, s in server_cpu[name].items()}}
+    return result | {"load_average": os.getloadavg()}
 
 
 def main() -> None:
@@ -198,10 +243,12 @@ def main() -> None:
     parser.add_argument("--acceleration", choices=["compile", "none"], default="compile")
     parser.add_argument("--cache-dir", default=None, help="inductor cache (warm start); default: a new one")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--compare-pool-dependencies", action="store_true",
+                        help="a second server beside it whose dependencies run in FastAPI's thread pool (as before)")
     parser.add_argument("--serve-traced", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve_traced:
-        serve_traced(args.serve_traced[0], args.serve_traced[1:])
+        serve_traced(args.serve_traced[0], args.serve_traced[1] == "pool", args.serve_traced[2:])
         return
     import tempfile
 
@@ -216,24 +263,32 @@ def main() -> None:
     from accel_diffusion.models.registry import ModelRegistry
 
     cache = args.cache_dir or tempfile.mkdtemp(prefix="inductor-")
-    trace_path = Path(tempfile.mkdtemp(prefix="server-hops-")) / "trace.jsonl"
-    trace_path.touch()
-    port = free_port()
-    # buckets [1, 2]: the graphs a lone CFG request runs (UNet 2 rows, decode 1); the server warms only them
-    server = start_server(port, queue_max=8, ready_timeout_s=1800, engine_acceleration=args.acceleration,
-                          inductor_cache_dir=cache, compile_buckets="[1, 2]",
-                          entry=[str(Path(__file__).resolve()), "--serve-traced", str(trace_path)])
+    names = ["server", "server_pool_dependencies"] if args.compare_pool_dependencies else ["server"]
+    servers: dict[str, tuple[int, Path, int]] = {}
+    processes = []
     try:
+        for name in names:
+            trace_path = Path(tempfile.mkdtemp(prefix="server-hops-")) / "trace.jsonl"
+            trace_path.touch()
+            port = free_port()
+            # buckets [1, 2]: the graphs a lone CFG request runs (UNet 2 rows, decode 1); the server warms only them
+            entry = [str(Path(__file__).resolve()), "--serve-traced", str(trace_path),
+                     "pool" if name == "server_pool_dependencies" else "coroutines"]
+            processes.append(start_server(port, queue_max=8, ready_timeout_s=1800, entry=entry,
+                                          engine_acceleration=args.acceleration, inductor_cache_dir=cache,
+                                          compile_buckets="[1, 2]"))
+            servers[name] = (port, trace_path, processes[-1].pid)
         model = ModelRegistry.default().get("shapes")
         if args.acceleration == "compile":
             compiled.set_cache_dir(cache)  # the graph the server built loads from its cache
             model.compiled_model((1, 2))
             compiled.warm(model)
         engine = Engine(_single_model_registry(model), acceleration=args.acceleration, buckets=(1, 2))
-        result = measure(port, trace_path, max(1, args.requests // 10), 10, engine, server.pid)
+        result = measure(servers, max(1, args.requests // 10), 10, engine)
     finally:
-        server.terminate()
-        server.wait(120)
+        for process in processes:
+            process.terminate()
+            process.wait(120)
     result |= {"acceleration": args.acceleration, "torch": torch.__version__}
     print(json.dumps(result, indent=2))
     if args.out:
