@@ -56,10 +56,11 @@ def free_port() -> int:
 
 def start_server(port: int, queue_max: int, max_batch_size: int = 1, max_batch_wait_ms: float = 0,
                  batch_invariant: bool = True, ready_timeout_s: float = 180, log: Any = subprocess.DEVNULL,
-                 **settings: str | None) -> subprocess.Popen:
+                 entry: list[str] | None = None, **settings: str | None) -> subprocess.Popen:
     """``accel-diffusion serve`` in its own process; ``settings``: further server settings (as env; None:
     left unset). Eager unless ``engine_acceleration`` is given (None: the server's default, compile on a CPU),
-    so that the eager rows measure what they always did; ``log``: where its output goes."""
+    so that the eager rows measure what they always did; ``log``: where its output goes; ``entry``: the
+    Python arguments that run the CLI (default: ``accel_diffusion.cli.main``), followed by ``serve``."""
     chosen = {"engine_acceleration": "none", **settings}
     env = {k: v for k, v in os.environ.items() if k != "ACCEL_DIFFUSION_ENGINE_ACCELERATION"}
     env |= {**{f"ACCEL_DIFFUSION_{k.upper()}": v for k, v in chosen.items() if v is not None},
@@ -67,7 +68,8 @@ def start_server(port: int, queue_max: int, max_batch_size: int = 1, max_batch_w
             "ACCEL_DIFFUSION_MAX_BATCH_SIZE": str(max_batch_size),
             "ACCEL_DIFFUSION_MAX_BATCH_WAIT_MS": str(max_batch_wait_ms),
             "ACCEL_DIFFUSION_BATCH_INVARIANT": str(batch_invariant).lower()}
-    command = [sys.executable, "-c", "from accel_diffusion.cli import main; main()", "serve", "--port", str(port)]
+    entry = entry or ["-c", "from accel_diffusion.cli import main; main()"]
+    command = [sys.executable, *entry, "serve", "--port", str(port)]
     process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + ready_timeout_s
     while time.monotonic() < deadline and process.poll() is None:

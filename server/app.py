@@ -295,15 +295,19 @@ def create_app(settings: ServerSettings | None = None, ranks: Any = None) -> Fas
 
 # ---- plumbing -------------------------------------------------------------------------------
 
-def get_state(request: Request) -> ServerState:
+# The dependencies are coroutines although they never wait: FastAPI runs a plain ``def`` dependency in its
+# thread pool, and those hand-offs (loop -> pool thread -> loop, and the GIL each way) were most of a
+# synchronous request's time outside the engine (benchmarks/server_hops.py).
+
+async def get_state(request: Request) -> ServerState:
     return request.app.state.server
 
 
 State = Annotated[ServerState, Depends(get_state)]
 
 
-def require_api_key(request: Request, authorization: Annotated[str | None, Header()] = None) -> None:
-    keys = get_state(request).api_keys
+async def require_api_key(request: Request, authorization: Annotated[str | None, Header()] = None) -> None:
+    keys = request.app.state.server.api_keys
     if not keys:
         return
     scheme, _, token = (authorization or "").partition(" ")
@@ -317,7 +321,11 @@ def get_owner(request: Request) -> str | None:
     return getattr(request.state, "job_owner", None)
 
 
-Owner = Annotated[str | None, Depends(get_owner)]
+async def _owner(request: Request) -> str | None:
+    return get_owner(request)
+
+
+Owner = Annotated[str | None, Depends(_owner)]
 
 
 class EncodableJSONResponse(JSONResponse):

@@ -359,12 +359,16 @@ class JobStore:
         for job_id in expired:
             del self._jobs[job_id]
         held: Counter[str | None] = Counter()
-        holding: dict[str | None, deque[Job]] = {}  # each owner's releasable images, oldest first
-        for job in sorted(self._jobs.values(), key=lambda j: j.completed_at or 0.0):
+        for job in self._jobs.values():
             if job.image_bytes:
                 held[job.owner] += job.image_bytes
-                if not job.delivered_by_caller:
-                    holding.setdefault(job.owner, deque()).append(job)
+        if not ((self.key_max_image_bytes is not None and any(b > self.key_max_image_bytes for b in held.values()))
+                or (self.max_image_bytes is not None and held.total() > self.max_image_bytes)):
+            return  # within the image caps (the usual case, at every request): no oldest-first order needed
+        holding: dict[str | None, deque[Job]] = {}  # each owner's releasable images, oldest first
+        for job in sorted(self._jobs.values(), key=lambda j: j.completed_at or 0.0):
+            if job.image_bytes and not job.delivered_by_caller:
+                holding.setdefault(job.owner, deque()).append(job)
 
         def release(owner: str | None) -> None:
             job = holding[owner].popleft()

@@ -214,3 +214,63 @@ def test_the_web_page_sends_the_api_key_as_a_websocket_subprotocol(
     assert state["protocol"] == "accel-diffusion", state
     log = "".join(capfd.readouterr())
     assert '"WebSocket /v1/stream" [accepted]' in log and key not in log, log
+
+
+# counts, in the page, the frames sent (binary messages) and answered (the server's seq: frames it took) on its
+# socket, and the most frames ever in flight when one is sent
+COUNT_FRAMES_IN_FLIGHT = """
+window.inFlightSeen = {sent: 0, seqs: [], most: 0};
+const NativeWebSocket = window.WebSocket;
+window.WebSocket = function (...args) {
+  const socket = new NativeWebSocket(...args);
+  socket.addEventListener("message", (event) => {   // before the page's onmessage, which sends the next frame
+    if (typeof event.data === "string" && JSON.parse(event.data).type === "frame") {
+      window.inFlightSeen.seqs.push(JSON.parse(event.data).seq);
+    }
+  });
+  return socket;
+};
+Object.assign(window.WebSocket, {CONNECTING: 0, OPEN: 1, CLOSING: 2, CLOSED: 3});
+window.WebSocket.prototype = NativeWebSocket.prototype;
+const nativeSend = NativeWebSocket.prototype.send;
+NativeWebSocket.prototype.send = function (data) {
+  if (typeof data !== "string") {
+    const seen = window.inFlightSeen, answered = seen.seqs.length ? seen.seqs[seen.seqs.length - 1] : 0;
+    seen.sent += 1;
+    seen.most = Math.max(seen.most, seen.sent - answered);
+  }
+  return nativeSend.call(this, data);
+};
+"""
+
+
+def test_the_web_page_keeps_two_frames_in_flight(tiny_models_file: Path, tmp_path: Path) -> None:
+    """The page sends the next frame before the previous answer arrives (two in flight: the server runs one
+    while it sends the other's answer), never a third; the answers come in order and none is lost."""
+    from websockets.asyncio.client import connect
+
+    with running_server(create_app(make_settings(tiny_models_file))) as (_, _, url):
+        browser, port = start_chromium(tmp_path / "profile", camera="none")
+        try:
+            target = next(p for p in httpx.get(f"http://127.0.0.1:{port}/json/list").json() if p["type"] == "page")
+
+            async def drive() -> dict[str, Any]:
+                async with connect(target["webSocketDebuggerUrl"], max_size=None) as socket:
+                    tools = DevTools(socket)
+                    await tools.call("Page.enable")
+                    await tools.call("Page.addScriptToEvaluateOnNewDocument", source=COUNT_FRAMES_IN_FLIGHT)
+                    await tools.call("Page.navigate", url=f"{url}/web/")
+                    return await tools.poll({"frames": text("frames", True), "status": text("status"),
+                                             "latency": text("latency"), "seen": "window.inFlightSeen"},
+                                            lambda state: state.get("frames", 0) >= 12, 90)
+
+            state = asyncio.run(drive())
+        finally:
+            browser.kill()
+            browser.wait(30)
+    seen = state["seen"]
+    assert state["frames"] >= 12 and state["status"].startswith("streaming tiny"), state
+    assert seen["most"] == 2, seen  # two in flight, never more
+    assert seen["seqs"] == list(range(1, len(seen["seqs"]) + 1)), seen  # in order, every frame answered
+    assert seen["sent"] - len(seen["seqs"]) in (1, 2), seen  # the pipeline stays full
+    assert 0 < float(state["latency"]) < 5000, state
