@@ -5,10 +5,13 @@ shipped ``shapes`` VAE (latent posterior mean and std) and its frozen text encod
 caption once, plus the empty prompt); then train the transformer and the diffusion head jointly:
 per image a MaskGIT/MAR-style random mask (ratio cos(pi/2 u), u ~ U(0, 1), at least one token),
 ``--empty-prompt-prob`` (20%) empty prompts (so classifier-free guidance works), the head's loss on the masked tokens
-(``head_loss``: each token 4 times at independent timesteps), AdamW with warmup and cosine decay,
-gradient norm clipped to 1, EMA of the weights. Seeded; a checkpoint every ``--checkpoint-every``
-steps in ``--work`` (resumed automatically: same data, same RNG stream); the EMA weights are saved
-as a ``MarPipeline`` directory and measured (prompt accuracy over the 196 prompts).
+(``head_loss``: each token ``--head-repeats`` times at independent timesteps), AdamW with warmup and cosine
+decay, gradient norm clipped to 1, EMA of the weights. Tokens are ``--patch-size`` patches of the latents: 1 by
+default (64 tokens of 4 values, as MAR on its latents; 0.735 prompt accuracy at CFG 3 against 0.490 for 2x2
+patches, 16 tokens of 16, in the same time: the model card's probes), generated over 16 AR iterations.
+Seeded; a checkpoint every ``--checkpoint-every`` steps in ``--work`` (resumed automatically: same data, same
+RNG stream); the EMA weights are saved as a ``MarPipeline`` directory and measured
+(prompt accuracy over the 196 prompts).
 """
 
 from __future__ import annotations
