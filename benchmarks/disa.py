@@ -78,7 +78,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     engine = Engine(ModelRegistry.default())
-    iterations = int(engine.models.get("shapes_mar").pipeline.config["default_ar_iterations"])
+    mar = engine.models.get("shapes_mar").pipeline
+    iterations, num_tokens = int(mar.config["default_ar_iterations"]), int(mar.transformer.config.num_tokens)
     judge = ShapesJudge.load()
     features = JudgeFeatures(judge)
     prompts = shapes_prompts()[: args.prompts]
@@ -93,7 +94,7 @@ def main() -> None:
         annealer = (StepAnnealer(50, 50, "constant") if "steps" in fields
                     else StepAnnealer(50, 5, fields["strategy"]["schedule"]["kind"]))
         k = fields.get("ar_iterations", iterations)
-        token_steps, sequential = head_cost(16, annealer.plan(k))
+        token_steps, sequential = head_cost(num_tokens, annealer.plan(k))
         if reference is None:
             reference = images
         row = {

@@ -1,14 +1,15 @@
 """The MAR-style bidirectional transformer over latent tokens, conditioned on a prompt.
 
-Inputs: the latent tokens (B, N, token_dim) of an image (the ``shapes`` VAE's 8x8x4 latents in 2x2
-patches: N = 16 tokens of 16 values, MAR's token width), a mask (B, N), True where a token is still
+Inputs: the latent tokens (B, N, token_dim) of an image (the ``shapes`` VAE's 8x8x4 latents in p x p
+patches, ``patchify``: the shipped model has p = 1 as MAR on its latents, N = 64 tokens of 4 values; the
+first models had p = 2, 16 tokens of 16), a mask (B, N), True where a token is still
 unknown, and the prompt's text-encoder states (B, L, text_dim). Unknown tokens are replaced by a
 learned mask embedding; text states (projected) and tokens (plus position embeddings) form one
 sequence for a pre-norm transformer encoder with full (bidirectional) attention. The output is one
 vector z per token position, the condition of the diffusion head that samples that token.
 
 Unlike MAR, which runs its encoder on the known tokens only and a decoder on all, one encoder sees
-every position (MaskGIT-style): at 16 tokens the saving is not worth a second stack.
+every position (MaskGIT-style): at 64 tokens the saving is not worth a second stack.
 
 ``pos_init_std``: the position embeddings' initial scale. ViT's 0.02 (the first shipped model) leaves a
 visible token's position at ~5% of its embedding's norm (0.3 against 7 after 1,400 steps): that model

@@ -144,7 +144,7 @@ def test_sdk_generates_from_shapes_mar_by_name(shipped_server: str) -> None:
             GenerationRequest.create(**SHIPPED), batch_invariant=True).to_uint8()[0]
         np.testing.assert_array_equal(np.asarray(output.images[0]), expected)
         with pytest.raises(InvalidRequest) as caught:
-            client.generate(PROMPT, model="shapes_mar", ar_iterations=17)
+            client.generate(PROMPT, model="shapes_mar", ar_iterations=65)
         assert caught.value.param == "ar_iterations"
 
 
@@ -183,5 +183,5 @@ def test_cli_generates_from_shapes_mar_with_ar_iterations(tmp_path: Path) -> Non
     assert result.exit_code == 0, result.output
     run = json.loads((tmp_path / "results.json").read_text())["runs"][0]
     assert run["ar"]["head_steps"] == [6, 5, 3, 2] and run["steps"] == 16
-    refused = CliRunner().invoke(main, [*args, "--ar-iterations", "20"])
+    refused = CliRunner().invoke(main, [*args, "--ar-iterations", "65"])
     assert refused.exit_code != 0 and "ar_iterations" in refused.output

@@ -42,3 +42,23 @@ def test_seeded_resumable_and_loadable(tmp_path: Path) -> None:
     result = pipe.generate(["a red circle on a blue background"], [0], [2, 1], registry.build("sampler", "ddpm"),
                            lambda: registry.build("guidance", {"name": "cfg", "scale": 3.0}))
     assert result.images.shape == (1, 32, 32, 3) and result.cost.head_steps_total == 3
+    # the default recipe: 1x1 patches (64 tokens of 4 values, MAR's patch size on its latents), 16 AR iterations
+    assert pipe.config["patch_size"] == 1 and pipe.config["default_ar_iterations"] == 16
+    assert pipe.transformer.config.num_tokens == 64 and pipe.head.config.token_dim == 4
+    assert "1x1 patches: 64 tokens of 4 values" in card and "each once" in card
+
+
+def test_the_first_recipes_2x2_patches_still_train_and_load(tmp_path: Path) -> None:
+    """--patch-size 2 --head-repeats 4 --ar-iterations 8 is the recipe of the first shipped models: 16 tokens of 16."""
+    info = train_shapes_mar(tmp_path / "c", tmp_path / "c.work", steps=2, patch_size=2, head_repeats=4,
+                            ar_iterations=8, **TINY)
+    assert info["args"]["patch_size"] == 2 and info["args"]["head_repeats"] == 4
+    pipe = MarPipeline.from_pretrained(tmp_path / "c")
+    assert pipe.config["patch_size"] == 2 and pipe.config["default_ar_iterations"] == 8
+    assert pipe.transformer.config.num_tokens == 16 and pipe.head.config.token_dim == 16
+    card = (tmp_path / "c" / "README.md").read_text()
+    assert "2x2 patches: 16 tokens of 16 values" in card and "each 4 times" in card
+    registry = get_registry()
+    result = pipe.generate(["a red circle on a blue background"], [0], [1] * 8, registry.build("sampler", "ddim"),
+                           lambda: registry.build("guidance", "none"))
+    assert result.images.shape == (1, 32, 32, 3) and result.cost.tokens == [1, 1, 1, 2, 3, 2, 3, 3]
