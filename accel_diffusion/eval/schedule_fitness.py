@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -146,9 +146,10 @@ class ShapesScheduleFitness:
         return 1.0 - scores["prompt_accuracy"] if self.kind == "prompt_accuracy" else scores[self.kind]
 
     def plan_images(self, timesteps: Sequence[int], skipped: Sequence[Sequence[str]],
-                    mode: SkipMode = "drop") -> np.ndarray:
+                    mode: SkipMode | Mapping[str, SkipMode] = "drop") -> np.ndarray:
         """The images of ``timesteps`` with the UNet skipping ``skipped[k]`` (block names) at step k, dropped or
-        reused (``mode``: a fresh block cache for every generation, as the engine's searched schedule has)."""
+        reused (``mode``, or per block: a fresh block cache for every generation, as the engine's searched
+        schedule has)."""
         from accel_diffusion.engine.block_skip import BlockSkip
 
         unet = self.engine.models.get(self.model).pipeline.unet
@@ -169,12 +170,13 @@ class ShapesScheduleFitness:
 
 class SkipPlanFitness:
     """Stage 2's fitness: a skip plan (per step, indices into ``blocks``) scored with ``timesteps`` fixed, by
-    ``fitness`` (its kind, prompts, seeds and teacher), the skipped blocks dropped or reused as ``mode`` says.
+    ``fitness`` (its kind, prompts, seeds and teacher), the skipped blocks dropped or reused as ``mode`` (or, a
+    mapping, each block's own mode) says.
     The plan covers the steps from ``from_step`` on (the steps before run every block: a reuse mode's first step
     fills its cache)."""
 
     def __init__(self, fitness: ShapesScheduleFitness, timesteps: Sequence[int], blocks: Sequence[str],
-                 mode: SkipMode = "drop", from_step: int = 0) -> None:
+                 mode: SkipMode | Mapping[str, SkipMode] = "drop", from_step: int = 0) -> None:
         self.fitness = fitness
         self.timesteps = [int(t) for t in timesteps]
         self.blocks = list(blocks)
