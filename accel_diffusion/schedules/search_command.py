@@ -99,6 +99,7 @@ def run_search(
     skip_mode: str = "drop",
     skip_blocks: list[str] | None = None,
     probe_modes: tuple[str, ...] = ("drop", "residual"),
+    min_accuracy: float | None = None,
 ) -> tuple[SearchedArtifact | None, Path | None, SearchResult | None]:
     """Search, save the artifact into ``schedules_dir`` and return (artifact, its path, the SearchResult of the
     last stage run); the artifact is None when the time budget ran out first (the state files keep the search
@@ -140,7 +141,7 @@ def run_search(
                            else f"{schedule_id}.{skip_mode}-skip-state")
     probe_state = skip_state.with_name(skip_state.name + ".probe")
     common = {"sampler": sampler_spec, "guidance": guidance_spec, "model": model, "seed": config.seed,
-              "teacher_steps": teacher_steps}
+              "teacher_steps": teacher_steps, "min_accuracy": min_accuracy}
     cheap = ShapesScheduleFitness(engine, kind=fitness, images=images, **common)  # type: ignore[arg-type]
     costly = (ShapesScheduleFitness(engine, kind=fitness, images=rescore_images, judge=cheap.judge,
                                     **common)  # type: ignore[arg-type]
@@ -182,7 +183,7 @@ def run_search(
         id=schedule_id, model=model, sampler=sampler_spec, guidance=guidance_spec, steps=steps,
         timesteps=list(timesteps), skipped_blocks=skipped, skip_mode="drop" if skip_mode == "best" else skip_mode,
         block_modes=block_modes,
-        fitness=SearchFitness(kind=fitness, value=value, samples=len(costly.prompts) if costly else images),
+        fitness=SearchFitness(kind=cheap.label, value=value, samples=len(costly.prompts) if costly else images),
         search=SearchCost(evaluations=evaluations, wall_time_s=max(wall_time_s, time.perf_counter() - start),
                           command=command, skip_budget=skip_budget, unet_cost=unet_cost),
         seed=config.seed,
@@ -372,6 +373,9 @@ def _probe_blocks(fitness: Any, timesteps: tuple[int, ...], blocks: list[str], m
 @click.option("--fitness", type=click.Choice(["paired_distance", "teacher_fd", "prompt_accuracy"]),
               default="prompt_accuracy", show_default=True,
               help="What the search minimises; the default agrees best with held-out accuracy (docs/benchmarks.md).")
+@click.option("--min-accuracy", type=click.FloatRange(0, 1, min_open=True), default=None,
+              help="With --fitness paired_distance: prompt accuracy is a constraint; a candidate below it ranks behind "
+                   "every one that meets it (by the accuracy it lacks).")
 @click.option("--images", type=click.IntRange(1, 98), default=49, show_default=True,
               help="Search prompts (one image each, fixed seeds) scored per candidate; never the held-out ones.")
 @click.option("--rescore-images", type=click.IntRange(1, 98), default=98, show_default=True,
@@ -411,7 +415,8 @@ def _probe_blocks(fitness: Any, timesteps: tuple[int, ...], blocks: list[str], m
 @click.pass_context
 def search_command(ctx: click.Context, model: str, steps: int, sampler: str | None, guidance: str | None,
                    guidance_scale: float | None, schedule_id: str, schedules_dir: str | None, fitness: str,
-                   images: int, rescore_images: int, teacher_steps: int, population: int, epochs: int, select: int,
+                   min_accuracy: float | None, images: int, rescore_images: int, teacher_steps: int, population: int,
+                   epochs: int, select: int,
                    mutations: int, crossovers: int, mutation_prob: float, mutation_radius: int, seed: int,
                    time_budget_s: float | None, budget_minutes: float | None, skip_budget: float | None,
                    max_skip: int, skip_epochs: int | None, skip_mode: str, probe_modes: str, skip_blocks: str | None,
@@ -428,6 +433,8 @@ def search_command(ctx: click.Context, model: str, steps: int, sampler: str | No
     from accel_diffusion.strategy import merge_guidance_scale
     from accel_diffusion.third_party_output import quiet_third_party_output
 
+    if min_accuracy is not None and fitness != "paired_distance":
+        raise InvalidRequestError("min_accuracy", f"is a constraint on --fitness paired_distance, not {fitness}")
     probed = tuple(m.strip() for m in probe_modes.split(",") if m.strip())
     if not probed or any(m not in SKIP_MODES for m in probed):
         raise InvalidRequestError("probe_modes", f"{probe_modes!r}: give some of {', '.join(SKIP_MODES)}, "
@@ -453,7 +460,7 @@ def search_command(ctx: click.Context, model: str, steps: int, sampler: str | No
         schedules_dir=schedules_dir, progress=True, command=shlex.join(["accel-diffusion", *sys.argv[1:]]),
         skip_budget=skip_budget, max_skip=max_skip, skip_config=skip_config, timesteps_from=timesteps_from,
         skip_mode=skip_mode, skip_blocks=[b.strip() for b in skip_blocks.split(",") if b.strip()] if skip_blocks
-        else None, probe_modes=probed)
+        else None, probe_modes=probed, min_accuracy=min_accuracy)
     if artifact is None and result is None:
         click.echo("time budget spent while probing the blocks (scores kept); run the same command again to continue",
                    err=True)

@@ -51,7 +51,8 @@ def test_search_cli_best_mode_per_block_from_a_hand_made_grid(tmp_path: Path) ->
     args = ["search", "--steps", "3", "--sampler", "dpmpp_2m", "--guidance-scale", "5", "--out", "shapes-best-3",
             "--dir", str(folder), "--images", "3", "--rescore-images", "3", "--teacher-steps", "6",
             "--population", "4", "--select", "2", "--mutations", "1", "--crossovers", "1", "--epochs", "1",
-            "--skip-budget", "0.95", "--max-skip", "3", "--timesteps-from", '{"name": "spacing", "spacing": "trailing"}',
+            "--skip-budget", "0.95", "--max-skip", "3",
+            "--timesteps-from", '{"name": "spacing", "spacing": "trailing"}',
             "--fitness", "paired_distance", "--skip-mode", "best", "--skip-blocks", ",".join(BLOCKS)]
     run = CliRunner().invoke(main, args)
     assert run.exit_code == 0, run.output
