@@ -23,6 +23,9 @@ from accel_diffusion.schedules.searched import (
     load_artifact,
     use_schedules_dir,
 )
+from accel_diffusion.strategy import GenerationRequest
+
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 MIXED = {"skipped_blocks": [[], ["mid_block.resnets.0", "mid_block.attentions.0"], ["mid_block.resnets.0"], []],
          "block_modes": {"mid_block.resnets.0": "residual", "mid_block.attentions.0": "drop"}}
@@ -124,3 +127,31 @@ def test_server_refuses_an_unknown_block_mode_with_a_400_naming_the_field(tmp_pa
             assert "block_modes.mid_block.resnets.0: Input should be 'drop', 'reuse' or 'residual'" in error["message"]
     finally:
         use_schedules_dir(None)
+
+
+def test_the_shipped_8_step_plan_skips_each_block_in_its_probe_mode(monkeypatch: pytest.MonkeyPatch) -> None:
+    from accel_diffusion.engine.block_skip import BlockSkip
+
+    monkeypatch.delenv(SCHEDULES_DIR_ENV, raising=False)
+    use_schedules_dir(None)
+    artifact = find_artifact("shapes-ghvb0.8-cfg5-8-skip")
+    assert artifact.steps == 8 and artifact.timesteps == [999, 939, 865, 768, 636, 448, 211, 37]  # Karras rho 3
+    assert (artifact.sampler["name"], artifact.sampler["order"]) == ("ghvb", 0.8) and artifact.skipped_blocks[0] == []
+    assert artifact.block_modes == artifact.modes() and set(artifact.block_modes.values()) == {"drop", "residual"}
+    assert artifact.search.unet_cost <= artifact.search.skip_budget == 0.82
+    engine = Engine(ModelRegistry.default())
+    unet = engine.models.get("shapes").pipeline.unet
+    prompts = ["a red circle on a blue background", "a green square on a white background"]
+
+    def generate(schedule: dict) -> np.ndarray:
+        strategy = {"sampler": artifact.sampler, "guidance": artifact.guidance, "schedule": schedule}
+        return engine.generate(GenerationRequest.create(model="shapes", prompt=prompts, seed=1,
+                                                        strategy=strategy)).to_uint8()
+
+    searched = generate({"name": "searched", "id": artifact.id})
+    explicit = {"name": "timesteps", "timesteps": artifact.timesteps}
+    plan = dict(zip(artifact.timesteps, artifact.skipped_blocks, strict=True))
+    with BlockSkip(unet, plan, mode=artifact.modes()):  # type: ignore[arg-type]
+        assert np.array_equal(generate(explicit), searched)
+    with BlockSkip(unet, plan, mode="drop"):  # one mode for every block gives other images
+        assert not np.array_equal(generate(explicit), searched)
