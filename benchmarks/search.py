@@ -62,7 +62,7 @@ class UnetTimer:
 
 
 def row(fitness: ShapesScheduleFitness, timesteps: list[int], skipped: list[list[str]] | None = None,
-        mode: str = "drop") -> dict[str, Any]:
+        mode: str | dict[str, str] = "drop") -> dict[str, Any]:
     unet = fitness.engine.models.get(fitness.model).pipeline.unet
     with UnetTimer(unet) as timer:
         images = (fitness.plan_images(timesteps, skipped, mode) if skipped is not None  # type: ignore[arg-type]
@@ -99,7 +99,7 @@ def compare(engine: Engine, schedule_id: str, teachers: dict[str, Any], images: 
                    "paired_distance_vs_uniform": result["searched"]["paired_distance"] / uniform["paired_distance"]}
         return result
     # stage 2: the same timesteps with and without the skips, timed alternately twice (the faster of each kept)
-    mode = artifact.skip_mode
+    mode = artifact.modes()
     plain, skipping = result["searched"], row(fitness, list(artifact.timesteps), artifact.skipped_blocks, mode)
     plain_s = min(plain["unet_s"], row(fitness, list(artifact.timesteps))["unet_s"])
     skip_s = min(skipping["unet_s"], row(fitness, list(artifact.timesteps), artifact.skipped_blocks, mode)["unet_s"])
@@ -134,7 +134,9 @@ def markdown(report: dict[str, Any]) -> str:
                   "accuracy without / with skips | search |", "|---|---|---|---|---|---|"]
         for r in stage2:
             s2 = r["stage2"]
-            lines.append(f"| `{r['id']}` ({s2.get('skip_mode', 'drop')}) | {s2['skipped_blocks']} | "
+            mode = s2.get("skip_mode", "drop")
+            mode = mode if isinstance(mode, str) else "per block: " + ", ".join(f"{b} {m}" for b, m in mode.items())
+            lines.append(f"| `{r['id']}` ({mode}) | {s2['skipped_blocks']} | "
                          f"x{s2['modelled_unet_cost']:.3f} | "
                          f"{s2['unet_time_saved_pct']:.1f}% | {r['searched']['prompt_accuracy']:.3f} / "
                          f"{s2['with_skips']['prompt_accuracy']:.3f} | {r['search_wall_s'] / 60:.1f} min |")

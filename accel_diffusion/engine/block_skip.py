@@ -17,7 +17,8 @@ returns its skip path of this call's input plus the residual (output less skip p
 last call where it ran. The cached call must have had the same input shape (the same batch rows);
 where there is none (the first call, or another batch size) the block runs instead and is cached.
 The cache belongs to one ``with`` block (the engine enters one per generation): emptied on entry and
-exit, never shared between generations or requests.
+exit, never shared between generations or requests. ``mode`` may also map each block to its own mode
+(the probe in docs/benchmarks.md: residual is best for ResNet blocks, drop for attention).
 """
 
 from __future__ import annotations
@@ -63,23 +64,33 @@ class BlockSkip:
     there; timesteps not in it run the whole UNet. ``mode`` says what a skipped block returns: its skip
     connection (``"drop"``), its cached output of the last call where it ran (``"reuse"``), or its skip
     connection plus the residual it added at that call (``"residual"``).
-    ``skipped_calls`` counts the block calls skipped (in reuse mode: served from the cache).
+    ``mode`` may be a mapping from block name to mode instead: each block skipped in its own mode (a block
+    it leaves out is dropped). ``skipped_calls`` counts the block calls skipped (in reuse mode: served from
+    the cache).
     """
 
-    def __init__(self, unet: torch.nn.Module, skips: Mapping[float, Collection[str]], mode: SkipMode = "drop") -> None:
-        if mode not in SKIP_MODES:
-            raise ValueError(f"mode must be one of {', '.join(map(repr, SKIP_MODES))}, not {mode!r}")
+    def __init__(self, unet: torch.nn.Module, skips: Mapping[float, Collection[str]],
+                 mode: SkipMode | Mapping[str, SkipMode] = "drop") -> None:
+        per_block, default = (dict(mode), "drop") if isinstance(mode, Mapping) else ({}, mode)
+        for block, value in [(None, default), *per_block.items()]:
+            if value not in SKIP_MODES:
+                where = "" if block is None else f" (block {block!r})"
+                raise ValueError(f"mode must be one of {', '.join(map(repr, SKIP_MODES))}, not {value!r}{where}")
         known = skippable_blocks(unet)
-        for t, names in skips.items():
+        for t, names in (*skips.items(), ("mode", per_block)):
             unknown = sorted(set(names) - set(known))
             if unknown:
-                raise ValueError(f"timestep {t}: no skippable block {unknown[0]!r} in this UNet "
-                                 f"(its blocks: {', '.join(known)})")
+                raise ValueError(f"{'mode' if t == 'mode' else f'timestep {t}'}: no skippable block {unknown[0]!r} "
+                                 f"in this UNet (its blocks: {', '.join(known)})")
         self.unet = unet
         self.skips = {float(t): frozenset(names) for t, names in skips.items() if names}
         self.mode = mode
+        self._modes: dict[str, str] = per_block
+        self._default_mode: str = default
         self.skipped_calls = 0
-        self._cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # block -> (its last input, its output)
+        # block -> (its last input's shape, that input, its output); in residual mode, once a skip has used it,
+        # (shape, None, the residual: output less skip path)
+        self._cache: dict[str, tuple[torch.Size, torch.Tensor | None, torch.Tensor]] = {}
         self._now: frozenset[str] = frozenset()
         self._patched: list[torch.nn.Module] = []
         self._hook: Any = None
@@ -113,10 +124,15 @@ class BlockSkip:
         value = float(torch.as_tensor(timestep).flatten()[0])
         self._now = self.skips.get(value, frozenset())
 
+    def mode_of(self, name: str) -> str:
+        """The mode block ``name`` is skipped in."""
+        return self._modes.get(name, self._default_mode)
+
     def _skipping_forward(self, name: str, module: torch.nn.Module) -> Any:
         original = type(module).forward
         resnet = isinstance(module, ResnetBlock2D)
-        caching = self.mode != "drop"
+        mode = self.mode_of(name)
+        caching = mode != "drop"
 
         def skip_path(x: torch.Tensor) -> torch.Tensor:
             """The block with its own computation left out: a ResNet's skip connection, attention's identity."""
@@ -124,15 +140,18 @@ class BlockSkip:
 
         def skipped(x: torch.Tensor) -> torch.Tensor | None:
             """The skipped block's output for input ``x``; None where it must run (nothing cached for this shape)."""
-            if self.mode == "drop":
+            if mode == "drop":
                 return skip_path(x)
             entry = self._cache.get(name)
-            if entry is None or entry[0].shape != x.shape:
+            if entry is None or entry[0] != x.shape:
                 return None
-            before_in, before_out = entry
-            if self.mode == "reuse":
+            _, before_in, before_out = entry
+            if mode == "reuse":
                 return before_out
-            return skip_path(x) + (before_out - skip_path(before_in))  # residual: last run's residual, this input
+            if before_in is not None:  # the residual of the last run, computed once however often it is reused
+                before_out = before_out - skip_path(before_in)
+                self._cache[name] = (x.shape, None, before_out)
+            return skip_path(x) + before_out  # residual: last run's residual, this input
 
         def forward(x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
             if name in self._now and (out := skipped(x)) is not None:
@@ -142,7 +161,8 @@ class BlockSkip:
                 return (out,) if not kwargs.get("return_dict", True) else Transformer2DModelOutput(sample=out)
             output = original(module, x, *args, **kwargs)
             if caching:
-                self._cache[name] = (x, output if resnet else output[0] if isinstance(output, tuple) else output.sample)
+                self._cache[name] = (x.shape, x, output if resnet else output[0] if isinstance(output, tuple)
+                                     else output.sample)
             return output
         return forward
 
@@ -207,3 +227,51 @@ def measure_block_costs(unet: torch.nn.Module, call: Callable[[], Any], repeats:
             handle.remove()
     medians = {name: statistics.median(values) for name, values in shares.items()}
     return {"": 1.0 - sum(medians.values()), **medians}
+
+
+def measure_skip_costs(unet: torch.nn.Module, call: Callable[[], Any], repeats: int = 5) -> dict[str, dict[str, float]]:
+    """What a skipped block still costs, per mode, as a share of one UNet call's wall time (the other half of
+    the cost model: ``measure_block_costs`` gives what running it costs).
+
+    A dropped ResNet block computes its skip connection (its 1x1 shortcut convolution, where it has one, and
+    its resampler); a residual-mode skip computes it for this call's input and once for the cached input, plus
+    a subtraction and an addition; a reused block and a dropped attention block cost nothing. Each is timed
+    on the block's own input and output of one ``call`` (median of ``repeats``), over the call's median time."""
+    names = skippable_blocks(unet)
+    modules = dict(unet.named_modules())
+    seen: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def recorder(name: str) -> Callable[..., None]:
+        def record(module: torch.nn.Module, args: Any, output: Any) -> None:
+            seen[name] = (args[0], output if isinstance(output, torch.Tensor)
+                          else output[0] if isinstance(output, tuple) else output.sample)
+        return record
+
+    handles = [modules[name].register_forward_hook(recorder(name)) for name in names]
+    try:
+        with torch.no_grad():
+            call()
+    finally:
+        for handle in handles:
+            handle.remove()
+
+    def timed(work: Callable[[], Any]) -> float:
+        times = []
+        for _ in range(repeats):
+            begin = time.perf_counter()
+            work()
+            times.append(time.perf_counter() - begin)
+        return statistics.median(times)
+
+    with torch.no_grad():
+        total = timed(call)
+        costs: dict[str, dict[str, float]] = {}
+        for name in names:
+            module, (x, out) = modules[name], seen[name]
+            if not isinstance(module, ResnetBlock2D):
+                costs[name] = {"drop": 0.0, "reuse": 0.0, "residual": timed(lambda x=x, out=out: x + (out - x)) / total}
+                continue
+            costs[name] = {"drop": timed(lambda module=module, x=x: _resnet_shortcut(module, x)) / total, "reuse": 0.0,
+                           "residual": timed(lambda module=module, x=x, out=out: _resnet_shortcut(module, x) + (
+                               out - _resnet_shortcut(module, x))) / total}
+    return costs

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -86,9 +86,14 @@ class ShapesScheduleFitness:
         teacher_steps: int = 50,
         judge: ShapesJudge | None = None,
         batch_size: int = 49,
+        min_accuracy: float | None = None,
     ) -> None:
         if kind not in FITNESS_KINDS:
             raise ValueError(f"kind must be one of {', '.join(FITNESS_KINDS)}, got {kind!r}")
+        if min_accuracy is not None and (kind != "paired_distance" or not 0.0 < min_accuracy <= 1.0):
+            raise ValueError(f"min_accuracy must be in (0, 1] with kind 'paired_distance', got {min_accuracy} with "
+                             f"{kind!r}")
+        self.min_accuracy = min_accuracy
         self.engine = engine
         self.model = model
         self.sampler = dict(sampler)
@@ -146,9 +151,10 @@ class ShapesScheduleFitness:
         return 1.0 - scores["prompt_accuracy"] if self.kind == "prompt_accuracy" else scores[self.kind]
 
     def plan_images(self, timesteps: Sequence[int], skipped: Sequence[Sequence[str]],
-                    mode: SkipMode = "drop") -> np.ndarray:
+                    mode: SkipMode | Mapping[str, SkipMode] = "drop") -> np.ndarray:
         """The images of ``timesteps`` with the UNet skipping ``skipped[k]`` (block names) at step k, dropped or
-        reused (``mode``: a fresh block cache for every generation, as the engine's searched schedule has)."""
+        reused (``mode``, or per block: a fresh block cache for every generation, as the engine's searched
+        schedule has)."""
         from accel_diffusion.engine.block_skip import BlockSkip
 
         unet = self.engine.models.get(self.model).pipeline.unet
@@ -158,8 +164,19 @@ class ShapesScheduleFitness:
     def __call__(self, timesteps: Sequence[int]) -> float:
         return self.fitness_of(self.candidate_images(timesteps))
 
+    @property
+    def label(self) -> str:
+        """What the fitness minimises, as an artifact records it."""
+        return self.kind if self.min_accuracy is None else f"{self.kind}@prompt_accuracy>={self.min_accuracy:g}"
+
     def fitness_of(self, images: np.ndarray) -> float:
-        """The fitness (lower is better) of ``images``, one per prompt."""
+        """The fitness (lower is better) of ``images``, one per prompt. With ``min_accuracy`` prompt accuracy is a
+        constraint: images below it score 1 + the accuracy they lack, behind every image set that meets it (a
+        paired distance is below 1; FD values are not, so the constraint is for ``paired_distance``)."""
+        if self.min_accuracy is not None:
+            accuracy = self.judge.prompt_accuracy(images, self.prompts)["all"]
+            if accuracy < self.min_accuracy:
+                return 1.0 + self.min_accuracy - accuracy
         if self.kind == "paired_distance":  # the cheap one: no judge features needed
             return paired_distance(images, self.teacher())
         if self.kind == "prompt_accuracy":  # the judge's verdicts only: no teacher, no features
@@ -169,12 +186,13 @@ class ShapesScheduleFitness:
 
 class SkipPlanFitness:
     """Stage 2's fitness: a skip plan (per step, indices into ``blocks``) scored with ``timesteps`` fixed, by
-    ``fitness`` (its kind, prompts, seeds and teacher), the skipped blocks dropped or reused as ``mode`` says.
+    ``fitness`` (its kind, prompts, seeds and teacher), the skipped blocks dropped or reused as ``mode`` (or, a
+    mapping, each block's own mode) says.
     The plan covers the steps from ``from_step`` on (the steps before run every block: a reuse mode's first step
     fills its cache)."""
 
     def __init__(self, fitness: ShapesScheduleFitness, timesteps: Sequence[int], blocks: Sequence[str],
-                 mode: SkipMode = "drop", from_step: int = 0) -> None:
+                 mode: SkipMode | Mapping[str, SkipMode] = "drop", from_step: int = 0) -> None:
         self.fitness = fitness
         self.timesteps = [int(t) for t in timesteps]
         self.blocks = list(blocks)

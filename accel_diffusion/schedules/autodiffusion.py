@@ -518,3 +518,21 @@ class SkipPlanSearch(EvolutionarySearch):
                 fill(lambda: crossover_plan(*rng.sample(parents, 2), rng, space), len(generation) + config.crossovers)
         fill(lambda: random_plan(rng, space), config.population)
         return generation
+
+
+def greedy_plan(space: SkipSpace, order: Sequence[int]) -> SkipPlan:
+    """Skip the blocks of ``order`` (best first) at every step, one block after another, until the plan fits the
+    budget (a block is left out where it would exceed ``max_skip``; the last one added may overshoot the saving
+    needed). The seed the probe's single-block scores give stage 2's generation 0."""
+    steps: list[set[int]] = [set() for _ in range(space.num_steps)]
+    for block in order:
+        if space.cost(tuple(tuple(sorted(s)) for s in steps)) <= space.budget + 1e-12:
+            break
+        for skipped in steps:
+            if len(skipped) < space.max_skip:
+                skipped.add(block)
+    plan = tuple(tuple(sorted(s)) for s in steps)
+    if space.cost(plan) > space.budget + 1e-12:
+        raise ValueError(f"skipping every block of the order at every step runs {space.cost(plan):g} UNet calls; "
+                         f"the budget is {space.budget:g}")
+    return plan

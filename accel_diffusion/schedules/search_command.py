@@ -7,6 +7,7 @@ artifact that ``{"schedule": {"name": "searched", "id": ...}}`` then names.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -43,24 +44,33 @@ def resolve_components(spec: Any, sampler: Any, guidance: Any) -> tuple[dict[str
     return strategy.sampler, strategy.guidance
 
 
-def hand_made_grids(scheduler_config: dict[str, Any], sampler: dict[str, Any], space: SearchSpace) -> list[tuple]:
-    """The integer timesteps of every hand-made grid the sampler builds at K steps (distinct, valid ones)."""
-    import torch
-
-    registry, grids = get_registry(), []
-    for schedule_spec in HAND_MADE_GRIDS:
-        schedule = registry.build("schedule", schedule_spec)
+def hand_made_grids(scheduler_config: dict[str, Any], sampler: dict[str, Any], space: SearchSpace,
+                    schedules: tuple[dict[str, Any], ...] = HAND_MADE_GRIDS) -> list[tuple]:
+    """The integer timesteps of every hand-made grid (of ``schedules``) the sampler builds at K steps (distinct,
+    valid ones)."""
+    grids = []
+    for schedule_spec in schedules:
         try:
-            scheduler = registry.build("sampler", sampler).make_scheduler(scheduler_config,
-                                                                          schedule.scheduler_options())
-            schedule.check_compatible(scheduler, sampler["name"])
-            schedule.set_timesteps(scheduler, space.num_steps, torch.device("cpu"))
-            grid = space.check([round(float(t)) for t in scheduler.timesteps])
+            grid = grid_timesteps(scheduler_config, sampler, schedule_spec, space)
         except (InvalidRequestError, ValueError, TypeError):
             continue
         if grid not in grids:
             grids.append(grid)
     return grids
+
+
+def grid_timesteps(scheduler_config: dict[str, Any], sampler: dict[str, Any], schedule_spec: dict[str, Any],
+                   space: SearchSpace) -> tuple[int, ...]:
+    """The K integer timesteps the schedule ``schedule_spec`` gives the sampler; the error says why where it gives
+    none (a schedule the sampler cannot take, repeated timesteps once rounded)."""
+    import torch
+
+    registry = get_registry()
+    schedule = registry.build("schedule", schedule_spec)
+    scheduler = registry.build("sampler", sampler).make_scheduler(scheduler_config, schedule.scheduler_options())
+    schedule.check_compatible(scheduler, sampler["name"])
+    schedule.set_timesteps(scheduler, space.num_steps, torch.device("cpu"))
+    return space.check([round(float(t)) for t in scheduler.timesteps])
 
 
 def run_search(
@@ -88,6 +98,8 @@ def run_search(
     timesteps_from: str | None = None,
     skip_mode: str = "drop",
     skip_blocks: list[str] | None = None,
+    probe_modes: tuple[str, ...] = ("drop", "residual"),
+    min_accuracy: float | None = None,
 ) -> tuple[SearchedArtifact | None, Path | None, SearchResult | None]:
     """Search, save the artifact into ``schedules_dir`` and return (artifact, its path, the SearchResult of the
     last stage run); the artifact is None when the time budget ran out first (the state files keep the search
@@ -97,9 +109,11 @@ def run_search(
     to skip at which of the found timesteps (at most ``max_skip`` per step) so that the measured cost model
     (``measure_block_costs``) puts the plan at no more than that fraction of the UNet time. ``timesteps_from``
     names an artifact (same model, sampler, guidance and step count) whose timesteps stage 2 starts from,
-    instead of running stage 1 again; its search cost is added to the new artifact's. ``skip_mode`` is what a
+    instead of running stage 1 again; its search cost is added to the new artifact's (or a schedule's JSON, e.g.
+    ``{"name": "karras", "rho": 3}``: its K timesteps for this sampler). ``skip_mode`` is what a
     skipped block gives (``drop``: its skip connection; ``reuse``/``residual``: its output, or its residual, cached
-    at the last step where it ran: the first step then runs every block) and ``skip_blocks`` limits the blocks
+    at the last step where it ran: the first step then runs every block; ``best``: each block in the mode of
+    ``probe_modes`` that scores best when it alone is skipped) and ``skip_blocks`` limits the blocks
     stage 2 may skip (default: all of them)."""
     from accel_diffusion.eval.schedule_fitness import ShapesScheduleFitness
     from accel_diffusion.schedules.explicit import ExplicitTimesteps
@@ -125,15 +139,19 @@ def run_search(
     state = Path(state_path) if state_path is not None else folder / f"{schedule_id}.search-state"
     skip_state = folder / (f"{schedule_id}.skip-state" if skip_mode == "drop"
                            else f"{schedule_id}.{skip_mode}-skip-state")
+    probe_state = skip_state.with_name(skip_state.name + ".probe")
     common = {"sampler": sampler_spec, "guidance": guidance_spec, "model": model, "seed": config.seed,
-              "teacher_steps": teacher_steps}
+              "teacher_steps": teacher_steps, "min_accuracy": min_accuracy}
     cheap = ShapesScheduleFitness(engine, kind=fitness, images=images, **common)  # type: ignore[arg-type]
     costly = (ShapesScheduleFitness(engine, kind=fitness, images=rescore_images, judge=cheap.judge,
                                     **common)  # type: ignore[arg-type]
               if rescore_images > images and rescore_top > 0 else None)
     start = time.perf_counter()
     result: SearchResult | None = None
-    if timesteps_from is not None:
+    if timesteps_from is not None and timesteps_from.lstrip().startswith("{"):
+        timesteps = _grid_timesteps(timesteps_from, scheduler_config, sampler_spec, space, skip_budget)
+        value, evaluations, wall_time_s = float("nan"), 0, 0.0
+    elif timesteps_from is not None:
         timesteps, value, evaluations, wall_time_s = _stage_one_from(
             timesteps_from, folder, model, sampler_spec, guidance_spec, steps, skip_budget)
     else:
@@ -147,26 +165,50 @@ def run_search(
         evaluations, wall_time_s = result.evaluations, result.wall_time_s
     skipped: list[list[str]] = [[] for _ in timesteps]
     unet_cost = None
+    block_modes: dict[str, str] = {}
     if skip_budget is not None:
         left = None if time_budget_s is None else max(time_budget_s - (time.perf_counter() - start), 0.0)
-        stage2, skipped, value, unet_cost = _skip_search(
-            engine, model, cheap, costly, timesteps, skip_budget, max_skip, skip_config or config,
-            skip_state, left, rescore_top, progress, skip_mode, skip_blocks)
+        try:
+            stage2, skipped, value, unet_cost, used = _skip_search(
+                engine, model, cheap, costly, timesteps, skip_budget, max_skip, skip_config or config,
+                skip_state, left, rescore_top, progress, skip_mode, skip_blocks, probe_modes)
+        except _OutOfTime:
+            return None, None, result
         if not stage2.finished:
             return None, None, stage2
+        if skip_mode == "best":
+            block_modes = used
         evaluations, wall_time_s, result = evaluations + stage2.evaluations, wall_time_s + stage2.wall_time_s, stage2
     artifact = SearchedArtifact(
         id=schedule_id, model=model, sampler=sampler_spec, guidance=guidance_spec, steps=steps,
-        timesteps=list(timesteps), skipped_blocks=skipped, skip_mode=skip_mode,
-        fitness=SearchFitness(kind=fitness, value=value, samples=len(costly.prompts) if costly else images),
+        timesteps=list(timesteps), skipped_blocks=skipped, skip_mode="drop" if skip_mode == "best" else skip_mode,
+        block_modes=block_modes,
+        fitness=SearchFitness(kind=cheap.label, value=value, samples=len(costly.prompts) if costly else images),
         search=SearchCost(evaluations=evaluations, wall_time_s=max(wall_time_s, time.perf_counter() - start),
                           command=command, skip_budget=skip_budget, unet_cost=unet_cost),
         seed=config.seed,
     )
     path = artifact.save(folder)
-    state.unlink(missing_ok=True)
-    skip_state.unlink(missing_ok=True)
+    for done in (state, skip_state, probe_state):
+        done.unlink(missing_ok=True)
     return artifact, path, result
+
+
+def _grid_timesteps(schedule_json: str, scheduler_config: dict[str, Any], sampler: dict[str, Any],
+                    space: SearchSpace, skip_budget: float | None) -> tuple[int, ...]:
+    """The K timesteps the schedule ``schedule_json`` gives the sampler (stage 2 starting from a hand-made grid)."""
+    if skip_budget is None:
+        raise InvalidRequestError("timesteps_from", "only stage 2 starts from given timesteps: give --skip-budget too")
+    try:
+        spec = json.loads(schedule_json)
+    except json.JSONDecodeError as exc:
+        raise InvalidRequestError("timesteps_from", f"is not JSON: {exc}") from None
+    try:
+        return grid_timesteps(scheduler_config, sampler, spec, space)
+    except (InvalidRequestError, ValueError, TypeError) as exc:
+        reason = exc.message if isinstance(exc, InvalidRequestError) else str(exc)
+        raise InvalidRequestError("timesteps_from", f"the schedule {schedule_json} gives {sampler['name']} no "
+                                  f"{space.num_steps} distinct timesteps: {reason}") from None
 
 
 def _stage_one_from(schedule_id: str, folder: Path, model: str, sampler: dict[str, Any], guidance: dict[str, Any],
@@ -191,12 +233,13 @@ def _stage_one_from(schedule_id: str, folder: Path, model: str, sampler: dict[st
             artifact.search.wall_time_s)
 
 
-def block_cost_model(engine: Any, model: str, fitness: Any) -> tuple[list[str], dict[str, float]]:
+def block_cost_model(engine: Any, model: str, fitness: Any, with_skip_costs: bool = False) -> Any:
     """The UNet's skippable blocks and each one's measured share of a UNet call, at the batch the fitness runs
-    (its prompts, cond and uncond) and the model's latent size."""
+    (its prompts, cond and uncond) and the model's latent size; ``with_skip_costs``: and what skipping each one
+    still costs, per mode (``measure_skip_costs``)."""
     import torch
 
-    from accel_diffusion.engine.block_skip import measure_block_costs, skippable_blocks
+    from accel_diffusion.engine.block_skip import measure_block_costs, measure_skip_costs, skippable_blocks
 
     loaded = engine.models.get(model)
     unet = loaded.pipeline.unet
@@ -209,21 +252,38 @@ def block_cost_model(engine: Any, model: str, fitness: Any) -> tuple[list[str], 
     context = torch.randn(rows, tokens, unet.config.cross_attention_dim, generator=gen,
                           dtype=unet.dtype).to(unet.device)
     t = torch.tensor(500, device=unet.device)
-    shares = measure_block_costs(unet, lambda: unet(x, t, encoder_hidden_states=context, return_dict=False))
+    def call() -> Any:
+        return unet(x, t, encoder_hidden_states=context, return_dict=False)
+
+    shares = measure_block_costs(unet, call)
+    if with_skip_costs:
+        return skippable_blocks(unet), shares, measure_skip_costs(unet, call)
     return skippable_blocks(unet), shares
+
+
+PROBE_MODES = ("drop", "residual")
 
 
 def _skip_search(engine: Any, model: str, cheap: Any, costly: Any, timesteps: tuple[int, ...], skip_budget: float,
                  max_skip: int, config: SearchConfig, state: Path, time_budget_s: float | None, rescore_top: int,
                  progress: bool, mode: str = "drop", allowed: list[str] | None = None,
-                 ) -> tuple[SearchResult, list[list[str]], float, float]:
+                 probe_modes: tuple[str, ...] = PROBE_MODES,
+                 ) -> tuple[SearchResult, list[list[str]], float, float, dict[str, str]]:
     """Stage 2: (its SearchResult, the best plan's block names per step, its fitness, its modelled UNet cost
-    as a fraction of the full UNet's). In a reuse mode the first step runs every block (its cache is filled
-    there) and the plan covers the others; a skipped block costs its measured share in every mode."""
-    from accel_diffusion.eval.schedule_fitness import SkipPlanFitness
-    from accel_diffusion.schedules.autodiffusion import SkipPlanSearch, SkipSpace
+    as a fraction of the full UNet's, the mode of each skipped block). In a reuse mode the first step runs every
+    block (its cache is filled there) and the plan covers the others. A skipped block saves its measured share
+    less what its mode still computes (``measure_skip_costs``: the skip connection; in residual mode twice,
+    and a subtraction and an addition).
 
-    every, shares = block_cost_model(engine, model, cheap)
+    ``mode="best"``: each block is first skipped alone at every step but the first in each of ``probe_modes``
+    (the probe, scored like the plans); it is then skipped in the mode that scored best, and generation 0 holds
+    the greedy plans of the probe's best blocks (by score, and by score lost per time saved)."""
+    import time as _time
+
+    from accel_diffusion.eval.schedule_fitness import SkipPlanFitness
+    from accel_diffusion.schedules.autodiffusion import SkipPlanSearch, SkipSpace, greedy_plan
+
+    every, shares, skip_costs = block_cost_model(engine, model, cheap, with_skip_costs=True)
     unknown = sorted(set(allowed or ()) - set(every))
     if unknown:
         raise InvalidRequestError("skip_blocks", f"{unknown[0]!r} is not a skippable block of model {model!r}",
@@ -234,18 +294,71 @@ def _skip_search(engine: Any, model: str, cheap: Any, costly: Any, timesteps: tu
     if K - first < 1:
         raise InvalidRequestError("skip_mode", f"{mode!r} skips nothing in a 1-step schedule (its first step runs "
                                   "every block): use --skip-mode drop")
-    rest = 1.0 - sum(shares[b] for b in blocks)  # a full UNet call costs 1
+    started = _time.perf_counter()
+    probe: dict[str, dict[str, float]] = {}
+    if mode == "best":
+        probe = _probe_blocks(cheap, timesteps, blocks, probe_modes, state.with_name(state.name + ".probe"), progress)
+        modes = {b: min(probe[b], key=lambda m: (probe[b][m], probe_modes.index(m))) for b in blocks}
+        if time_budget_s is not None and _time.perf_counter() - started >= time_budget_s:
+            raise _OutOfTime
+    else:
+        modes = dict.fromkeys(blocks, mode)
+    savings = tuple(max(shares[b] - skip_costs[b][modes[b]], 0.0) for b in blocks)
+    rest = 1.0 - sum(savings)  # a full UNet call costs 1
     try:
-        space = SkipSpace(K - first, len(blocks), skip_budget * K - first, min(max_skip, len(blocks)),
-                          tuple(shares[b] for b in blocks), rest)
+        space = SkipSpace(K - first, len(blocks), skip_budget * K - first, min(max_skip, len(blocks)), savings, rest)
     except ValueError as exc:
         raise InvalidRequestError("skip_budget", f"{exc}: raise --skip-budget or --max-skip") from None
-    plan_fitness = SkipPlanFitness(cheap, timesteps, blocks, mode, first)  # type: ignore[arg-type]
-    rescore = SkipPlanFitness(costly, timesteps, blocks, mode, first) if costly is not None else None  # type: ignore[arg-type]
-    result = SkipPlanSearch(space, plan_fitness, config, state_path=state, time_budget_s=time_budget_s,
+    seeds = []
+    if probe:
+        best = {i: probe[b][modes[b]] for i, b in enumerate(blocks)}
+        floor = min(best.values())
+        for key in (lambda i: (best[i], i), lambda i: ((best[i] - floor + 1e-3) / max(savings[i], 1e-9), i)):
+            with contextlib.suppress(ValueError):
+                plan = greedy_plan(space, sorted(best, key=key))
+                if plan not in seeds:
+                    seeds.append(plan)
+    plan_fitness = SkipPlanFitness(cheap, timesteps, blocks, modes, first)  # type: ignore[arg-type]
+    rescore = SkipPlanFitness(costly, timesteps, blocks, modes, first) if costly is not None else None  # type: ignore[arg-type]
+    probe_s = _time.perf_counter() - started
+    left = None if time_budget_s is None else max(time_budget_s - probe_s, 0.0)
+    result = SkipPlanSearch(space, plan_fitness, config, seeds=seeds, state_path=state, time_budget_s=left,
                             rescore=rescore, rescore_top=rescore_top, progress=progress).run()
+    result.wall_time_s += probe_s  # this run's probe (a resumed run's probe file holds the earlier ones' scores)
+    result.evaluations += sum(len(scores) for scores in probe.values())  # the probe's plans are candidates scored
     plan, value = result.best if result.ranked else (space.skip_nothing(), float("nan"))
-    return result, plan_fitness.names(plan), value, (first + space.cost(plan)) / K
+    names = plan_fitness.names(plan)
+    used = {b: modes[b] for step in names for b in step}
+    return result, names, value, (first + space.cost(plan)) / K, used
+
+
+class _OutOfTime(Exception):
+    """The time budget ran out in stage 2's probe (its scores are kept for the resumed run)."""
+
+
+def _probe_blocks(fitness: Any, timesteps: tuple[int, ...], blocks: list[str], modes: tuple[str, ...], path: Path,
+                  progress: bool) -> dict[str, dict[str, float]]:
+    """Each block skipped alone at every step but the first, in each mode: its fitness (lower is better). Kept in
+    ``path`` after every score, so an interrupted search resumes without scoring a block twice."""
+    from tqdm.auto import tqdm
+
+    from accel_diffusion.eval.schedule_fitness import SkipPlanFitness
+
+    identity = {"timesteps": list(timesteps), "blocks": blocks, "modes": list(modes), "prompts": fitness.prompts,
+                "kind": fitness.kind}
+    saved = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    scores: dict[str, dict[str, float]] = saved.get("scores", {}) if saved.get("identity") == identity else {}
+    todo = [(b, m) for b in blocks for m in modes if m not in scores.get(b, {})]
+    for block, mode in tqdm(todo, desc="probe", disable=not progress, unit="plan"):
+        plan = [[0] for _ in timesteps[1:]]
+        value = SkipPlanFitness(fitness, timesteps, [block], mode, 1)(plan)  # type: ignore[arg-type]
+        scores.setdefault(block, {})[mode] = float(value)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps({"identity": identity, "scores": scores}), encoding="utf-8")
+        os.replace(tmp, path)
+        if progress:
+            tqdm.write(f"probe {block} {mode}: {value:.4g}", file=sys.stderr)
+    return scores
 
 
 @click.command("search")
@@ -260,6 +373,9 @@ def _skip_search(engine: Any, model: str, cheap: Any, costly: Any, timesteps: tu
 @click.option("--fitness", type=click.Choice(["paired_distance", "teacher_fd", "prompt_accuracy"]),
               default="prompt_accuracy", show_default=True,
               help="What the search minimises; the default agrees best with held-out accuracy (docs/benchmarks.md).")
+@click.option("--min-accuracy", type=click.FloatRange(0, 1, min_open=True), default=None,
+              help="With --fitness paired_distance: prompt accuracy is a constraint; a candidate below it ranks behind "
+                   "every one that meets it (by the accuracy it lacks).")
 @click.option("--images", type=click.IntRange(1, 98), default=49, show_default=True,
               help="Search prompts (one image each, fixed seeds) scored per candidate; never the held-out ones.")
 @click.option("--rescore-images", type=click.IntRange(1, 98), default=98, show_default=True,
@@ -284,20 +400,26 @@ def _skip_search(engine: Any, model: str, cheap: Any, costly: Any, timesteps: tu
               help="Stage 2: blocks skipped at one step at most.")
 @click.option("--skip-epochs", type=click.IntRange(0), default=None,
               help="Stage 2's generations (default: --epochs).")
-@click.option("--skip-mode", type=click.Choice(["drop", "reuse", "residual"]), default="drop", show_default=True,
+@click.option("--skip-mode", type=click.Choice(["drop", "reuse", "residual", "best"]), default="drop",
+              show_default=True,
               help="Stage 2: a skipped block gives its skip connection (drop), its output of the last step where it "
-                   "ran (reuse, DeepCache-style), or its skip connection plus that step's residual (residual).")
+                   "ran (reuse, DeepCache-style), or its skip connection plus that step's residual (residual); best: "
+                   "each block in the --probe-modes mode that scores best with it alone skipped (probed first).")
+@click.option("--probe-modes", default="drop,residual", show_default=True,
+              help="With --skip-mode best: the modes each block is probed in, comma-separated.")
 @click.option("--skip-blocks", default=None,
               help="Stage 2: the blocks it may skip, comma-separated (default: every ResNet and attention block).")
 @click.option("--timesteps-from", default=None,
-              help="Stage 2 only: start from this artifact's timesteps (same model, sampler, guidance, steps).")
+              help="Stage 2 only: start from this artifact's timesteps (same model, sampler, guidance, steps), or a "
+                   "schedule's, given as JSON (e.g. '{\"name\": \"karras\", \"rho\": 3}').")
 @click.pass_context
 def search_command(ctx: click.Context, model: str, steps: int, sampler: str | None, guidance: str | None,
                    guidance_scale: float | None, schedule_id: str, schedules_dir: str | None, fitness: str,
-                   images: int, rescore_images: int, teacher_steps: int, population: int, epochs: int, select: int,
+                   min_accuracy: float | None, images: int, rescore_images: int, teacher_steps: int, population: int,
+                   epochs: int, select: int,
                    mutations: int, crossovers: int, mutation_prob: float, mutation_radius: int, seed: int,
                    time_budget_s: float | None, budget_minutes: float | None, skip_budget: float | None,
-                   max_skip: int, skip_epochs: int | None, skip_mode: str, skip_blocks: str | None,
+                   max_skip: int, skip_epochs: int | None, skip_mode: str, probe_modes: str, skip_blocks: str | None,
                    timesteps_from: str | None) -> None:
     """Search K timesteps for a model, sampler and guidance (AutoDiffusion stage 1), then, with --skip-budget,
     which UNet blocks to skip at which step (stage 2), and save the artifact."""
@@ -307,9 +429,16 @@ def search_command(ctx: click.Context, model: str, steps: int, sampler: str | No
         time_budget_s = 60.0 * budget_minutes
     from accel_diffusion.cli import _json_arg, _registry
     from accel_diffusion.engine import Engine
+    from accel_diffusion.engine.block_skip import SKIP_MODES
     from accel_diffusion.strategy import merge_guidance_scale
     from accel_diffusion.third_party_output import quiet_third_party_output
 
+    if min_accuracy is not None and fitness != "paired_distance":
+        raise InvalidRequestError("min_accuracy", f"is a constraint on --fitness paired_distance, not {fitness}")
+    probed = tuple(m.strip() for m in probe_modes.split(",") if m.strip())
+    if not probed or any(m not in SKIP_MODES for m in probed):
+        raise InvalidRequestError("probe_modes", f"{probe_modes!r}: give some of {', '.join(SKIP_MODES)}, "
+                                  "comma-separated")
     components = merge_guidance_scale({k: _json_arg(v, f"strategy.{k}") for k, v in
                                        (("sampler", sampler), ("guidance", guidance)) if v is not None},
                                       guidance_scale) or {}
@@ -331,14 +460,19 @@ def search_command(ctx: click.Context, model: str, steps: int, sampler: str | No
         schedules_dir=schedules_dir, progress=True, command=shlex.join(["accel-diffusion", *sys.argv[1:]]),
         skip_budget=skip_budget, max_skip=max_skip, skip_config=skip_config, timesteps_from=timesteps_from,
         skip_mode=skip_mode, skip_blocks=[b.strip() for b in skip_blocks.split(",") if b.strip()] if skip_blocks
-        else None)
+        else None, probe_modes=probed, min_accuracy=min_accuracy)
+    if artifact is None and result is None:
+        click.echo("time budget spent while probing the blocks (scores kept); run the same command again to continue",
+                   err=True)
+        sys.exit(3)
     if artifact is None:
         best = f" (best so far {result.ranked[0][1]:.4g})" if result.ranked else ""
         click.echo(f"time budget spent after {result.evaluations} candidates{best}; run the same command again "
                    "to continue", err=True)
         sys.exit(3)
+    modes = artifact.block_modes or artifact.skip_mode
     skips = "" if artifact.search.unet_cost is None else (
-        f", skipped blocks {artifact.skipped_blocks} ({artifact.skip_mode}; UNet time x{artifact.search.unet_cost:.3f} "
+        f", skipped blocks {artifact.skipped_blocks} ({modes}; UNet time x{artifact.search.unet_cost:.3f} "
         "by the cost model)")
     click.echo(f"{path}: timesteps {artifact.timesteps}{skips}, {fitness} {artifact.fitness.value:.4g} "
                f"({artifact.search.evaluations} candidates, {artifact.search.wall_time_s:.0f} s)")

@@ -93,6 +93,9 @@ class SearchedArtifact(BaseModel):
         "drop", description="what a skipped block gives: its skip connection ('drop', AutoDiffusion; artifacts "
         "without the field), its output cached from the last step where it ran ('reuse', DeepCache-style), or its "
         "skip connection plus the residual it added at that step ('residual')")
+    block_modes: dict[str, Literal["drop", "reuse", "residual"]] = Field(
+        default_factory=dict, description="per skipped block, its own mode (overrides skip_mode for that block; "
+        "e.g. residual for ResNet blocks, drop for attention)")
     fitness: SearchFitness
     search: SearchCost
     seed: int
@@ -117,11 +120,28 @@ class SearchedArtifact(BaseModel):
             raise ValueError("timesteps: must be strictly decreasing")
         if self.skipped_blocks and len(self.skipped_blocks) != self.steps:
             raise ValueError(f"skipped_blocks: {len(self.skipped_blocks)} lists given for steps = {self.steps}")
-        if self.skip_mode != "drop" and self.skipped_blocks and self.skipped_blocks[0]:
-            raise ValueError(f"skipped_blocks: step 0 reuses {self.skipped_blocks[0][0]!r}, but with skip_mode "
-                             f"{self.skip_mode!r} the first step runs every block (nothing is cached yet): make its "
-                             "list empty")
+        skipped = {name for step in self.skipped_blocks for name in step}
+        idle = sorted(set(self.block_modes) - skipped)
+        if idle:
+            raise ValueError(f"block_modes: {idle[0]!r} is not skipped at any step (skipped_blocks); leave it out")
+        cached = [name for name in (self.skipped_blocks[0] if self.skipped_blocks else [])
+                  if self.mode_of(name) != "drop"]
+        if cached:
+            where = "block_modes" if cached[0] in self.block_modes else "skip_mode"
+            raise ValueError(f"skipped_blocks: step 0 reuses {cached[0]!r}, but with {where} "
+                             f"{self.mode_of(cached[0])!r} the first step runs every block (nothing is cached yet): "
+                             "make its list empty")
         return self
+
+    def mode_of(self, block: str) -> str:
+        """The mode ``block`` is skipped in: its own (``block_modes``), else ``skip_mode``."""
+        return self.block_modes.get(block, self.skip_mode)
+
+    def modes(self) -> str | dict[str, str]:
+        """What the block-skip hook takes as its mode: ``skip_mode``, or every skipped block's own mode."""
+        if not self.block_modes:
+            return self.skip_mode
+        return {name: self.mode_of(name) for step in self.skipped_blocks for name in step}
 
     def save(self, folder: str | Path) -> Path:
         """Write ``<folder>/<id>.json`` (atomically) and return its path."""
@@ -136,7 +156,7 @@ class SearchedArtifact(BaseModel):
         """What a listing shows (``GET /v1/schedules``)."""
         return {"id": self.id, "model": self.model, "sampler": self.sampler, "guidance": self.guidance,
                 "steps": self.steps, "timesteps": self.timesteps, "skipped_blocks": self.skipped_blocks,
-                "skip_mode": self.skip_mode,
+                "skip_mode": self.skip_mode, "block_modes": self.block_modes,
                 "fitness": self.fitness.model_dump(), "search": self.search.model_dump(), "seed": self.seed}
 
 
@@ -212,14 +232,14 @@ class SearchedSchedule(Schedule):
 
     def model_context(self, unet: torch.nn.Module) -> contextlib.AbstractContextManager[Any]:
         """The UNet skips, at each step's timestep, the blocks the artifact lists for that step (dropped or reused,
-        as its ``skip_mode`` says; a new cache per generation)."""
+        as its ``skip_mode`` and ``block_modes`` say; a new cache per generation)."""
         if not any(self.artifact.skipped_blocks):
             return contextlib.nullcontext()
         from accel_diffusion.engine.block_skip import BlockSkip
 
         skips = dict(zip(self.artifact.timesteps, self.artifact.skipped_blocks, strict=True))
         try:
-            return BlockSkip(unet, skips, mode=self.artifact.skip_mode)
+            return BlockSkip(unet, skips, mode=self.artifact.modes())  # type: ignore[arg-type]
         except ValueError as exc:
             raise IncompatibleStrategyError("strategy.schedule.id", f"searched schedule {self.id!r}: {exc}") from None
 

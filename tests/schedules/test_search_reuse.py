@@ -40,7 +40,7 @@ def test_search_cli_stage_two_in_a_reuse_mode(tmp_path: Path, mode: str) -> None
     args = ["search", "--steps", "3", "--sampler", "dpmpp_2m", "--guidance-scale", "5", "--out", "shapes-reuse-3",
             "--dir", str(folder), "--images", "3", "--rescore-images", "3", "--teacher-steps", "6",
             "--population", "4", "--select", "2", "--mutations", "1", "--crossovers", "1", "--epochs", "1",
-            "--skip-budget", "0.75", "--max-skip", "9", "--timesteps-from", "shapes-dpmpp-3", "--fitness",
+            "--skip-budget", "0.8", "--max-skip", "9", "--timesteps-from", "shapes-dpmpp-3", "--fitness",
             "paired_distance", "--skip-mode", mode, "--skip-blocks", ",".join(DEEP)]
     run = CliRunner().invoke(main, args)
     assert run.exit_code == 0, run.output
@@ -49,7 +49,7 @@ def test_search_cli_stage_two_in_a_reuse_mode(tmp_path: Path, mode: str) -> None
     assert artifact.skip_mode == mode and artifact.timesteps == TIMESTEPS
     assert artifact.skipped_blocks[0] == [] and any(artifact.skipped_blocks)  # the first step fills the cache
     assert all(set(step) <= set(DEEP) for step in artifact.skipped_blocks)
-    assert 0 < artifact.search.unet_cost <= 0.75 and artifact.search.skip_budget == 0.75
+    assert 0 < artifact.search.unet_cost <= 0.8 and artifact.search.skip_budget == 0.8
     assert 5 + 4 <= artifact.search.evaluations <= 5 + 8
 
     engine = Engine(ModelRegistry.default())

@@ -236,7 +236,7 @@ def test_the_pinned_id_is_the_gmm_artifact() -> None:
 
 
 SHIPPED_FOR_SHAPES = {"shapes-ghvb0.8-cfg5-4", "shapes-dpmpp_2m-cfg5-4", "shapes-ghvb0.8-cfg5-6",
-                      "shapes-dpmpp_2m-cfg5-6", "shapes-ghvb0.8-cfg5-4-skip"}
+                      "shapes-dpmpp_2m-cfg5-6", "shapes-ghvb0.8-cfg5-4-skip", "shapes-ghvb0.8-cfg5-8-skip"}
 
 
 def test_the_shipped_shapes_schedules_are_found_without_configuration(monkeypatch: pytest.MonkeyPatch) -> None:
