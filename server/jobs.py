@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
 import threading
 import time
 import uuid
-from collections import Counter, OrderedDict, deque
+from collections import Counter, OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -99,6 +100,8 @@ class Job:
     events: list[JobEvent] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _signals: dict[asyncio.AbstractEventLoop, _LoopSignals] = field(default_factory=dict, repr=False)
+    # the store keeping this job: told when it finishes or releases its images (its accounting is incremental)
+    _store_hook: Callable[[Job], None] | None = field(default=None, repr=False)
 
     def emit(self, type_: str, data: dict[str, Any] | None = None) -> JobEvent:
         """Append an event and wake its listeners: one call per event loop that has listeners (one,
@@ -183,6 +186,8 @@ class Job:
                 self.events = _without_preview_images(self.events)
             self.image_bytes = _image_bytes(result) + sum(len(b64 or "") for e in self.events if e.type == "job.preview"
                                                           for b64 in e.data.get("b64_json") or [])
+        if self._store_hook is not None:
+            self._store_hook(self)
         if status is JobStatus.SUCCEEDED:
             self.emit("job.completed", {"result": result})
         elif status is JobStatus.FAILED:
@@ -203,6 +208,8 @@ class Job:
                                "images_released": True}
                 self.events = [JobEvent(e.id, e.type, {"result": self.result}) if e.type == "job.completed" else e
                                for e in self.events]
+        if self._store_hook is not None:
+            self._store_hook(self)
 
     def public(self, queue_position: int | None = None, include_result: bool = True) -> dict[str, Any]:
         """The job object of the API."""
@@ -289,14 +296,31 @@ class JobStore:
         self.key_max_listeners = key_max_listeners
         self.job_max_listeners = job_max_listeners
         self._jobs: OrderedDict[str, Job] = OrderedDict()
-        self._lock = threading.Lock()
+        # reentrant: a release the prune makes tells the store (the job's hook) within the prune
+        self._lock = threading.RLock()
+        # The retention accounting, kept as jobs are added, finish, release images and go (no rescan of the
+        # kept jobs per request). Heaps hold (key, add order, job id); an entry whose job has gone or no
+        # longer qualifies is skipped when it comes up.
+        self._added = 0
+        self._order: dict[str, int] = {}  # job id -> add order
+        self._held: dict[str, int] = {}  # finished job id -> the image bytes it is counted with
+        self._kept: Counter[str | None] = Counter()  # finished jobs kept, per owner
+        self._held_by: Counter[str | None] = Counter()  # image bytes held, per owner
+        self._by_completion: list[tuple[float, int, str]] = []  # finished jobs, for the TTL
+        self._oldest: dict[str | None, list[tuple[int, str]]] = {}  # each owner's finished jobs, oldest added first
+        self._images: dict[str | None, list[tuple[float, int, str]]] = {}  # releasable images, oldest first
         self._listeners: Counter[str] = Counter()  # by job id
         self._owner_listeners: Counter[str | None] = Counter()
 
     def add(self, job: Job) -> None:
+        job._store_hook = self._changed
         with self._lock:
             self._prune()
             self._jobs[job.id] = job
+            self._order[job.id] = self._added
+            self._added += 1
+            if job.status.finished:
+                self._changed(job)
 
     def get(self, job_id: str) -> Job | None:
         with self._lock:
@@ -342,44 +366,96 @@ class JobStore:
 
         return release
 
+    def _changed(self, job: Job) -> None:
+        """A kept job finished or released images: count it (once finished) with the bytes it holds now."""
+        with self._lock:
+            if job.id not in self._jobs or not job.status.finished:
+                return
+            order, owner = self._order[job.id], job.owner
+            if job.id not in self._held:  # its finish
+                self._kept[owner] += 1
+                heapq.heappush(self._by_completion, (job.completed_at or 0.0, order, job.id))
+                heapq.heappush(self._oldest.setdefault(owner, []), (order, job.id))
+                if job.image_bytes and not job.delivered_by_caller:
+                    heapq.heappush(self._images.setdefault(owner, []), (job.completed_at or 0.0, order, job.id))
+            self._held_by[owner] += job.image_bytes - self._held.get(job.id, 0)
+            self._held[job.id] = job.image_bytes
+
+    def _drop(self, job: Job) -> None:
+        del self._jobs[job.id], self._order[job.id]
+        self._held_by[job.owner] -= self._held.pop(job.id)
+        self._kept[job.owner] -= 1
+        if not self._kept[job.owner]:  # none left: nor any of its entries
+            del self._kept[job.owner]
+            self._oldest.pop(job.owner, None)
+            self._images.pop(job.owner, None)
+        if not self._held_by[job.owner]:
+            del self._held_by[job.owner]
+
+    def _reindex(self) -> None:
+        kept = [self._jobs[job_id] for job_id in self._held]
+        self._by_completion = [(j.completed_at or 0.0, self._order[j.id], j.id) for j in kept]
+        self._oldest, self._images = {}, {}
+        for job in kept:
+            self._oldest.setdefault(job.owner, []).append((self._order[job.id], job.id))
+            if job.image_bytes and not job.delivered_by_caller:
+                self._images.setdefault(job.owner, []).append((job.completed_at or 0.0, self._order[job.id], job.id))
+        for heap in [self._by_completion, *self._oldest.values(), *self._images.values()]:
+            heapq.heapify(heap)
+
+    def _front(self, heap: list[Any], key: Callable[[Job], bool]) -> Job | None:
+        """The job of the heap's first entry that is still kept and ``key``, dropping the entries before it."""
+        while heap:
+            job = self._jobs.get(heap[0][-1])
+            if job is not None and key(job):
+                return job
+            heapq.heappop(heap)
+        return None
+
     def _prune(self) -> None:
+        """Drop the expired and the finished jobs past the caps, release images past the image caps. Only the
+        jobs that go or release are visited (the kept ones are counted as they change: ``_changed``)."""
         now = time.time()
-        finished = [j for j in self._jobs.values() if j.status.finished]
-        expired = {j.id for j in finished if j.completed_at is not None and now - j.completed_at > self.ttl_s}
-        kept: dict[str | None, deque[Job]] = {}  # each owner's finished jobs, oldest first
-        for job in finished:
-            if job.id not in expired:
-                kept.setdefault(job.owner, deque()).append(job)
-        for jobs in kept.values():
-            while self.key_max_finished is not None and len(jobs) > self.key_max_finished:
-                expired.add(jobs.popleft().id)
-        overflow = sum(len(jobs) for jobs in kept.values()) - self.max_finished
-        for _ in range(max(0, overflow)):  # past the global cap: the owner keeping the most gives one up
-            expired.add(max(kept.values(), key=len).popleft().id)
-        for job_id in expired:
-            del self._jobs[job_id]
-        held: Counter[str | None] = Counter()
-        for job in self._jobs.values():
-            if job.image_bytes:
-                held[job.owner] += job.image_bytes
+        entries = len(self._by_completion) + sum(map(len, self._oldest.values())) + sum(map(len, self._images.values()))
+        if entries > 6 * len(self._held) + 64:  # mostly entries of jobs gone (3 at most per kept job): rebuilt
+            self._reindex()
+        # past the TTL, in finishing order (a job's completed_at is its finish time)
+        while (job := self._front(self._by_completion, lambda j: True)) is not None:
+            if job.completed_at is not None and now - job.completed_at > self.ttl_s:
+                heapq.heappop(self._by_completion)
+                self._drop(job)
+            else:
+                break
+        finished = lambda j: j.status.finished  # noqa: E731
+        if self.key_max_finished is not None:
+            for owner in [o for o, n in self._kept.items() if n > self.key_max_finished]:
+                while self._kept.get(owner, 0) > self.key_max_finished:
+                    self._drop(self._front(self._oldest[owner], finished))  # type: ignore[arg-type]
+        if self._kept.total() > self.max_finished:  # past the global cap: the owner keeping the most gives one up
+            # (ties: the owner whose oldest kept job is the oldest, as these owners stood before the loop)
+            rank = {o: self._front(self._oldest[o], finished) and self._oldest[o][0][0] for o in self._kept}
+            while self._kept.total() > self.max_finished:
+                owner = max(self._kept, key=lambda o: (self._kept[o], -rank[o]))
+                self._drop(self._front(self._oldest[owner], finished))  # type: ignore[arg-type]
+        held = self._held_by
         if not ((self.key_max_image_bytes is not None and any(b > self.key_max_image_bytes for b in held.values()))
                 or (self.max_image_bytes is not None and held.total() > self.max_image_bytes)):
-            return  # within the image caps (the usual case, at every request): no oldest-first order needed
-        holding: dict[str | None, deque[Job]] = {}  # each owner's releasable images, oldest first
-        for job in sorted(self._jobs.values(), key=lambda j: j.completed_at or 0.0):
-            if job.image_bytes and not job.delivered_by_caller:
-                holding.setdefault(job.owner, deque()).append(job)
+            return  # within the image caps (the usual case, at every request)
+        releasable = lambda j: j.image_bytes > 0 and not j.delivered_by_caller  # noqa: E731
+        holding = [o for o, heap in self._images.items() if self._front(heap, releasable) is not None]
+        # each owner's releasable images go oldest finished first; ties between owners: the one whose oldest
+        # releasable images are the oldest
+        rank = {o: self._images[o][0][:2] for o in holding}
 
         def release(owner: str | None) -> None:
-            job = holding[owner].popleft()
-            held[owner] -= job.image_bytes
-            job.release_images()
-            if not holding[owner]:
-                del holding[owner]
+            self._front(self._images[owner], releasable).release_images()  # type: ignore[union-attr]
+            heapq.heappop(self._images[owner])  # (its hook has taken its bytes off ``held``)
+            if self._front(self._images[owner], releasable) is None:
+                holding.remove(owner)
 
         if self.key_max_image_bytes is not None:
             for owner in list(holding):
                 while owner in holding and held[owner] > self.key_max_image_bytes:
                     release(owner)
         while self.max_image_bytes is not None and holding and held.total() > self.max_image_bytes:
-            release(max(holding, key=lambda owner: held[owner]))  # the owner holding the most gives some up
+            release(max(holding, key=lambda o: (held[o], tuple(-x for x in rank[o]))))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import logging
+import weakref
 from collections.abc import Iterator, Sequence
 from typing import Any, Literal
 
@@ -82,20 +83,70 @@ def batch_invariant_processors(processors: dict[str, Any]) -> dict[str, Any] | N
     return replaced if changed else None
 
 
+class _Swap:
+    """One model's batch-invariant swap, worked out once: its attention layers (found by one walk of its module
+    tree, which does not change after loading), their processors when the swap was worked out, and the
+    processors the mode runs instead (None: nothing to change, the usual case of a model loaded with SDPA)."""
+
+    __slots__ = ("layers", "originals", "replacements")
+
+    def __init__(self, model: Any) -> None:
+        named = _attention_layers(model)
+        self.layers = tuple(layer for _, layer in named)
+        self.originals = tuple(layer.processor for layer in self.layers)
+        replaced = batch_invariant_processors({name: layer.processor for name, layer in named})
+        self.replacements = None if replaced is None else tuple(replaced.values())
+
+    def current(self) -> bool:
+        """Whether the layers still run the processors the swap was worked out for (one identity check each)."""
+        return all(layer.processor is original for layer, original in zip(self.layers, self.originals, strict=True))
+
+
+# model -> its swap; a model whose processors changed since (configure_attention again) gets a new one
+_SWAPS: weakref.WeakKeyDictionary[Any, _Swap] = weakref.WeakKeyDictionary()
+
+
+def _attention_layers(model: Any) -> list[tuple[str, Any]]:
+    """The model's attention layers by processor name, in the order of diffusers' ``attn_processors``."""
+    layers: list[tuple[str, Any]] = []
+
+    def visit(name: str, module: Any) -> None:
+        if hasattr(module, "get_processor"):
+            layers.append((f"{name}.processor", module))
+        for child_name, child in module.named_children():
+            visit(f"{name}.{child_name}", child)
+
+    if hasattr(model, "set_attn_processor"):
+        for name, child in model.named_children():
+            visit(name, child)
+    return layers
+
+
+def _swap(model: Any) -> _Swap:
+    swap = _SWAPS.get(model)
+    if swap is None or not swap.current():
+        swap = _SWAPS[model] = _Swap(model)
+    return swap
+
+
 @contextlib.contextmanager
 def batch_invariant_attention(models: Sequence[Any]) -> Iterator[AttentionBackend]:
     """Within this context, ``models`` attend through processors the batch-invariant mode can prove (SDPA
     under its wrappers, even on CUDA with xformers installed); their own processors come back after. Yields the
-    backend that runs ("sdpa"). Only the thread that owns the models may use them meanwhile (the worker does)."""
-    swapped: list[tuple[Any, dict[str, Any]]] = []
+    backend that runs ("sdpa"). Only the thread that owns the models may use them meanwhile (the worker does).
+
+    What to swap is worked out once per model (a walk of its module tree cost ~1 ms per call on the `shapes`
+    model) and reused while its layers keep the processors it was worked out for."""
+    swapped: list[_Swap] = []
     try:
         for model in models:
-            original = getattr(model, "attn_processors", None) if hasattr(model, "set_attn_processor") else None
-            replaced = batch_invariant_processors(original) if original else None
-            if replaced is not None:
-                model.set_attn_processor(replaced)
-                swapped.append((model, original))
+            swap = _swap(model)
+            if swap.replacements is not None:
+                swapped.append(swap)
+                for layer, processor in zip(swap.layers, swap.replacements, strict=True):
+                    layer.set_processor(processor)
         yield "sdpa"
     finally:
-        for model, original in reversed(swapped):
-            model.set_attn_processor(original)
+        for swap in reversed(swapped):
+            for layer, original in zip(swap.layers, swap.originals, strict=True):
+                layer.set_processor(original)

@@ -18,7 +18,7 @@ from diffusers.models.attention_processor import (
     XFormersAttnProcessor,
 )
 
-from accel_diffusion.engine import generate
+from accel_diffusion.engine import attention, generate
 from accel_diffusion.engine.attention import batch_invariant_processors, configure_attention, select_backend
 from accel_diffusion.models.loading import LoadedPipeline, load_pipeline
 from accel_diffusion.strategy import GenerationRequest
@@ -115,3 +115,29 @@ def test_the_processors_come_back_when_a_batch_invariant_generation_fails(xforme
     finally:
         handle.remove()
     assert processor_types(xformers_model) == {XFormersAttnProcessor}
+
+
+def test_the_swap_is_worked_out_once_per_model_and_again_when_its_processors_change(
+        xformers_model: LoadedPipeline, monkeypatch: pytest.MonkeyPatch) -> None:
+    """(That the swapped model's images are bit-identical alone and in a batch, call after call, is the test
+    above: its generations after the first reuse the first one's swap.)"""
+    walks: list[object] = []
+    walk = attention._attention_layers
+    monkeypatch.setattr(attention, "_attention_layers", lambda model: walks.append(model) or walk(model))
+    unet, vae = xformers_model.pipeline.unet, xformers_model.pipeline.vae
+    own = {name: p for m in (unet, vae) for name, p in m.attn_processors.items()}
+    for _ in range(3):
+        with attention.batch_invariant_attention([unet, vae]) as backend:
+            assert backend == "sdpa" and processor_types(xformers_model) == {AttnProcessor2_0}
+        assert {name: p for m in (unet, vae) for name, p in m.attn_processors.items()} == own  # the very objects
+    assert walks == [unet, vae]  # the first call's walks, reused by the next two
+    unet.set_attn_processor(AttnProcessor())  # new processors (configure_attention again): a new swap for the UNet
+    for _ in range(2):
+        with attention.batch_invariant_attention([unet, vae]):
+            assert processor_types(xformers_model) == {AttnProcessor, AttnProcessor2_0}  # math is provable: stays
+    assert walks == [unet, vae, unet]
+    assert {type(p) for p in unet.attn_processors.values()} == {AttnProcessor}
+    assert {type(p) for p in vae.attn_processors.values()} == {XFormersAttnProcessor}
+    with pytest.raises(RuntimeError, match="a kernel blew up"), attention.batch_invariant_attention([vae]):
+        raise RuntimeError("a kernel blew up")
+    assert {type(p) for p in vae.attn_processors.values()} == {XFormersAttnProcessor}
