@@ -87,16 +87,18 @@ def test_bench_pareto_sweeps_the_ar_model_and_auto_runs_the_chosen_point(folder:
         return fields["strategy"]["schedule"]["name"], fields["steps"], fields["ar_iterations"]
 
     settled = [label(p.key()) for p in profile.points] + [label(s["key"]) for s in profile.skipped]
-    # the anchor (the model's default: constant 50 at its 8 AR iterations), constant 5 and DiSA 20/50 -> 5 at 2;
-    # measured, or pruned as dominated (2 images: a fast point at accuracy 1.0 prunes every slower one)
-    assert sorted(settled) == sorted([("spacing", 50, 8), ("spacing", 5, 2), ("disa", 20, 2), ("disa", 50, 2)])
+    # the anchor (the model's default: constant 50 at its default AR iterations), constant 5 and DiSA 20/50 -> 5
+    # at 2; measured, or pruned as dominated (2 images: a fast point at accuracy 1.0 prunes every slower one)
+    default_k = int(ModelRegistry.default().get("shapes_mar").pipeline.config["default_ar_iterations"])
+    assert sorted(settled) == sorted([("spacing", 50, default_k), ("spacing", 5, 2), ("disa", 20, 2),
+                                      ("disa", 50, 2)])
     assert all(s["reason"].startswith("dominated") for s in profile.skipped)
     for point in profile.points:  # NFE = head evaluations (2 CFG branches) + transformer passes (2 per iteration)
         schedule = point.strategy["schedule"]
         plan = (StepAnnealer(schedule["upper"], schedule["lower"], schedule["kind"]).plan(point.ar_iterations)
                 if schedule["name"] == "disa" else [point.steps] * point.ar_iterations)
         assert point.nfe == 2 * sum(plan) + 2 * point.ar_iterations
-    anchor = next(p for p in profile.points if label(p.key()) == ("spacing", 50, 8))
+    anchor = next(p for p in profile.points if label(p.key()) == ("spacing", 50, default_k))
     assert anchor.metrics["paired_distance"] == 0.0  # the reference itself
 
     profile.save(folder / profile.file_name)  # served from the configured folder under its own name
