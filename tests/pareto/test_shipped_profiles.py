@@ -25,6 +25,18 @@ def test_the_shapes_profile_is_shipped() -> None:
     assert SHAPES_CPU in SHIPPED
 
 
+def test_the_ar_model_profile_is_shipped_with_its_ar_iterations() -> None:
+    profile = ParetoProfile.load(BUILTIN_PROFILES_DIR / "shapes_mar@cpu-x86-64-2t.json")
+    assert {p.model for p in profile.points} == {"shapes_mar"}
+    assert all(p.ar_iterations is not None for p in profile.points)
+    registry = ModelRegistry.default()
+    steps = registry.spec("shapes_mar").default_steps
+    iterations = registry.get("shapes_mar").pipeline.config["default_ar_iterations"]
+    anchor = [p for p in profile.points if p.steps == steps and p.ar_iterations == iterations
+              and p.strategy["schedule"]["name"] == "spacing"]
+    assert len(anchor) == 1 and anchor[0].metrics["paired_distance"] == 0.0  # the model's default: the reference
+
+
 @pytest.mark.parametrize("path", SHIPPED, ids=[p.stem for p in SHIPPED])
 def test_a_shipped_profile_is_complete_and_its_front_is_its_points_front(path: Path) -> None:
     profile = ParetoProfile.load(path)
@@ -41,7 +53,7 @@ def test_every_front_point_of_a_shipped_profile_is_a_valid_request(path: Path) -
     registry = ModelRegistry.default()
     for point in profile.front_points():
         request = GenerationRequest.create(model=point.model, prompt="a red circle on a blue background",
-                                           steps=point.steps, strategy=point.strategy or None)
+                                           strategy=point.strategy or None, **point.request_fields())
         check_request(registry.spec(point.model), request)
 
 
