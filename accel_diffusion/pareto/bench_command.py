@@ -109,7 +109,6 @@ def _pareto(ctx: click.Context, model: str, out: Path, budget_minutes: float | N
     from accel_diffusion.pareto.profile import ParetoProfile, ProfileError
     from accel_diffusion.pareto.sweep import (
         DEFAULT_STEPS,
-        Candidate,
         ShapesMeter,
         anchor_candidates,
         candidates_for,
@@ -117,7 +116,6 @@ def _pareto(ctx: click.Context, model: str, out: Path, budget_minutes: float | N
         mar_candidates,
         near_front,
         new_profile,
-        normalized,
         open_profile,
         reusable_quality,
         searched_candidates,
@@ -165,9 +163,10 @@ def _pareto(ctx: click.Context, model: str, out: Path, budget_minutes: float | N
             raise InvalidRequestError("quality_from", str(exc)) from None
         meter.reuse, profile.quality_reused_from = reusable_quality(donor, profile, exclude=remeasure)
     default_strategy = spec.default_strategy.model_dump(exclude_none=True)
+    default_ar_iterations = None
     if autoregressive:  # AR iterations x head steps (constant, DiSA); the anchor: the model's own default
-        anchors = [Candidate(model, normalized(default_strategy), spec.default_steps, anchor=True,
-                             ar_iterations=int(loaded.pipeline.config["default_ar_iterations"]))]
+        default_ar_iterations = int(loaded.pipeline.config["default_ar_iterations"])
+        anchors = [c for _, c in anchor_candidates(model, default_strategy, spec.default_steps, default_ar_iterations)]
         sweep_steps = {}
         if steps_list is not None:
             sweep_steps["constant_steps"] = _int_list(steps_list, "steps")
@@ -193,5 +192,6 @@ def _pareto(ctx: click.Context, model: str, out: Path, budget_minutes: float | N
     click.echo(f"{len(profile.points)} points, {len(profile.front)} on the front, {len(profile.skipped)} pruned; "
                f"{'complete' if profile.complete else 'incomplete (rerun to continue)'}; wrote {out}", err=True)
     if plot_file:
-        plot_profile(profile, plot_file, default_strategy, spec.default_steps)
+        plot_profile(profile, plot_file, default_strategy, spec.default_steps,
+                     default_ar_iterations=default_ar_iterations)
         click.echo(f"wrote {plot_file}", err=True)

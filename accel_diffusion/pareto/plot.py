@@ -21,7 +21,8 @@ def _label(point: ParetoPoint, model: str) -> str:
 
 
 def plot_profile(profile: ParetoProfile, out: str | Path, default_strategy: dict[str, Any] | None = None,
-                 default_steps: int | None = None, log_quality: bool = False) -> Path:
+                 default_steps: int | None = None, log_quality: bool = False,
+                 default_ar_iterations: int | None = None) -> Path:
     """Write a PNG: latency (log x) vs quality; the front as a step line; anchors and the model's default ringed."""
     import matplotlib
 
@@ -40,7 +41,7 @@ def plot_profile(profile: ParetoProfile, out: str | Path, default_strategy: dict
         ax.annotate(_label(p, profile.model), (p.latency_ms, p.quality), fontsize=6, xytext=(3, -9),
                     textcoords="offset points")
     markers = iter(["s", "D", "^", "v"])
-    for label, anchor in anchor_candidates(profile.model, default_strategy, default_steps):
+    for label, anchor in anchor_candidates(profile.model, default_strategy, default_steps, default_ar_iterations):
         hits = [p for p in profile.points if p.key() == anchor.key()]
         if hits:
             ax.scatter([hits[0].latency_ms], [hits[0].quality], s=80, facecolors="none", edgecolors="#00798c",

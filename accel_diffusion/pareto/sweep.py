@@ -126,12 +126,19 @@ def normalized(strategy: dict[str, Any]) -> dict[str, Any]:
 
 
 def anchor_candidates(model: str, default_strategy: dict[str, Any] | None = None,
-                      default_steps: int | None = None) -> list[tuple[str, Candidate]]:
-    """The plot's reference settings as candidates: diffusers' defaults and the model's own default."""
-    anchors = list(ANCHORS)
+                      default_steps: int | None = None,
+                      default_ar_iterations: int | None = None) -> list[tuple[str, Candidate]]:
+    """The plot's reference settings as candidates: diffusers' defaults and the model's own default. An
+    autoregressive model (``default_ar_iterations``: its default AR iterations) has only its own default: diffusers'
+    samplers at their step counts are not settings of its head."""
+    anchors = list(ANCHORS) if default_ar_iterations is None else []
     if default_strategy is not None and default_steps is not None:
-        anchors.append((f"{model}'s default ({default_steps} steps)", default_strategy, default_steps))
-    return [(label, Candidate(model, normalized(strategy), steps, anchor=True)) for label, strategy, steps in anchors]
+        label = f"{model}'s default ({default_steps} steps" + (
+            f", {default_ar_iterations} AR iterations)" if default_ar_iterations is not None else ")")
+        anchors.append((label, default_strategy, default_steps))
+    return [(label, Candidate(model, normalized(strategy), steps, anchor=True,
+                              ar_iterations=default_ar_iterations if label.startswith(f"{model}'s") else None))
+            for label, strategy, steps in anchors]
 
 
 # An autoregressive model (shapes_mar): the AR iterations x the diffusion head's steps, constant or DiSA-annealed

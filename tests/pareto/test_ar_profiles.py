@@ -18,7 +18,7 @@ from accel_diffusion.models.registry import ModelRegistry
 from accel_diffusion.pareto import profile as profile_module
 from accel_diffusion.pareto.auto import choose_point, front_summary
 from accel_diffusion.pareto.profile import ParetoPoint, ParetoProfile, use_profiles_dir
-from accel_diffusion.pareto.sweep import mar_candidates
+from accel_diffusion.pareto.sweep import anchor_candidates, mar_candidates
 from accel_diffusion.schedules.disa import StepAnnealer
 from accel_diffusion.strategy import GenerationRequest
 
@@ -53,6 +53,13 @@ def test_mar_candidates_cover_ar_iterations_by_constant_and_annealed_heads() -> 
             assert request.steps is None  # DiSA decides the head's steps; a request with steps is refused
         else:
             assert request.steps == c.steps
+
+
+def test_an_ar_model_has_its_own_default_as_its_only_anchor() -> None:
+    anchors = anchor_candidates("shapes_mar", mar_default(), 50, 16)
+    assert [(c.steps, c.ar_iterations, c.anchor) for _, c in anchors] == [(50, 16, True)]
+    assert "16 AR iterations" in anchors[0][0]
+    assert len(anchor_candidates("shapes", {"sampler": {"name": "ddim"}}, 25)) == 3  # diffusers' two and its own
 
 
 def test_points_without_ar_iterations_keep_their_keys_and_with_them_round_trip(tmp_path: Path) -> None:
