@@ -136,8 +136,8 @@ def anchor_candidates(model: str, default_strategy: dict[str, Any] | None = None
         label = f"{model}'s default ({default_steps} steps" + (
             f", {default_ar_iterations} AR iterations)" if default_ar_iterations is not None else ")")
         anchors.append((label, default_strategy, default_steps))
-    return [(label, Candidate(model, normalized(strategy), steps, anchor=True,
-                              ar_iterations=default_ar_iterations if label.startswith(f"{model}'s") else None))
+    # diffusers' anchors are there only without AR iterations, so every anchor takes the model's (None or its default)
+    return [(label, Candidate(model, normalized(strategy), steps, anchor=True, ar_iterations=default_ar_iterations))
             for label, strategy, steps in anchors]
 
 
