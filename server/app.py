@@ -126,8 +126,8 @@ class ServerState:
         model's defaults filled in (steps, size) is within the limits (a 400 now, not a failed job)."""
         if request.model not in self.settings.served_models:
             raise UnknownModelError("model", f"{request.model!r} is not served here", self.settings.served_models)
-        check_request(self.registry.spec(request.model), request)
-        check_limits(self.registry.get(request.model), request, self.limits)  # served models are loaded
+        prepared = check_request(self.registry.spec(request.model), request)  # the strategy prepared once
+        check_limits(self.registry.get(request.model), request, self.limits, prepared)  # served models are loaded
 
     def resolve_auto(self, request: GenerationRequest) -> GenerationRequest:
         """``"strategy": "auto"`` resolved on this server's device among its served models (a 400 when nothing

@@ -1,0 +1,68 @@
+"""The event loop's own work per request (benchmarks/server_hops.py): a job is checked with its strategy
+prepared once, and the merge of a request's strategy over the model's default validates nothing twice."""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+from typing import Any
+
+import pytest
+
+from accel_diffusion.ar import generate as ar_generate
+from accel_diffusion.engine import engine as engine_module
+from accel_diffusion.strategy import Strategy
+
+DEFAULT = Strategy.parse({"sampler": "dpmpp_2m", "schedule": {"name": "spacing", "spacing": "model"},
+                          "guidance": {"name": "cfg", "scale": 5.0}})
+
+
+@pytest.mark.parametrize("requested", [
+    None,
+    {"sampler": "ddim"},
+    {"guidance": {"name": "cfg", "scale": 2.0}, "schedule": "karras"},
+    {"sampler": {"name": "ddim", "eta": 0.5}, "schedule": "karras", "guidance": {"name": "apg", "scale": 4.0}},
+], ids=["empty", "sampler", "guidance_and_schedule", "all"])
+def test_resolved_over_equals_the_validated_merge(requested: dict[str, Any] | None) -> None:
+    strategy = Strategy.parse(requested)
+    merged = strategy.model_dump()
+    for kind in ("sampler", "schedule", "guidance", "student", "runtime"):
+        if merged[kind] is None:
+            merged[kind] = getattr(DEFAULT, kind)
+    validated = Strategy.model_validate(merged)  # what resolved_over returned before: every component validated
+    resolved = strategy.resolved_over(DEFAULT)
+    assert resolved == validated
+    assert resolved.model_dump() == validated.model_dump()
+    assert resolved.to_json() == validated.to_json()
+    assert resolved.model_dump(exclude_none=True) == validated.model_dump(exclude_none=True)
+
+
+def test_resolved_over_still_refuses_an_unresolved_auto() -> None:
+    with pytest.raises(Exception, match="'auto' has not been resolved"):
+        Strategy.parse("auto").resolved_over(DEFAULT)
+
+
+def test_a_server_prepares_an_accepted_job_strategy_once(client: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Off the device worker (the route's thread), one prepare_strategy and one AR-model file check per
+    request; the errors stay the same (a bad component: 400 naming it)."""
+    calls: Counter[str] = Counter()
+    prepare, is_ar = engine_module.prepare_strategy, engine_module.is_ar_spec
+
+    def counted(name: str, func: Any) -> Any:
+        def wrapped(*args: Any, **kwargs: Any) -> Any:
+            if threading.current_thread().name != "accel-diffusion-worker":
+                calls[name] += 1
+            return func(*args, **kwargs)
+        return wrapped
+
+    monkeypatch.setattr(engine_module, "prepare_strategy", counted("prepare", prepare))
+    monkeypatch.setattr(engine_module, "is_ar_spec", counted("is_ar", is_ar))
+    monkeypatch.setattr(ar_generate, "is_ar_spec", counted("is_ar", is_ar))
+    body = {"prompt": "a red circle", "steps": 2, "seed": 3, "size": "32x32"}
+    answers = [client.post("/v1/images/generations", json=body),
+               client.post("/v1/jobs", json={**body, "strategy": {"sampler": "ddim"}})]
+    assert [a.status_code for a in answers] == [200, 202]
+    assert calls == {"prepare": 2, "is_ar": 2}
+    refused = client.post("/v1/jobs", json={**body, "strategy": {"sampler": {"name": "ddim", "eta": -1}}})
+    assert refused.status_code == 400
+    assert refused.json()["error"]["param"] == "strategy.sampler.eta"
