@@ -66,3 +66,45 @@ def test_a_server_prepares_an_accepted_job_strategy_once(client: Any, monkeypatc
     refused = client.post("/v1/jobs", json={**body, "strategy": {"sampler": {"name": "ddim", "eta": -1}}})
     assert refused.status_code == 400
     assert refused.json()["error"]["param"] == "strategy.sampler.eta"
+
+
+def test_the_job_store_counts_queued_jobs_as_a_scan_would() -> None:
+    """``count(owner, QUEUED)`` (the key_max_queued_jobs check of every request) is kept as jobs are added,
+    start, finish and go, and agrees with a scan of the kept jobs at every step."""
+    from accel_diffusion.server.jobs import Job, JobStatus, JobStore
+
+    from accel_diffusion.strategy import GenerationRequest
+
+    store = JobStore(ttl_s=3600, max_finished=3)
+    request = GenerationRequest.create(model="shapes", prompt="x", seed=0)
+
+    def scan(owner: str | None) -> int:
+        return sum(1 for j in store.all() if j.owner == owner and j.status is JobStatus.QUEUED)
+
+    def agree() -> list[int]:
+        counts = [store.count(owner, JobStatus.QUEUED) for owner in (None, "a", "b")]
+        assert counts == [scan(owner) for owner in (None, "a", "b")]
+        return counts
+
+    jobs = [Job(request=request, owner=owner) for owner in ("a", "a", "b", None, "a", "b")]
+    early = Job(request=request, owner="b")
+    early.start()  # the worker may start a job before the route adds it to the store
+    store.add(early)
+    for job in jobs:
+        store.add(job)
+    assert agree() == [1, 3, 2]
+    jobs[0].start()
+    assert agree() == [1, 2, 2]
+    jobs[1].finish(JobStatus.CANCELLED)  # cancelled while queued
+    jobs[0].finish(JobStatus.SUCCEEDED, result={"images": []})
+    assert agree() == [1, 1, 2]
+    for job in jobs[2:]:
+        job.start()
+        job.finish(JobStatus.FAILED, error={"type": "internal_error"})
+    early.finish(JobStatus.SUCCEEDED, result={"images": []})
+    assert agree() == [0, 0, 0]
+    assert len(store.all()) == 3  # the finished past max_finished went
+    store.add(late := Job(request=request, owner="a"))
+    assert agree() == [0, 1, 0]
+    late.finish(JobStatus.CANCELLED)
+    assert agree() == [0, 0, 0]
