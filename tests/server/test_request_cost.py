@@ -108,3 +108,22 @@ def test_the_job_store_counts_queued_jobs_as_a_scan_would() -> None:
     assert agree() == [0, 1, 0]
     late.finish(JobStatus.CANCELLED)
     assert agree() == [0, 0, 0]
+
+
+def test_the_server_runs_on_uvloop_and_httptools() -> None:
+    """``accel-diffusion serve`` (and the images, whose command it is) runs uvicorn on uvloop with the httptools
+    parser: the server extra installs both (uvicorn[standard]), and uvicorn's "auto" picks them."""
+    import uvloop
+    from accel_diffusion.server.process import uvicorn_config
+    from accel_diffusion.server.settings import ServerSettings
+    from fastapi import FastAPI
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+    config = uvicorn_config(FastAPI(), ServerSettings())
+    config.load()
+    assert issubclass(config.http_protocol_class, HttpToolsProtocol)
+    loop = config.get_loop_factory()()
+    try:
+        assert isinstance(loop, uvloop.Loop)
+    finally:
+        loop.close()
