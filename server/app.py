@@ -559,7 +559,8 @@ def _api_routes() -> APIRouter:
         return {"object": "list", "data": [a.summary() for a in await asyncio.to_thread(list_artifacts)]}
 
     @router.post("/v1/images/generations", tags=["images"], response_model=ImagesResponse)
-    async def images_generations(body: ImageGenerationRequest, request: Request, state: State) -> Any:
+    async def images_generations(body: ImageGenerationRequest, request: Request) -> Any:
+        state: ServerState = request.app.state.server  # not a dependency: one less for FastAPI to solve per request
         generation = body.to_generation_request(state.default_model, state.limits)
         return await _run_images(generation, body.output_options(), request, state)
 
