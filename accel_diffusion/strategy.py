@@ -81,11 +81,11 @@ class Strategy(BaseModel):
         """This strategy with every unset sampler/schedule/guidance taken from ``default``."""
         if self.is_auto:  # the engine and the server resolve it first (accel_diffusion.pareto.auto)
             raise InvalidRequestError("strategy", "'auto' has not been resolved against the model's Pareto profile")
-        data = self.model_dump()
-        for kind in ("sampler", "schedule", "guidance", "student", "runtime"):
-            if data[kind] is None:
-                data[kind] = getattr(default, kind)
-        return Strategy.model_validate(data)
+        missing = {kind: value for kind in ("sampler", "schedule", "guidance", "student", "runtime")
+                   if getattr(self, kind) is None and (value := getattr(default, kind)) is not None}
+        # both are validated strategies (their components normalized, their texts checked): the merge is one
+        # too, without validating every component again (the server does this once per request it accepts)
+        return self.model_copy(update=missing) if missing else self
 
     def to_json(self) -> str:
         return json.dumps(self.model_dump(exclude_none=True), sort_keys=True)

@@ -126,8 +126,8 @@ class ServerState:
         model's defaults filled in (steps, size) is within the limits (a 400 now, not a failed job)."""
         if request.model not in self.settings.served_models:
             raise UnknownModelError("model", f"{request.model!r} is not served here", self.settings.served_models)
-        check_request(self.registry.spec(request.model), request)
-        check_limits(self.registry.get(request.model), request, self.limits)  # served models are loaded
+        prepared = check_request(self.registry.spec(request.model), request)  # the strategy prepared once
+        check_limits(self.registry.get(request.model), request, self.limits, prepared)  # served models are loaded
 
     def resolve_auto(self, request: GenerationRequest) -> GenerationRequest:
         """``"strategy": "auto"`` resolved on this server's device among its served models (a 400 when nothing
@@ -559,7 +559,8 @@ def _api_routes() -> APIRouter:
         return {"object": "list", "data": [a.summary() for a in await asyncio.to_thread(list_artifacts)]}
 
     @router.post("/v1/images/generations", tags=["images"], response_model=ImagesResponse)
-    async def images_generations(body: ImageGenerationRequest, request: Request, state: State) -> Any:
+    async def images_generations(body: ImageGenerationRequest, request: Request) -> Any:
+        state: ServerState = request.app.state.server  # not a dependency: one less for FastAPI to solve per request
         generation = body.to_generation_request(state.default_model, state.limits)
         return await _run_images(generation, body.output_options(), request, state)
 

@@ -165,6 +165,8 @@ class Job:
                 return
             self.status = JobStatus.RUNNING
             self.started_at = time.time()
+        if self._store_hook is not None:  # no longer queued
+            self._store_hook(self)
         self.emit("job.started")
 
     def progress(self, step: int, total: int) -> None:
@@ -311,6 +313,7 @@ class JobStore:
         self._images: dict[str | None, list[tuple[float, int, str]]] = {}  # releasable images, oldest first
         self._listeners: Counter[str] = Counter()  # by job id
         self._owner_listeners: Counter[str | None] = Counter()
+        self._queued: dict[str | None, set[str]] = {}  # owner -> its kept jobs still queued (``count``)
 
     def add(self, job: Job) -> None:
         job._store_hook = self._changed
@@ -319,6 +322,8 @@ class JobStore:
             self._jobs[job.id] = job
             self._order[job.id] = self._added
             self._added += 1
+            if job.status is JobStatus.QUEUED:
+                self._queued.setdefault(job.owner, set()).add(job.id)
             if job.status.finished:
                 self._changed(job)
 
@@ -333,8 +338,11 @@ class JobStore:
             return list(self._jobs.values())
 
     def count(self, owner: str | None, status: JobStatus) -> int:
-        """How many of ``owner``'s jobs have ``status``."""
+        """How many of ``owner``'s jobs have ``status`` (queued: kept as jobs are added and start or finish,
+        not a scan of every kept job at every request)."""
         with self._lock:
+            if status is JobStatus.QUEUED:
+                return len(self._queued.get(owner, ()))
             return sum(1 for j in self._jobs.values() if j.owner == owner and j.status is status)
 
     def open_listener(self, job: Job, owner: str | None) -> Callable[[], None]:
@@ -367,8 +375,13 @@ class JobStore:
         return release
 
     def _changed(self, job: Job) -> None:
-        """A kept job finished or released images: count it (once finished) with the bytes it holds now."""
+        """A kept job started, finished or released images: count it (once finished) with the bytes it holds now."""
         with self._lock:
+            queued = self._queued.get(job.owner)
+            if queued is not None and job.status is not JobStatus.QUEUED:
+                queued.discard(job.id)
+                if not queued:
+                    del self._queued[job.owner]
             if job.id not in self._jobs or not job.status.finished:
                 return
             order, owner = self._order[job.id], job.owner

@@ -13,6 +13,7 @@ transformer's evaluations and seconds.
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -35,7 +36,7 @@ AR_SCHEDULES = ["disa", "spacing"]
 
 def is_ar_location(location: str) -> bool:
     """Whether a model directory holds an AR model (``mar_config.json``)."""
-    return (Path(location) / "mar_config.json").is_file()
+    return os.path.isfile(os.path.join(location, "mar_config.json"))  # (os.path: checked at every request)
 
 
 def is_ar_spec(spec: ModelSpec) -> bool:

@@ -85,9 +85,11 @@ class PreparedStrategy:
     student: Any = None  # a ``student`` component (students/component.py) when the strategy names one
 
 
-def prepare_strategy(spec: ModelSpec, requested: Strategy, steps: int | None = None) -> PreparedStrategy:
+def prepare_strategy(spec: ModelSpec, requested: Strategy, steps: int | None = None, *,
+                     ar: bool | None = None) -> PreparedStrategy:
     """Resolve ``requested`` over the model's default and build fresh components for one generation;
-    the schedule refuses a model, strategy or requested ``steps`` it was not made for."""
+    the schedule refuses a model, strategy or requested ``steps`` it was not made for. ``ar``: whether
+    ``spec`` is an AR model, when the caller has looked already (None: looked up here, a file check)."""
     strategy = requested.resolved_over(spec.default_strategy)
     registry = get_registry()
     runtime = None
@@ -102,7 +104,7 @@ def prepare_strategy(spec: ModelSpec, requested: Strategy, steps: int | None = N
         runtime=runtime,
         student=registry.build("student", strategy.student) if strategy.student is not None else None,
     )
-    if not is_ar_spec(spec):  # an AR model's head checks its own schedule (ar/generate.py)
+    if not (is_ar_spec(spec) if ar is None else ar):  # an AR model's head checks its own schedule (ar/generate.py)
         prepared.schedule.check_request(spec.id, strategy, steps)
         prepared.schedule.check_model(spec)
     return prepared
@@ -114,28 +116,34 @@ def check_student(prepared: PreparedStrategy, spec: ModelSpec, request: Generati
         prepared.student.check(prepared.strategy, request.steps or spec.default_steps, request.steps is not None)
 
 
-def check_request(spec: ModelSpec, request: GenerationRequest) -> None:
+def check_request(spec: ModelSpec, request: GenerationRequest) -> PreparedStrategy:
     """Refuse, before any work (a server calls this when it accepts a job), a request whose strategy
     cannot run on this model spec: its components are built (every parameter validated) and the
-    guidance checked against the mode (txt2img or img2img)."""
-    prepared = prepare_strategy(spec, request.strategy, request.steps)
-    if is_ar_spec(spec):
+    guidance checked against the mode (txt2img or img2img). Returns the prepared strategy, which
+    ``check_limits`` takes: a server accepting a job prepares it once."""
+    ar = is_ar_spec(spec)
+    prepared = prepare_strategy(spec, request.strategy, request.steps, ar=ar)
+    if ar:
         check_ar_request(spec, request, prepared)
-        return
+        return prepared
     check_not_ar(spec, request)
     prepared.guidance.check_mode(request.init_image is not None)
     check_student(prepared, spec, request)
+    return prepared
 
 
-def check_limits(model: LoadedPipeline, request: GenerationRequest, limits: RequestLimits) -> None:
+def check_limits(model: LoadedPipeline, request: GenerationRequest, limits: RequestLimits,
+                 prepared: PreparedStrategy | None = None) -> None:
     """Refuse a request whose *resolved* values pass ``limits``: the steps and size the engine will use,
     the model's defaults filled in for what the request left out (and the steps an explicit
     ``timesteps`` schedule decides). The edge checked only what the request gave; a server calls this
-    when it accepts a job, the Engine before it generates."""
+    when it accepts a job (with ``prepared``, what ``check_request`` returned for it), the Engine before it
+    generates."""
     if model.family not in ("sd", "sdxl"):
         return  # not a text-to-image pipeline: the engine refuses it
     steps = request.steps or model.spec.default_steps
-    scheduled = prepare_strategy(model.spec, request.strategy, request.steps).schedule.num_steps(steps)
+    prepared = prepared or prepare_strategy(model.spec, request.strategy, request.steps)
+    scheduled = prepared.schedule.num_steps(steps)
     if scheduled > limits.max_steps and scheduled != steps:  # an explicit timesteps list decides
         raise InvalidRequestError("strategy.schedule", f"runs {scheduled} steps; at most {limits.max_steps} allowed")
     if scheduled > limits.max_steps:
