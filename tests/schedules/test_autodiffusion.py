@@ -10,6 +10,7 @@ from itertools import pairwise
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from search_fitnesses import distance_to
 
 from accel_diffusion.schedules.autodiffusion import (
     EvolutionarySearch,
@@ -101,16 +102,6 @@ def test_space_checks_and_uniform() -> None:
             space.check(bad)
     with pytest.raises(ValueError, match="must exceed num_steps"):
         SearchSpace(4, 4)
-
-
-def distance_to(target: tuple[int, ...]):
-    calls: list[tuple[int, ...]] = []
-
-    def fitness(candidate: tuple[int, ...]) -> float:
-        calls.append(candidate)
-        return float(sum(abs(a - b) for a, b in zip(candidate, target, strict=True)))
-
-    return fitness, calls
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2, 3])
