@@ -13,7 +13,7 @@ import pytest
 from click.testing import CliRunner
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from search_fitnesses import distance_to
+from search_fitnesses import Interrupt, distance_to, interrupted_at
 
 from accel_diffusion.cli import main
 from accel_diffusion.engine import Engine
@@ -105,28 +105,19 @@ def test_a_seeded_search_resumes_to_the_uninterrupted_result_and_other_seeds_are
     space, target = SearchSpace(4, 1000), (900, 600, 300, 100)
     fitness, full_calls = distance_to(target)
     full = EvolutionarySearch(space, fitness, SMALL, seeds=[BEST_KNOWN]).run()
-
-    class Interrupt(Exception):
-        pass
-
     state, calls = tmp_path / "search.json", []
 
-    def interrupted_at(limit: int):
-        def fitness(candidate: tuple[int, ...]) -> float:
-            if len(calls) == limit:
-                raise Interrupt
-            calls.append(candidate)
-            return float(sum(abs(a - b) for a, b in zip(candidate, target, strict=True)))
-        return fitness
+    def search(seeds: list[tuple[int, ...]], limit: int = 10**9) -> EvolutionarySearch:
+        return EvolutionarySearch(space, interrupted_at(target, calls, limit), SMALL, seeds=seeds, state_path=state)
 
     for limit in (1, 2, 20):  # before the seed, right after it, in generation 1
         with pytest.raises(Interrupt):
-            EvolutionarySearch(space, interrupted_at(limit), SMALL, seeds=[BEST_KNOWN], state_path=state).run()
+            search([BEST_KNOWN], limit).run()
     assert json.loads(state.read_text())["identity"]["seeds"] == [list(BEST_KNOWN)]
     for other in ([], [(950, 700, 400, 90)], [BEST_KNOWN, (950, 700, 400, 90)]):
         with pytest.raises(ValueError, match="belongs to another search"):
-            EvolutionarySearch(space, interrupted_at(10**9), SMALL, seeds=other, state_path=state).run()
-    resumed = EvolutionarySearch(space, interrupted_at(10**9), SMALL, seeds=[BEST_KNOWN], state_path=state).run()
+            search(other).run()
+    resumed = search([BEST_KNOWN]).run()
     assert calls == full_calls and resumed.ranked == full.ranked and resumed.finished
 
 
