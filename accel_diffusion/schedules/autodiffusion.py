@@ -7,8 +7,8 @@ never calls the model itself.
 
 Generation 0 is the uniform sequence (candidate 0), the caller's seeded sequences (known good ones, e.g. an
 earlier search's best), the caller's hand-made grids, then mutations of the uniform sequence (and, taking turns
-with it, of each seeded sequence) and random candidates. Every epoch keeps the ``select`` best of everything
-evaluated so far (elitism), breeds ``mutations`` mutants and ``crossovers`` children of those
+with it, of each seeded sequence: at least one each) and random candidates. Every epoch keeps the ``select``
+best of everything evaluated so far (elitism), breeds ``mutations`` mutants and ``crossovers`` children of those
 parents, and refills the generation with random candidates up to ``population``. A visited cache
 means no candidate is evaluated twice.
 
@@ -176,8 +176,8 @@ class EvolutionarySearch:
     """Stage 1 of AutoDiffusion over ``space`` with ``fitness`` (lower is better); see the module doc.
 
     ``grids`` are hand-made sequences put in generation 0 right after the uniform one and the ``seeds`` (sequences
-    known to be good, e.g. an earlier search's best: generation 0's mutants take turns between the uniform
-    sequence and each of them, so the search also starts around them). With
+    known to be good, e.g. an earlier search's best: generation 0's mutants take turns between each of them and
+    the uniform sequence, at least one each, so the search also starts around them). With
     ``rescore``, the ``rescore_top`` best are scored again by that (costlier, e.g. more samples)
     fitness at the end and ranked by it (§4.5: compare at equal sample counts, re-score the top).
     """
@@ -322,9 +322,11 @@ class EvolutionarySearch:
             uniform = space.uniform()
             for first in (uniform, *self.seeds, *self.grids):
                 fill(lambda first=first: first, len(generation) + 1)
-            mutants = max(config.population - config.population // 2 - 1 - len(self.seeds) - len(self.grids), 0)
-            origins = [uniform, *self.seeds]
-            turn = itertools.count()  # the mutants take turns among the origins
+            # at least one mutant of each seed, however full the generation already is
+            mutants = max(config.population - config.population // 2 - 1 - len(self.seeds) - len(self.grids),
+                          len(self.seeds))
+            origins = [*self.seeds, uniform]
+            turn = itertools.count()  # the mutants take turns among the origins, the seeds first
 
             def mutant() -> Candidate:
                 origin = origins[next(turn) % len(origins)]

@@ -41,11 +41,21 @@ def test_seeds_join_generation_zero_after_uniform_and_before_the_grids() -> None
     EvolutionarySearch(space, fitness, config, grids=grids, seeds=seeds).run()
     assert calls[:5] == [space.uniform(), *seeds, *grids]
     assert len(calls) == 20
-    # generation 0's mutants take turns among uniform and the seeds: 5 mutants (20 - 10 - 1 - 2 - 2), of which
-    # 2 are the seeds' own; a random sequence shares no timestep with one of them (1 in 60 chance per draw)
+    # generation 0's mutants take turns among the seeds and uniform: 5 mutants (20 - 10 - 1 - 2 - 2), the 1st and 4th
+    # of the first seed, the 2nd and 5th of the second (a random sequence shares 2 timesteps with one: ~1 in 10^4)
     mutants = calls[5:10]
-    near = [m for m in mutants if any(len(set(m) & set(seed)) >= 2 for seed in seeds)]
-    assert len(near) >= 2
+    assert [len(set(m) & set(seeds[0])) >= 2 for m in mutants] == [True, False, False, True, False]
+    assert [len(set(m) & set(seeds[1])) >= 2 for m in mutants] == [False, True, False, False, True]
+
+
+def test_each_seed_gets_a_mutant_in_a_full_generation_zero() -> None:
+    space = SearchSpace(4, 1000)
+    grids = [(999, 899, 599, 199), (999, 949, 799, 399), (801, 601, 401, 201)]
+    fitness, calls = distance_to((900, 600, 300, 100))
+    config = SearchConfig(population=4, select=2, mutations=1, crossovers=1, mutation_prob=0.25, epochs=0)
+    EvolutionarySearch(space, fitness, config, grids=grids, seeds=[BEST_KNOWN]).run()
+    assert calls[:5] == [space.uniform(), BEST_KNOWN, *grids] and len(calls) == 6  # over the population of 4
+    assert len(set(calls[5]) & set(BEST_KNOWN)) >= 2 and calls[5] != BEST_KNOWN  # the seed's mutant
 
 
 def test_a_seed_equal_to_uniform_or_a_grid_is_scored_once() -> None:
@@ -183,11 +193,11 @@ def test_search_cli_seeds_generation_zero_records_the_seeds_and_refuses_bad_ones
     assert run.exit_code == 0, run.output
     artifact = load_artifact(folder / "seeded.json")
     assert artifact.search.seed_timesteps == [list(BEST_KNOWN)]
-    # generation 0 only: uniform, the seed and the 6 other grids GHVB builds at 4 steps (trailing is uniform), each
-    # put in whatever the population; the winner is no worse than the seed
+    # generation 0 only: uniform, the seed, the 6 other grids GHVB builds at 4 steps (trailing is uniform) and a mutant
+    # of the seed, whatever the population; the winner is no worse than the seed
     sampler, guidance = resolve_components(engine.models.get("shapes").spec, GHVB, {"name": "cfg", "scale": 5.0})
     fitness = ShapesScheduleFitness(engine, sampler=sampler, guidance=guidance, images=1, teacher_steps=6,
                                     kind="paired_distance")
-    assert artifact.search.evaluations == 8
+    assert artifact.search.evaluations == 9
     assert artifact.fitness.value == pytest.approx(fitness(artifact.timesteps), abs=1e-12)
     assert artifact.fitness.value <= fitness(BEST_KNOWN) + 1e-12
