@@ -20,6 +20,13 @@ SHAPES_POINTS: list[tuple[dict[str, Any], int, float, float, float]] = [
     ({"sampler": {"name": "euler"}, "schedule": {"name": "spacing"}, "guidance": CFG5}, 8, 0.60, 60.0, 9.5),
 ]
 
+# three points for the tiny test model: (strategy, steps, quality, ms at batch 1, ms per image at batch 16)
+TINY_POINTS: list[tuple[dict[str, Any], int, float, float, float]] = [
+    ({"sampler": {"name": "ddim"}, "schedule": {"name": "spacing"}, "guidance": {"name": "none"}}, 1, 0.3, 10.0, 2.0),
+    ({"sampler": {"name": "ddim"}, "schedule": {"name": "spacing"}, "guidance": CFG5}, 2, 0.6, 30.0, 5.0),
+    ({"sampler": {"name": "dpmpp_2m"}, "schedule": {"name": "spacing"}, "guidance": CFG5}, 3, 0.9, 60.0, 9.0),
+]
+
 
 def make_profile(model: str, device: str, points: list[tuple] | None = None, width: int | None = 32,
                  height: int | None = 32, student: tuple[str, float, float] | None = None) -> ParetoProfile:

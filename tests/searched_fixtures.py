@@ -1,7 +1,9 @@
-"""A real searched schedule for tests: AutoDiffusion stage 1 run on the `gmm` oracle, written as an artifact.
+"""Searched-schedule artifacts for tests: a hand-written one for the tiny test model (``tiny_artifact``, the
+requests naming it; tests/schedules/conftest.py's ``schedules`` fixture installs it), and a real one: AutoDiffusion
+stage 1 run on the `gmm` oracle.
 
-The fitness is the paired distance to a 100-step DPM-Solver++ run from the same noise (the engine's loop,
-as tests/component_pins.py drives it); the search is deterministic, so its result is pinned here.
+The gmm search's fitness is the paired distance to a 100-step DPM-Solver++ run from the same noise (the engine's
+loop, as tests/component_pins.py drives it); the search is deterministic, so its result is pinned here.
 """
 
 from __future__ import annotations
@@ -18,12 +20,31 @@ from component_pins import engine_run
 
 from accel_diffusion.schedules.autodiffusion import EvolutionarySearch, SearchConfig, SearchSpace
 from accel_diffusion.schedules.searched import SearchCost, SearchedArtifact, SearchFitness
+from accel_diffusion.strategy import GenerationRequest
 
 GMM_SEARCHED_ID = "gmm-dpmpp_2m-4"
 GMM_SEARCHED_TIMESTEPS = [823, 488, 438, 63]
 GMM_SEARCH = SearchConfig(population=12, select=4, mutations=5, crossovers=4, mutation_prob=0.25, mutation_radius=20,
                           epochs=5, seed=0)
 SAMPLER = {"name": "dpmpp_2m"}
+TINY_TIMESTEPS = [999, 700, 400, 100]
+
+
+def tiny_artifact(schedule_id: str = "tiny-dpmpp-4", model: str = "tiny-sd", **changes: object) -> SearchedArtifact:
+    """A searched schedule for the tiny test model (``tiny-sd``): 4 timesteps, no skipped blocks unless changed."""
+    fields = {"id": schedule_id, "model": model, "sampler": {"name": "dpmpp_2m"},
+              "guidance": {"name": "cfg", "scale": 5.0}, "steps": 4, "timesteps": TINY_TIMESTEPS,
+              "skipped_blocks": [[], [], [], []],
+              "fitness": SearchFitness(kind="paired_distance", value=0.25, samples=8),
+              "search": SearchCost(evaluations=30, wall_time_s=12.5, command="accel-diffusion search ..."), "seed": 3}
+    return SearchedArtifact(**{**fields, **changes})
+
+
+def request(**fields: object) -> GenerationRequest:
+    """A request for ``tiny-sd`` naming the searched schedule ``tiny-dpmpp-4`` (``strategy`` fields merged in)."""
+    strategy = {"schedule": {"name": "searched", "id": "tiny-dpmpp-4"}} | dict(fields.pop("strategy", {}))
+    return GenerationRequest.create(**{"model": "tiny-sd", "prompt": "a red circle", "seed": 1, "strategy": strategy,
+                                       **fields})
 
 
 @functools.cache

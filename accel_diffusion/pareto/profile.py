@@ -122,10 +122,14 @@ class ParetoPoint(BaseModel):
         return request_fields(self.strategy, self.steps, self.ar_iterations)
 
 
-def configuration_key(model: str, strategy: dict[str, Any], steps: int, ar_iterations: int | None = None) -> str:
-    """A configuration's identity in a profile; ``ar_iterations`` only where set (so keys of profiles written
-    before AR models stay what they were: a resumed sweep recognises its points)."""
-    fields: dict[str, Any] = {"model": model, "strategy": strategy, "steps": steps}
+def configuration_key(model: str, strategy: dict[str, Any], steps: int | None,
+                      ar_iterations: int | None = None) -> str:
+    """A configuration's identity in a profile (``steps`` None: its family's, the same at every step count);
+    ``ar_iterations`` only where set (so keys of profiles written before AR models stay what they were: a resumed
+    sweep recognises its points)."""
+    fields: dict[str, Any] = {"model": model, "strategy": strategy}
+    if steps is not None:
+        fields["steps"] = steps
     if ar_iterations is not None:
         fields["ar_iterations"] = ar_iterations
     return json.dumps(fields, sort_keys=True)

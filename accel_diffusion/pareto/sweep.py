@@ -24,7 +24,6 @@ run, and the same candidates in the same order.
 
 from __future__ import annotations
 
-import json
 import random
 import statistics
 import time
@@ -76,10 +75,8 @@ class Candidate:
 
     @property
     def family(self) -> str:
-        fields: dict[str, Any] = {"model": self.model, "strategy": self.strategy}
-        if self.ar_iterations is not None:
-            fields["ar_iterations"] = self.ar_iterations
-        return json.dumps(fields, sort_keys=True)
+        """The key of this configuration at every step count (the sweep's plateau detection groups by it)."""
+        return configuration_key(self.model, self.strategy, None, self.ar_iterations)
 
     def key(self) -> str:
         return configuration_key(self.model, self.strategy, self.steps, self.ar_iterations)

@@ -5,9 +5,10 @@ Spec: ``specs/samplers.md`` §4. A candidate is K distinct training timesteps, k
 callable ``candidate -> float``, *lower is better* (a distance, or 1 - prompt accuracy); the search
 never calls the model itself.
 
-Generation 0 is the uniform sequence (candidate 0), the caller's hand-made grids, then mutations of
-the uniform sequence and random candidates. Every epoch keeps the ``select`` best of everything
-evaluated so far (elitism), breeds ``mutations`` mutants and ``crossovers`` children of those
+Generation 0 is the uniform sequence (candidate 0), the caller's seeded sequences (known good ones, e.g. an
+earlier search's best), the caller's hand-made grids, then mutations of the uniform sequence (and, taking turns
+with it, of each seeded sequence: at least one each) and random candidates. Every epoch keeps the ``select``
+best of everything evaluated so far (elitism), breeds ``mutations`` mutants and ``crossovers`` children of those
 parents, and refills the generation with random candidates up to ``population``. A visited cache
 means no candidate is evaluated twice.
 
@@ -27,6 +28,7 @@ a resumed run gets the budget afresh.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -173,7 +175,9 @@ class _Stop(Exception):
 class EvolutionarySearch:
     """Stage 1 of AutoDiffusion over ``space`` with ``fitness`` (lower is better); see the module doc.
 
-    ``grids`` are hand-made sequences put in generation 0 right after the uniform one. With
+    ``grids`` are hand-made sequences put in generation 0 right after the uniform one and the ``seeds`` (sequences
+    known to be good, e.g. an earlier search's best: generation 0's mutants take turns between each of them and
+    the uniform sequence, at least one each, so the search also starts around them). With
     ``rescore``, the ``rescore_top`` best are scored again by that (costlier, e.g. more samples)
     fitness at the end and ranked by it (§4.5: compare at equal sample counts, re-score the top).
     """
@@ -187,6 +191,7 @@ class EvolutionarySearch:
         config: SearchConfig | None = None,
         *,
         grids: Sequence[Sequence[int]] = (),
+        seeds: Sequence[Sequence[int]] = (),
         state_path: str | Path | None = None,
         time_budget_s: float | None = None,
         rescore: Fitness | None = None,
@@ -197,6 +202,7 @@ class EvolutionarySearch:
         self.fitness = fitness
         self.config = config or SearchConfig()
         self.grids = [space.check(g) for g in grids]
+        self.seeds = [space.check(s) for s in seeds]
         self.state_path = Path(state_path) if state_path is not None else None
         self.time_budget_s = time_budget_s
         self.rescore = rescore
@@ -219,7 +225,11 @@ class EvolutionarySearch:
         return tuple(data)
 
     def _identity(self) -> dict[str, Any]:
-        return {"space": asdict(self.space), "config": asdict(self.config), "grids": [list(g) for g in self.grids]}
+        """What a state file must match to be resumed (an unseeded search's key is unchanged by the seeds)."""
+        identity = {"space": asdict(self.space), "config": asdict(self.config), "grids": [list(g) for g in self.grids]}
+        if self.seeds:
+            identity["seeds"] = [list(s) for s in self.seeds]
+        return identity
 
     def _load_state(self) -> dict[str, Any]:
         if self.state_path is None or not self.state_path.is_file():
@@ -227,7 +237,7 @@ class EvolutionarySearch:
         state = json.loads(self.state_path.read_text(encoding="utf-8"))
         if state.get("version") != STATE_VERSION or state.get("identity") != self._identity():
             raise ValueError(f"state file {str(self.state_path)!r} belongs to another search (other space, "
-                             "settings or grids); remove it or choose another state path")
+                             "settings, grids or seeds); remove it or choose another state path")
         return state
 
     def _save_state(self, state: dict[str, Any]) -> None:
@@ -310,11 +320,19 @@ class EvolutionarySearch:
 
         if epoch == 0:
             uniform = space.uniform()
-            for first in (uniform, *self.grids):
+            for first in (uniform, *self.seeds, *self.grids):
                 fill(lambda first=first: first, len(generation) + 1)
-            mutants = max(config.population - config.population // 2 - 1 - len(self.grids), 0)
-            fill(lambda: mutate(uniform, rng, space, config.mutation_prob, config.mutation_radius),
-                 len(generation) + mutants)
+            # at least one mutant of each seed, however full the generation already is
+            mutants = max(config.population - config.population // 2 - 1 - len(self.seeds) - len(self.grids),
+                          len(self.seeds))
+            origins = [*self.seeds, uniform]
+            turn = itertools.count()  # the mutants take turns among the origins, the seeds first
+
+            def mutant() -> Candidate:
+                origin = origins[next(turn) % len(origins)]
+                return mutate(origin, rng, space, config.mutation_prob, config.mutation_radius)
+
+            fill(mutant, len(generation) + mutants)
         else:
             parents = [c for c, _ in _ranked(visited)[: config.select]]
             fill(lambda: mutate(rng.choice(parents), rng, space, config.mutation_prob,

@@ -15,6 +15,7 @@ import re
 import shlex
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -100,6 +101,7 @@ def run_search(
     skip_blocks: list[str] | None = None,
     probe_modes: tuple[str, ...] = ("drop", "residual"),
     min_accuracy: float | None = None,
+    seed_timesteps: Sequence[str] = (),
 ) -> tuple[SearchedArtifact | None, Path | None, SearchResult | None]:
     """Search, save the artifact into ``schedules_dir`` and return (artifact, its path, the SearchResult of the
     last stage run); the artifact is None when the time budget ran out first (the state files keep the search
@@ -114,7 +116,9 @@ def run_search(
     skipped block gives (``drop``: its skip connection; ``reuse``/``residual``: its output, or its residual, cached
     at the last step where it ran: the first step then runs every block; ``best``: each block in the mode of
     ``probe_modes`` that scores best when it alone is skipped) and ``skip_blocks`` limits the blocks
-    stage 2 may skip (default: all of them)."""
+    stage 2 may skip (default: all of them). ``seed_timesteps`` are sequences stage 1's generation 0 starts from
+    beside the uniform schedule and the hand-made grids (each a comma list, a schedule or artifact JSON, or the path
+    of a JSON file holding one: ``seeded_sequences``); the artifact records them."""
     from accel_diffusion.eval.schedule_fitness import ShapesScheduleFitness
     from accel_diffusion.schedules.explicit import ExplicitTimesteps
     from accel_diffusion.schedules.searched import (
@@ -127,12 +131,16 @@ def run_search(
 
     if not re.fullmatch(ID_PATTERN, schedule_id):
         raise InvalidRequestError("out", f"{schedule_id!r} is not a schedule id", "letters, digits, '.', '_', '-'")
+    if seed_timesteps and timesteps_from is not None:
+        raise InvalidRequestError("seed_timesteps", "--seed-timesteps seeds stage 1, which --timesteps-from skips: "
+                                  "give one of them")
     loaded = engine.models.get(model)
     sampler_spec, guidance_spec = resolve_components(loaded.spec, sampler, guidance)
     scheduler_config = dict(loaded.scheduler_config)
     probe = get_registry().build("sampler", sampler_spec).make_scheduler(scheduler_config, {})
     ExplicitTimesteps([1]).check_compatible(probe, sampler_spec["name"])  # refuses samplers without timesteps=
     space = SearchSpace(steps, int(scheduler_config["num_train_timesteps"]))
+    seeds = seeded_sequences(seed_timesteps, scheduler_config, sampler_spec, space)
     config = config or SearchConfig()
     folder = Path(schedules_dir or os.environ.get(SCHEDULES_DIR_ENV) or "schedules")
     folder.mkdir(parents=True, exist_ok=True)
@@ -156,7 +164,8 @@ def run_search(
             timesteps_from, folder, model, sampler_spec, guidance_spec, steps, skip_budget)
     else:
         result = EvolutionarySearch(space, cheap, config,
-                                    grids=hand_made_grids(scheduler_config, sampler_spec, space), state_path=state,
+                                    grids=hand_made_grids(scheduler_config, sampler_spec, space), seeds=seeds,
+                                    state_path=state,
                                     time_budget_s=time_budget_s, rescore=costly, rescore_top=rescore_top,
                                     progress=progress).run()
         if not result.finished:
@@ -185,13 +194,71 @@ def run_search(
         block_modes=block_modes,
         fitness=SearchFitness(kind=cheap.label, value=value, samples=len(costly.prompts) if costly else images),
         search=SearchCost(evaluations=evaluations, wall_time_s=max(wall_time_s, time.perf_counter() - start),
-                          command=command, skip_budget=skip_budget, unet_cost=unet_cost),
+                          command=command, skip_budget=skip_budget, unet_cost=unet_cost,
+                          seed_timesteps=[list(seed) for seed in seeds]),
         seed=config.seed,
     )
     path = artifact.save(folder)
     for done in (state, skip_state, probe_state):
         done.unlink(missing_ok=True)
     return artifact, path, result
+
+
+def seeded_sequences(values: Sequence[str], scheduler_config: dict[str, Any], sampler: dict[str, Any],
+                     space: SearchSpace) -> list[tuple[int, ...]]:
+    """The K timesteps of each ``--seed-timesteps`` value: a comma list (``897,818,700,71``), a searched-schedule
+    artifact (its timesteps), a schedule (those it gives the sampler at K steps, e.g. ``{"name": "karras", "rho": 3}``),
+    as JSON or the path of a JSON file. Distinct ones, in the order given; an error naming the flag otherwise."""
+    seeds: list[tuple[int, ...]] = []
+    for value in values:
+        seed = _seeded_sequence(value.strip(), scheduler_config, sampler, space)
+        if seed not in seeds:
+            seeds.append(seed)
+    return seeds
+
+
+def _seeded_sequence(value: str, scheduler_config: dict[str, Any], sampler: dict[str, Any],
+                     space: SearchSpace) -> tuple[int, ...]:
+    from accel_diffusion.schedules.searched import ARTIFACT_FORMAT
+
+    def refuse(reason: str) -> InvalidRequestError:
+        return InvalidRequestError("seed_timesteps", f"--seed-timesteps {value!r}: {reason}")
+
+    if re.fullmatch(r"[\d\s,-]+", value):
+        if not re.fullmatch(r"\s*-?\d+\s*(,\s*-?\d+\s*)*", value):
+            raise refuse("is not a comma list of integers (e.g. 897,818,700,71)")
+        try:
+            return space.check([int(t) for t in value.split(",")])
+        except ValueError as exc:
+            raise refuse(f"{exc}: give {space.num_steps} distinct timesteps in 0 .. {space.num_train_timesteps - 1}, "
+                         "comma-separated") from None
+    text = value
+    if not value.startswith(("{", "[")):
+        path = Path(value)
+        if not path.is_file():
+            raise refuse(f"is neither a comma list of {space.num_steps} timesteps nor a JSON file (no such file)")
+        text = path.read_text(encoding="utf-8")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise refuse(f"is not JSON: {exc}") from None
+    if isinstance(data, list):
+        data = {"name": "timesteps", "timesteps": data}
+    if not isinstance(data, dict):
+        raise refuse("give a comma list, a schedule or an artifact (a JSON object)")
+    if data.get("format") == ARTIFACT_FORMAT:  # an artifact: its timesteps (any sampler's: only a starting point)
+        data = {"name": "timesteps", "timesteps": data.get("timesteps")}
+    if data.get("name") == "timesteps":
+        try:
+            return space.check(data.get("timesteps") or [])
+        except (ValueError, TypeError) as exc:
+            raise refuse(f"{exc}: give {space.num_steps} distinct timesteps in 0 .. "
+                         f"{space.num_train_timesteps - 1}") from None
+    try:
+        return grid_timesteps(scheduler_config, sampler, data, space)
+    except (InvalidRequestError, ValueError, TypeError) as exc:
+        reason = exc.message if isinstance(exc, InvalidRequestError) else str(exc)
+        raise refuse(f"gives {sampler['name']} no {space.num_steps} distinct timesteps: {reason}") from None
 
 
 def _grid_timesteps(schedule_json: str, scheduler_config: dict[str, Any], sampler: dict[str, Any],
@@ -412,6 +479,10 @@ def _probe_blocks(fitness: Any, timesteps: tuple[int, ...], blocks: list[str], m
 @click.option("--timesteps-from", default=None,
               help="Stage 2 only: start from this artifact's timesteps (same model, sampler, guidance, steps), or a "
                    "schedule's, given as JSON (e.g. '{\"name\": \"karras\", \"rho\": 3}').")
+@click.option("--seed-timesteps", multiple=True,
+              help="Stage 1: start from this sequence too (repeatable): K comma-separated timesteps (e.g. "
+                   "897,818,700,71), or an artifact's or a schedule's JSON, or a file holding one; recorded in the "
+                   "artifact.")
 @click.pass_context
 def search_command(ctx: click.Context, model: str, steps: int, sampler: str | None, guidance: str | None,
                    guidance_scale: float | None, schedule_id: str, schedules_dir: str | None, fitness: str,
@@ -420,7 +491,7 @@ def search_command(ctx: click.Context, model: str, steps: int, sampler: str | No
                    mutations: int, crossovers: int, mutation_prob: float, mutation_radius: int, seed: int,
                    time_budget_s: float | None, budget_minutes: float | None, skip_budget: float | None,
                    max_skip: int, skip_epochs: int | None, skip_mode: str, probe_modes: str, skip_blocks: str | None,
-                   timesteps_from: str | None) -> None:
+                   timesteps_from: str | None, seed_timesteps: tuple[str, ...]) -> None:
     """Search K timesteps for a model, sampler and guidance (AutoDiffusion stage 1), then, with --skip-budget,
     which UNet blocks to skip at which step (stage 2), and save the artifact."""
     if budget_minutes is not None:
@@ -460,7 +531,7 @@ def search_command(ctx: click.Context, model: str, steps: int, sampler: str | No
         schedules_dir=schedules_dir, progress=True, command=shlex.join(["accel-diffusion", *sys.argv[1:]]),
         skip_budget=skip_budget, max_skip=max_skip, skip_config=skip_config, timesteps_from=timesteps_from,
         skip_mode=skip_mode, skip_blocks=[b.strip() for b in skip_blocks.split(",") if b.strip()] if skip_blocks
-        else None, probe_modes=probed, min_accuracy=min_accuracy)
+        else None, probe_modes=probed, min_accuracy=min_accuracy, seed_timesteps=seed_timesteps)
     if artifact is None and result is None:
         click.echo("time budget spent while probing the blocks (scores kept); run the same command again to continue",
                    err=True)

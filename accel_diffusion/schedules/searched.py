@@ -74,6 +74,9 @@ class SearchCost(BaseModel):
     skip_budget: float | None = Field(None, description="stage 2's budget: a fraction of the full UNet's time")
     unet_cost: float | None = Field(None, description="the skip plan's UNet time as a fraction of the full UNet's, "
                                     "by the cost model measured at search time")
+    seed_timesteps: list[list[int]] = Field(
+        default_factory=list, description="the sequences (--seed-timesteps) put in stage 1's generation 0 beside the "
+        "uniform schedule and the hand-made grids")
 
 
 class SearchedArtifact(BaseModel):

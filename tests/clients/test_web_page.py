@@ -11,14 +11,17 @@ import json
 import os
 import subprocess
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 import pytest
 from accel_diffusion.server import create_app
 from conftest import require_tool
 from server_clients import make_settings, running_server
+
+T = TypeVar("T")
 
 
 @pytest.fixture(autouse=True)
@@ -83,44 +86,56 @@ def start_chromium(profile: Path, camera: str = "allowed") -> tuple[subprocess.P
     raise RuntimeError("chromium did not start")
 
 
-def test_the_web_page_streams_the_camera_through_the_model(tiny_models_file: Path, tmp_path: Path) -> None:
+def drive_page(url: str, profile: Path, work: Callable[[DevTools], Awaitable[T]], camera: str = "allowed",
+               size: tuple[int, int] | None = None, script: str | None = None) -> T:
+    """Open ``url`` in a fresh headless Chromium (user data in ``profile``; ``camera`` as ``start_chromium``), with
+    the viewport ``size`` and ``script`` run before the page's own, and return what ``work`` makes of the page;
+    the browser is gone afterwards."""
     from websockets.asyncio.client import connect
+
+    browser, port = start_chromium(profile, camera=camera)
+    try:
+        target = next(p for p in httpx.get(f"http://127.0.0.1:{port}/json/list").json() if p["type"] == "page")
+
+        async def drive() -> T:
+            async with connect(target["webSocketDebuggerUrl"], max_size=None) as socket:
+                tools = DevTools(socket)
+                await tools.call("Page.enable")
+                if size is not None:
+                    await tools.call("Emulation.setDeviceMetricsOverride", width=size[0], height=size[1],
+                                     deviceScaleFactor=1, mobile=False)
+                if script is not None:
+                    await tools.call("Page.addScriptToEvaluateOnNewDocument", source=script)
+                await tools.call("Page.navigate", url=url)
+                return await work(tools)
+
+        return asyncio.run(drive())
+    finally:
+        browser.kill()
+        browser.wait(30)
+
+
+def test_the_web_page_streams_the_camera_through_the_model(tiny_models_file: Path, tmp_path: Path) -> None:
+    async def stream_then_drop(tools: DevTools) -> tuple[dict[str, Any], bytes]:
+        state = await tools.poll(
+            {"frames": text("frames", True), "fps": text("fps", True), "latency": text("latency"),
+             "output": "document.getElementById('output').src",
+             "loaded": "document.getElementById('output').naturalWidth", "status": text("status")},
+            lambda state: state.get("frames", 0) >= 10 and state.get("loaded"), 90)
+        shot = await tools.call("Page.captureScreenshot", format="png")
+        # a dropped connection: the page opens a new session and the frames go on
+        before = state.get("frames", 0)
+        await tools.value("socket.close(4000, 'dropped by the test')")
+        after = await tools.poll(
+            {"frames": text("frames", True), "reconnects": text("reconnects", True), "status": text("status")},
+            lambda after: after.get("frames", 0) >= before + 10 and after.get("reconnects"), 60)
+        state["after_reconnect"] = after
+        return state, base64.b64decode(shot["data"])
 
     artifacts = Path(os.environ.get("TEST_ARTIFACTS_DIR", "test-artifacts"))
     with running_server(create_app(make_settings(tiny_models_file))) as (_, _, url):
         assert httpx.get(f"{url}/", follow_redirects=True).text.startswith("<!doctype html>")
-        browser, port = start_chromium(tmp_path / "profile")
-        try:
-            pages = httpx.get(f"http://127.0.0.1:{port}/json/list").json()
-            target = next(p for p in pages if p["type"] == "page")
-
-            async def drive() -> tuple[dict[str, Any], bytes]:
-                async with connect(target["webSocketDebuggerUrl"], max_size=None) as socket:
-                    tools = DevTools(socket)
-                    await tools.call("Page.enable")
-                    await tools.call("Emulation.setDeviceMetricsOverride", width=900, height=720,
-                                     deviceScaleFactor=1, mobile=False)
-                    await tools.call("Page.navigate", url=f"{url}/web/")
-                    state = await tools.poll(
-                        {"frames": text("frames", True), "fps": text("fps", True), "latency": text("latency"),
-                         "output": "document.getElementById('output').src",
-                         "loaded": "document.getElementById('output').naturalWidth", "status": text("status")},
-                        lambda state: state.get("frames", 0) >= 10 and state.get("loaded"), 90)
-                    shot = await tools.call("Page.captureScreenshot", format="png")
-                    # a dropped connection: the page opens a new session and the frames go on
-                    before = state.get("frames", 0)
-                    await tools.value("socket.close(4000, 'dropped by the test')")
-                    after = await tools.poll(
-                        {"frames": text("frames", True), "reconnects": text("reconnects", True),
-                         "status": text("status")},
-                        lambda after: after.get("frames", 0) >= before + 10 and after.get("reconnects"), 60)
-                    state["after_reconnect"] = after
-                    return state, base64.b64decode(shot["data"])
-
-            state, screenshot = asyncio.run(drive())
-        finally:
-            browser.kill()
-            browser.wait(30)
+        state, screenshot = drive_page(f"{url}/web/", tmp_path / "profile", stream_then_drop, size=(900, 720))
     artifacts.mkdir(parents=True, exist_ok=True)
     (artifacts / "web_page.png").write_bytes(screenshot)
     assert state["status"].startswith("streaming tiny"), state
@@ -136,7 +151,6 @@ def test_the_web_page_streams_the_camera_through_the_model(tiny_models_file: Pat
 def test_without_a_camera_the_page_streams_a_test_pattern_and_then_a_chosen_file(
         tiny_models_file: Path, tmp_path: Path, camera: str, problem: str) -> None:
     from PIL import Image
-    from websockets.asyncio.client import connect
 
     image_file = tmp_path / "shapes input.png"
     Image.new("RGB", (64, 48), (30, 160, 60)).save(image_file)
@@ -144,34 +158,22 @@ def test_without_a_camera_the_page_streams_a_test_pattern_and_then_a_chosen_file
                "caption": text("source-caption"), "source": "document.getElementById('source').value",
                "shown": "['camera', 'pattern', 'still'].filter((id) => !document.getElementById(id).hidden)",
                "loaded": "document.getElementById('output').naturalWidth"}
+
+    async def pattern_then_file(tools: DevTools) -> tuple[dict[str, Any], dict[str, Any], bytes]:
+        pattern = await tools.poll(reading, lambda s: s.get("frames", 0) >= 5 and s.get("loaded"), 90)
+        shot = await tools.call("Page.captureScreenshot", format="png")
+        # the user picks a file (what the file chooser does): its frames replace the pattern's
+        document = await tools.call("DOM.getDocument")
+        node = await tools.call("DOM.querySelector", nodeId=document["root"]["nodeId"], selector="#file")
+        await tools.call("DOM.setFileInputFiles", files=[str(image_file)], nodeId=node["nodeId"])
+        before = pattern.get("frames", 0)
+        chosen = await tools.poll(reading, lambda s: s.get("source") == "file" and s.get("frames", 0) >= before + 5,
+                                  60)
+        return pattern, chosen, base64.b64decode(shot["data"])
+
     with running_server(create_app(make_settings(tiny_models_file))) as (_, _, url):
-        browser, port = start_chromium(tmp_path / "profile", camera=camera)
-        try:
-            pages = httpx.get(f"http://127.0.0.1:{port}/json/list").json()
-            target = next(p for p in pages if p["type"] == "page")
-
-            async def drive() -> tuple[dict[str, Any], dict[str, Any], bytes]:
-                async with connect(target["webSocketDebuggerUrl"], max_size=None) as socket:
-                    tools = DevTools(socket)
-                    await tools.call("Page.enable")
-                    await tools.call("Emulation.setDeviceMetricsOverride", width=900, height=760,
-                                     deviceScaleFactor=1, mobile=False)
-                    await tools.call("Page.navigate", url=f"{url}/web/")
-                    pattern = await tools.poll(reading, lambda s: s.get("frames", 0) >= 5 and s.get("loaded"), 90)
-                    shot = await tools.call("Page.captureScreenshot", format="png")
-                    # the user picks a file (what the file chooser does): its frames replace the pattern's
-                    document = await tools.call("DOM.getDocument")
-                    node = await tools.call("DOM.querySelector", nodeId=document["root"]["nodeId"], selector="#file")
-                    await tools.call("DOM.setFileInputFiles", files=[str(image_file)], nodeId=node["nodeId"])
-                    before = pattern.get("frames", 0)
-                    chosen = await tools.poll(
-                        reading, lambda s: s.get("source") == "file" and s.get("frames", 0) >= before + 5, 60)
-                    return pattern, chosen, base64.b64decode(shot["data"])
-
-            pattern, chosen, screenshot = asyncio.run(drive())
-        finally:
-            browser.kill()
-            browser.wait(30)
+        pattern, chosen, screenshot = drive_page(f"{url}/web/", tmp_path / "profile", pattern_then_file,
+                                                 camera=camera, size=(900, 760))
     artifacts = Path(os.environ.get("TEST_ARTIFACTS_DIR", "test-artifacts"))
     artifacts.mkdir(parents=True, exist_ok=True)
     (artifacts / f"web_page_camera_{camera}.png").write_bytes(screenshot)
@@ -188,28 +190,15 @@ def test_the_web_page_sends_the_api_key_as_a_websocket_subprotocol(
     """With API keys, the page takes its key from the URL fragment (never sent to the server) and offers it as
     the subprotocol ``base64url.bearer.<key>``; Chromium accepts the echoed ``accel-diffusion`` and the
     frames flow. The key appears in no log line."""
-    from websockets.asyncio.client import connect
+    async def stream(tools: DevTools) -> dict[str, Any]:
+        return await tools.poll({"frames": text("frames", True), "status": text("status"),
+                                 "protocol": "socket && socket.protocol"},
+                                lambda state: state.get("frames", 0) >= 3, 90)
 
     key = "page/key+=1"
     app = create_app(make_settings(tiny_models_file, api_keys=[key]))
     with running_server(app, log_level="info") as (_, _, url):
-        browser, port = start_chromium(tmp_path / "profile")
-        try:
-            target = next(p for p in httpx.get(f"http://127.0.0.1:{port}/json/list").json() if p["type"] == "page")
-
-            async def drive() -> dict[str, Any]:
-                async with connect(target["webSocketDebuggerUrl"], max_size=None) as socket:
-                    tools = DevTools(socket)
-                    await tools.call("Page.enable")
-                    await tools.call("Page.navigate", url=f"{url}/web/#api_key={key}")
-                    return await tools.poll({"frames": text("frames", True), "status": text("status"),
-                                             "protocol": "socket && socket.protocol"},
-                                            lambda state: state.get("frames", 0) >= 3, 90)
-
-            state = asyncio.run(drive())
-        finally:
-            browser.kill()
-            browser.wait(30)
+        state = drive_page(f"{url}/web/#api_key={key}", tmp_path / "profile", stream)
     assert state["frames"] >= 3 and state["status"].startswith("streaming tiny"), state
     assert state["protocol"] == "accel-diffusion", state
     log = "".join(capfd.readouterr())
@@ -247,27 +236,12 @@ NativeWebSocket.prototype.send = function (data) {
 def test_the_web_page_keeps_two_frames_in_flight(tiny_models_file: Path, tmp_path: Path) -> None:
     """The page sends the next frame before the previous answer arrives (two in flight: the server runs one
     while it sends the other's answer), never a third; the answers come in order and none is lost."""
-    from websockets.asyncio.client import connect
+    async def stream(tools: DevTools) -> dict[str, Any]:
+        return await tools.poll({"frames": text("frames", True), "status": text("status"), "latency": text("latency"),
+                                 "seen": "window.inFlightSeen"}, lambda state: state.get("frames", 0) >= 12, 90)
 
     with running_server(create_app(make_settings(tiny_models_file))) as (_, _, url):
-        browser, port = start_chromium(tmp_path / "profile", camera="none")
-        try:
-            target = next(p for p in httpx.get(f"http://127.0.0.1:{port}/json/list").json() if p["type"] == "page")
-
-            async def drive() -> dict[str, Any]:
-                async with connect(target["webSocketDebuggerUrl"], max_size=None) as socket:
-                    tools = DevTools(socket)
-                    await tools.call("Page.enable")
-                    await tools.call("Page.addScriptToEvaluateOnNewDocument", source=COUNT_FRAMES_IN_FLIGHT)
-                    await tools.call("Page.navigate", url=f"{url}/web/")
-                    return await tools.poll({"frames": text("frames", True), "status": text("status"),
-                                             "latency": text("latency"), "seen": "window.inFlightSeen"},
-                                            lambda state: state.get("frames", 0) >= 12, 90)
-
-            state = asyncio.run(drive())
-        finally:
-            browser.kill()
-            browser.wait(30)
+        state = drive_page(f"{url}/web/", tmp_path / "profile", stream, camera="none", script=COUNT_FRAMES_IN_FLIGHT)
     seen = state["seen"]
     assert state["frames"] >= 12 and state["status"].startswith("streaming tiny"), state
     assert seen["most"] == 2, seen  # two in flight, never more

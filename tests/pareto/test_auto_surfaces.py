@@ -12,7 +12,7 @@ from accel_diffusion.clients import AccelClient, InvalidRequest
 from accel_diffusion.server import create_app
 from click.testing import CliRunner
 from fastapi.testclient import TestClient
-from pareto_fixtures import make_profile, write_profile
+from pareto_fixtures import TINY_POINTS, make_profile, write_profile
 from server_clients import decode, make_settings, running_server
 
 from accel_diffusion.batch import LocalBackend, run_batch
@@ -25,13 +25,6 @@ from accel_diffusion.pareto.sweep import anchor_candidates
 from accel_diffusion.strategy import GenerationRequest
 
 PROMPT = "a red circle on a blue background"
-NONE = {"name": "none"}
-CFG = {"name": "cfg", "scale": 5.0}
-TINY_POINTS = [  # (strategy, steps, quality, ms at batch 1, ms per image at batch 16)
-    ({"sampler": {"name": "ddim"}, "schedule": {"name": "spacing"}, "guidance": NONE}, 1, 0.3, 10.0, 2.0),
-    ({"sampler": {"name": "ddim"}, "schedule": {"name": "spacing"}, "guidance": CFG}, 2, 0.6, 30.0, 5.0),
-    ({"sampler": {"name": "dpmpp_2m"}, "schedule": {"name": "spacing"}, "guidance": CFG}, 3, 0.9, 60.0, 9.0),
-]
 
 
 @pytest.fixture(scope="module")

@@ -115,6 +115,18 @@ def test_pruning_stops_a_family_whose_quality_plateaus(tmp_path: Path) -> None:
     assert [s["reason"].split(":")[0] for s in profile.skipped] == ["plateau", "plateau"]
 
 
+def test_a_family_is_the_configuration_key_without_the_steps() -> None:
+    """What plateau detection groups by: the same for every step count, apart for other AR iterations; ``steps``
+    left out of the key (and ``ar_iterations`` where unset), as the keys in profiles written before AR models."""
+    ddim = {"sampler": {"name": "ddim"}}
+    assert Candidate("m", ddim, 4).family == Candidate("m", ddim, 32).family == (
+        '{"model": "m", "strategy": {"sampler": {"name": "ddim"}}}')
+    assert Candidate("m", ddim, 4, ar_iterations=8).family == (
+        '{"ar_iterations": 8, "model": "m", "strategy": {"sampler": {"name": "ddim"}}}')
+    assert Candidate("m", ddim, 4, ar_iterations=16).family != Candidate("m", ddim, 4, ar_iterations=8).family
+    assert Candidate("m", ddim, 4).key() == '{"model": "m", "steps": 4, "strategy": {"sampler": {"name": "ddim"}}}'
+
+
 def test_a_budget_stops_early_and_a_rerun_resumes_to_the_same_profile(tmp_path: Path) -> None:
     candidates = candidates_for("m", FAMILIES, [1, 2, 4, 8])
     whole = sweep(empty_profile(), candidates, curve_meter(), tmp_path / "whole.json", progress=False)

@@ -10,6 +10,7 @@ from itertools import pairwise
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from search_fitnesses import Interrupt, distance_to, interrupted_at
 
 from accel_diffusion.schedules.autodiffusion import (
     EvolutionarySearch,
@@ -103,16 +104,6 @@ def test_space_checks_and_uniform() -> None:
         SearchSpace(4, 4)
 
 
-def distance_to(target: tuple[int, ...]):
-    calls: list[tuple[int, ...]] = []
-
-    def fitness(candidate: tuple[int, ...]) -> float:
-        calls.append(candidate)
-        return float(sum(abs(a - b) for a, b in zip(candidate, target, strict=True)))
-
-    return fitness, calls
-
-
 @pytest.mark.parametrize("seed", [0, 1, 2, 3])
 def test_search_reaches_a_hidden_optimum_within_its_budget(seed: int) -> None:
     space = SearchSpace(4, 100)
@@ -166,10 +157,6 @@ def test_same_seed_same_search_other_seed_other_search() -> None:
     assert runs[0][0] != runs[2][0]
 
 
-class Interrupt(Exception):
-    pass
-
-
 def test_an_interrupted_search_resumes_to_the_uninterrupted_result(tmp_path) -> None:
     space, target = SearchSpace(4, 100), (80, 55, 30, 5)
     config = SearchConfig(population=12, select=4, mutations=5, crossovers=4, mutation_radius=3, epochs=6, seed=3)
@@ -179,19 +166,11 @@ def test_an_interrupted_search_resumes_to_the_uninterrupted_result(tmp_path) -> 
     state = tmp_path / "search.json"
     calls: list[tuple[int, ...]] = []
 
-    def interrupted_at(limit: int):
-        def fitness(candidate: tuple[int, ...]) -> float:
-            if len(calls) == limit:
-                raise Interrupt
-            calls.append(candidate)
-            return float(sum(abs(a - b) for a, b in zip(candidate, target, strict=True)))
-        return fitness
-
     for limit in (7, 30, 31, 50):  # mid generation 0, within later generations, twice in a row
         with pytest.raises(Interrupt):
-            EvolutionarySearch(space, interrupted_at(limit), config, state_path=state).run()
+            EvolutionarySearch(space, interrupted_at(target, calls, limit), config, state_path=state).run()
         assert len(calls) == limit
-    resumed = EvolutionarySearch(space, interrupted_at(10**9), config, state_path=state).run()
+    resumed = EvolutionarySearch(space, interrupted_at(target, calls, 10**9), config, state_path=state).run()
     assert calls == full_calls  # nothing evaluated twice, nothing skipped, same order
     assert resumed.ranked == full.ranked and resumed.best_per_epoch == full.best_per_epoch
     assert resumed.finished
@@ -351,7 +330,7 @@ def test_an_interrupted_skip_search_resumes_to_the_uninterrupted_result(tmp_path
     full_calls, calls[:] = list(calls), []
     state = tmp_path / "skip.json"
 
-    def interrupted_at(limit: int):
+    def stopping_at(limit: int):
         def stop(plan):
             if len(calls) == limit:
                 raise Interrupt
@@ -360,7 +339,7 @@ def test_an_interrupted_skip_search_resumes_to_the_uninterrupted_result(tmp_path
 
     for limit in (4, 17):
         with pytest.raises(Interrupt):
-            SkipPlanSearch(space, interrupted_at(limit), config, state_path=state).run()
-    resumed = SkipPlanSearch(space, interrupted_at(10**9), config, state_path=state).run()
+            SkipPlanSearch(space, stopping_at(limit), config, state_path=state).run()
+    resumed = SkipPlanSearch(space, stopping_at(10**9), config, state_path=state).run()
     assert calls == full_calls and resumed.ranked == full.ranked and resumed.finished
     assert json.loads(state.read_text())["identity"]["skip_space"]["budget"] == 20

@@ -10,7 +10,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 from component_pins import check_schedule_pin
-from searched_fixtures import GMM_SEARCHED_ID, GMM_SEARCHED_TIMESTEPS, gmm_search, gmm_searched_dir
+from searched_fixtures import (
+    GMM_SEARCHED_ID,
+    GMM_SEARCHED_TIMESTEPS,
+    TINY_TIMESTEPS,
+    gmm_search,
+    gmm_searched_dir,
+    request,
+    tiny_artifact,
+)
 
 from accel_diffusion.engine import Engine
 from accel_diffusion.engine.engine import check_request
@@ -20,9 +28,7 @@ from accel_diffusion.registry import get_registry
 from accel_diffusion.schedules.searched import (
     BUILTIN_SCHEDULES_DIR,
     SCHEDULES_DIR_ENV,
-    SearchCost,
     SearchedArtifact,
-    SearchFitness,
     find_artifact,
     list_artifacts,
     load_artifact,
@@ -30,25 +36,7 @@ from accel_diffusion.schedules.searched import (
 )
 from accel_diffusion.strategy import GenerationRequest
 
-TINY_TIMESTEPS = [999, 700, 400, 100]
 SHIPPED = {path.stem for path in BUILTIN_SCHEDULES_DIR.glob("*.json")}  # the searched schedules shipped for shapes
-
-
-def tiny_artifact(schedule_id: str = "tiny-dpmpp-4", model: str = "tiny-sd", **changes: object) -> SearchedArtifact:
-    fields = {"id": schedule_id, "model": model, "sampler": {"name": "dpmpp_2m"},
-              "guidance": {"name": "cfg", "scale": 5.0}, "steps": 4, "timesteps": TINY_TIMESTEPS,
-              "skipped_blocks": [[], [], [], []],
-              "fitness": SearchFitness(kind="paired_distance", value=0.25, samples=8),
-              "search": SearchCost(evaluations=30, wall_time_s=12.5, command="accel-diffusion search ..."), "seed": 3}
-    return SearchedArtifact(**{**fields, **changes})
-
-
-@pytest.fixture
-def folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.setenv(SCHEDULES_DIR_ENV, str(tmp_path))
-    use_schedules_dir(None)
-    tiny_artifact().save(tmp_path)
-    return tmp_path
 
 
 def test_the_gmm_search_finds_the_pinned_schedule_far_closer_to_the_teacher_than_uniform() -> None:
@@ -65,9 +53,9 @@ def test_searched_schedule_visits_its_timesteps_and_runs_like_diffusers(monkeypa
     check_schedule_pin("searched")
 
 
-def test_artifact_round_trips_through_its_file(folder: Path) -> None:
+def test_artifact_round_trips_through_its_file(schedules: Path) -> None:
     artifact = tiny_artifact()
-    path = folder / "tiny-dpmpp-4.json"
+    path = schedules / "tiny-dpmpp-4.json"
     data = json.loads(path.read_text())
     assert data["format"] == "accel-diffusion/searched-schedule@1"
     assert data["sampler"] == {"name": "dpmpp_2m", **get_registry().normalize("sampler", "dpmpp_2m")}
@@ -76,7 +64,7 @@ def test_artifact_round_trips_through_its_file(folder: Path) -> None:
         "model": "tiny-sd", "steps": 4, "timesteps": TINY_TIMESTEPS, "skipped_blocks": [[], [], [], []], "seed": 3}
     assert data["fitness"] == {"kind": "paired_distance", "value": 0.25, "samples": 8}
     assert data["search"] == {"evaluations": 30, "wall_time_s": 12.5, "command": "accel-diffusion search ...",
-                              "skip_budget": None, "unet_cost": None}
+                              "skip_budget": None, "unet_cost": None, "seed_timesteps": []}
     assert load_artifact(path) == artifact == find_artifact("tiny-dpmpp-4")
     assert SearchedArtifact.model_validate_json(json.dumps(artifact.model_dump(mode="json"))) == artifact
     schedule = get_registry().build("schedule", {"name": "searched", "id": "tiny-dpmpp-4"})
@@ -91,17 +79,17 @@ def test_artifact_round_trips_through_its_file(folder: Path) -> None:
     ({"sampler": {"name": "dpmpp_9m"}}, "unknown sampler 'dpmpp_9m'"),
     ({"id": "other-id"}, "has id 'other-id'; its file must be other-id.json"),
 ])
-def test_an_invalid_artifact_is_refused_naming_file_and_field(folder: Path, change: dict, fragment: str) -> None:
+def test_an_invalid_artifact_is_refused_naming_file_and_field(schedules: Path, change: dict, fragment: str) -> None:
     data = tiny_artifact().model_dump(mode="json") | change
-    (folder / "tiny-dpmpp-4.json").write_text(json.dumps(data))
+    (schedules / "tiny-dpmpp-4.json").write_text(json.dumps(data))
     with pytest.raises(InvalidRequestError) as error:
         get_registry().normalize("schedule", {"name": "searched", "id": "tiny-dpmpp-4"})
     assert error.value.field == "strategy.schedule.id"
-    assert f"searched schedule '{folder / 'tiny-dpmpp-4.json'}'" in error.value.message
+    assert f"searched schedule '{schedules / 'tiny-dpmpp-4.json'}'" in error.value.message
     assert fragment in error.value.message, error.value.message
 
 
-def test_unknown_and_malformed_ids_are_refused(folder: Path) -> None:
+def test_unknown_and_malformed_ids_are_refused(schedules: Path) -> None:
     with pytest.raises(InvalidRequestError) as error:
         get_registry().normalize("schedule", {"name": "searched", "id": "nope"})
     assert (error.value.field, error.value.message) == ("strategy.schedule.id", "no searched schedule 'nope'")
@@ -115,7 +103,7 @@ def test_unknown_and_malformed_ids_are_refused(folder: Path) -> None:
     assert error.value.field == "strategy.schedule.id"
 
 
-def test_listing_prefers_the_configured_folder_and_skips_invalid_files(folder: Path, tmp_path_factory,
+def test_listing_prefers_the_configured_folder_and_skips_invalid_files(schedules: Path, tmp_path_factory,
                                                                        caplog: pytest.LogCaptureFixture) -> None:
     other = tmp_path_factory.mktemp("other")
     tiny_artifact(seed=7).save(other)
@@ -132,13 +120,7 @@ def test_listing_prefers_the_configured_folder_and_skips_invalid_files(folder: P
     assert [a.id for a in list_artifacts()] == sorted(["tiny-dpmpp-4", *SHIPPED])
 
 
-def request(**fields: object) -> GenerationRequest:
-    strategy = {"schedule": {"name": "searched", "id": "tiny-dpmpp-4"}} | dict(fields.pop("strategy", {}))
-    return GenerationRequest.create(**{"model": "tiny-sd", "prompt": "a red circle", "seed": 1, "strategy": strategy,
-                                       **fields})
-
-
-def test_engine_runs_the_searched_timesteps(folder: Path, tiny_registry: ModelRegistry) -> None:
+def test_engine_runs_the_searched_timesteps(schedules: Path, tiny_registry: ModelRegistry) -> None:
     engine = Engine(tiny_registry)
     searched = engine.generate(request())
     explicit = engine.generate(request(strategy={"schedule": {"name": "timesteps", "timesteps": TINY_TIMESTEPS}}))
@@ -148,15 +130,15 @@ def test_engine_runs_the_searched_timesteps(folder: Path, tiny_registry: ModelRe
     assert np.array_equal(engine.generate(request(steps=4)).images, searched.images)
 
 
-def test_the_artifacts_skipped_blocks_are_skipped_at_their_steps(folder: Path, tiny_registry: ModelRegistry) -> None:
+def test_the_artifacts_skipped_blocks_are_skipped_at_their_steps(schedules: Path, tiny_registry: ModelRegistry) -> None:
     from accel_diffusion.engine.block_skip import BlockSkip, skippable_blocks
 
     engine = Engine(tiny_registry)
     unet = tiny_registry.get("tiny-sd").pipeline.unet
     blocks = skippable_blocks(unet)
     skipped = [[], [blocks[0], blocks[-1]], [], [blocks[1]]]
-    tiny_artifact("skips", skipped_blocks=skipped).save(folder)
-    tiny_artifact("skips-none", skipped_blocks=[[], [], [], []]).save(folder)
+    tiny_artifact("skips", skipped_blocks=skipped).save(schedules)
+    tiny_artifact("skips-none", skipped_blocks=[[], [], [], []]).save(schedules)
     explicit = request(strategy={"schedule": {"name": "timesteps", "timesteps": TINY_TIMESTEPS}})
     plain = engine.generate(explicit).images
     assert np.array_equal(engine.generate(request(strategy={"schedule": {"name": "searched", "id": "skips-none"}}))
@@ -166,7 +148,7 @@ def test_the_artifacts_skipped_blocks_are_skipped_at_their_steps(folder: Path, t
     with BlockSkip(unet, {999: [], 700: [blocks[0], blocks[-1]], 100: [blocks[1]]}) as by_hand:
         assert np.array_equal(engine.generate(explicit).images, searched)
     assert by_hand.skipped_calls == 3  # one batched call per step (cond and uncond together)
-    tiny_artifact("bad-skips", skipped_blocks=[[], ["up_blocks.9.resnets.0"], [], []]).save(folder)
+    tiny_artifact("bad-skips", skipped_blocks=[[], ["up_blocks.9.resnets.0"], [], []]).save(schedules)
     bad = request(strategy={"schedule": {"name": "searched", "id": "bad-skips"}})
     for refuse in (lambda: check_request(tiny_registry.spec("tiny-sd"), bad),  # at submit: read from the config
                    lambda: engine.generate(bad)):
@@ -185,7 +167,7 @@ def test_the_artifacts_skipped_blocks_are_skipped_at_their_steps(folder: Path, t
      'made for guidance {"name": "cfg", "scale": 5.0, '),
     ({"steps": 6}, "steps", "made for 4 steps, not 6: send steps = 4 or leave steps out"),
 ])
-def test_another_model_sampler_guidance_or_step_count_is_refused(folder: Path, tiny_registry: ModelRegistry,
+def test_another_model_sampler_guidance_or_step_count_is_refused(schedules: Path, tiny_registry: ModelRegistry,
                                                                  fields: dict, field: str, fragment: str) -> None:
     bad = request(**fields)
     for refuse in (lambda: check_request(tiny_registry.spec(bad.model), bad),

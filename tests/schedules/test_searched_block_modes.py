@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_searched import TINY_TIMESTEPS, request, tiny_artifact
+from searched_fixtures import TINY_TIMESTEPS, request, tiny_artifact
 
 from accel_diffusion.engine import Engine
 from accel_diffusion.errors import InvalidRequestError
@@ -29,14 +29,6 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 
 MIXED = {"skipped_blocks": [[], ["mid_block.resnets.0", "mid_block.attentions.0"], ["mid_block.resnets.0"], []],
          "block_modes": {"mid_block.resnets.0": "residual", "mid_block.attentions.0": "drop"}}
-
-
-@pytest.fixture
-def schedules(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.setenv(SCHEDULES_DIR_ENV, str(tmp_path))
-    use_schedules_dir(None)
-    tiny_artifact().save(tmp_path)
-    return tmp_path
 
 
 def test_block_modes_round_trip_and_are_listed(schedules: Path) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_searched import TINY_TIMESTEPS, request, tiny_artifact
+from searched_fixtures import TINY_TIMESTEPS, request, tiny_artifact
 
 from accel_diffusion.engine import Engine
 from accel_diffusion.errors import InvalidRequestError
@@ -17,19 +17,10 @@ from accel_diffusion.models.registry import ModelRegistry
 from accel_diffusion.registry import get_registry
 from accel_diffusion.schedules.searched import (
     BUILTIN_SCHEDULES_DIR,
-    SCHEDULES_DIR_ENV,
     find_artifact,
     load_artifact,
     use_schedules_dir,
 )
-
-
-@pytest.fixture
-def schedules(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.setenv(SCHEDULES_DIR_ENV, str(tmp_path))
-    use_schedules_dir(None)
-    tiny_artifact().save(tmp_path)
-    return tmp_path
 
 
 def test_skip_mode_round_trips_and_is_listed(schedules: Path) -> None:
