@@ -141,3 +141,18 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     server.start()
     yield server.url
     server.stop()
+
+
+@pytest.fixture
+def schedules(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A folder of searched schedules holding ``searched_fixtures.tiny_artifact()`` (``tiny-dpmpp-4``), configured
+    through ``$ACCEL_DIFFUSION_SCHEDULES_DIR`` for the test. (Here, not in a tests/schedules/conftest.py: a second
+    module named ``conftest`` would shadow this one for the tests that import ``require_tool`` from it.)"""
+    from searched_fixtures import tiny_artifact
+
+    from accel_diffusion.schedules.searched import SCHEDULES_DIR_ENV, use_schedules_dir
+
+    monkeypatch.setenv(SCHEDULES_DIR_ENV, str(tmp_path))
+    use_schedules_dir(None)
+    tiny_artifact().save(tmp_path)
+    return tmp_path
