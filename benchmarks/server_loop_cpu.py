@@ -104,10 +104,9 @@ def child(requests: int, port: int) -> None:
                       "load_average": os.getloadavg()[0]}))
 
 
-def baseline_tree(commit: str) -> Path:
-    """``commit``'s tree in a temporary directory, importable as ``accel_diffusion`` through PYTHONPATH (its
+def baseline_tree(commit: str, tree: Path) -> Path:
+    """``commit``'s tree extracted into ``tree``, importable as ``accel_diffusion`` through PYTHONPATH (its
     ``server/`` and ``clients/`` linked where the installed package maps them)."""
-    tree = Path(tempfile.mkdtemp(prefix="loop-cpu-baseline-"))
     archive = subprocess.run(["git", "-C", str(ROOT), "archive", commit], check=True, capture_output=True).stdout
     subprocess.run(["tar", "-x", "-C", str(tree)], input=archive, check=True)
     for name in ("server", "clients"):
@@ -127,18 +126,21 @@ def main() -> None:
     if args.child is not None:
         child(args.child, args.port)
         return
-    variants = {"current": None}
-    if args.baseline_commit:
-        variants = {f"baseline_{args.baseline_commit}": str(baseline_tree(args.baseline_commit)), **variants}
-    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in variants}
-    for _ in range(args.rounds):
-        for name, path in variants.items():
-            env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-            env |= {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **({"PYTHONPATH": path} if path else {})}
-            done = subprocess.run([sys.executable, __file__, "--child", str(args.requests), "--port", str(args.port)],
-                                  env=env, cwd="/", capture_output=True, text=True, check=True, timeout=1800)
-            runs[name].append(json.loads(done.stdout.strip().splitlines()[-1]))
-            print(name, runs[name][-1], flush=True)
+    with tempfile.TemporaryDirectory(prefix="loop-cpu-baseline-") as scratch:  # the baseline's tree, removed after
+        variants = {"current": None}
+        if args.baseline_commit:
+            tree = str(baseline_tree(args.baseline_commit, Path(scratch)))
+            variants = {f"baseline_{args.baseline_commit}": tree, **variants}
+        runs: dict[str, list[dict[str, Any]]] = {name: [] for name in variants}
+        for _ in range(args.rounds):
+            for name, path in variants.items():
+                env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+                env |= {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **({"PYTHONPATH": path} if path else {})}
+                done = subprocess.run([sys.executable, __file__, "--child", str(args.requests), "--port",
+                                       str(args.port)], env=env, cwd="/", capture_output=True, text=True, check=True,
+                                      timeout=1800)
+                runs[name].append(json.loads(done.stdout.strip().splitlines()[-1]))
+                print(name, runs[name][-1], flush=True)
     result = {name: {"loop_cpu_p50_ms": [r["loop_cpu_p50_ms"] for r in rs], "runs": rs} for name, rs in runs.items()}
     print(json.dumps(result, indent=2))
     if args.out:
