@@ -17,6 +17,7 @@ RNG stream); the EMA weights are saved as a ``MarPipeline`` directory and measur
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import math
@@ -27,6 +28,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm.auto import tqdm
 
 from accel_diffusion.ar.head import HEAD_NOISE, DiffusionHead, head_loss, head_noise_scheduler
@@ -39,10 +41,13 @@ from accel_diffusion.models.shapes.render import render_dataset
 DEFAULT_OUT = Path(__file__).resolve().parent.parent / "models" / "builtin" / "shapes_mar"
 
 
-def _lr_factor(step: int, total: int, warmup: int = 100, floor: float = 0.05) -> float:
+def _lr_factor(step: int, total: int, warmup: int = 100, floor: float = 0.05, time_fraction: float = 0.0) -> float:
+    """Linear warm-up, then cosine decay to ``floor`` over the run: the run's progress is the further of its
+    steps (of ``total``) and its share of the time budget (``time_fraction``), so a run stopped by its time
+    budget ends annealed, however fast the machine."""
     if step < warmup:
         return (step + 1) / warmup
-    p = min(1.0, (step - warmup) / max(1, total - warmup))
+    p = min(1.0, max((step - warmup) / max(1, total - warmup), time_fraction))
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * p))
 
 
@@ -73,15 +78,28 @@ def random_mask(batch: int, num_tokens: int, gen: torch.Generator) -> torch.Tens
     return ranks < count[:, None]
 
 
+def training_contexts(precision: str) -> contextlib.ExitStack:
+    """The forward passes' numerics: ``bf16``: autocast to bfloat16 (matrix products on the CPU's AMX/AVX-512
+    bf16 units: 6-7x fp32's rate on this machine's 2 cores) with attention on the math kernel (the fused CPU
+    flash-attention kernel's bf16 backward is 6x slower than its fp32 one); ``fp32``: as is."""
+    if precision not in ("bf16", "fp32"):
+        raise ValueError(f"precision is 'bf16' or 'fp32', got {precision!r}")
+    stack = contextlib.ExitStack()
+    if precision == "bf16":
+        stack.enter_context(sdpa_kernel(SDPBackend.MATH))
+        stack.enter_context(torch.autocast("cpu", dtype=torch.bfloat16))
+    return stack
+
+
 @flushing_denormals()
 def train_shapes_mar(
     out: str | Path = DEFAULT_OUT,
     work: str | Path | None = None,
-    steps: int = 7500,
+    steps: int = 30000,
     batch_size: int = 64,
     lr: float = 1e-3,
     ema_decay: float = 0.999,
-    n_images: int = 30000,
+    n_images: int = 50000,
     seed: int = 0,
     checkpoint_every: int = 100,
     width: int = 128,
@@ -94,7 +112,9 @@ def train_shapes_mar(
     head_repeats: int = 1,
     ar_iterations: int = 16,
     measure: bool = True,
-    max_minutes: float | None = None,
+    max_minutes: float | None = 55.0,
+    precision: str = "bf16",
+    compile: bool = True,
     export_only: bool = False,
     guidance_scales: tuple[float, ...] = (1.0, 3.0, 5.0),
     note: str = "",
@@ -126,7 +146,6 @@ def train_shapes_mar(
     ema_t, ema_h = copy.deepcopy(transformer).eval(), copy.deepcopy(head).eval()
     ema_params = list(ema_t.parameters()) + list(ema_h.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: _lr_factor(i, steps))
     gen = torch.Generator().manual_seed(seed + 1)
     noise_sched = head_noise_scheduler()
     ckpt = work / "checkpoint.pt"
@@ -139,7 +158,6 @@ def train_shapes_mar(
         ema_t.load_state_dict(state["ema_transformer"])
         ema_h.load_state_dict(state["ema_head"])
         opt.load_state_dict(state["opt"])
-        sched.load_state_dict(state["sched"])
         gen.set_state(state["gen"])
         start, train_seconds = int(state["step"]), float(state["train_seconds"])
         t_data = float(state.get("data_seconds", t_data))
@@ -149,6 +167,10 @@ def train_shapes_mar(
     caption_index, empty_index = data["caption_index"], data["empty_index"]
     transformer.train()
     head.train()
+    # compiled for training only (the EMA copies are what is saved); the head's token count varies per batch
+    train_transformer = torch.compile(transformer) if compile else transformer
+    train_head = torch.compile(head, dynamic=True) if compile else head
+    budget = None if max_minutes is None else 60 * max_minutes
     bar = tqdm(range(start, start if export_only else steps), desc="shapes_mar", initial=start, total=steps,
                mininterval=5.0)
     t_loop = time.time()
@@ -161,13 +183,17 @@ def train_shapes_mar(
         text_idx = caption_index[idx].clone()
         text_idx[torch.rand(batch_size, generator=gen) < empty_prompt_prob] = empty_index
         mask = random_mask(batch_size, num_tokens, gen)
-        z = transformer(tokens, mask, states[text_idx])
-        loss = head_loss(head, tokens[mask], z[mask], noise_sched, gen, repeats=head_repeats)
+        with training_contexts(precision):
+            z = train_transformer(tokens, mask, states[text_idx])
+            loss = head_loss(train_head, tokens[mask], z[mask], noise_sched, gen, repeats=head_repeats)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
+        elapsed = train_seconds + time.time() - t_loop
+        factor = _lr_factor(step, steps, time_fraction=elapsed / budget if budget else 0.0)
+        for group in opt.param_groups:
+            group["lr"] = lr * factor
         opt.step()
-        sched.step()
         d = min(ema_decay, (1 + step) / (10 + step))
         with torch.no_grad():
             torch._foreach_lerp_(ema_params, params, 1 - d)
@@ -177,7 +203,7 @@ def train_shapes_mar(
         if (step + 1) % checkpoint_every == 0 or step + 1 == steps or out_of_time:
             torch.save({"transformer": transformer.state_dict(), "head": head.state_dict(),
                         "ema_transformer": ema_t.state_dict(), "ema_head": ema_h.state_dict(),
-                        "opt": opt.state_dict(), "sched": sched.state_dict(), "gen": gen.get_state(),
+                        "opt": opt.state_dict(), "gen": gen.get_state(),
                         "step": step + 1, "train_seconds": train_seconds + time.time() - t_loop,
                         "data_seconds": t_data, "loss_ema": loss_avg}, ckpt)
         steps_done = step + 1
@@ -200,7 +226,8 @@ def train_shapes_mar(
         "args": {"steps": steps, "batch_size": batch_size, "lr": lr, "ema_decay": ema_decay, "n_images": n_images,
                  "seed": seed, "width": width, "depth": depth, "head_width": head_width, "head_depth": head_depth,
                  "pos_init_std": pos_init_std, "empty_prompt_prob": empty_prompt_prob,
-                 "patch_size": patch_size, "head_repeats": head_repeats, "ar_iterations": ar_iterations},
+                 "patch_size": patch_size, "head_repeats": head_repeats, "ar_iterations": ar_iterations,
+                 "max_minutes": max_minutes, "precision": precision, "compile": compile},
         "parameters": {"transformer": sum(p.numel() for p in ema_t.parameters()),
                        "head": sum(p.numel() for p in ema_h.parameters())},
         "final_loss_ema": loss_avg, "data_seconds": t_data, "train_seconds": train_seconds,
@@ -211,6 +238,18 @@ def train_shapes_mar(
     (out / "training_info.json").write_text(json.dumps(info, indent=2) + "\n")
     write_model_card(out, info)
     return info
+
+
+def _over(args: dict[str, Any]) -> str:
+    if args.get("max_minutes") is None:
+        return ""
+    return f" over the {args['steps']} steps or the {args['max_minutes']:g}-minute budget, whichever comes first"
+
+
+def _numerics(args: dict[str, Any]) -> str:
+    precision = args.get("precision", "fp32")
+    text = "bf16 autocast (attention on the math kernel)" if precision == "bf16" else "fp32"
+    return text + (", transformer and head compiled (torch.compile)" if args.get("compile") else "")
 
 
 def _times(repeats: int) -> str:
@@ -249,7 +288,8 @@ def write_model_card(out: Path, info: dict[str, Any]) -> None:
         "## Training recipe (`accel-diffusion train shapes_mar`, seeded, resumable)",
         "",
         f"{a['n_images']:,} renders (seed {a['seed']}) encoded once; batch {a['batch_size']}, AdamW lr {a['lr']}"
-        f" (weight decay 0.01, 100 warm-up steps, cosine to 5%), gradient norm 1, EMA {a['ema_decay']}; per image a"
+        f" (weight decay 0.01, 100 warm-up steps, cosine to 5%{_over(a)}), gradient norm 1, EMA {a['ema_decay']};"
+        f" {_numerics(a)}; per image a"
         f" random mask of cos(pi/2 u) of the tokens; {a.get('empty_prompt_prob', 0.1):.0%} empty prompts; the head's"
         f" loss on the masked tokens, {_times(a.get('head_repeats', 4))}; position embeddings initialised at std"
         f" {a.get('pos_init_std', 0.02)}.",
@@ -269,6 +309,11 @@ def write_model_card(out: Path, info: dict[str, Any]) -> None:
         *rows,
         "",
     ]
+    heldout = {k: v for k, v in metrics.items() if k.startswith("heldout_cfg_")}
+    for key, v in heldout.items():
+        lines += [f"Held-out seeds (10000 + i, the same 196 prompts; `benchmarks/disa.py` measures the same way), CFG"
+                  f" {key.removeprefix('heldout_cfg_')}: prompt accuracy **{v['all']:.3f}** (shape {v['shape']:.3f},"
+                  f" colour {v['color']:.3f}, background {v['background']:.3f}).", ""]
     if "context_use" in metrics:
         c = metrics["context_use"]
         lines += [f"Context use (`ar/train.py: context_use`, 256 held-out renders): the error of the head's estimate"
@@ -306,8 +351,10 @@ def context_use(pipe: MarPipeline, n: int = 256, known: int = 8, seed: int = 12_
 
 
 def measure_shapes_mar(model_dir: Path, guidance_scales: tuple[float, ...] = (1.0, 3.0, 5.0),
-                       iterations: int = 8, head_steps: int = 50) -> dict[str, Any]:
-    """Prompt accuracy over the 196 prompts (one seed each) at constant ``head_steps``, per CFG scale."""
+                       iterations: int = 8, head_steps: int = 50, heldout_scale: float | None = 5.0,
+                       ) -> dict[str, Any]:
+    """Prompt accuracy over the 196 prompts (one seed each: seed i) at constant ``head_steps``, per CFG scale, and
+    at ``heldout_scale`` on held-out seeds (10000 + i)."""
     from accel_diffusion.eval.shapes_eval import shapes_prompts
     from accel_diffusion.eval.shapes_judge import ShapesJudge
     from accel_diffusion.registry import get_registry
@@ -319,16 +366,19 @@ def measure_shapes_mar(model_dir: Path, guidance_scales: tuple[float, ...] = (1.
     out: dict[str, Any] = {"ar_iterations": iterations, "head_steps": head_steps, "sampler": "ddpm",
                            "context_use": context_use(pipe, known=pipe.transformer.config.num_tokens // 2)}
     print(f"context use: {out['context_use']}")
-    for scale in guidance_scales:
+    runs = [(f"cfg_{scale:g}", scale, 0) for scale in guidance_scales]
+    if heldout_scale is not None:
+        runs.append((f"heldout_cfg_{heldout_scale:g}", heldout_scale, 10_000))
+    for key, scale, first_seed in runs:
         t0 = time.time()
         images = np.concatenate([
-            pipe.generate(prompts[i : i + 49], list(range(i, i + 49))[: len(prompts[i : i + 49])],
+            pipe.generate(prompts[i : i + 49], list(range(first_seed + i, first_seed + i + len(prompts[i : i + 49]))),
                           [head_steps] * iterations, registry.build("sampler", "ddpm"),
                           lambda s=scale: registry.build("guidance", {"name": "cfg", "scale": s})).images
             for i in range(0, len(prompts), 49)])
         acc = judge.prompt_accuracy(images, prompts)
-        out[f"cfg_{scale:g}"] = {**acc, "seconds": round(time.time() - t0, 2)}
-        print(f"cfg {scale:g}: prompt accuracy {acc['all']:.3f} ({time.time() - t0:.0f} s)")
+        out[key] = {**acc, "seconds": round(time.time() - t0, 2)}
+        print(f"{key}: prompt accuracy {acc['all']:.3f} ({time.time() - t0:.0f} s)")
     return out
 
 
@@ -336,10 +386,11 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="accel-diffusion train shapes_mar", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--work", type=Path, default=None, help="data and checkpoint, resumed (default: OUT.work)")
-    parser.add_argument("--steps", type=int, default=7500)
+    parser.add_argument("--steps", type=int, default=30000,
+                        help="the most steps (the cosine decay ends at these or at --max-minutes, whichever first)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--images", type=int, default=30000)
+    parser.add_argument("--images", type=int, default=50000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--checkpoint-every", type=int, default=100)
     parser.add_argument("--width", type=int, default=128, help="transformer width")
@@ -357,9 +408,14 @@ def main(argv: list[str] | None = None) -> None:
                         help="the saved model's default AR iterations (and the measurement's)")
     parser.add_argument("--ema-decay", type=float, default=0.999)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    parser.add_argument("--max-minutes", type=float, default=56.0,
-                        help="stop training (and save) after this long (default 56: the whole command, rendering, "
-                        "training and the measurement, fits 60 minutes on a 2-core CPU)")
+    parser.add_argument("--max-minutes", type=float, default=55.0,
+                        help="the training's time budget: the learning rate anneals over it and training stops (and "
+                        "saves) at it (default 55: the whole command, rendering, training and the measurement, fits "
+                        "60 minutes on a 2-core CPU)")
+    parser.add_argument("--precision", choices=["bf16", "fp32"], default="bf16",
+                        help="bf16: autocast (fast on CPUs with AMX / AVX-512 bf16); fp32: as is")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
+                        help="torch.compile the transformer and head for training")
     parser.add_argument("--no-measure", action="store_true")
     parser.add_argument("--export-only", action="store_true", help="save and measure the checkpoint, no training")
     parser.add_argument("--guidance-scales", type=float, nargs="+", default=[1.0, 3.0, 5.0])
@@ -374,7 +430,8 @@ def main(argv: list[str] | None = None) -> None:
                             head_repeats=args.head_repeats, ar_iterations=args.ar_iterations,
                             ema_decay=args.ema_decay,
                             measure=not args.no_measure,
-                            max_minutes=args.max_minutes, export_only=args.export_only,
+                            max_minutes=args.max_minutes, precision=args.precision, compile=args.compile,
+                            export_only=args.export_only,
                             guidance_scales=tuple(args.guidance_scales), note=args.note)
     print(json.dumps(info, indent=2))
 
