@@ -22,7 +22,8 @@ Also the server's CPU time per request by thread (from /proc; unlike the wall ti
 against the direct engine's. ``--compare-pool-dependencies`` runs a second server beside it, in the same
 blocks, whose route dependencies are plain functions that FastAPI runs in its thread pool (the server before
 they became coroutines): the A/B of that change under one load. The wrappers cost a few microseconds a hop.
-``--acceleration none`` measures eager servers.
+``--compare-fast-path`` runs one whose images requests all take the FastAPI route (the server before
+``server/images_fast_path.py``). ``--acceleration none`` measures eager servers.
 """
 
 from __future__ import annotations
@@ -49,10 +50,12 @@ HOPS = ["client_send", "arrival", "validated", "enqueued", "picked_up", "engine_
         "encoded", "finish_called", "finished", "loop_woken", "waited", "body_sent", "client_received"]
 
 
-def serve_traced(trace_path: str, pool_dependencies: bool, argv: list[str]) -> None:
+def serve_traced(trace_path: str, variant: str, argv: list[str]) -> None:
     """Run ``accel-diffusion serve`` with the tracing wrappers in place; one JSON line per HTTP request to
-    ``trace_path`` (written after its response has been sent). ``pool_dependencies``: the route dependencies
-    as plain functions, which FastAPI runs in its thread pool (the server before they became coroutines)."""
+    ``trace_path`` (written after its response has been sent). ``variant``: ``coroutines`` (the server as it
+    is), ``pool`` (the route dependencies as plain functions, which FastAPI runs in its thread pool: the server
+    before they became coroutines) or ``route`` (the images fast path hands every request to the FastAPI
+    route: the server before the fast path)."""
     from accel_diffusion.server import app as app_module
     from accel_diffusion.server import jobs, schemas, worker
 
@@ -116,8 +119,13 @@ def serve_traced(trace_path: str, pool_dependencies: bool, argv: list[str]) -> N
         out.write(json.dumps(trace) + "\n")
 
     app_module.RequestIdAndLimits.__call__ = traced_call  # type: ignore[method-assign]
-    if pool_dependencies:
+    if variant == "pool":
         use_pool_dependencies(app_module)
+    if variant == "route":
+        async def through_the_route(self: Any, scope: dict[str, Any], receive: Any, send: Any) -> None:
+            await self.app(scope, receive, send)
+
+        app_module.ImagesFastPath.__call__ = through_the_route  # type: ignore[method-assign]
     from accel_diffusion.cli import main
 
     sys.argv = ["accel-diffusion", *argv]
@@ -245,10 +253,13 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--compare-pool-dependencies", action="store_true",
                         help="a second server beside it whose dependencies run in FastAPI's thread pool (as before)")
+    parser.add_argument("--compare-fast-path", action="store_true",
+                        help="a second server beside it whose images requests all go through the FastAPI route "
+                        "(the server before server/images_fast_path.py)")
     parser.add_argument("--serve-traced", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve_traced:
-        serve_traced(args.serve_traced[0], args.serve_traced[1] == "pool", args.serve_traced[2:])
+        serve_traced(args.serve_traced[0], args.serve_traced[1], args.serve_traced[2:])
         return
     import tempfile
 
@@ -263,7 +274,9 @@ def main() -> None:
     from accel_diffusion.models.registry import ModelRegistry
 
     cache = args.cache_dir or tempfile.mkdtemp(prefix="inductor-")
-    names = ["server", "server_pool_dependencies"] if args.compare_pool_dependencies else ["server"]
+    variants = {"server": "coroutines", "server_pool_dependencies": "pool", "server_without_fast_path": "route"}
+    names = ["server", *(["server_pool_dependencies"] if args.compare_pool_dependencies else []),
+             *(["server_without_fast_path"] if args.compare_fast_path else [])]
     servers: dict[str, tuple[int, Path, int]] = {}
     processes = []
     try:
@@ -272,8 +285,7 @@ def main() -> None:
             trace_path.touch()
             port = free_port()
             # buckets [1, 2]: the graphs a lone CFG request runs (UNet 2 rows, decode 1); the server warms only them
-            entry = [str(Path(__file__).resolve()), "--serve-traced", str(trace_path),
-                     "pool" if name == "server_pool_dependencies" else "coroutines"]
+            entry = [str(Path(__file__).resolve()), "--serve-traced", str(trace_path), variants[name]]
             processes.append(start_server(port, queue_max=8, ready_timeout_s=1800, entry=entry,
                                           engine_acceleration=args.acceleration, inductor_cache_dir=cache,
                                           compile_buckets="[1, 2]"))

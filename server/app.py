@@ -25,6 +25,7 @@ import diffusers
 import torch
 from accel_diffusion.server.auth import api_key_matches, key_owner
 from accel_diffusion.server.hosts import HostAndOriginCheck
+from accel_diffusion.server.images_fast_path import ImagesFastPath
 from accel_diffusion.server.jobs import (
     DrainingError,
     Job,
@@ -270,6 +271,8 @@ def create_app(settings: ServerSettings | None = None, ranks: Any = None) -> Fas
                          description="Diffusion generation with interchangeable acceleration strategies: an "
                                      "OpenAI-compatible images API and a native jobs API with progress events.")
     app.state.settings = settings  # for whoever runs the app (uvicorn's limits follow it: process.py)
+    if settings.queue_backend != "redis":  # innermost: inside CORS, the host check, the request id and limits
+        app.add_middleware(ImagesFastPath, run_images=_run_images)
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "Content-Type", "Last-Event-ID", "X-Request-Id"])
