@@ -6,9 +6,13 @@ caption once, plus the empty prompt); then train the transformer and the diffusi
 per image a MaskGIT/MAR-style random mask (ratio cos(pi/2 u), u ~ U(0, 1), at least one token),
 ``--empty-prompt-prob`` (20%) empty prompts (so classifier-free guidance works), the head's loss on the masked tokens
 (``head_loss``: each token ``--head-repeats`` times at independent timesteps), AdamW with warmup and cosine
-decay, gradient norm clipped to 1, EMA of the weights. Tokens are ``--patch-size`` patches of the latents: 1 by
-default (64 tokens of 4 values, as MAR on its latents; 0.735 prompt accuracy at CFG 3 against 0.490 for 2x2
-patches, 16 tokens of 16, in the same time: the model card's probes), generated over 16 AR iterations.
+decay over the steps or the ``--max-minutes`` budget (55), whichever runs out first (so a run stopped by its budget
+ends annealed, whatever the machine's speed), gradient norm clipped to 1, EMA of the weights. The forward passes run
+under bf16 autocast with the transformer and head compiled (``--precision``, ``--compile``: 1.5x per step on a CPU
+with AMX, the same loss at equal steps; the model card's probes).
+Tokens are ``--patch-size`` patches of the latents: 1 by default (64 tokens of 4 values, as MAR on its latents;
+0.735 prompt accuracy at CFG 3 against 0.490 for 2x2 patches, 16 tokens of 16, in the same time: the model card's
+probes), generated over 16 AR iterations.
 Seeded; a checkpoint every ``--checkpoint-every`` steps in ``--work`` (resumed automatically: same data, same
 RNG stream); the EMA weights are saved as a ``MarPipeline`` directory and measured
 (prompt accuracy over the 196 prompts).
