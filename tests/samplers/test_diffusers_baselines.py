@@ -50,5 +50,8 @@ def test_a_run_gives_the_recorded_golden_values(name: str) -> None:
     """Pins the reference itself: a diffusers upgrade that changes a solver shows up here."""
     x = reference_run(name)
     mean_abs, first = GOLDEN[name]
-    assert float(x.abs().mean()) == pytest.approx(mean_abs, rel=1e-9)
-    assert [float(v) for v in x[0]] == pytest.approx(first, rel=1e-9)
+    # rel 1e-6: diffusers computes its noise schedule in float32, whose last bits differ between CPUs (AVX2 vs
+    # AVX-512 kernels: 1e-8 relative between a 2-core AMD EPYC and an Intel Xeon); a changed solver moves these
+    # values by 1e-4 or more (abs 1e-6 for coordinates near 0)
+    assert float(x.abs().mean()) == pytest.approx(mean_abs, rel=1e-6)
+    assert [float(v) for v in x[0]] == pytest.approx(first, rel=1e-6, abs=1e-6)
