@@ -23,7 +23,7 @@ from typing import Annotated, Any
 
 import diffusers
 import torch
-from accel_diffusion.server.auth import api_key_matches, key_owner
+from accel_diffusion.server.auth import api_key_matches, bearer_key, key_owner
 from accel_diffusion.server.hosts import HostAndOriginCheck
 from accel_diffusion.server.images_fast_path import ImagesFastPath
 from accel_diffusion.server.jobs import (
@@ -313,8 +313,8 @@ async def require_api_key(request: Request, authorization: Annotated[str | None,
     keys = request.app.state.server.api_keys
     if not keys:
         return
-    scheme, _, token = (authorization or "").partition(" ")
-    if scheme.lower() != "bearer" or not api_key_matches(token, keys):
+    token = bearer_key(authorization)
+    if token is None or not api_key_matches(token, keys):
         raise HTTPException(401, "missing or invalid API key (Authorization: Bearer <key>)")
     request.state.job_owner = key_owner(token)
 

@@ -15,6 +15,12 @@ def api_key_matches(given: str, keys: list[bytes]) -> bool:
     return matched
 
 
+def bearer_key(authorization: str | None) -> str | None:
+    """The key of an ``Authorization`` header value ``Bearer <key>`` (any case of "Bearer"); None otherwise."""
+    scheme, _, token = (authorization or "").partition(" ")
+    return token if scheme.lower() == "bearer" else None
+
+
 def key_owner(token: str) -> str:
     """Who owns what a key starts (jobs, stream sessions): a digest of the key (the key itself is not kept)."""
     return hashlib.sha256(token.strip().encode()).hexdigest()[:32]

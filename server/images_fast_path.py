@@ -21,7 +21,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from accel_diffusion.server.auth import api_key_matches, key_owner
+from accel_diffusion.server.auth import api_key_matches, bearer_key, key_owner
 from accel_diffusion.server.schemas import ImageGenerationRequest
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -69,8 +69,8 @@ class ImagesFastPath:
         state = app.state.server
         owner = None
         if state.api_keys:
-            scheme, _, token = (_header(scope, b"authorization") or b"").decode("latin-1").partition(" ")
-            if scheme.lower() != "bearer" or not api_key_matches(token, state.api_keys):
+            token = bearer_key((_header(scope, b"authorization") or b"").decode("latin-1"))
+            if token is None or not api_key_matches(token, state.api_keys):
                 await self.app(scope, receive, send)  # the route answers the 401
                 return
             owner = key_owner(token)

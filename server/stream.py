@@ -74,7 +74,7 @@ from concurrent.futures import Future
 from typing import Any
 
 import numpy as np
-from accel_diffusion.server.auth import api_key_matches, key_owner
+from accel_diffusion.server.auth import api_key_matches, bearer_key, key_owner
 from accel_diffusion.server.jobs import OutputOptions
 from accel_diffusion.server.worker import out_of_memory
 from fastapi import APIRouter, HTTPException, Request, WebSocket, WebSocketDisconnect
@@ -165,8 +165,8 @@ def _sent_key(connection: WebSocket | Request) -> str:
     """The API key a stream caller sent ("" if none): an ``Authorization: Bearer`` header; on a WebSocket the
     subprotocol ``base64url.bearer.<key>`` (the key base64url-encoded: what a browser can send); else
     ``?api_key=`` (kept for old clients and ``<img src>``; the access log redacts it)."""
-    scheme, _, token = connection.headers.get("authorization", "").partition(" ")
-    if scheme.lower() == "bearer":
+    token = bearer_key(connection.headers.get("authorization"))
+    if token is not None:
         return token
     for protocol in connection.scope.get("subprotocols", []):
         if protocol.startswith(BEARER_SUBPROTOCOL):
