@@ -23,7 +23,10 @@ against the direct engine's. ``--compare-pool-dependencies`` runs a second serve
 blocks, whose route dependencies are plain functions that FastAPI runs in its thread pool (the server before
 they became coroutines): the A/B of that change under one load. The wrappers cost a few microseconds a hop.
 ``--compare-fast-path`` runs one whose images requests all take the FastAPI route (the server before
-``server/images_fast_path.py``). ``--acceleration none`` measures eager servers.
+``server/images_fast_path.py``). ``--compare-checkout <path>`` runs one with the code of another checkout of
+this repository (``git worktree add /tmp/base <commit>``): a change's A/B under one load, which separate runs
+cannot give (the machine drifts between them by more than the change). ``--acceleration none`` measures eager
+servers.
 """
 
 from __future__ import annotations
@@ -55,7 +58,10 @@ def serve_traced(trace_path: str, variant: str, argv: list[str]) -> None:
     ``trace_path`` (written after its response has been sent). ``variant``: ``coroutines`` (the server as it
     is), ``pool`` (the route dependencies as plain functions, which FastAPI runs in its thread pool: the server
     before they became coroutines) or ``route`` (the images fast path hands every request to the FastAPI
-    route: the server before the fast path)."""
+    route: the server before the fast path), or ``checkout:<path>``: the server as it is in another checkout
+    of this repository (a git worktree of an earlier commit, say), for an A/B of a change under one load."""
+    if variant.startswith("checkout:"):
+        use_checkout(Path(variant.removeprefix("checkout:")))
     from accel_diffusion.server import app as app_module
     from accel_diffusion.server import jobs, schemas, worker
 
@@ -130,6 +136,24 @@ def serve_traced(trace_path: str, variant: str, argv: list[str]) -> None:
 
     sys.argv = ["accel-diffusion", *argv]
     main()
+
+
+def use_checkout(root: Path) -> None:
+    """Import ``accel_diffusion`` (with its ``server`` and ``clients`` packages, which live at the repository's
+    root) from the checkout at ``root`` instead of the installed one. Call before any of them is imported."""
+    import importlib.util
+
+    packages = {"accel_diffusion": root / "accel_diffusion", "accel_diffusion.server": root / "server",
+                "accel_diffusion.clients": root / "clients"}
+
+    class CheckoutFinder:
+        def find_spec(self, name: str, path: Any = None, target: Any = None) -> Any:
+            if name not in packages:
+                return None  # submodules: found on their package's __path__, which is in the checkout
+            return importlib.util.spec_from_file_location(name, packages[name] / "__init__.py",
+                                                          submodule_search_locations=[str(packages[name])])
+
+    sys.meta_path.insert(0, CheckoutFinder())
 
 
 def use_pool_dependencies(app_module: Any) -> None:
@@ -256,6 +280,9 @@ def main() -> None:
     parser.add_argument("--compare-fast-path", action="store_true",
                         help="a second server beside it whose images requests all go through the FastAPI route "
                         "(the server before server/images_fast_path.py)")
+    parser.add_argument("--compare-checkout", type=Path, default=None,
+                        help="a second server beside it running the code of another checkout of this repository "
+                        "(e.g. `git worktree add /tmp/base HEAD~1`): an A/B of a change under one load")
     parser.add_argument("--serve-traced", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve_traced:
@@ -276,7 +303,10 @@ def main() -> None:
     cache = args.cache_dir or tempfile.mkdtemp(prefix="inductor-")
     variants = {"server": "coroutines", "server_pool_dependencies": "pool", "server_without_fast_path": "route"}
     names = ["server", *(["server_pool_dependencies"] if args.compare_pool_dependencies else []),
-             *(["server_without_fast_path"] if args.compare_fast_path else [])]
+             *(["server_without_fast_path"] if args.compare_fast_path else []),
+             *(["server_at_checkout"] if args.compare_checkout else [])]
+    if args.compare_checkout:
+        variants["server_at_checkout"] = f"checkout:{args.compare_checkout.resolve()}"
     servers: dict[str, tuple[int, Path, int]] = {}
     processes = []
     try:
@@ -302,6 +332,12 @@ def main() -> None:
             process.terminate()
             process.wait(120)
     result |= {"acceleration": args.acceleration, "torch": torch.__version__}
+    if args.compare_checkout:
+        import subprocess
+
+        commit = subprocess.run(["git", "-C", str(args.compare_checkout), "rev-parse", "HEAD"], capture_output=True,
+                                text=True).stdout.strip()
+        result["checkout"] = {"path": str(args.compare_checkout), "commit": commit}
     print(json.dumps(result, indent=2))
     if args.out:
         args.out.write_text(json.dumps(result, indent=2) + "\n")

@@ -141,7 +141,8 @@ class Job:
         try:
             if not self.status.finished:
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(watch.next().wait(), timeout)
+                    async with asyncio.timeout(timeout):  # no task of its own (wait_for's): one loop step less
+                        await watch.next().wait()
         finally:
             self.unwatch(watch)
         return self.status.finished

@@ -517,3 +517,72 @@ def test_limits_apply_to_the_request_with_the_models_defaults_filled_in(tiny_mod
         assert client.get("/v1/jobs").json()["data"] == []  # nothing was queued
         job = client.post("/v1/jobs", json={"prompt": "a", "steps": 2, "width": 32, "seed": 0}).json()  # 32x64
         assert wait_finished(client, job["id"])["result"]["height"] == 64
+
+
+def test_a_strategy_is_checked_once_per_model_strategy_steps_and_mode(tiny_models_file: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """The server keeps ``check_request``'s verdicts (``StrategyChecks``): requests that differ only in
+    prompt, seed or n are not checked again; another strategy, step count or mode is; a refusal is refused
+    (and checked) every time."""
+    import base64
+
+    from accel_diffusion.server import app as app_module
+    from server_clients import init_png
+
+    calls: list[dict] = []
+    check_request = app_module.check_request
+
+    def counted(spec: object, request: GenerationRequest) -> object:
+        calls.append(request.strategy.model_dump(exclude_none=True))
+        return check_request(spec, request)
+
+    monkeypatch.setattr(app_module, "check_request", counted)
+    with TestClient(create_app(make_settings(tiny_models_file))) as client:
+        def post(**body: object) -> object:
+            return client.post("/v1/images/generations", json={"prompt": PROMPT, "num_inference_steps": 2, **body})
+
+        calls.clear()
+        assert post(seed=1).status_code == 200
+        assert post(prompt="a blue square", seed=2, n=2).status_code == 200
+        assert len(calls) == 1
+        assert post(guidance_scale=3.0).status_code == 200  # another strategy
+        assert post(num_inference_steps=3).status_code == 200  # another step count
+        assert len(calls) == 3 and calls[1]["guidance"]["scale"] == 3.0
+        for _ in range(2):
+            response = post(strategy={"guidance": {"name": "rcfg", "variant": "self"}})
+            assert response.status_code == 400 and response.json()["error"]["param"] == "strategy.guidance.variant"
+        assert len(calls) == 5
+        edit = client.post("/v1/images/edits", json={"image": base64.b64encode(init_png()).decode(), "prompt": PROMPT,
+                                                     "num_inference_steps": 2, "seed": 1})
+        assert edit.status_code == 200 and len(calls) == 6  # img2img: another mode
+        assert post(seed=9).status_code == 200 and len(calls) == 6
+
+
+def test_strategy_checks_keep_the_newest_entries_and_never_a_runtime(tiny_models_file: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    from accel_diffusion.server import app as app_module
+
+    from accel_diffusion.errors import IncompatibleStrategyError
+
+    calls: list[GenerationRequest] = []
+    check_request = app_module.check_request
+    monkeypatch.setattr(app_module, "check_request", lambda spec, request: calls.append(request) or check_request(
+        spec, request))
+    spec = ModelRegistry.from_file(tiny_models_file).spec("tiny")
+    checks = app_module.StrategyChecks(max_entries=2)
+
+    def request(scale: float, **strategy: object) -> GenerationRequest:
+        return GenerationRequest.create(model="tiny", prompt="a", strategy={"guidance": {"name": "cfg", "scale": scale},
+                                                                            **strategy})
+
+    first = checks.prepared(spec, request(2.0))
+    assert checks.prepared(spec, request(2.0)) is first and len(calls) == 1
+    checks.prepared(spec, request(3.0))
+    checks.prepared(spec, request(4.0))  # a third: the oldest (2.0) goes
+    assert len(calls) == 3
+    assert checks.prepared(spec, request(4.0)) is not None and len(calls) == 3
+    assert checks.prepared(spec, request(2.0)) is not first and len(calls) == 4
+    for _ in range(2):  # a patch-parallel runtime depends on the process group: checked every time
+        with pytest.raises(IncompatibleStrategyError, match="patch_parallel"):
+            checks.prepared(spec, request(2.0, runtime={"name": "patch_parallel"}))
+    assert len(calls) == 6
