@@ -194,15 +194,17 @@ def thread_cpu_s(pid: int) -> dict[str, float]:
     return seconds
 
 
-def measure(servers: dict[str, tuple[int, Path, int]], blocks: int, block: int, engine: Any) -> dict[str, Any]:
+def measure(servers: dict[str, tuple[int, Path, int]], blocks: int, block: int, engine: Any,
+            steps: int | None = None) -> dict[str, Any]:
     """``servers``: name -> (port, trace file, pid). Blocks of ``block`` direct engine calls and then a block of
     HTTP requests to each server, in turn, so that the machine's load drifts over all of them alike."""
     from serving import BODY, STEPS
 
+    steps = steps or STEPS
     from accel_diffusion.strategy import GenerationRequest
 
-    request = GenerationRequest.create(model="shapes", prompt=BODY["prompt"], seed=0, steps=STEPS)
-    body = json.dumps(BODY)
+    request = GenerationRequest.create(model="shapes", prompt=BODY["prompt"], seed=0, steps=steps)
+    body = json.dumps(BODY | {"num_inference_steps": steps})
     connections = {name: http.client.HTTPConnection("127.0.0.1", port, timeout=120)
                    for name, (port, _, _) in servers.items()}
     clients: dict[str, list[dict[str, float]]] = {name: [] for name in servers}
@@ -273,6 +275,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests", type=int, default=40, help="timed HTTP requests (in blocks of 10)")
     parser.add_argument("--acceleration", choices=["compile", "none"], default="compile")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="denoising steps per request (default: the serving benchmark's 8); fewer steps, a "
+                        "shorter engine run between the server's hops")
     parser.add_argument("--cache-dir", default=None, help="inductor cache (warm start); default: a new one")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--compare-pool-dependencies", action="store_true",
@@ -295,7 +300,7 @@ def main() -> None:
 
     torch.set_num_threads(1)
     from engine import _single_model_registry
-    from serving import free_port, start_server
+    from serving import STEPS, free_port, start_server
 
     from accel_diffusion.engine import Engine, compiled
     from accel_diffusion.models.registry import ModelRegistry
@@ -326,12 +331,12 @@ def main() -> None:
             model.compiled_model((1, 2))
             compiled.warm(model)
         engine = Engine(_single_model_registry(model), acceleration=args.acceleration, buckets=(1, 2))
-        result = measure(servers, max(1, args.requests // 10), 10, engine)
+        result = measure(servers, max(1, args.requests // 10), 10, engine, args.steps)
     finally:
         for process in processes:
             process.terminate()
             process.wait(120)
-    result |= {"acceleration": args.acceleration, "torch": torch.__version__}
+    result |= {"acceleration": args.acceleration, "steps": args.steps or STEPS, "torch": torch.__version__}
     if args.compare_checkout:
         import subprocess
 
