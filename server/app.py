@@ -299,6 +299,8 @@ def create_app(settings: ServerSettings | None = None, ranks: Any = None) -> Fas
                 await state.redis.aclose()
             if settings.role != "api":
                 await asyncio.to_thread(state.worker.stop, 600)
+            if getattr(app.state, "access_log", None) is not None:
+                app.state.access_log.flush()  # the last requests' lines
 
     # /docs (Swagger UI) and /redoc with their scripts served from /docs/static (fastapi-offline ships them):
     # FastAPI's own pages load them from a CDN, and are blank on a machine offline
@@ -429,7 +431,9 @@ class BoundedJsonRoute(APIRoute):
 
 class RequestIdAndLimits:
     """Pure ASGI middleware (Starlette's BaseHTTPMiddleware would hide client disconnects from the
-    routes): echo or create X-Request-Id, refuse bodies above the limit, time every request."""
+    routes): echo or create X-Request-Id, refuse bodies above the limit, time every request, and record each
+    response for ``app.state.access_log`` when the server has one (``server/access_log.py``); an exception that
+    leaves no response is recorded as the 500 the server answers it with."""
 
     def __init__(self, app: Any, max_body_bytes: int) -> None:
         self.app = app
@@ -442,11 +446,17 @@ class RequestIdAndLimits:
         headers = dict(scope.get("headers") or [])
         request_id = headers.get(b"x-request-id", b"").decode("latin-1") or uuid.uuid4().hex
         begin = time.perf_counter()
+        access_log = getattr(scope["app"].state, "access_log", None)
+        started = False
 
         async def send_with_id(message: dict[str, Any]) -> None:
+            nonlocal started
             if message["type"] == "http.response.start":
+                started = True
                 message.setdefault("headers", [])
                 message["headers"] = [*message["headers"], (b"x-request-id", request_id.encode("latin-1"))]
+                if access_log is not None:
+                    access_log.record(scope, message["status"])
             await send(message)
 
         length = headers.get(b"content-length", b"")
@@ -469,6 +479,10 @@ class RequestIdAndLimits:
 
         try:
             await self.app(scope, counted_receive, send_with_id)
+        except Exception:
+            if access_log is not None and not started:  # the server-error middleware answers it
+                access_log.record(scope, 500)
+            raise
         finally:
             state = server_state(scope.get("app"))
             route = scope.get("route")

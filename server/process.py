@@ -19,6 +19,7 @@ from types import FrameType
 from typing import Any
 
 import uvicorn
+from accel_diffusion.server.access_log import AccessLog
 from accel_diffusion.server.app import create_app
 from accel_diffusion.server.settings import ServerSettings
 from fastapi import FastAPI
@@ -126,12 +127,24 @@ class RequestReadDeadline:
         transport.close()
 
 
-def read_deadline_protocol(read_timeout_s: float) -> type[asyncio.Protocol]:
-    """uvicorn's HTTP protocol (httptools when installed, else h11) under a RequestReadDeadline."""
+class AppWritesAccessLines:
+    """Mixin over a uvicorn HTTP protocol class: it writes no access line; the app does, off the request path
+    (``server/access_log.py``)."""
+
+    access_log: bool
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)  # type: ignore[misc]
+        self.access_log = False  # read by each request's cycle
+
+
+def http_protocol(read_timeout_s: float) -> type[asyncio.Protocol]:
+    """uvicorn's HTTP protocol (httptools when installed, else h11) under a RequestReadDeadline, leaving the
+    access lines to the app (AppWritesAccessLines)."""
     from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
-    return type(f"ReadDeadline{AutoHTTPProtocol.__name__}", (RequestReadDeadline, AutoHTTPProtocol),
-                {"read_timeout_s": read_timeout_s})
+    return type(f"Server{AutoHTTPProtocol.__name__}", (RequestReadDeadline, AppWritesAccessLines,
+                                                       AutoHTTPProtocol), {"read_timeout_s": read_timeout_s})
 
 
 SECRET_QUERY = re.compile(r"([?&](?:api[_-]?key|key|token|access[_-]?token|auth|password|secret)=)[^&\s\"'#]*",
@@ -172,7 +185,8 @@ def uvicorn_config(app: FastAPI, settings: ServerSettings, drain_timeout_s: floa
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=log_level,
                             log_config=log_config(log_level), timeout_graceful_shutdown=int(drain_timeout_s),
                             ws_max_size=websocket_message_limit(settings),
-                            http=read_deadline_protocol(settings.request_read_timeout_s))
+                            http=http_protocol(settings.request_read_timeout_s))
+    app.state.access_log = AccessLog()  # uvicorn's lines, written by the app (AppWritesAccessLines)
     install_log_redaction()  # after uvicorn.Config, which (re)configures its loggers
     return config
 

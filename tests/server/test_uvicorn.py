@@ -1,11 +1,13 @@
 """The app behind a real uvicorn on 127.0.0.1: generation over TCP, a client that disconnects from a
 synchronous call cancels its job, shutdown lets the running job finish, no API key reaches a log line,
-and a connection that sends half a request is closed after ``request_read_timeout_s``."""
+each request has one access line, written after its response, and a connection that sends half a request is
+closed after ``request_read_timeout_s``."""
 
 from __future__ import annotations
 
 import base64
 import json
+import logging
 import signal
 import socket
 import time
@@ -106,6 +108,60 @@ def test_no_api_key_reaches_the_log(tiny_models_file: Path, capfd: pytest.Captur
                  '"GET /web/?api_key=[redacted] HTTP/1.1" 200', '"WebSocket /v1/stream?api_key=[redacted]" [accepted]',
                  '"WebSocket /v1/stream?api_key=[redacted]" 403', '"WebSocket /v1/stream" [accepted]'):
         assert line in log, (line, log)
+
+
+def test_each_request_has_one_access_line_written_after_its_response(tiny_models_file: Path) -> None:
+    """The server writes uvicorn's access line itself, off the request path (server/access_log.py): when a
+    line is written its answer is already in the client's socket; every status has its one line (a 500 from
+    an exception too), in order; the lines still pending at shutdown are written then."""
+    app = create_app(make_settings(tiny_models_file))
+
+    @app.get("/boom")
+    async def boom() -> None:
+        raise RuntimeError("an unhandled error")
+
+    client_socket: list[socket.socket] = []
+    lines: list[tuple[str, int | None]] = []
+
+    class Probe(logging.Handler):  # what the client has received when the access line is written
+        def emit(self, record: logging.LogRecord) -> None:
+            received = None
+            if client_socket:
+                try:
+                    received = len(client_socket[0].recv(65536, socket.MSG_PEEK | socket.MSG_DONTWAIT))
+                except BlockingIOError:
+                    received = 0
+            lines.append((record.getMessage(), received))
+
+    probe = Probe()
+    with running_server(app, log_level="info") as (_, _, base), httpx.Client(base_url=base, timeout=60) as http:
+        logging.getLogger("uvicorn.access").addHandler(probe)  # after uvicorn configured its loggers
+        port = int(base.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            client_socket.append(sock)
+            sock.sendall(f"GET /v1/models HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode())
+            deadline = time.monotonic() + 30
+            while not lines and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert sock.recv(65536).startswith(b"HTTP/1.1 200 ")
+            client_socket.clear()
+        body = {"prompt": "a red square", "num_inference_steps": 1, "seed": 3}
+        assert http.post("/v1/images/generations", json=body).status_code == 200
+        assert http.get("/nope").status_code == 404
+        assert http.post("/v1/images/generations", content=b'{"prompt":', headers={
+            "Content-Type": "application/json"}).status_code == 400
+        assert http.get("/boom").status_code == 500
+        time.sleep(0.3)
+        written = len(lines)
+        app.state.access_log.delay_s = 600  # from now on only the shutdown writes them
+        assert http.get("/health/live").status_code == 200
+        time.sleep(0.3)
+        assert len(lines) == written
+    logging.getLogger("uvicorn.access").removeHandler(probe)
+    assert lines[0][0].endswith('"GET /v1/models HTTP/1.1" 200') and lines[0][1] > 0, lines  # the answer came first
+    assert [message.split(" - ", 1)[1] for message, _ in lines] == [
+        '"GET /v1/models HTTP/1.1" 200', '"POST /v1/images/generations HTTP/1.1" 200', '"GET /nope HTTP/1.1" 404',
+        '"POST /v1/images/generations HTTP/1.1" 400', '"GET /boom HTTP/1.1" 500', '"GET /health/live HTTP/1.1" 200']
 
 
 def _closed_after(sock: socket.socket, limit_s: float) -> tuple[float, bytes]:
