@@ -37,6 +37,8 @@ import http.client
 import itertools
 import json
 import os
+import re
+import socket
 import statistics
 import sys
 import threading
@@ -194,10 +196,52 @@ def thread_cpu_s(pid: int) -> dict[str, float]:
     return seconds
 
 
+class RawConnection:
+    """A keep-alive HTTP/1.1 client on a plain socket, as a load generator in C (wrk, ab) is: the request's bytes
+    made once, the response read up to its Content-Length with no header parsing beyond that. Python's
+    http.client builds each request and parses each response's headers with the email parser: on a 2-core VM,
+    whose idle vCPU loses its caches while the engine runs, that client-side work is a measurable part of the
+    time from send to received, and none of it is the server's."""
+
+    def __init__(self, port: int, path: str, body: bytes) -> None:
+        self.port = port
+        self.request = (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n"
+                        f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+        self.sock: socket.socket | None = None
+
+    def connect(self) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", self.port), timeout=120)
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+
+    def post(self) -> tuple[int, bytes]:
+        """Send the request; (status, body) of the response."""
+        if self.sock is None:
+            self.connect()
+        assert self.sock is not None
+        self.sock.sendall(self.request)
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = self.sock.recv(262144)
+            if not chunk:
+                raise ConnectionError("the server closed the connection")
+            data += chunk
+        head, _, body = data.partition(b"\r\n\r\n")
+        length = re.search(rb"(?i)\r\ncontent-length: *(\d+)", head)
+        assert length is not None, head
+        while len(body) < int(length.group(1)):
+            body += self.sock.recv(262144)
+        return int(head[9:12]), body
+
+
 def measure(servers: dict[str, tuple[int, Path, int]], blocks: int, block: int, engine: Any,
-            steps: int | None = None) -> dict[str, Any]:
+            steps: int | None = None, raw_client: bool = False) -> dict[str, Any]:
     """``servers``: name -> (port, trace file, pid). Blocks of ``block`` direct engine calls and then a block of
-    HTTP requests to each server, in turn, so that the machine's load drifts over all of them alike."""
+    HTTP requests to each server, in turn, so that the machine's load drifts over all of them alike.
+    ``raw_client``: the requests go through a RawConnection instead of http.client."""
     from serving import BODY, STEPS
 
     steps = steps or STEPS
@@ -205,8 +249,9 @@ def measure(servers: dict[str, tuple[int, Path, int]], blocks: int, block: int, 
 
     request = GenerationRequest.create(model="shapes", prompt=BODY["prompt"], seed=0, steps=steps)
     body = json.dumps(BODY | {"num_inference_steps": steps})
-    connections = {name: http.client.HTTPConnection("127.0.0.1", port, timeout=120)
-                   for name, (port, _, _) in servers.items()}
+    connections: dict[str, Any] = {
+        name: RawConnection(port, "/v1/images/generations", body.encode()) if raw_client
+        else http.client.HTTPConnection("127.0.0.1", port, timeout=120) for name, (port, _, _) in servers.items()}
     clients: dict[str, list[dict[str, float]]] = {name: [] for name in servers}
     compute: dict[str, list[float]] = {name: [] for name in servers}
     server_cpu: dict[str, dict[str, float]] = {name: {} for name in servers}
@@ -216,11 +261,14 @@ def measure(servers: dict[str, tuple[int, Path, int]], blocks: int, block: int, 
     def post(name: str, keep: bool) -> None:
         connection = connections[name]
         send = time.perf_counter()
-        connection.request("POST", "/v1/images/generations", body, {"Content-Type": "application/json"})
-        response = connection.getresponse()
-        payload = response.read()
+        if raw_client:
+            status, payload = connection.post()
+        else:
+            connection.request("POST", "/v1/images/generations", body, {"Content-Type": "application/json"})
+            response = connection.getresponse()
+            status, payload = response.status, response.read()
         received = time.perf_counter()
-        assert response.status == 200, payload[:200]
+        assert status == 200, payload[:200]
         if keep:
             clients[name].append({"client_send": send, "client_received": received})
             compute[name].append(json.loads(payload)["usage"]["compute_s"])
@@ -285,6 +333,9 @@ def main() -> None:
     parser.add_argument("--compare-fast-path", action="store_true",
                         help="a second server beside it whose images requests all go through the FastAPI route "
                         "(the server before server/images_fast_path.py)")
+    parser.add_argument("--raw-client", action="store_true",
+                        help="send the requests from a plain socket (RawConnection: what wrk or ab measure) instead "
+                        "of Python's http.client")
     parser.add_argument("--compare-checkout", type=Path, default=None,
                         help="a second server beside it running the code of another checkout of this repository "
                         "(e.g. `git worktree add /tmp/base HEAD~1`): an A/B of a change under one load")
@@ -331,12 +382,13 @@ def main() -> None:
             model.compiled_model((1, 2))
             compiled.warm(model)
         engine = Engine(_single_model_registry(model), acceleration=args.acceleration, buckets=(1, 2))
-        result = measure(servers, max(1, args.requests // 10), 10, engine, args.steps)
+        result = measure(servers, max(1, args.requests // 10), 10, engine, args.steps, args.raw_client)
     finally:
         for process in processes:
             process.terminate()
             process.wait(120)
-    result |= {"acceleration": args.acceleration, "steps": args.steps or STEPS, "torch": torch.__version__}
+    result |= {"acceleration": args.acceleration, "steps": args.steps or STEPS,
+               "client": "raw socket" if args.raw_client else "http.client", "torch": torch.__version__}
     if args.compare_checkout:
         import subprocess
 
