@@ -6,9 +6,31 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Iterator
 
 import pytest
 from accel_diffusion.server.access_log import ACCESS_LOGGER, AccessLog
+
+
+class Lines(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
+@pytest.fixture
+def written() -> Iterator[Lines]:
+    """The lines the access logger writes, at INFO (a handler of its own: uvicorn's configuration, which an
+    earlier test may have applied, stops the logger's records from reaching pytest's)."""
+    handler, level = Lines(), ACCESS_LOGGER.level
+    ACCESS_LOGGER.addHandler(handler)
+    ACCESS_LOGGER.setLevel(logging.INFO)
+    yield handler
+    ACCESS_LOGGER.removeHandler(handler)
+    ACCESS_LOGGER.setLevel(level)
 
 
 def scope(path: str, query: bytes = b"", method: str = "GET") -> dict:
@@ -16,50 +38,47 @@ def scope(path: str, query: bytes = b"", method: str = "GET") -> dict:
             "query_string": query, "http_version": "1.1", "client": ("127.0.0.1", 5555)}
 
 
-def test_lines_are_written_in_one_batch_after_the_delay_in_order(caplog: pytest.LogCaptureFixture) -> None:
+def test_lines_are_written_in_one_batch_after_the_delay_in_order(written: Lines) -> None:
     access_log = AccessLog(delay_s=0.05)
 
     async def run() -> tuple[list[str], list[str]]:
         access_log.record(scope("/v1/models"), 200)
         access_log.record(scope("/v1/images/generations", method="POST"), 400)
-        access_log.record(scope("/v1/stream/x/mjpeg", b"api_key=k&x=1"), 404)
+        access_log.record(scope("/v1/stream/x/mjpeg", b"x=1&y=two"), 404)
         await asyncio.sleep(0.01)
-        before = [r.getMessage() for r in caplog.records]
+        before = list(written.lines)
         await asyncio.sleep(0.1)
-        return before, [r.getMessage() for r in caplog.records]
+        return before, list(written.lines)
 
-    with caplog.at_level(logging.INFO, logger=ACCESS_LOGGER.name):
-        before, after = asyncio.run(run())
+    before, after = asyncio.run(run())
     assert before == []
     assert after == ['127.0.0.1:5555 - "GET /v1/models HTTP/1.1" 200',
                      '127.0.0.1:5555 - "POST /v1/images/generations HTTP/1.1" 400',
-                     '127.0.0.1:5555 - "GET /v1/stream/x/mjpeg?api_key=k&x=1 HTTP/1.1" 404']
+                     '127.0.0.1:5555 - "GET /v1/stream/x/mjpeg?x=1&y=two HTTP/1.1" 404']
 
 
-def test_flush_writes_at_once_and_a_later_record_starts_a_new_batch(caplog: pytest.LogCaptureFixture) -> None:
+def test_flush_writes_at_once_and_a_later_record_starts_a_new_batch(written: Lines) -> None:
     access_log = AccessLog(delay_s=30)
 
     async def run() -> list[str]:
         access_log.record(scope("/a"), 200)
         access_log.flush()
-        written = [r.getMessage() for r in caplog.records]
+        first = list(written.lines)
         access_log.record(scope("/b"), 201)
         access_log.flush()
-        return written
+        return first
 
-    with caplog.at_level(logging.INFO, logger=ACCESS_LOGGER.name):
-        written = asyncio.run(run())
-    assert written == ['127.0.0.1:5555 - "GET /a HTTP/1.1" 200']
-    assert [r.getMessage() for r in caplog.records][1:] == ['127.0.0.1:5555 - "GET /b HTTP/1.1" 201']
+    assert asyncio.run(run()) == ['127.0.0.1:5555 - "GET /a HTTP/1.1" 200']
+    assert written.lines[1:] == ['127.0.0.1:5555 - "GET /b HTTP/1.1" 201']
 
 
-def test_nothing_is_kept_when_the_logger_drops_info_lines(caplog: pytest.LogCaptureFixture) -> None:
+def test_nothing_is_kept_when_the_logger_drops_info_lines(written: Lines) -> None:
     access_log = AccessLog(delay_s=0.01)
 
     async def run() -> None:
         access_log.record(scope("/a"), 200)
         await asyncio.sleep(0.05)
 
-    with caplog.at_level(logging.WARNING, logger=ACCESS_LOGGER.name):
-        asyncio.run(run())
-    assert caplog.records == [] and access_log._pending == [] and access_log._flush_handle is None
+    ACCESS_LOGGER.setLevel(logging.WARNING)
+    asyncio.run(run())
+    assert written.lines == [] and access_log._pending == [] and access_log._flush_handle is None
