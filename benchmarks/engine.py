@@ -387,6 +387,10 @@ def compiled_markdown(result: dict[str, Any]) -> str:
     lines.append(f"\nserver overhead with compile on (8 steps, HTTP p50 minus the compiled engine's p50 in the "
                  f"benchmark process): **{o['overhead_ms']:.2f} ms** (target <= 2 ms); HTTP minus the server's "
                  f"own compute p50 {o['http_minus_server_compute_p50_ms']:.2f} ms; HTTP p50 {o['http_p50_ms']:.1f} ms")
+    if "raw_overhead_ms" in o:
+        lines.append(f"\nthe same from a plain socket (no client library, as wrk or ab measure): "
+                     f"**{o['raw_overhead_ms']:.2f} ms**; HTTP minus the server's own compute p50 "
+                     f"{o['raw_http_minus_server_compute_p50_ms']:.2f} ms")
     if "server_overhead_eager" in c:
         e = c["server_overhead_eager"]
         lines.append(f"\nthe eager server beside it: {e['overhead_ms']:.2f} ms; HTTP minus the server's own compute "

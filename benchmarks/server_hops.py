@@ -37,8 +37,6 @@ import http.client
 import itertools
 import json
 import os
-import re
-import socket
 import statistics
 import sys
 import threading
@@ -196,53 +194,12 @@ def thread_cpu_s(pid: int) -> dict[str, float]:
     return seconds
 
 
-class RawConnection:
-    """A keep-alive HTTP/1.1 client on a plain socket, as a load generator in C (wrk, ab) is: the request's bytes
-    made once, the response read up to its Content-Length with no header parsing beyond that. Python's
-    http.client builds each request and parses each response's headers with the email parser: on a 2-core VM,
-    whose idle vCPU loses its caches while the engine runs, that client-side work is a measurable part of the
-    time from send to received, and none of it is the server's."""
-
-    def __init__(self, port: int, path: str, body: bytes) -> None:
-        self.port = port
-        self.request = (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n"
-                        f"Content-Length: {len(body)}\r\n\r\n").encode() + body
-        self.sock: socket.socket | None = None
-
-    def connect(self) -> None:
-        self.sock = socket.create_connection(("127.0.0.1", self.port), timeout=120)
-
-    def close(self) -> None:
-        if self.sock is not None:
-            self.sock.close()
-            self.sock = None
-
-    def post(self) -> tuple[int, bytes]:
-        """Send the request; (status, body) of the response."""
-        if self.sock is None:
-            self.connect()
-        assert self.sock is not None
-        self.sock.sendall(self.request)
-        data = b""
-        while b"\r\n\r\n" not in data:
-            chunk = self.sock.recv(262144)
-            if not chunk:
-                raise ConnectionError("the server closed the connection")
-            data += chunk
-        head, _, body = data.partition(b"\r\n\r\n")
-        length = re.search(rb"(?i)\r\ncontent-length: *(\d+)", head)
-        assert length is not None, head
-        while len(body) < int(length.group(1)):
-            body += self.sock.recv(262144)
-        return int(head[9:12]), body
-
-
 def measure(servers: dict[str, tuple[int, Path, int]], blocks: int, block: int, engine: Any,
             steps: int | None = None, raw_client: bool = False) -> dict[str, Any]:
     """``servers``: name -> (port, trace file, pid). Blocks of ``block`` direct engine calls and then a block of
     HTTP requests to each server, in turn, so that the machine's load drifts over all of them alike.
-    ``raw_client``: the requests go through a RawConnection instead of http.client."""
-    from serving import BODY, STEPS
+    ``raw_client``: the requests go through a RawConnection (benchmarks/serving.py) instead of http.client."""
+    from serving import BODY, STEPS, RawConnection
 
     steps = steps or STEPS
     from accel_diffusion.strategy import GenerationRequest
@@ -334,8 +291,8 @@ def main() -> None:
                         help="a second server beside it whose images requests all go through the FastAPI route "
                         "(the server before server/images_fast_path.py)")
     parser.add_argument("--raw-client", action="store_true",
-                        help="send the requests from a plain socket (RawConnection: what wrk or ab measure) instead "
-                        "of Python's http.client")
+                        help="send the requests from a plain socket (serving.RawConnection: what wrk or ab measure) "
+                        "instead of Python's http.client")
     parser.add_argument("--compare-checkout", type=Path, default=None,
                         help="a second server beside it running the code of another checkout of this repository "
                         "(e.g. `git worktree add /tmp/base HEAD~1`): an A/B of a change under one load")
