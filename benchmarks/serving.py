@@ -155,7 +155,10 @@ def overhead(port: int, blocks: int, block: int = 10, engine: Any = None) -> dic
         assert status == 200, payload[:200]
         return json.loads(payload)
 
-    http_s, served_s, raw_s, raw_served_s = [], [], [], []
+    http_s: list[float] = []
+    served_s: list[float] = []
+    raw_s: list[float] = []
+    raw_served_s: list[float] = []
     direct_s: dict[bool, list[float]] = {True: [], False: []}
     for invariant in (True, False):
         engine.generate(request, batch_invariant=invariant)
@@ -167,22 +170,16 @@ def overhead(port: int, blocks: int, block: int = 10, engine: Any = None) -> dic
                 engine.generate(request, batch_invariant=invariant)
                 direct_s[invariant].append(time.perf_counter() - begin)
             time.sleep(0.5)
-        connection.close()  # a new connection per block: the server closes one idle past its keep-alive
-        connection.connect()
-        for _ in range(block):
-            begin = time.perf_counter()
-            usage = post()["usage"]
-            http_s.append(time.perf_counter() - begin)
-            served_s.append(http_s[-1] - usage["compute_s"])
-        time.sleep(0.5)
-        raw.close()
-        raw.connect()
-        for _ in range(block):
-            begin = time.perf_counter()
-            usage = post_raw()["usage"]
-            raw_s.append(time.perf_counter() - begin)
-            raw_served_s.append(raw_s[-1] - usage["compute_s"])
-        time.sleep(0.5)
+        for client, send, total_s, minus_compute_s in ((connection, post, http_s, served_s),
+                                                       (raw, post_raw, raw_s, raw_served_s)):
+            client.close()  # a new connection per block: the server closes one idle past its keep-alive
+            client.connect()
+            for _ in range(block):
+                begin = time.perf_counter()
+                usage = send()["usage"]
+                total_s.append(time.perf_counter() - begin)
+                minus_compute_s.append(total_s[-1] - usage["compute_s"])
+            time.sleep(0.5)
     connection.close()
     raw.close()
     p50 = statistics.median
