@@ -199,11 +199,11 @@ def measure(servers: dict[str, tuple[int, Path, int]], blocks: int, block: int, 
     """``servers``: name -> (port, trace file, pid). Blocks of ``block`` direct engine calls and then a block of
     HTTP requests to each server, in turn, so that the machine's load drifts over all of them alike.
     ``raw_client``: the requests go through a RawConnection (benchmarks/serving.py) instead of http.client."""
-    from serving import BODY, STEPS, RawConnection
+    from serving import BODY, STEPS, RawConnection, post_images
 
-    steps = steps or STEPS
     from accel_diffusion.strategy import GenerationRequest
 
+    steps = steps or STEPS
     request = GenerationRequest.create(model="shapes", prompt=BODY["prompt"], seed=0, steps=steps)
     body = json.dumps(BODY | {"num_inference_steps": steps})
     connections: dict[str, Any] = {
@@ -218,12 +218,7 @@ def measure(servers: dict[str, tuple[int, Path, int]], blocks: int, block: int, 
     def post(name: str, keep: bool) -> None:
         connection = connections[name]
         send = time.perf_counter()
-        if raw_client:
-            status, payload = connection.post()
-        else:
-            connection.request("POST", "/v1/images/generations", body, {"Content-Type": "application/json"})
-            response = connection.getresponse()
-            status, payload = response.status, response.read()
+        status, payload = post_images(connection, body)
         received = time.perf_counter()
         assert status == 200, payload[:200]
         if keep:

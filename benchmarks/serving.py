@@ -132,6 +132,16 @@ class RawConnection:
         return int(head[9:12]), body
 
 
+def post_images(connection: http.client.HTTPConnection | RawConnection, body: str) -> tuple[int, bytes]:
+    """POST ``body`` to the images route over ``connection`` (a RawConnection sends the bytes it was made with);
+    (status, response body)."""
+    if isinstance(connection, RawConnection):
+        return connection.post()
+    connection.request("POST", "/v1/images/generations", body, {"Content-Type": "application/json"})
+    response = connection.getresponse()
+    return response.status, response.read()
+
+
 def overhead(port: int, blocks: int, block: int = 10, engine: Any = None) -> dict[str, Any]:
     """``engine``: the direct path (default: an eager Engine; the compiled rows pass a compiled one). Each block
     of HTTP requests from Python's http.client is followed by one from a plain socket (RawConnection): the
@@ -140,18 +150,10 @@ def overhead(port: int, blocks: int, block: int = 10, engine: Any = None) -> dic
     request = GenerationRequest.create(model="shapes", prompt=BODY["prompt"], seed=0, steps=STEPS)
     body = json.dumps(BODY)
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
-
-    def post() -> dict[str, Any]:
-        connection.request("POST", "/v1/images/generations", body, {"Content-Type": "application/json"})
-        response = connection.getresponse()
-        payload = response.read()
-        assert response.status == 200, payload[:200]
-        return json.loads(payload)
-
     raw = RawConnection(port, "/v1/images/generations", body.encode())
 
-    def post_raw() -> dict[str, Any]:
-        status, payload = raw.post()
+    def post(client: http.client.HTTPConnection | RawConnection = connection) -> dict[str, Any]:
+        status, payload = post_images(client, body)
         assert status == 200, payload[:200]
         return json.loads(payload)
 
@@ -170,13 +172,12 @@ def overhead(port: int, blocks: int, block: int = 10, engine: Any = None) -> dic
                 engine.generate(request, batch_invariant=invariant)
                 direct_s[invariant].append(time.perf_counter() - begin)
             time.sleep(0.5)
-        for client, send, total_s, minus_compute_s in ((connection, post, http_s, served_s),
-                                                       (raw, post_raw, raw_s, raw_served_s)):
+        for client, total_s, minus_compute_s in ((connection, http_s, served_s), (raw, raw_s, raw_served_s)):
             client.close()  # a new connection per block: the server closes one idle past its keep-alive
             client.connect()
             for _ in range(block):
                 begin = time.perf_counter()
-                usage = send()["usage"]
+                usage = post(client)["usage"]
                 total_s.append(time.perf_counter() - begin)
                 minus_compute_s.append(total_s[-1] - usage["compute_s"])
             time.sleep(0.5)
