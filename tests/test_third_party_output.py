@@ -5,22 +5,15 @@ from __future__ import annotations
 
 import logging
 
+from log_messages import CollectMessages
+
 from accel_diffusion.third_party_output import IRRELEVANT_MESSAGES, quiet_third_party_output
-
-
-class Collect(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__()
-        self.messages: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.messages.append(record.getMessage())
 
 
 def test_the_listed_notices_are_dropped_and_every_other_warning_of_those_loggers_shows() -> None:
     quiet_third_party_output()
     quiet_third_party_output()  # idempotent: one filter per logger
-    collect = Collect()
+    collect = CollectMessages()
     for name, prefixes in IRRELEVANT_MESSAGES.items():
         logger = logging.getLogger(name)
         assert sum(type(f).__name__ == "DropMessages" for f in logger.filters) == 1

@@ -10,22 +10,14 @@ from collections.abc import Iterator
 
 import pytest
 from accel_diffusion.server.access_log import ACCESS_LOGGER, AccessLog
-
-
-class Lines(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__()
-        self.lines: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.lines.append(record.getMessage())
+from log_messages import CollectMessages
 
 
 @pytest.fixture
-def written() -> Iterator[Lines]:
+def written() -> Iterator[CollectMessages]:
     """The lines the access logger writes, at INFO (a handler of its own: uvicorn's configuration, which an
     earlier test may have applied, stops the logger's records from reaching pytest's)."""
-    handler, level = Lines(), ACCESS_LOGGER.level
+    handler, level = CollectMessages(), ACCESS_LOGGER.level
     ACCESS_LOGGER.addHandler(handler)
     ACCESS_LOGGER.setLevel(logging.INFO)
     yield handler
@@ -38,7 +30,7 @@ def scope(path: str, query: bytes = b"", method: str = "GET") -> dict:
             "query_string": query, "http_version": "1.1", "client": ("127.0.0.1", 5555)}
 
 
-def test_lines_are_written_in_one_batch_after_the_delay_in_order(written: Lines) -> None:
+def test_lines_are_written_in_one_batch_after_the_delay_in_order(written: CollectMessages) -> None:
     access_log = AccessLog(delay_s=0.05)
 
     async def run() -> tuple[list[str], list[str]]:
@@ -46,9 +38,9 @@ def test_lines_are_written_in_one_batch_after_the_delay_in_order(written: Lines)
         access_log.record(scope("/v1/images/generations", method="POST"), 400)
         access_log.record(scope("/v1/stream/x/mjpeg", b"x=1&y=two"), 404)
         await asyncio.sleep(0.01)
-        before = list(written.lines)
+        before = list(written.messages)
         await asyncio.sleep(0.1)
-        return before, list(written.lines)
+        return before, list(written.messages)
 
     before, after = asyncio.run(run())
     assert before == []
@@ -57,22 +49,22 @@ def test_lines_are_written_in_one_batch_after_the_delay_in_order(written: Lines)
                      '127.0.0.1:5555 - "GET /v1/stream/x/mjpeg?x=1&y=two HTTP/1.1" 404']
 
 
-def test_flush_writes_at_once_and_a_later_record_starts_a_new_batch(written: Lines) -> None:
+def test_flush_writes_at_once_and_a_later_record_starts_a_new_batch(written: CollectMessages) -> None:
     access_log = AccessLog(delay_s=30)
 
     async def run() -> list[str]:
         access_log.record(scope("/a"), 200)
         access_log.flush()
-        first = list(written.lines)
+        first = list(written.messages)
         access_log.record(scope("/b"), 201)
         access_log.flush()
         return first
 
     assert asyncio.run(run()) == ['127.0.0.1:5555 - "GET /a HTTP/1.1" 200']
-    assert written.lines[1:] == ['127.0.0.1:5555 - "GET /b HTTP/1.1" 201']
+    assert written.messages[1:] == ['127.0.0.1:5555 - "GET /b HTTP/1.1" 201']
 
 
-def test_nothing_is_kept_when_the_logger_drops_info_lines(written: Lines) -> None:
+def test_nothing_is_kept_when_the_logger_drops_info_lines(written: CollectMessages) -> None:
     access_log = AccessLog(delay_s=0.01)
 
     async def run() -> None:
@@ -81,4 +73,4 @@ def test_nothing_is_kept_when_the_logger_drops_info_lines(written: Lines) -> Non
 
     ACCESS_LOGGER.setLevel(logging.WARNING)
     asyncio.run(run())
-    assert written.lines == [] and access_log._pending == [] and access_log._flush_handle is None
+    assert written.messages == [] and access_log._pending == [] and access_log._flush_handle is None
